@@ -1,0 +1,188 @@
+# %% [markdown]
+# # Core
+#
+# > Device choice, seeding, pixel-centre grids of a stride-s density map, and padded point batches.
+
+# %%
+#| default_exp core
+
+# %%
+#| export
+from __future__ import annotations
+import os, random, warnings
+from typing import Sequence
+import numpy as np
+import torch
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_close, test_fail
+
+# %% [markdown]
+# ## Devices
+#
+# Every module takes a `device` argument and never assumes CUDA. `get_device` resolves `'auto'` (or `None`)
+# to the best available backend: CUDA, then Apple's MPS, then the CPU.
+
+# %%
+#| export
+def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda', 'cuda:1', 'mps' or a `torch.device`
+              ) -> torch.device:
+    "Resolve `device` to a `torch.device`; `'auto'`/`None` picks CUDA, then MPS, then CPU."
+    if isinstance(device, torch.device): return device
+    if device is None or str(device).lower() == 'auto':
+        if torch.cuda.is_available(): return torch.device('cuda')
+        mps = getattr(torch.backends, 'mps', None)
+        if mps is not None and mps.is_available(): return torch.device('mps')
+        return torch.device('cpu')
+    dev = torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+# %%
+test_eq(get_device('cpu'), torch.device('cpu'))
+test_eq(get_device(torch.device('cpu')).type, 'cpu')
+assert get_device().type in ('cpu', 'cuda', 'mps')
+if not torch.cuda.is_available(): test_fail(lambda: get_device('cuda'), contains='CUDA is not available')
+
+# %% [markdown]
+# ## Seeding
+#
+# One call seeds Python, NumPy and torch (all devices). With `deterministic=True` it also asks torch for
+# deterministic kernels, which training uses when exact reproducibility matters more than speed.
+
+# %%
+#| export
+def seed_everything(seed:int=0, # the seed for `random`, NumPy and torch
+                    deterministic:bool=False # also request deterministic torch kernels
+                   ) -> int:
+    "Seed every random number generator the project uses and return `seed`."
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if hasattr(torch.backends, 'cudnn'): torch.backends.cudnn.benchmark = False
+    return seed
+
+# %%
+seed_everything(3); a = (random.random(), np.random.rand(), torch.rand(1).item())
+seed_everything(3); b = (random.random(), np.random.rand(), torch.rand(1).item())
+test_eq(a, b)
+
+# %% [markdown]
+# ## Pixel centres of a density map
+#
+# A network with output stride $s$ predicts one value per $s\times s$ cell of the input image.
+# Pixel $(i, j)$ (row $i$, column $j$) of that map stands for the cell centred at
+# $$\boldsymbol{x}_{ij} = \big(s\,(j+\tfrac12),\; s\,(i+\tfrac12)\big)$$
+# in input-image pixels, written as $(x, y)$ like the annotations. The official GL code places the
+# centres at $s j + s/2$ in one place and $s j$ in another (a 4 px offset at $s=8$); we use the cell centre
+# everywhere, so a head annotated exactly at a cell centre has distance zero to that pixel.
+# Pixels are flattened row-major, matching `density.flatten(-2)`.
+
+# %%
+#| export
+def pixel_centres(h:int, # rows of the density map
+                  w:int, # columns of the density map
+                  stride:int=8, # input pixels per density pixel
+                  device=None, # torch device of the result
+                  dtype=torch.float32 # dtype of the result
+                 ) -> torch.Tensor: # `(h*w, 2)` tensor of `(x, y)` centres, row-major
+    "Input-image coordinates `(x, y)` of the centres of the `h`×`w` pixels of a stride-`stride` map."
+    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) * stride
+    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) * stride
+    gy, gx = torch.meshgrid(ys, xs, indexing='ij')
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
+
+# %%
+c = pixel_centres(2, 3, stride=8)
+test_eq(c.shape, (6, 2))
+test_eq(c[0].tolist(), [4., 4.]); test_eq(c[2].tolist(), [20., 4.]); test_eq(c[3].tolist(), [4., 12.])
+# row-major: index i*w + j is row i, column j
+d = torch.zeros(1, 1, 2, 3); d[0, 0, 1, 2] = 1
+test_eq(c[d.flatten().argmax()].tolist(), [20., 12.])
+test_eq(pixel_centres(4, 4, stride=1)[5].tolist(), [1.5, 1.5])
+
+# %% [markdown]
+# ## Batches of points
+#
+# Images in a batch have different numbers of heads. Losses receive `points` as a list of `(N_b, 2)`
+# tensors; batched solvers need one `(B, M, 2)` tensor padded to the largest `N_b` with a boolean mask
+# of the real points. `check_points` validates user input with messages that say what is wrong.
+
+# %%
+#| export
+def check_points(points:Sequence[torch.Tensor], # one `(N_b, 2)` tensor of `(x, y)` per image
+                 batch_size:int|None=None, # expected number of images, if known
+                ) -> list[torch.Tensor]:
+    "Validate a list of point tensors and return it with each entry as a float `(N_b, 2)` tensor."
+    if isinstance(points, torch.Tensor) and points.dim() == 3: points = list(points)
+    if not isinstance(points, (list, tuple)):
+        raise TypeError(f"points must be a list of (N, 2) tensors, one per image, got {type(points).__name__}")
+    if batch_size is not None and len(points) != batch_size:
+        raise ValueError(f"got {len(points)} point sets for a batch of {batch_size} density maps")
+    out = []
+    for k, p in enumerate(points):
+        p = torch.as_tensor(p)
+        if p.numel() == 0: p = p.reshape(0, 2)
+        if p.dim() != 2 or p.shape[1] != 2:
+            raise ValueError(f"points[{k}] must have shape (N, 2), got {tuple(p.shape)}")
+        if not torch.isfinite(p).all():
+            raise ValueError(f"points[{k}] contains NaN or infinite coordinates")
+        out.append(p if p.is_floating_point() else p.float())
+    return out
+
+# %%
+#| export
+def pad_points(points:Sequence[torch.Tensor], # one `(N_b, 2)` tensor per image
+               device=None, # device of the result (default: that of the first tensor)
+               dtype=torch.float32 # dtype of the padded coordinates
+              ) -> tuple[torch.Tensor, torch.Tensor]: # `(B, M, 2)` coordinates and `(B, M)` bool mask
+    "Stack variable-length point sets into a zero-padded `(B, M, 2)` tensor and a mask of real points."
+    points = check_points(points)
+    if device is None: device = points[0].device if len(points) else 'cpu'
+    B, M = len(points), max([len(p) for p in points], default=0)
+    coords = torch.zeros(B, M, 2, device=device, dtype=dtype)
+    mask = torch.zeros(B, M, device=device, dtype=torch.bool)
+    for k, p in enumerate(points):
+        coords[k, :len(p)] = p.to(device=device, dtype=dtype)
+        mask[k, :len(p)] = True
+    return coords, mask
+
+# %%
+pts = [torch.tensor([[1., 2.], [3., 4.]]), torch.zeros(0, 2), torch.tensor([[5, 6]])]
+coords, mask = pad_points(pts)
+test_eq(coords.shape, (3, 2, 2)); test_eq(mask.tolist(), [[True, True], [False, False], [True, False]])
+test_eq(coords[2, 0].tolist(), [5., 6.])
+test_eq(pad_points([torch.zeros(0, 2)])[0].shape, (1, 0, 2))
+test_fail(lambda: check_points([torch.tensor([[float('nan'), 1.]])]), contains='NaN')
+test_fail(lambda: check_points([torch.zeros(3)]), contains='shape (N, 2)')
+test_fail(lambda: check_points([torch.zeros(1, 2)], batch_size=2), contains='batch of 2')
+
+# %% [markdown]
+# ## Density maps
+#
+# `check_density` enforces the `(B, 1, h, w)` contract of the losses with a message naming the shape.
+
+# %%
+#| export
+def check_density(density:torch.Tensor # predicted density maps, `(B, 1, h, w)`
+                 ) -> torch.Tensor:
+    "Check that `density` is a `(B, 1, h, w)` floating-point tensor and return it."
+    if not isinstance(density, torch.Tensor) or density.dim() != 4 or density.shape[1] != 1:
+        shape = tuple(density.shape) if isinstance(density, torch.Tensor) else type(density).__name__
+        raise ValueError(f"density must be a (B, 1, h, w) tensor, got {shape}")
+    if not density.is_floating_point(): raise TypeError(f"density must be floating point, got {density.dtype}")
+    return density
+
+# %%
+check_density(torch.zeros(2, 1, 4, 4))
+test_fail(lambda: check_density(torch.zeros(2, 4, 4)), contains='(B, 1, h, w)')
+
+# %%
+#| hide
+import nbdev; nbdev.nbdev_export()

@@ -1,0 +1,92 @@
+# %% [markdown]
+# # uotcrowd
+#
+# > A generalized unbalanced-optimal-transport loss for crowd counting and localization, as a tested PyTorch package.
+
+# %% [markdown]
+# `uotcrowd` turns the CVPR 2021 paper *A Generalized Loss Function for Crowd Counting and Localization*
+# (Jia Wan, Ziquan Liu, Antoni B. Chan) into software: the loss, the theory behind it executed as notebooks,
+# the baselines it is compared with, and everything needed to train and evaluate crowd counters with it.
+#
+# A counting network predicts a density map $\mathbf{a}$ whose sum is the count. The generalized loss compares
+# it with the annotated head points $\mathbf{b}$ through entropic **unbalanced optimal transport**:
+#
+# $$\mathcal{L}(\mathbf{a},\mathbf{b}) = \min_{\mathbf{P}\ge 0}\ \langle \mathbf{C},\mathbf{P}\rangle - \varepsilon H(\mathbf{P})
+#   + \tau\,\|\mathbf{P}\mathbf{1}-\mathbf{a}\|_2^2 + \tau\,\|\mathbf{P}^\top\mathbf{1}-\mathbf{b}\|_1 .$$
+#
+# The transport plan $\mathbf{P}$ is solved per image by a batched, log-domain, ε-scaled generalized Sinkhorn
+# (CPU or GPU); the pixel-wise L2 loss with Gaussian density maps and the Bayesian loss are its half-iteration
+# special cases.
+#
+# What is inside:
+#
+# - **the loss**: costs (L, L², e^L, perspective-guided), the batched Sinkhorn solver with envelope-theorem
+#   gradients, `GeneralizedLoss`;
+# - **the theory, executed**: the half-iteration approximations shown numerically to give back the L2 and the
+#   Bayesian losses;
+# - **baselines under one API**: L2 density maps, Bayesian loss (with background), DM-Count;
+# - **data and models**: ShanghaiTech A/B, UCF-QNRF, JHU-Crowd++ and NWPU-Crowd in their official layouts, a
+#   synthetic crowd generator, VGG19, CSRNet and MCNN backbones;
+# - **training and evaluation**: checkpoints and resume, multi-GPU with `torchrun`, localization from density
+#   maps, the NWPU and UCF-QNRF localization metrics, a command-line tool and benchmarks.
+
+# %% [markdown]
+# ## Set-up
+#
+# After cloning, two commands. The first installs the package and runs the main job on embedded data: it draws
+# a synthetic crowd data set, trains a small counter with the generalized loss for a few minutes on the CPU,
+# evaluates counting and localization, and writes plots and predictions to `demo_out/`.
+#
+# ```sh
+# pip install -e . && uotcrowd demo
+# ```
+#
+# The second installs the test dependencies and runs the full test suite (every notebook's tests, the unit
+# tests, the library/notebook sync checks and the documentation preview build):
+#
+# ```sh
+# pip install -e ".[dev]" && python -m pytest
+# ```
+#
+# The requirements are ranges (`torch>=2.3`). On a CPU-only machine without PyTorch, install it first; on the
+# project's build machines `pip install torch==2.14.1 torchvision==0.29.1` takes both from local disk.
+
+# %% [markdown]
+# ## Using the loss
+#
+# The loss takes a batch of predicted density maps `(B, 1, h, w)` and one `(N, 2)` tensor of head points
+# `(x, y)` in input-image pixels per image:
+
+# %%
+import torch
+from uotcrowd.losses import GeneralizedLoss
+
+density = torch.rand(2, 1, 16, 16, requires_grad=True) * 0.01   # a stride-8 map of a 128x128 crop
+points = [torch.tensor([[20., 30.], [90., 64.]]), torch.zeros(0, 2)]  # the second image has nobody in it
+loss = GeneralizedLoss(stride=8)(density, points)
+loss.backward()
+print(f'loss = {loss.item():.4f}')
+
+# %% [markdown]
+# ## Documentation
+#
+# The documentation site is built from the notebooks in `nbs/` with [nbdev](https://nbdev.fast.ai) and
+# [Quarto](https://quarto.org). Each notebook is a page: the library code is exported from it, its cells are the
+# tests, and its figures explain the paper. Start with [the theory](01_theory.ipynb), then
+# [the costs](02_costs.ipynb), [the solver](03_sinkhorn.ipynb) and [the loss](04_losses.ipynb).
+#
+# - **Publishing** (a host with Quarto, e.g. GitHub Actions): `nbdev_docs` renders `_docs/`; the workflow in
+#   `.github/workflows/deploy.yaml` does it on every push to `main` and publishes to GitHub Pages.
+# - **Offline preview** (no Quarto): `python tools/build_preview.py` writes `_preview/index.html` from the same
+#   processed notebooks; the test suite builds and checks it.
+#
+# ## Developing
+#
+# The notebooks are the source of truth, paired with percent-format scripts (`nbs/*.py`) by jupytext so diffs are
+# readable. Edit either side, then `jupytext --sync nbs/NAME.py && nbdev_export`; never edit `uotcrowd/` by hand.
+# `python tools/make_readme.py` regenerates this README from `nbs/index.ipynb`. The tests fail when the library,
+# the scripts, the README or `nbs/_quarto.yml` (a copy of `_quarto.yml`) are out of sync.
+#
+# ## Citing
+#
+# Wan, J., Liu, Z., Chan, A. B. *A Generalized Loss Function for Crowd Counting and Localization.* CVPR 2021.
