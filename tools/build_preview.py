@@ -65,6 +65,12 @@ def math_to_mathml(md: str) -> str:
     return ''.join(pieces)
 
 
+def _quarto_md(md: str) -> str:
+    "Markdown with Quarto-only syntax (link attributes `[..](..){..}`) removed and maths as MathML."
+    md = re.sub(r'(\]\([^)]*\))\{[^}]*\}', r'\1', md)
+    return math_to_mathml(md)
+
+
 def _directives(src):
     return {l[3:].split(':')[0].strip(): l.split(':', 1)[1].strip() if ':' in l else ''
             for l in src.splitlines() if l.startswith('#|')}
@@ -75,15 +81,17 @@ def _prepare(nb):
     cells = []
     for c in nb.cells:
         if c.cell_type == 'markdown':
-            c.source = math_to_mathml(c.source); cells.append(c); continue
+            c.source = _quarto_md(c.source); cells.append(c); continue
         if c.cell_type != 'code': continue
         d = _directives(c.source)
         if d.get('include') == 'false': continue
         if d.get('output') == 'false': c.outputs = []
         c.source = '\n'.join(l for l in c.source.splitlines() if not l.startswith('#|')).strip()
-        if d.get('echo') == 'false': c.source = ''
         for o in c.get('outputs', []):
-            if 'text/markdown' in o.get('data', {}): o['data']['text/markdown'] = math_to_mathml(o['data']['text/markdown'])
+            if 'text/markdown' in o.get('data', {}): o['data']['text/markdown'] = _quarto_md(o['data']['text/markdown'])
+        if d.get('echo') == 'false' or not c.source:
+            if not c.get('outputs'): continue
+            c.metadata.setdefault('tags', []).append('remove_input')
         cells.append(c)
     nb.cells = cells
     return nb
@@ -130,15 +138,13 @@ def _link_fix(body):
 
 def build(out: Path = ROOT / '_preview', proc: bool = True) -> Path:
     from nbconvert import HTMLExporter
-    from nbconvert.preprocessors import ExtractOutputPreprocessor
+    from nbconvert.preprocessors import ExtractOutputPreprocessor, TagRemovePreprocessor
     out = Path(out)
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         if proc:
             from nbdev.serve import proc_nbs
-            from nbdev.doclinks import _build_modidx
-            _build_modidx()
             cache = proc_nbs(path=str(NBS), n_workers=0, force=True, skip_file_glob='*.py')
         else: cache = ROOT / '_proc'
     finally: os.chdir(cwd)
@@ -152,6 +158,7 @@ def build(out: Path = ROOT / '_preview', proc: bool = True) -> Path:
         title = str(meta.get('title') or nb_path.stem)
         PAGES_TITLES[rel] = title
         exporter = HTMLExporter(template_name='basic', exclude_input_prompt=True, exclude_output_prompt=True)
+        exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'remove_input'}), enabled=True)
         exporter.register_preprocessor(ExtractOutputPreprocessor(), enabled=True)
         stem = Path(rel).stem
         body, res = exporter.from_notebook_node(_prepare(nb), resources={'output_files_dir': f'{stem}_files', 'unique_key': stem})

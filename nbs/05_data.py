@@ -1,0 +1,1087 @@
+# %% [markdown]
+# # Data
+#
+# > Crowd-counting datasets in their official layouts (ShanghaiTech, UCF-QNRF, JHU-Crowd++, NWPU-Crowd), a procedural
+# > `SyntheticCrowd`, short-side resizing with a disk cache, training/evaluation transforms, `collate` and `build_datasets`.
+
+# %%
+#| default_exp data
+
+# %%
+#| export
+from __future__ import annotations
+import copy, hashlib, json, os, re, tempfile, warnings
+from pathlib import Path
+from typing import Callable, Sequence
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from PIL import Image
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_close, test_fail
+import matplotlib.pyplot as plt
+from matplotlib_inline.backend_inline import set_matplotlib_formats
+set_matplotlib_formats('jpeg')   # photos and noise textures: JPEG figures are ~10x smaller than PNG
+fixtures = Path('../../shared/fixtures')
+if not fixtures.is_dir(): fixtures = Path('../tests/fixtures')
+
+
+# %% [markdown]
+# Every dataset yields `(image, points, meta)`:
+#
+# - `image`: float `(3, H, W)`, ImageNet-normalized (grayscale images are repeated to three channels);
+# - `points`: float `(N, 2)` head positions `(x, y)` in pixels of `image` ($N$ may be 0). Pixel $(i, j)$ covers
+#   $[j, j+1)\times[i, i+1)$, so its centre is $(j+\tfrac12, i+\tfrac12)$, the convention of `pixel_centres`;
+# - `meta`: a dict with at least `name`, `path` and `count` (the number of points returned, $-1$ for
+#   unlabelled images such as NWPU-Crowd's test split), plus `height`/`width` of the image before padding,
+#   `image_count` (the heads of the whole image), `scale` (the resize factors) and dataset-specific fields.
+#   Per-head attributes (JHU/NWPU head-box sizes, boxes, occlusion, blur) live in `meta['heads']`, a dict of
+#   tensors with one row per point that follow the points through every crop, flip and resize.
+
+# %% [markdown]
+# ## Errors
+#
+# Real datasets contain broken files. Every problem found while reading one raises a `DatasetError` (a
+# `ValueError`) or emits a `DatasetWarning`, and both name the offending file, never a bare traceback from
+# inside PIL or SciPy.
+
+# %%
+#| export
+class DatasetError(ValueError):
+    "A dataset file or folder is missing or malformed; the message names it."
+
+class DatasetWarning(UserWarning):
+    "A recoverable problem in a dataset file (points outside the image, NaN coordinates, count mismatches)."
+
+def _warn(path, msg): warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
+
+
+# %% [markdown]
+# ## Images
+#
+# `load_image` decodes any PIL-readable file to RGB `uint8`, raising `DatasetError` for a missing, corrupt or
+# truncated file. The network sees ImageNet-normalized images, $\hat x_c = (x_c/255 - \mu_c)/\sigma_c$;
+# `denormalize` inverts that for plotting and returns an `(H, W, 3)` array in $[0, 1]$.
+
+# %%
+#| export
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+def open_image(path:str|Path # image file
+              ) -> Image.Image:
+    "Open `path` lazily (header only) with PIL; raise `DatasetError` when it is missing or not an image."
+    path = Path(path)
+    if not path.is_file(): raise DatasetError(f"{path}: image file not found")
+    try: return Image.open(path)
+    except Exception as e: raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+def load_image(path:str|Path # image file (any mode: L, RGB, RGBA, P, CMYK)
+              ) -> Image.Image: # decoded RGB image
+    "Decode `path` fully to an RGB PIL image; corrupt or truncated files raise `DatasetError`."
+    im = open_image(path)
+    try:
+        im.load()
+        return im.convert('RGB')
+    except Exception as e: raise DatasetError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
+
+def to_uint8_tensor(image:Image.Image|np.ndarray # PIL image or `(H, W)`/`(H, W, C)` uint8 array
+                   ) -> torch.Tensor: # `(3, H, W)` uint8
+    "Convert an image to a `(3, H, W)` uint8 tensor (grayscale repeated, alpha dropped)."
+    arr = np.asarray(image)
+    if arr.ndim == 2: arr = arr[..., None]
+    if arr.shape[-1] == 1: arr = np.repeat(arr, 3, axis=-1)
+    return torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1).contiguous()
+
+def normalize(image:torch.Tensor # `(3, H, W)` or `(B, 3, H, W)` uint8 (0..255) or float in [0, 1]
+             ) -> torch.Tensor: # ImageNet-normalized float32
+    "Scale to [0, 1] (if uint8) and normalize with the ImageNet mean and standard deviation."
+    x = image.float() / 255. if image.dtype == torch.uint8 else image.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+def denormalize(image:torch.Tensor # normalized `(3, H, W)` or `(B, 3, H, W)` tensor
+               ) -> np.ndarray: # `(H, W, 3)` or `(B, H, W, 3)` float array in [0, 1], ready for `plt.imshow`
+    "Undo `normalize` and return channels-last numpy image(s) clipped to [0, 1] for plotting."
+    x = image.detach().float().cpu()
+    x = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    return x.clamp(0, 1).movedim(-3, -1).numpy()
+
+
+# %%
+u8 = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
+test_close(denormalize(normalize(u8)), u8.permute(1, 2, 0).float().numpy() / 255, eps=1e-6)
+test_eq(denormalize(normalize(u8)[None]).shape, (1, 5, 7, 3))
+test_close(normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8)).flatten().numpy(),
+           [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], eps=1e-5)
+test_eq(to_uint8_tensor(np.zeros((4, 6), np.uint8)).shape, (3, 4, 6))
+test_fail(lambda: load_image('/nonexistent/IMG_0.jpg'), contains='IMG_0.jpg')
+
+
+# %% [markdown]
+# ## Points
+#
+# Annotations are checked when read: NaN or infinite coordinates are dropped, and points outside the image
+# $[0, W]\times[0, H]$ are clipped to it (`out_of_bounds='clip'`), dropped (`'drop'`) or refused (`'raise'`);
+# every case warns naming the file. Points within one pixel outside the border (1-based MATLAB annotations) are
+# clipped silently. Clipped points land just inside the last pixel, so every point belongs to a pixel.
+
+# %%
+#| export
+def as_points(array, # anything `np.asarray` accepts: `(N, >=2)`, or empty
+              path:str|Path='<array>' # file the array came from, for messages
+             ) -> np.ndarray: # `(N, 2)` float64 `(x, y)`
+    "Turn an annotation array into `(N, 2)` float64 `(x, y)` points, raising `DatasetError` naming `path`."
+    try: arr = np.asarray(array, dtype=np.float64)
+    except (TypeError, ValueError) as e: raise DatasetError(f"{path}: point coordinates are not numeric ({e})") from e
+    if arr.size == 0: return np.zeros((0, 2))
+    if arr.ndim == 1 and arr.shape[0] == 2: arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise DatasetError(f"{path}: expected an N×2 array of (x, y) points, got shape {arr.shape}")
+    return arr[:, :2].copy()
+
+def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
+                 width:int, # image width W
+                 height:int, # image height H
+                 path:str|Path='<array>', # file, for warnings and errors
+                 out_of_bounds:str='clip', # 'clip', 'drop' or 'raise' points outside the image
+                 tolerance:float=1.0 # points this close outside the border are clipped without a warning
+                ) -> tuple[np.ndarray, np.ndarray]: # cleaned points and the boolean mask of kept input rows
+    "Drop NaN points and clip/drop points outside `[0, W]×[0, H]`, warning with the file name."
+    if out_of_bounds not in ('clip', 'drop', 'raise'): raise ValueError(f"out_of_bounds must be 'clip', 'drop' or 'raise', got {out_of_bounds!r}")
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    keep = np.isfinite(points).all(1)
+    if not keep.all(): _warn(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
+    x, y = points[:, 0], points[:, 1]
+    with np.errstate(invalid='ignore'):
+        far = keep & ((x < -tolerance) | (x > width + tolerance) | (y < -tolerance) | (y > height + tolerance))
+    if far.any():
+        msg = f"{int(far.sum())} point(s) outside the {width}×{height} image"
+        if out_of_bounds == 'raise': raise DatasetError(f"{path}: {msg}")
+        if out_of_bounds == 'drop': keep &= ~far; _warn(path, msg + ' dropped')
+        else: _warn(path, msg + ' clipped to the border')
+    points = points[keep]
+    eps = 1e-3
+    points = np.stack([points[:, 0].clip(0, width - eps), points[:, 1].clip(0, height - eps)], 1) if len(points) else np.zeros((0, 2))
+    return points, keep
+
+
+# %%
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    p, keep = clean_points(np.array([[1., 2.], [np.nan, 3.], [50., 5.], [10.4, 8.]]), 10, 8, path='x.mat')
+test_eq(keep.tolist(), [True, False, True, True])
+test_close(p, [[1, 2], [10 - 1e-3, 5], [10 - 1e-3, 8 - 1e-3]])
+test_eq(len(w), 2); assert all('x.mat' in str(m.message) for m in w)
+with warnings.catch_warnings(record=True):
+    warnings.simplefilter('always')
+    test_eq(clean_points(np.array([[50., 5.], [1., 1.]]), 10, 8, out_of_bounds='drop')[0].tolist(), [[1., 1.]])
+test_fail(lambda: clean_points(np.array([[50., 5.]]), 10, 8, path='y.mat', out_of_bounds='raise'), contains='y.mat')
+test_eq(as_points([]).shape, (0, 2))
+test_fail(lambda: as_points(np.zeros((3, 1)), 'z.mat'), contains='z.mat')
+
+
+# %% [markdown]
+# ## Resizing to a short-side range
+#
+# UCF-QNRF, JHU-Crowd++ and NWPU-Crowd hold images up to 9000 px wide. Like the Bayesian-loss, DM-Count and GL
+# code, we resize each image once so that its shorter side lies in $[s_{\min}, s_{\max}]$ (default 512..2048):
+# a factor $f = s_{\min}/\min(H, W)$ when the image is smaller, $s_{\max}/\min(H,W)$ when larger, else none.
+# Points are scaled per axis by the realized ratios $W'/W$ and $H'/H$ (the sizes are rounded to integers).
+# With `cache_dir` the resized image is written there once as a quality-95 JPEG, keyed by the file path, its
+# modification time and size, and the settings, so editing or replacing a source file invalidates its entry.
+
+# %%
+#| export
+def short_side_size(width:int, height:int, # original size
+                    short_side:tuple[int, int]|None=(512, 2048) # allowed range of the shorter side, None: keep
+                   ) -> tuple[int, int]: # new `(width, height)`
+    "The size after scaling so that the shorter side lies in `short_side` (aspect ratio kept)."
+    if short_side is None: return width, height
+    lo, hi = short_side
+    s = min(width, height)
+    f = lo / s if s < lo else hi / s if s > hi else 1.
+    if f == 1.: return width, height
+    return max(1, round(width * f)), max(1, round(height * f))
+
+_CACHE_VERSION = 1
+
+def _cache_key(path:Path, short_side) -> str:
+    st = path.stat()
+    text = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{tuple(short_side) if short_side else None}|v{_CACHE_VERSION}"
+    return hashlib.sha1(text.encode()).hexdigest()
+
+def _atomic_write(target:Path, write:Callable[[Path], None]):
+    "Write via a temporary file in the same folder and rename, so parallel workers never read half a file."
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=target.suffix + '.tmp'); os.close(fd)
+    try: write(Path(tmp)); os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+
+def load_resized(path:str|Path, # image file
+                 short_side:tuple[int, int]|None=(512, 2048), # shorter-side range, None: original size
+                 cache_dir:str|Path|None=None # folder for resized copies (created if needed); None: no cache
+                ) -> tuple[Image.Image, tuple[int, int]]: # RGB image and the original `(width, height)`
+    "Load an image resized to the short-side range, reading/writing the resized copy in `cache_dir`."
+    path = Path(path)
+    with open_image(path) as im: size = im.size
+    new = short_side_size(*size, short_side)
+    if new == size: return load_image(path), size
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / (_cache_key(path, short_side) + '.jpg')
+        if cached.is_file():
+            try:
+                im = load_image(cached)
+                if im.size == new: return im, size
+            except DatasetError: pass   # a broken cache entry is rebuilt below
+    im = load_image(path).resize(new, Image.BICUBIC)
+    if cached is not None:   # return the cached copy itself, so the first and later epochs see the same pixels
+        _atomic_write(cached, lambda p: im.save(p, format='JPEG', quality=95))
+        im = load_image(cached)
+    return im, size
+
+
+# %%
+test_eq(short_side_size(1024, 768, (512, 2048)), (1024, 768))
+test_eq(short_side_size(400, 300, (512, 2048)), (683, 512))
+test_eq(short_side_size(6000, 4000, (512, 2048)), (3072, 2048))
+test_eq(short_side_size(400, 300, None), (400, 300))
+_img = fixtures/'formats/UCF-QNRF/UCF-QNRF_ECCV18/Train/img_0001.jpg'
+with tempfile.TemporaryDirectory() as d:
+    a, size = load_resized(_img, (96, 128), cache_dir=d)
+    test_eq((size, a.size), ((256, 192), (171, 128)))   # shorter side 192 -> 128
+    test_eq(len(os.listdir(d)), 1)
+    b, _ = load_resized(_img, (96, 128), cache_dir=d)     # second call reads the cache
+    test_eq(np.asarray(b), np.asarray(load_image(next(Path(d).iterdir()))))   # the cached copy
+    test_eq(np.asarray(a), np.asarray(b))                                       # first and later calls agree
+    load_resized(_img, (64, 100), cache_dir=d); test_eq(len(os.listdir(d)), 2)   # other settings: other key
+
+
+# %% [markdown]
+# ## Transforms
+#
+# A transform maps a raw sample — `uint8` image `(3, H, W)`, float points `(N, 2)` and `meta` — to the network's
+# input. `TrainTransform` takes a random `crop_size` window (uniform over valid positions; images smaller than the
+# crop are padded bottom/right), keeps exactly the points inside the window $[l, l+w)\times[t, t+h)$ shifted by
+# $(-l, -t)$, and with probability ½ mirrors the crop horizontally. A point at $x$ in a pixel grid of width $W$ moves
+# to $W - x$ (pixel $j$ becomes pixel $W-1-j$, and its centre $j+\tfrac12$ becomes $W-(j+\tfrac12)$).
+# `EvalTransform` keeps the full image and pads it bottom/right to a multiple of the model stride, so points do not
+# move. Padding is zero in the normalized image (the ImageNet mean colour).
+#
+# Randomness comes from torch's RNG: the global generator by default (which `DataLoader` seeds per worker from the
+# main process), or a `torch.Generator` the dataset derives from `(aug_seed, epoch, index)` when it has an
+# `aug_seed`, so the augmentations of an epoch are identical whatever the number of workers and after a resume.
+
+# %%
+#| export
+def _select_heads(heads:dict, keep:torch.Tensor) -> dict:
+    return {k: v[keep] for k, v in heads.items()}
+
+def _shift_heads(heads:dict, dx:float, dy:float) -> dict:
+    out = dict(heads)
+    if 'boxes' in out: out['boxes'] = out['boxes'] + torch.tensor([dx, dy, dx, dy], dtype=out['boxes'].dtype)
+    return out
+
+def _flip_heads(heads:dict, width:float) -> dict:
+    out = dict(heads)
+    if 'boxes' in out:
+        b = out['boxes']; out['boxes'] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+    return out
+
+def _scale_heads(heads:dict, fx:float, fy:float) -> dict:
+    out = dict(heads)
+    if 'boxes' in out: out['boxes'] = out['boxes'] * torch.tensor([fx, fy, fx, fy], dtype=out['boxes'].dtype)
+    if 'sizes' in out: out['sizes'] = out['sizes'] * torch.tensor([fx, fy], dtype=out['sizes'].dtype)
+    return out
+
+def pad_to(image:torch.Tensor, # `(C, H, W)`
+           height:int, width:int # target size (>= current)
+          ) -> torch.Tensor:
+    "Zero-pad `image` at the bottom and right to `height`×`width` (points do not move)."
+    dh, dw = height - image.shape[-2], width - image.shape[-1]
+    if dh < 0 or dw < 0: raise ValueError(f"cannot pad {tuple(image.shape[-2:])} to smaller {(height, width)}")
+    return F.pad(image, (0, dw, 0, dh)) if dh or dw else image
+
+def crop_sample(image:torch.Tensor, # `(C, H, W)`
+                points:torch.Tensor, # `(N, 2)` `(x, y)`
+                meta:dict, # sample meta (its `heads` follow the points)
+                top:int, left:int, height:int, width:int # the window
+               ):
+    "Cut the window out of the image (clipped to the image) and keep/shift the points inside it."
+    img = image[:, top:top + height, left:left + width]
+    x, y = points[:, 0], points[:, 1]
+    keep = (x >= left) & (x < left + width) & (y >= top) & (y < top + height)
+    meta = dict(meta)
+    if 'heads' in meta: meta['heads'] = _shift_heads(_select_heads(meta['heads'], keep), -left, -top)
+    return img, points[keep] - torch.tensor([left, top], dtype=points.dtype), meta
+
+def hflip_sample(image:torch.Tensor, points:torch.Tensor, meta:dict):
+    "Mirror image, points (`x -> W - x`) and head boxes horizontally."
+    width = image.shape[-1]
+    points = torch.stack([width - points[:, 0], points[:, 1]], 1) if len(points) else points
+    meta = dict(meta)
+    if 'heads' in meta: meta['heads'] = _flip_heads(meta['heads'], width)
+    return image.flip(-1), points, meta
+
+def _finish_meta(meta:dict, points:torch.Tensor) -> dict:
+    if meta.get('count', -1) >= 0: meta['count'] = len(points)
+    return meta
+
+class TrainTransform:
+    "Random crop (padded when the image is smaller) and random horizontal flip, then ImageNet normalization."
+    def __init__(self,
+                 crop_size:int|tuple[int, int]=256, # crop side, or `(height, width)`
+                 flip:bool=True # random horizontal flip with probability 1/2
+                ):
+        self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.flip = flip
+    def __call__(self, image, points, meta, generator:torch.Generator|None=None):
+        ch, cw = self.crop
+        H, W = image.shape[-2:]
+        top = int(torch.randint(0, H - ch + 1, (1,), generator=generator)) if H > ch else 0
+        left = int(torch.randint(0, W - cw + 1, (1,), generator=generator)) if W > cw else 0
+        image, points, meta = crop_sample(image, points, meta, top, left, ch, cw)
+        meta['crop'] = (top, left, ch, cw)
+        image = pad_to(normalize(image), ch, cw)
+        flipped = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
+        if flipped: image, points, meta = hflip_sample(image, points, meta)
+        meta['flipped'] = flipped
+        meta['height'], meta['width'] = ch, cw
+        return image, points, _finish_meta(meta, points)
+    def __repr__(self): return f"TrainTransform(crop_size={self.crop}, flip={self.flip})"
+
+class EvalTransform:
+    "Full image, normalized and zero-padded bottom/right to a multiple of `stride` (points unchanged)."
+    def __init__(self, stride:int=8): self.stride = int(stride)
+    def __call__(self, image, points, meta, generator=None):
+        H, W = image.shape[-2:]
+        s = self.stride
+        image = pad_to(normalize(image), -(-H // s) * s, -(-W // s) * s)
+        meta = dict(meta); meta['height'], meta['width'] = H, W
+        return image, points, _finish_meta(meta, points)
+    def __repr__(self): return f"EvalTransform(stride={self.stride})"
+
+
+# %%
+img = torch.arange(3 * 6 * 10, dtype=torch.uint8).view(3, 6, 10)
+pts = torch.tensor([[0.5, 0.5], [3.2, 2.0], [9.9, 5.9], [4.0, 4.0]])
+meta = {'count': 4, 'heads': {'boxes': torch.tensor([[0., 0, 1, 1], [3, 1, 4, 3], [9, 5, 10, 6], [3, 3, 5, 5]])}}
+c_img, c_pts, c_meta = crop_sample(img, pts, meta, top=1, left=3, height=4, width=5)
+test_eq(c_img, img[:, 1:5, 3:8])
+test_close(c_pts.numpy(), [[0.2, 1.0], [1.0, 3.0]])                 # (3.2, 2) and (4, 4) are inside, shifted by (-3, -1)
+test_eq(c_meta['heads']['boxes'].tolist(), [[0., 0, 1, 2], [0, 2, 2, 4]])
+f_img, f_pts, f_meta = hflip_sample(c_img, c_pts, c_meta)
+test_eq(f_img[..., 0], c_img[..., -1]); test_close(f_pts.numpy(), [[4.8, 1.0], [4.0, 3.0]])   # x -> 5 - x
+test_eq(f_meta['heads']['boxes'].tolist(), [[4., 0, 5, 2], [3, 2, 5, 4]])
+# eval: pad to a multiple of 8, points unchanged
+e_img, e_pts, e_meta = EvalTransform(8)(img, pts, meta)
+test_eq(e_img.shape, (3, 8, 16)); test_eq(e_img[:, 6:].abs().sum(), 0); test_eq(e_pts, pts); test_eq(e_meta['width'], 10)
+# train: a crop larger than the image pads bottom/right; same generator seed, same crop
+t_img, t_pts, t_meta = TrainTransform(12, flip=False)(img, pts, meta)
+test_eq(t_img.shape, (3, 12, 12)); test_eq(t_pts, pts); test_eq(t_meta['count'], 4)
+a = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
+b = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
+test_eq(a[0], b[0]); test_eq(a[1], b[1])
+
+
+# %% [markdown]
+# ## The dataset base class
+#
+# `CrowdDataset` holds a list of records (one per image) and reads annotations lazily. Subclasses list the
+# records from the official layout and implement `read_annotation`. `subset(indices, transform)` gives a view with
+# other images and another transform; `build_datasets` uses it to hold out a validation set from a training split.
+
+# %%
+#| export
+def _seed_from(*ints) -> int:
+    return int(np.random.SeedSequence([int(i) % 2**63 for i in ints]).generate_state(1, np.uint64)[0] >> 1)
+
+class CrowdDataset(Dataset):
+    "Base class: records -> `(image, points, meta)` with short-side resizing, point checks and a transform."
+    name = 'crowd'
+    def __init__(self,
+                 records:Sequence[dict], # one dict per image: at least `image` (Path) and `id` (str)
+                 transform:Callable|None=None, # `TrainTransform`, `EvalTransform` (default: `EvalTransform(1)`)
+                 short_side:tuple[int, int]|None=None, # resize so the shorter side lies in this range
+                 cache_dir:str|Path|None=None, # cache for resized images
+                 out_of_bounds:str='clip', # what to do with points outside the image: 'clip', 'drop', 'raise'
+                 aug_seed:int|None=None # seed augmentations from (aug_seed, epoch, index) instead of torch's global RNG
+                ):
+        self.records, self.transform = list(records), transform if transform is not None else EvalTransform(1)
+        self.short_side, self.cache_dir, self.out_of_bounds = short_side, cache_dir, out_of_bounds
+        self.aug_seed, self.epoch = aug_seed, 0
+
+    def __len__(self): return len(self.records)
+    def __repr__(self): return f"{type(self).__name__}({len(self)} images, {self.transform})"
+
+    def read_annotation(self, record:dict) -> tuple[np.ndarray|None, dict, dict]:
+        "Return `(points (N, 2) or None if unlabelled, per-head arrays, extra meta)` for one record."
+        raise NotImplementedError
+
+    def set_epoch(self, epoch:int):
+        "Select the augmentation stream of `epoch` (used when `aug_seed` is set; call before creating the iterator)."
+        self.epoch = int(epoch)
+
+    def subset(self, indices:Sequence[int], transform:Callable|None=None) -> 'CrowdDataset':
+        "A copy restricted to `indices` (positions in this dataset), optionally with another transform."
+        out = copy.copy(self)
+        out.records = [self.records[int(i)] for i in indices]
+        if transform is not None: out.transform = transform
+        return out
+
+    def load(self, index:int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        "The raw sample: `uint8` image `(3, H, W)` after resizing, float32 points `(N, 2)` and meta."
+        rec = self.records[index]
+        path = Path(rec['image'])
+        points, heads, extra = self.read_annotation(rec)
+        pil, (w0, h0) = load_resized(path, self.short_side, self.cache_dir)
+        w1, h1 = pil.size
+        fx, fy = w1 / w0, h1 / h0
+        labelled = points is not None
+        if labelled:
+            points, keep = clean_points(points, w0, h0, rec.get('ann', path), self.out_of_bounds)
+            heads = {k: v[keep] for k, v in heads.items()}
+            points = points * np.array([fx, fy])
+            points[:, 0] = points[:, 0].clip(0, w1 - 1e-3); points[:, 1] = points[:, 1].clip(0, h1 - 1e-3)
+        else: points = np.zeros((0, 2))
+        heads = _scale_heads({k: torch.as_tensor(v, dtype=torch.float32) for k, v in heads.items()}, fx, fy)
+        meta = {'name': rec['id'], 'path': str(path), 'count': len(points) if labelled else -1,
+                'image_count': len(points) if labelled else -1, 'labelled': labelled,
+                'orig_size': (h0, w0), 'scale': (fy, fx), **extra}
+        if heads: meta['heads'] = heads
+        return to_uint8_tensor(pil), torch.as_tensor(points, dtype=torch.float32), meta
+
+    def __getitem__(self, index:int):
+        if index < 0: index += len(self)
+        if not 0 <= index < len(self): raise IndexError(f"index {index} out of range for {len(self)} images")
+        image, points, meta = self.load(index)
+        gen = None
+        if self.aug_seed is not None: gen = torch.Generator().manual_seed(_seed_from(self.aug_seed, self.epoch, index))
+        return self.transform(image, points, meta, gen)
+
+def _find_root(root, marker:Callable[[Path], bool], below:Sequence[str], what:str, layout:str) -> Path:
+    "`root` itself or one of the folders `below` it for which `marker` holds; else a `DatasetError`."
+    if root is None: raise DatasetError(f"{what}: no data folder given; expected layout:\n{layout}")
+    root = Path(root).expanduser()
+    if not root.is_dir(): raise DatasetError(f"{what}: data folder {root} does not exist; expected layout:\n{layout}")
+    for cand in [root, *[root / b for b in below]]:
+        if cand.is_dir() and marker(cand): return cand
+    raise DatasetError(f"{what}: {root} does not have the expected layout:\n{layout}")
+
+def _loadmat(path:Path) -> dict:
+    import scipy.io
+    if not path.is_file(): raise DatasetError(f"{path}: annotation file not found")
+    try: return scipy.io.loadmat(str(path))
+    except Exception as e: raise DatasetError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
+
+def _natural_key(p:Path):
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.name)]
+
+
+# %% [markdown]
+# ## ShanghaiTech
+#
+# `part_X/{train,test}_data/images/IMG_N.jpg` with `ground-truth/GT_IMG_N.mat`, points in
+# `image_info[0,0][0,0][0]`. `root` is the folder holding `part_A`/`part_B` (or one with a `ShanghaiTech/`
+# folder inside). Part A images keep their size by default (`short_side=None`).
+
+# %%
+#| export
+SHANGHAITECH_LAYOUT = """  ROOT/part_A/train_data/images/IMG_1.jpg
+  ROOT/part_A/train_data/ground-truth/GT_IMG_1.mat   (image_info[0,0][0,0][0]: N×2 x, y)
+  ROOT/part_A/test_data/...   and the same for part_B  (ROOT may also contain ShanghaiTech/part_A ...)"""
+
+class ShanghaiTech(CrowdDataset):
+    "ShanghaiTech part A or B, train or test split, in the official layout."
+    def __init__(self, root:str|Path, # folder containing part_A/part_B (or ShanghaiTech/part_A ...)
+                 part:str='A', # 'A' or 'B'
+                 split:str='train', # 'train' or 'test'
+                 **kwargs # `CrowdDataset` options: transform, short_side, cache_dir, out_of_bounds, aug_seed
+                ):
+        part = str(part).upper().replace('PART_', '')
+        if part not in ('A', 'B'): raise DatasetError(f"ShanghaiTech part must be 'A' or 'B', got {part!r}")
+        if split not in ('train', 'test'): raise DatasetError(f"ShanghaiTech split must be 'train' or 'test', got {split!r}")
+        self.part, self.split = part, split
+        self.name = f'shanghaitech-{part.lower()}'
+        sub = f'part_{part}'
+        base = _find_root(root, lambda p: (p / sub).is_dir(), ['ShanghaiTech', 'shanghaitech'], f'ShanghaiTech part {part}',
+                          SHANGHAITECH_LAYOUT)
+        folder = base / sub / f'{split}_data'
+        images = sorted((folder / 'images').glob('*.jpg'), key=_natural_key)
+        if not images: raise DatasetError(f"ShanghaiTech: no images in {folder / 'images'}; expected layout:\n{SHANGHAITECH_LAYOUT}")
+        records = []
+        for im in images:
+            ann = folder / 'ground-truth' / f'GT_{im.stem}.mat'
+            if not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
+            records.append({'image': im, 'ann': ann, 'id': f'{sub}/{split}/{im.stem}'})
+        super().__init__(records, **kwargs)
+
+    def read_annotation(self, record):
+        path = record['ann']
+        mat = _loadmat(path)
+        try: loc = mat['image_info'][0, 0][0, 0][0]
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: expected image_info[0,0][0,0][0] to hold the N×2 (x, y) points ({type(e).__name__}: {e})") from e
+        return as_points(loc, path), {}, {'part': self.part, 'split': self.split}
+
+
+# %%
+sha = ShanghaiTech(fixtures/'ShanghaiTech', part='B', split='train')
+test_eq(len(sha), 2)
+counts = {Path(sha[i][2]['path']).name: sha[i][2]['count'] for i in range(len(sha))}
+test_eq(counts, {'IMG_9.jpg': 167, 'IMG_10.jpg': 229})
+image, points, meta = sha[0]
+test_eq(image.shape, (3, 768, 1024)); test_eq(points.shape, (167, 2)); assert image.dtype == torch.float32
+test_fail(lambda: ShanghaiTech(fixtures/'formats', 'A'), contains='expected layout')
+test_fail(lambda: ShanghaiTech(fixtures/'ShanghaiTech', 'C'), contains="'A' or 'B'")
+
+# %% [markdown]
+# ## UCF-QNRF
+#
+# `Train|Test/img_XXXX.jpg` with `img_XXXX_ann.mat` holding `annPoints` (N×2 `x, y`). `root` is the folder
+# holding `Train`/`Test` or its parent containing `UCF-QNRF_ECCV18`. Resized to a 512..2048 short side by default.
+
+# %%
+#| export
+QNRF_LAYOUT = """  ROOT/Train/img_0001.jpg, ROOT/Train/img_0001_ann.mat (annPoints: N×2 x, y), ROOT/Test/...
+  (ROOT may also contain UCF-QNRF_ECCV18/Train ...)"""
+
+class UCFQNRF(CrowdDataset):
+    "UCF-QNRF (ECCV 2018), train or test split, in the official layout."
+    name = 'qnrf'
+    def __init__(self, root:str|Path, # folder holding Train/Test, or its parent holding UCF-QNRF_ECCV18
+                 split:str='train', # 'train' or 'test'
+                 short_side:tuple[int, int]|None=(512, 2048), # shorter-side range
+                 **kwargs):
+        if split not in ('train', 'test'): raise DatasetError(f"UCF-QNRF split must be 'train' or 'test', got {split!r}")
+        self.split = split
+        base = _find_root(root, lambda p: (p / 'Train').is_dir() or (p / 'Test').is_dir(),
+                          ['UCF-QNRF_ECCV18', 'UCF-QNRF'], 'UCF-QNRF', QNRF_LAYOUT)
+        folder = base / split.capitalize()
+        images = sorted(folder.glob('*.jpg'), key=_natural_key)
+        if not images: raise DatasetError(f"UCF-QNRF: no images in {folder}; expected layout:\n{QNRF_LAYOUT}")
+        records = []
+        for im in images:
+            ann = im.with_name(im.stem + '_ann.mat')
+            if not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
+            records.append({'image': im, 'ann': ann, 'id': f'{split}/{im.stem}'})
+        super().__init__(records, short_side=short_side, **kwargs)
+
+    def read_annotation(self, record):
+        path = record['ann']
+        mat = _loadmat(path)
+        if 'annPoints' not in mat: raise DatasetError(f"{path}: no 'annPoints' variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+        return as_points(mat['annPoints'], path), {}, {'split': self.split}
+
+
+# %%
+q = UCFQNRF(fixtures/'formats/UCF-QNRF', 'train')
+test_eq([q[i][2]['count'] for i in range(2)], [7, 12])
+import scipy.io
+raw = scipy.io.loadmat(str(fixtures/'formats/UCF-QNRF/UCF-QNRF_ECCV18/Train/img_0002_ann.mat'))['annPoints']
+image, points, meta = q[1]                   # 256×192 -> shorter side 192 scaled up to 512
+test_eq(image.shape[-2:], (512, 683)); test_close(points.numpy(), raw * np.array([683 / 256, 512 / 192]), eps=1e-3)
+test_eq(len(UCFQNRF(fixtures/'formats/UCF-QNRF/UCF-QNRF_ECCV18', 'test', short_side=None)), 2)
+
+# %% [markdown]
+# ## JHU-Crowd++
+#
+# `split/images/*.jpg`, `split/gt/*.txt` with one `x y w h o b` line per head (position, head-box width and
+# height, occlusion level, blur flag) and `split/image_labels.txt` (`name,count,scene,weather,distractor`). An empty
+# gt file is an image with no people. Sizes, occlusion and blur go to `meta['heads']`; the image labels to `meta`.
+
+# %%
+#| export
+JHU_LAYOUT = """  ROOT/{train,val,test}/images/0001.jpg, ROOT/{train,val,test}/gt/0001.txt ("x y w h o b" per head),
+  ROOT/{train,val,test}/image_labels.txt   (ROOT may also contain jhu_crowd_v2.0/train ...)"""
+
+def _read_table(path:Path, min_cols:int, sep=None) -> list[list[str]]:
+    try: text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e: raise DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip(): continue
+        cols = [c.strip() for c in line.split(sep)] if sep else line.split()
+        if len(cols) < min_cols: raise DatasetError(f"{path}, line {n}: expected at least {min_cols} fields, got {line!r}")
+        rows.append(cols)
+    return rows
+
+def _floats(rows, path:Path) -> np.ndarray:
+    try: return np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
+    except ValueError as e: raise DatasetError(f"{path}: non-numeric value ({e})") from e
+
+class JHUCrowd(CrowdDataset):
+    "JHU-Crowd++ (v2.0), train/val/test split, in the official layout."
+    name = 'jhu'
+    def __init__(self, root:str|Path, # folder holding train/val/test, or its parent holding jhu_crowd_v2.0
+                 split:str='train', # 'train', 'val' or 'test'
+                 short_side:tuple[int, int]|None=(512, 2048), **kwargs):
+        if split not in ('train', 'val', 'test'): raise DatasetError(f"JHU-Crowd split must be 'train', 'val' or 'test', got {split!r}")
+        self.split = split
+        base = _find_root(root, lambda p: any((p / s / 'images').is_dir() for s in ('train', 'val', 'test')),
+                          ['jhu_crowd_v2.0', 'jhu_crowd'], 'JHU-Crowd++', JHU_LAYOUT)
+        folder = base / split
+        images = sorted((folder / 'images').glob('*.jpg'), key=_natural_key)
+        if not images: raise DatasetError(f"JHU-Crowd++: no images in {folder / 'images'}; expected layout:\n{JHU_LAYOUT}")
+        labels = {}
+        if (folder / 'image_labels.txt').is_file():
+            for r in _read_table(folder / 'image_labels.txt', 2, sep=','):
+                labels[r[0]] = r
+        records = []
+        for im in images:
+            ann = folder / 'gt' / f'{im.stem}.txt'
+            if not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
+            records.append({'image': im, 'ann': ann, 'id': f'{split}/{im.stem}', 'labels': labels.get(im.stem)})
+        super().__init__(records, short_side=short_side, **kwargs)
+
+    def read_annotation(self, record):
+        path = record['ann']
+        rows = _read_table(path, 2)
+        arr = _floats(rows, path) if rows else np.zeros((0, 6))
+        if arr.shape[1] < 6: arr = np.concatenate([arr, np.full((len(arr), 6 - arr.shape[1]), np.nan)], 1)
+        extra = {'split': self.split}
+        lab = record.get('labels')
+        if lab is not None:
+            keys = ['count', 'scene', 'weather', 'distractor']
+            extra['labels'] = dict(zip(keys, lab[1:]))
+            try:
+                if int(float(lab[1])) != len(arr): _warn(path, f"{len(arr)} heads but image_labels.txt says {lab[1]}")
+            except ValueError: _warn(path, f"image_labels.txt count {lab[1]!r} is not a number")
+        heads = {'sizes': arr[:, 2:4], 'occlusion': arr[:, 4], 'blur': arr[:, 5]}
+        return arr[:, :2], heads, extra
+
+
+# %%
+j = JHUCrowd(fixtures/'formats/JHU-Crowd', 'val', short_side=None)
+image, points, meta = j[0]
+raw = np.loadtxt(fixtures/'formats/JHU-Crowd/jhu_crowd_v2.0/val/gt/0001.txt')
+test_eq(meta['count'], 5); test_close(points.numpy(), raw[:, :2]); test_close(meta['heads']['sizes'].numpy(), raw[:, 2:4])
+test_eq(j[1][2]['count'], 0); test_eq(j[1][1].shape, (0, 2))
+test_eq(meta['labels']['scene'], 'stadium')
+
+# %% [markdown]
+# ## NWPU-Crowd
+#
+# `images/XXXX.jpg`, `jsons/XXXX.json` (`points`, `boxes` as `x1, y1, x2, y2`, `human_num`) and split lists
+# `train.txt`/`val.txt`/`test.txt` with `id luminance level` per line. The test split has no labels: it loads with
+# no points and `count = -1`, for prediction. Boxes, their sizes $(w, h)$, the luminance class and the scene level go
+# to `meta`; the localization metric derives per-head radii from the sizes (`head_sigmas`):
+# $\sigma_s = \min(w, h)/2$ and $\sigma_l = \sqrt{w^2+h^2}/2$.
+
+# %%
+#| export
+NWPU_LAYOUT = """  ROOT/images/0001.jpg, ROOT/jsons/0001.json ({"points": [[x, y], ...], "boxes": [[x1, y1, x2, y2], ...], "human_num": N}),
+  ROOT/train.txt, ROOT/val.txt, ROOT/test.txt ("id luminance level" per line)   (ROOT may also contain NWPU-Crowd/...)"""
+
+def head_sigmas(sizes:torch.Tensor # `(N, 2)` head-box `(w, h)`
+               ) -> tuple[torch.Tensor, torch.Tensor]: # `(sigma_s, sigma_l)`, each `(N,)`
+    "NWPU-Crowd's per-head matching radii: $\\sigma_s = \\min(w,h)/2$ and $\\sigma_l = \\sqrt{w^2+h^2}/2$."
+    sizes = torch.as_tensor(sizes, dtype=torch.float32).reshape(-1, 2)
+    return sizes.min(1).values / 2, sizes.norm(dim=1) / 2
+
+class NWPUCrowd(CrowdDataset):
+    "NWPU-Crowd, train/val/test split (test: unlabelled), in the official layout."
+    name = 'nwpu'
+    def __init__(self, root:str|Path, # folder holding images/, jsons/ and the split lists (or NWPU-Crowd/ inside)
+                 split:str='train', # 'train', 'val' or 'test'
+                 short_side:tuple[int, int]|None=(512, 2048), **kwargs):
+        if split not in ('train', 'val', 'test'): raise DatasetError(f"NWPU-Crowd split must be 'train', 'val' or 'test', got {split!r}")
+        self.split = split
+        base = _find_root(root, lambda p: (p / f'{split}.txt').is_file() and any(p.glob('images*')),
+                          ['NWPU-Crowd', 'NWPU_Crowd', 'nwpu'], 'NWPU-Crowd', NWPU_LAYOUT)
+        folders = [base / 'images', *sorted(base.glob('images_part*'))]
+        records = []
+        for r in _read_table(base / f'{split}.txt', 1):
+            iid = r[0]
+            im = next((f / f'{iid}.jpg' for f in folders if (f / f'{iid}.jpg').is_file()), None)
+            if im is None: raise DatasetError(f"{base / f'{split}.txt'}: image {iid}.jpg not found in {base / 'images'}")
+            try: lum, level = (int(r[1]) if len(r) > 1 else -1), (int(r[2]) if len(r) > 2 else -1)
+            except ValueError: raise DatasetError(f"{base / f'{split}.txt'}: malformed line {' '.join(r)!r} (expected 'id luminance level')") from None
+            ann = base / 'jsons' / f'{iid}.json'
+            if split != 'test' and not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
+            records.append({'image': im, 'ann': ann if ann.is_file() else None, 'id': iid, 'luminance': lum, 'level': level})
+        if not records: raise DatasetError(f"NWPU-Crowd: {base / f'{split}.txt'} lists no images")
+        super().__init__(records, short_side=short_side, **kwargs)
+
+    def read_annotation(self, record):
+        extra = {'split': self.split, 'luminance': record['luminance'], 'level': record['level']}
+        path = record['ann']
+        if path is None: return None, {}, extra
+        try: d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DatasetError(f"{path}: cannot parse JSON ({type(e).__name__}: {e})") from e
+        if not isinstance(d, dict) or 'points' not in d: raise DatasetError(f"{path}: no 'points' list")
+        points = as_points(d['points'], path)
+        heads = {}
+        boxes = d.get('boxes')
+        if boxes is not None and len(boxes) == len(points):
+            try: b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            except (TypeError, ValueError) as e: raise DatasetError(f"{path}: malformed 'boxes' ({e})") from e
+            heads = {'boxes': b, 'sizes': np.abs(b[:, 2:] - b[:, :2])}
+        elif boxes is not None: _warn(path, f"{len(boxes)} boxes for {len(points)} points; boxes ignored")
+        if 'human_num' in d and d['human_num'] != len(points): _warn(path, f"human_num={d['human_num']} but {len(points)} points")
+        return points, heads, extra
+
+
+# %%
+nw = NWPUCrowd(fixtures/'formats/NWPU-Crowd', 'train', short_side=None)
+test_eq([nw[i][2]['count'] for i in range(2)], [9, 4])
+d = json.loads((fixtures/'formats/NWPU-Crowd/jsons/0001.json').read_text())
+image, points, meta = nw[0]
+test_close(points.numpy(), np.array(d['points']), eps=1e-4); test_close(meta['heads']['boxes'].numpy(), np.array(d['boxes']), eps=1e-4)
+s_s, s_l = head_sigmas(meta['heads']['sizes'])
+b = np.array(d['boxes']); w_, h_ = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+test_close(s_s.numpy(), np.minimum(w_, h_) / 2, eps=1e-4); test_close(s_l.numpy(), np.hypot(w_, h_) / 2, eps=1e-4)
+test_eq((meta['luminance'], meta['level']), (0, 1))
+t = NWPUCrowd(fixtures/'formats/NWPU-Crowd', 'test', short_side=None)
+test_eq((len(t), t[0][2]['count'], t[0][1].shape), (1, -1, (0, 2)))
+
+
+# %% [markdown]
+# ## SyntheticCrowd
+#
+# The embedded data of the demo and the tests: procedurally drawn crowds with known head positions, cheap enough to
+# generate on the fly and easy enough for a small network to learn to count in minutes on a CPU, yet with the traits
+# that make real crowd counting hard:
+#
+# - **perspective**: the head radius grows linearly from the top to the bottom of the image, and the head density
+#   on the image plane is proportional to $1/r(y)^2$ (a uniform crowd on a ground plane), so heads are smaller and
+#   denser towards the top;
+# - **clusters and empty regions**: most heads come from a few Gaussian groups, the rest are scattered; one or two
+#   elliptical regions stay empty; heads keep a minimal distance (they overlap only partly);
+# - **appearance**: a person is a coloured shoulder ellipse, a dark round head (hair) and usually a lighter face;
+#   people are drawn back to front, so nearer ones occlude farther ones;
+# - **background**: a smooth colour field with mid-frequency texture and pixel noise, plus distractors that share
+#   one trait with heads but not all: dark squares and poles, light disks, coloured rectangles.
+#
+# Each image depends only on `(seed, split, index)` (NumPy's `SeedSequence`), so any subset is reproducible in any
+# order and in any worker. Images are cached in memory after the first draw. Counts are drawn as
+# $N = \lfloor N_{\max}\,u^{1.5}\rceil$ with $u \sim U(0, 1)$, plus 8 % empty images; when the scene is too crowded to
+# place all heads at the minimal distance, fewer are drawn and the points say how many.
+
+# %%
+#| export
+def _smooth_field(rng, h, w, cells, channels) -> np.ndarray:
+    "Bicubically upsampled random grid: a smooth `(h, w, channels)` field in about [-1, 1]."
+    grid = torch.from_numpy(rng.uniform(-1, 1, (1, channels, cells, cells)).astype(np.float32))
+    return F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)[0].permute(1, 2, 0).numpy()
+
+def _ellipse_alpha(dx, dy, ax, ay):
+    "Anti-aliased coverage of an axis-aligned ellipse with semi-axes `ax`, `ay` at offsets `dx`, `dy` (broadcast)."
+    d = np.sqrt((dx / ax) ** 2 + (dy / ay) ** 2)
+    return np.clip((1 - d) * np.minimum(ax, ay) + 0.5, 0, 1)
+
+def _place_heads(rng, h, w, count, radius_at, min_gap=1.1):
+    "Sample up to `count` head centres with perspective density, clusters, empty regions and a minimal spacing."
+    if count == 0: return np.zeros((0, 2))
+    ys_grid = np.linspace(0, h, 257)
+    pdf = 1 / radius_at(ys_grid) ** 2
+    cdf = np.concatenate([[0], np.cumsum((pdf[1:] + pdf[:-1]) / 2)]); cdf /= cdf[-1]
+    def sample_y(n): return np.interp(rng.uniform(0, 1, n), cdf, ys_grid)
+    n_cand = 5 * count + 40
+    n_clusters = int(rng.integers(1, 5))
+    centres = np.stack([rng.uniform(0, w, n_clusters), sample_y(n_clusters)], 1)
+    spread = rng.uniform(2.5, 7, n_clusters) * radius_at(centres[:, 1]) * np.sqrt(max(count, 1) / n_clusters) / 2
+    from_cluster = rng.uniform(0, 1, n_cand) < rng.uniform(0.4, 0.85)
+    which = rng.integers(0, n_clusters, n_cand)
+    cand = np.stack([rng.uniform(0, w, n_cand), sample_y(n_cand)], 1)
+    cand[from_cluster] = centres[which[from_cluster]] + rng.normal(0, 1, (int(from_cluster.sum()), 2)) * spread[which[from_cluster], None]
+    inside = (cand[:, 0] >= 0.5) & (cand[:, 0] < w - 0.5) & (cand[:, 1] >= 0.5) & (cand[:, 1] < h - 0.5)
+    for _ in range(int(rng.integers(0, 3))):            # empty regions
+        ex, ey = rng.uniform(0, w), rng.uniform(0, h)
+        ax, ay = rng.uniform(0.1, 0.25) * w, rng.uniform(0.08, 0.2) * h
+        inside &= ((cand[:, 0] - ex) / ax) ** 2 + ((cand[:, 1] - ey) / ay) ** 2 > 1
+    cand = cand[inside]
+    r = radius_at(cand[:, 1])
+    chosen = np.zeros((count, 2)); rad = np.zeros(count); k = 0
+    for p, rp in zip(cand, r):                          # greedy rejection: heads overlap at most partly
+        if k and (((chosen[:k] - p) ** 2).sum(1) < (min_gap * np.maximum(rad[:k], rp)) ** 2).any(): continue
+        chosen[k], rad[k] = p, rp; k += 1
+        if k == count: break
+    return chosen[:k]
+
+def render_crowd(rng:np.random.Generator, # random source (one per image)
+                 height:int=128, width:int=128, # image size
+                 count:int=50, # heads to place (fewer if they do not fit)
+                ) -> tuple[np.ndarray, np.ndarray]: # `(H, W, 3)` uint8 image and `(N, 2)` head centres `(x, y)`
+    "Draw one synthetic crowd image and return it with the head centres."
+    h, w = height, width
+    s = np.sqrt(h * w)
+    r_top, r_bottom = rng.uniform(0.010, 0.016) * s, rng.uniform(0.032, 0.048) * s
+    def radius_at(y): return r_top + (r_bottom - r_top) * np.clip(y / h, 0, 1)
+    # background: smooth colour field + texture + vertical gradient
+    base = rng.uniform(0.25, 0.75, 3)
+    img = (base + 0.18 * _smooth_field(rng, h, w, int(rng.integers(2, 5)), 3) + 0.07 * _smooth_field(rng, h, w, max(4, h // 6), 1)
+           + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, h, dtype=np.float32)[:, None, None]).astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    # distractors: coloured rectangles, dark squares, light disks, dark poles
+    for _ in range(int(rng.integers(0, 5))):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); rw, rh = rng.uniform(0.05, 0.3, 2) * s
+        m = (xx >= x0) & (xx < x0 + rw) & (yy >= y0) & (yy < y0 + rh)
+        img[m] = img[m] * 0.3 + 0.7 * rng.uniform(0.1, 0.9, 3)
+    for _ in range(int(rng.integers(0, 5))):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); side = 2 * radius_at(y0) * rng.uniform(0.8, 1.4)
+        m = (np.abs(xx - x0) < side / 2) & (np.abs(yy - y0) < side / 2)
+        img[m] = rng.uniform(0.02, 0.2)
+    for _ in range(int(rng.integers(0, 4))):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); rd = radius_at(y0) * rng.uniform(1, 2.5)
+        a = _ellipse_alpha(xx - np.float32(x0), yy - np.float32(y0), np.float32(rd), np.float32(rd))[..., None]
+        img = img * (1 - a) + a * rng.uniform(0.7, 1.0, 3).astype(np.float32)
+    for _ in range(int(rng.integers(0, 3))):
+        x0 = rng.uniform(0, w); m = (np.abs(xx - x0) < rng.uniform(0.5, 1.5)) & (yy > rng.uniform(0, h))
+        img[m] = rng.uniform(0.05, 0.25)
+    # people, vectorized per layer on a shared patch grid, composited back to front
+    points = _place_heads(rng, h, w, count, radius_at)
+    n = len(points)
+    if n:
+        points = points[np.argsort(points[:, 1])]
+        r = (radius_at(points[:, 1]) * rng.uniform(0.85, 1.15, n)).astype(np.float32)
+        rm = float(r.max())
+        top, bottom, side = int(np.ceil(1.1 * rm)) + 2, int(np.ceil(3.4 * rm)) + 2, int(np.ceil(1.6 * rm)) + 2   # patch extent
+        ox = np.floor(points[:, 0]).astype(int); oy = np.floor(points[:, 1]).astype(int)
+        fx = (points[:, 0] - ox).astype(np.float32)[:, None, None]; fy = (points[:, 1] - oy).astype(np.float32)[:, None, None]
+        dx = (np.arange(-side, side, dtype=np.float32) + 0.5)[None, None, :] - fx   # (n, 1, 2*side) offsets from each head centre
+        dy = (np.arange(-top, bottom, dtype=np.float32) + 0.5)[None, :, None] - fy  # (n, top+bottom, 1)
+        rr = r[:, None, None]
+        body = _ellipse_alpha(dx, dy - 2.0 * rr, 1.55 * rr, 1.35 * rr)
+        head = _ellipse_alpha(dx, dy, rr, 1.05 * rr)
+        has_face = (rng.uniform(0, 1, n) < 0.8)[:, None, None]
+        face = _ellipse_alpha(dx, dy - 0.3 * rr, 0.62 * rr, 0.58 * rr) * has_face
+        c_body = rng.uniform(0.15, 0.95, (n, 1, 1, 3)).astype(np.float32)
+        c_head = (rng.uniform(0.0, 0.18, (n, 1, 1, 1)) * np.array([1.0, 0.9, 0.8])).astype(np.float32)
+        c_face = (rng.uniform(0.55, 0.9, (n, 1, 1, 1)) * np.array([1.0, 0.8, 0.65])).astype(np.float32)
+        colour = c_body * body[..., None]; alpha = body
+        for a, c in ((head, c_head), (face, c_face)):
+            colour = colour * (1 - a[..., None]) + c * a[..., None]; alpha = alpha * (1 - a) + a
+        transparency = (1 - alpha)[..., None]
+        P = max(top, bottom, side)
+        canvas = np.pad(img, ((P, P), (P, P), (0, 0)))
+        for k in range(n):                                               # premultiplied "over", back to front
+            y0, x0 = oy[k] + P - top, ox[k] + P - side
+            patch = canvas[y0:y0 + top + bottom, x0:x0 + 2 * side]
+            patch *= transparency[k]; patch += colour[k]
+        img = canvas[P:P + h, P:P + w]
+    img = (img - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.08, 0.08)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.01, 0.035))
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), points.astype(np.float64)
+
+
+# %%
+rng = np.random.default_rng(0)
+im0, p0 = render_crowd(rng, 96, 128, 40)
+test_eq(im0.shape, (96, 128, 3)); assert 0 < len(p0) <= 40
+assert (p0[:, 0] >= 0).all() and (p0[:, 0] < 128).all() and (p0[:, 1] >= 0).all() and (p0[:, 1] < 96).all()
+test_eq(len(render_crowd(np.random.default_rng(0), 64, 64, 0)[1]), 0)
+# every head shows dark hair within 2 px of its centre (nearer people never cover a farther head's centre)
+grey = im0.mean(-1)
+darkest = np.array([grey[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3].min() for x, y in p0])
+assert (darkest < 0.6 * np.median(grey)).mean() > 0.9
+
+# %%
+#| export
+_SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
+
+class SyntheticCrowd(CrowdDataset):
+    "Procedural crowd images with known head centres, deterministic per `(seed, split, index)`."
+    name = 'synthetic'
+    def __init__(self, n:int=200, # number of images
+                 size:int|tuple[int, int]=128, # image side, or `(height, width)`
+                 seed:int=0, # base seed
+                 max_count:int=150, # largest number of heads drawn
+                 min_count:int=0, # smallest number of heads in a non-empty image
+                 empty_fraction:float=0.08, # share of images with nobody
+                 split:str|int='train', # stream name ('train', 'val', 'test' or an int): disjoint images per split
+                 transform:Callable|None=None, # transform (default: `EvalTransform(1)`)
+                 cache:bool=True, # keep drawn images in memory
+                 **kwargs # other `CrowdDataset` options (aug_seed)
+                ):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.seed, self.max_count, self.min_count, self.empty_fraction = seed, max_count, min_count, empty_fraction
+        self.split = split
+        self._stream = _SPLIT_CODES.get(split, split) if isinstance(split, str) else int(split)
+        if not isinstance(self._stream, int): raise ValueError(f"split must be 'train', 'val', 'test' or an int, got {split!r}")
+        self.cache, self._memory = cache, {}
+        super().__init__([{'index': i, 'id': f'synthetic-{split}-{i:05d}'} for i in range(n)], transform=transform, **kwargs)
+
+    def generate(self, index:int) -> tuple[np.ndarray, np.ndarray]:
+        "Draw image `index`: `(H, W, 3)` uint8 and `(N, 2)` points, from its own random stream."
+        rng = np.random.default_rng([self.seed, self._stream, index])
+        if rng.uniform() < self.empty_fraction: count = 0
+        else: count = int(round(self.min_count + (self.max_count - self.min_count) * rng.uniform() ** 1.5))
+        return render_crowd(rng, *self.size, count=count)
+
+    def load(self, index:int):
+        i = self.records[index]['index']
+        if i in self._memory: image, points = self._memory[i]
+        else:
+            image, points = self.generate(i)
+            if self.cache: self._memory[i] = (image, points)
+        meta = {'name': self.records[index]['id'], 'path': f'synthetic://seed={self.seed}/{self.split}/{i}',
+                'count': len(points), 'image_count': len(points), 'labelled': True, 'orig_size': self.size, 'scale': (1., 1.)}
+        return to_uint8_tensor(image), torch.as_tensor(points, dtype=torch.float32), meta
+
+    def subset(self, indices, transform=None):
+        out = super().subset(indices, transform); out._memory = self._memory   # share the drawn images
+        return out
+
+
+# %%
+syn = SyntheticCrowd(8, size=96, seed=1)
+a, pa, ma = syn[3]
+b, pb, mb = SyntheticCrowd(8, size=96, seed=1)[3]
+test_eq(a, b); test_eq(pa, pb); test_eq(a.shape, (3, 96, 96)); test_eq(ma['count'], len(pa))
+assert not torch.equal(SyntheticCrowd(8, size=96, seed=1, split='val')[3][0], a)   # splits are disjoint streams
+assert not torch.equal(SyntheticCrowd(8, size=96, seed=2)[3][0], a)
+test_eq(SyntheticCrowd(4, size=(64, 80), max_count=0)[0][1].shape, (0, 2))
+test_eq(SyntheticCrowd(4, size=(64, 80))[0][0].shape, (3, 64, 80))
+
+# %% [markdown]
+# Drawing is fast: a few milliseconds per 128×128 image.
+
+# %%
+import time
+t0 = time.perf_counter()
+ds = SyntheticCrowd(200, size=128, seed=0, cache=False)
+counts = np.array([len(ds.generate(i)[1]) for i in range(len(ds))])
+elapsed = time.perf_counter() - t0
+print(f"200 images of 128×128 in {elapsed:.2f} s; counts: min {counts.min()}, median {np.median(counts):.0f}, "
+      f"mean {counts.mean():.1f}, max {counts.max()}, empty {(counts == 0).sum()}")
+assert elapsed < 10 and counts.max() > 80 and (counts == 0).any()
+
+# %% [markdown]
+# Eight synthetic images with their head points (red):
+
+# %%
+fig, axs = plt.subplots(2, 4, figsize=(8, 4.3), dpi=72)
+for ax, i in zip(axs.flat, range(8)):
+    image, points, meta = SyntheticCrowd(8, size=128, seed=0)[i]
+    ax.imshow(denormalize(image)); ax.scatter(points[:, 0], points[:, 1], s=2, c='r')
+    ax.set_title(f"N = {meta['count']}", fontsize=9); ax.axis('off')
+plt.tight_layout(); plt.show()
+
+
+# %% [markdown]
+# ## Collating batches
+#
+# Images of a batch share one size (crops, or images of one size); points and metas stay lists because each image
+# has its own number of heads.
+
+# %%
+#| export
+def collate(batch:Sequence[tuple[torch.Tensor, torch.Tensor, dict]] # `(image, points, meta)` samples
+           ) -> tuple[torch.Tensor, list[torch.Tensor], list[dict]]: # images `(B, 3, H, W)`, points list, metas list
+    "Stack the images of a batch; keep points and metas as lists."
+    images, points, metas = zip(*batch)
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"cannot batch images of different sizes {sorted(shapes)}: use batch_size=1 for full-image evaluation, or crops")
+    return torch.stack(images), list(points), list(metas)
+
+
+# %%
+imgs, pts, metas = collate([syn[0], syn[1]])
+test_eq(imgs.shape, (2, 3, 96, 96)); test_eq(len(pts), 2); test_eq(pts[1], syn[1][1])
+test_fail(lambda: collate([syn[0], SyntheticCrowd(1, size=64)[0]]), contains='batch_size=1')
+
+# %% [markdown]
+# ## Building the train / validation / test sets
+#
+# `build_datasets(name, ...)` returns `(train, val, test)` for `shanghaitech-a`, `shanghaitech-b`, `qnrf`, `jhu`,
+# `nwpu` and `synthetic`. The training set augments (random crop and flip); validation and test give full images
+# padded to a multiple of `stride`. Datasets without a validation split (ShanghaiTech, UCF-QNRF) hold out a fixed,
+# seeded `val_fraction` of the training images, so the test split is never used to choose a model. Default crops:
+# 256 (ShanghaiTech A), 512 (B, UCF-QNRF, JHU, NWPU), 128 for synthetic images (at most the image size).
+# Extra keywords: `short_side`, `cache_dir`, `out_of_bounds`, `flip`, `aug_seed`, and for `synthetic`
+# `n_train` (200), `n_val` (50), `n_test` (50), `size` (128), `max_count` (150).
+
+# %%
+#| export
+DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512, 'synthetic': 128}
+DATASET_NAMES = tuple(DEFAULT_CROP)
+
+def holdout_split(n:int, # number of training images
+                  val_fraction:float=0.1, # share held out for validation
+                  seed:int=0 # seed of the permutation
+                 ) -> tuple[list[int], list[int]]: # sorted train and validation indices
+    "A fixed, seeded split of `range(n)` into train and validation indices (at least one of each when n >= 2)."
+    if not 0 <= val_fraction < 1: raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2: n_val = min(max(n_val, 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+def build_datasets(name:str, # one of `DATASET_NAMES`
+                   root:str|Path|None=None, # data folder (not needed for 'synthetic')
+                   crop_size:int|None=None, # training crop (default per dataset, `DEFAULT_CROP`)
+                   stride:int=8, # evaluation images are padded to a multiple of this
+                   val_fraction:float=0.1, # held-out share of train where the dataset has no val split
+                   seed:int=0, # seed of the hold-out split (and of the synthetic images)
+                   **kwargs # short_side, cache_dir, out_of_bounds, flip, aug_seed; synthetic: n_train, n_val, n_test, size, max_count
+                  ) -> tuple[CrowdDataset, CrowdDataset, CrowdDataset]:
+    "Build `(train, val, test)` datasets: augmented crops for training, padded full images for evaluation."
+    key = str(name).lower().replace('_', '-')
+    key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu', 'nwpu-crowd': 'nwpu'}.get(key, key)
+    if key not in DEFAULT_CROP: raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
+    eval_tf = EvalTransform(stride)
+    if key == 'synthetic':
+        n_train, n_val, n_test = kwargs.pop('n_train', 200), kwargs.pop('n_val', 50), kwargs.pop('n_test', 50)
+        size = kwargs.pop('size', 128)
+        crop = crop_size or min(DEFAULT_CROP[key], *((size,) if isinstance(size, int) else size))
+        common = dict(size=size, seed=seed, **kwargs)
+        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip), aug_seed=aug_seed, **common),
+                SyntheticCrowd(n_val, split='val', transform=eval_tf, **common),
+                SyntheticCrowd(n_test, split='test', transform=eval_tf, **common))
+    crop = crop_size or DEFAULT_CROP[key]
+    if crop % stride: _warn(name, f"crop size {crop} is not a multiple of the stride {stride}")
+    train_tf = TrainTransform(crop, flip)
+    if key.startswith('shanghaitech') or key == 'qnrf':
+        if key == 'qnrf': make = lambda split, **kw: UCFQNRF(root, split, **kw)
+        else: make = lambda split, **kw: ShanghaiTech(root, key[-1].upper(), split, **kw)
+        full = make('train', **kwargs)
+        tr, va = holdout_split(len(full), val_fraction, seed)
+        train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
+        test = make('test', transform=eval_tf, **kwargs)
+    else:
+        cls = JHUCrowd if key == 'jhu' else NWPUCrowd
+        train = cls(root, 'train', transform=train_tf, **kwargs)
+        val, test = cls(root, 'val', transform=eval_tf, **kwargs), cls(root, 'test', transform=eval_tf, **kwargs)
+    train.aug_seed = aug_seed
+    return train, val, test
+
+
+# %%
+tr, va, te = build_datasets('synthetic', n_train=6, n_val=3, n_test=3, size=96)
+test_eq((len(tr), len(va), len(te)), (6, 3, 3)); test_eq(tr[0][0].shape, (3, 96, 96))
+test_eq(va[0][0].shape, (3, 96, 96))
+if (fixtures/'ShanghaiTech/part_A').is_dir():     # the full shared fixtures (tests/fixtures holds part B only)
+    tr, va, te = build_datasets('shanghaitech-a', fixtures/'ShanghaiTech', stride=8)
+    test_eq((len(tr), len(va), len(te)), (2, 1, 3)); test_eq(tr[0][0].shape, (3, 256, 256))
+    image, points, meta = te[1]                   # test IMG_4: 500×334 -> padded to 504×336
+    test_eq((image.shape, meta['count'], meta['width'], meta['height']), ((3, 336, 504), 170, 500, 334))
+    assert not {va[0][2]['path']} & {te[i][2]['path'] for i in range(len(te))}
+test_fail(lambda: build_datasets('mall'), contains='shanghaitech-a, shanghaitech-b, qnrf, jhu, nwpu, synthetic')
+test_fail(lambda: build_datasets('qnrf'), contains='expected layout')
+tr, va, te = build_datasets('nwpu', fixtures/'formats/NWPU-Crowd', crop_size=64)
+test_eq((len(tr), len(va), len(te)), (2, 2, 1)); test_eq(tr[0][0].shape, (3, 64, 64))
+test_eq(va[0][0].shape, (3, 512, 688))            # 200×150 -> 683×512, padded to a multiple of 8
+
+# %% [markdown]
+# One real image: ShanghaiTech part A test `IMG_1` (172 annotated heads; part B `IMG_9` without the shared fixtures).
+
+# %%
+if (fixtures/'ShanghaiTech/part_A').is_dir(): image, points, meta = ShanghaiTech(fixtures/'ShanghaiTech', 'A', 'test')[0]
+else: image, points, meta = ShanghaiTech(fixtures/'ShanghaiTech', 'B', 'train')[0]
+fig, ax = plt.subplots(figsize=(6, 4.2), dpi=60)
+ax.imshow(denormalize(image)); ax.scatter(points[:, 0], points[:, 1], s=4, c='r')
+ax.set_title(f"{meta['name']}: {meta['count']} heads", fontsize=10); ax.axis('off'); plt.tight_layout(); plt.show()
+
+# %%
+#| hide
+import nbdev; nbdev.nbdev_export()

@@ -1,0 +1,503 @@
+# %% [markdown]
+# # Models
+#
+# > The three counting networks of the paper's Table 1 (VGG19, CSRNet, MCNN), each mapping an image to a non-negative density map of known stride, with local weight loading.
+
+# %%
+#| default_exp models
+
+# %%
+#| export
+from __future__ import annotations
+import math, warnings
+from collections.abc import Mapping
+from pathlib import Path
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# %%
+#| hide
+import os, tempfile
+from fastcore.test import test_eq, test_close, test_fail
+torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
+
+# %% [markdown]
+# The paper trains every loss with three backbones (Sec. 5, Table 1): VGG19 as in Bayesian loss [29], CSRNet [21]
+# and MCNN [50]. VGG19 and CSRNet start from ImageNet weights, MCNN from scratch. All three predict a density map
+# $a$ whose sum is the count; the losses only need to know the map's **stride** $s$ (input pixels per map pixel),
+# because pixel $(i,j)$ of the map stands at $(s(j+\frac12), s(i+\frac12))$ in the image (`uotcrowd.core.pixel_centres`).
+#
+# Every model here is a `DensityModel`: it has an attribute `stride`, takes a normalized image batch `(B, 3, H, W)`
+# and returns a non-negative `(B, 1, H/s, W/s)` density map.
+
+# %% [markdown]
+# ## Input sizes and the common base class
+#
+# Max-pooling floors odd sizes, so a network with $k$ pools needs sides that are multiples of $2^k$ to produce
+# exactly $H/s$ rows. Rather than failing on other sizes we **pad**: the input is zero-padded at the bottom and
+# right (zero is the mean colour after ImageNet normalization) to the next multiple the network needs, and the
+# output is cropped to $\lceil H/s\rceil \times \lceil W/s\rceil$. Padding at the bottom/right leaves the
+# pixel-centre convention unchanged, and for sides that are multiples of $s$ (what the datasets give) the output
+# is exactly `(H/s, W/s)`. The datasets also pad validation images at the bottom/right, so the two agree.
+#
+# Non-negativity: the last layer is followed by `relu` (the default; exact zeros in the background, which also
+# keeps the localization threshold meaningful) or `abs` (the Bayesian-loss code's choice; never blocks the
+# gradient). Both are available through `out_act`.
+
+# %%
+#| export
+_OUT_ACTS = {'relu': F.relu, 'abs': torch.abs}
+
+class DensityModel(nn.Module):
+    "Base class: pads inputs to the network's size multiple, applies `density_head`, crops, makes it non-negative."
+    stride:int = 8   # input pixels per density pixel
+    multiple:int = 8 # input sides are padded to a multiple of this
+    def __init__(self, out_act:str='relu'):
+        super().__init__()
+        if out_act not in _OUT_ACTS:
+            raise ValueError(f"out_act must be one of {sorted(_OUT_ACTS)}, got {out_act!r}")
+        self.out_act = out_act
+
+    def density_head(self, x:torch.Tensor) -> torch.Tensor:
+        "Raw (signed) map for an input whose sides are multiples of `self.multiple`."
+        raise NotImplementedError
+
+    def output_size(self, h:int, w:int) -> tuple[int, int]:
+        "Size of the density map for an `h`×`w` input: `(ceil(h/stride), ceil(w/stride))`."
+        return math.ceil(h / self.stride), math.ceil(w / self.stride)
+
+    def forward(self, x:torch.Tensor # normalized images `(B, 3, H, W)`
+               ) -> torch.Tensor: # non-negative density `(B, 1, ceil(H/stride), ceil(W/stride))`
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, H, W), got {shape}")
+        H, W = x.shape[-2:]
+        m = self.multiple
+        ph, pw = -H % m, -W % m
+        if ph or pw: x = F.pad(x, (0, pw, 0, ph))
+        out = self.density_head(x)
+        h, w = self.output_size(H, W)
+        return _OUT_ACTS[self.out_act](out[..., :h, :w])
+
+# %% [markdown]
+# ## Initialization
+#
+# Without pretrained weights every convolution gets Kaiming-normal weights (fan-out, ReLU gain) and zero bias, which
+# keeps activations at unit scale through 16 layers; the final 1×1 regression layer gets $\mathcal N(0, 0.01^2)$ as in
+# the MCNN and CSRNet code, so the initial density is small (a few tenths per pixel at most) but not all zero.
+
+# %%
+#| export
+def init_weights(model:nn.Module, # network whose convolutions are initialized in place
+                 last:nn.Conv2d|None=None, # final regression layer, initialized with std 0.01
+                 last_std:float=0.01):
+    "Kaiming-normal init for every `Conv2d` (zero bias) and a small normal init for `last`; returns `model`."
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode='fan_out', nonlinearity='relu')
+            if mod.bias is not None: nn.init.zeros_(mod.bias)
+    if last is not None:
+        nn.init.normal_(last.weight, std=last_std)
+        if last.bias is not None: nn.init.zeros_(last.bias)
+    return model
+
+# %% [markdown]
+# ## VGG building blocks
+#
+# `make_vgg_layers` builds a VGG front-end from a configuration list exactly as torchvision does (convolution at
+# index $n$, its ReLU at $n+1$, one index per max-pool), so a torchvision state dict's `features.N.weight` keys
+# map one to one onto our layers. `vgg_key_map` lists that correspondence for the convolutions of a configuration.
+
+# %%
+#| export
+VGG19_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512, 512, 'M', 512, 512, 512, 512]
+VGG16_FRONT_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512] # CSRNet: first 10 convs of VGG16
+CSRNET_BACK_CFG = [512, 512, 512, 256, 128, 64]
+
+def make_vgg_layers(cfg:list, # channel counts, 'M' for a 2×2 max-pool
+                    in_channels:int=3, # channels of the input
+                    dilation:int=1 # dilation (and padding) of the 3×3 convolutions
+                   ) -> nn.Sequential:
+    "3×3 conv + ReLU blocks and max-pools laid out with torchvision's VGG indices."
+    layers = []
+    for v in cfg:
+        if v == 'M': layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(in_channels, v, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
+            in_channels = v
+    return nn.Sequential(*layers)
+
+def vgg_key_map(cfg:list, # configuration of the front-end
+                prefix:str # name of the front-end module in our model, e.g. 'features'
+               ) -> dict[str, str]:
+    "Map torchvision keys `features.N.{weight,bias}` to our `prefix.N.{weight,bias}` for each conv of `cfg`."
+    out, n = {}, 0
+    for v in cfg:
+        if v == 'M': n += 1
+        else:
+            for p in ('weight', 'bias'): out[f'features.{n}.{p}'] = f'{prefix}.{n}.{p}'
+            n += 2
+    return out
+
+# %%
+test_eq(len(make_vgg_layers(VGG19_CFG)), 36) # torchvision vgg19 features minus the last pool
+test_eq(vgg_key_map([64, 'M', 128], 'frontend'), {'features.0.weight': 'frontend.0.weight', 'features.0.bias': 'frontend.0.bias',
+                                                  'features.3.weight': 'frontend.3.weight', 'features.3.bias': 'frontend.3.bias'})
+test_eq(len(vgg_key_map(VGG16_FRONT_CFG, 'frontend')), 20) # 10 convolutions
+
+# %% [markdown]
+# ## VGG19 (Bayesian-loss / GL backbone)
+#
+# The GL and BL experiments use VGG19's 16 convolutional layers without the last max-pool (stride 16, 512 channels),
+# a ×2 upsampling to stride 8, and a regression head 3×3 conv 512→256, ReLU, 3×3 conv 256→128, ReLU, 1×1 conv 128→1.
+# We upsample **bilinearly** (`align_corners=False`, as in the BL code; `upsample='nearest'` is available, the GL
+# code's choice). Bilinear with `align_corners=False` places output pixel $(i,j)$ at the centre of its $8\times8$
+# cell, consistent with `pixel_centres`; the network needs sides that are multiples of 16, other sizes are padded.
+
+# %%
+#| export
+class VGG19Density(DensityModel):
+    "VGG19 conv layers (no last pool), ×2 upsampling and a 512→256→128→1 head; stride 8."
+    stride, multiple = 8, 16
+    def __init__(self, upsample:str='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
+                 out_act:str='relu'): # 'relu' or 'abs'
+        super().__init__(out_act)
+        if upsample not in ('bilinear', 'nearest'):
+            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
+        self.upsample = upsample
+        self.features = make_vgg_layers(VGG19_CFG)
+        self.head = nn.Sequential(nn.Conv2d(512, 256, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(256, 128, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(128, 1, 1))
+        init_weights(self, last=self.head[-1])
+
+    def backbone_key_map(self) -> dict[str, str]: return vgg_key_map(VGG19_CFG, 'features')
+
+    def density_head(self, x):
+        x = self.features(x)
+        kw = dict(align_corners=False) if self.upsample == 'bilinear' else {}
+        x = F.interpolate(x, scale_factor=2, mode=self.upsample, **kw)
+        return self.head(x)
+
+# %% [markdown]
+# ## CSRNet
+#
+# CSRNet [21] keeps the first 10 convolutions of VGG16 (three pools, stride 8) and adds a back-end of six dilated
+# 3×3 convolutions (512, 512, 512, 256, 128, 64 channels, dilation 2, ReLU) and a 1×1 output layer 64→1.
+
+# %%
+#| export
+class CSRNet(DensityModel):
+    "VGG16 front-end (10 convs) + dilated back-end (512,512,512,256,128,64; dilation 2) + 1×1 output; stride 8."
+    stride, multiple = 8, 8
+    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+        super().__init__(out_act)
+        self.frontend = make_vgg_layers(VGG16_FRONT_CFG)
+        self.backend = make_vgg_layers(CSRNET_BACK_CFG, in_channels=512, dilation=2)
+        self.output_layer = nn.Conv2d(64, 1, 1)
+        init_weights(self, last=self.output_layer)
+
+    def backbone_key_map(self) -> dict[str, str]: return vgg_key_map(VGG16_FRONT_CFG, 'frontend')
+
+    def density_head(self, x): return self.output_layer(self.backend(self.frontend(x)))
+
+# %% [markdown]
+# ## MCNN
+#
+# MCNN [50] has three columns with large, medium and small receptive fields, each of four convolutions with two
+# 2×2 max-pools after the first two (stride 4):
+#
+# | column | kernels | channels |
+# |---|---|---|
+# | large | 9, 7, 7, 7 | 16, 32, 16, 8 |
+# | medium | 7, 5, 5, 5 | 20, 40, 20, 10 |
+# | small | 5, 3, 3, 3 | 24, 48, 24, 12 |
+#
+# The 30 output channels are fused by a 1×1 convolution. The original worked on grey images; like the GL/BL
+# comparisons we feed RGB, which changes only the first layers' parameter count (0.134 M in all). MCNN is trained
+# from scratch in the paper, so it has no pretrained front-end and no warning when built without weights.
+
+# %%
+#| export
+def _mcnn_column(kernels, channels, in_channels=3):
+    layers = []
+    for n, (k, c) in enumerate(zip(kernels, channels)):
+        layers += [nn.Conv2d(in_channels, c, k, padding=k // 2), nn.ReLU(inplace=True)]
+        if n < 2: layers.append(nn.MaxPool2d(2, 2))
+        in_channels = c
+    return nn.Sequential(*layers)
+
+class MCNN(DensityModel):
+    "Multi-column CNN: three columns (9/7/7/7, 7/5/5/5, 5/3/3/3 kernels), two pools, 1×1 fusion 30→1; stride 4."
+    stride, multiple = 4, 4
+    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+        super().__init__(out_act)
+        self.column1 = _mcnn_column((9, 7, 7, 7), (16, 32, 16, 8))
+        self.column2 = _mcnn_column((7, 5, 5, 5), (20, 40, 20, 10))
+        self.column3 = _mcnn_column((5, 3, 3, 3), (24, 48, 24, 12))
+        self.fuse = nn.Conv2d(30, 1, 1)
+        init_weights(self, last=self.fuse)
+
+    def density_head(self, x):
+        return self.fuse(torch.cat([self.column1(x), self.column2(x), self.column3(x)], dim=1))
+
+# %% [markdown]
+# ### Shapes and parameter counts
+#
+# Output shapes for sides that are multiples of the stride, and for other sides (padded, then `ceil(H/s)`).
+# Parameter counts are checked against torchvision's own VGG layers and closed forms
+# ($k^2 c_\text{in} c_\text{out} + c_\text{out}$ per convolution): CSRNet has 16.26 M parameters, MCNN 0.134 M.
+
+# %%
+def n_params(m): return sum(p.numel() for p in m.parameters())
+def conv_params(k, cin, cout): return k * k * cin * cout + cout
+
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    models = {'vgg19': VGG19Density(), 'csrnet': CSRNet(), 'mcnn': MCNN()}
+for name, m in models.items():
+    m.eval()
+    for H, W in [(64, 64), (96, 128)]:
+        with torch.no_grad(): out = m(torch.randn(1, 3, H, W))
+        test_eq(out.shape, (1, 1, H // m.stride, W // m.stride))
+        assert (out >= 0).all()
+with torch.no_grad():
+    test_eq(models['vgg19'](torch.randn(2, 3, 72, 40)).shape, (2, 1, 9, 5))   # multiples of 8, not of 16
+    test_eq(models['csrnet'](torch.randn(1, 3, 65, 70)).shape, (1, 1, 9, 9))  # ceil(65/8), ceil(70/8)
+    test_eq(models['mcnn'](torch.randn(1, 3, 30, 33)).shape, (1, 1, 8, 9))
+test_fail(lambda: models['mcnn'](torch.randn(3, 32, 32)), contains='(B, 3, H, W)')
+
+head = conv_params(3, 512, 256) + conv_params(3, 256, 128) + conv_params(1, 128, 1)
+test_eq(n_params(models['vgg19'].features), 20_024_384)  # == torchvision vgg19().features[:36], checked in tests/
+test_eq(n_params(models['vgg19']), 20_024_384 + head)
+back = sum(conv_params(3, a, b) for a, b in zip([512] + CSRNET_BACK_CFG[:-1], CSRNET_BACK_CFG)) + conv_params(1, 64, 1)
+test_eq(n_params(models['csrnet'].frontend), 7_635_264)  # == torchvision vgg16().features[:23]
+test_eq(n_params(models['csrnet']), 7_635_264 + back)
+test_eq(n_params(models['csrnet']), 16_263_489)
+cols = [((9, 7, 7, 7), (16, 32, 16, 8)), ((7, 5, 5, 5), (20, 40, 20, 10)), ((5, 3, 3, 3), (24, 48, 24, 12))]
+mcnn_count = sum(sum(conv_params(k, a, b) for k, a, b in zip(ks, (3,) + cs[:-1], cs)) for ks, cs in cols) + conv_params(1, 30, 1)
+test_eq(n_params(models['mcnn']), mcnn_count)
+test_eq(n_params(models['mcnn']), 133_705)
+{k: n_params(m) for k, m in models.items()}
+
+# %% [markdown]
+# Padding happens only when needed: for a size that is a multiple of the network's `multiple`, `forward` is the
+# network applied directly; otherwise it is the network applied to the bottom/right zero-padded image, cropped.
+
+# %%
+m = models['csrnet']
+x = torch.randn(1, 3, 64, 80)
+with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(x)))
+x = torch.randn(1, 3, 60, 76)  # padded to 64×80 inside
+with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(F.pad(x, (0, 4, 0, 4))))[..., :8, :10])
+
+# %% [markdown]
+# ## Loading weights
+#
+# ImageNet weights cannot be downloaded at run time here, so `weights` is always a local file (or an
+# in-memory state dict). Three kinds of file are understood, all read with `torch.load(..., weights_only=True)`:
+#
+# 1. **A torchvision VGG state dict** (`torchvision.models.vgg19(weights='IMAGENET1K_V1').state_dict()` saved with
+#    `torch.save`, or `vgg16` for CSRNet; keys `features.N.weight`). Its convolutions are copied into our
+#    front-end; the head keeps its random init. A bare `features` state dict (keys `N.weight`) works too.
+# 2. **Our model's own state dict** (`torch.save(model.state_dict(), path)`): restores the whole model.
+# 3. **A training checkpoint**, a dict with the state dict under `'model'` (or `'state_dict'`).
+#
+# `module.` (DDP) and `_orig_mod.` (`torch.compile`) prefixes are stripped. A missing or unreadable file raises
+# an error naming the path; wrong keys or shapes raise an error naming the keys.
+
+# %%
+#| export
+def read_state_dict(weights:str|Path|Mapping # path to a `.pth` file, or a state dict / checkpoint dict
+                   ) -> dict[str, torch.Tensor]:
+    "Read a state dict from `weights` (file or mapping), unwrapping checkpoints and DDP/compile prefixes."
+    if isinstance(weights, Mapping): obj, where = weights, 'the given mapping'
+    else:
+        path = Path(weights).expanduser()
+        where = repr(str(path))
+        if not path.is_file(): raise FileNotFoundError(f"weights file {where} does not exist")
+        try: obj = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"could not read weights file {where} (not a torch state dict saved with "
+                               f"torch.save, or corrupt): {type(e).__name__}: {e}") from e
+    for key in ('model', 'state_dict'):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping): obj = obj[key]; break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights in {where} are not a state dict (a mapping of names to tensors, "
+                         f"possibly under a 'model' key)")
+    out = {}
+    for k, v in obj.items():
+        for pre in ('module.', '_orig_mod.'):
+            if k.startswith(pre): k = k[len(pre):]
+        out[k] = v
+    return out
+
+# %%
+#| export
+def _check_shapes(pairs, where):
+    bad = [f"{k} (file {tuple(v.shape)} vs model {tuple(t.shape)})" for k, v, t in pairs if v.shape != t.shape]
+    if bad: raise ValueError(f"shape mismatch loading {where} for keys: " + ', '.join(bad[:8]) +
+                             (f' and {len(bad) - 8} more' if len(bad) > 8 else ''))
+
+def _list(keys, n=6):
+    keys = sorted(keys)
+    return ', '.join(keys[:n]) + (f' ... ({len(keys)} in all)' if len(keys) > n else '')
+
+def load_weights(model:DensityModel, # model to load into (in place)
+                 weights:str|Path|Mapping # file or state dict: torchvision VGG, our state dict, or checkpoint
+                ) -> str: # 'full' (whole model restored) or 'backbone' (VGG front-end only)
+    "Load `weights` into `model`: a full state dict/checkpoint, or a torchvision VGG state dict into the front-end."
+    state = read_state_dict(weights)
+    where = 'the given mapping' if isinstance(weights, Mapping) else repr(str(weights))
+    own = model.state_dict()
+    name = type(model).__name__
+    if set(state) == set(own):
+        _check_shapes([(k, state[k], own[k]) for k in own], where)
+        model.load_state_dict(state)
+        return 'full'
+    if all(k.split('.')[0].isdigit() for k in state):   # a bare `vgg.features` state dict
+        state = {f'features.{k}': v for k, v in state.items()}
+    is_vgg = all(k.startswith(('features.', 'classifier.')) for k in state)
+    if is_vgg and hasattr(model, 'backbone_key_map'):
+        kmap = model.backbone_key_map()
+        missing = [k for k in kmap if k not in state]
+        if missing:
+            raise ValueError(f"{where} looks like a torchvision VGG state dict but lacks the keys {_list(missing)} "
+                             f"needed by the {name} front-end (vgg19 for VGG19Density, vgg16 for CSRNet; no batch norm)")
+        _check_shapes([(k, state[k], own[kmap[k]]) for k in kmap], where)
+        with torch.no_grad():
+            for src, dst in kmap.items(): own[dst].copy_(state[src])
+        return 'backbone'
+    if is_vgg: raise ValueError(f"{name} has no VGG front-end, so the torchvision state dict {where} cannot be loaded")
+    raise ValueError(f"{where} does not match {name}: missing keys {_list(set(own) - set(state)) or 'none'}; "
+                     f"unexpected keys {_list(set(state) - set(own)) or 'none'}")
+
+# %% [markdown]
+# A round trip through a file restores every parameter; a training checkpoint with a `'model'` entry and a DDP
+# `module.` prefix works the same; wrong files fail with messages that name the path or the keys.
+
+# %%
+tmp = Path(tempfile.mkdtemp())
+src, dst = models['mcnn'], MCNN()
+torch.save(src.state_dict(), tmp/'mcnn.pth')
+test_eq(load_weights(dst, tmp/'mcnn.pth'), 'full')
+assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+torch.save({'model': {'module.' + k: v for k, v in src.state_dict().items()}, 'epoch': 3}, tmp/'ckpt.pth')
+dst = MCNN(); test_eq(load_weights(dst, tmp/'ckpt.pth'), 'full')
+assert torch.equal(dst.fuse.weight, src.fuse.weight)
+test_fail(lambda: load_weights(MCNN(), tmp/'nope.pth'), contains='nope.pth')
+(tmp/'bad.pth').write_bytes(b'not a checkpoint')
+test_fail(lambda: load_weights(MCNN(), tmp/'bad.pth'), contains='bad.pth')
+bad = dict(src.state_dict()); bad['fuse.weight'] = torch.zeros(1, 31, 1, 1)
+test_fail(lambda: load_weights(MCNN(), bad), contains='fuse.weight')
+test_fail(lambda: load_weights(MCNN(), {'foo.weight': torch.zeros(1)}), contains='foo.weight')
+test_fail(lambda: load_weights(MCNN(), {'features.0.weight': torch.zeros(1)}), contains='no VGG front-end')
+
+# %% [markdown]
+# A torchvision VGG state dict fills the front-end. With the key map the first conv of our VGG19 is torchvision's
+# `features.0`, and the CSRNet front-end's last conv is VGG16's `features.21`. (`tests/test_models.py` checks
+# the same with real torchvision models: our front-end then reproduces torchvision's `features` output exactly.)
+
+# %%
+tv16 = {f'features.{n}.{p}': torch.randn(*s) for n, s in zip([0, 2, 5, 7, 10, 12, 14, 17, 19, 21],
+        [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256), (512, 256), (512, 512), (512, 512)])
+        for p, s in (('weight', s + (3, 3)), ('bias', s[:1]))}
+tv16['classifier.0.weight'] = torch.randn(4, 4)
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore'); c = CSRNet()
+back_before = c.backend[0].weight.clone()
+test_eq(load_weights(c, tv16), 'backbone')
+assert torch.equal(c.frontend[21].bias, tv16['features.21.bias'])
+assert torch.equal(c.backend[0].weight, back_before)  # back-end untouched
+test_fail(lambda: load_weights(VGG19Density(), tv16), contains='lacks the keys')  # VGG16 keys for a VGG19
+
+# %% [markdown]
+# ## Constructors and the registry
+#
+# `vgg19`, `csrnet` and `mcnn` build a model and load `weights` if given. VGG19 and CSRNet were pretrained on
+# ImageNet in the paper; built without weights they **warn once** (one `UserWarning` per construction) and say how
+# to pass a local torchvision file. `get_model(name, weights=None, **kwargs)` is what training and the CLI call.
+
+# %%
+#| export
+def _pretrain_warning(name, tv):
+    warnings.warn(f"{name}: no weights given, so the VGG front-end starts from random (Kaiming) initialization; "
+                  f"the paper fine-tunes ImageNet weights. ImageNet weights cannot be downloaded here: save them "
+                  f"where they are available with torch.save(torchvision.models.{tv}(weights='IMAGENET1K_V1')"
+                  f".state_dict(), 'PATH') and pass weights='PATH' (a uotcrowd checkpoint works too).",
+                  UserWarning, stacklevel=3)
+
+def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, our state dict, or checkpoint
+          upsample:str='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
+          out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+         ) -> VGG19Density:
+    "VGG19 density network (stride 8) of the BL/GL papers."
+    model = VGG19Density(upsample=upsample, out_act=out_act)
+    if weights is None: _pretrain_warning('vgg19', 'vgg19')
+    else: load_weights(model, weights)
+    return model
+
+def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, our state dict, or checkpoint
+           out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+          ) -> CSRNet:
+    "CSRNet (VGG16 front-end, dilated back-end; stride 8)."
+    model = CSRNet(out_act=out_act)
+    if weights is None: _pretrain_warning('csrnet', 'vgg16')
+    else: load_weights(model, weights)
+    return model
+
+def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
+         out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+        ) -> MCNN:
+    "Multi-column CNN (stride 4); starts from random init without a warning, as in the paper."
+    model = MCNN(out_act=out_act)
+    if weights is not None: load_weights(model, weights)
+    return model
+
+MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn}
+
+def get_model(name:str, # 'vgg19', 'csrnet' or 'mcnn' (case-insensitive)
+              weights:str|Path|Mapping|None=None, # passed to the constructor
+              **kwargs # other constructor arguments (`upsample`, `out_act`)
+             ) -> DensityModel:
+    "Build a counting model by name."
+    key = str(name).lower().replace('-', '').replace('_', '')
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[key](weights=weights, **kwargs)
+
+# %%
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    m = get_model('VGG19')
+test_eq(len(caught), 1)
+assert 'weights=' in str(caught[0].message) and issubclass(caught[0].category, UserWarning)
+test_eq(m.stride, 8)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    m = get_model('mcnn', weights=tmp/'mcnn.pth')   # weights given: no warning
+    c = get_model('csrnet', weights=tv16)
+test_eq(len(caught), 0)
+test_eq((m.stride, c.stride), (4, 8))
+assert torch.equal(m.fuse.weight, src.fuse.weight)
+test_fail(lambda: get_model('resnet50'), contains='vgg19, csrnet, mcnn')
+test_fail(lambda: get_model('mcnn', out_act='sigmoid'), contains='out_act')
+
+# %% [markdown]
+# ## Gradients reach every parameter
+#
+# A scalar of the output (here the count) back-propagates into every weight and bias of all three networks.
+
+# %%
+for name in MODELS:
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore'); m = get_model(name, out_act='abs')
+    torch.manual_seed(0)
+    m(torch.randn(2, 3, 64, 64)).sum().backward()
+    dead = [k for k, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    test_eq(dead, [])
+
+# %%
+#| hide
+import nbdev; nbdev.nbdev_export()

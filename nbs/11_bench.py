@@ -1,0 +1,820 @@
+# %% [markdown]
+# # Benchmarks
+#
+# > Time, peak memory, iteration count and marginal error of the generalized loss against the official per-image recipe (geomloss), POT and a VGG19 training step, written as JSON and a Markdown table.
+
+# %%
+#| default_exp bench
+
+# %%
+#| export
+from __future__ import annotations
+import importlib.util, itertools, json, math, os, platform, statistics, sys, time, warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+import torch
+import torch.nn.functional as F
+from uotcrowd.core import get_device, seed_everything, pixel_centres
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_close, test_fail
+torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
+
+# %% [markdown]
+# The generalized loss solves one unbalanced optimal-transport problem per image per training step, between the
+# $n = hw$ pixels of the predicted density map and the $m$ annotated heads. Its price is what decides whether the
+# loss is usable: this notebook measures it, always **side by side in one run on one device**, because only ratios
+# between methods measured together mean anything on a shared machine.
+#
+# What is measured for each method, batch size $B$ and number of points $m$ (density map $64\times64$, i.e. a
+# 512-px crop at stride 8):
+#
+# * **time** of forward + backward (median over repeats, after a warm-up call);
+# * **peak memory** allocated during that call, above what was allocated before it;
+# * the **loss** value, the number of **iterations** the solver ran and the **marginal error** it left, so that
+#   speed is never bought by stopping early;
+# * **time / floor**: the time divided by (iterations × the time of a plain `torch.exp` over the $2Bnm$ cost
+#   entries that one symmetric Sinkhorn iteration must exponentiate, measured in cache). A log-domain solver
+#   cannot beat this floor by much, so the ratio says how much is left on the table.
+#
+# The methods are `GeneralizedLoss` in its two solver modes (batched), the same loss in a per-image Python loop
+# (what the official code does), the official recipe on top of geomloss, and POT's unbalanced Sinkhorn.
+# A VGG19 training step with and without the loss gives the loss's share of a step.
+
+# %% [markdown]
+# ## Timing and peak memory
+#
+# `time_call` runs a function once to warm up (allocations, first-call dispatch), then as many times as fit in a
+# time budget (at least once, at most `repeats`), synchronizing CUDA around each call. Calls that take longer than
+# `long_call` seconds are not repeated: the warm-up call is the measurement (one-time costs are negligible next to
+# such a call, and a full benchmark must stay within minutes).
+#
+# **Peak memory.** On CUDA, `torch.cuda.max_memory_allocated` after resetting the peak, minus what was allocated
+# before the call. The CPU allocator keeps no statistics, so on the CPU we record every allocation and release that
+# torch makes during the call with `torch.profiler` (`profile_memory=True`), order them in time, and take the
+# maximum of the running sum. This counts tensors (the payload of every torch allocation, inputs excluded), not
+# the allocator's or Python's overhead, nor memory allocated outside torch (none of the methods does that: POT and
+# geomloss run on the torch backend). It is the same quantity `max_memory_allocated` gives on CUDA. The profiled
+# call is a separate, untimed run.
+
+# %%
+#| export
+def _sync(device:torch.device):
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+def time_call(fn:Callable, # function of no arguments to time
+              device:torch.device=torch.device('cpu'), # device to synchronize
+              repeats:int=5, # at most this many timed calls
+              budget:float=2.0, # seconds to spend on timed calls (at least one call is made)
+              long_call:float=10.0, # a warm-up longer than this is used as the only measurement
+             ) -> dict:
+    "Median and minimum wall time of `fn()` in seconds, after one warm-up call."
+    device = torch.device(device)
+    _sync(device); t0 = time.perf_counter(); fn(); _sync(device)
+    first = time.perf_counter() - t0
+    if first > long_call: times = [first]
+    else:
+        n = max(1, min(repeats, int(budget / max(first, 1e-9))))
+        times = []
+        for _ in range(n):
+            _sync(device); t0 = time.perf_counter(); fn(); _sync(device)
+            times.append(time.perf_counter() - t0)
+    return dict(median=statistics.median(times), min=min(times), repeats=len(times), first=first)
+
+# %%
+calls = []
+r = time_call(lambda: calls.append(time.sleep(0.01)), repeats=3, budget=1.)
+test_eq(len(calls), 4); test_eq(r['repeats'], 3)
+assert 0.009 < r['min'] <= r['median'] < 0.5
+r = time_call(lambda: time.sleep(0.03), repeats=10, budget=0.05)
+test_eq(r['repeats'], 1)
+r = time_call(lambda: time.sleep(0.03), long_call=0.01)
+test_eq(r['repeats'], 1); test_eq(r['median'], r['first'])
+
+# %%
+#| export
+def peak_memory(fn:Callable, # function of no arguments
+                device:torch.device=torch.device('cpu'), # device whose allocations are measured
+               ) -> float: # peak bytes allocated by torch during `fn()`, above the level before it (NaN if unknown)
+    "Peak memory that `fn()` allocates on `device` (CUDA: allocator statistics; CPU: profiler memory events)."
+    device = torch.device(device)
+    if device.type == 'cuda':
+        _sync(device); torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(); _sync(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    if device.type != 'cpu': return float('nan')
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    running = itertools.accumulate(e.nbytes() for e in events)
+    return float(max(0, max(running, default=0)))
+
+# %% [markdown]
+# A check with known sizes: a 4 MB tensor, its exponential (8 MB live), the first freed, a doubled copy
+# (8 MB live again); the peak is 8 MB and inputs that exist before the call do not count.
+
+# %%
+def _two_live_buffers(x):
+    y = x.exp(); z = y * 2; del y
+    return z.sum()
+x0 = torch.randn(1000, 1000)
+test_close(peak_memory(lambda: _two_live_buffers(x0)), 8e6, eps=1e4)
+test_close(peak_memory(lambda: torch.zeros(250, 1000).sum()), 1e6, eps=1e3)
+
+# %% [markdown]
+# ## The `exp` floor
+#
+# Every iteration of a log-domain Sinkhorn solver computes a log-sum-exp over all $B\,n\,m$ cost entries in each
+# direction, so it exponentiates at least $2Bnm$ numbers. `exp_throughput` measures how many `torch.exp` the device
+# does per second on a buffer small enough to stay in cache (32 K floats in and out, 256 KB, on the CPU; 4 M
+# floats, 32 MB, inside an H100's 50 MB L2 on CUDA). The arguments are drawn in $[-80, 0]$: the range a stabilized
+# solver feeds to `exp` (below about $-87$ float32 `exp` underflows and torch's CPU kernel takes a path 20-70×
+# slower, which a good solver avoids by clamping).
+
+# %%
+#| export
+def exp_throughput(device:torch.device=torch.device('cpu'), # device to measure
+                   numel:int|None=None, # buffer size (default: 32 K on CPU, 4 M on CUDA)
+                   min_time:float=0.2, # seconds of measurement
+                  ) -> float: # `exp` evaluations per second
+    "Throughput of `torch.exp` on an in-cache float32 buffer of arguments in [-80, 0]."
+    device = torch.device(device)
+    numel = numel or (4 * 2**20 if device.type == 'cuda' else 32 * 2**10)
+    g = torch.Generator(device='cpu').manual_seed(0)
+    x = (-80 * torch.rand(numel, generator=g)).to(device)
+    y = torch.empty_like(x)
+    for _ in range(3): torch.exp(x, out=y)
+    best, reps = float('inf'), 8
+    deadline = time.perf_counter() + min_time
+    while True:
+        _sync(device); t0 = time.perf_counter()
+        for _ in range(reps): torch.exp(x, out=y)
+        _sync(device); dt = (time.perf_counter() - t0) / reps
+        best = min(best, dt)
+        if time.perf_counter() > deadline: break
+        if dt * reps < 0.01: reps *= 2
+    return numel / best
+
+# %%
+rate = exp_throughput(min_time=0.05)
+assert 1e7 < rate < 1e12, rate
+
+# %% [markdown]
+# ## Problems to solve
+#
+# `make_problem` draws $B$ images with $m$ heads each, uniformly in a crop of `size·stride` pixels, and a density
+# map that looks like a half-trained network's: each head's unit mass blurred with a Gaussian of one map pixel,
+# 10 % of the mass spread uniformly, and the total off by up to ±10 %. All methods see the same tensors.
+
+# %%
+#| export
+def make_problem(batch_size:int=8, # images B
+                 n_points:int=500, # heads per image
+                 size:int=64, # density map side h = w
+                 stride:int=8, # input pixels per map pixel (crop = size*stride)
+                 seed:int=0, # random seed
+                 device:torch.device=torch.device('cpu'),
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]: # density `(B, 1, h, w)`, list of `(m, 2)` points
+    "A reproducible batch of random head positions and a plausible predicted density map."
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    crop = size * stride
+    points = [crop * torch.rand(n_points, 2, generator=g) for _ in range(batch_size)]
+    r = torch.arange(-3, 4, dtype=torch.float32)
+    k1 = torch.exp(-0.5 * r**2); k1 = k1 / k1.sum()
+    kernel = (k1[:, None] * k1[None, :])[None, None]
+    maps = []
+    for p in points:
+        ij = (p / stride).long().clamp(0, size - 1)
+        hist = torch.zeros(size * size)
+        hist.index_add_(0, ij[:, 1] * size + ij[:, 0], torch.ones(len(p)))
+        blurred = F.conv2d(hist.view(1, 1, size, size), kernel, padding=3)[0]
+        blurred = 0.9 * blurred * (n_points / blurred.sum().clamp_min(1e-12)) + 0.1 * n_points / size**2
+        scale = 1 + 0.2 * (torch.rand(1, generator=g).item() - 0.5)
+        maps.append(blurred * scale)
+    density = torch.stack(maps).to(device)
+    return density, [p.to(device) for p in points]
+
+# %%
+density, points = make_problem(3, 40, size=16, seed=1)
+test_eq(density.shape, (3, 1, 16, 16)); test_eq([p.shape for p in points], [(40, 2)] * 3)
+assert (density > 0).all() and all((p >= 0).all() and (p < 128).all() for p in points)
+assert ((density.sum((1, 2, 3)) / 40 - 1).abs() <= 0.1 + 1e-5).all()
+d2, p2 = make_problem(3, 40, size=16, seed=1)
+test_eq(d2, density); test_eq(p2[2], points[2])
+
+# %% [markdown]
+# ## Costs on coordinates, and the marginal error
+#
+# geomloss takes the cost as a function of two batched point clouds. `coordinate_cost` builds one from the
+# functions of `uotcrowd.costs` (coordinates already divided by `scale`; the perspective factor uses the heights
+# $y/H$ with $H$ the crop height), so the references solve exactly the problem `GeneralizedLoss` solves.
+#
+# The **marginal error** of a pair of potentials $(f,g)$ (geomloss's convention: $P_{ij}=a_ib_j\exp((f_i+g_j-C_{ij})/\varepsilon)$)
+# is measured the same way for every method: at the optimum of the KL-penalized problem
+# $\mathbf P\mathbf 1=\boldsymbol a\,e^{-f/\tau}$ and $\mathbf P^\top\mathbf 1=\boldsymbol b\,e^{-g/\tau}$, so we report the larger of the
+# two relative $\ell_1$ violations, maximized over the batch. It is computed here from the potentials alone,
+# independently of each solver's own bookkeeping.
+
+# %%
+#| export
+def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                    scale:float=512., # coordinates were divided by this
+                    image_height:float=512., # crop height in pixels (perspective heights are y/H)
+                    eta:float=0.6, # length scale of the `exp` cost
+                    eta_range:tuple=(0.6, 0.8), # perspective factor at the top and the bottom
+                    shift:bool=True, # exponential costs minus 1
+                   ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
+    "A geomloss-style batched cost function matching `uotcrowd.costs.cost_matrix`."
+    from uotcrowd.costs import pairwise_distances, COSTS
+    def fn(x, y):
+        d = pairwise_distances(x, y)
+        if cost == 'perspective':
+            return COSTS['perspective'](d, x[..., 1] * scale / image_height, y[..., 1] * scale / image_height,
+                                        eta_range=eta_range, shift=shift)
+        return COSTS[cost](d, eta=eta, shift=shift)
+    return fn
+
+# %%
+from uotcrowd.costs import cost_matrix
+pts = torch.tensor([[[10., 500.], [300., 20.], [77., 77.]]])
+grid = pixel_centres(8, 8, stride=64)[None]
+for name in ('perspective', 'exp', 'dist'):
+    test_close(coordinate_cost(name)(grid / 512, pts / 512), cost_matrix(8, 8, pts, cost=name, stride=64), eps=1e-5)
+cfn = coordinate_cost('perspective')
+test_close(cfn(grid / 512, pts / 512), cfn(pts / 512, grid / 512).transpose(1, 2), eps=1e-6)   # symmetric
+
+# %%
+#| export
+def log_marginals(a:torch.Tensor, # `(B, n)` masses
+                  b:torch.Tensor, # `(B, m)` masses
+                  C:torch.Tensor, # `(B, n, m)` cost
+                  f:torch.Tensor, # `(B, n)` potential
+                  g:torch.Tensor, # `(B, m)` potential
+                  eps:float # temperature
+                 ) -> tuple[torch.Tensor, torch.Tensor]: # `log P1` `(B, n)`, `log Pᵀ1` `(B, m)`
+    "Log row and column sums of $P=a\\otimes b\\,e^{(f\\oplus g-C)/\\varepsilon}$, computed stably in float64."
+    a, b, C, f, g = (t.detach().double() for t in (a, b, C, f, g))
+    logP = (torch.log(a) + f / eps)[:, :, None] + (torch.log(b) + g / eps)[:, None, :] - C / eps
+    return torch.logsumexp(logP, 2), torch.logsumexp(logP, 1)
+
+def uot_marginal_error(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `log_marginals`
+                       f:torch.Tensor, g:torch.Tensor, eps:float,
+                       tau:float=0.5 # KL marginal penalty used to solve
+                      ) -> float:
+    "Largest relative ℓ1 violation of $P1=a e^{-f/\\tau}$, $P^T1=b e^{-g/\\tau}$ over the batch."
+    lr, lc = log_marginals(a, b, C, f, g, eps)
+    want_r = a.detach().double() * torch.exp(-f.detach().double() / tau)
+    want_c = b.detach().double() * torch.exp(-g.detach().double() / tau)
+    er = (lr.exp() - want_r).abs().sum(1) / want_r.sum(1).clamp_min(1e-300)
+    ec = (lc.exp() - want_c).abs().sum(1) / want_c.sum(1).clamp_min(1e-300)
+    return float(torch.maximum(er, ec).max())
+
+# %% [markdown]
+# A check on a problem solved to convergence by plain (float64) Sinkhorn iterations in their textbook form: the error
+# is tiny after many iterations and large after one.
+
+# %%
+def _plain_uot(a, b, C, eps, tau, iters):
+    K = torch.exp(-C / eps) * a[:, :, None] * b[:, None, :]
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    lam = tau / (tau + eps)
+    for _ in range(iters):
+        u = (a / torch.einsum('bij,bj->bi', K, v)) ** lam
+        v = (b / torch.einsum('bij,bi->bj', K, u)) ** lam
+    return eps * u.log(), eps * v.log()
+g0 = torch.Generator().manual_seed(0)
+a0, b0, C0 = torch.rand(2, 30, generator=g0, dtype=torch.float64) + .1, torch.ones(2, 7, dtype=torch.float64), torch.rand(2, 30, 7, generator=g0, dtype=torch.float64)
+assert uot_marginal_error(a0, b0, C0, *_plain_uot(a0, b0, C0, 0.1, 0.5, 500), 0.1, 0.5) < 1e-10
+assert uot_marginal_error(a0, b0, C0, *_plain_uot(a0, b0, C0, 0.1, 0.5, 1), 0.1, 0.5) > 1e-3
+
+# %% [markdown]
+# ## Reference solvers: geomloss and POT
+#
+# **geomloss** (the official GL code's solver): `SamplesLoss('sinkhorn', p=1, blur=ε, reach=τ, scaling=0.5,
+# debias=False, backend='tensorized', cost=...)` with `potentials=True` returns the dual potentials $(F, G)$
+# of one image; the official recipe then rebuilds the plan $P=e^{(F\oplus G-C)/\varepsilon}\,a\,b^\top$. Its ε-scaling
+# runs from the diameter of the two point clouds down to ε: one initial soft-min pair, one symmetric pair per
+# temperature and a final extrapolation. `geomloss_iterations` counts those pairs with geomloss's own schedule.
+#
+# **POT**: `ot.unbalanced.sinkhorn_unbalanced(a, b, C, reg=ε, reg_m=τ, reg_type='kl')` on torch tensors (POT's torch
+# backend), which solves the same problem (entropy relative to $a\otimes b$). Plain `sinkhorn_knopp` underflows
+# ($e^{-C/\varepsilon}$ with $C/\varepsilon$ up to ~900), so we use the log-stabilized variant
+# (`method='sinkhorn_stabilized'`) with a fixed number of iterations (`stopThr=0`), in float64 (in float32 it
+# returns NaN after a few iterations on these problems: its `1e-16` guards vanish); its log-potentials give
+# $f=\varepsilon\log u$, $g=\varepsilon\log v$ in the same convention.
+#
+# Both run per image in a Python loop, without autograd through the iterations (that would cost memory
+# proportional to the iterations); the loss and its gradient are then assembled from the potentials exactly as
+# `GeneralizedLoss` assembles them (see the next section).
+
+# %%
+#| export
+def has_module(name:str) -> bool:
+    "Whether `name` can be imported (optional dependencies of the benchmark)."
+    return importlib.util.find_spec(name) is not None
+
+def geomloss_potentials(a:torch.Tensor, # `(1, n)` masses
+                        x:torch.Tensor, # `(1, n, 2)` scaled pixel coordinates
+                        b:torch.Tensor, # `(1, m)` masses
+                        y:torch.Tensor, # `(1, m, 2)` scaled point coordinates
+                        cost:Callable, # batched cost function of `(x, y)`
+                        blur:float=0.01, # ε for p=1
+                        reach:float=0.5, # τ for p=1
+                        scaling:float=0.5, # ε-scaling ratio
+                       ) -> tuple[torch.Tensor, torch.Tensor]: # detached `(1, n)`, `(1, m)` potentials
+    "Dual potentials of one unbalanced problem from geomloss's `SamplesLoss` (official GL settings)."
+    from geomloss import SamplesLoss
+    solver = SamplesLoss('sinkhorn', p=1, blur=blur, reach=reach, scaling=scaling, debias=False,
+                         backend='tensorized', potentials=True, cost=cost)
+    with torch.no_grad():
+        f, g = solver(a.detach(), x, b, y)
+    return f.reshape(a.shape), g.reshape(b.shape)
+
+def geomloss_iterations(x:torch.Tensor, y:torch.Tensor, blur:float=0.01, scaling:float=0.5) -> int:
+    "Soft-min pairs geomloss runs for these point clouds: initial pair + one per temperature + final extrapolation."
+    from geomloss._legacy.sinkhorn_divergence import scaling_parameters
+    _, _, eps_list, _ = scaling_parameters(x, y, 1, blur, None, None, scaling)
+    return len(eps_list) + 2
+
+def pot_potentials(a:torch.Tensor, # `(n,)` masses
+                   b:torch.Tensor, # `(m,)` masses
+                   C:torch.Tensor, # `(n, m)` cost
+                   eps:float=0.01, # temperature (POT's `reg`)
+                   tau:float=0.5, # marginal penalty (POT's `reg_m`)
+                   n_iter:int=100, # iterations (fixed: `stopThr=0`)
+                   method:str='sinkhorn_stabilized', # POT method
+                  ) -> tuple[torch.Tensor, torch.Tensor]: # `(n,)`, `(m,)` potentials
+    "Dual potentials of one unbalanced problem from POT's unbalanced Sinkhorn on the torch backend."
+    import ot
+    dt = a.dtype
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        _, log = ot.unbalanced.sinkhorn_unbalanced(a.detach().double(), b.double(), C.detach().double(), reg=eps,
+                                                   reg_m=tau, method=method, reg_type='kl', numItermax=n_iter,
+                                                   stopThr=0., log=True)
+    return (eps * log['logu']).to(dt), (eps * log['logv']).to(dt)
+
+# %% [markdown]
+# The two references agree with each other and with plain Sinkhorn on a small problem solved to convergence
+# (geomloss's annealing stops after its schedule, so it is only close, and leaves a larger marginal error):
+
+# %%
+if has_module('geomloss') and has_module('ot'):
+    g0 = torch.Generator().manual_seed(1)
+    x1, y1 = torch.rand(1, 40, 2, generator=g0), torch.rand(1, 6, 2, generator=g0)
+    a1, b1 = torch.rand(1, 40, generator=g0) * 0.3, torch.ones(1, 6)
+    cfn = coordinate_cost('exp')
+    C1 = cfn(x1, y1)
+    fg_ref = _plain_uot(a1.double(), b1.double(), C1.double(), 0.2, 0.5, 2000)
+    f_gl, g_gl = geomloss_potentials(a1, x1, b1, y1, cfn, blur=0.2, reach=0.5)
+    f_pot, g_pot = pot_potentials(a1[0], b1[0], C1[0], eps=0.2, tau=0.5, n_iter=2000)
+    test_close(f_pot.double(), fg_ref[0][0], eps=1e-4); test_close(g_pot.double(), fg_ref[1][0], eps=1e-4)
+    test_close(f_gl.double(), fg_ref[0], eps=5e-2); test_close(g_gl.double(), fg_ref[1], eps=5e-2)   # short schedule
+    err_pot = uot_marginal_error(a1, b1, C1, f_pot[None], g_pot[None], 0.2, 0.5)
+    err_gl = uot_marginal_error(a1, b1, C1, f_gl, g_gl, 0.2, 0.5)
+    assert err_pot < 1e-5 and err_pot < err_gl < 0.2, (err_pot, err_gl)
+    assert geomloss_iterations(x1, y1, blur=0.01) == 12
+
+# %% [markdown]
+# ## The methods under test
+#
+# Each method is a function `(density, points) -> loss` whose forward and backward are timed, plus a diagnostic
+# run that reports the loss value, the solver's iterations (soft-min pairs per solve), the marginal error, and
+# the number of `exp` the iterations need at least (`exp_entries`: iterations × $2nm$, summed over solves).
+#
+# * `gl_official`, `gl_converged`: `uotcrowd.losses.GeneralizedLoss` on the whole batch, in its two solver modes;
+# * `loop_official`: the same loss called on one image at a time (`uotcrowd.losses.loss_per_image`), what the
+#   official code does;
+# * `geomloss`: per image, the potentials from geomloss (official settings: blur = ε, reach = τ_solve, scaling 0.5,
+#   the same cost), the plan rebuilt from them and the terms formed from it by `GeneralizedLoss.terms_from`;
+# * `pot`: the same with POT's log-stabilized unbalanced Sinkhorn (`pot_iters` iterations).
+#
+# Because geomloss and POT only replace the solver, their losses are comparable to `GeneralizedLoss`'s to the
+# accuracy of their potentials: `geomloss` must equal `gl_official` to $10^{-4}$ (same schedule), `pot` approaches
+# `gl_converged` as its iterations grow.
+
+# %%
+#| export
+def _setup_image(gl, density:torch.Tensor, pts:torch.Tensor):
+    "Scaled grid, masses, cost function and cost of one image for the reference solvers."
+    from uotcrowd.costs import cost_matrix
+    _, _, h, w = density.shape
+    dt = torch.float64 if density.dtype == torch.float64 else torch.float32
+    grid = pixel_centres(h, w, gl.stride, device=density.device, dtype=dt)[None] / gl.scale
+    H = float(gl.image_height) if gl.image_height is not None else float(h * gl.stride)
+    cfn = coordinate_cost(gl.cost, gl.scale, H, gl.eta, gl.eta_range, gl.shift)
+    y = pts.to(dt)[None] / gl.scale
+    a = density.reshape(1, h * w)
+    b = torch.ones(1, len(pts), device=density.device, dtype=dt)
+    C = cost_matrix(h, w, pts.to(dt)[None], cost=gl.cost, stride=gl.stride, scale=gl.scale, image_height=gl.image_height,
+                    eta=gl.eta, eta_range=gl.eta_range, shift=gl.shift).to(dt)
+    return grid, y, a, b, C, cfn
+
+def reference_loss(gl, # a `GeneralizedLoss` (reference='product') that defines the problem and the terms
+                   density:torch.Tensor, # `(B, 1, h, w)`
+                   points:Sequence[torch.Tensor], # B tensors `(m_b, 2)`
+                   solver:str='geomloss', # 'geomloss' or 'pot'
+                   pot_iters:int=100, # POT iterations
+                   diagnostics:dict|None=None, # if a dict: filled with iterations, marginal_error, exp_entries
+                  ) -> torch.Tensor:
+    "Batch mean of the generalized loss with the plan of each image from geomloss or POT (per-image loop)."
+    from uotcrowd.sinkhorn import Potentials
+    if gl.reference != 'product': raise ValueError("the reference solvers use the product reference (geomloss, POT 'kl')")
+    losses, its, errs, entries = [], [], [], 0
+    for k in range(len(density)):
+        dk = density[k:k + 1]
+        if len(points[k]) == 0:
+            losses.append(gl.terms_from(*(lambda s: (s['a'], s['b'], s['C'], s['mask'], s['pot']))(gl.solve(dk, points[k:k + 1])))['total'])
+            continue
+        grid, y, a, b, C, cfn = _setup_image(gl, dk, points[k])
+        if solver == 'geomloss':
+            f, g = geomloss_potentials(a, grid, b, y, cfn, blur=gl.eps, reach=gl.tau_solve, scaling=gl.scaling)
+            n_it = geomloss_iterations(grid, y, blur=gl.eps, scaling=gl.scaling) if diagnostics is not None else 0
+        elif solver == 'pot':
+            f, g = pot_potentials(a[0], b[0], C[0], gl.eps, gl.tau_solve, n_iter=pot_iters)
+            f, g, n_it = f[None].to(C.dtype), g[None].to(C.dtype), pot_iters
+        else: raise ValueError(f"solver must be 'geomloss' or 'pot', got {solver!r}")
+        pot = Potentials(f.detach(), g.detach(), gl.eps, 'product', n_it)
+        mask = torch.ones(b.shape, dtype=torch.bool, device=b.device)
+        losses.append(gl.terms_from(a, b, C, mask, pot)['total'])
+        if diagnostics is not None:
+            its.append(n_it); entries += n_it * 2 * C.shape[1] * C.shape[2]
+            errs.append(uot_marginal_error(a, b, C, f, g, gl.eps, gl.tau_solve))
+    if diagnostics is not None:
+        diagnostics.update(iterations=max(its, default=0), marginal_error=max(errs, default=0.), exp_entries=entries)
+    return torch.cat(losses).mean()
+
+# %% [markdown]
+# The diagnostics of `GeneralizedLoss` come from its own solve: the potentials it returns are checked with
+# `uot_marginal_error` (the same function as for the references), and the iteration count is the solver's.
+
+# %%
+#| export
+def gl_diagnostics(gl, # a `GeneralizedLoss`
+                   density:torch.Tensor, points:Sequence[torch.Tensor],
+                   per_image:bool=False, # solve one image at a time (the loop method)
+                  ) -> dict: # loss, iterations, marginal_error, exp_entries
+    "Loss value, iterations, marginal error and exp count of one `GeneralizedLoss` evaluation."
+    chunks = [(density[k:k + 1], list(points[k:k + 1])) for k in range(len(density))] if per_image else [(density, list(points))]
+    losses, its, errs, entries = [], [], [], 0
+    with torch.no_grad():
+        for d, p in chunks:
+            s = gl.solve(d, p)
+            losses.append(gl.terms_from(s['a'], s['b'], s['C'], s['mask'], s['pot'])['total'])
+            pot, C = s['pot'], s['C']
+            its.append(pot.iterations); entries += pot.iterations * 2 * C.shape[0] * C.shape[1] * C.shape[2]
+            if C.numel(): errs.append(uot_marginal_error(s['a'], s['b'], C, pot.f, pot.g, gl.eps, gl.tau_solve))
+    return dict(loss=float(torch.cat(losses).mean()), iterations=max(its), marginal_error=max(errs, default=0.),
+                exp_entries=entries)
+
+# %%
+from uotcrowd.losses import GeneralizedLoss, loss_per_image
+dens_s, pts_s = make_problem(2, 12, size=12, seed=3)
+gl_s = GeneralizedLoss(scale=96.)
+dg = gl_diagnostics(gl_s, dens_s, pts_s)
+test_close(dg['loss'], gl_s(dens_s, pts_s).item(), eps=1e-5)
+test_eq(dg['iterations'], 12); test_eq(dg['exp_entries'], 12 * 2 * 2 * 144 * 12)
+gl_s.report_error = True; gl_s(dens_s, pts_s)
+test_close(dg['marginal_error'], float(gl_s.last_solve['marginal_error'].max()), eps=1e-4)   # agrees with the solver's own
+test_close(gl_diagnostics(gl_s, dens_s, pts_s, per_image=True)['loss'], dg['loss'], eps=1e-5)
+
+# %% [markdown]
+# The geomloss reference equals `GeneralizedLoss(mode='official')` (value and gradient) on a small case, and POT with
+# many iterations equals the converged mode:
+
+# %%
+if has_module('geomloss') and has_module('ot'):
+    dd1, dd2 = dens_s.clone().requires_grad_(), dens_s.clone().requires_grad_()
+    l_ref = reference_loss(gl_s, dd1, pts_s, 'geomloss'); l_ref.backward()
+    l_gl = gl_s(dd2, pts_s); l_gl.backward()
+    test_close(l_ref.item(), l_gl.item(), eps=1e-4 * abs(l_gl.item()))
+    test_close(dd1.grad, dd2.grad, eps=1e-4 * dd2.grad.abs().max().item())
+    diag = {}
+    l_pot = reference_loss(gl_s, dens_s, pts_s, 'pot', pot_iters=3000, diagnostics=diag)
+    gl_c = GeneralizedLoss(scale=96., mode='converged', tol=1e-6)
+    test_close(l_pot.item(), gl_c(dens_s, pts_s).item(), eps=1e-3 * abs(l_pot.item()))
+    assert diag['marginal_error'] < 1e-5 and diag['iterations'] == 3000, diag
+
+# %% [markdown]
+# ## A VGG19 training step
+#
+# The loss only matters in proportion to the rest of a training step. `train_step_times` times one Adam step of the
+# paper's VGG19 density network (`uotcrowd.models.get_model('vgg19')`, random weights: speed does not depend on them)
+# on a batch of `crop`×`crop` images, once with the loss and once with a trivial count loss
+# $\frac1B\sum_b|\sum_i a_{bi}-m_b|$ in its place. The network's output goes through `abs` rather than `relu` so a
+# randomly initialized network still predicts a non-zero density everywhere, as a trained one does around heads.
+#
+# Inside the step the loss runs on a detached copy of the predicted density (forward and backward), and the
+# network's backward then starts from that copy's gradient: the result is the same step, and the loss's own time
+# (`loss_in_step`) is measured directly rather than as the small difference of two large, noisy step times (that
+# difference is reported too, as `share_diff`). `share` = `loss_in_step` / step time with the loss.
+
+# %%
+#| export
+def train_step_times(loss_fn:Callable|None, # loss `(density, points) -> scalar`; None: only the step without it
+                     batch_size:int=8, # images per step
+                     n_points:int=500, # heads per image
+                     crop:int=512, # image side in pixels
+                     device:torch.device=torch.device('cpu'),
+                     repeats:int=3, budget:float=10., long_call:float=10., # see `time_call`
+                     seed:int=0,
+                    ) -> dict: # seconds: `without_loss`, `with_loss`, `loss_in_step`; `share`, `share_diff`
+    "Time a VGG19 Adam step with and without `loss_fn` on random images and points."
+    from uotcrowd.models import get_model
+    device = torch.device(device)
+    seed_everything(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = get_model('vgg19', out_act='abs').to(device)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=1e-5)
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    images = torch.randn(batch_size, 3, crop, crop, generator=g).to(device)
+    points = [(crop * torch.rand(n_points, 2, generator=g)).to(device) for _ in range(batch_size)]
+    counts = torch.full((batch_size,), float(n_points), device=device)
+    def count_loss(density, points): return (density.sum((1, 2, 3)) - counts).abs().mean()
+    segments = []
+    def step(fn):
+        opt.zero_grad(set_to_none=True)
+        density = model(images)
+        _sync(device); t0 = time.perf_counter()
+        leaf = density.detach().requires_grad_()
+        fn(leaf, points).backward()
+        _sync(device); segments.append(time.perf_counter() - t0)
+        density.backward(leaf.grad); opt.step()
+    out = dict(batch_size=batch_size, n_points=n_points, crop=crop)
+    t = time_call(lambda: step(count_loss), device, repeats, budget, long_call)
+    out['without_loss'] = t['median']; out['without_loss_repeats'] = t['repeats']
+    if loss_fn is not None:
+        segments.clear()
+        t = time_call(lambda: step(loss_fn), device, repeats, budget, long_call)
+        out['with_loss'] = t['median']; out['with_loss_repeats'] = t['repeats']
+        out['loss_in_step'] = statistics.median(segments[-t['repeats']:])
+        out['share'] = out['loss_in_step'] / out['with_loss']
+        out['share_diff'] = (out['with_loss'] - out['without_loss']) / out['with_loss']
+    return out
+
+# %%
+r = train_step_times(lambda d, p: (d - 1).pow(2).sum(), batch_size=1, n_points=5, crop=32, repeats=1, budget=0.)
+assert r['without_loss'] > 0 and r['with_loss'] > r['loss_in_step'] > 0 and 0 < r['share'] < 1
+
+# %% [markdown]
+# ## `run_bench`
+#
+# One call measures everything on one device and writes `bench.json` (all numbers, with the machine, versions
+# and settings) and `bench.md` (the tables) into `out_dir`. The full run covers B ∈ {1, 8} × points ∈ {50, 500, 2000}
+# on a 64×64 map (512-px crops, stride 8) and the VGG19 step at B=8, 500 points; it takes a few minutes on a
+# CPU. `quick=True` runs a small subset (B=2, 50 points, a 32×32 map, VGG19 on 128-px crops) in well under a
+# minute, for tests. geomloss and POT are optional (the `bench` extra); methods whose package is missing are
+# reported as skipped.
+#
+# **Targets** (all ratios of numbers measured in the same run) are evaluated at the target case, B=8 and 500
+# points (in a quick run: its largest case):
+#
+# | target | how it is measured |
+# |---|---|
+# | `official` ≥ 5× faster than the geomloss loop, at equal loss (relative difference ≤ 1e-4) | `geomloss` time / `gl_official` time; loss difference |
+# | `official` ≥ 10× faster than POT | `pot` time / `gl_official` time |
+# | `official` peak memory ≤ the loop's | `gl_official` peak / `geomloss` peak (and / `loop_official` peak) |
+# | `converged` reaches marginal error ≤ 1e-3 and is no slower than the geomloss loop | its marginal error; `gl_converged` time / `geomloss` time |
+# | time within 3× of the `exp` floor | `gl_official` (and `gl_converged`) time / (iterations × floor per iteration) |
+# | loss ≤ 15 % of a VGG19 training step | (step with the loss − step without) / step with the loss |
+
+# %%
+#| export
+METHODS = ('gl_official', 'gl_converged', 'loop_official', 'geomloss', 'pot')
+_NEEDS = dict(geomloss='geomloss', pot='ot')
+
+def _versions() -> dict:
+    out = dict(python=platform.python_version(), torch=torch.__version__)
+    for mod in ('geomloss', 'ot', 'numpy'):
+        if has_module(mod):
+            try: out[mod] = getattr(__import__(mod), '__version__', '?')
+            except Exception: out[mod] = '?'
+    return out
+
+def _machine(device:torch.device) -> dict:
+    out = dict(device=str(device), platform=platform.platform(), processor=platform.processor() or platform.machine(),
+               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+    try:
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'): out['cpu_model'] = line.split(':', 1)[1].strip(); break
+    except OSError: pass
+    if device.type == 'cuda': out['gpu'] = torch.cuda.get_device_name(device)
+    return out
+
+def _forward_backward(fn:Callable, density:torch.Tensor, points) -> Callable:
+    def call():
+        d = density.detach().clone().requires_grad_()
+        loss = fn(d, points); loss.backward()
+        return loss
+    return call
+
+def _methods(gl_kwargs:dict, pot_iters:int) -> dict:
+    "name -> (loss function, diagnostics function)."
+    from uotcrowd.losses import GeneralizedLoss, loss_per_image
+    off = GeneralizedLoss(mode='official', **gl_kwargs)
+    conv = GeneralizedLoss(mode='converged', **gl_kwargs)
+    def ref_diag(solver):
+        def diag(d, p):
+            info = {}
+            with torch.no_grad(): loss = reference_loss(off, d, p, solver, pot_iters=pot_iters, diagnostics=info)
+            return dict(loss=float(loss), **info)
+        return diag
+    return dict(
+        gl_official=(off, lambda d, p: gl_diagnostics(off, d, p)),
+        gl_converged=(conv, lambda d, p: gl_diagnostics(conv, d, p)),
+        loop_official=(lambda d, p: loss_per_image(off, d, p), lambda d, p: gl_diagnostics(off, d, p, per_image=True)),
+        geomloss=(lambda d, p: reference_loss(off, d, p, 'geomloss'), ref_diag('geomloss')),
+        pot=(lambda d, p: reference_loss(off, d, p, 'pot', pot_iters=pot_iters), ref_diag('pot')),
+    )
+
+def bench_case(method:str, # one of `METHODS`
+               batch_size:int, n_points:int, size:int=64, stride:int=8, # the problem (`make_problem`)
+               device:torch.device=torch.device('cpu'),
+               exp_rate:float|None=None, # `exp` per second (for the floor); None: not reported
+               gl_kwargs:dict|None=None, # `GeneralizedLoss` arguments (scale defaults to the crop size)
+               pot_iters:int=100, # POT iterations
+               repeats:int=5, budget:float=3., long_call:float=10., # see `time_call`
+               memory:bool=True, # also measure peak memory (one extra call)
+               seed:int=0,
+              ) -> dict:
+    "Time, peak memory, loss, iterations, marginal error and floor ratio of one method on one problem."
+    device = torch.device(device)
+    row = dict(method=method, batch_size=batch_size, n_points=n_points, size=size, stride=stride)
+    if method not in METHODS: raise ValueError(f"unknown method {method!r}; choose among {METHODS}")
+    if method in _NEEDS and not has_module(_NEEDS[method]):
+        return dict(row, skipped=f"{_NEEDS[method]} not installed")
+    gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
+    fn, diag = _methods(gl_kwargs, pot_iters)[method]
+    density, points = make_problem(batch_size, n_points, size, stride, seed, device)
+    call = _forward_backward(fn, density, points)
+    t = time_call(call, device, repeats, budget, long_call)
+    row.update(time_s=t['median'], time_min_s=t['min'], repeats=t['repeats'], first_call_s=t['first'])
+    row['peak_mem_mib'] = peak_memory(call, device) / 2**20 if memory else float('nan')
+    row.update(diag(density, points))
+    if exp_rate:
+        row['floor_s'] = row['exp_entries'] / exp_rate
+        row['time_over_floor'] = row['time_s'] / row['floor_s'] if row['floor_s'] > 0 else float('nan')
+    return row
+
+# %%
+r = bench_case('gl_official', 2, 20, size=16, exp_rate=rate, repeats=1, budget=0.)
+for k in ('time_s', 'peak_mem_mib', 'loss', 'floor_s', 'time_over_floor'): assert math.isfinite(r[k]) and r[k] > 0, (k, r)
+test_eq(r['iterations'], 12)
+test_eq(bench_case('pot', 1, 5, size=8, memory=False)['method'], 'pot')
+test_fail(lambda: bench_case('sinkhorn', 1, 5), contains='unknown method')
+
+# %%
+#| export
+def _target(name, value, op, bound, note=''):
+    ok = None if value is None or not math.isfinite(value) else (value >= bound if op == '>=' else value <= bound)
+    return dict(name=name, value=value, op=op, target=bound, met=ok, note=note)
+
+def evaluate_targets(results:dict) -> list[dict]:
+    "The issue's targets, evaluated on the rows of the target case."
+    tc = results['config']['target_case']
+    rows = {r['method']: r for r in results['cases']
+            if r['batch_size'] == tc['batch_size'] and r['n_points'] == tc['n_points'] and 'skipped' not in r}
+    def get(m, k):
+        v = rows.get(m, {}).get(k)
+        return float(v) if v is not None else None
+    def ratio(x, y): return x / y if x is not None and y is not None and y > 0 else None
+    off, conv, geo, pot = (get(m, 'time_s') for m in ('gl_official', 'gl_converged', 'geomloss', 'pot'))
+    out = []
+    ldiff = None
+    if get('gl_official', 'loss') is not None and get('geomloss', 'loss') is not None:
+        ldiff = abs(get('gl_official', 'loss') - get('geomloss', 'loss')) / abs(get('geomloss', 'loss'))
+    out.append(_target('speed-up of official over the geomloss loop', ratio(geo, off), '>=', 5.))
+    out.append(_target('relative loss difference official vs geomloss', ldiff, '<=', 1e-4))
+    out.append(_target('speed-up of official over POT', ratio(pot, off), '>=', 10.))
+    out.append(_target('peak memory official / geomloss loop', ratio(get('gl_official', 'peak_mem_mib'), get('geomloss', 'peak_mem_mib')), '<=', 1.))
+    out.append(_target('peak memory official / per-image loop', ratio(get('gl_official', 'peak_mem_mib'), get('loop_official', 'peak_mem_mib')), '<=', 1.))
+    out.append(_target('marginal error of converged', get('gl_converged', 'marginal_error'), '<=', 1e-3))
+    out.append(_target('time converged / geomloss loop', ratio(conv, geo), '<=', 1.))
+    out.append(_target('official time / (iterations x exp floor)', get('gl_official', 'time_over_floor'), '<=', 3.))
+    out.append(_target('converged time / (iterations x exp floor)', get('gl_converged', 'time_over_floor'), '<=', 3.))
+    vgg = results.get('vgg19') or {}
+    out.append(_target('loss share of a VGG19 training step', vgg.get('share'), '<=', 0.15,
+                       note='time of the loss inside the step / step time'))
+    return out
+
+# %%
+#| export
+def _fmt(v, kind='g'):
+    if v is None: return '-'
+    if isinstance(v, str): return v
+    if isinstance(v, float) and not math.isfinite(v): return '-'
+    if kind == 'ms': return f"{1e3 * v:.1f}"
+    if kind == 'e': return f"{v:.1e}"
+    if kind == 'x': return f"{v:.2f}"
+    if kind == 'mib': return f"{v:.1f}"
+    return f"{v:.5g}" if isinstance(v, float) else str(v)
+
+def results_markdown(results:dict) -> str:
+    "The results as Markdown: machine line, per-case table, targets table and the VGG19 step."
+    m, c = results['machine'], results['config']
+    lines = [f"**Device** {m.get('gpu') or m.get('cpu_model') or m['processor']} ({m['device']}, {m['torch_threads']} torch threads), "
+             f"torch {results['versions']['torch']}, {results['date']}. "
+             f"`exp` floor: {results['exp_rate'] / 1e9:.2f} G exp/s in cache. "
+             f"Map {c['size']}×{c['size']} (crop {c['size'] * c['stride']}, stride {c['stride']}); POT {c['pot_iters']} iterations."
+             + (" Quick run." if c['quick'] else ''), '',
+             '| method | B | points | time (ms) | peak mem (MiB) | loss | iterations | marginal error | time / floor |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for r in results['cases']:
+        if 'skipped' in r:
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | skipped: {r['skipped']} | | | | | |"); continue
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | {_fmt(r['time_s'], 'ms')} | "
+                     f"{_fmt(r['peak_mem_mib'], 'mib')} | {_fmt(r['loss'])} | {r['iterations']} | "
+                     f"{_fmt(r['marginal_error'], 'e')} | {_fmt(r.get('time_over_floor'), 'x')} |")
+    tc = c['target_case']
+    lines += ['', f"**Targets** at B={tc['batch_size']}, {tc['n_points']} points:", '',
+              '| target | value | goal | met |', '|---|---:|---:|:---:|']
+    for t in results['targets']:
+        kind = 'e' if 'error' in t['name'] or 'difference' in t['name'] else 'x'
+        met = '-' if t['met'] is None else ('yes' if t['met'] else '**no**')
+        lines.append(f"| {t['name']} | {_fmt(t['value'], kind)} | {t['op']} {t['target']:g} | {met} |")
+    v = results.get('vgg19')
+    if v:
+        lines += ['', f"**VGG19 training step** (B={v['batch_size']}, {v['crop']}×{v['crop']} crops, {v['n_points']} points, "
+                  f"Adam): {_fmt(v['without_loss'], 'ms')} ms without the loss, {_fmt(v.get('with_loss'), 'ms')} ms with "
+                  f"`GeneralizedLoss` (official mode): the loss takes {_fmt(v.get('loss_in_step'), 'ms')} ms, "
+                  f"{100 * v['share']:.1f} % of the step." if 'share' in v else '']
+    return '\n'.join(lines) + '\n'
+
+# %%
+#| export
+def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
+              device:str|torch.device='auto', # 'auto', 'cpu', 'cuda', ...
+              quick:bool=False, # small subset (< 60 s), for tests
+              batch_sizes:Sequence[int]|None=None, # default (1, 8); quick (2,)
+              n_points:Sequence[int]|None=None, # default (50, 500, 2000); quick (50,)
+              size:int|None=None, # density map side; default 64, quick 32
+              stride:int=8, # input pixels per map pixel
+              methods:Sequence[str]=METHODS, # which methods to run
+              target_case:tuple|None=None, # (B, points) where targets are evaluated; default (8, 500) or the largest
+              pot_iters:int=100, # POT iterations
+              vgg:bool=True, # time the VGG19 training step
+              vgg_crop:int|None=None, # crop side of the VGG19 step (default size*stride; quick 128)
+              gl_kwargs:dict|None=None, # extra `GeneralizedLoss` arguments
+              repeats:int|None=None, # timed calls per case at most (default 5, quick 2)
+              budget:float|None=None, # seconds of timed calls per case (default 3, quick 0.3)
+              memory:bool=True, # measure peak memory
+              seed:int=0,
+              verbose:bool=True, # print one line per case
+             ) -> dict:
+    "Run the benchmark on one device, write `bench.json` and `bench.md` into `out_dir`, return the results."
+    device = get_device(device)
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    batch_sizes = tuple(batch_sizes or ((2,) if quick else (1, 8)))
+    n_points = tuple(n_points or ((50,) if quick else (50, 500, 2000)))
+    size = size or (32 if quick else 64)
+    repeats = repeats or (2 if quick else 5)
+    budget = budget if budget is not None else (0.3 if quick else 3.)
+    vgg_crop = vgg_crop or (128 if quick else size * stride)
+    if target_case is None:
+        target_case = (8, 500) if (8 in batch_sizes and 500 in n_points) else (max(batch_sizes), max(n_points))
+    bad = [m for m in methods if m not in METHODS]
+    if bad: raise ValueError(f"unknown methods {bad}; choose among {METHODS}")
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+    t_start = time.perf_counter()
+    exp_rate = exp_throughput(device)
+    log(f"bench on {device}: exp floor {exp_rate / 1e9:.2f} G exp/s")
+    config = dict(quick=quick, batch_sizes=list(batch_sizes), n_points=list(n_points), size=size, stride=stride,
+                  methods=list(methods), pot_iters=pot_iters, repeats=repeats, budget=budget, seed=seed,
+                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop,
+                  target_case=dict(batch_size=target_case[0], n_points=target_case[1]))
+    cases = []
+    for B in batch_sizes:
+        for m in n_points:
+            for meth in methods:
+                r = bench_case(meth, B, m, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats, budget,
+                               memory=memory, seed=seed)
+                cases.append(r)
+                if 'skipped' in r: log(f"  {meth:14s} B={B} m={m}: skipped ({r['skipped']})")
+                else: log(f"  {meth:14s} B={B} m={m}: {1e3 * r['time_s']:9.1f} ms, {r['peak_mem_mib']:8.1f} MiB, "
+                          f"loss {r['loss']:.6g}, {r['iterations']} it, err {r['marginal_error']:.1e}")
+    results = dict(date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), machine=_machine(device),
+                   versions=_versions(), exp_rate=exp_rate, config=config, cases=cases)
+    if vgg:
+        from uotcrowd.losses import GeneralizedLoss
+        gl = GeneralizedLoss(mode='official', **dict(dict(scale=float(vgg_crop), stride=stride), **(gl_kwargs or {})))
+        results['vgg19'] = train_step_times(gl, target_case[0], target_case[1], vgg_crop, device,
+                                            repeats=1 if not quick else 1, budget=0. if quick else 20., seed=seed)
+        log(f"  vgg19 step B={target_case[0]} crop {vgg_crop}: {results['vgg19']['without_loss']:.2f} s without, "
+            f"{results['vgg19']['with_loss']:.2f} s with the loss ({100 * results['vgg19']['share']:.1f} %)")
+    results['targets'] = evaluate_targets(results)
+    results['total_time_s'] = time.perf_counter() - t_start
+    (out_dir / 'bench.json').write_text(json.dumps(results, indent=1, default=float))
+    (out_dir / 'bench.md').write_text(results_markdown(results))
+    log(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'} in {results['total_time_s']:.0f} s")
+    return results
+
+# %%
+#| hide
+import nbdev; nbdev.nbdev_export()
