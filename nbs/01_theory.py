@@ -20,6 +20,9 @@ import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_close, test_fail
 from uotcrowd.core import pixel_centres
 
+# %%
+#| hide
+
 torch.set_printoptions(precision=4, sci_mode=False)
 
 
@@ -147,12 +150,14 @@ def uot_kl_objective(plan, cost, a, b, eps:float, tau:float=1.) -> torch.Tensor:
 # the optimality condition of the KL problem, $\mathbf P\mathbf 1=\boldsymbol a^{\lambda}(\mathbf K\mathbf v)^{1-\lambda}$.
 
 # %%
+import ot, warnings
+
+# %%
 g_ = torch.Generator().manual_seed(0)
 xs_, ys_ = torch.rand(30, 2, generator=g_, dtype=torch.float64), torch.rand(4, 2, generator=g_, dtype=torch.float64)
 a_, b_, C_ = torch.rand(30, generator=g_, dtype=torch.float64)*0.2, torch.ones(4, dtype=torch.float64), sq_distances(xs_, ys_)
 P_log = uot_sinkhorn(a_, b_, C_, eps=0.05, tau=1., n_iter=2000)
 test_close(uot_sinkhorn_naive(a_, b_, C_, eps=0.05, tau=1., n_iter=2000), P_log, eps=1e-10)
-import ot, warnings
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     P_pot = ot.unbalanced.sinkhorn_unbalanced(a_.numpy(), b_.numpy(), C_.numpy(), 0.05, 1., reg_type='entropy',
@@ -230,6 +235,8 @@ assert torch.isfinite(plan_u_update(C_.float(), a_.float(), 1e-4)).all()
 # $D_2=0$, and with $\tau=1$ only $\|\tilde{\boldsymbol a}-\boldsymbol a\|^2$ is left: the pixel-wise L2 loss (Eq. 11).
 #
 # We check this against an independently written density map: SciPy's Gaussian pdf, normalized over the grid.
+# The loss itself is `L2DensityLoss` in [baselines](04a_baselines.ipynb), whose targets integrate the same Gaussians
+# over each cell and are checked there against this marginal.
 
 # %%
 #| export
@@ -244,6 +251,8 @@ def gaussian_density_from_plan(points:torch.Tensor, # `(m, 2)` annotations
 
 # %%
 from scipy.stats import multivariate_normal
+
+# %%
 h_ = w_ = 24; eps_ = 2*2.0**2          # sigma = 2 pixels
 centres_ = pixel_centres(h_, w_, stride=1, dtype=torch.float64)
 pts_ = torch.tensor([[6.2, 7.9], [15.5, 12.3], [17.0, 18.4]], dtype=torch.float64)
@@ -268,7 +277,8 @@ test_close(gaussian_density_from_plan(pts_, centres_, eps_).sum(), 3.)
 # The second term is the Bayesian loss; the first is a *background* term that charges every unit of density the
 # posterior-averaged squared distance to the annotations.
 #
-# We check the expected counts against a plain double loop over pixels and heads.
+# We check the expected counts against a plain double loop over pixels and heads. The loss itself is `BayesianLoss`
+# in [baselines](04a_baselines.ipynb), whose expected counts are checked there against this marginal.
 
 # %%
 #| export

@@ -64,8 +64,8 @@ test_eq(pairwise_distances(x, torch.zeros(3, 0, 2)).shape, (3, 7, 0))
 # uniform density over the exact one (shown in `04_losses`, where a density with one person on each head's pixel
 # must score lower than a uniform or a doubled one).
 #
-# **Perspective factor.** The paper maps the average normalized height $\tfrac12(h_{\boldsymbol{x}_i}+h_{\boldsymbol{y}_j})
-# \in[0,1]$ linearly to $\eta\in[0.6, 0.8]$; the official code maps it to $[0.5, 0.7]$ (`s*0.2+0.5`).
+# **Perspective factor.** The paper maps the average normalized height
+# $\tfrac12(h_{\boldsymbol{x}_i}+h_{\boldsymbol{y}_j})\in[0,1]$ linearly to $\eta\in[0.6, 0.8]$; the official code maps it to $[0.5, 0.7]$ (`s*0.2+0.5`).
 # We default to the paper's range and make it configurable (`eta_range=(0.5, 0.7)` reproduces the official code).
 # The normalized height of a point is $y$ (in input pixels) divided by the image height, which is `h*stride` for a
 # density map of `h` rows unless given explicitly. Rows near the top of the image (far from the camera, small $h$)
@@ -86,8 +86,8 @@ def exp_cost(d:torch.Tensor, # scaled distances
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
              **kwargs) -> torch.Tensor:
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
-    c = torch.exp(d / eta)
-    return c - 1 if shift else c
+    c = (d / eta).exp_()
+    return c.sub_(1) if shift else c
 
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
@@ -95,8 +95,8 @@ def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the 
                    ) -> torch.Tensor: # `(B, n, m)`
     "Perspective factor $\\eta(x,y)$: the mean normalized height mapped linearly onto `eta_range`."
     lo, hi = eta_range
-    mean_h = 0.5 * (height_x.unsqueeze(-1) + height_y.unsqueeze(-2))
-    return lo + (hi - lo) * mean_h
+    k = 0.5 * (hi - lo)       # lo + (hi - lo) * (hx + hy) / 2, with a single (B, n, m) allocation
+    return torch.add((lo + k * height_x).unsqueeze(-1), (k * height_y).unsqueeze(-2))
 
 def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels
@@ -105,8 +105,9 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      shift:bool=True, # subtract 1 so the cost is 0 at distance 0
                      **kwargs) -> torch.Tensor:
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
-    c = torch.exp(d / perspective_eta(height_x, height_y, eta_range))
-    return c - 1 if shift else c
+    c = perspective_eta(height_x, height_y, eta_range)
+    c = (d / c).exp_()
+    return c.sub_(1) if shift else c
 
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
 

@@ -34,8 +34,8 @@ import time
 # * `reference='uniform'`: $\boldsymbol\mu=\mathbf 1,\ \boldsymbol\nu=\mathbf 1$, i.e. $-\varepsilon H(\mathbf P)$ up to the linear
 #   term $\varepsilon\sum P_{ij}$, the form of Eq. 1/5/6 and of POT's `reg_type='entropy'`.
 #
-# The two are the same problem with different costs: $\varepsilon\mathrm{KL}(\mathbf P|\boldsymbol a\otimes\boldsymbol b)
-# =\varepsilon\mathrm{KL}(\mathbf P|\mathbf 1)-\varepsilon\sum_{ij}P_{ij}(\log a_i+\log b_j)+\text{const}$, i.e. the product
+# The two are the same problem with different costs:
+# $\varepsilon\mathrm{KL}(\mathbf P|\boldsymbol a\otimes\boldsymbol b)=\varepsilon\mathrm{KL}(\mathbf P|\mathbf 1)-\varepsilon\sum_{ij}P_{ij}(\log a_i+\log b_j)+\text{const}$, i.e. the product
 # reference is the uniform one with cost $C_{ij}-\varepsilon\log a_i-\varepsilon\log b_j$.
 #
 # The optimal plan has the form (Eq. 5) $P_{ij}=\mu_i\nu_j\exp\big((f_i+g_j-C_{ij})/\varepsilon\big)$, i.e.
@@ -148,13 +148,13 @@ def _eps_list(eps, B:int) -> list[float]:
 def softmin(eps, # temperature: float or `(B,)` tensor
             C:torch.Tensor, # `(B, n, m)` cost
             h:torch.Tensor, # `(B, m)` log-weights plus potentials/eps
-            block:int=2**17 # entries per block on the CPU
+            block:int|None=2**17 # entries per block on the CPU; None: the whole tensor at once (other devices)
            ) -> torch.Tensor: # `(B, n)`
     "Soft C-transform $-\\varepsilon\\,\\mathrm{LSE}_j(h_j - C_{ij}/\\varepsilon)$, stable and cache-friendly."
     B, n, m = C.shape
     epss = _eps_list(eps, B)
     if m == 0: return C.new_full((B, n), -NEG) * C.new_tensor(epss)[:, None]
-    if C.device.type != 'cpu':
+    if C.device.type != 'cpu' or block is None:
         e = C.new_tensor(epss)[:, None, None]
         T = h[:, None, :] - C / e
         mx = T.amax(-1, keepdim=True)
@@ -168,7 +168,7 @@ def softmin(eps, # temperature: float or `(B,)` tensor
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             T = buf[:(r1 - r0) * m].view(r1 - r0, m)
-            torch.mul(C[b, r0:r1], inv, out=T).add_(hb)               # h_j - C_ij / eps
+            torch.add(hb, C[b, r0:r1], alpha=inv, out=T)               # h_j - C_ij / eps
             mx = T.amax(1, keepdim=True)
             T.sub_(mx).clamp_(min=-80.).exp_()                         # no underflow path
             out[b, r0:r1] = (mx.squeeze(1) + T.sum(1).log()) * (-epss[b])
@@ -180,6 +180,7 @@ C = torch.rand(3, 300, 40, generator=g); h = torch.randn(3, 40, generator=g)
 naive = -(0.01 * torch.logsumexp(h[:, None] - C.double() / 0.01, -1))
 test_close(softmin(0.01, C, h), naive.float(), eps=1e-5)
 test_close(softmin(0.01, C, h, block=64), naive.float(), eps=1e-5)                # many small blocks
+test_close(softmin(0.01, C, h, block=None), naive.float(), eps=1e-5)              # the whole-tensor path of GPUs
 e3 = torch.tensor([0.01, 0.1, 1.])
 test_close(softmin(e3, C, h), -(e3[:, None] * torch.logsumexp(h[:, None] - C / e3[:, None, None], -1)), eps=1e-5)
 test_eq(softmin(0.1, torch.zeros(2, 4, 0), torch.zeros(2, 0)).shape, (2, 4))
@@ -209,8 +210,8 @@ def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, transpose=True):
     B, n, m = C.shape
     if a.shape != (B, n) or b.shape != (B, m):
         raise ValueError(f"shapes do not match: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}")
-    if mask_b is not None: C = C.masked_fill(~mask_b[:, None, :], 0.)
-    if mask_a is not None: C = C.masked_fill(~mask_a[:, :, None], 0.)
+    if mask_b is not None and not bool(mask_b.all()): C = C.masked_fill(~mask_b[:, None, :], 0.)
+    if mask_a is not None and not bool(mask_a.all()): C = C.masked_fill(~mask_a[:, :, None], 0.)
     loga, logb = log_weights(a, mask_a), log_weights(b, mask_b)
     if reference == 'product':
         lmu, lnu, la, lb = loga, logb, torch.zeros_like(loga), torch.zeros_like(logb)
@@ -490,6 +491,8 @@ def uot_value(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `uot_plan
 
 # %%
 import ot, warnings
+
+# %%
 rng = np.random.default_rng(0)
 for trial in range(4):
     n, m = rng.integers(5, 15), rng.integers(2, 7)
@@ -599,6 +602,24 @@ for ref in ['product', 'uniform']:
     else: assert not torch.allclose(a2.grad, a.grad)
 
 # %% [markdown]
+# ### Memory does not grow with the iterations
+#
+# The autograd graph of a plan holds the same tensors whether the solver ran 12 or 500 soft-min pairs: we count the
+# bytes autograd saves for backward.
+
+# %%
+def saved_bytes(**kw):
+    total = [0]
+    def pack(t): total[0] += t.numel() * t.element_size(); return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        a_ = (torch.rand(2, 200, generator=torch.Generator().manual_seed(0)) * 0.1).requires_grad_()
+        P = uot_plan(a_, torch.ones(2, 20), torch.rand(2, 200, 20, generator=torch.Generator().manual_seed(1)), 0.01, 0.5, **kw)
+        P.sum().backward()
+    return total[0]
+few, many = saved_bytes(mode='official'), saved_bytes(mode='converged', tol=1e-9, max_iter=500)
+test_eq(few, many); assert few <= 2 * 2 * 200 * 20 * 4 + 10_000     # about one (B, n, m) float32 factor
+
+# %% [markdown]
 # ### geomloss's official recipe
 #
 # The official code calls `SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost,
@@ -610,6 +631,8 @@ for ref in ['product', 'uniform']:
 # %%
 try: from geomloss import SamplesLoss
 except ImportError: SamplesLoss = None
+
+# %%
 if SamplesLoss is not None:
     g = torch.Generator().manual_seed(4)
     side, crop = 16, 128.
@@ -637,8 +660,10 @@ if SamplesLoss is not None:
 # %% [markdown]
 # ### Official vs converged
 #
-# The official schedule stops after 12 pairs, far from the fixed point (DESIGN.md: 1-3 % marginal error); the
-# converged mode iterates to the tolerance and reports how many pairs it needed.
+# The official schedule stops after 12 pairs, far from the fixed point; the converged mode iterates to the tolerance
+# and reports how many pairs it needed. Our `marginal_error` is the entry-wise relative ℓ1 error, which is larger than
+# the error on the total mass: at B=2, a 64×64 map and 500 points we measured 11-12 % entry-wise but 2.4-2.5 % on the row
+# mass (DESIGN.md's "1-3 %") after the official 12 pairs, and 189 pairs to reach `tol=1e-3`.
 
 # %%
 g = torch.Generator().manual_seed(5)

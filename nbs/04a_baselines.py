@@ -20,6 +20,7 @@ from uotcrowd.core import pixel_centres, check_points, check_density
 import numpy as np
 from fastcore.test import test_eq, test_close, test_fail
 
+
 # %% [markdown]
 # All three losses take `density` `(B, 1, h, w)` (per-pixel counts of a stride-$s$ map) and `points`, a list of
 # `(N_b, 2)` tensors of `(x, y)` in input pixels, and return a scalar **mean over the batch** of a per-image loss.
@@ -91,6 +92,7 @@ def density_map(points:torch.Tensor, # `(N, 2)` annotations `(x, y)` in input pi
     mass_x = _cell_masses(points[:, 0], sigma, w, stride)
     return mass_y.T @ mass_x
 
+
 # %% [markdown]
 # The integral is checked against an independent computation: the Gaussians evaluated on a fine grid of
 # sub-pixel samples (midpoint rule, 16×16 samples per input pixel) and summed per cell. A head far from the border
@@ -128,6 +130,7 @@ test_close(adaptive_sigma(ptsa), torch.tensor(ref))
 test_close(adaptive_sigma(ptsa[:2]), torch.tensor([1.5, 1.5]))     # one neighbour: 0.3 * 5
 test_eq(adaptive_sigma(ptsa[:1], sigma=7.).tolist(), [7.])
 test_eq(adaptive_sigma(torch.zeros(2, 2)).tolist(), [1., 1.])      # duplicates: clamped to min_sigma
+
 
 # %% [markdown]
 # ## L2 loss
@@ -177,6 +180,7 @@ class L2DensityLoss(nn.Module):
         target = self.target(points, h, w, density.device, density.dtype)
         return (density - target).square().sum((1, 2, 3)).mean()
 
+
 # %%
 l2 = L2DensityLoss(sigma=4.)
 pts_b = [torch.tensor([[20., 20.], [40., 44.]]), torch.zeros(0, 2)]
@@ -189,6 +193,7 @@ test_close(L2DensityLoss(adaptive=True).target([pts_b[0]], 8, 8)[0, 0],
            density_map(pts_b[0], 8, 8, 8, adaptive_sigma(pts_b[0])), eps=1e-6)
 test_fail(lambda: l2(dens, pts_b[:1]), contains='batch of 2')
 
+
 # %% [markdown]
 # ## Bayesian loss
 #
@@ -200,10 +205,15 @@ test_fail(lambda: l2(dens, pts_b[:1]), contains='batch of 2')
 # **Background (BL+).** With `background=True` every pixel also has a background "point" at distance
 # $d-r_i$, $r_i$ the distance to its nearest head (Eq. 15 of the GL paper, BL's definition), whose expected count
 # $E_0=\sum_i p(0|i)\,a_i$ should be 0; the loss becomes $\sum_j|1-E_j|+|E_0|$. $d$ is `d` (0.15, BL's
-# `background_ratio`) times `bg_size`, BL's image size; by default the shorter side of the input,
-# $\min(h,w)\cdot s$ (BL uses the shorter side of the original image, which equals it for un-resized crops;
-# 0.15·512 = 76.8 px). `bg_form='code'` replaces the squared background distance $(d-r)^2$ by the official BL code's
-# $d^2/r^2$.
+# `background_ratio`) times `bg_size`, BL's image size. BL uses the shorter side of the original image (512 px or more
+# on its datasets); we default to 512 px, $d=76.8$ px, whatever the crop (`bg_size=None` takes the shorter side of the
+# input, $\min(h,w)\cdot s$). $d$ must stay well above $\sigma$: at $r=0$ the background point is at distance $d$, and with
+# $d\lesssim 2\sigma$ it is about as likely as the head itself, so no density map can give each head an expected count of
+# 1 and the background 0 (on a 64-px input with `bg_size=None`, $d=9.6$ px, training a free map on BL+ leaves $E_0\approx2.3$
+# for 4 heads). `bg_form='code'` replaces the squared background distance $(d-r)^2$ by the official BL code's $d^2/r^2$;
+# BL's public training script pairs that form with `background_ratio` 1.0 (so `BayesianLoss(background=True,
+# bg_form='code', d=1.)` reproduces it for 512-px images), which puts the head/background boundary at
+# $r=\sqrt{d}\approx 23$ px, where the paper form with $d=76.8$ px puts it at $r=d/2\approx 38$ px.
 #
 # **Empty images.** With no heads every pixel is background and the loss is $|\sum_i a_i|$ (as in BL's code).
 
@@ -236,7 +246,7 @@ class BayesianLoss(nn.Module):
                  stride:int=8, # input pixels per density pixel
                  background:bool=False, # BL+: add the background point and its zero target
                  d:float=0.15, # background distance as a fraction of `bg_size`
-                 bg_size:float|None=None, # BL's image size in pixels (default: shorter side of the input)
+                 bg_size:float|None=512., # BL's image size in pixels (`None`: shorter side of the input)
                  bg_form:str='paper' # 'paper' (Eq. 15) or 'code' (official BL code)
                 ):
         super().__init__()
@@ -264,6 +274,7 @@ class BayesianLoss(nn.Module):
             losses.append((target - e).abs().sum())
         return torch.stack(losses).mean()
 
+
 # %% [markdown]
 # Expected counts against a naive double loop over pixels and heads, written from the definition:
 
@@ -284,7 +295,7 @@ g = torch.Generator().manual_seed(1)
 a64 = torch.rand(1, 1, 6, 5, generator=g, dtype=torch.float64)
 p64 = torch.tensor([[10., 12.], [25., 30.], [33., 8.]], dtype=torch.float64)
 test_close(BayesianLoss().expected_counts(a64, [p64])[0], bl_naive(a64[0, 0], p64, 6, 5, 8, 8.), eps=1e-6)
-blp = BayesianLoss(background=True)                                  # d = 0.15 * min(6, 5) * 8 = 6 px
+blp = BayesianLoss(background=True, bg_size=None)                    # d = 0.15 * min(6, 5) * 8 = 6 px
 test_close(blp.expected_counts(a64, [p64])[0], bl_naive(a64[0, 0], p64, 6, 5, 8, 8., bg_d=6.), eps=1e-6)
 E = BayesianLoss().expected_counts(a64, [p64])[0]
 test_close(BayesianLoss()(a64, [p64]), (1 - E).abs().sum())
@@ -299,6 +310,7 @@ lik = torch.cat([torch.exp(-torch.cdist(p64, pixel_centres(6, 5, dtype=torch.flo
                  torch.exp(-(36/(r2 + 1e-5))/128)[None]])
 test_close(post, lik/lik.sum(0), eps=1e-10)
 test_fail(lambda: BayesianLoss(bg_form='other'), contains="'paper' or 'code'")
+
 
 # %% [markdown]
 # ## DM-Count
@@ -412,12 +424,15 @@ class DMCountLoss(nn.Module):
         loss = self.w_count*terms['count'] + self.w_ot*terms['ot'] + self.w_tv*terms['tv']
         return (loss, terms) if return_terms else loss
 
+
 # %% [markdown]
 # The solver against POT: with enough iterations the transport cost equals `ot.sinkhorn2` (which returns
 # $\langle\mathbf C,\mathbf P\rangle$), and as the regularization goes to 0 it approaches the exact OT cost `ot.emd2`.
 
 # %%
 import ot
+
+# %%
 g = torch.Generator().manual_seed(2)
 xs, ys = torch.rand(25, 2, generator=g, dtype=torch.float64), torch.rand(4, 2, generator=g, dtype=torch.float64)
 mu = torch.rand(25, generator=g, dtype=torch.float64); mu /= mu.sum(); nu = torch.full((4,), 0.25, dtype=torch.float64)
@@ -431,6 +446,14 @@ for reg in [0.5, 0.1, 0.02]:
     _, log = ot.sinkhorn(mu.numpy(), nu.numpy(), C.numpy(), reg, method='sinkhorn_log', numItermax=20000, stopThr=1e-13, log=True)
     shift = (beta - reg*torch.from_numpy(log['log_u'])).mean()
     test_close(beta - shift, reg*torch.from_numpy(log['log_u']), eps=1e-6)
+# DM-Count's order and start, written with kernels (no underflow at this reg): v = b/K^T u, u = a/K v from u = 1/m;
+# the potentials agree after any number of iterations, converged or not
+K = torch.exp(-C/0.2); u = torch.full((4,), 0.25, dtype=torch.float64)
+for _ in range(7):
+    v = mu/(K@u); u = nu/(K.T@v)
+beta, alpha, P = sinkhorn_potentials(mu, nu, C, 0.2, n_iter=7)
+test_close(beta, 0.2*v.log(), eps=1e-10); test_close(alpha, 0.2*u.log(), eps=1e-10)
+test_close(P, v[:, None]*K*u[None], eps=1e-12)
 emd = ot.emd2(mu.numpy(), nu.numpy(), C.numpy())
 gaps = [(C*sinkhorn_potentials(mu, nu, C, reg, n_iter=20000)[2]).sum().item() - emd for reg in [0.1, 0.01, 0.001]]
 print('OT_reg - emd for reg = 0.1, 0.01, 0.001:', np.round(gaps, 6))
@@ -514,6 +537,8 @@ for name, loss in losses.items():
 
 # %%
 from uotcrowd.theory import gaussian_density_from_plan, bl_expected_counts_from_plan
+
+# %%
 sigma = 4.; h = w = 48                                   # heads at least 4 sigma from the border
 pts_f = torch.tensor([[18.3, 17.8], [30.5, 31.2], [31.1, 17.6]], dtype=torch.float64)
 target = density_map(pts_f, h, w, stride=1, sigma=sigma).flatten()

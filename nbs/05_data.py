@@ -24,6 +24,9 @@ from PIL import Image
 from fastcore.test import test_eq, test_close, test_fail
 import matplotlib.pyplot as plt
 from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+# %%
+#| hide
 set_matplotlib_formats('jpeg')   # photos and noise textures: JPEG figures are ~10x smaller than PNG
 fixtures = Path('../../shared/fixtures')
 if not fixtures.is_dir(): fixtures = Path('../tests/fixtures')
@@ -581,9 +584,11 @@ class UCFQNRF(CrowdDataset):
 
 
 # %%
+import scipy.io
+
+# %%
 q = UCFQNRF(fixtures/'formats/UCF-QNRF', 'train')
 test_eq([q[i][2]['count'] for i in range(2)], [7, 12])
-import scipy.io
 raw = scipy.io.loadmat(str(fixtures/'formats/UCF-QNRF/UCF-QNRF_ECCV18/Train/img_0002_ann.mat'))['annPoints']
 image, points, meta = q[1]                   # 256×192 -> shorter side 192 scaled up to 512
 test_eq(image.shape[-2:], (512, 683)); test_close(points.numpy(), raw * np.array([683 / 256, 512 / 192]), eps=1e-3)
@@ -946,6 +951,8 @@ test_eq(SyntheticCrowd(4, size=(64, 80))[0][0].shape, (3, 64, 80))
 
 # %%
 import time
+
+# %%
 t0 = time.perf_counter()
 ds = SyntheticCrowd(200, size=128, seed=0, cache=False)
 counts = np.array([len(ds.generate(i)[1]) for i in range(len(ds))])

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 #| hide
 import os, tempfile
 from fastcore.test import test_eq, test_close, test_fail
-torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
 
 # %% [markdown]
 # The paper trains every loss with three backbones (Sec. 5, Table 1): VGG19 as in Bayesian loss [29], CSRNet [21]
@@ -80,6 +79,7 @@ class DensityModel(nn.Module):
         h, w = self.output_size(H, W)
         return _OUT_ACTS[self.out_act](out[..., :h, :w])
 
+
 # %% [markdown]
 # ## Initialization
 #
@@ -101,6 +101,7 @@ def init_weights(model:nn.Module, # network whose convolutions are initialized i
         nn.init.normal_(last.weight, std=last_std)
         if last.bias is not None: nn.init.zeros_(last.bias)
     return model
+
 
 # %% [markdown]
 # ## VGG building blocks
@@ -140,11 +141,13 @@ def vgg_key_map(cfg:list, # configuration of the front-end
             n += 2
     return out
 
+
 # %%
 test_eq(len(make_vgg_layers(VGG19_CFG)), 36) # torchvision vgg19 features minus the last pool
 test_eq(vgg_key_map([64, 'M', 128], 'frontend'), {'features.0.weight': 'frontend.0.weight', 'features.0.bias': 'frontend.0.bias',
                                                   'features.3.weight': 'frontend.3.weight', 'features.3.bias': 'frontend.3.bias'})
 test_eq(len(vgg_key_map(VGG16_FRONT_CFG, 'frontend')), 20) # 10 convolutions
+
 
 # %% [markdown]
 # ## VGG19 (Bayesian-loss / GL backbone)
@@ -180,6 +183,7 @@ class VGG19Density(DensityModel):
         x = F.interpolate(x, scale_factor=2, mode=self.upsample, **kw)
         return self.head(x)
 
+
 # %% [markdown]
 # ## CSRNet
 #
@@ -201,6 +205,7 @@ class CSRNet(DensityModel):
     def backbone_key_map(self) -> dict[str, str]: return vgg_key_map(VGG16_FRONT_CFG, 'frontend')
 
     def density_head(self, x): return self.output_layer(self.backend(self.frontend(x)))
+
 
 # %% [markdown]
 # ## MCNN
@@ -241,6 +246,7 @@ class MCNN(DensityModel):
 
     def density_head(self, x):
         return self.fuse(torch.cat([self.column1(x), self.column2(x), self.column3(x)], dim=1))
+
 
 # %% [markdown]
 # ### Shapes and parameter counts
@@ -292,6 +298,7 @@ with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(x)))
 x = torch.randn(1, 3, 60, 76)  # padded to 64×80 inside
 with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(F.pad(x, (0, 4, 0, 4))))[..., :8, :10])
 
+
 # %% [markdown]
 # ## Loading weights
 #
@@ -333,6 +340,7 @@ def read_state_dict(weights:str|Path|Mapping # path to a `.pth` file, or a state
         out[k] = v
     return out
 
+
 # %%
 #| export
 def _check_shapes(pairs, where):
@@ -373,6 +381,7 @@ def load_weights(model:DensityModel, # model to load into (in place)
     raise ValueError(f"{where} does not match {name}: missing keys {_list(set(own) - set(state)) or 'none'}; "
                      f"unexpected keys {_list(set(state) - set(own)) or 'none'}")
 
+
 # %% [markdown]
 # A round trip through a file restores every parameter; a training checkpoint with a `'model'` entry and a DDP
 # `module.` prefix works the same; wrong files fail with messages that name the path or the keys.
@@ -411,6 +420,7 @@ test_eq(load_weights(c, tv16), 'backbone')
 assert torch.equal(c.frontend[21].bias, tv16['features.21.bias'])
 assert torch.equal(c.backend[0].weight, back_before)  # back-end untouched
 test_fail(lambda: load_weights(VGG19Density(), tv16), contains='lacks the keys')  # VGG16 keys for a VGG19
+
 
 # %% [markdown]
 # ## Constructors and the registry
@@ -466,6 +476,7 @@ def get_model(name:str, # 'vgg19', 'csrnet' or 'mcnn' (case-insensitive)
     if key not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return MODELS[key](weights=weights, **kwargs)
+
 
 # %%
 with warnings.catch_warnings(record=True) as caught:

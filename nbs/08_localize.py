@@ -21,7 +21,6 @@ from collections import deque
 from pathlib import Path
 from fastcore.test import test_eq, test_close, test_fail
 from uotcrowd.core import pixel_centres
-torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
 
 
 # %% [markdown]
@@ -180,6 +179,8 @@ def regional_maxima(values:torch.Tensor, # `(B, H, W)` map
 
 # %%
 from scipy import ndimage
+
+# %%
 g = torch.Generator().manual_seed(0)
 for trial in range(40):
     img = torch.randint(0, 4, (1, 9, 11), generator=g).float()
@@ -375,7 +376,10 @@ def plot_points(image, # `(H, W, 3)` array / PIL image, or `(3, H, W)` tensor (I
 
 
 # %%
-import matplotlib; import matplotlib.pyplot as plt
+import matplotlib
+import matplotlib.pyplot as plt
+
+# %%
 ax = plot_points(torch.randn(3, 32, 48), torch.tensor([[4., 4.], [20., 12.]]), torch.tensor([[5., 5.]]))
 test_eq(len(ax.collections), 2); test_eq(ax.get_title(), 'ground truth: 1, predicted: 2')
 test_eq(_as_display_image(torch.zeros(3, 4, 5)).shape, (4, 5, 3))
@@ -391,9 +395,11 @@ plt.close('all')
 # and by `uotcrowd demo`.
 
 # %%
-#| notest
 from PIL import Image
 from scipy.io import loadmat
+
+# %%
+#| notest
 root = Path('../../shared/fixtures/ShanghaiTech/part_B/train_data')
 img_path, gt_path = root/'images/IMG_9.jpg', root/'ground-truth/GT_IMG_9.mat'
 if img_path.exists() and gt_path.exists():

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Command line
 #
-# > `uotcrowd train | eval | predict | demo`: train, evaluate and run counting models from the shell.
+# > `uotcrowd train | eval | predict | demo | bench`: train, evaluate and run counting models from the shell.
 
 # %%
 #| default_exp cli
@@ -33,6 +33,7 @@ import contextlib, io, tempfile, subprocess
 # | `uotcrowd train` | trains a model on a dataset (DDP under `torchrun`) | `last.pt`, `best.pt`, `log.csv`, `curves.png`, `config.json` |
 # | `uotcrowd eval` | MAE/RMSE/NAE and localization F1 at 4 and 8 px on the test (or validation) split | `metrics.json`, `per_image.csv` |
 # | `uotcrowd predict` | counts, density overlays and located points for image files | `predictions.csv`, `points.json`, PNGs, NWPU `.txt` |
+# | `uotcrowd bench` | speed, memory and accuracy of the loss solvers | `bench.json`, `bench.md` |
 #
 # ```sh
 # uotcrowd demo                                   # no data, no weights needed
@@ -71,10 +72,12 @@ def check_data_dir(dataset:str, # one of `DATASETS`
         raise FileNotFoundError(f"{what} for dataset {dataset!r}; expected layout:\n{layouts()[dataset]}")
     return Path(data_dir)
 
+
 # %%
 test_eq(check_data_dir('synthetic', None), None)
 test_fail(lambda: check_data_dir('qnrf', '/nonexistent/qnrf'), contains='ROOT/Train/img_0001_ann.mat')
 test_fail(lambda: check_data_dir('shanghaitech-a', None), contains='no --data-dir')
+
 
 # %% [markdown]
 # ## The parser
@@ -98,7 +101,7 @@ def _add_common(p):
     p.add_argument('--quiet', action='store_true', help='no progress bars or per-epoch lines')
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `uotcrowd` argument parser with the `train`, `eval`, `predict` and `demo` sub-commands."
+    "The `uotcrowd` argument parser with the `train`, `eval`, `predict`, `demo` and `bench` sub-commands."
     parser = argparse.ArgumentParser(prog='uotcrowd', formatter_class=_Fmt,
         description='Crowd counting and localization with the generalized unbalanced-OT loss (Wan, Liu, Chan, CVPR 2021).',
         epilog='Run `uotcrowd COMMAND --help` for the flags of a command. Start with `uotcrowd demo`.')
@@ -166,13 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description='Generates a synthetic crowd set, trains MCNN with the generalized loss for a fixed time '
                                    'budget, evaluates counting (MAE vs. predicting the mean training count) and '
                                    'localization (F1 at 4 and 8 px), and writes plots and predictions.')
-    d.add_argument('--out', default='uotcrowd-demo', help='output folder')
+    d.add_argument('--out', default='demo_out', help='output folder')
     d.add_argument('--budget-s', type=float, default=None, help='training time budget in seconds (default 240; 20 with --quick)')
     d.add_argument('--quick', action='store_true', help='tiny data set and budget (tests, smoke runs)')
     d.add_argument('--seed', type=int, default=0, help='random seed')
     d.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
     _add_common(d)
+
+    b = sub.add_parser('bench', help='benchmark the generalized loss against the official recipe, POT and a training step',
+                       formatter_class=_Fmt,
+                       description='Time, peak memory, iteration count and marginal error of the loss solvers '
+                                   '(uotcrowd.bench.run_bench); writes bench.json and bench.md to --out.')
+    b.add_argument('--out', default='bench_out', help='output folder')
+    b.add_argument('--quick', action='store_true', help='small subset (under a minute on a CPU)')
+    b.add_argument('--batch-sizes', type=int, nargs='+', default=None, help='batch sizes B (default 1 8; quick 2)')
+    b.add_argument('--points', type=int, nargs='+', default=None, help='points per image (default 50 500 2000; quick 50)')
+    b.add_argument('--size', type=int, default=None, help='density map side (default 64; quick 32)')
+    b.add_argument('--methods', nargs='+', default=None, metavar='METHOD',
+                   help='methods to run (default: all of uotcrowd.bench.METHODS that are installed)')
+    b.add_argument('--no-vgg', action='store_true', help='skip the VGG19 training-step timing')
+    _add_common(b)
     return parser
+
 
 # %%
 parser = build_parser()
@@ -191,9 +209,10 @@ code, _, err = parse(['train', '--dataset', 'qnrf', '--loss', 'mse', '--out', 'x
 test_eq(code, 2); assert 'dmcount' in err
 code, _, err = parse(['eval', '--checkpoint', 'c.pt', '--model', 'resnet'])
 test_eq(code, 2)
-for cmd in ('train', 'eval', 'predict', 'demo'):
+for cmd in ('train', 'eval', 'predict', 'demo', 'bench'):
     code, out, _ = parse([cmd, '--help'])
     test_eq(code, 0); assert f'usage: uotcrowd {cmd}' in out
+
 
 # %% [markdown]
 # ## Datasets, models and losses from flags
@@ -233,6 +252,7 @@ def loss_kwargs(args) -> dict:
     if ignored: warnings.warn(f"--{', --'.join(ignored)} not used by the {args.loss!r} loss")
     return kw
 
+
 # %%
 test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--tau', '0.5', '--cost', 'exp'])),
         {'tau': 0.5, 'cost': 'exp'})
@@ -240,6 +260,7 @@ with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
     test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--loss', 'l2', '--eps', '1'])), {})
 assert 'not used' in str(w[0].message)
+
 
 # %% [markdown]
 # ## `train`
@@ -254,6 +275,7 @@ def cmd_train(args) -> dict:
     "Run `uotcrowd train`; returns the summary of `fit`."
     from uotcrowd.models import get_model
     from uotcrowd.losses import get_loss
+    check_data_dir(args.dataset, args.data_dir)  # before building a model: a wrong path fails fast
     model = get_model(args.model, weights=args.weights)
     stride = int(model.stride)
     data_kw = _data_kwargs(args)
@@ -280,6 +302,7 @@ def cmd_train(args) -> dict:
         print(f"done: best validation MAE {res['best_mae']:.3f} at epoch {res['best_epoch'] + 1}; "
               f"checkpoints {res['best']} and {res['last']}", flush=True)
     return res
+
 
 # %% [markdown]
 # ## `eval`
@@ -324,6 +347,14 @@ def format_metrics(m:dict) -> str:
         lines.append(f"  F1@{t}px {m[k]:.3f}  (precision {m['precision@' + t]:.3f}, recall {m['recall@' + t]:.3f})")
     return '\n'.join(lines)
 
+
+# %%
+m = {'dataset': 'synthetic', 'split': 'test', 'n': 4, 'mae': 1.5, 'rmse': 2., 'nae': 0.1,
+     'f1@8': 0.5, 'precision@8': 0.4, 'recall@8': 2/3, 'f1@4': 0.25, 'precision@4': 0.2, 'recall@4': 1/3}
+lines = format_metrics(m).split('\n')
+test_eq(lines[1], '  MAE 1.500  RMSE 2.000  NAE 0.1000')
+assert lines[2].startswith('  F1@4px 0.250') and lines[3].startswith('  F1@8px 0.500')  # sorted numerically
+
 # %% [markdown]
 # ## `predict`
 #
@@ -352,6 +383,21 @@ def read_image(path:str|Path # image file
     "An image file as an ImageNet-normalized `(3, H, W)` float tensor, like the datasets' images."
     from uotcrowd.data import load_image, to_uint8_tensor, normalize
     return normalize(to_uint8_tensor(load_image(path)))
+
+
+# %%
+from PIL import Image
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d)
+    for n in ('b.png', 'a.JPG', 'notes.txt'): (d / n).write_bytes(b'')
+    test_eq([p.name for p in list_images([d])], ['a.JPG', 'b.png'])
+    test_fail(lambda: list_images([d / 'missing.png']), contains='neither an image file nor a folder')
+    Image.fromarray(np.full((5, 7, 3), 255, np.uint8)).save(d / 'white.png')
+    x = read_image(d / 'white.png')
+    test_eq(x.shape, (3, 5, 7)); test_close(x[:, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
 
 # %%
 #| export
@@ -383,6 +429,7 @@ def plot_prediction(image:torch.Tensor, # normalized `(3, H, W)` image
     if path is not None: fig.savefig(path, dpi=dpi)
     return fig
 
+
 # %%
 #| export
 @torch.no_grad()
@@ -397,7 +444,7 @@ def cmd_predict(args) -> list[dict]:
     stems = [f.stem for f in files]
     if len(set(stems)) < len(stems): stems = [f"{f.parent.name}_{f.stem}" for f in files]
     results = []
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     for f, stem in zip(tqdm(files, desc='predict', disable=args.quiet or not sys.stderr.isatty()), stems):
         image = read_image(f)
         density = model(image.unsqueeze(0).to(device)).float()
@@ -417,6 +464,7 @@ def cmd_predict(args) -> list[dict]:
         print(f"wrote {', '.join(map(str, written))}" + ('' if args.no_plots else f" and {len(results)} PNGs (*_pred.png) in {out}"))
     return results
 
+
 # %%
 #| export
 def _write_nwpu(results:list[dict], out:Path) -> list[Path]:
@@ -428,26 +476,34 @@ def _write_nwpu(results:list[dict], out:Path) -> list[Path]:
                                                        for i, r in zip(ids, results)})
     return [out / 'nwpu_count.txt', Path(loc)]
 
+
 # %% [markdown]
 # ## `demo`
 #
 # The README's command. With no data and no weights it
 #
 # 1. generates a synthetic crowd set (`uotcrowd.data.SyntheticCrowd`: blob-like "heads" of varying density on
-#    textured backgrounds, with exact point annotations),
-# 2. trains MCNN (stride 4) with the generalized loss for a fixed time budget (default 240 s), keeping the best
-#    model by validation MAE,
+#    textured backgrounds, with exact point annotations; 256 training, 32 validation and 64 test images of 96×96 px),
+# 2. trains MCNN (stride 4, Adam with lr $10^{-3}$, batches of 8) with the generalized loss for a fixed time budget
+#    (default 240 s), keeping the best model by validation MAE,
 # 3. evaluates on held-out test images: count MAE/RMSE against the MAE of always predicting the mean training
 #    count (a model that learned nothing matches that baseline), and localization F1 at 4 and 8 px,
 # 4. writes the training curves, `examples.png` (density and located points on test images), per-image
 #    predictions and `metrics.json`, and prints a summary.
 #
-# The sizes below were chosen by measuring throughput on a shared 2-core CPU (see the report in the training
-# notebook): the budget, not the epoch count, ends training, so slower machines train fewer epochs.
+# The sizes were chosen by measuring on this project's 2-core CPU while other jobs shared it: one MCNN + GL step on
+# 8 images of 96×96 px (24×24 density maps, about 50 heads each) costs about 0.2 s of CPU time (0.06 s of it the
+# loss), so an epoch of 256 images takes 8-12 s on a quiet core and up to a minute on a crowded one. The budget, not
+# the epoch count, ends training (slower machines train fewer epochs); the best model by validation MAE is kept.
+# Two 240 s runs on the shared machine (load average 5-9 on its 2 cores): with one thread, 12 epochs, test MAE 10.1
+# against 44.3 for the mean-count baseline (23 % of it), F1 0.36 at 4 px and 0.45 at 8 px, 4 min in all; with the
+# default two threads, slowed more by the sharing, 3 epochs, test MAE 16.2 (37 % of the baseline), F1 0.28 / 0.38,
+# 4 min 12 s in all. `--threads` sets the number of torch threads. Larger images or VGG19 learn better
+# but do not fit the budget on a CPU; `uotcrowd train` is the tool for real runs.
 
 # %%
 #| export
-DEMO = {'full': dict(n_train=320, n_val=48, n_test=64, size=128, budget_s=240., batch_size=8, val_epoch=2, lr=1e-3),
+DEMO = {'full': dict(n_train=256, n_val=32, n_test=64, size=96, budget_s=240., batch_size=8, val_epoch=1, lr=1e-3),
         'quick': dict(n_train=32, n_val=8, n_test=8, size=48, budget_s=20., batch_size=8, val_epoch=1, lr=1e-3)}
 
 def cmd_demo(args) -> dict:
@@ -524,12 +580,32 @@ def _demo_examples(model, ds, ev, path, k:int=3, dpi:int=70):
         for ax in row: ax.axis('off')
     fig.tight_layout(); fig.savefig(path, dpi=dpi)
 
+
+# %% [markdown]
+# ## `bench`
+#
+# A thin wrapper over `uotcrowd.bench.run_bench` (see the benchmarks notebook for what is measured).
+
+# %%
+#| export
+def cmd_bench(args) -> dict:
+    "Run `uotcrowd bench`; returns the results of `uotcrowd.bench.run_bench`."
+    from uotcrowd import bench
+    methods = tuple(args.methods) if args.methods else bench.METHODS
+    unknown = [m for m in methods if m not in bench.METHODS]
+    if unknown: raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose among {', '.join(bench.METHODS)}")
+    res = bench.run_bench(args.out, device=args.device, quick=args.quick, batch_sizes=args.batch_sizes,
+                          n_points=args.points, size=args.size, methods=methods, vgg=not args.no_vgg,
+                          verbose=not args.quiet)
+    return res
+
+
 # %% [markdown]
 # ## Entry point
 
 # %%
 #| export
-COMMANDS = {'train': cmd_train, 'eval': cmd_eval, 'predict': cmd_predict, 'demo': cmd_demo}
+COMMANDS = {'train': cmd_train, 'eval': cmd_eval, 'predict': cmd_predict, 'demo': cmd_demo, 'bench': cmd_bench}
 
 def main(argv:Sequence[str]|None=None # arguments (default: `sys.argv[1:]`)
         ) -> int:
@@ -543,6 +619,43 @@ def main(argv:Sequence[str]|None=None # arguments (default: `sys.argv[1:]`)
     return 0
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # `python -m uotcrowd.cli` (torchrun)
+
+# %% [markdown]
+# ## A session on tiny synthetic data
+#
+# `main` takes the argument list, so the commands can be run from Python too. Train for two epochs, evaluate the
+# best checkpoint (nothing but `--checkpoint` is needed), then predict on PNG files:
+
+# %%
+tmp = Path(tempfile.mkdtemp())
+tiny = ['--dataset', 'synthetic', '--synthetic-n', '16', '--synthetic-size', '48']
+test_eq(main(['train', *tiny, '--model', 'mcnn', '--loss', 'gl', '--crop-size', '32', '--batch-size', '4',
+              '--max-epoch', '2', '--val-epoch', '1', '--lr', '1e-3', '--device', 'cpu', '--out', str(tmp/'run')]), 0)
+
+# %%
+test_eq(main(['eval', '--checkpoint', str(tmp/'run'/'best.pt'), '--quiet']), 0)
+metrics = json.loads((tmp/'run'/'eval-test'/'metrics.json').read_text())
+test_eq(metrics['n'], 4); assert {'mae', 'rmse', 'nae', 'f1@4', 'f1@8'} <= set(metrics)
+
+# %%
+from uotcrowd.data import build_datasets, denormalize
+from PIL import Image
+
+# %%
+_, _, test_ds = build_datasets('synthetic', crop_size=32, stride=4, n_train=16, n_val=4, n_test=4, size=48)
+(tmp/'photos').mkdir()
+for i in range(2): Image.fromarray((denormalize(test_ds[i][0]) * 255 + 0.5).astype(np.uint8)).save(tmp/'photos'/f'{i + 1:04d}.png')
+test_eq(main(['predict', '--checkpoint', str(tmp/'run'/'best.pt'), str(tmp/'photos'), '--out', str(tmp/'pred'), '--nwpu']), 0)
+test_eq(sorted(p.name for p in (tmp/'pred').iterdir()),
+        ['0001_pred.png', '0002_pred.png', 'nwpu_count.txt', 'nwpu_loc.txt', 'points.json', 'predictions.csv'])
+
+# %% [markdown]
+# Errors are reported as one line and a non-zero exit status, not a traceback:
+
+# %%
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(main(['eval', '--checkpoint', str(tmp/'missing.pt')]), 2)
+assert 'does not exist' in err.getvalue()
 
 # %%
 #| hide

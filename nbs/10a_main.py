@@ -1,5 +1,5 @@
 # %% [markdown]
-# # `python -m uotcrowd`
+# # Entry point
 #
 # > The package entry point: `python -m uotcrowd ...` is the `uotcrowd` command.
 
@@ -21,6 +21,8 @@ if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
 
 # %%
 import subprocess
+
+# %%
 out = subprocess.run([sys.executable, '-m', 'uotcrowd', '--help'], capture_output=True, text=True)
 assert out.returncode == 0 and 'usage: uotcrowd' in out.stdout, out.stderr
 for cmd in ('train', 'eval', 'predict', 'demo'): assert cmd in out.stdout

@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import importlib.util, itertools, json, math, os, platform, statistics, sys, time, warnings
+import copy, importlib.util, itertools, json, math, os, platform, statistics, sys, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,6 +20,7 @@ from uotcrowd.core import get_device, seed_everything, pixel_centres
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
+_threads = torch.get_num_threads()   # restored for the full benchmark below
 torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
 
 # %% [markdown]
@@ -107,6 +108,7 @@ def peak_memory(fn:Callable, # function of no arguments
         return float(torch.cuda.max_memory_allocated(device) - base)
     if device.type != 'cpu': return float('nan')
     from torch.profiler import profile, ProfilerActivity
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')   # silence the profiler's own log lines (unless the user set a level)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU]
@@ -390,13 +392,20 @@ if has_module('geomloss') and has_module('ot'):
 # * `gl_official`, `gl_converged`: `uotcrowd.losses.GeneralizedLoss` on the whole batch, in its two solver modes;
 # * `loop_official`: the same loss called on one image at a time (`uotcrowd.losses.loss_per_image`), what the
 #   official code does;
-# * `geomloss`: per image, the potentials from geomloss (official settings: blur = ε, reach = τ_solve, scaling 0.5,
-#   the same cost), the plan rebuilt from them and the terms formed from it by `GeneralizedLoss.terms_from`;
+# * `geomloss`: the official recipe, per image: the potentials from geomloss (official settings: blur = ε,
+#   reach = τ_solve, scaling 0.5, the same cost), the plan rebuilt from them and the terms formed by
+#   `GeneralizedLoss.terms_from`, so that the loss and its gradient are defined exactly as in the loss under test;
 # * `pot`: the same with POT's log-stabilized unbalanced Sinkhorn (`pot_iters` iterations).
 #
 # Because geomloss and POT only replace the solver, their losses are comparable to `GeneralizedLoss`'s to the
 # accuracy of their potentials: `geomloss` must equal `gl_official` to $10^{-4}$ (same schedule), `pot` approaches
 # `gl_converged` as its iterations grow.
+#
+# `GeneralizedLoss`'s default gradient (`grad='paper'`) rebuilds the plan from $g^*$ and one more $u$-half-step,
+# while the official code uses $P=e^{(F\oplus G-C)/\varepsilon}ab^\top$ directly and detaches $P\mathbf 1$ in the pixel term
+# (`grad='official'`). After the short official schedule the two plans differ a lot: on `make_problem(8, 500)` the
+# loss is 3.49 with the first and 2.37 with the second (2.02 and 2.00 in converged mode). So
+# `reference_loss(..., grad=...)` can follow either; by default it follows the loss it is given.
 
 # %%
 #| export
@@ -421,16 +430,18 @@ def reference_loss(gl, # a `GeneralizedLoss` (reference='product') that defines 
                    solver:str='geomloss', # 'geomloss' or 'pot'
                    pot_iters:int=100, # POT iterations
                    diagnostics:dict|None=None, # if a dict: filled with iterations, marginal_error, exp_entries
+                   grad:str|None=None, # plan and gradient recipe: None (that of `gl`), 'paper' or 'official'
                   ) -> torch.Tensor:
     "Batch mean of the generalized loss with the plan of each image from geomloss or POT (per-image loop)."
     from uotcrowd.sinkhorn import Potentials
     if gl.reference != 'product': raise ValueError("the reference solvers use the product reference (geomloss, POT 'kl')")
+    if grad is not None and grad != gl.grad: gl = copy.copy(gl); gl.grad = grad
     losses, its, errs, entries = [], [], [], 0
     for k in range(len(density)):
         dk = density[k:k + 1]
-        if len(points[k]) == 0:
-            losses.append(gl.terms_from(*(lambda s: (s['a'], s['b'], s['C'], s['mask'], s['pot']))(gl.solve(dk, points[k:k + 1])))['total'])
-            continue
+        if len(points[k]) == 0:                     # nothing to transport: the loss's own (pixel-term) value
+            s = gl.solve(dk, list(points[k:k + 1]))
+            losses.append(gl.terms_from(s['a'], s['b'], s['C'], s['mask'], s['pot'])['total']); continue
         grid, y, a, b, C, cfn = _setup_image(gl, dk, points[k])
         if solver == 'geomloss':
             f, g = geomloss_potentials(a, grid, b, y, cfn, blur=gl.eps, reach=gl.tau_solve, scaling=gl.scaling)
@@ -489,11 +500,13 @@ test_close(gl_diagnostics(gl_s, dens_s, pts_s, per_image=True)['loss'], dg['loss
 
 # %%
 if has_module('geomloss') and has_module('ot'):
-    dd1, dd2 = dens_s.clone().requires_grad_(), dens_s.clone().requires_grad_()
-    l_ref = reference_loss(gl_s, dd1, pts_s, 'geomloss'); l_ref.backward()
-    l_gl = gl_s(dd2, pts_s); l_gl.backward()
-    test_close(l_ref.item(), l_gl.item(), eps=1e-4 * abs(l_gl.item()))
-    test_close(dd1.grad, dd2.grad, eps=1e-4 * dd2.grad.abs().max().item())
+    for grad in ('official', 'paper'):
+        dd1, dd2 = dens_s.clone().requires_grad_(), dens_s.clone().requires_grad_()
+        l_ref = reference_loss(gl_s, dd1, pts_s, 'geomloss', grad=grad); l_ref.backward()
+        l_gl = GeneralizedLoss(scale=96., grad=grad)(dd2, pts_s); l_gl.backward()
+        test_close(l_ref.item(), l_gl.item(), eps=1e-4 * abs(l_gl.item()))
+        test_close(dd1.grad, dd2.grad, eps=1e-4 * dd2.grad.abs().max().item())
+    test_eq(gl_s.grad, 'paper')                                             # the caller's loss is left alone
     diag = {}
     l_pot = reference_loss(gl_s, dens_s, pts_s, 'pot', pot_iters=3000, diagnostics=diag)
     gl_c = GeneralizedLoss(scale=96., mode='converged', tol=1e-6)
@@ -564,26 +577,11 @@ r = train_step_times(lambda d, p: (d - 1).pow(2).sum(), batch_size=1, n_points=5
 assert r['without_loss'] > 0 and r['with_loss'] > r['loss_in_step'] > 0 and 0 < r['share'] < 1
 
 # %% [markdown]
-# ## `run_bench`
+# ## One case
 #
-# One call measures everything on one device and writes `bench.json` (all numbers, with the machine, versions
-# and settings) and `bench.md` (the tables) into `out_dir`. The full run covers B ∈ {1, 8} × points ∈ {50, 500, 2000}
-# on a 64×64 map (512-px crops, stride 8) and the VGG19 step at B=8, 500 points; it takes a few minutes on a
-# CPU. `quick=True` runs a small subset (B=2, 50 points, a 32×32 map, VGG19 on 128-px crops) in well under a
-# minute, for tests. geomloss and POT are optional (the `bench` extra); methods whose package is missing are
-# reported as skipped.
-#
-# **Targets** (all ratios of numbers measured in the same run) are evaluated at the target case, B=8 and 500
-# points (in a quick run: its largest case):
-#
-# | target | how it is measured |
-# |---|---|
-# | `official` ≥ 5× faster than the geomloss loop, at equal loss (relative difference ≤ 1e-4) | `geomloss` time / `gl_official` time; loss difference |
-# | `official` ≥ 10× faster than POT | `pot` time / `gl_official` time |
-# | `official` peak memory ≤ the loop's | `gl_official` peak / `geomloss` peak (and / `loop_official` peak) |
-# | `converged` reaches marginal error ≤ 1e-3 and is no slower than the geomloss loop | its marginal error; `gl_converged` time / `geomloss` time |
-# | time within 3× of the `exp` floor | `gl_official` (and `gl_converged`) time / (iterations × floor per iteration) |
-# | loss ≤ 15 % of a VGG19 training step | (step with the loss − step without) / step with the loss |
+# `bench_case` measures one method on one problem: time (`time_call`), peak memory (`peak_memory`, one more call),
+# the diagnostics of the method, and the floor: `floor_per_iteration_s` is the time of $2Bnm$ in-cache `exp`, and
+# `time_over_floor` = time / (`exp_entries` / exp rate), i.e. time / (iterations × floor per iteration).
 
 # %%
 #| export
@@ -659,6 +657,7 @@ def bench_case(method:str, # one of `METHODS`
     row['peak_mem_mib'] = peak_memory(call, device) / 2**20 if memory else float('nan')
     row.update(diag(density, points))
     if exp_rate:
+        row['floor_per_iteration_s'] = 2 * batch_size * size * size * n_points / exp_rate
         row['floor_s'] = row['exp_entries'] / exp_rate
         row['time_over_floor'] = row['time_s'] / row['floor_s'] if row['floor_s'] > 0 else float('nan')
     return row
@@ -670,11 +669,62 @@ test_eq(r['iterations'], 12)
 test_eq(bench_case('pot', 1, 5, size=8, memory=False)['method'], 'pot')
 test_fail(lambda: bench_case('sinkhorn', 1, 5), contains='unknown method')
 
+# %% [markdown]
+# ## Where the time goes
+#
+# `profile_case` runs one forward + backward of a method under `torch.profiler` and returns the table of the
+# most expensive operators (self CPU/CUDA time), to find out why a target is missed. `run_bench` appends such a
+# table to its report for each solver mode that misses a speed target.
+
 # %%
 #| export
-def _target(name, value, op, bound, note=''):
+def profile_case(method:str='gl_official', batch_size:int=8, n_points:int=500, size:int=64, stride:int=8,
+                 device:str|torch.device='auto', row_limit:int=15, gl_kwargs:dict|None=None, pot_iters:int=100,
+                 seed:int=0) -> str:
+    "torch.profiler table (sorted by self time) of one forward + backward of `method`."
+    from torch.profiler import profile, ProfilerActivity
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')
+    device = get_device(device)
+    gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
+    fn, _ = _methods(gl_kwargs, pot_iters)[method]
+    density, points = make_problem(batch_size, n_points, size, stride, seed, device)
+    call = _forward_backward(fn, density, points)
+    call()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=acts) as prof: call(); _sync(device)
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
+# %%
+assert 'exp' in profile_case('gl_official', 2, 10, size=8, device='cpu', row_limit=30)
+
+# %% [markdown]
+# ## `run_bench`
+#
+# One call measures everything on one device and writes `bench.json` (all numbers, with the machine, versions
+# and settings) and `bench.md` (the tables) into `out_dir`. The full run covers B ∈ {1, 8} × points ∈ {50, 500, 2000}
+# on a 64×64 map (512-px crops, stride 8) and the VGG19 step at B=8, 500 points; it takes a few minutes on a
+# CPU. `quick=True` runs a small subset (B=2, 50 points, a 32×32 map, VGG19 on 128-px crops) in well under a
+# minute, for tests. geomloss and POT are optional (the `bench` extra); methods whose package is missing are
+# reported as skipped.
+#
+# **Targets** (all ratios of numbers measured in the same run) are evaluated at the target case, B=8 and 500
+# points (in a quick run: its largest case):
+#
+# | target | how it is measured |
+# |---|---|
+# | `official` ≥ 5× faster than the geomloss loop, at equal loss (relative difference ≤ 1e-4) | `geomloss` time / `gl_official` time; loss difference |
+# | `official` ≥ 10× faster than POT | `pot` time / `gl_official` time |
+# | `official` peak memory ≤ the loop's | `gl_official` peak / `geomloss` peak (and / `loop_official` peak) |
+# | `converged` reaches marginal error ≤ 1e-3 and is no slower than the geomloss loop | its marginal error; `gl_converged` time / `geomloss` time |
+# | time within 3× of the `exp` floor | `gl_official` (and `gl_converged`) time / (iterations × floor per iteration) |
+# | loss ≤ 15 % of a VGG19 training step | time of the loss inside the step / time of the step (`train_step_times`) |
+
+# %%
+#| export
+def _target(name, value, op, bound, note='', method=None):
     ok = None if value is None or not math.isfinite(value) else (value >= bound if op == '>=' else value <= bound)
-    return dict(name=name, value=value, op=op, target=bound, met=ok, note=note)
+    return dict(name=name, value=value, op=op, target=bound, met=ok, note=note, method=method)
 
 def evaluate_targets(results:dict) -> list[dict]:
     "The issue's targets, evaluated on the rows of the target case."
@@ -690,15 +740,15 @@ def evaluate_targets(results:dict) -> list[dict]:
     ldiff = None
     if get('gl_official', 'loss') is not None and get('geomloss', 'loss') is not None:
         ldiff = abs(get('gl_official', 'loss') - get('geomloss', 'loss')) / abs(get('geomloss', 'loss'))
-    out.append(_target('speed-up of official over the geomloss loop', ratio(geo, off), '>=', 5.))
+    out.append(_target('speed-up of official over the geomloss loop', ratio(geo, off), '>=', 5., method='gl_official'))
     out.append(_target('relative loss difference official vs geomloss', ldiff, '<=', 1e-4))
-    out.append(_target('speed-up of official over POT', ratio(pot, off), '>=', 10.))
+    out.append(_target('speed-up of official over POT', ratio(pot, off), '>=', 10., method='gl_official'))
     out.append(_target('peak memory official / geomloss loop', ratio(get('gl_official', 'peak_mem_mib'), get('geomloss', 'peak_mem_mib')), '<=', 1.))
     out.append(_target('peak memory official / per-image loop', ratio(get('gl_official', 'peak_mem_mib'), get('loop_official', 'peak_mem_mib')), '<=', 1.))
     out.append(_target('marginal error of converged', get('gl_converged', 'marginal_error'), '<=', 1e-3))
-    out.append(_target('time converged / geomloss loop', ratio(conv, geo), '<=', 1.))
-    out.append(_target('official time / (iterations x exp floor)', get('gl_official', 'time_over_floor'), '<=', 3.))
-    out.append(_target('converged time / (iterations x exp floor)', get('gl_converged', 'time_over_floor'), '<=', 3.))
+    out.append(_target('time converged / geomloss loop', ratio(conv, geo), '<=', 1., method='gl_converged'))
+    out.append(_target('official time / (iterations x exp floor)', get('gl_official', 'time_over_floor'), '<=', 3., method='gl_official'))
+    out.append(_target('converged time / (iterations x exp floor)', get('gl_converged', 'time_over_floor'), '<=', 3., method='gl_converged'))
     vgg = results.get('vgg19') or {}
     out.append(_target('loss share of a VGG19 training step', vgg.get('share'), '<=', 0.15,
                        note='time of the loss inside the step / step time'))
@@ -706,6 +756,15 @@ def evaluate_targets(results:dict) -> list[dict]:
 
 # %%
 #| export
+def _finite(obj):
+    "A copy of `obj` for strict JSON: NaN/inf become None, tensors and numpy scalars plain numbers."
+    if isinstance(obj, dict): return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [_finite(v) for v in obj]
+    if isinstance(obj, torch.Tensor): obj = obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, 'item') and not isinstance(obj, (str, bytes)): obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj): return None
+    return obj
+
 def _fmt(v, kind='g'):
     if v is None: return '-'
     if isinstance(v, str): return v
@@ -743,9 +802,16 @@ def results_markdown(results:dict) -> str:
     if v:
         lines += ['', f"**VGG19 training step** (B={v['batch_size']}, {v['crop']}×{v['crop']} crops, {v['n_points']} points, "
                   f"Adam): {_fmt(v['without_loss'], 'ms')} ms without the loss, {_fmt(v.get('with_loss'), 'ms')} ms with "
-                  f"`GeneralizedLoss` (official mode): the loss takes {_fmt(v.get('loss_in_step'), 'ms')} ms, "
-                  f"{100 * v['share']:.1f} % of the step." if 'share' in v else '']
+                  f"`GeneralizedLoss` (official mode), of which the loss takes {_fmt(v.get('loss_in_step'), 'ms')} ms: "
+                  f"{100 * v['share']:.1f} % of the step (difference of the two step times: {100 * v['share_diff']:.1f} %)."
+                  if 'share' in v else '']
+    for meth, table in (results.get('profiles') or {}).items():
+        lines += ['', f"**Profile of `{meth}`** (one forward + backward at the target case, operators by self time):", '',
+                  '```', table.strip('\n'), '```']
     return '\n'.join(lines) + '\n'
+
+# %%
+test_eq(_finite({'a': [float('nan'), torch.tensor(2.)], 'b': float('inf')}), {'a': [None, 2.0], 'b': None})
 
 # %%
 #| export
@@ -766,7 +832,9 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
               budget:float|None=None, # seconds of timed calls per case (default 3, quick 0.3)
               memory:bool=True, # measure peak memory
               seed:int=0,
-              verbose:bool=True, # print one line per case
+              profile:bool|None=None, # profile the solver modes that miss a speed target (default: not in quick runs)
+              stem:str='bench', # file names: `{stem}.json`, `{stem}.md`
+              verbose:bool=True, # print one line per case (to stderr)
              ) -> dict:
     "Run the benchmark on one device, write `bench.json` and `bench.md` into `out_dir`, return the results."
     device = get_device(device)
@@ -805,15 +873,65 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         from uotcrowd.losses import GeneralizedLoss
         gl = GeneralizedLoss(mode='official', **dict(dict(scale=float(vgg_crop), stride=stride), **(gl_kwargs or {})))
         results['vgg19'] = train_step_times(gl, target_case[0], target_case[1], vgg_crop, device,
-                                            repeats=1 if not quick else 1, budget=0. if quick else 20., seed=seed)
+                                            repeats=1 if quick else 3, budget=0. if quick else 20., seed=seed)
         log(f"  vgg19 step B={target_case[0]} crop {vgg_crop}: {results['vgg19']['without_loss']:.2f} s without, "
             f"{results['vgg19']['with_loss']:.2f} s with the loss ({100 * results['vgg19']['share']:.1f} %)")
     results['targets'] = evaluate_targets(results)
+    if profile is None: profile = not quick
+    missed = {t['method'] for t in results['targets'] if t['met'] is False and t.get('method')}
+    if profile and missed:
+        results['profiles'] = {}
+        for meth in sorted(missed & set(methods)):
+            log(f"  profiling {meth} (a speed target is missed)")
+            results['profiles'][meth] = profile_case(meth, target_case[0], target_case[1], size, stride, device,
+                                                     row_limit=12, gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
     results['total_time_s'] = time.perf_counter() - t_start
-    (out_dir / 'bench.json').write_text(json.dumps(results, indent=1, default=float))
-    (out_dir / 'bench.md').write_text(results_markdown(results))
-    log(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'} in {results['total_time_s']:.0f} s")
+    (out_dir / f'{stem}.json').write_text(json.dumps(_finite(results), indent=1, allow_nan=False))
+    (out_dir / f'{stem}.md').write_text(results_markdown(results))
+    log(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')} in {results['total_time_s']:.0f} s")
     return results
+
+# %% [markdown]
+# A miniature run checks the files and their contents (the test in `tests/test_bench.py` runs `quick=True`):
+
+# %%
+import tempfile
+with tempfile.TemporaryDirectory() as tmp:
+    res = run_bench(tmp, device='cpu', quick=True, size=12, vgg_crop=32, methods=('gl_official', 'geomloss', 'pot'),
+                    verbose=False, memory=False, profile=True)
+    saved = json.loads((Path(tmp) / 'bench.json').read_text())
+    md = (Path(tmp) / 'bench.md').read_text()
+test_eq(saved['config']['target_case'], dict(batch_size=2, n_points=50))
+assert all(r['peak_mem_mib'] is None for r in saved['cases'])          # memory=False: null, not NaN (strict JSON)
+test_eq([r['method'] for r in saved['cases']], ['gl_official', 'geomloss', 'pot'])
+assert all(r.get('skipped') or r['time_s'] > 0 for r in saved['cases'])
+assert '| gl_official | 2 | 50 |' in md and '**Targets**' in md and 'VGG19 training step' in md
+test_eq({t['name'] for t in saved['targets']} >= {'speed-up of official over the geomloss loop', 'loss share of a VGG19 training step'}, True)
+missed = {t['method'] for t in saved['targets'] if t['met'] is False and t['method']}
+test_eq(set(saved.get('profiles', {})), missed)
+for m_ in missed: assert f"**Profile of `{m_}`**" in md
+
+# %% [markdown]
+# ## Results
+#
+# The full benchmark (a few minutes on a CPU) is the `#| slow` cell below, or `uotcrowd bench`; it writes
+# `bench_results/bench_{device}.md` and `.json`, which are committed. The cell after it displays the committed
+# results, so this page always shows the latest ones; numbers are only comparable within one file (one run, one
+# machine).
+
+# %%
+#| slow
+torch.set_num_threads(_threads)
+_dev = get_device('auto')
+_full = run_bench('bench_results', device=_dev, stem=f'bench_{_dev.type}', verbose=False)
+print(f"{_dev}: {len(_full['cases'])} cases in {_full['total_time_s']:.0f} s")
+
+# %%
+#| echo: false
+from IPython.display import Markdown, display
+_res = Path('bench_results')
+for _f in sorted(_res.glob('bench_*.md')) if _res.exists() else []:
+    display(Markdown(f"### `{_f.name}`\n\n" + _f.read_text()))
 
 # %%
 #| hide

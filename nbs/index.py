@@ -61,6 +61,8 @@
 import torch
 from uotcrowd.losses import GeneralizedLoss
 
+# %%
+
 density = torch.rand(2, 1, 16, 16, requires_grad=True) * 0.01   # a stride-8 map of a 128x128 crop
 points = [torch.tensor([[20., 30.], [90., 64.]]), torch.zeros(0, 2)]  # the second image has nobody in it
 loss = GeneralizedLoss(stride=8)(density, points)

@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 
 
 def test_help_of_every_command(capsys):
-    for cmd in ([], ['train'], ['eval'], ['predict'], ['demo']):
+    for cmd in ([], ['train'], ['eval'], ['predict'], ['demo'], ['bench']):
         code, out, _ = call([*cmd, '--help'], capsys)
         assert code == 0 and out.startswith('usage: uotcrowd'), out
     proc = subprocess.run([sys.executable, '-m', 'uotcrowd', 'train', '--help'], capture_output=True, text=True)
@@ -125,3 +125,14 @@ def test_demo_quick(tmp_path, capsys):
     for k in ('mae', 'rmse', 'baseline_mae', 'f1@4', 'f1@8', 'mean_train_count'): assert k in m
     for f in ('best.pt', 'log.csv', 'curves.png', 'examples.png', 'per_image.csv'): assert (out / f).is_file(), f
     assert 'baseline' in stdout and str(out / 'examples.png') in stdout
+
+
+def test_bench_quick_subset(tmp_path, capsys):
+    code, _, _ = call(['bench', '--quick', '--methods', 'gl_official', '--no-vgg', '--out', str(tmp_path / 'b'),
+                       '--quiet'], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / 'b' / 'bench.json').read_text())
+    assert [c['method'] for c in res['cases']] == ['gl_official'] and res['cases'][0]['time_s'] > 0
+    assert (tmp_path / 'b' / 'bench.md').stat().st_size > 0
+    code, _, err = call(['bench', '--methods', 'magic', '--out', str(tmp_path / 'b')], capsys)
+    assert code == 2 and 'gl_official' in err

@@ -151,6 +151,9 @@ def test_matching_is_maximum(seed):
         want = _brute_tp(pred, gt, sigma)
         for matching in ('scipy', 'kuhn'):
             assert match_points(torch.as_tensor(pred), gt, sigma, matching=matching) == (want, K - want, N - want)
+        # the warm-started matcher of qnrf_localization, thresholds in any order
+        q = qnrf_localization([pred], [gt], thresholds=[6., 2., 4., 9.])
+        assert q['curves']['tp'].tolist() == [_brute_tp(pred, gt, t) for t in (6., 2., 4., 9.)]
 
 
 def test_count_and_prf_agree_with_direct_formulas():
@@ -168,3 +171,17 @@ def test_count_and_prf_agree_with_direct_formulas():
     assert (r['tp'], r['fp'], r['fn']) == (tp, sum(map(len, pl)) - tp, sum(map(len, gl)) - tp)
     q = qnrf_localization(pl, gl, thresholds=[5.])
     assert q['precision'] == pytest.approx(r['precision']) and q['recall'] == pytest.approx(r['recall'])
+
+
+def test_qnrf_dense_image(nwpu):
+    "A 5951-head image with 5490 predictions: every threshold's TP equals SciPy's maximum matching."
+    gt = read_nwpu_gt(nwpu / 'val_gt_loc_subset.txt')[3146]['points']
+    pred = read_nwpu_pred(nwpu / 'TinyFaces_loc_0.8_0.3_subset.txt')[3146]
+    q = qnrf_localization([pred], [gt])
+    tp = q['curves']['tp']
+    assert (np.diff(tp) >= 0).all() and tp[-1] <= len(pred)
+    for t in (1, 5, 12, 30, 45):
+        assert tp[t - 1] == match_points(pred, gt, float(t))[0]
+    # SciPy's Hopcroft-Karp needs about 10 s at 100 px here; its answer, computed once, was 5315
+    assert tp[99] == 5315
+    assert q['precision'] == pytest.approx(np.mean(tp / len(pred))) and q['recall'] == pytest.approx(np.mean(tp / len(gt)))

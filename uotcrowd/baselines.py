@@ -120,7 +120,7 @@ class BayesianLoss(nn.Module):
                  stride:int=8, # input pixels per density pixel
                  background:bool=False, # BL+: add the background point and its zero target
                  d:float=0.15, # background distance as a fraction of `bg_size`
-                 bg_size:float|None=None, # BL's image size in pixels (default: shorter side of the input)
+                 bg_size:float|None=512., # BL's image size in pixels (`None`: shorter side of the input)
                  bg_form:str='paper' # 'paper' (Eq. 15) or 'code' (official BL code)
                 ):
         super().__init__()

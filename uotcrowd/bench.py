@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_bench.ipynb #49c45ea0
 from __future__ import annotations
-import importlib.util, itertools, json, math, os, platform, statistics, sys, time, warnings
+import copy, importlib.util, itertools, json, math, os, platform, statistics, sys, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,8 +15,8 @@ from .core import get_device, seed_everything, pixel_centres
 # %% auto #0
 __all__ = ['METHODS', 'time_call', 'peak_memory', 'exp_throughput', 'make_problem', 'coordinate_cost', 'log_marginals',
            'uot_marginal_error', 'has_module', 'geomloss_potentials', 'geomloss_iterations', 'pot_potentials',
-           'reference_loss', 'gl_diagnostics', 'train_step_times', 'bench_case', 'evaluate_targets', 'results_markdown',
-           'run_bench']
+           'reference_loss', 'gl_diagnostics', 'train_step_times', 'bench_case', 'profile_case', 'evaluate_targets',
+           'results_markdown', 'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -54,6 +54,7 @@ def peak_memory(fn:Callable, # function of no arguments
         return float(torch.cuda.max_memory_allocated(device) - base)
     if device.type != 'cpu': return float('nan')
     from torch.profiler import profile, ProfilerActivity
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')   # silence the profiler's own log lines (unless the user set a level)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU]
@@ -222,16 +223,18 @@ def reference_loss(gl, # a `GeneralizedLoss` (reference='product') that defines 
                    solver:str='geomloss', # 'geomloss' or 'pot'
                    pot_iters:int=100, # POT iterations
                    diagnostics:dict|None=None, # if a dict: filled with iterations, marginal_error, exp_entries
+                   grad:str|None=None, # plan and gradient recipe: None (that of `gl`), 'paper' or 'official'
                   ) -> torch.Tensor:
     "Batch mean of the generalized loss with the plan of each image from geomloss or POT (per-image loop)."
     from uotcrowd.sinkhorn import Potentials
     if gl.reference != 'product': raise ValueError("the reference solvers use the product reference (geomloss, POT 'kl')")
+    if grad is not None and grad != gl.grad: gl = copy.copy(gl); gl.grad = grad
     losses, its, errs, entries = [], [], [], 0
     for k in range(len(density)):
         dk = density[k:k + 1]
-        if len(points[k]) == 0:
-            losses.append(gl.terms_from(*(lambda s: (s['a'], s['b'], s['C'], s['mask'], s['pot']))(gl.solve(dk, points[k:k + 1])))['total'])
-            continue
+        if len(points[k]) == 0:                     # nothing to transport: the loss's own (pixel-term) value
+            s = gl.solve(dk, list(points[k:k + 1]))
+            losses.append(gl.terms_from(s['a'], s['b'], s['C'], s['mask'], s['pot'])['total']); continue
         grid, y, a, b, C, cfn = _setup_image(gl, dk, points[k])
         if solver == 'geomloss':
             f, g = geomloss_potentials(a, grid, b, y, cfn, blur=gl.eps, reach=gl.tau_solve, scaling=gl.scaling)
@@ -276,7 +279,7 @@ def train_step_times(loss_fn:Callable|None, # loss `(density, points) -> scalar`
                      device:torch.device=torch.device('cpu'),
                      repeats:int=3, budget:float=10., long_call:float=10., # see `time_call`
                      seed:int=0,
-                    ) -> dict: # times in seconds: `without_loss`, `with_loss` (if `loss_fn`), `loss_in_step`, `share`
+                    ) -> dict: # seconds: `without_loss`, `with_loss`, `loss_in_step`; `share`, `share_diff`
     "Time a VGG19 Adam step with and without `loss_fn` on random images and points."
     from uotcrowd.models import get_model
     device = torch.device(device)
@@ -291,18 +294,25 @@ def train_step_times(loss_fn:Callable|None, # loss `(density, points) -> scalar`
     points = [(crop * torch.rand(n_points, 2, generator=g)).to(device) for _ in range(batch_size)]
     counts = torch.full((batch_size,), float(n_points), device=device)
     def count_loss(density, points): return (density.sum((1, 2, 3)) - counts).abs().mean()
+    segments = []
     def step(fn):
         opt.zero_grad(set_to_none=True)
-        loss = fn(model(images), points)
-        loss.backward(); opt.step()
+        density = model(images)
+        _sync(device); t0 = time.perf_counter()
+        leaf = density.detach().requires_grad_()
+        fn(leaf, points).backward()
+        _sync(device); segments.append(time.perf_counter() - t0)
+        density.backward(leaf.grad); opt.step()
     out = dict(batch_size=batch_size, n_points=n_points, crop=crop)
     t = time_call(lambda: step(count_loss), device, repeats, budget, long_call)
     out['without_loss'] = t['median']; out['without_loss_repeats'] = t['repeats']
     if loss_fn is not None:
+        segments.clear()
         t = time_call(lambda: step(loss_fn), device, repeats, budget, long_call)
         out['with_loss'] = t['median']; out['with_loss_repeats'] = t['repeats']
-        out['loss_in_step'] = out['with_loss'] - out['without_loss']
+        out['loss_in_step'] = statistics.median(segments[-t['repeats']:])
         out['share'] = out['loss_in_step'] / out['with_loss']
+        out['share_diff'] = (out['with_loss'] - out['without_loss']) / out['with_loss']
     return out
 
 # %% ../nbs/11_bench.ipynb #2a61aaf0
@@ -378,14 +388,33 @@ def bench_case(method:str, # one of `METHODS`
     row['peak_mem_mib'] = peak_memory(call, device) / 2**20 if memory else float('nan')
     row.update(diag(density, points))
     if exp_rate:
+        row['floor_per_iteration_s'] = 2 * batch_size * size * size * n_points / exp_rate
         row['floor_s'] = row['exp_entries'] / exp_rate
         row['time_over_floor'] = row['time_s'] / row['floor_s'] if row['floor_s'] > 0 else float('nan')
     return row
 
-# %% ../nbs/11_bench.ipynb #ebb261ae
-def _target(name, value, op, bound, note=''):
+# %% ../nbs/11_bench.ipynb #5930a2bd
+def profile_case(method:str='gl_official', batch_size:int=8, n_points:int=500, size:int=64, stride:int=8,
+                 device:str|torch.device='auto', row_limit:int=15, gl_kwargs:dict|None=None, pot_iters:int=100,
+                 seed:int=0) -> str:
+    "torch.profiler table (sorted by self time) of one forward + backward of `method`."
+    from torch.profiler import profile, ProfilerActivity
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')
+    device = get_device(device)
+    gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
+    fn, _ = _methods(gl_kwargs, pot_iters)[method]
+    density, points = make_problem(batch_size, n_points, size, stride, seed, device)
+    call = _forward_backward(fn, density, points)
+    call()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=acts) as prof: call(); _sync(device)
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
+# %% ../nbs/11_bench.ipynb #38016082
+def _target(name, value, op, bound, note='', method=None):
     ok = None if value is None or not math.isfinite(value) else (value >= bound if op == '>=' else value <= bound)
-    return dict(name=name, value=value, op=op, target=bound, met=ok, note=note)
+    return dict(name=name, value=value, op=op, target=bound, met=ok, note=note, method=method)
 
 def evaluate_targets(results:dict) -> list[dict]:
     "The issue's targets, evaluated on the rows of the target case."
@@ -396,26 +425,35 @@ def evaluate_targets(results:dict) -> list[dict]:
         v = rows.get(m, {}).get(k)
         return float(v) if v is not None else None
     def ratio(x, y): return x / y if x is not None and y is not None and y > 0 else None
-    off, conv, geo, pot, loop = (get(m, 'time_s') for m in METHODS[:1] + METHODS[1:2] + ('geomloss', 'pot', 'loop_official'))
+    off, conv, geo, pot = (get(m, 'time_s') for m in ('gl_official', 'gl_converged', 'geomloss', 'pot'))
     out = []
     ldiff = None
     if get('gl_official', 'loss') is not None and get('geomloss', 'loss') is not None:
         ldiff = abs(get('gl_official', 'loss') - get('geomloss', 'loss')) / abs(get('geomloss', 'loss'))
-    out.append(_target('speed-up of official over the geomloss loop', ratio(geo, off), '>=', 5.))
+    out.append(_target('speed-up of official over the geomloss loop', ratio(geo, off), '>=', 5., method='gl_official'))
     out.append(_target('relative loss difference official vs geomloss', ldiff, '<=', 1e-4))
-    out.append(_target('speed-up of official over POT', ratio(pot, off), '>=', 10.))
+    out.append(_target('speed-up of official over POT', ratio(pot, off), '>=', 10., method='gl_official'))
     out.append(_target('peak memory official / geomloss loop', ratio(get('gl_official', 'peak_mem_mib'), get('geomloss', 'peak_mem_mib')), '<=', 1.))
     out.append(_target('peak memory official / per-image loop', ratio(get('gl_official', 'peak_mem_mib'), get('loop_official', 'peak_mem_mib')), '<=', 1.))
     out.append(_target('marginal error of converged', get('gl_converged', 'marginal_error'), '<=', 1e-3))
-    out.append(_target('time converged / geomloss loop', ratio(conv, geo), '<=', 1.))
-    out.append(_target('official time / (iterations x exp floor)', get('gl_official', 'time_over_floor'), '<=', 3.))
-    out.append(_target('converged time / (iterations x exp floor)', get('gl_converged', 'time_over_floor'), '<=', 3.))
+    out.append(_target('time converged / geomloss loop', ratio(conv, geo), '<=', 1., method='gl_converged'))
+    out.append(_target('official time / (iterations x exp floor)', get('gl_official', 'time_over_floor'), '<=', 3., method='gl_official'))
+    out.append(_target('converged time / (iterations x exp floor)', get('gl_converged', 'time_over_floor'), '<=', 3., method='gl_converged'))
     vgg = results.get('vgg19') or {}
     out.append(_target('loss share of a VGG19 training step', vgg.get('share'), '<=', 0.15,
-                       note='(step with loss - step without) / step with loss'))
+                       note='time of the loss inside the step / step time'))
     return out
 
-# %% ../nbs/11_bench.ipynb #ee8400d2
+# %% ../nbs/11_bench.ipynb #5044fb89
+def _finite(obj):
+    "A copy of `obj` for strict JSON: NaN/inf become None, tensors and numpy scalars plain numbers."
+    if isinstance(obj, dict): return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [_finite(v) for v in obj]
+    if isinstance(obj, torch.Tensor): obj = obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, 'item') and not isinstance(obj, (str, bytes)): obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj): return None
+    return obj
+
 def _fmt(v, kind='g'):
     if v is None: return '-'
     if isinstance(v, str): return v
@@ -453,11 +491,15 @@ def results_markdown(results:dict) -> str:
     if v:
         lines += ['', f"**VGG19 training step** (B={v['batch_size']}, {v['crop']}×{v['crop']} crops, {v['n_points']} points, "
                   f"Adam): {_fmt(v['without_loss'], 'ms')} ms without the loss, {_fmt(v.get('with_loss'), 'ms')} ms with "
-                  f"`GeneralizedLoss` (official mode): the loss takes {_fmt(v.get('loss_in_step'), 'ms')} ms, "
-                  f"{100 * v['share']:.1f} % of the step." if 'share' in v else '']
+                  f"`GeneralizedLoss` (official mode), of which the loss takes {_fmt(v.get('loss_in_step'), 'ms')} ms: "
+                  f"{100 * v['share']:.1f} % of the step (difference of the two step times: {100 * v['share_diff']:.1f} %)."
+                  if 'share' in v else '']
+    for meth, table in (results.get('profiles') or {}).items():
+        lines += ['', f"**Profile of `{meth}`** (one forward + backward at the target case, operators by self time):", '',
+                  '```', table.strip('\n'), '```']
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/11_bench.ipynb #743e42fd
+# %% ../nbs/11_bench.ipynb #bf2c8d83
 def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
               device:str|torch.device='auto', # 'auto', 'cpu', 'cuda', ...
               quick:bool=False, # small subset (< 60 s), for tests
@@ -475,7 +517,9 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
               budget:float|None=None, # seconds of timed calls per case (default 3, quick 0.3)
               memory:bool=True, # measure peak memory
               seed:int=0,
-              verbose:bool=True, # print one line per case
+              profile:bool|None=None, # profile the solver modes that miss a speed target (default: not in quick runs)
+              stem:str='bench', # file names: `{stem}.json`, `{stem}.md`
+              verbose:bool=True, # print one line per case (to stderr)
              ) -> dict:
     "Run the benchmark on one device, write `bench.json` and `bench.md` into `out_dir`, return the results."
     device = get_device(device)
@@ -514,12 +558,20 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         from uotcrowd.losses import GeneralizedLoss
         gl = GeneralizedLoss(mode='official', **dict(dict(scale=float(vgg_crop), stride=stride), **(gl_kwargs or {})))
         results['vgg19'] = train_step_times(gl, target_case[0], target_case[1], vgg_crop, device,
-                                            repeats=1 if not quick else 1, budget=0. if quick else 20., seed=seed)
+                                            repeats=1 if quick else 3, budget=0. if quick else 20., seed=seed)
         log(f"  vgg19 step B={target_case[0]} crop {vgg_crop}: {results['vgg19']['without_loss']:.2f} s without, "
             f"{results['vgg19']['with_loss']:.2f} s with the loss ({100 * results['vgg19']['share']:.1f} %)")
     results['targets'] = evaluate_targets(results)
+    if profile is None: profile = not quick
+    missed = {t['method'] for t in results['targets'] if t['met'] is False and t.get('method')}
+    if profile and missed:
+        results['profiles'] = {}
+        for meth in sorted(missed & set(methods)):
+            log(f"  profiling {meth} (a speed target is missed)")
+            results['profiles'][meth] = profile_case(meth, target_case[0], target_case[1], size, stride, device,
+                                                     row_limit=12, gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
     results['total_time_s'] = time.perf_counter() - t_start
-    (out_dir / 'bench.json').write_text(json.dumps(results, indent=1, default=float))
-    (out_dir / 'bench.md').write_text(results_markdown(results))
-    log(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'} in {results['total_time_s']:.0f} s")
+    (out_dir / f'{stem}.json').write_text(json.dumps(_finite(results), indent=1, allow_nan=False))
+    (out_dir / f'{stem}.md').write_text(results_markdown(results))
+    log(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')} in {results['total_time_s']:.0f} s")
     return results

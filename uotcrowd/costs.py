@@ -35,8 +35,8 @@ def exp_cost(d:torch.Tensor, # scaled distances
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
              **kwargs) -> torch.Tensor:
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
-    c = torch.exp(d / eta)
-    return c - 1 if shift else c
+    c = (d / eta).exp_()
+    return c.sub_(1) if shift else c
 
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
@@ -44,8 +44,8 @@ def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the 
                    ) -> torch.Tensor: # `(B, n, m)`
     "Perspective factor $\\eta(x,y)$: the mean normalized height mapped linearly onto `eta_range`."
     lo, hi = eta_range
-    mean_h = 0.5 * (height_x.unsqueeze(-1) + height_y.unsqueeze(-2))
-    return lo + (hi - lo) * mean_h
+    k = 0.5 * (hi - lo)       # lo + (hi - lo) * (hx + hy) / 2, with a single (B, n, m) allocation
+    return torch.add((lo + k * height_x).unsqueeze(-1), (k * height_y).unsqueeze(-2))
 
 def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels
@@ -54,8 +54,9 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      shift:bool=True, # subtract 1 so the cost is 0 at distance 0
                      **kwargs) -> torch.Tensor:
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
-    c = torch.exp(d / perspective_eta(height_x, height_y, eta_range))
-    return c - 1 if shift else c
+    c = perspective_eta(height_x, height_y, eta_range)
+    c = (d / c).exp_()
+    return c.sub_(1) if shift else c
 
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
 

@@ -66,7 +66,8 @@ class GeneralizedLoss(nn.Module):
         for nm, d in (('d_pixel', d_pixel), ('d_point', d_point)):
             if d not in DIVERGENCES: raise ValueError(f"{nm} must be one of {DIVERGENCES}, got {d!r}")
         bad = [t for t in terms if t not in TERMS]
-        if bad: raise ValueError(f"unknown terms {bad}; choose among {TERMS}")
+        if bad or not terms: raise ValueError(f"unknown terms {bad or terms}; choose one or more among {TERMS}")
+        if reference not in ('product', 'uniform'): raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
         if mode not in ('official', 'converged'): raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
         if grad not in ('paper', 'official'): raise ValueError(f"grad must be 'paper' or 'official', got {grad!r}")
         self.cost, self.eps, self.tau, self.tau_solve, self.scale, self.stride = cost, eps, tau, tau_solve, scale, stride
@@ -104,6 +105,7 @@ class GeneralizedLoss(nn.Module):
     def terms_from(self, a, b, C, mask, pot:Potentials) -> dict:
         "Per-image `(B,)` loss terms from the solved problem; differentiable in `a`."
         r, E = plan_factors(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad)
+        if mask is not None and not bool(mask.all()): C = C.masked_fill(~mask[:, None, :], 0.)
         with torch.no_grad():
             e = E.sum(2)                                   # E 1
             ce = (C * E).sum(2)                            # sum_j C_ij E_ij

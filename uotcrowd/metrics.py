@@ -262,7 +262,8 @@ def nwpu_localization(pred, # prediction file path, or dict id -> `(K, 2)` point
     total, per = new(), {}
     for i, g in gt.items():
         g = _nwpu_gt_entry(g)
-        p = _points(pred[i])
+        p = pred[i]
+        p = _points(p['points'] if isinstance(p, Mapping) else p)
         accs = [total] + [per.setdefault(key, new()) for key in groups.get(i, ())]
         for r in ('s', 'l'):
             owner = _match_heads(within_sigma(p, g['points'], g['sigma_' + r]), matching)
@@ -282,6 +283,42 @@ def nwpu_localization(pred, # prediction file path, or dict id -> `(K, 2)` point
     return out
 
 # %% ../nbs/09_metrics.ipynb #4ff9404b
+def _grow_matching(indptr, # CSR row pointers of the candidate (prediction -> head) pairs
+                   indices, # heads of each prediction, nearest first
+                   limit, # per prediction, how many of its heads are allowed (a prefix of its list)
+                   owner:list, # head -> matched prediction or -1 (updated in place)
+                   mate:list, # prediction -> matched head or -1 (updated in place)
+                  ):
+    "Enlarge a valid matching to maximum cardinality by phases of depth-first augmenting-path searches."
+    K, N = len(mate), len(owner)
+    while True:
+        seen, grew = bytearray(N), False  # marks persist over one phase: a failed search's heads stay useless
+        for root in range(K):
+            if mate[root] != -1 or limit[root] == 0: continue
+            stack, pos, via, found = [root], [indptr[root]], [], False
+            while stack:
+                u = stack[-1]; end = indptr[u] + limit[u]
+                if pos[-1] == indptr[u]:  # first visit of u: take a free head if one is next to it
+                    for i in range(indptr[u], end):
+                        v = indices[i]
+                        if owner[v] == -1 and not seen[v]: seen[v] = 1; via.append(v); found = True; break
+                    if found: break
+                i, descended = pos[-1], False
+                while i < end:
+                    v = indices[i]; i += 1
+                    if seen[v]: continue
+                    seen[v] = 1; pos[-1] = i
+                    via.append(v); stack.append(owner[v]); pos.append(indptr[owner[v]]); descended = True
+                    break
+                if not descended:
+                    stack.pop(); pos.pop()
+                    if via: via.pop()
+            if found:
+                for u, v in zip(stack, via): owner[v] = u; mate[u] = v
+                grew = True
+        if not grew: return
+
+# %% ../nbs/09_metrics.ipynb #7ff59449
 def qnrf_localization(pred_list:Sequence, # per image, `(K_b, 2)` predicted points
                       gt_list:Sequence, # per image, `(N_b, 2)` ground-truth points
                       thresholds=range(1, 101), # distance thresholds in pixels
@@ -291,17 +328,26 @@ def qnrf_localization(pred_list:Sequence, # per image, `(K_b, 2)` predicted poin
         raise ValueError(f"got {len(pred_list)} predicted point sets for {len(gt_list)} images")
     ts = np.asarray(list(thresholds), dtype=np.float64)
     if ts.size == 0: raise ValueError("need at least one threshold")
+    asc = np.argsort(ts, kind='stable')
     tp, fp, fn = np.zeros(len(ts), np.int64), np.zeros(len(ts), np.int64), np.zeros(len(ts), np.int64)
     for pred, gt in zip(pred_list, gt_list):
         pred, gt = _points(pred), _points(gt)
         K, N = len(pred), len(gt)
+        fp += K; fn += N
+        if K == 0 or N == 0: continue
         base = within_sigma(pred, gt, ts.max()).tocoo()
-        d2 = ((pred[base.row] - gt[base.col])**2).sum(1)
-        for k, t in enumerate(ts):
-            keep = d2 <= t * t
-            adj = sp.csr_matrix((np.ones(int(keep.sum()), bool), (base.row[keep], base.col[keep])), shape=(K, N))
-            m = int((_match_heads(adj) >= 0).sum())
-            tp[k] += m; fp[k] += K - m; fn[k] += N - m
+        rows, cols = base.row.astype(np.int64), base.col.astype(np.int64)
+        d2 = ((pred[rows] - gt[cols])**2).sum(1)
+        order = np.lexsort((d2, rows))  # by prediction, nearest head first
+        rows, cols, d2 = rows[order], cols[order], d2[order]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=K))]).tolist()
+        indices = cols.tolist()
+        owner, mate = [-1] * N, [-1] * K
+        for k in asc:
+            limit = np.bincount(rows[d2 <= ts[k] * ts[k]], minlength=K).tolist()
+            _grow_matching(indptr, indices, limit, owner, mate)
+            m = K - mate.count(-1)
+            tp[k] += m; fp[k] -= m; fn[k] -= m
     prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.)
     rec = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.)
     order = np.lexsort((prec, rec))

@@ -69,13 +69,13 @@ def _eps_list(eps, B:int) -> list[float]:
 def softmin(eps, # temperature: float or `(B,)` tensor
             C:torch.Tensor, # `(B, n, m)` cost
             h:torch.Tensor, # `(B, m)` log-weights plus potentials/eps
-            block:int=2**17 # entries per block on the CPU
+            block:int|None=2**17 # entries per block on the CPU; None: the whole tensor at once (other devices)
            ) -> torch.Tensor: # `(B, n)`
     "Soft C-transform $-\\varepsilon\\,\\mathrm{LSE}_j(h_j - C_{ij}/\\varepsilon)$, stable and cache-friendly."
     B, n, m = C.shape
     epss = _eps_list(eps, B)
     if m == 0: return C.new_full((B, n), -NEG) * C.new_tensor(epss)[:, None]
-    if C.device.type != 'cpu':
+    if C.device.type != 'cpu' or block is None:
         e = C.new_tensor(epss)[:, None, None]
         T = h[:, None, :] - C / e
         mx = T.amax(-1, keepdim=True)
@@ -89,7 +89,7 @@ def softmin(eps, # temperature: float or `(B,)` tensor
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             T = buf[:(r1 - r0) * m].view(r1 - r0, m)
-            torch.mul(C[b, r0:r1], inv, out=T).add_(hb)               # h_j - C_ij / eps
+            torch.add(hb, C[b, r0:r1], alpha=inv, out=T)               # h_j - C_ij / eps
             mx = T.amax(1, keepdim=True)
             T.sub_(mx).clamp_(min=-80.).exp_()                         # no underflow path
             out[b, r0:r1] = (mx.squeeze(1) + T.sum(1).log()) * (-epss[b])
@@ -112,8 +112,8 @@ def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, transpose=True):
     B, n, m = C.shape
     if a.shape != (B, n) or b.shape != (B, m):
         raise ValueError(f"shapes do not match: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}")
-    if mask_b is not None: C = C.masked_fill(~mask_b[:, None, :], 0.)
-    if mask_a is not None: C = C.masked_fill(~mask_a[:, :, None], 0.)
+    if mask_b is not None and not bool(mask_b.all()): C = C.masked_fill(~mask_b[:, None, :], 0.)
+    if mask_a is not None and not bool(mask_a.all()): C = C.masked_fill(~mask_a[:, :, None], 0.)
     loga, logb = log_weights(a, mask_a), log_weights(b, mask_b)
     if reference == 'product':
         lmu, lnu, la, lb = loga, logb, torch.zeros_like(loga), torch.zeros_like(logb)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from .core import get_device, seed_everything
 from .data import collate
 
@@ -385,7 +385,9 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
             write_csv(history, out / 'log.csv', LOG_COLUMNS)
             plot_curves(history, out / 'curves.png')
             val = '' if row['val_mae'] is None else f"  val MAE {row['val_mae']:.3f} RMSE {row['val_rmse']:.3f}" + (' *' if improved else '')
-            _log(f"epoch {epoch + 1}/{cfg.max_epoch}  loss {row['train_loss']:.4g}  train MAE {row['train_mae']:.3f}{val}"
+            when = f"epoch {epoch + 1}/{cfg.max_epoch}" if cfg.time_budget_s is None else \
+                   f"epoch {epoch + 1} ({time.perf_counter() - t_start:.0f}/{cfg.time_budget_s:g}s)"
+            _log(f"{when}  loss {row['train_loss']:.4g}  train MAE {row['train_mae']:.3f}{val}"
                  f"  ({row['time_s']:.1f}s)", cfg, rank)
         if world > 1: dist.barrier()
         if stopped_early:

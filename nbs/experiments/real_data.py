@@ -19,6 +19,8 @@
 # %%
 import pandas as pd
 
+# %%
+
 DATASETS = {'qnrf': 'UCF-QNRF', 'nwpu': 'NWPU-Crowd', 'jhu': 'JHU-Crowd++',
             'shanghaitech-a': 'ShanghaiTech A', 'shanghaitech-b': 'ShanghaiTech B'}
 CROP = {'shanghaitech-a': 256}
