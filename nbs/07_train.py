@@ -501,7 +501,10 @@ def fit(model:nn.Module, # density model; `model.stride` is recorded in the chec
     "Train `model` with Adam; writes `last.pt`, `best.pt`, `log.csv`, `curves.png` to `cfg.out_dir`; returns a summary dict."
     cfg = cfg or TrainConfig()
     rank, world, device, own_group = setup_distributed(cfg.device)
-    try: return _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
+    try:
+        summary = _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
+        if own_group and world > 1: dist.barrier()  # no rank tears gloo down while another still talks to it
+        return summary
     finally:
         if own_group: dist.destroy_process_group()
 

@@ -30,7 +30,10 @@ def readme_text(nb_path=ROOT / 'nbs' / 'index.ipynb'):
         if cell.cell_type == 'markdown':
             parts.append(src.strip())
         elif cell.cell_type == 'code':
-            if 'echo' not in _directives(src) and _body(src): parts.append(f'```python\n{_body(src)}\n```')
+            if 'echo' not in _directives(src) and _body(src):
+                if parts and parts[-1].startswith('```python\n'):  # consecutive cells read as one block
+                    parts[-1] = parts[-1][:-3] + f'\n{_body(src)}\n```'
+                else: parts.append(f'```python\n{_body(src)}\n```')
             texts = []
             for out in cell.get('outputs', []):
                 if out.output_type == 'stream': texts.append(out.text)
