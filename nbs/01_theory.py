@@ -1,8 +1,7 @@
 # %% [markdown]
 # # Theory
 #
-# > The generalized loss (Eq. 1), the generalized Sinkhorn iterations, and why the L2 and Bayesian losses are
-# > half-iteration (suboptimal) approximations of its transport plan.
+# > The generalized loss (Eq. 1), the generalized Sinkhorn iterations, and why the L2 and Bayesian losses are half-iteration (suboptimal) approximations of its transport plan.
 
 # %%
 #| default_exp theory

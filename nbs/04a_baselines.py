@@ -1,8 +1,7 @@
 # %% [markdown]
 # # Baseline losses
 #
-# > The pixel-wise L2 loss with Gaussian density maps, the Bayesian loss (BL, BL+) and DM-Count, all with the
-# > `forward(density, points)` contract of the generalized loss.
+# > The pixel-wise L2 loss with Gaussian density maps, the Bayesian loss (BL, BL+) and DM-Count, all with the `forward(density, points)` contract of the generalized loss.
 
 # %%
 #| default_exp baselines

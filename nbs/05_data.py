@@ -1,8 +1,7 @@
 # %% [markdown]
 # # Data
 #
-# > Crowd-counting datasets in their official layouts (ShanghaiTech, UCF-QNRF, JHU-Crowd++, NWPU-Crowd), a procedural
-# > `SyntheticCrowd`, short-side resizing with a disk cache, training/evaluation transforms, `collate` and `build_datasets`.
+# > Crowd-counting datasets in their official layouts (ShanghaiTech, UCF-QNRF, JHU-Crowd++, NWPU-Crowd), a procedural `SyntheticCrowd`, short-side resizing with a disk cache, training/evaluation transforms, `collate` and `build_datasets`.
 
 # %%
 #| default_exp data

@@ -78,7 +78,7 @@ print(f'loss = {loss.item():.4f}')
 # [the costs](02_costs.ipynb), [the solver](03_sinkhorn.ipynb) and [the loss](04_losses.ipynb).
 #
 # - **Publishing** (a host with Quarto, e.g. GitHub Actions): `nbdev_docs` renders `_docs/`; the workflow in
-#   `.github/workflows/deploy.yaml` does it on every push to `main` and publishes to GitHub Pages.
+#   `.github/workflows/deploy.yaml` does it on every push to the main branch and publishes to GitHub Pages.
 # - **Offline preview** (no Quarto): `python tools/build_preview.py` writes `_preview/index.html` from the same
 #   processed notebooks; the test suite builds and checks it.
 #

@@ -53,7 +53,7 @@ def _mathml(tex, display):
 
 
 _MATH_BLOCK = re.compile(r'\$\$(.+?)\$\$', re.S)
-_MATH_INLINE = re.compile(r'(?<![\\$])\$(?!\s)([^$\n]+?)(?<!\s)\$(?!\$)')
+_MATH_INLINE = re.compile(r'(?<![\\$])\$(?!\s)((?:[^$\n]|\n(?!\n))+?)(?<!\s)\$(?!\$)')
 
 
 def math_to_mathml(md: str) -> str:
