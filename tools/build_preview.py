@@ -171,8 +171,11 @@ def build(out: Path = ROOT / '_preview', proc: bool = True) -> Path:
     entries, site = _sidebar(rendered)
     for rel, (title, desc, body) in rendered.items():
         (out / rel).write_text(_page(rel, title, desc, body, entries, site), encoding='utf-8')
-    for extra in ('styles.css',):
-        if (NBS / extra).exists(): shutil.copy(NBS / extra, out / extra)
+    for asset in cache.rglob('*'):  # figures and styles the notebooks' markdown refers to
+        if asset.is_file() and asset.suffix.lower() in ('.png', '.jpg', '.jpeg', '.svg', '.gif', '.css'):
+            dest = out / asset.relative_to(cache)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(asset, dest)
     return out
 
 

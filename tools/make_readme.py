@@ -5,7 +5,7 @@ markdown cells are copied, the title/summary become a heading and a quote, code 
 followed by their text output; cells flagged `#| hide` are left out and image outputs are skipped.
 Run `python tools/make_readme.py` after editing nbs/index.py/.ipynb (`--stdout` prints instead of writing).
 """
-import sys
+import re, sys
 from pathlib import Path
 
 import nbformat
@@ -40,6 +40,7 @@ def readme_text(nb_path=ROOT / 'nbs' / 'index.ipynb'):
                 elif 'text/markdown' in out.get('data', {}): parts.append(out['data']['text/markdown'])
                 elif 'text/plain' in out.get('data', {}) and 'image/png' not in out['data']: texts.append(out['data']['text/plain'])
             if texts: parts.append('```\n' + ''.join(texts).rstrip() + '\n```')
+    parts = [re.sub(r'\]\((?!https?:|#|/)([^)]+)\)', r'](nbs/\1)', part) for part in parts]  # links relative to nbs/
     header = '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->'
     return header + '\n\n' + '\n\n'.join(p for p in parts if p) + '\n'
 

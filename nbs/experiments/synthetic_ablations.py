@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, str(Path.cwd()))     # the notebook runs in nbs/experiments
 import run_synthetic as rs
 pd.set_option('display.width', 160); pd.set_option('display.max_columns', 30)
+plt.rcParams['figure.dpi'] = 70     # small figures in the stored outputs
 print(f"data {rs.DATA}, {rs.EPOCHS} epochs, batch {rs.BATCH}, lr {rs.LR:g}; GL defaults {rs.LOSS_DEFAULTS['gl']}")
 
 # %% [markdown]
@@ -50,7 +51,7 @@ print(f"data {rs.DATA}, {rs.EPOCHS} epochs, batch {rs.BATCH}, lr {rs.LR:g}; GL d
 
 # %%
 grid = pd.DataFrame([dict(group=g, run_id=c['run_id']) for g, c in rs.grid()])
-print(grid.groupby('group', sort=False).run_id.apply(lambda s: ', '.join(s)).to_string())
+for group, ids in grid.groupby('group', sort=False).run_id: print(f"{group:11s}", ', '.join(ids))
 
 # %%
 #| slow
