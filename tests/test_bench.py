@@ -34,6 +34,8 @@ def test_quick_bench_files(quick):
             continue
         assert CASE_KEYS <= set(c), CASE_KEYS - set(c)
         for k in ('time_s', 'time_min_s', 'peak_mem_mib', 'floor_s', 'time_over_floor', 'loss'):
+            if k == 'peak_mem_mib' and c['method'] == 'gl_converged':
+                assert c[k] is None; continue   # not measured on the CPU (the profiler would keep every event)
             assert math.isfinite(c[k]) and c[k] > 0, (c['method'], k, c[k])
         assert c['iterations'] >= 1 and 0 <= c['marginal_error'] < 1
     by = {c['method']: c for c in saved['cases']}
