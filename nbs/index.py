@@ -62,6 +62,20 @@
 #
 # ![Synthetic test images with annotated (green) and located (red) heads, and the predicted density maps](images/demo_examples.png)
 #
+# On real photos: MCNN trained from scratch with the generalized loss on ShanghaiTech part B for five epochs on the
+# CPU (about 1 % of the paper's budget, see [the experiment](experiments/shb_mcnn.ipynb)); its count is close on this
+# test image but the map is far from compact enough to localize people yet:
+#
+# ![ShanghaiTech B test image IMG_1: predicted density map and located points](images/shb_prediction.png)
+#
+# The same prediction from the shell, with the checkpoint stored in the repository and the dataset in its
+# official layout beside the clone:
+#
+# ```
+# uotcrowd predict --checkpoint nbs/experiments/results/shb_mcnn/gl_s0/best.pt \
+#     ../shared/datasets/ShanghaiTech/part_B/test_data/images/IMG_1.jpg --out shb_pred
+# ```
+#
 # ## A tour
 #
 # | page | what it holds |
