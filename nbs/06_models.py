@@ -40,9 +40,11 @@ from fastcore.test import test_eq, test_close, test_fail
 # pixel-centre convention unchanged, and for sides that are multiples of $s$ (what the datasets give) the output
 # is exactly `(H/s, W/s)`. The datasets also pad validation images at the bottom/right, so the two agree.
 #
-# Non-negativity: the last layer is followed by `relu` (the default; exact zeros in the background, which also
-# keeps the localization threshold meaningful) or `abs` (the Bayesian-loss code's choice; never blocks the
-# gradient). Both are available through `out_act`.
+# Non-negativity: the last layer is followed by `relu` (the default of VGG19 and CSRNet; exact zeros in the
+# background, which also keeps the localization threshold meaningful) or `abs` (the Bayesian-loss code's choice;
+# never blocks the gradient). Both are available through `out_act`. MCNN uses `abs` by default: trained from scratch
+# on ShanghaiTech B with a ReLU output, every loss drove all outputs below zero within about ten Adam steps, after
+# which the dead ReLU kept predicting 0 for good (see the [ShanghaiTech B experiment](experiments/shb_mcnn.ipynb)).
 
 # %%
 #| export
@@ -236,7 +238,7 @@ def _mcnn_column(kernels, channels, in_channels=3):
 class MCNN(DensityModel):
     "Multi-column CNN: three columns (9/7/7/7, 7/5/5/5, 5/3/3/3 kernels), two pools, 1×1 fusion 30→1; stride 4."
     stride, multiple = 4, 4
-    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, out_act:str='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.column1 = _mcnn_column((9, 7, 7, 7), (16, 32, 16, 8))
         self.column2 = _mcnn_column((7, 5, 5, 5), (20, 40, 20, 10))
@@ -458,7 +460,7 @@ def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, o
     return model
 
 def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
-         out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+         out_act:str='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
         ) -> MCNN:
     "Multi-column CNN (stride 4); starts from random init without a warning, as in the paper."
     model = MCNN(out_act=out_act)

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--loss', choices=LOSSES, default='gl', help='loss: generalized (gl), L2 density, Bayesian, DM-Count')
     t.add_argument('--out', required=True, help='output folder')
     t.add_argument('--weights', default=None, help='initial weights: torchvision VGG state dict or a uotcrowd checkpoint')
+    t.add_argument('--out-act', choices=('relu', 'abs'), default=None,
+                   help="non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)")
     t.add_argument('--resume', default=None, help='continue an interrupted run from its last.pt')
     t.add_argument('--crop-size', type=int, default=512, help='training crop side')
     t.add_argument('--batch-size', type=int, default=1, help='images per step (per process)')
@@ -180,7 +182,8 @@ def cmd_train(args) -> dict:
     from uotcrowd.models import get_model
     from uotcrowd.losses import get_loss
     check_data_dir(args.dataset, args.data_dir)  # before building a model: a wrong path fails fast
-    model = get_model(args.model, weights=args.weights)
+    model_kw = {} if args.out_act is None else {'out_act': args.out_act}
+    model = get_model(args.model, weights=args.weights, **model_kw)
     stride = int(model.stride)
     data_kw = _data_kwargs(args)
     train_ds, val_ds, _ = make_datasets(args.dataset, args.data_dir, args.crop_size, stride, args.val_fraction,
@@ -191,7 +194,8 @@ def cmd_train(args) -> dict:
                       lr=args.lr, weight_decay=args.weight_decay, val_epoch=args.val_epoch, val_start=args.val_start,
                       clip_grad=args.clip_grad, amp=args.amp, seed=args.seed, deterministic=args.deterministic,
                       num_workers=args.num_workers, device=args.device, resume=args.resume, quiet=args.quiet,
-                      time_budget_s=args.time_budget, max_steps=args.max_steps, model=args.model, loss=args.loss,
+                      time_budget_s=args.time_budget, max_steps=args.max_steps, model=args.model, model_kwargs=model_kw,
+                      loss=args.loss,
                       loss_kwargs=loss_kw, dataset=args.dataset,
                       data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
                       data_kwargs={**data_kw, 'val_fraction': args.val_fraction})

@@ -145,7 +145,7 @@ def _mcnn_column(kernels, channels, in_channels=3):
 class MCNN(DensityModel):
     "Multi-column CNN: three columns (9/7/7/7, 7/5/5/5, 5/3/3/3 kernels), two pools, 1×1 fusion 30→1; stride 4."
     stride, multiple = 4, 4
-    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, out_act:str='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.column1 = _mcnn_column((9, 7, 7, 7), (16, 32, 16, 8))
         self.column2 = _mcnn_column((7, 5, 5, 5), (20, 40, 20, 10))
@@ -248,7 +248,7 @@ def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, o
     return model
 
 def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
-         out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+         out_act:str='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
         ) -> MCNN:
     "Multi-column CNN (stride 4); starts from random init without a warning, as in the paper."
     model = MCNN(out_act=out_act)
