@@ -116,19 +116,16 @@ def _sidebar(pages: dict[str, str]):
     return entries, cfg['website']['title']
 
 
-def _page(rel, title, desc, body, entries, site):
+def _page(rel, title, desc, body, entries, site, titles):
     up = '../' * rel.count('/')
     nav = [f'<div class="site"><a href="{up}index.html">{html.escape(site)}</a></div>']
     for section, r in entries:
         if section: nav.append(f'<div class="section">{html.escape(section)}</div>')
-        else: nav.append(f'<a class="{"active" if r == rel else ""}" href="{up}{r}">{html.escape(PAGES_TITLES[r])}</a>')
+        else: nav.append(f'<a class="{"active" if r == rel else ""}" href="{up}{r}">{html.escape(titles[r])}</a>')
     desc_html = f'<p class="description">{html.escape(desc)}</p>' if desc else ''
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
             f'<body><nav>{"".join(nav)}</nav><main><h1 class="title">{html.escape(title)}</h1>{desc_html}{body}</main></body></html>')
-
-
-PAGES_TITLES: dict[str, str] = {}
 
 
 def _link_fix(body):
@@ -156,7 +153,6 @@ def build(out: Path = ROOT / '_preview', proc: bool = True) -> Path:
         nb = nbformat.read(nb_path, as_version=4)
         meta = _frontmatter(nb)
         title = str(meta.get('title') or nb_path.stem)
-        PAGES_TITLES[rel] = title
         exporter = HTMLExporter(template_name='basic', exclude_input_prompt=True, exclude_output_prompt=True)
         exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'remove_input'}), enabled=True)
         exporter.register_preprocessor(ExtractOutputPreprocessor(), enabled=True)
@@ -169,8 +165,9 @@ def build(out: Path = ROOT / '_preview', proc: bool = True) -> Path:
             (page_dir / name).write_bytes(data if isinstance(data, bytes) else data.encode())
         rendered[rel] = (title, str(meta.get('description') or ''), _link_fix(body))
     entries, site = _sidebar(rendered)
+    titles = {rel: page[0] for rel, page in rendered.items()}
     for rel, (title, desc, body) in rendered.items():
-        (out / rel).write_text(_page(rel, title, desc, body, entries, site), encoding='utf-8')
+        (out / rel).write_text(_page(rel, title, desc, body, entries, site, titles), encoding='utf-8')
     for asset in cache.rglob('*'):  # figures and styles the notebooks' markdown refers to
         if asset.is_file() and asset.suffix.lower() in ('.png', '.jpg', '.jpeg', '.svg', '.gif', '.css'):
             dest = out / asset.relative_to(cache)
