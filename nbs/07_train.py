@@ -469,7 +469,8 @@ def plot_curves(history:Sequence[dict], # rows of `log.csv`
 # kernels may differ across runs unless `deterministic=True`).
 #
 # `time_budget_s` turns the epoch count into a maximum: when the budget is spent the current epoch stops, is
-# validated and saved, and `fit` returns (the demo uses this).
+# validated and saved, and `fit` returns (the demo uses this). The budget counts the whole run: the seconds
+# already trained are stored in each checkpoint (`train_time_s`), so a resumed run gets only what is left.
 
 # %%
 #| export
@@ -509,7 +510,8 @@ def fit(model:nn.Module, # density model; `model.stride` is recorded in the chec
         if own_group: dist.destroy_process_group()
 
 def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
-    t_start = time.perf_counter()
+    t_start, spent = time.perf_counter(), 0.  # `spent`: training seconds of earlier segments (resume)
+    elapsed = lambda: spent + time.perf_counter() - t_start
     out = Path(cfg.out_dir)
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
     if cfg.deterministic: seed_everything(cfg.seed, deterministic=True)
@@ -524,7 +526,7 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
         model.load_state_dict(ckpt['model']); optimizer.load_state_dict(ckpt['optimizer'])
         if ckpt.get('scaler'): scaler.load_state_dict(ckpt['scaler'])
         start, best_mae, best_epoch = int(ckpt['epoch']), float(ckpt['best_mae']), int(ckpt['best_epoch'])
-        history = list(ckpt.get('history', []))
+        history, spent = list(ckpt.get('history', [])), float(ckpt.get('train_time_s', 0.))
         if rank == 0 and 'rng' in ckpt: set_rng_state(ckpt['rng'])
         for g in optimizer.param_groups: g['lr'] = cfg.lr
         _log(f"resumed from {cfg.resume} after epoch {start} (best val MAE {best_mae:.3f})", cfg, rank)
@@ -569,7 +571,7 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
                 abs_sum += float((density.detach().float().sum((1, 2, 3)).cpu()
                                   - torch.tensor([float(len(p)) for p in points])).abs().sum())
             if show: bar.set_postfix(loss=f'{value.item():.4g}')
-            if cfg.time_budget_s is not None and time.perf_counter() - t_start > cfg.time_budget_s:
+            if cfg.time_budget_s is not None and elapsed() > cfg.time_budget_s:
                 stopped_early = True; break
         bar.close()
         totals = torch.tensor([float(loss_sum), abs_sum, float(n_img)], dtype=torch.float64)
@@ -589,14 +591,14 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
         if rank == 0:
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                      'epoch': epoch + 1, 'best_mae': best_mae, 'best_epoch': best_epoch, 'history': history,
-                     'config': cfg.to_dict(), 'rng': rng_state(), **meta}
+                     'config': cfg.to_dict(), 'rng': rng_state(), 'train_time_s': elapsed(), **meta}
             save_checkpoint(state, out / 'last.pt')
             if improved or (val_ds is None and not math.isfinite(best_mae)): save_checkpoint(state, out / 'best.pt')
             write_csv(history, out / 'log.csv', LOG_COLUMNS)
             plot_curves(history, out / 'curves.png')
             val = '' if row['val_mae'] is None else f"  val MAE {row['val_mae']:.3f} RMSE {row['val_rmse']:.3f}" + (' *' if improved else '')
             when = f"epoch {epoch + 1}/{cfg.max_epoch}" if cfg.time_budget_s is None else \
-                   f"epoch {epoch + 1} ({time.perf_counter() - t_start:.0f}/{cfg.time_budget_s:g}s)"
+                   f"epoch {epoch + 1} ({elapsed():.0f}/{cfg.time_budget_s:g}s)"
             _log(f"{when}  loss {row['train_loss']:.4g}  train MAE {row['train_mae']:.3f}{val}"
                  f"  ({row['time_s']:.1f}s)", cfg, rank)
         if world > 1: dist.barrier()
@@ -605,7 +607,7 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
     return {'out_dir': str(out), 'last': str(out / 'last.pt'),
             'best': str(out / 'best.pt') if (out / 'best.pt').exists() else None,
             'best_mae': best_mae, 'best_epoch': best_epoch, 'epochs': epoch + 1, 'history': history,
-            'stopped_early': stopped_early, 'time_s': time.perf_counter() - t_start, 'rank': rank, 'world': world}
+            'stopped_early': stopped_early, 'time_s': elapsed(), 'rank': rank, 'world': world}
 
 
 # %% [markdown]
@@ -668,6 +670,21 @@ test_fail(lambda: fit(TinyNet(), NaNAfter(2), train_ds, val_ds, cfg), contains='
 after = load_checkpoint(tmp/'part'/'last.pt')
 test_eq(after['epoch'], 2)
 for k in before: assert torch.equal(before[k], after['model'][k])
+
+# %% [markdown]
+# **The time budget spans resumes.** Each checkpoint stores the training seconds spent so far; a run resumed with a
+# budget that those seconds already exceed stops at its first step and says so, instead of starting the clock anew:
+
+# %%
+spent = load_checkpoint(tmp/'full'/'last.pt')['train_time_s']
+assert 0 < spent < 60, spent
+seed_everything(0)
+cfg = TrainConfig(out_dir=tmp/'full', max_epoch=6, batch_size=4, lr=3e-2, quiet=True, resume=str(tmp/'full'/'last.pt'),
+                  time_budget_s=spent/2, seed=7)
+res = fit(TinyNet(), CountLoss(), train_ds, val_ds, cfg)
+test_eq((res['stopped_early'], res['epochs']), (True, 3))  # epochs 1-2 before, one step of epoch 3 now
+assert res['time_s'] > spent
+test_eq(load_checkpoint(tmp/'full'/'last.pt')['epoch'], 3)
 
 # %% [markdown]
 # ## Training on synthetic crowds

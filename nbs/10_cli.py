@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--seed', type=int, default=0, help='random seed (initialisation, order, augmentation)')
     t.add_argument('--deterministic', action='store_true', help='deterministic torch kernels')
     t.add_argument('--num-workers', type=int, default=0, help='data-loading processes')
-    t.add_argument('--time-budget', type=float, default=None, help='stop after this many seconds (keeps best-by-val)')
+    t.add_argument('--time-budget', type=float, default=None, help='stop once the run, resumed segments included, has trained this many seconds')
     t.add_argument('--max-steps', type=int, default=None, help='at most this many steps per epoch (smoke tests)')
     g = t.add_argument_group('loss hyper-parameters (unset: the defaults of uotcrowd.losses)')
     g.add_argument('--eps', type=float, default=None, help='gl: entropic regularization epsilon')
@@ -279,6 +279,7 @@ def cmd_train(args) -> dict:
     from uotcrowd.losses import get_loss
     check_data_dir(args.dataset, args.data_dir)  # before building a model: a wrong path fails fast
     model_kw = {} if args.out_act is None else {'out_act': args.out_act}
+    seed_everything(args.seed)  # --seed fixes the initial weights too, not only crops and order
     model = get_model(args.model, weights=args.weights, **model_kw)
     stride = int(model.stride)
     data_kw = _data_kwargs(args)
