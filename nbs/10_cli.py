@@ -642,6 +642,23 @@ test_eq(main(['eval', '--checkpoint', str(tmp/'run'/'best.pt'), '--quiet']), 0)
 metrics = json.loads((tmp/'run'/'eval-test'/'metrics.json').read_text())
 test_eq(metrics['n'], 4); assert {'mae', 'rmse', 'nae', 'f1@4', 'f1@8'} <= set(metrics)
 
+# %% [markdown]
+# `--seed` fixes the whole run, the initial weights included: the same command twice gives the same weights after
+# a training step, another seed different ones (here from the very start: both runs stop after one step).
+
+# %%
+def one_step(seed, out):
+    test_eq(main(['train', *tiny, '--model', 'mcnn', '--crop-size', '32', '--batch-size', '4', '--max-epoch', '1',
+                  '--max-steps', '1', '--val-epoch', '1', '--device', 'cpu', '--quiet', '--seed', str(seed),
+                  '--out', str(tmp/out)]), 0)
+    return torch.load(tmp/out/'last.pt', weights_only=True)['model']
+
+torch.manual_seed(1); a = one_step(3, 'seed3')
+torch.manual_seed(2); b = one_step(3, 'seed3b')  # a different global RNG state before the command
+c = one_step(4, 'seed4')
+for k in a: assert torch.equal(a[k], b[k]), k
+assert not torch.equal(a['column1.0.weight'], c['column1.0.weight'])
+
 # %%
 from uotcrowd.data import build_datasets, denormalize
 from PIL import Image
