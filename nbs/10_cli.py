@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--tau', type=float, default=None, help='gl: marginal penalty tau')
     g.add_argument('--cost', default=None, help="gl: transport cost ('perspective', 'exp', 'dist', 'sqdist')")
     g.add_argument('--sigma', type=float, default=None, help='l2/bl: Gaussian bandwidth in pixels')
+    g.add_argument('--coord-scale', type=float, default=None,
+                   help="dmcount: pixel coordinates are divided by this before the squared-distance cost "
+                        "(DM-Count's --norm-cood 1 is crop-size/2)")
     _add_common(t)
 
     e = sub.add_parser('eval', help='evaluate a checkpoint on a dataset split', formatter_class=_Fmt,
@@ -248,16 +251,19 @@ def make_datasets(dataset:str, # one of `DATASETS`
 
 def loss_kwargs(args) -> dict:
     "The loss hyper-parameters set on the command line."
-    names = {'gl': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ()}[args.loss]
+    names = {'gl': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ('coord_scale',)}[args.loss]
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    ignored = [k for k in ('eps', 'tau', 'cost', 'sigma') if k not in names and getattr(args, k, None) is not None]
-    if ignored: warnings.warn(f"--{', --'.join(ignored)} not used by the {args.loss!r} loss")
+    ignored = [k for k in ('eps', 'tau', 'cost', 'sigma', 'coord_scale')
+               if k not in names and getattr(args, k, None) is not None]
+    if ignored: warnings.warn(f"--{', --'.join(k.replace('_', '-') for k in ignored)} not used by the {args.loss!r} loss")
     return kw
 
 
 # %%
 test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--tau', '0.5', '--cost', 'exp'])),
         {'tau': 0.5, 'cost': 'exp'})
+test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--loss', 'dmcount',
+                                       '--coord-scale', '128'])), {'coord_scale': 128.})
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
     test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--loss', 'l2', '--eps', '1'])), {})

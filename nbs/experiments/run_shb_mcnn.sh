@@ -6,7 +6,8 @@
 #   3. evaluate best.pt (lowest validation MAE) once on the 316 test images at that threshold,
 #   4. append a row to results/shb_mcnn.csv and to results/shb_mcnn_loc.csv.
 # Uses the uotcrowd package of this checkout (python -m from the repo root), so a run can go on in a frozen clone
-# while the working copy changes. Safe to re-run: finished steps are skipped. Two chains can run side by side on two cores, e.g.
+# while the working copy changes. Losses: gl, l2, bl, dmcount, and dmcount-norm (DM-Count with its normalized
+# coordinates). Safe to re-run: finished steps are skipped. Two chains can run side by side on two cores, e.g.
 #   LOSSES="gl bl" nohup bash nbs/experiments/run_shb_mcnn.sh 0 1 > nbs/experiments/results/shb_mcnn/a.log 2>&1 &
 #   LOSSES="l2 dmcount" nohup bash nbs/experiments/run_shb_mcnn.sh 0 1 > nbs/experiments/results/shb_mcnn/b.log 2>&1 &
 set -euo pipefail
@@ -33,6 +34,8 @@ for seed in $SEEDS; do
     run=$OUT/${loss}_s${seed}
     if grep -q "^${loss},${seed}," "$CSV"; then echo "$(date -u +%T) ${loss} seed ${seed}: done, skipped"; continue; fi
     mkdir -p "$run"
+    # dmcount-norm: DM-Count with its --norm-cood option (coordinates mapped to [-1, 1] across the crop)
+    case "$loss" in dmcount-norm) loss_args=(--loss dmcount --coord-scale $((CROP / 2)));; *) loss_args=(--loss "$loss");; esac
     resume=()
     if [ -f "$run/last.pt" ]; then resume=(--resume "$run/last.pt"); fi
     done_epochs=$(python -c "import sys,torch; c=torch.load(sys.argv[1],weights_only=True) if len(sys.argv)>1 else {}; print(int(c.get('epoch',0)))" ${resume[1]:-})
@@ -41,7 +44,7 @@ for seed in $SEEDS; do
       t0=$(date +%s)
       # exactly `uotcrowd train --dataset shanghaitech-b --model mcnn --out-act abs --loss $loss --crop-size $CROP
       #   --batch-size $BATCH --lr $LR --max-epoch $EPOCHS --val-epoch $VAL_EPOCH --seed $seed --device cpu`
-      python -m uotcrowd train --dataset shanghaitech-b --data-dir "$DATA" --model mcnn --out-act abs --loss "$loss" \
+      python -m uotcrowd train --dataset shanghaitech-b --data-dir "$DATA" --model mcnn --out-act abs "${loss_args[@]}" \
         --crop-size "$CROP" --batch-size "$BATCH" --lr "$LR" --max-epoch "$EPOCHS" --val-epoch "$VAL_EPOCH" \
         --seed "$seed" --device cpu --out "$run" "${resume[@]}"
       echo $(( $(date +%s) - t0 )) >> "$run/wall_s.txt"   # one line per (possibly resumed) training segment
