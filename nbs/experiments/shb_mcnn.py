@@ -77,8 +77,9 @@ plt.rcParams.update({'figure.dpi': 70, 'savefig.dpi': 70})
 ROOT = Path('../..')  # the repository root (this notebook runs in nbs/experiments)
 DATA = ROOT / '../shared/datasets/ShanghaiTech'
 RESULTS = Path('results')
-LOSSES = ['l2', 'bl', 'dmcount', 'gl']
-NAMES = {'l2': 'L2', 'bl': 'BL', 'dmcount': 'DM-Count', 'gl': 'GL'}
+LOSSES = ['l2', 'bl', 'dmcount', 'gl']  # the comparison
+VARIANTS = ['dmcount-norm']  # DM-Count with its normalized coordinates (see "DM-Count" below)
+NAMES = {'l2': 'L2', 'bl': 'BL', 'dmcount': 'DM-Count', 'gl': 'GL', 'dmcount-norm': 'DM-Count (norm. coords)'}
 
 
 # %% [markdown]
@@ -121,19 +122,19 @@ res.drop(columns=['name'])
 # %% [markdown]
 # Beside the anchors: the paper's MCNN-on-UCF-QNRF MAE for each loss (Table 1, a different data set, listed for
 # the ordering only), MCNN on part B as published by its authors (26.4 / 41.3, the paper's Table 3), and VGG19
-# with GL on part B (7.3 / 11.7, the paper's Table 3).
+# with GL on part B (7.3 / 11.7, the paper's Table 3). Every finished run counts: `seeds` says how many, `mae_runs`
+# lists the MAE of each seed, `mae` is their mean.
 
 # %%
 paper_qnrf_mcnn = {'l2': 186.4, 'bl': 190.6, 'dmcount': 176.1, 'gl': 142.8}
-complete = [s for s, g in res.groupby('seed') if set(g.loss) == set(LOSSES)]  # seeds with all four losses
-done = res[res.seed.isin(complete)] if complete else res
-print(f"seeds with all four losses: {complete}; rows of other seeds (runs still in progress) are left out of the summary")
+done = res.sort_values('seed')
 summary = (done.groupby('loss').agg(seeds=('seed', 'nunique'), epochs=('epochs', 'first'),
-                                   train_minutes=('train_minutes', 'mean'), mae=('mae', 'mean'), mae_sd=('mae', 'std'),
+                                   train_minutes=('train_minutes', 'mean'), mae=('mae', 'mean'),
+                                   mae_runs=('mae', lambda m: ' / '.join(f'{v:.1f}' for v in m)),
                                    rmse=('rmse', 'mean'), nae=('nae', 'mean'), f1_4=('f1_4', 'mean'), f1_8=('f1_8', 'mean'))
-           .reindex([l for l in LOSSES if l in set(done.loss)]))
+           .reindex([l for l in LOSSES + VARIANTS if l in set(done.loss)]))
 summary.insert(0, 'method', [f'MCNN + {NAMES[l]} (this run)' for l in summary.index])
-summary['paper_mae_mcnn_qnrf'] = [paper_qnrf_mcnn[l] for l in summary.index]
+summary['paper_mae_mcnn_qnrf'] = [paper_qnrf_mcnn.get(l, np.nan) for l in summary.index]
 anchors = pd.DataFrame([
     dict(method='mean training count (floor)', mae=floor['mae'], rmse=floor['rmse'], nae=floor['nae']),
     dict(method='MCNN (Zhang et al. 2016, paper Table 3)', mae=26.4, rmse=41.3),
@@ -141,15 +142,22 @@ anchors = pd.DataFrame([
 table = pd.concat([summary.reset_index(drop=True), anchors], ignore_index=True)
 table.round(3)
 
-
 # %% [markdown]
 # ## How sure is the ordering?
 #
-# With one seed per loss, the seed-to-seed spread cannot be measured from these runs; the test images give the
-# other half of the uncertainty. For each loss against GL, a paired bootstrap over the 316 test images (the same
-# images for both models, resampled 2,000 times) gives a 95% interval of the MAE difference; an interval that
-# excludes 0 says the gap is not an accident of which test images were drawn, but says nothing about another
-# seed. Where several seeds exist, their spread is the `mae_sd` column above.
+# Two sources of chance: the run (seed: initial weights, validation hold-out, crops and their order) and the
+# test images. Per seed, the ordering of the losses by test MAE:
+
+# %%
+for seed, g in res.groupby('seed'):
+    print(f'seed {seed}:', ' < '.join(f'{NAMES[r.loss]} {r.mae:.1f}' for r in g.sort_values('mae').itertuples()))
+
+
+# %% [markdown]
+# For the test images: for each loss against GL and each seed, a paired bootstrap over the 316 test images (the
+# same images for both models, resampled 2,000 times) gives a 95% interval of the MAE difference; an interval
+# that excludes 0 says the gap is not an accident of which test images were drawn, but says nothing about
+# another seed.
 
 # %%
 def per_image(loss, seed):
@@ -163,7 +171,7 @@ for seed in sorted(done.seed.unique()):
     if 'gl' not in losses_done: continue
     gl = per_image('gl', seed)
     idx = rng.integers(0, len(gl), (2000, len(gl)))
-    for loss in [l for l in LOSSES if l in losses_done and l != 'gl']:
+    for loss in [l for l in LOSSES + VARIANTS if l in losses_done and l != 'gl']:
         other = per_image(loss, seed).loc[gl.index]
         diff = (other.abs_err - gl.abs_err).to_numpy()  # > 0: GL is better on that image
         boot = diff[idx].mean(1)
@@ -184,10 +192,58 @@ bias = pd.DataFrame([dict(loss=NAMES[r.loss], seed=r.seed, mean_pred=d.pred_coun
 bias.round(3)
 
 # %%
-order = summary.sort_values('mae').index.tolist()
-print('observed ordering by test MAE (best first):', ' < '.join(NAMES[l] for l in order))
-print('paper (MCNN on UCF-QNRF, Table 1):           ', ' < '.join(NAMES[l] for l in sorted(paper_qnrf_mcnn, key=paper_qnrf_mcnn.get)))
+order = summary.loc[[l for l in LOSSES if l in summary.index]].sort_values('mae').index.tolist()
+print('observed ordering by mean test MAE (best first):', ' < '.join(NAMES[l] for l in order))
+print('paper (MCNN on UCF-QNRF, Table 1):                ', ' < '.join(NAMES[l] for l in sorted(paper_qnrf_mcnn, key=paper_qnrf_mcnn.get)))
 
+# %% [markdown]
+# ## DM-Count
+#
+# DM-Count with its default settings (squared distances in pixels, Sinkhorn regularization 10) over-counts
+# from the first epoch on and never recovers. The reason is the balance of its three terms on a freshly
+# initialized MCNN: its OT term works on the *normalized* density $\hat{\mathbf a}=\mathbf a/\sum\mathbf a$, so
+# only the counting term $|\sum\mathbf a-N|$ says how much to predict, and in pixel units the OT gradient is
+# about ten times larger. Below, the root-mean-square gradient of each weighted term with respect to the
+# density, for the untrained model of seed 0 on the first training batch, with DM-Count's default pixel
+# coordinates and with its `--norm-cood` option (coordinates mapped to $[-1,1]$ across the 256-pixel crop,
+# `uotcrowd train --coord-scale 128`):
+
+# %%
+from uotcrowd.cli import make_datasets
+from uotcrowd.core import seed_everything
+from uotcrowd.data import collate
+from uotcrowd.models import get_model
+from uotcrowd.losses import get_loss
+
+# %%
+seed_everything(0)
+mcnn0 = get_model('mcnn', out_act='abs')  # the initial weights of every seed-0 run
+train_ds, _, _ = make_datasets('shanghaitech-b', DATA, 256, mcnn0.stride, 0.1, 0)
+images, points, _ = collate([train_ds[i] for i in range(4)])
+density = mcnn0(images)
+grad_rows = []
+for label, kw in [('pixels (default)', {}), ('normalized (--coord-scale 128)', {'coord_scale': 128.})]:
+    dm = get_loss('dmcount', stride=mcnn0.stride, **kw)
+    _, terms = dm(density, points, return_terms=True)
+    row = {'coordinates': label}
+    for term, w in [('count', dm.w_count), ('ot', dm.w_ot), ('tv', dm.w_tv)]:
+        g, = torch.autograd.grad(w * terms[term], density, retain_graph=True)
+        row[f'{term} grad rms'] = g.pow(2).mean().sqrt().item()
+    grad_rows.append(row)
+print('annotated counts', [len(p) for p in points], 'predicted', [round(v) for v in density.sum((1, 2, 3)).tolist()])
+pd.DataFrame(grad_rows).round(6)
+
+
+# %% [markdown]
+# With pixel coordinates the count signal is a small bias under a ten times larger OT signal that cannot change
+# the total, and Adam's per-weight step sizes follow the larger one. In the runs, the mean count error on the
+# training crops after the first epoch was 55 for DM-Count (10-11 for L2, BL and GL, whose crops hold about 10
+# heads on average); a probe of one epoch at the paper's learning rate for MCNN, $10^{-4}$, gave 56, so the
+# learning rate is not the cause. With normalized coordinates the OT gradient is about 40 times *below* the
+# count gradient and the first epoch looks like the other losses (10.6 in the same probe). The `dmcount-norm` row
+# of the tables is that variant, trained for the same 20 epochs with seed 0. It is a DM-Count option, chosen
+# from the first-epoch training error, never from the test split; the comparison of the four losses keeps every
+# loss at its defaults.
 
 # %% [markdown]
 # ## Localization
@@ -206,7 +262,7 @@ def loc_threshold(loss, seed=0):
     return json.loads(f.read_text())['threshold'] if f.exists() else 0.05
 
 val_f1 = pd.DataFrame({NAMES[l]: json.loads((RESULTS / 'shb_mcnn' / f'{l}_s0' / 'loc_threshold.json').read_text())['val_f1_8']
-                       for l in LOSSES if (RESULTS / 'shb_mcnn' / f'{l}_s0' / 'loc_threshold.json').exists()})
+                       for l in LOSSES + VARIANTS if (RESULTS / 'shb_mcnn' / f'{l}_s0' / 'loc_threshold.json').exists()})
 val_f1.index.name = 'threshold'
 print('validation F1 at 8 px by density threshold (seed 0):')
 val_f1.round(3)
@@ -220,14 +276,15 @@ loc.assign(loss=loc.loss.map(NAMES))
 # ## Training curves
 #
 # Mean absolute count error on the training crops per epoch (left) and on the 40 held-out validation images
-# (right), for each loss and seed (solid: seed 0, dashed: seed 1). The training losses themselves are on different scales and are not compared.
+# (right), for each loss and seed (solid: seed 0, dashed: seed 1), on a log scale because DM-Count's errors are
+# ten times the others'. The training losses themselves are on different scales and are not compared.
 
 # %%
 def history(loss, seed=0):
     return pd.read_csv(RESULTS / 'shb_mcnn' / f'{loss}_s{seed}' / 'log.csv')
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
-for k, loss in enumerate(LOSSES):
+for k, loss in enumerate(LOSSES + VARIANTS):
     for seed, ls in zip(sorted(res.seed.unique()), ['-', '--', ':']):
         if not (RESULTS / 'shb_mcnn' / f'{loss}_s{seed}' / 'log.csv').exists(): continue
         h = history(loss, seed)
@@ -238,7 +295,7 @@ for k, loss in enumerate(LOSSES):
 ax1.set(xlabel='epoch', ylabel='MAE per 256×256 crop', title='training crops')
 ax2.axhline(floor['mae'], color='gray', ls='--', lw=1, label='mean count (test floor)')
 ax2.set(xlabel='epoch', ylabel='MAE per image', title='validation (40 full images)')
-for ax in (ax1, ax2): ax.grid(alpha=0.3); ax.legend(fontsize=6, ncol=2)
+for ax in (ax1, ax2): ax.set_yscale('log'); ax.grid(alpha=0.3, which='both'); ax.legend(fontsize=6, ncol=2)
 fig.tight_layout(); plt.show()
 
 # %% [markdown]
@@ -255,7 +312,7 @@ test_ds.transform = EvalTransform(4)
 first = test_counts[:10]
 picks = [int(np.argmin(first)), int(np.argmax(first))]
 models = {l: load_model(ROOT / res[(res.loss == l) & (res.seed == 0)].checkpoint.iloc[0])[0]
-          for l in LOSSES if ((res.loss == l) & (res.seed == 0)).any()}
+          for l in LOSSES + VARIANTS if ((res.loss == l) & (res.seed == 0)).any()}
 
 fig, axes = plt.subplots(len(picks), len(models) + 1, figsize=(1.9 * (len(models) + 1), 1.6 * len(picks) + 0.3), dpi=55,
                          squeeze=False)
@@ -279,12 +336,12 @@ fig.tight_layout(); plt.show()
 # ## A prediction for the docs
 #
 # The GL model on the first test image, written by `uotcrowd.cli.plot_prediction` at a small resolution
-# (`../images/shb_prediction.png`), heads located at the model's validation-chosen threshold. From the repository
+# (`../images/shb_prediction.png`), heads located at the model's validation-chosen threshold (0.05). From the repository
 # root, the same picture (without the annotations) comes from
 #
 # ```sh
 # uotcrowd predict --checkpoint nbs/experiments/results/shb_mcnn/gl_s0/best.pt \
-#   ../shared/datasets/ShanghaiTech/part_B/test_data/images/IMG_1.jpg --out shb_pred --loc-threshold 0.01 --dpi 55
+#   ../shared/datasets/ShanghaiTech/part_B/test_data/images/IMG_1.jpg --out shb_pred --loc-threshold 0.05 --dpi 55
 # ```
 #
 # which writes `shb_pred/IMG_1_pred.png`, `predictions.csv` and `points.json`.
