@@ -958,7 +958,7 @@ counts = np.array([len(ds.generate(i)[1]) for i in range(len(ds))])
 elapsed = time.perf_counter() - t0
 print(f"200 images of 128×128 in {elapsed:.2f} s; counts: min {counts.min()}, median {np.median(counts):.0f}, "
       f"mean {counts.mean():.1f}, max {counts.max()}, empty {(counts == 0).sum()}")
-assert elapsed < 10 and counts.max() > 80 and (counts == 0).any()
+assert counts.max() > 80 and (counts == 0).any()  # the time is printed, not asserted: it depends on the machine's load
 
 # %% [markdown]
 # Eight synthetic images with their head points (red):

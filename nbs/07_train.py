@@ -677,7 +677,7 @@ for k in before: assert torch.equal(before[k], after['model'][k])
 
 # %%
 spent = load_checkpoint(tmp/'full'/'last.pt')['train_time_s']
-assert 0 < spent < 60, spent
+assert spent > 0, spent
 seed_everything(0)
 cfg = TrainConfig(out_dir=tmp/'full', max_epoch=6, batch_size=4, lr=3e-2, quiet=True, resume=str(tmp/'full'/'last.pt'),
                   time_budget_s=spent/2, seed=7)
