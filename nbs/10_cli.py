@@ -249,11 +249,13 @@ def make_datasets(dataset:str, # one of `DATASETS`
     return build_datasets(dataset, root=root, crop_size=crop_size, stride=stride, val_fraction=val_fraction,
                           seed=seed, **kwargs)
 
+LOSS_ARGS = {'gl': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ('coord_scale',)}
+
 def loss_kwargs(args) -> dict:
     "The loss hyper-parameters set on the command line."
-    names = {'gl': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ('coord_scale',)}[args.loss]
+    names = LOSS_ARGS[args.loss]
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    ignored = [k for k in ('eps', 'tau', 'cost', 'sigma', 'coord_scale')
+    ignored = [k for k in dict.fromkeys(k for ks in LOSS_ARGS.values() for k in ks)  # every loss flag, in order
                if k not in names and getattr(args, k, None) is not None]
     if ignored: warnings.warn(f"--{', --'.join(k.replace('_', '-') for k in ignored)} not used by the {args.loss!r} loss")
     return kw

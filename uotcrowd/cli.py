@@ -13,9 +13,9 @@ from .core import get_device, seed_everything
 from .train import TrainConfig, fit, evaluate, load_model, write_csv, default_lr
 
 # %% auto #0
-__all__ = ['DATASETS', 'MODELS', 'LOSSES', 'IMAGE_EXTS', 'DEMO', 'COMMANDS', 'layouts', 'check_data_dir', 'build_parser',
-           'make_datasets', 'loss_kwargs', 'cmd_train', 'cmd_eval', 'format_metrics', 'list_images', 'read_image',
-           'plot_prediction', 'cmd_predict', 'cmd_demo', 'cmd_bench', 'main']
+__all__ = ['DATASETS', 'MODELS', 'LOSSES', 'LOSS_ARGS', 'IMAGE_EXTS', 'DEMO', 'COMMANDS', 'layouts', 'check_data_dir',
+           'build_parser', 'make_datasets', 'loss_kwargs', 'cmd_train', 'cmd_eval', 'format_metrics', 'list_images',
+           'read_image', 'plot_prediction', 'cmd_predict', 'cmd_demo', 'cmd_bench', 'main']
 
 # %% ../nbs/10_cli.ipynb #82696b6f
 DATASETS = ('shanghaitech-a', 'shanghaitech-b', 'qnrf', 'jhu', 'nwpu', 'synthetic')
@@ -171,11 +171,13 @@ def make_datasets(dataset:str, # one of `DATASETS`
     return build_datasets(dataset, root=root, crop_size=crop_size, stride=stride, val_fraction=val_fraction,
                           seed=seed, **kwargs)
 
+LOSS_ARGS = {'gl': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ('coord_scale',)}
+
 def loss_kwargs(args) -> dict:
     "The loss hyper-parameters set on the command line."
-    names = {'gl': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ('coord_scale',)}[args.loss]
+    names = LOSS_ARGS[args.loss]
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    ignored = [k for k in ('eps', 'tau', 'cost', 'sigma', 'coord_scale')
+    ignored = [k for k in dict.fromkeys(k for ks in LOSS_ARGS.values() for k in ks)  # every loss flag, in order
                if k not in names and getattr(args, k, None) is not None]
     if ignored: warnings.warn(f"--{', --'.join(k.replace('_', '-') for k in ignored)} not used by the {args.loss!r} loss")
     return kw

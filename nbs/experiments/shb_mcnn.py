@@ -348,7 +348,7 @@ fig.tight_layout(); plt.show()
 
 # %%
 from uotcrowd.cli import plot_prediction, read_image
-gl_model, _ = load_model(ROOT / res[(res.loss == 'gl') & (res.seed == 0)].checkpoint.iloc[0])
+gl_model = models['gl']  # seed 0, loaded for the figure above
 image = read_image(DATA / 'part_B/test_data/images/IMG_1.jpg')
 with torch.no_grad(): density = gl_model(image[None])
 pts = localize(density, stride=gl_model.stride, threshold=loc_threshold('gl'))[0]
