@@ -68,5 +68,10 @@ def test_ci_runs_the_readme_test_command():
             for l in b.splitlines() if l.strip() and not l.strip().startswith('#')]
     assert len(cmds) == 2, f'the README set-up section must hold exactly two commands, found {cmds}'
     assert 'uotcrowd demo' in cmds[0] and 'pytest' in cmds[1]
-    ci = [l.strip() for l in (ROOT / '.ci' / 'run').read_text().splitlines()]
+    ci_text = (ROOT / '.ci' / 'run').read_text()
+    ci = [l.strip() for l in ci_text.splitlines()]
     assert cmds[1] in ci, f'.ci/run does not run the README test command {cmds[1]!r}'
+    # ... inside a virtual environment it creates itself, and a run where nothing passed fails
+    assert 'python3 -m venv "$work/venv"' in ci and 'source "$work/venv/bin/activate"' in ci
+    assert ci.index('source "$work/venv/bin/activate"') < ci.index(cmds[1])
+    assert "grep -Eq '[0-9]+ passed'" in ci_text

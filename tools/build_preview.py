@@ -1,7 +1,8 @@
 """Offline preview of the documentation site (Quarto cannot be installed on the project's machines).
 
-1. nbdev processes the notebooks into `_proc/` exactly as `nbdev_docs` does before Quarto runs (frontmatter from the
-   title cell, `show_doc` API sections for every exported symbol, hidden cells dropped).
+1. nbdev processes a private copy of the notebooks into a `_proc/` of its own (so parallel builds never share one),
+   exactly as `nbdev_docs` does before Quarto runs (frontmatter from the title cell, `show_doc` API sections for every
+   exported symbol, hidden cells dropped).
 2. Each processed notebook becomes a static HTML page (nbconvert's `basic` template) with its figures written as image
    files next to it, maths converted to MathML (rendered natively by browsers, no network needed), links to other
    notebooks pointed at their pages, and the sidebar taken from `_quarto.yml`.
@@ -10,7 +11,7 @@ Usage: `python tools/build_preview.py [OUT_DIR]` (default `_preview/`); open OUT
 """
 from __future__ import annotations
 
-import fnmatch, html, os, re, shutil, sys
+import fnmatch, html, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import nbformat
@@ -133,18 +134,27 @@ def _link_fix(body):
     return re.sub(r'href="([^":#]+?)\.qmd(#[^"]*)?"', lambda m: f'href="{m.group(1)}.html{m.group(2) or ""}"', body)
 
 
+def process_notebooks(work: Path) -> Path:
+    "nbdev's docs processing (as `nbdev_docs` runs it) of a private copy of `nbs/` in `work`; returns its `_proc/`."
+    work = Path(work)
+    shutil.copy(ROOT / 'settings.ini', work / 'settings.ini')
+    shutil.copytree(NBS, work / 'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_proc', '*.pt'))
+    # a child process: nbdev caches its configuration per process, and the copy has a settings.ini of its own
+    code = "from nbdev.serve import proc_nbs; proc_nbs(path='nbs', n_workers=0, force=True, skip_file_glob='*.py')"
+    subprocess.run([sys.executable, '-c', code], cwd=work, check=True)
+    return work / '_proc'
+
+
 def build(out: Path = ROOT / '_preview', proc: bool = True) -> Path:
+    "Write the preview to `out`; each build processes the notebooks in a temporary folder of its own."
+    with tempfile.TemporaryDirectory(prefix='uotcrowd-proc-') as work:
+        return _render(process_notebooks(Path(work)) if proc else ROOT / '_proc', Path(out))
+
+
+def _render(cache: Path, out: Path) -> Path:
+    "Static HTML pages for the processed notebooks in `cache`."
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import ExtractOutputPreprocessor, TagRemovePreprocessor
-    out = Path(out)
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        if proc:
-            from nbdev.serve import proc_nbs
-            cache = proc_nbs(path=str(NBS), n_workers=0, force=True, skip_file_glob='*.py')
-        else: cache = ROOT / '_proc'
-    finally: os.chdir(cwd)
     shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
     notebooks = sorted(p for p in cache.rglob('*.ipynb') if '.ipynb_checkpoints' not in p.parts)
     rendered = {}
