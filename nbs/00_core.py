@@ -17,6 +17,7 @@ import torch
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
+from unittest.mock import patch
 
 # %% [markdown]
 # ## Devices
@@ -42,9 +43,17 @@ def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda'
 
 # %%
 test_eq(get_device('cpu'), torch.device('cpu'))
-test_eq(get_device(torch.device('cpu')).type, 'cpu')
-assert get_device().type in ('cpu', 'cuda', 'mps')
-if not torch.cuda.is_available(): test_fail(lambda: get_device('cuda'), contains='CUDA is not available')
+test_eq(get_device(torch.device('cuda', 1)), torch.device('cuda', 1))   # a torch.device is returned as it is
+def backends(cuda, mps):   # pretend which backends this machine has
+    return patch.object(torch.cuda, 'is_available', return_value=cuda), patch.object(torch.backends.mps, 'is_available', return_value=mps)
+c, m = backends(True, True)
+with c, m: test_eq([get_device(), get_device(None), get_device('AUTO'), get_device('cuda:1')], [torch.device('cuda')] * 3 + [torch.device('cuda', 1)])
+c, m = backends(False, True)
+with c, m: test_eq(get_device('auto'), torch.device('mps'))
+c, m = backends(False, False)
+with c, m:
+    test_eq(get_device(), torch.device('cpu'))
+    test_fail(lambda: get_device('cuda'), contains='CUDA is not available')
 
 # %% [markdown]
 # ## Seeding

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 from uotcrowd.core import check_points, pad_points, check_density, pixel_centres
-from uotcrowd.costs import cost_matrix, COSTS
+from uotcrowd.costs import cost_matrix, COSTS, pairwise_distances, perspective_cost
 from uotcrowd.sinkhorn import uot_potentials, plan_factors, max_diameter, no_autocast, Potentials
 try:  # worker B's module; `get_loss` imports it again lazily, so this module works before it exists
     from uotcrowd.baselines import L2DensityLoss, BayesianLoss, DMCountLoss
@@ -22,7 +22,7 @@ except ImportError: pass
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
-from uotcrowd.sinkhorn import uot_plan
+from uotcrowd.sinkhorn import uot_plan, uot_value
 import time
 
 # %% [markdown]
@@ -47,19 +47,23 @@ import time
 # | | paper | official code | default here |
 # |---|---|---|---|
 # | $\varepsilon$ | 0.005 (text) | `blur=0.01`, $p=1$ ⇒ 0.01 | **0.01**: the published numbers come from the code, and the geomloss-equality test needs it |
-# | $\eta$ range of the perspective cost | [0.6, 0.8] | `0.2*h+0.5` ⇒ [0.5, 0.7] | **[0.6, 0.8]** (the paper's, as the issue asks); `eta_range=(0.5, 0.7)` gives the code's |
+# | $\eta$ range of the perspective cost | [0.6, 0.8] | `0.2*h+0.5` ⇒ [0.5, 0.7], $h$ = mean of $y$/crop size | **[0.6, 0.8]**, $h=y/$(map height × stride); `eta_range=(0.5, 0.7)`, `image_height=` crop give the code's |
 # | cost | $e^{L/\eta}$ (Eq. 4) | $e^{L/\eta}-1$ | **shifted** ($-1$): unshifted, the loss prefers a uniform density (test below) |
 # | weight of $D_1,D_2$ | $\tau$ (the same as in the KL used to solve) | `tau=0.1` on the terms, `reach=0.5` to solve | **`tau=0.1`** on the terms, **`tau_solve=0.5`** for the KL solve |
-# | entropy term | $-\varepsilon H(\mathbf P)$ (a sum) | `blur * mean(P log P)` (a mean over $n m$ entries, negligible) | **the paper's sum** |
-# | transport term | $\langle\mathbf C,\mathbf P\rangle$ | geomloss's dual value | **$\langle\mathbf C,\mathbf P\rangle$** (the paper's) |
+# | entropy term | $-\varepsilon H(\mathbf P)$ (a sum) | `blur * mean(P log P)` (a mean over $n m$ entries, summed over the batch; negligible) | **the paper's sum**; `entropy='mean'` gives the code's |
+# | transport term | $\langle\mathbf C,\mathbf P\rangle$ | geomloss's dual value (gradient $\varphi(\boldsymbol f)$, see below) | **$\langle\mathbf C,\mathbf P\rangle$** (the paper's); `transport='dual'` gives the code's |
 # | pixel term target | $\mathbf P\mathbf 1$ (a function of $\boldsymbol a$) | `P.sum(2).detach()` | `grad='paper'` differentiates it; `grad='official'` detaches it |
 # | entropic reference | $\mathbf 1$ (Eq. 5-6) | $\boldsymbol a\otimes\boldsymbol b$ (geomloss) | **$\boldsymbol a\otimes\boldsymbol b$** (`reference='product'`), so plans equal the official ones; `'uniform'` gives Eq. 6 literally |
 # | solver | Eq. 6 to convergence | 12 annealed symmetric geomloss steps | **`mode='official'`** (speed; the code's numbers); `mode='converged'` iterates to `tol` |
-# | image with no points | (undefined) | $3\,|\sum\boldsymbol a|$ | **the pixel term alone**, $\tau D_1(\mathbf 0|\boldsymbol a)$ |
-# | pixel centres | - | $8j+4$ and $8j+8$ in two places | cell centres $s(j+\frac12)$ everywhere |
+# | image with no points | (undefined) | $|\sum\boldsymbol a|/B$ in each of transport, pixel and point: $1.2\,|\sum\boldsymbol a|/B$ in the total | **the pixel term alone**, $\tau D_1(\mathbf 0|\boldsymbol a)$; `empty='official'` gives the code's |
+# | pixel positions | - | $8j+8$ (the trainer's grid, $s(j+1)$) | cell centres $s(j+\frac12)$; `grid_offset=1.0` gives the code's |
 #
 # With the product reference the $u$-half-step does not depend on $\boldsymbol a$, so the plan is linear in the density and
 # the paper's gradient of the plan equals the official one; the two `grad` settings then differ only in the pixel term.
+#
+# `GeneralizedLoss.official()` (registry name `'gl-official'`) sets every column to the official code's, so that it
+# reproduces the objective the published models were trained with, value and gradient (section *The official
+# objective* below, where the paper's, the official and the converged objectives are compared).
 
 # %%
 #| export
@@ -90,6 +94,107 @@ test_close(divergence(p, q, 'l1', mask=torch.tensor([[True, True, False]])), tor
 test_fail(lambda: divergence(p, q, 'tv'), contains="'kl'")
 
 
+# %% [markdown]
+# ### Pixel positions, and the cost on any grid
+#
+# We place density pixel $(i, j)$ at its cell centre $(s(j+\frac12), s(i+\frac12))$. The official trainer builds its
+# grid as `(arange + 0.5) * stride + stride / 2`, i.e. at $s(j+1)$: $8j+8$ at stride 8, the cell's lower-right corner.
+# `pixel_positions` takes the offset (`0.5`: centres, `1.0`: the official grid) and `grid_cost` is `uotcrowd.costs.cost_matrix`
+# on such a grid, computed in the dtype of the points (float64 inputs give a float64 cost).
+
+# %%
+#| export
+def pixel_positions(h:int, # rows of the density map
+                    w:int, # columns of the density map
+                    stride:int=8, # input pixels per density pixel
+                    offset:float=0.5, # position inside the cell: 0.5 the centre, 1.0 the official grid (8j+8)
+                    device=None, dtype=torch.float32
+                   ) -> torch.Tensor: # `(h*w, 2)` `(x, y)` positions in input pixels, row-major
+    "Input-image positions $(s(j+o), s(i+o))$ of the pixels of an `h`×`w` stride-`s` density map."
+    grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
+    return grid if offset == 0.5 else grid + stride * (offset - 0.5)
+
+def grid_cost(grid:torch.Tensor, # `(n, 2)` pixel positions in input pixels
+              points:torch.Tensor, # `(B, M, 2)` padded head positions in input pixels
+              cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+              scale:float=512., # coordinates are divided by this
+              image_height:float=512., # heights are y / image_height (perspective cost)
+              eta:float=0.6, # length scale of the 'exp' cost
+              eta_range:tuple=(0.6, 0.8), # perspective factor at height 0 and 1
+              shift:bool=True # exponential costs as exp(.)-1
+             ) -> torch.Tensor: # `(B, n, M)` in the dtype of `points`
+    "`uotcrowd.costs.cost_matrix` between an arbitrary pixel grid and padded points."
+    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    B = points.shape[0]
+    grid = grid.to(points.dtype)
+    d = pairwise_distances((grid / scale).unsqueeze(0).expand(B, -1, -1), points / scale)
+    if cost == 'perspective':
+        return perspective_cost(d, (grid[:, 1] / image_height).unsqueeze(0).expand(B, -1), points[..., 1] / image_height,
+                                eta_range=eta_range, shift=shift)
+    return COSTS[cost](d, eta=eta, shift=shift)
+
+
+# %%
+pts_ = torch.tensor([[[4., 4.], [20., 12.]], [[12., 4.], [0., 0.]]])
+for name in COSTS:   # on the cell centres it is cost_matrix, bit for bit
+    test_eq(grid_cost(pixel_positions(2, 3, 8), pts_, name, scale=16., image_height=16.),
+            cost_matrix(2, 3, pts_, cost=name, stride=8, scale=16.))
+test_eq(pixel_positions(2, 2, 8, offset=1.0), torch.tensor([[8., 8.], [16., 8.], [8., 16.], [16., 16.]]))
+C8 = grid_cost(pixel_positions(2, 3, 8, offset=1.0), pts_.double(), scale=16., image_height=16., eta_range=(0.5, 0.7))
+test_eq(C8.dtype, torch.float64)   # the official formula, written out for pixel 0 = (8, 8) and the head (20, 12)
+test_close(C8[0, 0, 1].item(), math.exp(math.hypot(12, 4) / 16 / (0.5 + 0.2 * (8 + 12) / 2 / 16)) - 1, eps=1e-12)
+
+
+# %% [markdown]
+# ### The transport value of geomloss, from our potentials
+#
+# The official trainer does not use $\langle\mathbf C,\mathbf P\rangle$ as its transport term but geomloss's *value* of the
+# unbalanced entropic problem (`debias=False`), a dual formula in the potentials $(\boldsymbol f,\boldsymbol g)$ of the last
+# (extrapolation) step: with $\rho$ = `tau_solve` (geomloss's `reach**p`),
+# $$\mathrm{OT}_{\varepsilon,\rho}(\boldsymbol a,\boldsymbol b)\approx\langle\boldsymbol a,\varphi(\boldsymbol f)\rangle+\langle\boldsymbol b,\varphi(\boldsymbol g)\rangle,
+#   \qquad\varphi(x)=\big(\rho+\tfrac\varepsilon2\big)\big(1-e^{-x/\rho}\big).$$
+# geomloss differentiates it with the potentials held at their last update (the last extrapolation is computed from
+# detached log-weights), so its gradient with respect to the density is exactly $\varphi(\boldsymbol f)$: the value is
+# linear in $\boldsymbol a$ once the potentials are fixed, which is how we compute it. One deviation: where the density
+# vanishes around a head, $f\to-\infty$ and geomloss returns NaN ($0\cdot(-\infty)$, the whole official loss then is NaN);
+# we clamp the exponent $-f/\rho$ at 40, as `plan_factors` clamps the plan's, so values and gradients stay finite.
+#
+# **Check (closed form).** At the fixed point $\mathbf P\mathbf 1=\boldsymbol a e^{-\boldsymbol f/\rho}$ and
+# $\mathbf P^\top\mathbf 1=\boldsymbol b e^{-\boldsymbol g/\rho}$, and the true dual objective
+# $\rho\langle\boldsymbol a,1-e^{-f/\rho}\rangle+\rho\langle\boldsymbol b,1-e^{-g/\rho}\rangle-\varepsilon\langle\boldsymbol a\otimes\boldsymbol b,e^{(f\oplus g-C)/\varepsilon}-1\rangle$
+# equals the primal optimum (`uot_value`). Substituting $\sum\mathbf P=\tfrac12(\langle\boldsymbol a,e^{-f/\rho}\rangle+\langle\boldsymbol b,e^{-g/\rho}\rangle)$
+# gives $\langle\boldsymbol a,\varphi(f)\rangle+\langle\boldsymbol b,\varphi(g)\rangle=\mathrm{primal}+\tfrac\varepsilon2(m_a+m_b)-\varepsilon m_am_b$
+# with $m_a=\sum\boldsymbol a$, $m_b=\sum\boldsymbol b$; we check that identity on converged float64 potentials. The check
+# against geomloss itself (value and gradient) is in `tests/test_official_loss.py`.
+
+# %%
+#| export
+def unbalanced_dual_value(a:torch.Tensor, # `(B, n)` source masses (may require grad)
+                          b:torch.Tensor, # `(B, m)` target masses, 0 on padding
+                          f:torch.Tensor, # `(B, n)` potential of the sources (held fixed)
+                          g:torch.Tensor, # `(B, m)` potential of the targets (held fixed)
+                          eps:float, # entropic temperature
+                          tau:float # strength ρ of the KL marginal penalties (geomloss `reach**p`)
+                         ) -> torch.Tensor: # `(B,)`
+    "geomloss's `debias=False` unbalanced value $\\langle a,\\varphi(f)\\rangle+\\langle b,\\varphi(g)\\rangle$, $\\varphi(x)=(\\rho+\\varepsilon/2)(1-e^{-x/\\rho})$."
+    phi = lambda x: (tau + eps / 2) * -torch.expm1((-x.detach().to(a.dtype) / tau).clamp(max=40.))   # see the note above
+    bg = torch.where(b > 0, b.to(a.dtype) * phi(g), torch.zeros_like(g, dtype=a.dtype))   # padded g may be huge
+    return (a * phi(f)).sum(-1) + bg.sum(-1)
+
+
+# %%
+g_ = torch.Generator().manual_seed(11)
+a_ = torch.rand(2, 30, generator=g_, dtype=torch.float64) * 0.2
+b_ = torch.ones(2, 5, dtype=torch.float64); C_ = torch.rand(2, 30, 5, generator=g_, dtype=torch.float64)
+pot_ = uot_potentials(a_, b_, C_, 0.05, 0.5, mode='converged', tol=1e-13, max_iter=100000)
+primal = uot_value(a_, b_, C_, 0.05, 0.5, potentials=pot_, grad='none')
+ma, mb = a_.sum(1), b_.sum(1)
+test_close(unbalanced_dual_value(a_, b_, pot_.f, pot_.g, 0.05, 0.5), primal + 0.05 / 2 * (ma + mb) - 0.05 * ma * mb, eps=1e-10)
+aa = a_.clone().requires_grad_()     # gradient: phi(f), the potentials held fixed
+unbalanced_dual_value(aa, b_, pot_.f, pot_.g, 0.05, 0.5).sum().backward()
+test_close(aa.grad, (0.5 + 0.025) * (1 - torch.exp(-pot_.f / 0.5)), eps=1e-12)
+
+
 # %%
 #| export
 class GeneralizedLoss(nn.Module):
@@ -115,6 +220,10 @@ class GeneralizedLoss(nn.Module):
                  max_iter:int=1000, # converged mode: iteration cap
                  report_error:bool=False, # record the marginal error of each solve in `last_solve` (2 extra soft-mins)
                  shift:bool=True, # exponential costs as exp(.)-1 (zero at distance 0), as the official code
+                 transport:str='primal', # transport term: 'primal' <C,P> (Eq. 1) or 'dual' (geomloss's value, official)
+                 entropy:str='sum', # 'sum' eps*sum P log P (Eq. 1) or 'mean' (official: eps*mean P log P, summed over the batch)
+                 empty:str='pixel', # image without points: 'pixel' (tau*D1(0|a)) or 'official' (|sum a| in transport, pixel and point)
+                 grid_offset:float=0.5, # pixel (i, j) sits at stride*(j+offset, i+offset): 0.5 centres, 1.0 official (8j+8)
                 ):
         super().__init__()
         if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
@@ -125,15 +234,32 @@ class GeneralizedLoss(nn.Module):
         if reference not in ('product', 'uniform'): raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
         if mode not in ('official', 'converged'): raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
         if grad not in ('paper', 'official'): raise ValueError(f"grad must be 'paper' or 'official', got {grad!r}")
+        if transport not in ('primal', 'dual'): raise ValueError(f"transport must be 'primal' or 'dual', got {transport!r}")
+        if transport == 'dual' and reference != 'product':
+            raise ValueError("transport='dual' is geomloss's value, defined for reference='product'")
+        if entropy not in ('sum', 'mean'): raise ValueError(f"entropy must be 'sum' or 'mean', got {entropy!r}")
+        if empty not in ('pixel', 'official'): raise ValueError(f"empty must be 'pixel' or 'official', got {empty!r}")
         self.cost, self.eps, self.tau, self.tau_solve, self.scale, self.stride = cost, eps, tau, tau_solve, scale, stride
         self.d_pixel, self.d_point, self.terms, self.mode, self.grad, self.reference = d_pixel, d_point, tuple(terms), mode, grad, reference
         self.eta, self.eta_range, self.image_height = eta, eta_range, image_height
         self.scaling, self.tol, self.max_iter, self.report_error, self.shift = scaling, tol, max_iter, report_error, shift
+        self.transport, self.entropy, self.empty, self.grid_offset = transport, entropy, empty, grid_offset
         self.last_solve = {}
+
+    @classmethod
+    def official(cls, **overrides):
+        "The objective the published models were trained with (the official trainer's), any argument overridden."
+        kw = dict(cost='perspective', eps=0.01, tau=0.1, tau_solve=0.5, scale=512., stride=8, d_pixel='l2', d_point='l1',
+                  mode='official', grad='official', reference='product', eta_range=(0.5, 0.7), shift=True, scaling=0.5,
+                  transport='dual', entropy='mean', empty='official', grid_offset=1.0)
+        kw.update(overrides)
+        kw.setdefault('image_height', kw['scale'])     # the official heights are y / crop size
+        return cls(**kw)
 
     def extra_repr(self):
         return (f"cost={self.cost!r}, eps={self.eps}, tau={self.tau}, tau_solve={self.tau_solve}, scale={self.scale}, "
-                f"stride={self.stride}, d_pixel={self.d_pixel!r}, d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}")
+                f"stride={self.stride}, d_pixel={self.d_pixel!r}, d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}, "
+                f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, grid_offset={self.grid_offset}")
 
     def solve(self, density:torch.Tensor, points) -> dict:
         "Masses, cost, mask and potentials for a batch (no autograd through the iterations)."
@@ -145,11 +271,12 @@ class GeneralizedLoss(nn.Module):
         dt = torch.float64 if density.dtype == torch.float64 else torch.float32
         coords, mask = pad_points(points, device=density.device, dtype=dt)
         a = density.reshape(B, h * w).to(dt)
-        C = cost_matrix(h, w, coords, cost=self.cost, stride=self.stride, scale=self.scale,
-                        image_height=self.image_height, eta=self.eta, eta_range=self.eta_range,
-                        shift=self.shift).to(dt)
+        grid = pixel_positions(h, w, self.stride, self.grid_offset, device=density.device, dtype=dt)
+        H = float(self.image_height) if self.image_height is not None else float(h * self.stride)
+        C = grid_cost(grid, coords, self.cost, scale=self.scale, image_height=H, eta=self.eta,
+                      eta_range=self.eta_range, shift=self.shift)
         b = mask.to(dt)
-        grid = pixel_centres(h, w, self.stride, device=density.device, dtype=dt)[None].expand(B, -1, -1)
+        grid = grid[None].expand(B, -1, -1)
         diam = max_diameter(grid / self.scale, coords / self.scale, mask_y=mask) if self.mode == 'official' else None
         pot = uot_potentials(a.detach(), b, C, self.eps, self.tau_solve, self.tau_solve, mask_b=mask, mode=self.mode,
                              reference=self.reference, diameter=diam, scaling=self.scaling, tol=self.tol,
@@ -168,10 +295,19 @@ class GeneralizedLoss(nn.Module):
         P1 = r * e
         Pt1 = torch.bmm(r[:, None, :], E)[:, 0]
         tiny = 1e-20
-        out = dict(transport=(r * ce).sum(1),
-                   entropy=self.eps * (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1),   # -eps H(P), 0 log 0 = 0
+        plogp = (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1)                # sum P log P, 0 log 0 = 0
+        if self.entropy == 'mean':   # official: eps * mean over the n*m entries, added per image without the 1/B
+            m = (mask.sum(1) if mask is not None else torch.full_like(plogp, b.shape[1])).clamp_min(1)
+            plogp = plogp / (a.shape[1] * m) * a.shape[0]      # x B: the batch mean of these is the official sum
+        out = dict(transport=(r * ce).sum(1) if self.transport == 'primal' else
+                             unbalanced_dual_value(a, b if mask is None else b * mask, pot.f, pot.g, self.eps, self.tau_solve),
+                   entropy=self.eps * plogp,
                    pixel=self.tau * divergence(P1.detach() if self.grad == 'official' else P1, a, self.d_pixel),
                    point=self.tau * divergence(Pt1, b, self.d_point, mask=mask))
+        if self.empty == 'official' and mask is not None:   # |sum a| added to transport, pixel and point (before tau)
+            has, mass = mask.any(1), a.sum(1).abs()
+            for name, wgt in (('transport', 1.), ('pixel', self.tau), ('point', self.tau), ('entropy', 0.)):
+                out[name] = torch.where(has, out[name], wgt * mass)
         out['total'] = sum(out[t] for t in self.terms)
         return out
 
@@ -368,6 +504,144 @@ if SamplesLoss is not None:
           max(abs(T[n].item() - sum(r[n] for r in ref_terms) / 2) / abs(sum(r[n] for r in ref_terms) / 2)
               for n in ['transport', 'entropy', 'pixel', 'point']))
 
+# %% [markdown]
+# ## The official objective: `GeneralizedLoss.official()`
+#
+# The plan above is the official one, but the official trainer's *loss* is not Eq. 1. Per image it adds, from that plan
+# (potentials detached, $\mathbf P=e^{(\boldsymbol f\oplus\boldsymbol g-\mathbf C)/\varepsilon}\,\boldsymbol a\,\boldsymbol b^\top$):
+#
+# * transport: geomloss's *value* $\langle\boldsymbol a,\varphi(\boldsymbol f)\rangle+\langle\boldsymbol b,\varphi(\boldsymbol g)\rangle$
+#   (above), whose gradient $\varphi(\boldsymbol f)\ge0$ lowers the density everywhere the potential is positive;
+# * pixel $\sum_i((\mathbf P\mathbf 1)_i^{\text{detached}}-a_i)^2$ and point $\sum_j|(\mathbf P^\top\mathbf 1)_j-1|$, weighted by $\tau=0.1$;
+# * entropy $\varepsilon\cdot\mathrm{mean}_{ij}(P_{ij}\log P_{ij})$, a mean over the $n m$ entries;
+# * for an image without points, $|\sum\boldsymbol a|$ in each of transport, pixel and point, i.e. $1.2\,|\sum\boldsymbol a|$;
+#
+# and the total is $\frac1B\sum_k(\text{transport}_k+\tau(\text{pixel}_k+\text{point}_k))+\varepsilon\sum_k\mathrm{mean}(\mathbf P_k\log\mathbf P_k)$
+# (the entropy is not divided by the batch size). Its cost is the perspective one with $\eta\in[0.5,0.7]$, heights
+# and coordinates divided by the crop size, and pixels at $8j+8$. `GeneralizedLoss.official(**overrides)` sets all of it
+# (`transport='dual'`, `entropy='mean'`, `empty='official'`, `grid_offset=1.0`, `eta_range=(0.5, 0.7)`,
+# `image_height=scale`, `mode='official'`, `grad='official'`); `get_loss('gl-official')` builds it and `uotcrowd train
+# --loss gl-official` trains with it. `grid_offset=0.5` keeps the official formulas on the cell centres. The batch is
+# solved at once; `tests/test_official_loss.py` compares value and gradient with the trainer's formulas evaluated
+# with geomloss image by image: equal to $10^{-15}$ in float64; in float32 the values agree to rounding and the
+# gradients to $2\cdot10^{-6}$ of their largest entry.
+#
+# Below, the same total written out image by image from the plan of `uot_plan` (a second assembly of the terms), on a
+# batch with an empty image.
+
+# %%
+g = torch.Generator().manual_seed(12)
+side, crop = 16, 128.
+dens = (torch.rand(3, 1, side, side, generator=g, dtype=torch.float64) * 0.05)
+pts3 = [torch.rand(7, 2, generator=g, dtype=torch.float64) * crop, torch.zeros(0, 2, dtype=torch.float64),
+        torch.rand(3, 2, generator=g, dtype=torch.float64) * crop]
+L_off = GeneralizedLoss.official(scale=crop)
+test_eq((L_off.transport, L_off.entropy, L_off.empty, L_off.grid_offset, L_off.eta_range, L_off.image_height),
+        ('dual', 'mean', 'official', 1.0, (0.5, 0.7), crop))
+dd = dens.clone().requires_grad_()
+loss, T = L_off(dd, pts3, return_terms=True)
+loss.backward()
+X = pixel_positions(side, side, 8, offset=1.0, dtype=torch.float64)
+test_eq(X[:2, 0], torch.tensor([8., 16.], dtype=torch.float64))          # the official grid, 8j + 8
+ref, gref = 0., []
+for k in range(3):
+    A = dens[k].reshape(1, -1).clone().requires_grad_()
+    if len(pts3[k]) == 0: lk = 1.2 * A.sum().abs() / 3
+    else:
+        Ck = grid_cost(X, pts3[k][None], scale=crop, image_height=crop, eta_range=(0.5, 0.7))
+        ones = torch.ones(1, len(pts3[k]), dtype=torch.float64)
+        pot = uot_potentials(A.detach(), ones, Ck, 0.01, 0.5, diameter=max_diameter(X[None] / crop, pts3[k][None] / crop))
+        P = uot_plan(A, ones, Ck, 0.01, 0.5, potentials=pot, grad='official')[0]
+        phi = lambda x: 0.505 * (1 - torch.exp(-x / 0.5))
+        lk = ((A[0] * phi(pot.f[0])).sum() + phi(pot.g[0]).sum()
+              + 0.1 * (((P.sum(1).detach() - A[0]) ** 2).sum() + (P.sum(0) - 1).abs().sum())) / 3 \
+             + 0.01 * torch.xlogy(P, P).mean()
+    lk.backward(); ref = ref + lk.item(); gref.append(A.grad.reshape(1, side, side))
+test_close(loss.item(), ref, eps=1e-10 * abs(ref))
+test_close(dd.grad, torch.stack(gref), eps=1e-10)
+test_close(dd.grad[1], torch.full((1, side, side), 1.2 / 3, dtype=torch.float64), eps=1e-12)   # empty image: 1.2 sign(sum a) / B
+test_fail(lambda: GeneralizedLoss(transport='dual', reference='uniform'), contains="reference='product'")
+test_fail(lambda: GeneralizedLoss(entropy='avg'), contains="entropy")
+
+# %% [markdown]
+# ### Paper, official and converged objectives side by side
+#
+# On a random batch (B=2, 64×64 maps of 512×512 crops, 300 points per image), the value of each objective and the cosine
+# of its gradient with the official one: our default (Eq. 1, `GeneralizedLoss()`), the official trainer's, the
+# converged solve (`mode='converged'`), and two intermediate settings.
+
+# %%
+g = torch.Generator().manual_seed(0)
+B, side, m = 2, 64, 300
+dens = torch.rand(B, 1, side, side, generator=g) * 2 * m / side ** 2
+ptsR = [torch.rand(m, 2, generator=g) * 512 for _ in range(B)]
+objectives = {'paper (default)': GeneralizedLoss(), 'official': GeneralizedLoss.official(),
+              'converged': GeneralizedLoss(mode='converged'),
+              "grad='official', eta (0.5, 0.7)": GeneralizedLoss(grad='official', eta_range=(0.5, 0.7)),
+              'official on cell centres': GeneralizedLoss.official(grid_offset=0.5)}
+vals, grads = {}, {}
+for name, L in objectives.items():
+    dd = dens.clone().requires_grad_()
+    l, T = L(dd, ptsR, return_terms=True); l.backward()
+    vals[name], grads[name] = {k: v.item() for k, v in T.items()}, dd.grad.flatten()
+for name in objectives:
+    cos = torch.nn.functional.cosine_similarity(grads[name], grads['official'], dim=0).item()
+    ratio = (grads[name].norm() / grads['official'].norm()).item()
+    print(f"{name:32s} total {vals[name]['total']:8.3f} (transport {vals[name]['transport']:7.3f}, pixel {vals[name]['pixel']:6.3f}, "
+          f"point {vals[name]['point']:6.3f}, entropy {vals[name]['entropy']:8.5f}); gradient cosine with official {cos:.3f}, norm ratio {ratio:.2f}")
+
+# %%
+test_close(vals['official']['total'], 21.9647, eps=1e-3)   # the official trainer's formulas give 21.9647 (geomloss 0.3.1, float32)
+assert vals['official']['total'] > 1.5 * vals["grad='official', eta (0.5, 0.7)"]['total']
+
+# %% [markdown]
+# ### Where each objective moves the density
+#
+# One image (512×512, 26 heads in perspective rows) and a blurry prediction of the right count, 70 % of it around the
+# heads and 30 % spread uniformly; each panel shows $-\partial\mathcal L/\partial\boldsymbol a$ (red: a gradient step
+# adds density, blue: it removes it). All three pull density onto the crowded upper rows and remove the uniform
+# background, most of all around the sparse lower heads, whose point terms are already met by the background mass
+# the plan sends them. The official objective removes about twice as much: its transport term, geomloss's dual value,
+# has the gradient $\varphi(\boldsymbol f)$, positive wherever the potential is, so on top of the pull of the plan it
+# lowers the density almost everywhere, a count penalty spread over the map. The paper's and the converged objectives
+# differ little from each other on this image.
+
+# %%
+import matplotlib.pyplot as plt
+
+# %%
+g = torch.Generator().manual_seed(0)
+rows = [(40, 9), (104, 7), (200, 5), (340, 3), (460, 2)]
+headsP = torch.cat([torch.stack([torch.linspace(60, 452, k) + torch.rand(k, generator=g) * 20,
+                                 torch.full((k,), float(y))], 1) for y, k in rows])
+side = 64
+exactP = torch.zeros(1, 1, side, side)
+for x, y in headsP: exactP[0, 0, int(y // 8), int(x // 8)] += 1.
+blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(exactP, (3, 3, 3, 3), mode='replicate'), 7, stride=1)
+pred = (0.7 * blur / blur.sum() + 0.3 / side ** 2) * len(headsP)     # 70 % near the heads, 30 % spread uniformly
+shown = {'paper (default)': GeneralizedLoss(), 'official': GeneralizedLoss.official(), 'converged': GeneralizedLoss(mode='converged')}
+fig, axes = plt.subplots(1, 3, figsize=(12, 4.3), dpi=60)
+pushes = {}
+for ax, (name, L) in zip(axes, shown.items()):
+    dd = pred.clone().requires_grad_()
+    L(dd, [headsP]).backward()
+    push = -dd.grad[0, 0]
+    pushes[name] = push
+    lim = push.abs().max().item()
+    im = ax.imshow(push, cmap='RdBu_r', vmin=-lim, vmax=lim, extent=(0, 512, 512, 0))
+    ax.scatter(headsP[:, 0], headsP[:, 1], s=10, c='k', marker='+')
+    ax.set_title(f'{name}', fontsize=10); ax.axis('off'); fig.colorbar(im, ax=ax, fraction=0.046)
+fig.suptitle('−∂L/∂a on one image (red: density added, blue: removed; heads: +)', fontsize=10)
+plt.tight_layout(); plt.show()
+
+# %%
+on_heads = exactP[0, 0] > 0
+stats = {k: dict(background=v[~on_heads].mean().item(), heads=v[on_heads].mean().item(), total=v.sum().item())
+         for k, v in pushes.items()}
+for k, v in stats.items(): print(f"{k:16s} mean push on the background {v['background']:+.4f}, on the heads {v['heads']:+.4f}, sum {v['total']:+.1f}")
+for v in stats.values(): assert v['heads'] > 0 > v['background']        # every objective moves density onto the heads
+assert stats['official']['background'] < 1.5 * stats['paper (default)']['background']
+
 
 # %% [markdown]
 # ## Per-image loop (the official way)
@@ -392,19 +666,21 @@ test_close(loss_per_image(gl, d.detach()[:, :, :8, :8], pts3), GeneralizedLoss(s
 # %% [markdown]
 # ## Registry
 #
-# `get_loss(name, **kwargs)` builds a loss by name: `'gl'` (this notebook), `'l2'`, `'bl'`, `'dmcount'` (`uotcrowd.baselines`).
+# `get_loss(name, **kwargs)` builds a loss by name: `'gl'` (this notebook, Eq. 1), `'gl-official'` (`GeneralizedLoss.official`,
+# the official trainer's objective), `'l2'`, `'bl'`, `'dmcount'` (`uotcrowd.baselines`).
 # Every loss accepts `stride=` and returns the batch mean of `loss(density, points)`.
 
 # %%
 #| export
-LOSS_NAMES = ('gl', 'l2', 'bl', 'dmcount')
+LOSS_NAMES = ('gl', 'gl-official', 'l2', 'bl', 'dmcount')
 
-def get_loss(name:str, # 'gl', 'l2', 'bl' or 'dmcount'
+def get_loss(name:str, # 'gl', 'gl-official', 'l2', 'bl' or 'dmcount'
              **kwargs # passed to the loss constructor (e.g. `stride=8`, `eps=0.01`)
             ) -> nn.Module:
     "Build a loss by name."
     key = str(name).lower()
     if key == 'gl': return GeneralizedLoss(**kwargs)
+    if key == 'gl-official': return GeneralizedLoss.official(**kwargs)
     if key in LOSS_NAMES:
         from uotcrowd import baselines
         cls = dict(l2=baselines.L2DensityLoss, bl=baselines.BayesianLoss, dmcount=baselines.DMCountLoss)[key]
@@ -414,7 +690,9 @@ def get_loss(name:str, # 'gl', 'l2', 'bl' or 'dmcount'
 
 # %%
 test_eq(type(get_loss('gl', stride=4, eps=0.02)), GeneralizedLoss); test_eq(get_loss('GL', stride=4).stride, 4)
-test_fail(lambda: get_loss('mse'), contains="gl, l2, bl, dmcount")
+test_fail(lambda: get_loss('mse'), contains="gl, gl-official, l2, bl, dmcount")
+Lo = get_loss('gl-official', stride=4, eps=0.02)     # the preset, with the overrides applied
+test_eq((type(Lo), Lo.stride, Lo.eps, Lo.transport, Lo.grid_offset), (GeneralizedLoss, 4, 0.02, 'dual', 1.0))
 for nm in ['l2', 'bl', 'dmcount']:
     lf = get_loss(nm, stride=8)
     v = lf(torch.rand(2, 1, 8, 8), [torch.rand(3, 2) * 64, torch.zeros(0, 2)])

@@ -300,6 +300,34 @@ with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(x)))
 x = torch.randn(1, 3, 60, 76)  # padded to 64×80 inside
 with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(F.pad(x, (0, 4, 0, 4))))[..., :8, :10])
 
+# %% [markdown]
+# The models run unchanged in the channels_last memory format and under bfloat16 autocast (what
+# `TrainConfig(precision='bf16')` does, see the training notebook): padding, concatenation and upsampling keep the
+# format, channels_last changes the output only by float32 rounding, and bfloat16 moves the counts of these untrained
+# networks (`abs` outputs, so no count is a near-zero sum) by 1-2 % at most, 0.3 % for an MCNN trained on
+# ShanghaiTech B (`tests/test_train.py`).
+
+# %%
+import copy
+
+# %%
+torch.manual_seed(0)
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    abs_models = {'vgg19': VGG19Density(out_act='abs'), 'csrnet': CSRNet(out_act='abs'), 'mcnn': MCNN()}
+x = torch.randn(2, 3, 60, 76)  # not a multiple of 16: padded inside
+x_cl = x.contiguous(memory_format=torch.channels_last)
+for name, m in abs_models.items():
+    m.eval(); m_cl = copy.deepcopy(m).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = m(x), m_cl(x_cl)
+        with torch.autocast('cpu', dtype=torch.bfloat16): out16 = m_cl(x_cl)
+    assert out.is_contiguous(memory_format=torch.channels_last), name
+    test_close(out, ref, eps=1e-5 * ref.abs().max().item())
+    test_eq(out16.dtype, torch.bfloat16)
+    rel = (out16.float().sum((1, 2, 3)) - ref.sum((1, 2, 3))).abs() / ref.sum((1, 2, 3))
+    assert (rel < 0.02).all(), (name, rel)
+
 
 # %% [markdown]
 # ## Loading weights

@@ -15,12 +15,14 @@ from typing import Sequence
 import numpy as np
 import torch
 from uotcrowd.core import get_device, seed_everything
+from uotcrowd.losses import LOSS_NAMES
 from uotcrowd.train import TrainConfig, fit, evaluate, load_model, write_csv, default_lr
+from uotcrowd.train import PRECISIONS, resolve_precision, autocast, memory_format, checkpoint_precision, checkpoint_loc_threshold
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
-import contextlib, io, tempfile, subprocess
+import contextlib, csv, io, tempfile, subprocess
 
 # %% [markdown]
 # The `uotcrowd` command (installed as a console script, also `python -m uotcrowd`) follows the habits of the
@@ -33,7 +35,7 @@ import contextlib, io, tempfile, subprocess
 # | `uotcrowd train` | trains a model on a dataset (DDP under `torchrun`) | `last.pt`, `best.pt`, `log.csv`, `curves.png`, `config.json` |
 # | `uotcrowd eval` | MAE/RMSE/NAE and localization F1 at 4 and 8 px on the test (or validation) split | `metrics.json`, `per_image.csv` |
 # | `uotcrowd predict` | counts, density overlays and located points for image files | `predictions.csv`, `points.json`, PNGs, NWPU `.txt` |
-# | `uotcrowd bench` | speed, memory and accuracy of the loss solvers | `bench.json`, `bench.md` |
+# | `uotcrowd bench` | speed, memory and accuracy of the loss solvers; training and evaluation speed per precision | `bench.json`, `bench.md` |
 #
 # ```sh
 # uotcrowd demo                                   # no data, no weights needed
@@ -54,7 +56,7 @@ import contextlib, io, tempfile, subprocess
 #| export
 DATASETS = ('shanghaitech-a', 'shanghaitech-b', 'qnrf', 'jhu', 'nwpu', 'synthetic')
 MODELS = ('vgg19', 'csrnet', 'mcnn')
-LOSSES = ('gl', 'l2', 'bl', 'dmcount')
+LOSSES = LOSS_NAMES  # the loss registry's names
 
 def layouts() -> dict:
     "Expected folder layout per dataset name (the texts of `uotcrowd.data`)."
@@ -96,6 +98,12 @@ def _add_data(p, required_dataset=True):
     p.add_argument('--synthetic-n', type=int, default=None, help='synthetic: number of training images (validation and test get a quarter each)')
     p.add_argument('--synthetic-size', type=int, default=None, help='synthetic: image side in pixels')
 
+def _add_precision(p, from_checkpoint=False):
+    p.add_argument('--precision', choices=PRECISIONS, default=None if from_checkpoint else 'auto',
+                   help='arithmetic of the model: auto (bf16 where the device runs it natively, fp32 elsewhere), '
+                        'fp32 (float32, bit-reproducible), bf16 or fp16 (autocast, channels_last); the loss is always float32'
+                        + (' (default: the precision the checkpoint was trained in)' if from_checkpoint else ''))
+
 def _add_common(p):
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
     p.add_argument('--quiet', action='store_true', help='no progress bars or per-epoch lines')
@@ -116,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    'log.csv, curves.png and config.json to --out.')
     _add_data(t)
     t.add_argument('--model', choices=MODELS, default='vgg19', help='network')
-    t.add_argument('--loss', choices=LOSSES, default='gl', help='loss: generalized (gl), L2 density, Bayesian, DM-Count')
+    t.add_argument('--loss', choices=LOSSES, default='gl', help='loss: generalized (gl: Eq. 1; gl-official: the official trainer\'s objective), L2 density, Bayesian, DM-Count')
     t.add_argument('--out', required=True, help='output folder')
     t.add_argument('--weights', default=None, help='initial weights: torchvision VGG state dict or a uotcrowd checkpoint')
     t.add_argument('--out-act', choices=('relu', 'abs'), default=None,
@@ -131,16 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--val-start', type=int, default=0, help='first epoch that may be validated')
     t.add_argument('--val-fraction', type=float, default=0.1, help='share of the training images held out for validation')
     t.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
-    t.add_argument('--amp', action='store_true', help='mixed precision on CUDA')
+    _add_precision(t)
     t.add_argument('--seed', type=int, default=0, help='random seed (initialisation, order, augmentation)')
     t.add_argument('--deterministic', action='store_true', help='deterministic torch kernels')
     t.add_argument('--num-workers', type=int, default=0, help='data-loading processes')
     t.add_argument('--time-budget', type=float, default=None, help='stop once the run, resumed segments included, has trained this many seconds')
+    t.add_argument('--patience', type=int, default=None, help='stop after this many epochs without a better validation MAE')
+    t.add_argument('--lr-patience', type=int, default=None, help='decay the learning rate after this many epochs without a better validation MAE')
+    t.add_argument('--lr-decay', type=float, default=0.1, help='factor of each learning-rate decay (see --lr-patience)')
     t.add_argument('--max-steps', type=int, default=None, help='at most this many steps per epoch (smoke tests)')
     g = t.add_argument_group('loss hyper-parameters (unset: the defaults of uotcrowd.losses)')
     g.add_argument('--eps', type=float, default=None, help='gl: entropic regularization epsilon')
     g.add_argument('--tau', type=float, default=None, help='gl: marginal penalty tau')
     g.add_argument('--cost', default=None, help="gl: transport cost ('perspective', 'exp', 'dist', 'sqdist')")
+    g.add_argument('--mode', choices=('official', 'converged'), default=None,
+                   help="gl: 'official' (12 annealed Sinkhorn pairs) or 'converged' (iterate to --tol marginal error)")
+    g.add_argument('--tol', type=float, default=None, help='gl, converged mode: relative marginal error to reach')
     g.add_argument('--sigma', type=float, default=None, help='l2/bl: Gaussian bandwidth in pixels')
     g.add_argument('--coord-scale', type=float, default=None,
                    help="dmcount: pixel coordinates are divided by this before the squared-distance cost "
@@ -154,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(e, required_dataset=False)
     e.add_argument('--split', choices=('test', 'val'), default='test', help='which split to evaluate')
     e.add_argument('--out', default=None, help='output folder (default: CHECKPOINT_DIR/eval-SPLIT)')
+    e.add_argument('--overwrite', action='store_true', help='replace the results already in the output folder')
     e.add_argument('--thresholds', type=float, nargs='*', default=[4., 8.], help='localization distances in px (none: skip)')
-    e.add_argument('--loc-threshold', type=float, default=0.05, help='density threshold of the localization')
+    e.add_argument('--loc-threshold', type=float, default=None,
+                   help="density threshold of the localization (default: the checkpoint's, chosen on validation, else 0.05)")
+    _add_precision(e, from_checkpoint=True)
     _add_common(e)
 
     p = sub.add_parser('predict', help='count the people in image files', formatter_class=_Fmt,
@@ -164,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--checkpoint', required=True, help='checkpoint written by `uotcrowd train`')
     p.add_argument('inputs', nargs='+', metavar='IMAGE_OR_DIR', help='image files or folders of images')
     p.add_argument('--out', required=True, help='output folder')
-    p.add_argument('--loc-threshold', type=float, default=0.05, help='density threshold of the localization')
+    p.add_argument('--loc-threshold', type=float, default=None,
+                   help="density threshold of the localization (default: the checkpoint's, chosen on validation, else 0.05)")
     p.add_argument('--nwpu', action='store_true', help='also write the NWPU-Crowd counting and localization submission files')
     p.add_argument('--no-plots', action='store_true', help='skip the PNGs')
     p.add_argument('--dpi', type=int, default=80, help='resolution of the PNGs')
+    _add_precision(p, from_checkpoint=True)
     _add_common(p)
 
     d = sub.add_parser('demo', help='train and evaluate on synthetic crowds (no data or weights needed)', formatter_class=_Fmt,
@@ -192,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--size', type=int, default=None, help='density map side (default 64; quick 32)')
     b.add_argument('--methods', nargs='+', default=None, metavar='METHOD',
                    help='methods to run (default: all of uotcrowd.bench.METHODS that are installed)')
-    b.add_argument('--no-vgg', action='store_true', help='skip the VGG19 training-step timing')
+    b.add_argument('--no-vgg', action='store_true', help='skip the VGG19 training-step timing (and VGG19 in the throughput section)')
+    b.add_argument('--no-throughput', action='store_true', help='skip the training-throughput section (step and evaluation time per precision)')
+    b.add_argument('--throughput-only', action='store_true', help='only the training-throughput section (no loss benchmark)')
+    b.add_argument('--throughput-threads', type=int, nargs='+', default=None, help='torch thread counts of the throughput section (default 1 2; quick 1)')
     _add_common(b)
     return parser
 
@@ -249,7 +271,7 @@ def make_datasets(dataset:str, # one of `DATASETS`
     return build_datasets(dataset, root=root, crop_size=crop_size, stride=stride, val_fraction=val_fraction,
                           seed=seed, **kwargs)
 
-LOSS_ARGS = {'gl': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ('coord_scale',)}
+LOSS_ARGS = {'gl': ('eps', 'tau', 'cost', 'mode', 'tol'), 'gl-official': ('eps', 'tau', 'cost'), 'l2': ('sigma',), 'bl': ('sigma',), 'dmcount': ('coord_scale',)}
 
 def loss_kwargs(args) -> dict:
     "The loss hyper-parameters set on the command line."
@@ -264,6 +286,8 @@ def loss_kwargs(args) -> dict:
 # %%
 test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--tau', '0.5', '--cost', 'exp'])),
         {'tau': 0.5, 'cost': 'exp'})
+test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--mode', 'converged', '--tol', '1e-3'])),
+        {'mode': 'converged', 'tol': 1e-3})
 test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--out', 'x', '--loss', 'dmcount',
                                        '--coord-scale', '128'])), {'coord_scale': 128.})
 with warnings.catch_warnings(record=True) as w:
@@ -278,6 +302,11 @@ assert 'not used' in str(w[0].message)
 # Builds the datasets, the model (optionally from `--weights`) and the loss, writes `config.json`, and calls
 # `uotcrowd.train.fit`. The checkpoint records the model, loss and dataset names and arguments, so `eval` and
 # `predict` later need only `--checkpoint`.
+#
+# `--precision` defaults to `auto`: bfloat16 autocast with channels_last tensors where the device runs bfloat16 in
+# hardware (recent GPUs, CPUs with AVX512-BF16 or AMX), float32 elsewhere; the losses always compute in float32.
+# **`--precision fp32` gives bit-reproducible float32 runs**, identical to runs trained before the flag existed
+# (see Precision in the training notebook).
 
 # %%
 #| export
@@ -294,12 +323,14 @@ def cmd_train(args) -> dict:
     train_ds, val_ds, _ = make_datasets(args.dataset, args.data_dir, args.crop_size, stride, args.val_fraction,
                                         args.seed, **data_kw)
     loss_kw = loss_kwargs(args)
+    if args.loss == 'gl-official': loss_kw['scale'] = float(args.crop_size)  # the official code divides by the crop size
     loss = get_loss(args.loss, stride=stride, **loss_kw)
     cfg = TrainConfig(out_dir=args.out, max_epoch=args.max_epoch, batch_size=args.batch_size, crop_size=args.crop_size,
                       lr=args.lr, weight_decay=args.weight_decay, val_epoch=args.val_epoch, val_start=args.val_start,
-                      clip_grad=args.clip_grad, amp=args.amp, seed=args.seed, deterministic=args.deterministic,
+                      clip_grad=args.clip_grad, precision=args.precision, seed=args.seed, deterministic=args.deterministic,
                       num_workers=args.num_workers, device=args.device, resume=args.resume, quiet=args.quiet,
-                      time_budget_s=args.time_budget, max_steps=args.max_steps, model=args.model, model_kwargs=model_kw,
+                      time_budget_s=args.time_budget, patience=args.patience, lr_patience=args.lr_patience,
+                      lr_decay=args.lr_decay, max_steps=args.max_steps, model=args.model, model_kwargs=model_kw,
                       loss=args.loss,
                       loss_kwargs=loss_kw, dataset=args.dataset,
                       data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
@@ -322,7 +353,7 @@ def cmd_train(args) -> dict:
 #
 # Rebuilds the model from the checkpoint and evaluates it on the test split (or `--split val`: the validation
 # images held out of the training split with the seed of the run). The dataset defaults to the one the model was
-# trained on.
+# trained on, the precision to the one it was trained in (`--precision` overrides it; the metrics record it).
 
 # %%
 #| export
@@ -341,10 +372,16 @@ def cmd_eval(args) -> dict:
                                        cfg.get('seed', 0), **data_kw)
     ds = test_ds if args.split == 'test' else val_ds
     out = Path(args.out or Path(args.checkpoint).parent / f'eval-{args.split}')
-    res = evaluate(model, ds, device, thresholds=args.thresholds or None, loc_threshold=args.loc_threshold,
+    kept = [f for f in ('metrics.json', 'per_image.csv') if (out / f).exists()]
+    if kept and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {' and '.join(kept)}: choose another --out, or pass --overwrite to replace them")
+    precision = resolve_precision(args.precision or checkpoint_precision(ckpt), device)
+    loc_threshold = checkpoint_loc_threshold(ckpt) if args.loc_threshold is None else args.loc_threshold
+    res = evaluate(model, ds, device, thresholds=args.thresholds or None, loc_threshold=loc_threshold, precision=precision,
                    csv_path=out / 'per_image.csv', quiet=args.quiet or not sys.stderr.isatty())
     metrics = {k: v for k, v in res.items() if k != 'per_image'}
-    metrics.update(checkpoint=str(args.checkpoint), dataset=dataset, split=args.split, model=ckpt.get('model_name'))
+    metrics.update(checkpoint=str(args.checkpoint), dataset=dataset, split=args.split, model=ckpt.get('model_name'),
+                   precision=precision, loc_threshold=loc_threshold)
     (out / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     print(format_metrics(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'per_image.csv'}")
@@ -352,7 +389,8 @@ def cmd_eval(args) -> dict:
 
 def format_metrics(m:dict) -> str:
     "One line per metric group, e.g. `MAE 1.23  RMSE 2.34  NAE 0.05` and `F1@4px 0.61 (P 0.6, R 0.62)`."
-    lines = [f"{m.get('dataset', '')} {m.get('split', '')} ({m.get('n', '?')} images):".strip()]
+    lines = [f"{m.get('dataset', '')} {m.get('split', '')} ({m.get('n', '?')} images"
+             f"{', ' + m['precision'] if m.get('precision') else ''}):".strip()]
     if 'mae' in m: lines.append(f"  MAE {m['mae']:.3f}  RMSE {m['rmse']:.3f}  NAE {m['nae']:.4f}")
     else: lines.append('  no ground-truth counts: predictions only')
     for k in sorted((k for k in m if k.startswith('f1@')), key=lambda k: float(k[3:])):
@@ -374,7 +412,8 @@ assert lines[2].startswith('  F1@4px 0.250') and lines[3].startswith('  F1@8px 0
 # Reads image files (or every image in the given folders), normalizes them like the datasets, and writes for each
 # one the predicted count, a heat-map of the density over the image, and the located points; `predictions.csv`
 # and `points.json` gather all images. With `--nwpu`, the NWPU-Crowd submission files are written too
-# (`uotcrowd.metrics.write_nwpu_predictions`).
+# (`uotcrowd.metrics.write_nwpu_predictions`). The model runs in the checkpoint's precision unless `--precision`
+# says otherwise; counts are summed from the float32 density.
 
 # %%
 #| export
@@ -452,29 +491,43 @@ def cmd_predict(args) -> list[dict]:
     device = get_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     stride = int(model.stride)
+    precision = resolve_precision(args.precision or checkpoint_precision(ckpt), device)
+    loc_threshold = checkpoint_loc_threshold(ckpt) if args.loc_threshold is None else args.loc_threshold
+    fmt = memory_format(precision)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     files = list_images(args.inputs)
     stems = [f.stem for f in files]
     if len(set(stems)) < len(stems): stems = [f"{f.parent.name}_{f.stem}" for f in files]
     results = []
     from tqdm import tqdm
+    failed = []
     for f, stem in zip(tqdm(files, desc='predict', disable=args.quiet or not sys.stderr.isatty()), stems):
-        image = read_image(f)
-        density = model(image.unsqueeze(0).to(device)).float()
-        pts = localize(density, stride=stride, threshold=args.loc_threshold)[0].cpu()
+        try: image = read_image(f)
+        except (ValueError, OSError) as e:  # a corrupt file is reported, the others are still counted
+            print(f"uotcrowd predict: skipped {e}", file=sys.stderr, flush=True)
+            failed.append(str(f))
+            results.append({'name': stem, 'path': str(f), 'count': None, 'n_points': None, 'points': [], 'error': str(e)})
+            continue
+        with autocast(device, precision):
+            density = model(image.unsqueeze(0).to(device, memory_format=fmt))
+        density = density.float()
+        pts = localize(density, stride=stride, threshold=loc_threshold)[0].cpu()
         count = float(density.sum())
         results.append({'name': stem, 'path': str(f), 'count': count, 'n_points': len(pts),
                         'points': [[round(float(x), 2), round(float(y), 2)] for x, y in pts.tolist()]})
         if not args.no_plots:
             plot_prediction(image, density, pts, title=f'{f.name}: {count:.1f} people', path=out / f'{stem}_pred.png', dpi=args.dpi)
         if not args.quiet: print(f"{f}: count {count:.1f}, {len(pts)} points", flush=True)
-    write_csv(results, out / 'predictions.csv', ['name', 'path', 'count', 'n_points'])
-    (out / 'points.json').write_text(json.dumps({r['name']: {'count': r['count'], 'points': r['points']} for r in results}))
+    write_csv(results, out / 'predictions.csv', ['name', 'path', 'count', 'n_points', 'error'])
+    good = [r for r in results if r['count'] is not None]
+    (out / 'points.json').write_text(json.dumps({r['name']: {'count': r['count'], 'points': r['points']} for r in good}))
     written = [out / 'predictions.csv', out / 'points.json']
     if args.nwpu:
-        written += _write_nwpu(results, out)
+        written += _write_nwpu(good, out)
     if not args.quiet:
-        print(f"wrote {', '.join(map(str, written))}" + ('' if args.no_plots else f" and {len(results)} PNGs (*_pred.png) in {out}"))
+        print(f"wrote {', '.join(map(str, written))}" + ('' if args.no_plots else f" and {len(good)} PNGs (*_pred.png) in {out}"))
+    if failed: raise ValueError(f"{len(failed)} of {len(files)} images could not be read ({', '.join(failed)}); "
+                                f"the other {len(good)} are in {out / 'predictions.csv'}")
     return results
 
 
@@ -597,7 +650,9 @@ def _demo_examples(model, ds, ev, path, k:int=3, dpi:int=70):
 # %% [markdown]
 # ## `bench`
 #
-# A thin wrapper over `uotcrowd.bench.run_bench` (see the benchmarks notebook for what is measured).
+# A thin wrapper over `uotcrowd.bench.run_bench` (see the benchmarks notebook for what is measured). Besides the
+# loss solvers it times training steps and full-image evaluation of MCNN and VGG19 per precision
+# (`--throughput-only` for just that, `--no-throughput` to skip it).
 
 # %%
 #| export
@@ -607,9 +662,16 @@ def cmd_bench(args) -> dict:
     methods = tuple(args.methods) if args.methods else bench.METHODS
     unknown = [m for m in methods if m not in bench.METHODS]
     if unknown: raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose among {', '.join(bench.METHODS)}")
+    if args.no_throughput and args.throughput_only: raise ValueError("--no-throughput and --throughput-only exclude each other")
+    throughput = False if args.no_throughput else {}  # a dict: arguments of `training_throughput`
+    if throughput is not False and args.throughput_threads: throughput['threads'] = tuple(args.throughput_threads)
+    if args.throughput_only:  # no loss cases and no loss-share step, but VGG19 stays in the throughput rows
+        methods = ()
+        if not args.no_vgg: throughput['models'] = bench.THROUGHPUT_QUICK['models'] if args.quick else bench.THROUGHPUT_MODELS
     res = bench.run_bench(args.out, device=args.device, quick=args.quick, batch_sizes=args.batch_sizes,
-                          n_points=args.points, size=args.size, methods=methods, vgg=not args.no_vgg,
-                          verbose=not args.quiet)
+                          n_points=args.points, size=args.size, methods=methods,
+                          vgg=not args.no_vgg and not args.throughput_only,
+                          throughput=throughput or not args.no_throughput, verbose=not args.quiet)
     return res
 
 
@@ -627,7 +689,7 @@ def main(argv:Sequence[str]|None=None # arguments (default: `sys.argv[1:]`)
     try: COMMANDS[args.command](args)
     except FloatingPointError as e:
         print(f"uotcrowd {args.command}: {e}", file=sys.stderr); return 3
-    except (FileNotFoundError, ValueError) as e:  # includes uotcrowd.data.DatasetError
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # includes uotcrowd.data.DatasetError
         print(f"uotcrowd {args.command}: error: {e}", file=sys.stderr); return 2
     return 0
 
@@ -649,6 +711,20 @@ test_eq(main(['train', *tiny, '--model', 'mcnn', '--loss', 'gl', '--crop-size', 
 test_eq(main(['eval', '--checkpoint', str(tmp/'run'/'best.pt'), '--quiet']), 0)
 metrics = json.loads((tmp/'run'/'eval-test'/'metrics.json').read_text())
 test_eq(metrics['n'], 4); assert {'mae', 'rmse', 'nae', 'f1@4', 'f1@8'} <= set(metrics)
+
+# %% [markdown]
+# The run trained in the precision `auto` picks on this machine, and `eval` used the same one; `--precision fp32`
+# evaluates in float32 instead, with counts within 1 % of the bf16 ones:
+
+# %%
+trained_in = torch.load(tmp/'run'/'best.pt', weights_only=True)['precision']
+test_eq(trained_in, resolve_precision('auto', 'cpu')); test_eq(metrics['precision'], trained_in)
+with contextlib.redirect_stdout(io.StringIO()) as printed:
+    test_eq(main(['eval', '--checkpoint', str(tmp/'run'/'best.pt'), '--precision', 'fp32', '--out', str(tmp/'eval32'), '--quiet']), 0)
+assert printed.getvalue().startswith('synthetic test (4 images, fp32):'), printed.getvalue()
+test_eq(json.loads((tmp/'eval32'/'metrics.json').read_text())['precision'], 'fp32')
+counts = [np.array([float(r['pred_count']) for r in csv.DictReader(open(d/'per_image.csv'))]) for d in (tmp/'run'/'eval-test', tmp/'eval32')]
+assert (np.abs(counts[0] - counts[1]) <= 0.01 * counts[1]).all(), counts
 
 # %% [markdown]
 # `--seed` fixes the whole run, the initial weights included: the same command twice gives the same weights after

@@ -1,6 +1,7 @@
 """Tests of `uotcrowd.baselines` that do not fit its notebook: import isolation, dtypes, and short optimizations."""
 import subprocess
 import sys
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -50,7 +51,22 @@ def test_minimizing_the_loss_recovers_the_count(loss):
     assert abs(count - expected) < 0.1, (count, expected)
 
 
-def test_density_map_is_device_and_dtype_preserving():
-    pts = torch.tensor([[10., 12.]], dtype=torch.float64)
-    assert density_map(pts, 4, 4).dtype == torch.float64
-    assert density_map(pts.float(), 4, 4).dtype == torch.float32
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_density_map_is_device_and_dtype_preserving(device):
+    "On the points' device and in their dtype, each cell holds the Gaussian mass over its stride x stride square."
+    pts, sigmas, stride, h, w = [(10., 12.), (29., 3.), (37.5, 20.)], [4., 2.5, 6.], 8, 3, 5
+    expected = torch.zeros(h, w, dtype=torch.float64)   # Gaussian CDF differences from the standard library
+    for (x, y), s in zip(pts, sigmas):
+        nd = NormalDist(0., s)
+        for i in range(h):
+            for j in range(w):
+                expected[i, j] += ((nd.cdf((i + 1) * stride - y) - nd.cdf(i * stride - y))
+                                   * (nd.cdf((j + 1) * stride - x) - nd.cdf(j * stride - x)))
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        points = torch.tensor(pts, dtype=dtype, device=device)
+        d = density_map(points, h, w, stride=stride, sigma=torch.tensor(sigmas, dtype=dtype, device=device))
+        assert d.dtype == dtype and d.device == points.device and d.shape == (h, w)
+        assert torch.allclose(d.cpu().double(), expected, rtol=0, atol=tol), (d, expected)

@@ -1,17 +1,29 @@
-"""The benchmark (`uotcrowd.bench`): a quick run writes complete JSON and Markdown; the geomloss reference equals
-the generalized loss in official mode. No timing is asserted (the machine is shared)."""
-import importlib.util, json, math
+"""The benchmark (`uotcrowd.bench`): a quick run writes complete JSON and Markdown whose numbers are consistent with
+each other; the targets follow from the stored rows; an absent optional package gives a skipped row of the same
+shape; the geomloss reference equals the generalized loss in official mode. No timing is asserted (the machine is
+shared)."""
+import math, sys
 
+import json
 import pytest
 import torch
 
-from uotcrowd.bench import (METHODS, run_bench, reference_loss, make_problem, gl_diagnostics, evaluate_targets,
-                            results_markdown)
+from uotcrowd.bench import (METHODS, CASE_KEYS, run_bench, reference_loss, make_problem, gl_diagnostics,
+                            geomloss_potentials, coordinate_cost, uot_marginal_error)
 from uotcrowd.losses import GeneralizedLoss
 
-CASE_KEYS = {'method', 'batch_size', 'n_points', 'size', 'stride', 'time_s', 'time_min_s', 'repeats', 'peak_mem_mib',
-             'loss', 'iterations', 'marginal_error', 'exp_entries', 'floor_per_iteration_s', 'floor_s', 'time_over_floor'}
-HAS = {m: importlib.util.find_spec(m) is not None for m in ('geomloss', 'ot')}
+# The targets of the benchmark, written out from its documentation: name -> (op, goal)
+GOALS = {'speed-up of official over the geomloss loop': ('>=', 5.),
+         'relative loss difference official vs geomloss': ('<=', 1e-4),
+         'speed-up of official over POT': ('>=', 10.),
+         'peak memory official / geomloss loop': ('<=', 1.),
+         'peak memory official / per-image loop': ('<=', 1.),
+         'marginal error of converged': ('<=', 1e-3),
+         'time converged / geomloss loop': ('<=', 1.),
+         'official time / (iterations x exp floor)': ('<=', 3.),
+         'converged time / (iterations x exp floor)': ('<=', 3.),
+         'loss share of a VGG19 training step': ('<=', 0.15)}
+IDENTITY = ('method', 'batch_size', 'n_points', 'size', 'stride', 'skipped')
 
 
 @pytest.fixture(scope='module')
@@ -21,45 +33,160 @@ def quick(tmp_path_factory):
     return out, run_bench(out, device='cpu', quick=True, verbose=False)
 
 
+def expected_target_values(saved:dict) -> dict:
+    "Each target's value recomputed from the stored rows of the target case (None where a number is missing)."
+    tc = saved['config']['target_case']
+    rows = {c['method']: c for c in saved['cases']
+            if (c['batch_size'], c['n_points']) == (tc['batch_size'], tc['n_points']) and c['skipped'] is None}
+    def v(method, key): return rows[method][key] if method in rows else None
+    def div(x, y): return None if x is None or y is None else x / y
+    off, geo = v('gl_official', 'loss'), v('geomloss', 'loss')
+    return {'speed-up of official over the geomloss loop': div(v('geomloss', 'time_s'), v('gl_official', 'time_s')),
+            'relative loss difference official vs geomloss': None if off is None or geo is None else abs(off - geo) / abs(geo),
+            'speed-up of official over POT': div(v('pot', 'time_s'), v('gl_official', 'time_s')),
+            'peak memory official / geomloss loop': div(v('gl_official', 'peak_mem_mib'), v('geomloss', 'peak_mem_mib')),
+            'peak memory official / per-image loop': div(v('gl_official', 'peak_mem_mib'), v('loop_official', 'peak_mem_mib')),
+            'marginal error of converged': v('gl_converged', 'marginal_error'),
+            'time converged / geomloss loop': div(v('gl_converged', 'time_s'), v('geomloss', 'time_s')),
+            'official time / (iterations x exp floor)': v('gl_official', 'time_over_floor'),
+            'converged time / (iterations x exp floor)': v('gl_converged', 'time_over_floor'),
+            'loss share of a VGG19 training step': (saved.get('vgg19') or {}).get('share')}
+
+
+def check_targets(saved:dict):
+    "Stored targets: the documented goals, values recomputed from the rows, `met` the comparison of the two."
+    want = expected_target_values(saved)
+    assert {t['name'] for t in saved['targets']} == set(GOALS) and len(saved['targets']) == len(GOALS)
+    for t in saved['targets']:
+        op, goal = GOALS[t['name']]
+        assert (t['op'], t['target']) == (op, goal), t
+        if want[t['name']] is None:
+            assert t['value'] is None and t['met'] is None, t; continue
+        assert t['value'] == pytest.approx(want[t['name']], rel=1e-9), t
+        assert t['met'] is (t['value'] >= goal if op == '>=' else t['value'] <= goal), t
+
+
+def md_cells(md:str, prefix:str) -> list[str]:
+    "Cells of the one Markdown table row that starts with `prefix`."
+    lines = [l for l in md.splitlines() if l.startswith(prefix)]
+    assert len(lines) == 1, (prefix, lines)
+    return [c.strip() for c in lines[0].strip().strip('|').split('|')]
+
+
+def check_markdown(md:str, saved:dict):
+    "Every row and target of the JSON appears in the Markdown with its own numbers."
+    for c in saved['cases']:
+        cells = md_cells(md, f"| {c['method']} | {c['batch_size']} | {c['n_points']} | ")
+        if c['skipped']:
+            assert cells[3] == f"skipped: {c['skipped']}"; continue
+        assert float(cells[3]) == pytest.approx(1e3 * c['time_s'], abs=0.051)
+        assert cells[4] == '-' if c['peak_mem_mib'] is None else float(cells[4]) == pytest.approx(c['peak_mem_mib'], abs=0.051)
+        assert float(cells[5]) == pytest.approx(c['loss'], rel=1e-4) and int(cells[6]) == c['iterations']
+    for t in saved['targets']:
+        cells = md_cells(md, f"| {t['name']} |")
+        assert cells[2] == f"{t['op']} {t['target']:g}"
+        assert cells[3] == {True: 'yes', False: '**no**', None: '-'}[t['met']]
+
+
 def test_quick_bench_files(quick):
     out, res = quick
     saved = json.loads((out / 'bench.json').read_text())
     assert saved['config']['quick'] is True
     assert {'date', 'machine', 'versions', 'exp_rate', 'config', 'cases', 'targets', 'vgg19'} <= set(saved)
-    assert saved['exp_rate'] > 0 and math.isfinite(saved['exp_rate'])
+    rate = saved['exp_rate']
+    assert rate > 0 and math.isfinite(rate)
     assert [c['method'] for c in saved['cases']] == list(METHODS)
+    assert all(tuple(c) == CASE_KEYS for c in saved['cases'])            # uniform rows, skipped or not
     for c in saved['cases']:
-        if 'skipped' in c:
-            assert c['method'] in ('geomloss', 'pot') and not HAS['geomloss' if c['method'] == 'geomloss' else 'ot']
+        if c['skipped']:
+            assert c['skipped'] == f"{'ot' if c['method'] == 'pot' else 'geomloss'} not installed", c
+            assert all(c[k] is None for k in CASE_KEYS if k not in IDENTITY), c
             continue
-        assert CASE_KEYS <= set(c), CASE_KEYS - set(c)
         for k in ('time_s', 'time_min_s', 'peak_mem_mib', 'floor_s', 'time_over_floor', 'loss'):
             if k == 'peak_mem_mib' and c['method'] == 'gl_converged':
                 assert c[k] is None; continue   # not measured on the CPU (the profiler would keep every event)
             assert math.isfinite(c[k]) and c[k] > 0, (c['method'], k, c[k])
         assert c['iterations'] >= 1 and 0 <= c['marginal_error'] < 1
+        # the numbers of a row are consistent with each other
+        B, n, m = c['batch_size'], c['size'] ** 2, c['n_points']
+        assert c['time_min_s'] <= c['time_s'] and c['repeats'] >= 1
+        assert c['floor_per_iteration_s'] == pytest.approx(2 * B * n * m / rate, rel=1e-9)
+        assert c['floor_s'] == pytest.approx(c['exp_entries'] / rate, rel=1e-9)
+        assert c['time_over_floor'] == pytest.approx(c['time_s'] / c['floor_s'], rel=1e-9)
+        if c['method'] in ('gl_official', 'gl_converged', 'pot'):   # one batched solve, or a fixed count per image
+            assert c['exp_entries'] == c['iterations'] * 2 * B * n * m, c
+        else:                                                        # per image: at most the largest count each
+            assert 0 < c['exp_entries'] <= c['iterations'] * 2 * B * n * m, c
     by = {c['method']: c for c in saved['cases']}
     assert by['gl_official']['iterations'] == 12                      # the official schedule
+    assert by['pot']['iterations'] == saved['config']['pot_iters']
     assert by['gl_converged']['marginal_error'] <= 1e-3               # converged means converged
     assert by['loop_official']['loss'] == pytest.approx(by['gl_official']['loss'], rel=1e-5)
     v = saved['vgg19']
     for k in ('without_loss', 'with_loss', 'loss_in_step'): assert math.isfinite(v[k]) and v[k] > 0
-    assert 0 < v['share'] < 1
-    names = {t['name'] for t in saved['targets']}
-    assert len(names) == 10 and all(t['met'] in (True, False, None) for t in saved['targets'])
+    assert v['share'] == pytest.approx(v['loss_in_step'] / v['with_loss'], rel=1e-9) and 0 < v['share'] < 1
+    assert v['share_diff'] == pytest.approx((v['with_loss'] - v['without_loss']) / v['with_loss'], rel=1e-9)
+    check_targets(saved)
     md = (out / 'bench.md').read_text()
-    assert md == results_markdown(saved)
     header = '| method | B | points | time (ms) | peak mem (MiB) | loss | iterations | marginal error | time / floor |'
-    assert header in md and md.count('\n| gl_') >= 2 and '**Targets**' in md
-    rows = [l for l in md.splitlines() if l.startswith('| ') and not l.startswith('| method') and '---' not in l]
-    assert all(l.count('|') == header.count('|') for l in rows[:len(METHODS)])
-    assert evaluate_targets(saved) == saved['targets']
+    assert header in md and '**Targets**' in md
+    check_markdown(md, saved)
 
 
-@pytest.mark.skipif(not HAS['geomloss'], reason='geomloss is not installed (optional extra `bench`)')
+def test_bench_without_geomloss(tmp_path, monkeypatch):
+    "Where geomloss is absent its rows are skipped, with the keys of the others, and the targets that need it are unknown."
+    monkeypatch.setitem(sys.modules, 'geomloss', None)               # `import geomloss` fails, as when not installed
+    torch.set_num_threads(1)
+    run_bench(tmp_path, device='cpu', quick=True, size=8, methods=('gl_official', 'geomloss'), vgg=False,
+              memory=False, verbose=False)
+    saved = json.loads((tmp_path / 'bench.json').read_text())
+    assert [tuple(c) for c in saved['cases']] == [CASE_KEYS] * 2
+    off, geo = saved['cases']
+    assert off['skipped'] is None and off['loss'] > 0 and off['peak_mem_mib'] is None
+    assert geo['skipped'] == 'geomloss not installed'
+    assert all(geo[k] is None for k in CASE_KEYS if k not in IDENTITY)
+    check_targets(saved)
+    met = {t['name']: t['met'] for t in saved['targets']}
+    assert met['speed-up of official over the geomloss loop'] is None and met['relative loss difference official vs geomloss'] is None
+    check_markdown((tmp_path / 'bench.md').read_text(), saved)
+
+
+def test_geomloss_potentials_match_plain_sinkhorn():
+    "geomloss's potentials are close to plain Sinkhorn's fixed point, and it runs the official schedule's pairs."
+    pytest.importorskip('geomloss')
+    g0 = torch.Generator().manual_seed(1)
+    x, y = torch.rand(1, 40, 2, generator=g0), torch.rand(1, 6, 2, generator=g0)
+    a, b = torch.rand(1, 40, generator=g0, dtype=torch.float64) * 0.3, torch.ones(1, 6, dtype=torch.float64)
+    cost = coordinate_cost('exp')
+    C = cost(x, y).double()
+    eps, tau = 0.2, 0.5
+    K = torch.exp(-C / eps) * a[:, :, None] * b[:, None, :]               # textbook Sinkhorn, product reference
+    u, v, lam = torch.ones_like(a), torch.ones_like(b), tau / (tau + eps)
+    for _ in range(2000):
+        u = (a / torch.einsum('bij,bj->bi', K, v)) ** lam
+        v = (b / torch.einsum('bij,bi->bj', K, u)) ** lam
+    f_ref, g_ref = eps * u.log(), eps * v.log()
+    stats = {}
+    f, g = geomloss_potentials(a.float(), x, b.float(), y, cost, blur=eps, reach=tau, stats=stats)
+    assert torch.allclose(f.double(), f_ref, rtol=0, atol=5e-2) and torch.allclose(g.double(), g_ref, rtol=0, atol=5e-2)
+    assert uot_marginal_error(a, b, C, f_ref, g_ref, eps, tau) < 1e-10
+    assert 1e-5 < uot_marginal_error(a, b, C, f, g, eps, tau) < 0.2          # annealing stops after its schedule
+    # soft-min pairs: an initial pair, one per temperature from the diameter of the clouds' bounding box down to the
+    # blur (ratio `scaling` = 1/2), one at the blur and a final extrapolation
+    pts = torch.cat([x[0], y[0]])
+    diameter = (pts.amax(0) - pts.amin(0)).norm().item()
+    for blur in (0.2, 0.01):
+        stats = {}
+        geomloss_potentials(a.float(), x, b.float(), y, cost, blur=blur, reach=tau, stats=stats)
+        assert stats['iterations'] == 1 + math.ceil(math.log(diameter / blur) / math.log(2)) + 1 + 1 + 1, (blur, stats)
+    assert stats['iterations'] == 12                                        # the official schedule at ε = 0.01
+
+
 def test_geomloss_reference_equals_official_mode():
+    pytest.importorskip('geomloss')
     torch.manual_seed(0)
     density, points = make_problem(2, 30, size=16, stride=8, seed=5)
+    points[1] = points[1][:0]                                               # an image without heads too
     gl = GeneralizedLoss(mode='official', scale=128.)
     for grad in ('paper', 'official'):    # the paper's gradient (the default), and the official code's
         d1, d2 = density.clone().requires_grad_(), density.clone().requires_grad_()
@@ -68,13 +195,15 @@ def test_geomloss_reference_equals_official_mode():
         assert ref.item() == pytest.approx(ours.item(), rel=1e-4)
         assert torch.allclose(d1.grad, d2.grad, rtol=0, atol=1e-4 * d2.grad.abs().max().item())
     ours = gl(density, points)
-    assert reference_loss(gl, density, points, 'geomloss').item() == pytest.approx(ours.item(), rel=1e-4)
+    info = {}
+    assert reference_loss(gl, density, points, 'geomloss', diagnostics=info).item() == pytest.approx(ours.item(), rel=1e-4)
+    assert info['iterations'] == 12
     diag = gl_diagnostics(gl, density, points)
     assert diag['loss'] == pytest.approx(ours.item(), rel=1e-5) and diag['iterations'] == 12
 
 
-@pytest.mark.skipif(not HAS['ot'], reason='POT is not installed (optional extra `bench`)')
 def test_pot_reference_converges_to_converged_mode():
+    pytest.importorskip('ot')
     density, points = make_problem(1, 15, size=10, stride=8, seed=6)
     info = {}
     pot = reference_loss(GeneralizedLoss(scale=80.), density, points, 'pot', pot_iters=2000, diagnostics=info)

@@ -24,11 +24,11 @@ def call(argv, capsys):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    "A 2-epoch MCNN + GL run on 16 synthetic 48-px images."
+    "A 2-epoch MCNN + GL run on 16 synthetic 48-px images, in float32 (eval and predict then run in float32 too)."
     out = tmp_path_factory.mktemp('train') / 'run'
     code = main(['train', *TINY, '--crop-size', '32', '--model', 'mcnn', '--loss', 'gl', '--eps', '0.01',
                  '--batch-size', '4', '--max-epoch', '2', '--val-epoch', '1', '--lr', '1e-3', '--device', 'cpu',
-                 '--out', str(out), '--quiet'])
+                 '--precision', 'fp32', '--out', str(out), '--quiet'])
     assert code == 0
     return out
 
@@ -117,14 +117,149 @@ def test_predict_on_png_files(trained, tmp_path, capsys):
     assert code == 2 and 'neither an image file nor a folder' in err
 
 
+def test_predict_skips_a_corrupt_image_and_reports_it(trained, tmp_path, capsys):
+    "One truncated JPEG in a folder: the other images are counted, the bad one is named on stderr and in the CSV."
+    _, _, test_ds = build_datasets('synthetic', crop_size=32, stride=4, n_train=16, n_val=4, n_test=4, size=48)
+    folder = tmp_path / 'imgs'; folder.mkdir()
+    for i in range(2):
+        Image.fromarray((denormalize(test_ds[i][0]) * 255 + 0.5).astype(np.uint8)).save(folder / f'good{i}.png')
+    Image.fromarray((denormalize(test_ds[2][0]) * 255 + 0.5).astype(np.uint8)).save(folder / 'bad.jpg')
+    (folder / 'bad.jpg').write_bytes((folder / 'bad.jpg').read_bytes()[:300])  # truncated
+    out = tmp_path / 'pred'
+    code, _, err = call(['predict', '--checkpoint', str(trained / 'best.pt'), str(folder), '--out', str(out),
+                         '--no-plots', '--quiet'], capsys)
+    assert code == 2 and 'bad.jpg' in err and '1 of 3 images could not be read' in err
+    rows = {r['name']: r for r in csv.DictReader(open(out / 'predictions.csv'))}
+    assert set(rows) == {'bad', 'good0', 'good1'}
+    assert rows['bad']['count'] == '' and 'bad.jpg: cannot read image' in rows['bad']['error']
+    model, _ = load_model(trained / 'best.pt')
+    with torch.no_grad(): expected = model(test_ds[0][0][None]).sum().item()
+    assert float(rows['good0']['count']) == pytest.approx(expected, rel=1e-2) and rows['good0']['error'] == ''
+    assert set(json.loads((out / 'points.json').read_text())) == {'good0', 'good1'}
+
+
+def test_eval_never_overwrites_results(trained, tmp_path, capsys):
+    "A second evaluation into a folder that holds results is refused unless --overwrite is given."
+    ev = tmp_path / 'ev'
+    argv = ['eval', '--checkpoint', str(trained / 'best.pt'), '--out', str(ev), '--quiet']
+    assert call(argv, capsys)[0] == 0
+    (ev / 'metrics.json').write_text('{"kept": true}')
+    code, _, err = call(argv, capsys)
+    assert code == 2 and str(ev) in err and '--overwrite' in err
+    assert json.loads((ev / 'metrics.json').read_text()) == {'kept': True}
+    assert call(argv + ['--overwrite'], capsys)[0] == 0
+    assert 'mae' in json.loads((ev / 'metrics.json').read_text())
+
+
+def test_resume_from_another_models_checkpoint_is_one_line(trained, tmp_path, capsys):
+    code, _, err = call(['train', *TINY, '--crop-size', '32', '--model', 'csrnet', '--loss', 'gl', '--batch-size', '4',
+                         '--max-epoch', '3', '--device', 'cpu', '--out', str(tmp_path / 'r'), '--quiet',
+                         '--resume', str(trained / 'last.pt')], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and str(trained / 'last.pt') in err and 'mcnn' in err, err
+    assert 'Traceback' not in err
+
+
+def test_nan_density_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    "A model whose density turns NaN in epoch 2, trained with the real generalized loss through the CLI."
+    import uotcrowd.models
+    make = uotcrowd.models.get_model
+    class NaNAfter(torch.nn.Module):
+        def __init__(self, inner, k):
+            super().__init__(); self.inner, self.k, self.calls, self.stride = inner, k, 0, inner.stride
+        def forward(self, x):
+            self.calls += self.training
+            d = self.inner(x)
+            return d * float('nan') if self.training and self.calls > self.k else d
+    monkeypatch.setattr(uotcrowd.models, 'get_model', lambda *a, **kw: NaNAfter(make(*a, **kw), 4))
+    out = tmp_path / 'nan'
+    code, _, err = call(['train', *TINY, '--crop-size', '32', '--model', 'mcnn', '--loss', 'gl', '--batch-size', '4',
+                         '--max-epoch', '3', '--val-epoch', '1', '--device', 'cpu', '--out', str(out), '--quiet'], capsys)
+    assert code == 3 and 'non-finite loss' in err and 'epoch 2, step 0' in err and str(out / 'last.pt') in err, err
+    ckpt = load_checkpoint(out / 'last.pt')
+    assert ckpt['epoch'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_precision_is_recorded_and_reused(trained, tmp_path, capsys):
+    "bf16 training records its precision; eval and predict reuse it unless --precision says otherwise."
+    out = tmp_path / 'bf16'
+    code, _, _ = call(['train', *TINY, '--crop-size', '32', '--model', 'mcnn', '--batch-size', '4', '--max-epoch', '1',
+                       '--max-steps', '2', '--lr', '1e-3', '--device', 'cpu', '--precision', 'bf16', '--out', str(out),
+                       '--quiet'], capsys)
+    assert code == 0
+    assert load_checkpoint(out / 'last.pt')['precision'] == 'bf16'
+    assert json.loads((out / 'config.json').read_text())['precision'] == 'bf16'
+    assert load_checkpoint(trained / 'best.pt')['precision'] == 'fp32'
+    # eval: the checkpoint's precision by default, bf16 counts recomputed independently under autocast
+    model, _ = load_model(out / 'last.pt')
+    _, _, test_ds = build_datasets('synthetic', crop_size=32, stride=4, n_train=16, n_val=4, n_test=4, size=48)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        want = [model(test_ds[i][0][None].contiguous(memory_format=torch.channels_last)).float().sum().item()
+                for i in range(len(test_ds))]
+    for flag, folder, prec in (([], 'ev', 'bf16'), (['--precision', 'fp32'], 'ev32', 'fp32')):
+        code, stdout, _ = call(['eval', '--checkpoint', str(out / 'last.pt'), '--out', str(tmp_path / folder), '--quiet',
+                                *flag], capsys)
+        assert code == 0 and f'(4 images, {prec}):' in stdout, stdout
+        assert json.loads((tmp_path / folder / 'metrics.json').read_text())['precision'] == prec
+    got = {f: [float(r['pred_count']) for r in csv.DictReader(open(tmp_path / f / 'per_image.csv'))] for f in ('ev', 'ev32')}
+    assert got['ev'] == pytest.approx(want, rel=1e-5)
+    assert got['ev32'] == pytest.approx(want, rel=0.01) and got['ev32'] != got['ev']
+    # predict: the same counts as eval for the same image, in each precision
+    folder = tmp_path / 'imgs'; folder.mkdir()
+    Image.fromarray((denormalize(test_ds[0][0]) * 255 + 0.5).astype(np.uint8)).save(folder / '0001.png')
+    from uotcrowd.cli import read_image
+    x = read_image(folder / '0001.png')[None]
+    with torch.no_grad():
+        want32 = model(x).sum().item()
+        with torch.autocast('cpu', dtype=torch.bfloat16): want16 = model(x.contiguous(memory_format=torch.channels_last)).float().sum().item()
+    for flag, name, count in (([], 'p16', want16), (['--precision', 'fp32'], 'p32', want32)):
+        code, _, _ = call(['predict', '--checkpoint', str(out / 'last.pt'), str(folder), '--out', str(tmp_path / name),
+                           '--no-plots', '--quiet', *flag], capsys)
+        assert code == 0
+        assert float(next(csv.DictReader(open(tmp_path / name / 'predictions.csv')))['count']) == pytest.approx(count, rel=1e-5)
+
+
+def test_slim_checkpoint_threshold_is_used_by_eval_and_predict(trained, tmp_path, capsys):
+    "A slim checkpoint carries the threshold chosen on validation; eval and predict use it unless told otherwise."
+    from uotcrowd.train import slim_checkpoint
+    from uotcrowd.localize import localize
+    from uotcrowd.data import load_image, to_uint8_tensor, normalize
+    _, _, test_ds = build_datasets('synthetic', crop_size=32, stride=4, n_train=16, n_val=4, n_test=4, size=48)
+    folder = tmp_path / 'imgs'; folder.mkdir()
+    Image.fromarray((denormalize(test_ds[0][0]) * 255 + 0.5).astype(np.uint8)).save(folder / 'a.png')
+    model, _ = load_model(trained / 'best.pt')
+    with torch.no_grad(): d = model(normalize(to_uint8_tensor(load_image(folder / 'a.png')))[None])
+    high = round(0.9 * d.max().item(), 6)  # keeps only the highest peak
+    slim = slim_checkpoint(trained / 'best.pt', tmp_path / 'slim.pt', loc_threshold=high)
+    assert 'optimizer' not in load_checkpoint(slim) and slim.stat().st_size < (trained / 'best.pt').stat().st_size
+    assert call(['eval', '--checkpoint', str(slim), '--out', str(tmp_path / 'ev'), '--quiet'], capsys)[0] == 0
+    assert json.loads((tmp_path / 'ev' / 'metrics.json').read_text())['loc_threshold'] == high
+    found = []
+    for argv, thr in (([], high), (['--loc-threshold', '1e-6'], 1e-6)):
+        out = tmp_path / f'pred{len(found)}'
+        assert call(['predict', '--checkpoint', str(slim), str(folder), '--out', str(out), '--no-plots', '--quiet', *argv], capsys)[0] == 0
+        found.append(int(next(csv.DictReader(open(out / 'predictions.csv')))['n_points']))
+        assert found[-1] == len(localize(d, stride=4, threshold=thr)[0]), (thr, found)
+    assert found[0] < found[1], found  # the two thresholds are told apart
+
+
 def test_demo_quick(tmp_path, capsys):
+    "The quick demo learns: its test MAE is at most half that of predicting one count for every image."
     out = tmp_path / 'demo'
-    code, stdout, _ = call(['demo', '--quick', '--budget-s', '6', '--out', str(out), '--device', 'cpu'], capsys)
+    # 30 s of training: 50-80 epochs on a shared 2-core CPU (test MAE 0.22 of the constant predictor's); 18 epochs give 0.37, 6 give 0.75
+    code, stdout, _ = call(['demo', '--quick', '--budget-s', '30', '--out', str(out), '--device', 'cpu'], capsys)
     assert code == 0, stdout
     m = json.loads((out / 'metrics.json').read_text())
     for k in ('mae', 'rmse', 'baseline_mae', 'f1@4', 'f1@8', 'mean_train_count'): assert k in m
     for f in ('best.pt', 'log.csv', 'curves.png', 'examples.png', 'per_image.csv'): assert (out / f).is_file(), f
     assert 'baseline' in stdout and str(out / 'examples.png') in stdout
+    rows = list(csv.DictReader(open(out / 'per_image.csv')))
+    gts = np.array([float(r['gt_count']) for r in rows]); preds = np.array([float(r['pred_count']) for r in rows])
+    assert len(rows) == 8 and gts.std() > 10                        # the quick test set, with varied counts
+    assert m['mae'] == pytest.approx(np.abs(preds - gts).mean(), rel=1e-6)
+    assert m['baseline_mae'] == pytest.approx(np.abs(gts - m['mean_train_count']).mean(), rel=1e-6)
+    mean_count_mae = np.abs(gts - gts.mean()).mean()                # predicting the mean test count for every image
+    assert m['mae'] <= 0.5 * mean_count_mae and m['mae'] <= 0.5 * m['baseline_mae'], (m['mae'], mean_count_mae, m['baseline_mae'])
 
 
 def test_bench_quick_subset(tmp_path, capsys):
@@ -136,3 +271,17 @@ def test_bench_quick_subset(tmp_path, capsys):
     assert (tmp_path / 'b' / 'bench.md').stat().st_size > 0
     code, _, err = call(['bench', '--methods', 'magic', '--out', str(tmp_path / 'b')], capsys)
     assert code == 2 and 'gl_official' in err
+
+
+def test_bench_throughput_only(tmp_path, capsys):
+    "`--throughput-only`: no loss cases, one throughput row per variant (quick: MCNN only with --no-vgg, one thread)."
+    code, _, _ = call(['bench', '--quick', '--throughput-only', '--no-vgg', '--out', str(tmp_path / 't'), '--quiet'], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / 't' / 'bench.json').read_text())
+    assert res['cases'] == [] and 'vgg19' not in res
+    rows = res['throughput']['rows']
+    assert [(r['model'], r['variant'], r['threads']) for r in rows] == [('mcnn', v, 1) for v in ('fp32', 'fp32+cl', 'bf16+cl')]
+    assert rows[0]['step_speedup'] == 1 and all(r['step_s'] > 0 and r['eval_s'] > 0 for r in rows)
+    assert '**Training throughput**' in (tmp_path / 't' / 'bench.md').read_text()
+    code, _, err = call(['bench', '--no-throughput', '--throughput-only', '--out', str(tmp_path / 't')], capsys)
+    assert code == 2 and 'exclude each other' in err

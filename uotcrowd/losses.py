@@ -8,14 +8,15 @@ import math
 import torch
 from torch import nn
 from .core import check_points, pad_points, check_density, pixel_centres
-from .costs import cost_matrix, COSTS
+from .costs import cost_matrix, COSTS, pairwise_distances, perspective_cost
 from .sinkhorn import uot_potentials, plan_factors, max_diameter, no_autocast, Potentials
 try:  # worker B's module; `get_loss` imports it again lazily, so this module works before it exists
     from uotcrowd.baselines import L2DensityLoss, BayesianLoss, DMCountLoss
 except ImportError: pass
 
 # %% auto #0
-__all__ = ['TERMS', 'DIVERGENCES', 'LOSS_NAMES', 'divergence', 'GeneralizedLoss', 'loss_per_image', 'get_loss']
+__all__ = ['TERMS', 'DIVERGENCES', 'LOSS_NAMES', 'divergence', 'pixel_positions', 'grid_cost', 'unbalanced_dual_value',
+           'GeneralizedLoss', 'loss_per_image', 'get_loss']
 
 # %% ../nbs/04_losses.ipynb #6557828e
 TERMS = ('transport', 'entropy', 'pixel', 'point')
@@ -37,6 +38,49 @@ def divergence(p:torch.Tensor, # `(B, k)` reconstructed marginal
     return d.sum(-1)
 
 # %% ../nbs/04_losses.ipynb #3c7ea4f0
+def pixel_positions(h:int, # rows of the density map
+                    w:int, # columns of the density map
+                    stride:int=8, # input pixels per density pixel
+                    offset:float=0.5, # position inside the cell: 0.5 the centre, 1.0 the official grid (8j+8)
+                    device=None, dtype=torch.float32
+                   ) -> torch.Tensor: # `(h*w, 2)` `(x, y)` positions in input pixels, row-major
+    "Input-image positions $(s(j+o), s(i+o))$ of the pixels of an `h`×`w` stride-`s` density map."
+    grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
+    return grid if offset == 0.5 else grid + stride * (offset - 0.5)
+
+def grid_cost(grid:torch.Tensor, # `(n, 2)` pixel positions in input pixels
+              points:torch.Tensor, # `(B, M, 2)` padded head positions in input pixels
+              cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+              scale:float=512., # coordinates are divided by this
+              image_height:float=512., # heights are y / image_height (perspective cost)
+              eta:float=0.6, # length scale of the 'exp' cost
+              eta_range:tuple=(0.6, 0.8), # perspective factor at height 0 and 1
+              shift:bool=True # exponential costs as exp(.)-1
+             ) -> torch.Tensor: # `(B, n, M)` in the dtype of `points`
+    "`uotcrowd.costs.cost_matrix` between an arbitrary pixel grid and padded points."
+    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    B = points.shape[0]
+    grid = grid.to(points.dtype)
+    d = pairwise_distances((grid / scale).unsqueeze(0).expand(B, -1, -1), points / scale)
+    if cost == 'perspective':
+        return perspective_cost(d, (grid[:, 1] / image_height).unsqueeze(0).expand(B, -1), points[..., 1] / image_height,
+                                eta_range=eta_range, shift=shift)
+    return COSTS[cost](d, eta=eta, shift=shift)
+
+# %% ../nbs/04_losses.ipynb #f92656f9
+def unbalanced_dual_value(a:torch.Tensor, # `(B, n)` source masses (may require grad)
+                          b:torch.Tensor, # `(B, m)` target masses, 0 on padding
+                          f:torch.Tensor, # `(B, n)` potential of the sources (held fixed)
+                          g:torch.Tensor, # `(B, m)` potential of the targets (held fixed)
+                          eps:float, # entropic temperature
+                          tau:float # strength ρ of the KL marginal penalties (geomloss `reach**p`)
+                         ) -> torch.Tensor: # `(B,)`
+    "geomloss's `debias=False` unbalanced value $\\langle a,\\varphi(f)\\rangle+\\langle b,\\varphi(g)\\rangle$, $\\varphi(x)=(\\rho+\\varepsilon/2)(1-e^{-x/\\rho})$."
+    phi = lambda x: (tau + eps / 2) * -torch.expm1((-x.detach().to(a.dtype) / tau).clamp(max=40.))   # see the note above
+    bg = torch.where(b > 0, b.to(a.dtype) * phi(g), torch.zeros_like(g, dtype=a.dtype))   # padded g may be huge
+    return (a * phi(f)).sum(-1) + bg.sum(-1)
+
+# %% ../nbs/04_losses.ipynb #a3f2db33
 class GeneralizedLoss(nn.Module):
     "The generalized UOT loss of Wan, Liu & Chan (CVPR 2021), Eq. 1, batched; `forward(density, points)`."
     def __init__(self,
@@ -60,6 +104,10 @@ class GeneralizedLoss(nn.Module):
                  max_iter:int=1000, # converged mode: iteration cap
                  report_error:bool=False, # record the marginal error of each solve in `last_solve` (2 extra soft-mins)
                  shift:bool=True, # exponential costs as exp(.)-1 (zero at distance 0), as the official code
+                 transport:str='primal', # transport term: 'primal' <C,P> (Eq. 1) or 'dual' (geomloss's value, official)
+                 entropy:str='sum', # 'sum' eps*sum P log P (Eq. 1) or 'mean' (official: eps*mean P log P, summed over the batch)
+                 empty:str='pixel', # image without points: 'pixel' (tau*D1(0|a)) or 'official' (|sum a| in transport, pixel and point)
+                 grid_offset:float=0.5, # pixel (i, j) sits at stride*(j+offset, i+offset): 0.5 centres, 1.0 official (8j+8)
                 ):
         super().__init__()
         if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
@@ -70,15 +118,32 @@ class GeneralizedLoss(nn.Module):
         if reference not in ('product', 'uniform'): raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
         if mode not in ('official', 'converged'): raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
         if grad not in ('paper', 'official'): raise ValueError(f"grad must be 'paper' or 'official', got {grad!r}")
+        if transport not in ('primal', 'dual'): raise ValueError(f"transport must be 'primal' or 'dual', got {transport!r}")
+        if transport == 'dual' and reference != 'product':
+            raise ValueError("transport='dual' is geomloss's value, defined for reference='product'")
+        if entropy not in ('sum', 'mean'): raise ValueError(f"entropy must be 'sum' or 'mean', got {entropy!r}")
+        if empty not in ('pixel', 'official'): raise ValueError(f"empty must be 'pixel' or 'official', got {empty!r}")
         self.cost, self.eps, self.tau, self.tau_solve, self.scale, self.stride = cost, eps, tau, tau_solve, scale, stride
         self.d_pixel, self.d_point, self.terms, self.mode, self.grad, self.reference = d_pixel, d_point, tuple(terms), mode, grad, reference
         self.eta, self.eta_range, self.image_height = eta, eta_range, image_height
         self.scaling, self.tol, self.max_iter, self.report_error, self.shift = scaling, tol, max_iter, report_error, shift
+        self.transport, self.entropy, self.empty, self.grid_offset = transport, entropy, empty, grid_offset
         self.last_solve = {}
+
+    @classmethod
+    def official(cls, **overrides):
+        "The objective the published models were trained with (the official trainer's), any argument overridden."
+        kw = dict(cost='perspective', eps=0.01, tau=0.1, tau_solve=0.5, scale=512., stride=8, d_pixel='l2', d_point='l1',
+                  mode='official', grad='official', reference='product', eta_range=(0.5, 0.7), shift=True, scaling=0.5,
+                  transport='dual', entropy='mean', empty='official', grid_offset=1.0)
+        kw.update(overrides)
+        kw.setdefault('image_height', kw['scale'])     # the official heights are y / crop size
+        return cls(**kw)
 
     def extra_repr(self):
         return (f"cost={self.cost!r}, eps={self.eps}, tau={self.tau}, tau_solve={self.tau_solve}, scale={self.scale}, "
-                f"stride={self.stride}, d_pixel={self.d_pixel!r}, d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}")
+                f"stride={self.stride}, d_pixel={self.d_pixel!r}, d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}, "
+                f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, grid_offset={self.grid_offset}")
 
     def solve(self, density:torch.Tensor, points) -> dict:
         "Masses, cost, mask and potentials for a batch (no autograd through the iterations)."
@@ -90,11 +155,12 @@ class GeneralizedLoss(nn.Module):
         dt = torch.float64 if density.dtype == torch.float64 else torch.float32
         coords, mask = pad_points(points, device=density.device, dtype=dt)
         a = density.reshape(B, h * w).to(dt)
-        C = cost_matrix(h, w, coords, cost=self.cost, stride=self.stride, scale=self.scale,
-                        image_height=self.image_height, eta=self.eta, eta_range=self.eta_range,
-                        shift=self.shift).to(dt)
+        grid = pixel_positions(h, w, self.stride, self.grid_offset, device=density.device, dtype=dt)
+        H = float(self.image_height) if self.image_height is not None else float(h * self.stride)
+        C = grid_cost(grid, coords, self.cost, scale=self.scale, image_height=H, eta=self.eta,
+                      eta_range=self.eta_range, shift=self.shift)
         b = mask.to(dt)
-        grid = pixel_centres(h, w, self.stride, device=density.device, dtype=dt)[None].expand(B, -1, -1)
+        grid = grid[None].expand(B, -1, -1)
         diam = max_diameter(grid / self.scale, coords / self.scale, mask_y=mask) if self.mode == 'official' else None
         pot = uot_potentials(a.detach(), b, C, self.eps, self.tau_solve, self.tau_solve, mask_b=mask, mode=self.mode,
                              reference=self.reference, diameter=diam, scaling=self.scaling, tol=self.tol,
@@ -113,10 +179,19 @@ class GeneralizedLoss(nn.Module):
         P1 = r * e
         Pt1 = torch.bmm(r[:, None, :], E)[:, 0]
         tiny = 1e-20
-        out = dict(transport=(r * ce).sum(1),
-                   entropy=self.eps * (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1),   # -eps H(P), 0 log 0 = 0
+        plogp = (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1)                # sum P log P, 0 log 0 = 0
+        if self.entropy == 'mean':   # official: eps * mean over the n*m entries, added per image without the 1/B
+            m = (mask.sum(1) if mask is not None else torch.full_like(plogp, b.shape[1])).clamp_min(1)
+            plogp = plogp / (a.shape[1] * m) * a.shape[0]      # x B: the batch mean of these is the official sum
+        out = dict(transport=(r * ce).sum(1) if self.transport == 'primal' else
+                             unbalanced_dual_value(a, b if mask is None else b * mask, pot.f, pot.g, self.eps, self.tau_solve),
+                   entropy=self.eps * plogp,
                    pixel=self.tau * divergence(P1.detach() if self.grad == 'official' else P1, a, self.d_pixel),
                    point=self.tau * divergence(Pt1, b, self.d_point, mask=mask))
+        if self.empty == 'official' and mask is not None:   # |sum a| added to transport, pixel and point (before tau)
+            has, mass = mask.any(1), a.sum(1).abs()
+            for name, wgt in (('transport', 1.), ('pixel', self.tau), ('point', self.tau), ('entropy', 0.)):
+                out[name] = torch.where(has, out[name], wgt * mass)
         out['total'] = sum(out[t] for t in self.terms)
         return out
 
@@ -142,14 +217,15 @@ def loss_per_image(loss:nn.Module, # a loss with the `loss(density, points)` con
     return torch.stack([loss(density[k:k + 1], [points[k]]) for k in range(len(density))]).mean()
 
 # %% ../nbs/04_losses.ipynb #b7a8a898
-LOSS_NAMES = ('gl', 'l2', 'bl', 'dmcount')
+LOSS_NAMES = ('gl', 'gl-official', 'l2', 'bl', 'dmcount')
 
-def get_loss(name:str, # 'gl', 'l2', 'bl' or 'dmcount'
+def get_loss(name:str, # 'gl', 'gl-official', 'l2', 'bl' or 'dmcount'
              **kwargs # passed to the loss constructor (e.g. `stride=8`, `eps=0.01`)
             ) -> nn.Module:
     "Build a loss by name."
     key = str(name).lower()
     if key == 'gl': return GeneralizedLoss(**kwargs)
+    if key == 'gl-official': return GeneralizedLoss.official(**kwargs)
     if key in LOSS_NAMES:
         from uotcrowd import baselines
         cls = dict(l2=baselines.L2DensityLoss, bl=baselines.BayesianLoss, dmcount=baselines.DMCountLoss)[key]
