@@ -40,8 +40,8 @@ setuptools.setup(
     include_package_data=True,
     python_requires='>=' + min_python,
     install_requires=_reqs('requirements'),
-    extras_require={'dev': _reqs('dev_requirements'), 'bench': _reqs('bench_requirements'),
-                    'all': _reqs('dev_requirements') + _reqs('bench_requirements')},
+    extras_require={'dev': _reqs('dev_requirements'), 'bench': _reqs('bench_requirements'), 'video': _reqs('video_requirements'),
+                    'all': sorted(set(_reqs('dev_requirements') + _reqs('bench_requirements') + _reqs('video_requirements')))},
     entry_points={'console_scripts': cfg['console_scripts'].split(), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Core
 #
-# > Device choice, seeding, pixel-centre grids of a stride-s density map, and padded point batches.
+# > Device choice, seeding, pixel-centre grids of a stride-s density map, padded point batches, and counting errors.
 
 # %%
 #| default_exp core
@@ -18,6 +18,7 @@ import torch
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
 from unittest.mock import patch
+import math
 
 # %% [markdown]
 # ## Devices
@@ -191,6 +192,55 @@ def check_density(density:torch.Tensor # predicted density maps, `(B, 1, h, w)`
 # %%
 check_density(torch.zeros(2, 1, 4, 4))
 test_fail(lambda: check_density(torch.zeros(2, 4, 4)), contains='(B, 1, h, w)')
+
+# %% [markdown]
+# ## Counting errors
+#
+# Training validates by counts, evaluation adds localization; both measure counts the same way.
+# With predicted counts $\hat y_i$ and ground-truth counts $y_i$ over $n$ images,
+# $$\mathrm{MAE}=\frac1n\sum_i|\hat y_i-y_i|,\qquad \mathrm{RMSE}=\sqrt{\frac1n\sum_i(\hat y_i-y_i)^2},\qquad
+# \mathrm{NAE}=\frac1{|\{i:y_i>0\}|}\sum_{i:\,y_i>0}\frac{|\hat y_i-y_i|}{y_i}.$$
+# Crowd-counting papers (the GL paper included) call the RMSE "MSE": the figure in their "MSE" columns is the
+# square root of the mean squared error. We name it `rmse`. NAE skips images with no people, as NWPU-Crowd's
+# evaluation does (the ratio is undefined there); with no such image it is `nan`.
+
+# %%
+#| export
+def to_numpy(x, # array-like or torch tensor on any device
+             dtype=np.float64 # dtype of the copy
+            ) -> np.ndarray:
+    "A NumPy copy of an array-like or (any-device) torch tensor."
+    if hasattr(x, 'detach'): x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+# %%
+#| export
+def count_metrics(pred_counts, # predicted count per image (sequence, array or tensor)
+                  gt_counts, # ground-truth count per image
+                 ) -> dict: # `mae`, `rmse` (papers' "MSE"), `nae` (images with people only), `n`
+    "Mean absolute error, root mean squared error and normalized absolute error of counts."
+    pred, gt = to_numpy(pred_counts).reshape(-1), to_numpy(gt_counts).reshape(-1)
+    if pred.shape != gt.shape:
+        raise ValueError(f"got {pred.size} predicted counts for {gt.size} ground-truth counts")
+    if pred.size == 0: raise ValueError("count_metrics needs at least one image")
+    err = pred - gt
+    people = gt > 0
+    nae = float(np.mean(np.abs(err[people]) / gt[people])) if people.any() else float('nan')
+    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae, n=int(pred.size))
+
+
+# %% [markdown]
+# Worked example: errors 1, −2, 0, 3 (the last image is empty), so MAE = 6/4, RMSE = √(14/4), and NAE averages
+# 1/10, 2/4 and 0/5 only.
+
+# %%
+m = count_metrics([11, 2, 5, 3], torch.tensor([10, 4, 5, 0]))
+test_close(m['mae'], 1.5); test_close(m['rmse'], math.sqrt(3.5)); test_close(m['nae'], (0.1 + 0.5 + 0) / 3)
+test_eq(m['n'], 4)
+assert math.isnan(count_metrics([1, 2], [0, 0])['nae'])
+test_fail(lambda: count_metrics([1, 2], [1]), contains='2 predicted counts for 1')
+
 
 # %%
 #| hide

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Transport costs
 #
-# > Cost matrices $C_{ij}=c(\boldsymbol{x}_i,\boldsymbol{y}_j)$ between the pixel centres of a stride-$s$ density map and head annotations, batched `(B, n, m)`.
+# > Cost matrices $C_{ij}=c(\boldsymbol{x}_i,\boldsymbol{y}_j)$ between the pixel centres of a stride-$s$ density map and head annotations, batched `(B, n, m)`: the one place where a distance or a cost is computed.
 
 # %%
 #| default_exp costs
@@ -10,6 +10,8 @@
 #| export
 from __future__ import annotations
 import math
+from functools import partial
+from typing import Callable
 import torch
 from uotcrowd.core import pixel_centres
 
@@ -45,6 +47,23 @@ naive = ((x[:, :, None] - y[:, None]) ** 2).sum(-1).sqrt()
 test_close(pairwise_distances(x, y), naive, eps=1e-6)
 test_eq(pairwise_distances(x, x).diagonal(dim1=1, dim2=2), torch.zeros(3, 7))  # exactly zero on the diagonal
 test_eq(pairwise_distances(x, torch.zeros(3, 0, 2)).shape, (3, 7, 0))
+
+# %% [markdown]
+# Squared distances are the cost under which the L2 and Bayesian losses are half-iterations of the generalized
+# loss (see [the theory](03a_theory.ipynb)), and DM-Count's transport cost. Squaring the exact distance keeps them
+# exactly zero on the diagonal too.
+
+# %%
+#| export
+def sq_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
+                 y:torch.Tensor, # `(B, m, 2)` or `(m, 2)` second point set
+                ) -> torch.Tensor: # `(B, n, m)` (or `(n, m)`) squared Euclidean distances
+    "Squared Euclidean distances $\\|x_i-y_j\\|^2$ between all pairs, exact at zero."
+    return pairwise_distances(x, y).square()
+
+# %%
+test_close(sq_distances(x, y), naive ** 2, eps=1e-6)
+test_eq(sq_distances(x[0], x[0]).diagonal(), torch.zeros(7))
 
 # %% [markdown]
 # ## The four costs
@@ -121,12 +140,58 @@ test_close(eta, torch.tensor([[[0.6, 0.7], [0.7, 0.8]]]))
 test_close(perspective_eta(torch.tensor([[0.5]]), torch.tensor([[0.5]]), (0.5, 0.7)), torch.tensor([[[0.6]]]))
 
 # %% [markdown]
+# ## Costs between two point sets
+#
+# `points_cost` is the cost between any two batched point sets given in input pixels: coordinates are divided by
+# `scale`, heights by `image_height`. The density map's pixels are one such set: `pixel_positions` places pixel
+# $(i, j)$ at $(s(j+o), s(i+o))$, at the cell centre for $o=\frac12$ (`uotcrowd.core.pixel_centres`) or, with $o=1$, at
+# $8j+8$ as the official trainer's grid does (the lower-right corner of the cell). The cost comes out in the dtype of
+# the points (float64 inputs give a float64 cost).
+
+# %%
+#| export
+def pixel_positions(h:int, # rows of the density map
+                    w:int, # columns of the density map
+                    stride:int=8, # input pixels per density pixel
+                    offset:float=0.5, # position inside the cell: 0.5 the centre, 1.0 the official grid (8j+8)
+                    device=None, dtype=torch.float32
+                   ) -> torch.Tensor: # `(h*w, 2)` `(x, y)` positions in input pixels, row-major
+    "Input-image positions $(s(j+o), s(i+o))$ of the pixels of an `h`×`w` stride-`s` density map."
+    grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
+    return grid if offset == 0.5 else grid + stride * (offset - 0.5)
+
+def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
+                y:torch.Tensor, # `(B, m, 2)` second point set (heads), in input pixels
+                cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                scale:float=512., # coordinates are divided by this
+                image_height:float=512., # heights are y / image_height (perspective cost)
+                eta:float=0.6, # length scale of the 'exp' cost
+                eta_range:tuple=(0.6, 0.8), # perspective factor at height 0 and 1
+                shift:bool=True # exponential costs as exp(.)-1
+               ) -> torch.Tensor: # `(B, n, m)` in the dtype of the inputs
+    "The transport cost `cost` between every pair of `x` and `y`."
+    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    d = pairwise_distances(x / scale, y / scale)
+    if cost == 'perspective':
+        return perspective_cost(d, x[..., 1] / image_height, y[..., 1] / image_height, eta_range=eta_range, shift=shift)
+    return COSTS[cost](d, eta=eta, shift=shift)
+
+# %%
+test_eq(pixel_positions(2, 2, 8, offset=1.0), torch.tensor([[8., 8.], [16., 8.], [8., 16.], [16., 16.]]))
+test_eq(pixel_positions(2, 2, 8), pixel_centres(2, 2, 8))
+xy = torch.tensor([[[8., 8.]]], dtype=torch.float64); head = torch.tensor([[[20., 12.]]], dtype=torch.float64)
+C8 = points_cost(xy, head, scale=16., image_height=16., eta_range=(0.5, 0.7))
+test_eq(C8.dtype, torch.float64)   # the official formula, written out for the pixel (8, 8) and the head (20, 12)
+test_close(C8.item(), math.exp(math.hypot(12, 4) / 16 / (0.5 + 0.2 * (8 + 12) / 2 / 16)) - 1, eps=1e-12)
+test_fail(lambda: points_cost(xy, head, cost='nope'), contains="'perspective'")
+
+# %% [markdown]
 # ## Cost matrices between a density map and its annotations
 #
 # `cost_matrix` takes the size `(h, w)` of the density map and the padded `(B, M, 2)` point coordinates in input
-# pixels, places the pixel centres at $(s(j+\frac12), s(i+\frac12))$ (`uotcrowd.core.pixel_centres`; the official code
-# is 4 px off in one place, we use the cell centre everywhere) and returns the `(B, h*w, M)` cost. Padded points get
-# finite costs; the solver masks them.
+# pixels, places the pixel centres at $(s(j+\frac12), s(i+\frac12))$ (the official code is 4 px off in one place, we
+# use the cell centre everywhere) and returns the `(B, h*w, M)` float32 cost. Padded points get finite costs; the
+# solver masks them.
 
 # %%
 #| export
@@ -142,18 +207,11 @@ def cost_matrix(h:int, # rows of the density map
                 shift:bool=True, # exponential costs are `exp(.)-1`, zero at distance 0
                ) -> torch.Tensor: # `(B, h*w, M)` float32 costs
     "Transport cost between the pixel centres of an `h`×`w` stride-`stride` map and `points`."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
     if points.dim() == 2: points = points.unsqueeze(0)
     points = points.float()
-    B = points.shape[0]
     grid = pixel_centres(h, w, stride=stride, device=points.device)  # (n, 2) input pixels
-    d = pairwise_distances((grid / scale).unsqueeze(0).expand(B, -1, -1), points / scale)
-    if cost == 'perspective':
-        H = float(image_height) if image_height is not None else float(h * stride)
-        hx = (grid[:, 1] / H).unsqueeze(0).expand(B, -1)
-        hy = points[..., 1] / H
-        return perspective_cost(d, hx, hy, eta_range=eta_range, shift=shift)
-    return COSTS[cost](d, eta=eta, shift=shift)
+    H = float(image_height) if image_height is not None else float(h * stride)
+    return points_cost(grid.expand(points.shape[0], -1, -1), points, cost, scale, H, eta, eta_range, shift)
 
 # %% [markdown]
 # Checks against a direct loop over pixels and points, and the zero at distance zero:
@@ -190,6 +248,59 @@ bottom = cost_matrix(8, 8, torch.tensor([[[4., 60.]]]), stride=8, scale=64.)[0, 
 assert top > bottom > 0
 Cexp = cost_matrix(8, 8, torch.tensor([[[4., 60.]]]), stride=8, scale=64., image_height=1e9)  # eta -> 0.6 everywhere
 test_close(Cexp, cost_matrix(8, 8, torch.tensor([[[4., 60.]]]), cost='exp', stride=8, scale=64.), eps=1e-5)
+
+# %% [markdown]
+# ## The Bayesian loss's background point
+#
+# BL+ gives each pixel a background "point" whose squared distance depends on the distance $r$ from the pixel to its
+# nearest annotation: $(d-r)^2$ in the BL paper (Eq. 15 of the GL paper, `form='paper'`), $d^2/r^2$ in the official BL
+# code (`form='code'`, with $10^{-5}$ added to $r^2$). Both the theory notebook and `BayesianLoss` use this one function.
+
+# %%
+#| export
+def bl_background_cost(r2:torch.Tensor, # squared distance $r^2$ from each pixel to its nearest annotation
+                       d:float, # background distance, in the units of $r$
+                       form:str='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
+                      ) -> torch.Tensor: # same shape as `r2`
+    "Squared distance of BL's background point for each pixel."
+    if form == 'paper': return (d - r2.sqrt()).square()
+    if form == 'code': return d * d / (r2 + 1e-5)
+    raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
+
+# %%
+r2 = torch.tensor([0., 4., 100.])
+test_close(bl_background_cost(r2, 6.), torch.tensor([36., 16., 16.]))
+test_close(bl_background_cost(r2, 6., 'code'), torch.tensor([36 / 1e-5, 9., 0.36]), eps=1e-4)
+test_fail(lambda: bl_background_cost(r2, 6., 'x'), contains="'paper' or 'code'")
+
+# %% [markdown]
+# ## A cost function for geomloss
+#
+# geomloss takes the cost as a function of two batched point clouds. `coordinate_cost` builds one from `points_cost`
+# for coordinates already divided by `scale` (the perspective heights are $y/H$ with $H$ the image height in input
+# pixels), so that a reference solver solves exactly the problem `GeneralizedLoss` solves.
+
+# %%
+#| export
+def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                    scale:float=512., # coordinates were divided by this
+                    image_height:float=512., # image height in input pixels (perspective heights are y/H)
+                    eta:float=0.6, # length scale of the `exp` cost
+                    eta_range:tuple=(0.6, 0.8), # perspective factor at the top and the bottom
+                    shift:bool=True, # exponential costs minus 1
+                   ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
+    "A geomloss-style batched cost function on scaled coordinates, matching `cost_matrix`."
+    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta, eta_range=eta_range,
+                   shift=shift)
+
+# %%
+pts = torch.tensor([[[10., 500.], [300., 20.], [77., 77.]]])
+grid = pixel_centres(8, 8, stride=64)[None]
+for name in COSTS:
+    test_close(coordinate_cost(name)(grid / 512, pts / 512), cost_matrix(8, 8, pts, cost=name, stride=64), eps=1e-5)
+cfn = coordinate_cost('perspective')
+test_close(cfn(grid / 512, pts / 512), cfn(pts / 512, grid / 512).transpose(1, 2), eps=1e-6)   # symmetric
 
 # %%
 #| hide

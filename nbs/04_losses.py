@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Losses
 #
-# > The generalized loss of the paper (`GeneralizedLoss`, Eq. 1), the baselines re-exported from `uotcrowd.baselines`, and the `get_loss` registry.
+# > The generalized loss of the paper (`GeneralizedLoss`, Eq. 1): its terms from the batched solver's plan, the paper's gradient, and the official trainer's objective as a preset.
 
 # %%
 #| default_exp losses
@@ -10,18 +10,18 @@
 #| export
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 import torch
 from torch import nn
-from uotcrowd.core import check_points, pad_points, check_density, pixel_centres
-from uotcrowd.costs import cost_matrix, COSTS, pairwise_distances, perspective_cost
-from uotcrowd.sinkhorn import uot_potentials, plan_factors, max_diameter, no_autocast, Potentials
-try:  # worker B's module; `get_loss` imports it again lazily, so this module works before it exists
-    from uotcrowd.baselines import L2DensityLoss, BayesianLoss, DMCountLoss
-except ImportError: pass
+from uotcrowd.core import check_points, pad_points, check_density
+from uotcrowd.costs import COSTS, pixel_positions, points_cost
+from uotcrowd.sinkhorn import uot_potentials, plan_stats, max_diameter, no_autocast, Potentials, generalized_kl
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
+from uotcrowd.core import pixel_centres
+from uotcrowd.costs import cost_matrix
 from uotcrowd.sinkhorn import uot_plan, uot_value
 import time
 
@@ -39,8 +39,9 @@ import time
 # Because the plan factors as $P_{ij}=r_i(\boldsymbol a)E_{ij}$ with only the row factor $r$ depending on $\boldsymbol a$
 # (`uotcrowd.sinkhorn.plan_factors`), every term is a function of $r$ and a few row/column statistics of the constant
 # $\mathbf E$: $\mathbf P\mathbf 1=r\odot\mathbf E\mathbf 1$, $\mathbf P^\top\mathbf 1=\mathbf E^\top r$, $\langle\mathbf C,\mathbf P\rangle=\sum_i r_i\sum_j C_{ij}E_{ij}$,
-# $\sum P\log P=\sum_i r_i\log r_i\,(\mathbf E\mathbf 1)_i+\sum_i r_i\sum_j E_{ij}\log E_{ij}$. The autograd graph then holds
-# nothing bigger than $\mathbf E$ itself, whatever the number of Sinkhorn iterations.
+# $\sum P\log P=\sum_i r_i\log r_i\,(\mathbf E\mathbf 1)_i+\sum_i r_i\sum_j E_{ij}\log E_{ij}$. `uotcrowd.sinkhorn.plan_stats`
+# computes these reductions in one pass over the cost without storing $\mathbf E$ (its backward recomputes it block by
+# block), so the autograd graph holds nothing bigger than the cost, whatever the number of Sinkhorn iterations.
 #
 # ### Where the paper and the official code differ, and what we chose
 #
@@ -79,8 +80,8 @@ def divergence(p:torch.Tensor, # `(B, k)` reconstructed marginal
     if kind == 'l2': d = (p - q) ** 2
     elif kind == 'l1': d = (p - q).abs()
     elif kind == 'kl':
-        tiny = 1e-20
-        d = (p + tiny) * torch.log((p + tiny) / (q + tiny)) - p + q
+        tiny = 1e-20      # keeps the gradient finite where p = 0
+        d = generalized_kl(p + tiny, q + tiny)
     else: raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
     if mask is not None: d = d * mask
     return d.sum(-1)
@@ -92,57 +93,6 @@ test_close(divergence(p, q, 'l2'), torch.tensor([1.25])); test_close(divergence(
 test_close(divergence(p, q, 'kl'), torch.tensor([math.log(2) - 0.5 + 1.]), eps=1e-6)
 test_close(divergence(p, q, 'l1', mask=torch.tensor([[True, True, False]])), torch.tensor([0.5]))
 test_fail(lambda: divergence(p, q, 'tv'), contains="'kl'")
-
-
-# %% [markdown]
-# ### Pixel positions, and the cost on any grid
-#
-# We place density pixel $(i, j)$ at its cell centre $(s(j+\frac12), s(i+\frac12))$. The official trainer builds its
-# grid as `(arange + 0.5) * stride + stride / 2`, i.e. at $s(j+1)$: $8j+8$ at stride 8, the cell's lower-right corner.
-# `pixel_positions` takes the offset (`0.5`: centres, `1.0`: the official grid) and `grid_cost` is `uotcrowd.costs.cost_matrix`
-# on such a grid, computed in the dtype of the points (float64 inputs give a float64 cost).
-
-# %%
-#| export
-def pixel_positions(h:int, # rows of the density map
-                    w:int, # columns of the density map
-                    stride:int=8, # input pixels per density pixel
-                    offset:float=0.5, # position inside the cell: 0.5 the centre, 1.0 the official grid (8j+8)
-                    device=None, dtype=torch.float32
-                   ) -> torch.Tensor: # `(h*w, 2)` `(x, y)` positions in input pixels, row-major
-    "Input-image positions $(s(j+o), s(i+o))$ of the pixels of an `h`×`w` stride-`s` density map."
-    grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
-    return grid if offset == 0.5 else grid + stride * (offset - 0.5)
-
-def grid_cost(grid:torch.Tensor, # `(n, 2)` pixel positions in input pixels
-              points:torch.Tensor, # `(B, M, 2)` padded head positions in input pixels
-              cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
-              scale:float=512., # coordinates are divided by this
-              image_height:float=512., # heights are y / image_height (perspective cost)
-              eta:float=0.6, # length scale of the 'exp' cost
-              eta_range:tuple=(0.6, 0.8), # perspective factor at height 0 and 1
-              shift:bool=True # exponential costs as exp(.)-1
-             ) -> torch.Tensor: # `(B, n, M)` in the dtype of `points`
-    "`uotcrowd.costs.cost_matrix` between an arbitrary pixel grid and padded points."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
-    B = points.shape[0]
-    grid = grid.to(points.dtype)
-    d = pairwise_distances((grid / scale).unsqueeze(0).expand(B, -1, -1), points / scale)
-    if cost == 'perspective':
-        return perspective_cost(d, (grid[:, 1] / image_height).unsqueeze(0).expand(B, -1), points[..., 1] / image_height,
-                                eta_range=eta_range, shift=shift)
-    return COSTS[cost](d, eta=eta, shift=shift)
-
-
-# %%
-pts_ = torch.tensor([[[4., 4.], [20., 12.]], [[12., 4.], [0., 0.]]])
-for name in COSTS:   # on the cell centres it is cost_matrix, bit for bit
-    test_eq(grid_cost(pixel_positions(2, 3, 8), pts_, name, scale=16., image_height=16.),
-            cost_matrix(2, 3, pts_, cost=name, stride=8, scale=16.))
-test_eq(pixel_positions(2, 2, 8, offset=1.0), torch.tensor([[8., 8.], [16., 8.], [8., 16.], [16., 16.]]))
-C8 = grid_cost(pixel_positions(2, 3, 8, offset=1.0), pts_.double(), scale=16., image_height=16., eta_range=(0.5, 0.7))
-test_eq(C8.dtype, torch.float64)   # the official formula, written out for pixel 0 = (8, 8) and the head (20, 12)
-test_close(C8[0, 0, 1].item(), math.exp(math.hypot(12, 4) / 16 / (0.5 + 0.2 * (8 + 12) / 2 / 16)) - 1, eps=1e-12)
 
 
 # %% [markdown]
@@ -197,6 +147,18 @@ test_close(aa.grad, (0.5 + 0.025) * (1 - torch.exp(-pot_.f / 0.5)), eps=1e-12)
 
 # %%
 #| export
+@dataclass
+class Transport:
+    "A batch of the generalized loss's transport problems: masses, positions, cost and, once solved, potentials."
+    a: torch.Tensor # `(B, n)` density (differentiable)
+    b: torch.Tensor # `(B, m)` 1 per real head, 0 on padding
+    C: torch.Tensor # `(B, n, m)` cost
+    mask: torch.Tensor # `(B, m)` bool, real heads
+    x: torch.Tensor # `(n, 2)` pixel positions in input pixels
+    y: torch.Tensor # `(B, m, 2)` padded head positions in input pixels
+    image_height: float # perspective heights are y / image_height
+    pot: Potentials|None = None # potentials, set by `GeneralizedLoss.solve`
+
 class GeneralizedLoss(nn.Module):
     "The generalized UOT loss of Wan, Liu & Chan (CVPR 2021), Eq. 1, batched; `forward(density, points)`."
     def __init__(self,
@@ -261,8 +223,10 @@ class GeneralizedLoss(nn.Module):
                 f"stride={self.stride}, d_pixel={self.d_pixel!r}, d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}, "
                 f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, grid_offset={self.grid_offset}")
 
-    def solve(self, density:torch.Tensor, points) -> dict:
-        "Masses, cost, mask and potentials for a batch (no autograd through the iterations)."
+    def problem(self, density:torch.Tensor, # `(B, 1, h, w)` predicted density
+                points # list of B `(N_b, 2)` head positions in input pixels
+               ) -> Transport:
+        "The batch as transport problems: masses, pixel and head positions, cost (not yet solved)."
         density = check_density(density)
         if not torch.isfinite(density).all():
             raise ValueError("density contains NaN or infinite values; check the model output (learning rate, AMP overflow)")
@@ -273,27 +237,28 @@ class GeneralizedLoss(nn.Module):
         a = density.reshape(B, h * w).to(dt)
         grid = pixel_positions(h, w, self.stride, self.grid_offset, device=density.device, dtype=dt)
         H = float(self.image_height) if self.image_height is not None else float(h * self.stride)
-        C = grid_cost(grid, coords, self.cost, scale=self.scale, image_height=H, eta=self.eta,
-                      eta_range=self.eta_range, shift=self.shift)
-        b = mask.to(dt)
-        grid = grid[None].expand(B, -1, -1)
-        diam = max_diameter(grid / self.scale, coords / self.scale, mask_y=mask) if self.mode == 'official' else None
-        pot = uot_potentials(a.detach(), b, C, self.eps, self.tau_solve, self.tau_solve, mask_b=mask, mode=self.mode,
-                             reference=self.reference, diameter=diam, scaling=self.scaling, tol=self.tol,
-                             max_iter=self.max_iter, compute_error=self.report_error)
-        self.last_solve = dict(iterations=pot.iterations, marginal_error=pot.marginal_error)
-        return dict(a=a, b=b, C=C, mask=mask, pot=pot)
+        C = points_cost(grid.expand(B, -1, -1), coords, self.cost, self.scale, H, self.eta, self.eta_range, self.shift)
+        return Transport(a, mask.to(dt), C, mask, grid, coords, H)
 
-    def terms_from(self, a, b, C, mask, pot:Potentials) -> dict:
-        "Per-image `(B,)` loss terms from the solved problem; differentiable in `a`."
-        r, E = plan_factors(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad)
-        if mask is not None and not bool(mask.all()): C = C.masked_fill(~mask[:, None, :], 0.)
-        with torch.no_grad():
-            e = E.sum(2)                                   # E 1
-            ce = (C * E).sum(2)                            # sum_j C_ij E_ij
-            elog = torch.xlogy(E, E).sum(2)                # sum_j E_ij log E_ij
+    def solve(self, density:torch.Tensor, points) -> Transport:
+        "`problem` with its potentials filled in (no autograd through the iterations)."
+        t = self.problem(density, points)
+        x = t.x.expand(len(t.a), -1, -1)
+        diam = max_diameter(x / self.scale, t.y / self.scale, mask_y=t.mask) if self.mode == 'official' else None
+        t.pot = uot_potentials(t.a.detach(), t.b, t.C, self.eps, self.tau_solve, self.tau_solve, mask_b=t.mask,
+                               mode=self.mode, reference=self.reference, diameter=diam, scaling=self.scaling, tol=self.tol,
+                               max_iter=self.max_iter, compute_error=self.report_error)
+        self.last_solve = dict(iterations=t.pot.iterations, marginal_error=t.pot.marginal_error)
+        return t
+
+    def terms_from(self, t:Transport # a solved batch (`solve`)
+                  ) -> dict:
+        "Per-image `(B,)` loss terms from the solved problem; differentiable in `t.a`."
+        a, b, C, mask, pot = t.a, t.b, t.C, t.mask, t.pot
+        st = plan_stats(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad)    # the plan is never stored
+        r, e, ce, elog = st.r, st.rows, st.cost, st.xlogx  # r; E 1; sum_j C_ij E_ij; sum_j E_ij log E_ij
         P1 = r * e
-        Pt1 = torch.bmm(r[:, None, :], E)[:, 0]
+        Pt1 = st.cols                                      # r^T E, differentiable through r
         tiny = 1e-20
         plogp = (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1)                # sum P log P, 0 log 0 = 0
         if self.entropy == 'mean':   # official: eps * mean over the n*m entries, added per image without the 1/B
@@ -317,12 +282,25 @@ class GeneralizedLoss(nn.Module):
                ):
         "Batch mean of Eq. 1 (and, with `return_terms`, the dict transport/entropy/pixel/point/total)."
         with no_autocast(density.device):
-            s = self.solve(density, points)
-            t = self.terms_from(s['a'], s['b'], s['C'], s['mask'], s['pot'])
+            t = self.terms_from(self.solve(density, points))
         loss = t['total'].mean()
         if return_terms: return loss, {k: v.mean() for k, v in t.items()}
         return loss
 
+
+# %% [markdown]
+# `problem` places density pixel $(i, j)$ at $(s(j+o), s(i+o))$ with $o$ = `grid_offset` (`uotcrowd.costs.pixel_positions`):
+# by default at its cell centre, $o=\frac12$; the official trainer builds its grid as `(arange + 0.5) * stride + stride / 2`,
+# i.e. at $s(j+1)$, $8j+8$ at stride 8 (`grid_offset=1.0`). On the cell centres its cost is `cost_matrix`, bit for bit,
+# and `solve` returns the same `Transport` with its potentials.
+
+# %%
+pts_ = [torch.tensor([[4., 4.], [20., 12.]]), torch.tensor([[12., 4.], [0., 0.]])]
+for name in COSTS:
+    t_ = GeneralizedLoss(cost=name, scale=16.).problem(torch.rand(2, 1, 2, 3), pts_)
+    test_eq(t_.C, cost_matrix(2, 3, torch.stack(pts_), cost=name, stride=8, scale=16.)); test_eq(t_.pot, None)
+t_ = GeneralizedLoss.official(scale=16.).solve(torch.rand(2, 1, 2, 3), pts_)
+test_eq((t_.x[0].tolist(), t_.image_height, t_.pot.f.shape), ([8., 8.], 16., (2, 6)))
 
 # %% [markdown]
 # ### The terms, checked against a direct computation from the plan
@@ -433,9 +411,9 @@ pts1 = [torch.rand(4, 2, generator=g, dtype=torch.float64) * 48]
 for reference in ['product', 'uniform']:
     L = GeneralizedLoss(scale=48., mode='converged', tol=1e-12, max_iter=100000, reference=reference)
     s = L.solve(d0, pts1)
-    a0, C, pot = s['a'], s['C'], s['pot']
+    a0, C, pot = s.a, s.C, s.pot
     eps, lam = 0.01, 0.5 / 0.51
-    v = (1. if reference == 'uniform' else s['b']) * torch.exp(pot.g / eps)       # v* = nu e^{g*/eps}, held fixed
+    v = (1. if reference == 'uniform' else s.b) * torch.exp(pot.g / eps)       # v* = nu e^{g*/eps}, held fixed
     K = torch.exp(-C / eps)
     def L_fixed(a):
         mu = a if reference == 'product' else torch.ones_like(a)
@@ -463,46 +441,44 @@ for reference in ['product', 'uniform']:
 # cost=per_cost, reach=0.5, p=1)` on coordinates divided by the crop size, rebuilds the plan from the potentials, and
 # forms the terms from it. Our loss with `mode='official'`, `grad='official'`, `eta_range=(0.5, 0.7)` and `scale` = the
 # crop size must give the same plan, hence the same terms and gradient, to $10^{-4}$ relative (terms written here as
-# in our definition: $\langle C,P\rangle$, $\varepsilon\sum P\log P$, $\tau\|P1-a\|^2$, $\tau\|P^\top1-1\|_1$). Skipped without geomloss.
+# in our definition: $\langle C,P\rangle$, $\varepsilon\sum P\log P$, $\tau\|P1-a\|^2$, $\tau\|P^\top1-1\|_1$).
 
 # %%
-try: from geomloss import SamplesLoss
-except ImportError: SamplesLoss = None
+from geomloss import SamplesLoss  # a dev dependency: these checks always run in the test suite
 
 # %%
-if SamplesLoss is not None:
-    g = torch.Generator().manual_seed(8)
-    side, crop = 16, 128.
-    dens = torch.rand(2, 1, side, side, generator=g) * 0.05
-    pts2 = [torch.rand(9, 2, generator=g) * crop, torch.rand(4, 2, generator=g) * crop]
-    def per_cost(x, y):
-        dist = torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist')
-        return torch.exp(dist / ((x[:, :, None, 1] + y[:, None, :, 1]) / 2 * 0.2 + 0.5)) - 1
-    crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1, potentials=True)
-    X = pixel_centres(side, side, 8)[None] / crop
-    ref_terms, ref_grads = [], []
-    for k in range(2):
-        A = dens[k].reshape(1, -1).clone().requires_grad_()
-        Y = pts2[k][None] / crop
-        Fg, Gg = crit(A.detach(), X, torch.ones(1, len(pts2[k])), Y)
-        C = per_cost(X, Y)
-        PI = torch.exp((Fg[:, :, None] + Gg[:, None, :] - C).detach() / 0.01) * A[:, :, None]
-        t = dict(transport=(C * PI).sum(), entropy=0.01 * ((PI + 1e-20) * torch.log(PI + 1e-20)).sum(),  # official form
-                 pixel=0.1 * ((PI.sum(2).detach() - A) ** 2).sum(), point=0.1 * (PI.sum(1) - 1).abs().sum())
-        sum(t.values()).backward()
-        ref_terms.append({k_: v.item() for k_, v in t.items()}); ref_grads.append(A.grad.reshape(side, side))
-    L = GeneralizedLoss(mode='official', grad='official', eta_range=(0.5, 0.7), scale=crop)
-    dd = dens.clone().requires_grad_()
-    loss, T = L(dd, pts2, return_terms=True)
-    loss.backward()
-    for name in ['transport', 'entropy', 'pixel', 'point']:
-        refv = sum(r[name] for r in ref_terms) / 2
-        test_close(T[name].item(), refv, eps=1e-4 * abs(refv) + 1e-7)
-    gref = torch.stack(ref_grads)[:, None] / 2
-    test_close(dd.grad, gref, eps=1e-4 * gref.abs().max())
-    print('geomloss recipe vs ours: max rel. term deviation',
-          max(abs(T[n].item() - sum(r[n] for r in ref_terms) / 2) / abs(sum(r[n] for r in ref_terms) / 2)
-              for n in ['transport', 'entropy', 'pixel', 'point']))
+g = torch.Generator().manual_seed(8)
+side, crop = 16, 128.
+dens = torch.rand(2, 1, side, side, generator=g) * 0.05
+pts2 = [torch.rand(9, 2, generator=g) * crop, torch.rand(4, 2, generator=g) * crop]
+def per_cost(x, y):
+    dist = torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist')
+    return torch.exp(dist / ((x[:, :, None, 1] + y[:, None, :, 1]) / 2 * 0.2 + 0.5)) - 1
+crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1, potentials=True)
+X = pixel_centres(side, side, 8)[None] / crop
+ref_terms, ref_grads = [], []
+for k in range(2):
+    A = dens[k].reshape(1, -1).clone().requires_grad_()
+    Y = pts2[k][None] / crop
+    Fg, Gg = crit(A.detach(), X, torch.ones(1, len(pts2[k])), Y)
+    C = per_cost(X, Y)
+    PI = torch.exp((Fg[:, :, None] + Gg[:, None, :] - C).detach() / 0.01) * A[:, :, None]
+    t = dict(transport=(C * PI).sum(), entropy=0.01 * ((PI + 1e-20) * torch.log(PI + 1e-20)).sum(),  # official form
+             pixel=0.1 * ((PI.sum(2).detach() - A) ** 2).sum(), point=0.1 * (PI.sum(1) - 1).abs().sum())
+    sum(t.values()).backward()
+    ref_terms.append({k_: v.item() for k_, v in t.items()}); ref_grads.append(A.grad.reshape(side, side))
+L = GeneralizedLoss(mode='official', grad='official', eta_range=(0.5, 0.7), scale=crop)
+dd = dens.clone().requires_grad_()
+loss, T = L(dd, pts2, return_terms=True)
+loss.backward()
+for name in ['transport', 'entropy', 'pixel', 'point']:
+    refv = sum(r[name] for r in ref_terms) / 2
+    test_close(T[name].item(), refv, eps=1e-4 * abs(refv) + 1e-7)
+gref = torch.stack(ref_grads)[:, None] / 2
+test_close(dd.grad, gref, eps=1e-4 * gref.abs().max())
+print('geomloss recipe vs ours: max rel. term deviation',
+      max(abs(T[n].item() - sum(r[n] for r in ref_terms) / 2) / abs(sum(r[n] for r in ref_terms) / 2)
+          for n in ['transport', 'entropy', 'pixel', 'point']))
 
 # %% [markdown]
 # ## The official objective: `GeneralizedLoss.official()`
@@ -548,7 +524,7 @@ for k in range(3):
     A = dens[k].reshape(1, -1).clone().requires_grad_()
     if len(pts3[k]) == 0: lk = 1.2 * A.sum().abs() / 3
     else:
-        Ck = grid_cost(X, pts3[k][None], scale=crop, image_height=crop, eta_range=(0.5, 0.7))
+        Ck = points_cost(X[None], pts3[k][None], scale=crop, image_height=crop, eta_range=(0.5, 0.7))
         ones = torch.ones(1, len(pts3[k]), dtype=torch.float64)
         pot = uot_potentials(A.detach(), ones, Ck, 0.01, 0.5, diameter=max_diameter(X[None] / crop, pts3[k][None] / crop))
         P = uot_plan(A, ones, Ck, 0.01, 0.5, potentials=pot, grad='official')[0]
@@ -664,41 +640,6 @@ def loss_per_image(loss:nn.Module, # a loss with the `loss(density, points)` con
 test_close(loss_per_image(gl, d.detach()[:, :, :8, :8], pts3), GeneralizedLoss(scale=64.)(d.detach(), pts3), eps=1e-6)
 
 # %% [markdown]
-# ## Registry
-#
-# `get_loss(name, **kwargs)` builds a loss by name: `'gl'` (this notebook, Eq. 1), `'gl-official'` (`GeneralizedLoss.official`,
-# the official trainer's objective), `'l2'`, `'bl'`, `'dmcount'` (`uotcrowd.baselines`).
-# Every loss accepts `stride=` and returns the batch mean of `loss(density, points)`.
-
-# %%
-#| export
-LOSS_NAMES = ('gl', 'gl-official', 'l2', 'bl', 'dmcount')
-
-def get_loss(name:str, # 'gl', 'gl-official', 'l2', 'bl' or 'dmcount'
-             **kwargs # passed to the loss constructor (e.g. `stride=8`, `eps=0.01`)
-            ) -> nn.Module:
-    "Build a loss by name."
-    key = str(name).lower()
-    if key == 'gl': return GeneralizedLoss(**kwargs)
-    if key == 'gl-official': return GeneralizedLoss.official(**kwargs)
-    if key in LOSS_NAMES:
-        from uotcrowd import baselines
-        cls = dict(l2=baselines.L2DensityLoss, bl=baselines.BayesianLoss, dmcount=baselines.DMCountLoss)[key]
-        return cls(**kwargs)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-
-
-# %%
-test_eq(type(get_loss('gl', stride=4, eps=0.02)), GeneralizedLoss); test_eq(get_loss('GL', stride=4).stride, 4)
-test_fail(lambda: get_loss('mse'), contains="gl, gl-official, l2, bl, dmcount")
-Lo = get_loss('gl-official', stride=4, eps=0.02)     # the preset, with the overrides applied
-test_eq((type(Lo), Lo.stride, Lo.eps, Lo.transport, Lo.grid_offset), (GeneralizedLoss, 4, 0.02, 'dual', 1.0))
-for nm in ['l2', 'bl', 'dmcount']:
-    lf = get_loss(nm, stride=8)
-    v = lf(torch.rand(2, 1, 8, 8), [torch.rand(3, 2) * 64, torch.zeros(0, 2)])
-    assert v.dim() == 0 and torch.isfinite(v)
-
-# %% [markdown]
 # ## What the cost and ε do to the training signal
 #
 # The paper's Figs. 5-6 show that the exponential and perspective costs give more compact density maps than the
@@ -711,7 +652,7 @@ for nm in ['l2', 'bl', 'dmcount']:
 #   so the peaks are the heads; the perspective cost makes the blobs tighter at the top, where people are small.
 # - With $L^2$ at the same ε (coordinates divided by 512, so squared distances are tiny) the pull is one wide blob:
 #   the transport cost cannot separate neighbouring heads, which is why the cost must be paired with a much smaller
-#   ε (the L2 and BL losses use a fixed Gaussian bandwidth instead, see [the theory](01_theory.ipynb)).
+#   ε (the L2 and BL losses use a fixed Gaussian bandwidth instead, see [the theory](03a_theory.ipynb)).
 # - Raising ε to 0.05 blurs every cost.
 # - The head in the middle of the lower rows gets no pull: it is the nearest head to a large empty area whose
 #   (wrong) density the plan already assigns to it, so its point term is satisfied, and the pixel term pushes that
@@ -768,21 +709,20 @@ run(lambda dd: L(dd[:1], ptsB[:1]))
 t_batch = min(run(lambda dd: L(dd, ptsB)) for _ in range(2))
 t_loop = min(run(lambda dd: loss_per_image(L, dd, ptsB)) for _ in range(2))
 print(f"ours batched {t_batch:.2f} s, ours per-image loop {t_loop:.2f} s, ratio loop/batched {t_loop / t_batch:.2f}")
-if SamplesLoss is not None:      # the official recipe: geomloss per image, plan rebuilt from the potentials
-    crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1, potentials=True)
-    X = pixel_centres(side, side, 8)[None] / 512.
-    def official(dd):
-        tot = 0.
-        for k in range(B):
-            A = dd[k].reshape(1, -1); Y = ptsB[k][None] / 512.
-            Fg, Gg = crit(A, X, torch.ones(1, m), Y)
-            C = per_cost(X, Y)
-            PI = torch.exp((Fg[:, :, None] + Gg[:, None, :] - C).detach() / 0.01) * A[:, :, None]
-            tot = tot + (C * PI).sum() + 0.01 * ((PI + 1e-20) * torch.log(PI + 1e-20)).sum() \
-                  + 0.1 * ((PI.sum(2).detach() - A) ** 2).sum() + 0.1 * (PI.sum(1) - 1).abs().sum()
-        return tot / B
-    t_off = min(run(official) for _ in range(2))
-    print(f"official geomloss loop {t_off:.2f} s, ratio official/ours batched {t_off / t_batch:.2f}")
+crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1, potentials=True)
+X = pixel_centres(side, side, 8)[None] / 512.
+def official(dd):
+    tot = 0.
+    for k in range(B):
+        A = dd[k].reshape(1, -1); Y = ptsB[k][None] / 512.
+        Fg, Gg = crit(A, X, torch.ones(1, m), Y)
+        C = per_cost(X, Y)
+        PI = torch.exp((Fg[:, :, None] + Gg[:, None, :] - C).detach() / 0.01) * A[:, :, None]
+        tot = tot + (C * PI).sum() + 0.01 * ((PI + 1e-20) * torch.log(PI + 1e-20)).sum() \
+              + 0.1 * ((PI.sum(2).detach() - A) ** 2).sum() + 0.1 * (PI.sum(1) - 1).abs().sum()
+    return tot / B
+t_off = min(run(official) for _ in range(2))
+print(f"official geomloss loop {t_off:.2f} s, ratio official/ours batched {t_off / t_batch:.2f}")
 
 # %%
 #| hide

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Training
 #
-# > `TrainConfig`, `fit` and `evaluate`: Adam training with best-by-validation checkpoints, exact resume, bf16/fp16 autocast, DDP under `torchrun`, CSV/PNG logs.
+# > `TrainConfig`, `fit` and `validate`: Adam training with best-by-validation checkpoints, exact resume, bf16/fp16 autocast, DDP under `torchrun`, CSV/PNG logs.
 
 # %%
 #| default_exp train
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib, csv, json, math, os, platform, random, sys, time, warnings
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
-from uotcrowd.core import get_device, seed_everything
+from uotcrowd.core import get_device, seed_everything, count_metrics
 from uotcrowd.data import collate
+from uotcrowd.models import get_model
 
 # %%
 #| hide
@@ -184,7 +185,7 @@ class TrainConfig:
     max_steps:int|None=None # at most this many steps per epoch (smoke tests)
     model:str|None=None # model name for `uotcrowd.models.get_model`
     model_kwargs:dict=field(default_factory=dict) # its keyword arguments
-    loss:str|None=None # loss name for `uotcrowd.losses.get_loss`
+    loss:str|None=None # loss name for `uotcrowd.registry.get_loss`
     loss_kwargs:dict=field(default_factory=dict) # its keyword arguments
     dataset:str|None=None # dataset name, for the record
     data_dir:str|None=None # dataset folder, for the record
@@ -318,7 +319,6 @@ def load_model(path:str|Path, # checkpoint written by `fit` (`best.pt` or `last.
                device='cpu' # device of the returned model
               ) -> tuple[nn.Module, dict]:
     "Rebuild the model stored in a checkpoint; returns `(model in eval mode, checkpoint dict)`."
-    from uotcrowd.models import get_model
     ckpt = load_checkpoint(path)
     name = ckpt.get('model_name') or ckpt.get('config', {}).get('model')
     if not name: raise ValueError(f"{path} does not record its model name; it was not written by uotcrowd's `fit`")
@@ -456,41 +456,38 @@ test_eq(setup_distributed('cpu')[:3], (0, 1, torch.device('cpu')))
 
 
 # %% [markdown]
-# ## Evaluation
+# ## Validation
 #
-# Counting is evaluated on full images (padded to a multiple of the stride by the dataset), one image at a time
-# because their sizes differ. With $\hat N_i=\sum D_i$ the predicted and $N_i$ the annotated count over $n$ images,
-# $$\mathrm{MAE}=\frac1n\sum_i|\hat N_i-N_i|,\qquad \mathrm{RMSE}=\Big(\frac1n\sum_i(\hat N_i-N_i)^2\Big)^{1/2},\qquad
-# \mathrm{NAE}=\frac1n\sum_i\frac{|\hat N_i-N_i|}{N_i}$$
-# (`uotcrowd.metrics.count_metrics`; papers call the RMSE "MSE"). With `thresholds`, the density maps are also
-# turned into points (`uotcrowd.localize.localize`) and matched to the annotations within each distance in pixels
-# (`uotcrowd.metrics.localization_prf`), giving precision, recall and F1 per threshold. Images whose count is
-# unknown (`meta['count'] == -1`, e.g. NWPU's test set) get predictions but no metrics. `precision` runs the model
-# as in training (autocast and channels_last for `bf16`/`fp16`, see Precision; the density is cast to float32 before
-# anything is summed); `evaluate` defaults to `fp32`, `uotcrowd eval` to the checkpoint's precision.
+# Counting is validated on full images (padded to a multiple of the stride by the dataset), one image at a time
+# because their sizes differ: the count MAE, RMSE and NAE of `uotcrowd.core.count_metrics`, the MAE choosing the best
+# checkpoint. Images whose count is unknown (`meta['count'] == -1`, e.g. NWPU's test set) get predictions but no
+# metrics. `precision` runs the model as in training (autocast and channels_last for `bf16`/`fp16`, see Precision;
+# the density is cast to float32 before anything is summed); `validate` defaults to `fp32`. Under DDP each rank
+# predicts a share of the images and every rank gets all the rows. `each(row, density, points)` may add to the row of
+# every image: `uotcrowd.evaluate.evaluate` adds the located points that way.
 
 # %%
 #| export
-def _predict_rows(model, ds, device, indices, precision:str, thresholds, loc_threshold:float, quiet:bool, desc:str):
-    "Per-image predictions (and located points when `thresholds`) for `ds[i]`, `i` in `indices`."
-    if thresholds: from uotcrowd.localize import localize
-    rows, preds, gts = [], [], []
-    stride = getattr(model, 'stride', 8)
-    fmt = memory_format(precision)
-    for i in tqdm(indices, desc=desc, disable=quiet, leave=False, dynamic_ncols=True):
+def predict_counts(model:nn.Module, # density model
+                   ds:Dataset, # full-image `(image, points, meta)` items
+                   device:torch.device, # where the model runs
+                   indices:Sequence[int], # which items
+                   precision:str='fp32', # resolved precision
+                   quiet:bool=True, # no progress bar
+                   each:Callable|None=None # `each(row, density, points)` may add to each row
+                  ) -> list[dict]: # `index`, `name`, `gt_count`, `pred_count`, `abs_err` per image
+    "Predicted and annotated count of `ds[i]` for `i` in `indices`, the density summed in float32."
+    rows, fmt = [], memory_format(precision)
+    for i in tqdm(indices, desc='eval', disable=quiet, leave=False, dynamic_ncols=True):
         image, points, meta = ds[i]
         with autocast(device, precision):
             density = model(image.unsqueeze(0).to(device, memory_format=fmt))
         density = density.float()  # counts are summed in float32
-        gt = int(meta.get('count', len(points)))
+        gt, pred = int(meta.get('count', len(points))), float(density.sum())
         rows.append({'index': int(i), 'name': str(meta.get('name', i)), 'gt_count': gt if gt >= 0 else None,
-                     'pred_count': float(density.sum()),
-                     'abs_err': abs(float(density.sum()) - gt) if gt >= 0 else None})
-        if thresholds:
-            pred_pts = localize(density, stride=stride, threshold=loc_threshold)[0].cpu()
-            rows[-1]['pred_points'] = len(pred_pts)
-            preds.append(pred_pts); gts.append(points.reshape(-1, 2).float() if gt >= 0 and len(points) == gt else None)
-    return rows, preds, gts
+                     'pred_count': pred, 'abs_err': abs(pred - gt) if gt >= 0 else None})
+        if each is not None: each(rows[-1], density, points)
+    return rows
 
 def write_csv(rows:Sequence[dict], # one dict per line
               path:str|Path, # destination (written atomically)
@@ -511,42 +508,27 @@ def write_csv(rows:Sequence[dict], # one dict per line
 # %%
 #| export
 @torch.no_grad()
-def evaluate(model:nn.Module, # density model (its `stride` attribute is used for localization)
+def validate(model:nn.Module, # density model
              ds:Dataset, # dataset of full `(image, points, meta)` items
              device:str|torch.device|None=None, # default: the model's device
-             thresholds:Sequence[float]|None=None, # localization distances in px, e.g. (4, 8); None: counts only
-             loc_threshold:float=0.05, # density threshold of `localize`
-             csv_path:str|Path|None=None, # write the per-image CSV here
              precision:str='fp32', # one of `PRECISIONS` ('auto': bf16 where native); see Precision
              quiet:bool=True, # no progress bar
              rank:int=0, world:int=1, # shard the images across DDP ranks; results are gathered on every rank
+             each:Callable|None=None # `each(row, density, points)` may add to the row of each image
             ) -> dict:
-    "Count metrics (MAE, RMSE, NAE) over full images, optionally localization P/R/F1; the per-image rows are under `'per_image'`."
-    from uotcrowd.metrics import count_metrics
+    "Count metrics (MAE, RMSE, NAE) over full images; the per-image rows are under `'per_image'`."
     device = get_device(device) if device is not None else next(model.parameters()).device
     precision = resolve_precision(precision, device)
     was_training = model.training; model.eval()
-    try:
-        rows, preds, gts = _predict_rows(model, ds, device, range(rank, len(ds), world), precision, thresholds,
-                                         loc_threshold, quiet or rank != 0, 'eval')
+    try: rows = predict_counts(model, ds, device, range(rank, len(ds), world), precision, quiet or rank != 0, each)
     finally: model.train(was_training)
-    parts = _gather((rows, preds, gts), world)
-    rows = sorted((r for p in parts for r in p[0]), key=lambda r: r['index'])
+    rows = sorted((r for part in _gather(rows, world) for r in part), key=lambda r: r['index'])
     out = {'n': len(rows)}
     known = [r for r in rows if r['gt_count'] is not None]
     if known:
         cm = count_metrics([r['pred_count'] for r in known], [r['gt_count'] for r in known])
-        out.update(mae=float(cm['mae']), rmse=float(cm['rmse']), nae=float(cm['nae']))
-    if thresholds:
-        from uotcrowd.metrics import localization_prf
-        pairs = [(p, g) for part in parts for p, g in zip(part[1], part[2]) if g is not None]
-        if pairs:
-            for t in thresholds:
-                prf = localization_prf([p for p, _ in pairs], [g for _, g in pairs], t)
-                for k in ('precision', 'recall', 'f1'): out[f'{k}@{t:g}'] = float(prf[k])
+        out.update(mae=cm['mae'], rmse=cm['rmse'], nae=cm['nae'])
     out['per_image'] = rows
-    if csv_path is not None and rank == 0:
-        write_csv(rows, csv_path, ['name', 'gt_count', 'pred_count', 'abs_err'] + (['pred_points'] if thresholds else []))
     return out
 
 
@@ -594,7 +576,7 @@ class ConstNet(nn.Module):
 
 ds = TinyCrowd(10)
 gt = torch.tensor([float(m['count']) for _, _, m in ds.items])
-res = evaluate(ConstNet(0.05), ds, 'cpu')
+res = validate(ConstNet(0.05), ds, 'cpu')
 pred = torch.full_like(gt, 0.05 * 64)
 test_close(res['mae'], (pred - gt).abs().mean().item(), eps=1e-5)
 test_close(res['rmse'], (pred - gt).pow(2).mean().sqrt().item(), eps=1e-5)
@@ -605,7 +587,7 @@ test_eq(res['n'], 10); test_eq([r['name'] for r in res['per_image']], [f'img{i:0
 
 # %%
 seed_everything(0); _net = TinyNet()
-r32, r16 = evaluate(_net, ds, 'cpu'), evaluate(_net, ds, 'cpu', precision='bf16')
+r32, r16 = validate(_net, ds, 'cpu'), validate(_net, ds, 'cpu', precision='bf16')
 c32, c16 = (torch.tensor([r['pred_count'] for r in r_['per_image']]) for r_ in (r32, r16))
 assert ((c16 - c32).abs() / c32).max() < 0.01, (c32, c16)
 
@@ -797,8 +779,6 @@ test_eq(plateau_schedule(_rows([5, 4, 4, 4]), TrainConfig(lr=1.0)), (1.0, False)
 
 # %%
 #| export
-def _unwrap(model): return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
 def _train_loader(ds, cfg:TrainConfig, epoch:int, rank:int, world:int, device) -> DataLoader:
     if hasattr(ds, 'set_epoch'): ds.set_epoch(epoch)  # datasets with their own augmentation streams (`aug_seed`)
     g = torch.Generator(); g.manual_seed(epoch_seed(cfg.seed, epoch, rank))
@@ -813,6 +793,191 @@ def _train_loader(ds, cfg:TrainConfig, epoch:int, rank:int, world:int, device) -
 def _log(msg:str, cfg:TrainConfig, rank:int):
     if rank == 0 and not cfg.quiet: print(msg, flush=True)
 
+
+# %% [markdown]
+# `fit` is assembled from the small steps below, each checked on its own.
+#
+# **Set-up.** `training_state` moves the model (channels_last in bf16/fp16) and the loss to the device and builds
+# Adam and the gradient scaler (active in fp16 only).
+
+# %%
+#| export
+def training_state(model:nn.Module, # the network
+                   loss:nn.Module, # the loss
+                   cfg:TrainConfig, # `precision`, `lr`, `weight_decay`
+                   device:torch.device # where training runs
+                  ) -> tuple: # `(model, loss, optimizer, scaler, precision)`
+    "Model and loss on `device` in the run's precision, with Adam and the fp16 `GradScaler`."
+    precision = resolve_precision(cfg.precision, device)
+    if not is_native(precision, device):
+        warnings.warn(f"{device} has no native {precision}: it is emulated and slower than fp32 (--precision auto picks the fast one)")
+    model = model.to(device, memory_format=memory_format(precision)); loss = loss.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
+    return model, loss, optimizer, scaler, precision
+
+# %%
+_m, _l, _opt, _sc, _p = training_state(TinyNet(), CountLoss(), TrainConfig(lr=0.5, precision='fp32'), torch.device('cpu'))
+test_eq((_p, _sc.is_enabled(), _opt.param_groups[0]['lr'], _opt.param_groups[0]['weight_decay']), ('fp32', False, 0.5, 1e-5))
+
+# %% [markdown]
+# **Resume.** `resume_state` says where a run starts: epoch 0 with no history, or, with `cfg.resume`, the epoch after
+# the checkpoint's, with its weights, optimizer and scaler state, RNG states, history, best validation MAE, the
+# training seconds already spent and the learning rate its history implies (`plateau_schedule`).
+
+# %%
+#| export
+def resume_state(cfg:TrainConfig, # `resume`: the checkpoint to continue from (None: a fresh run)
+                 model:nn.Module, optimizer, scaler, # restored in place from the checkpoint
+                 rank:int=0 # only rank 0 restores the RNG states
+                ) -> dict: # `start`, `best_mae`, `best_epoch`, `history`, `spent`
+    "The state a run starts from: fresh, or restored from `cfg.resume`."
+    state = dict(start=0, best_mae=math.inf, best_epoch=-1, history=[], spent=0.)
+    if not cfg.resume: return state
+    ckpt = load_checkpoint(cfg.resume)
+    load_weights(model, ckpt, cfg.resume); optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'): scaler.load_state_dict(ckpt['scaler'])
+    state.update(start=int(ckpt['epoch']), best_mae=float(ckpt['best_mae']), best_epoch=int(ckpt['best_epoch']),
+                 history=list(ckpt.get('history', [])), spent=float(ckpt.get('train_time_s', 0.)))
+    if rank == 0 and 'rng' in ckpt: set_rng_state(ckpt['rng'])
+    for g in optimizer.param_groups: g['lr'] = plateau_schedule(state['history'], cfg)[0]
+    return state
+
+# %%
+_tmp = Path(tempfile.mkdtemp())
+test_eq(resume_state(TrainConfig(), _m, _opt, _sc), dict(start=0, best_mae=math.inf, best_epoch=-1, history=[], spent=0.))
+_hist = [dict(epoch=e, val_mae=v) for e, v in enumerate([3., 2., 2.5, 2.4])]
+_src = TinyNet()
+save_checkpoint({'model': _src.state_dict(), 'optimizer': _opt.state_dict(), 'epoch': 4, 'best_mae': 2., 'best_epoch': 1,
+                 'history': _hist, 'train_time_s': 7.5}, _tmp/'last.pt')
+_net = TinyNet()
+_st = resume_state(TrainConfig(resume=_tmp/'last.pt', lr=1., lr_patience=2, lr_decay=0.5), _net, _opt, _sc)
+test_eq(_st, dict(start=4, best_mae=2., best_epoch=1, history=_hist, spent=7.5))
+test_eq(_opt.param_groups[0]['lr'], 0.5)                         # decayed once: two epochs without improvement
+for k, v in _src.state_dict().items(): assert torch.equal(_net.state_dict()[k], v), k
+
+# %% [markdown]
+# **One epoch.** `train_epoch` runs the steps of one epoch (reseeded from `(seed, epoch, rank)`) and returns its log
+# row: mean training loss and count MAE over the images it saw, summed over ranks. It stops early when the time
+# budget is spent (rank 0's clock decides for every rank), and raises `FloatingPointError` on a non-finite loss.
+
+# %%
+#| export
+def train_epoch(net:nn.Module, # the model (DDP-wrapped under torchrun)
+                loss:nn.Module, optimizer, scaler, # from `training_state`
+                train_ds:Dataset, # the training crops
+                cfg:TrainConfig, # batch size, seed, clipping, `max_steps`, `time_budget_s`
+                epoch:int, # epoch index
+                precision:str, # resolved precision
+                device:torch.device, rank:int=0, world:int=1,
+                elapsed:Callable[[], float]=lambda: 0., # training seconds spent so far (the time budget's clock)
+                out:Path|None=None # the run's folder, named in the error message of a non-finite loss
+               ) -> tuple[dict, bool]: # log row (epoch, train_loss, train_mae, lr, time_s), whether the budget stopped it
+    "Train one epoch; returns its log row and whether the time budget stopped it."
+    t0 = time.perf_counter()
+    seed_everything(epoch_seed(cfg.seed, epoch, rank))
+    loader = _train_loader(train_ds, cfg, epoch, rank, world, device)
+    fmt, show = memory_format(precision), rank == 0 and not cfg.quiet and sys.stderr.isatty()
+    net.train()
+    loss_sum, abs_sum, n_img, stopped = torch.zeros((), dtype=torch.float64), 0., 0, False
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', disable=not show, leave=False, dynamic_ncols=True)
+    for step, (images, points, metas) in enumerate(bar):
+        if cfg.max_steps is not None and step >= cfg.max_steps: break
+        images = images.to(device, non_blocking=True, memory_format=fmt); points = [p.to(device) for p in points]
+        with autocast(device, precision):
+            density = net(images)  # the loss and the counts below get it as float32
+        value = step_loss(loss, density, points)
+        bad, stopped = step_flags(value, rank == 0 and cfg.time_budget_s is not None and elapsed() > cfg.time_budget_s, world)
+        if bad: raise FloatingPointError(nonfinite_message(value.detach(), epoch, step, rank, metas, Path(out or cfg.out_dir) / 'last.pt'))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(value).backward()
+        if cfg.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+        scaler.step(optimizer); scaler.update()
+        with torch.no_grad():
+            loss_sum += value.detach().double().cpu() * len(points); n_img += len(points)
+            abs_sum += float((density.detach().float().sum((1, 2, 3)).cpu()
+                              - torch.tensor([float(len(p)) for p in points])).abs().sum())
+        if show: bar.set_postfix(loss=f'{value.item():.4g}')
+        if stopped: break  # rank 0's clock decides, every rank stops at this step
+    bar.close()
+    totals = torch.tensor([float(loss_sum), abs_sum, float(n_img)], dtype=torch.float64)
+    if world > 1: dist.all_reduce(totals)
+    n = max(float(totals[2]), 1.)
+    return {'epoch': epoch, 'train_loss': float(totals[0]) / n, 'train_mae': float(totals[1]) / n,
+            'lr': optimizer.param_groups[0]['lr'], 'time_s': time.perf_counter() - t0}, stopped
+
+# %% [markdown]
+# With a learning rate of 0 the weights do not move, so the row holds the loss and the count error of the initial
+# network on every image (here a plain list of items, without the random flips of `TinyCrowd`):
+
+# %%
+_ds = TinyCrowd(10, seed=3).items
+seed_everything(0); _net = TinyNet()
+_m, _l, _opt, _sc, _p = training_state(_net, CountLoss(), TrainConfig(lr=0.), torch.device('cpu'))
+_row, _stopped = train_epoch(_m, _l, _opt, _sc, _ds, TrainConfig(lr=0., batch_size=4, quiet=True), 0, 'fp32', torch.device('cpu'))
+with torch.no_grad(): _err = torch.tensor([float(_net(im[None]).sum()) - len(p) for im, p, _ in _ds])
+test_close(_row['train_loss'], _err.square().mean().item(), eps=1e-5); test_close(_row['train_mae'], _err.abs().mean().item(), eps=1e-5)
+test_eq((_row['epoch'], _row['lr'], _stopped), (0, 0., False))
+_row, _stopped = train_epoch(_m, _l, _opt, _sc, _ds, TrainConfig(batch_size=4, quiet=True, time_budget_s=1.), 0, 'fp32',
+                             torch.device('cpu'), elapsed=lambda: 2.)
+test_eq(_stopped, True)                                           # after its first step
+test_fail(lambda: train_epoch(_m, lambda d, p: d.sum() * float('nan'), _opt, _sc, _ds, TrainConfig(batch_size=4, quiet=True),
+                              0, 'fp32', torch.device('cpu')), contains='non-finite loss')
+
+# %% [markdown]
+# **Validation and records.** The validation MAE is computed every `val_epoch` epochs from `val_start` on, and after
+# the last epoch (or the one the time budget cut short). Rank 0 then writes `last.pt` (and `best.pt` when the
+# validation MAE improved, or, without validation, once), `log.csv` and `curves.png`, and prints one line.
+
+# %%
+#| export
+def validation_due(cfg:TrainConfig, # `val_start`, `val_epoch`, `max_epoch`
+                   epoch:int, # epoch index
+                   stopped:bool=False # the time budget ended this epoch
+                  ) -> bool:
+    "Whether the validation set is evaluated after `epoch`."
+    last = epoch == cfg.max_epoch - 1 or stopped
+    return epoch >= cfg.val_start and ((epoch + 1) % cfg.val_epoch == 0 or last)
+
+def write_epoch(out:Path, # the run's folder
+                state:dict, # checkpoint contents
+                history:Sequence[dict], # rows of `log.csv`
+                best:bool # also write `best.pt`
+               ):
+    "Rank 0's files after an epoch: `last.pt` (and `best.pt`), `log.csv`, `curves.png`."
+    save_checkpoint(state, out / 'last.pt')
+    if best: save_checkpoint(state, out / 'best.pt')
+    write_csv(history, out / 'log.csv', LOG_COLUMNS)
+    plot_curves(history, out / 'curves.png')
+
+def epoch_message(row:dict, # the epoch's log row
+                  cfg:TrainConfig, # `max_epoch`, `time_budget_s`
+                  improved:bool, # a new best validation MAE
+                  elapsed:float # training seconds so far
+                 ) -> str:
+    "The line printed after an epoch."
+    val = '' if row['val_mae'] is None else f"  val MAE {row['val_mae']:.3f} RMSE {row['val_rmse']:.3f}" + (' *' if improved else '')
+    when = f"epoch {row['epoch'] + 1}/{cfg.max_epoch}" if cfg.time_budget_s is None else \
+           f"epoch {row['epoch'] + 1} ({elapsed:.0f}/{cfg.time_budget_s:g}s)"
+    return f"{when}  loss {row['train_loss']:.4g}  train MAE {row['train_mae']:.3f}{val}  ({row['time_s']:.1f}s)"
+
+# %%
+_cfg = TrainConfig(max_epoch=10, val_epoch=3, val_start=4)
+test_eq([e for e in range(10) if validation_due(_cfg, e)], [5, 8, 9])
+assert validation_due(_cfg, 4, stopped=True) and not validation_due(_cfg, 3, stopped=True)
+_rows = [dict(epoch=0, train_loss=2., train_mae=1.5, lr=1e-3, time_s=0.5, val_mae=1.25, val_rmse=2., val_nae=0.1)]
+write_epoch(_tmp/'run', {'model': {}, 'epoch': 1}, _rows, best=False)
+test_eq(sorted(p.name for p in (_tmp/'run').iterdir()), ['curves.png', 'last.pt', 'log.csv'])
+test_eq(epoch_message(_rows[0], TrainConfig(max_epoch=10), True, 3.),
+        'epoch 1/10  loss 2  train MAE 1.500  val MAE 1.250 RMSE 2.000 *  (0.5s)')
+test_eq(epoch_message(_rows[0], TrainConfig(time_budget_s=60), False, 3.)[:13], 'epoch 1 (3/60')
+
+# %% [markdown]
+# **The loop.** `fit` joins the process group under `torchrun`, and for each epoch trains, validates when due,
+# updates the best MAE and the learning rate, writes the files and stops on the time budget or when the patience is
+# spent.
 
 # %%
 #| export
@@ -833,75 +998,29 @@ def fit(model:nn.Module, # density model; `model.stride` is recorded in the chec
         if own_group: dist.destroy_process_group()
 
 def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
-    t_start, spent = time.perf_counter(), 0.  # `spent`: training seconds of earlier segments (resume)
-    elapsed = lambda: spent + time.perf_counter() - t_start
+    t_start = time.perf_counter()
     out = Path(cfg.out_dir)
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
     if cfg.deterministic: seed_everything(cfg.seed, deterministic=True)
-    precision = resolve_precision(cfg.precision, device)
-    if not is_native(precision, device):
-        warnings.warn(f"{device} has no native {precision}: it is emulated and slower than fp32 (--precision auto picks the fast one)")
-    fmt = memory_format(precision)
-    model = model.to(device, memory_format=fmt); loss = loss.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
-    start, best_mae, best_epoch, history = 0, math.inf, -1, []
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        load_weights(model, ckpt, cfg.resume); optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'): scaler.load_state_dict(ckpt['scaler'])
-        start, best_mae, best_epoch = int(ckpt['epoch']), float(ckpt['best_mae']), int(ckpt['best_epoch'])
-        history, spent = list(ckpt.get('history', [])), float(ckpt.get('train_time_s', 0.))
-        if rank == 0 and 'rng' in ckpt: set_rng_state(ckpt['rng'])
-        for g in optimizer.param_groups: g['lr'] = plateau_schedule(history, cfg)[0]
-        _log(f"resumed from {cfg.resume} after epoch {start} (best val MAE {best_mae:.3f})", cfg, rank)
-    elif cfg.seed is not None and not cfg.deterministic: seed_everything(cfg.seed)
+    model, loss, optimizer, scaler, precision = training_state(model, loss, cfg, device)
+    st = resume_state(cfg, model, optimizer, scaler, rank)
+    if not cfg.resume and cfg.seed is not None and not cfg.deterministic: seed_everything(cfg.seed)
+    if cfg.resume: _log(f"resumed from {cfg.resume} after epoch {st['start']} (best val MAE {st['best_mae']:.3f})", cfg, rank)
+    best_mae, best_epoch, history = st['best_mae'], st['best_epoch'], st['history']
+    elapsed = lambda: st['spent'] + time.perf_counter() - t_start  # resumed segments included
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) \
           if world > 1 else model
     meta = {'model_name': cfg.model, 'model_kwargs': dict(cfg.model_kwargs), 'loss_name': cfg.loss,
             'loss_kwargs': dict(cfg.loss_kwargs), 'stride': int(getattr(model, 'stride', 8)), 'dataset': cfg.dataset,
             'world_size': world, 'torch_version': str(torch.__version__), 'precision': precision}
-    show = rank == 0 and not cfg.quiet and sys.stderr.isatty()
-    stopped_early = False
-    epoch = start - 1
-    for epoch in range(start, cfg.max_epoch):
+    show, stopped, epoch = rank == 0 and not cfg.quiet and sys.stderr.isatty(), False, st['start'] - 1
+    for epoch in range(st['start'], cfg.max_epoch):
         if plateau_schedule(history, cfg)[1]: epoch -= 1; break  # a resumed run whose patience was already spent
-        t0 = time.perf_counter()
-        seed_everything(epoch_seed(cfg.seed, epoch, rank))
-        loader = _train_loader(train_ds, cfg, epoch, rank, world, device)
-        net.train()
-        loss_sum, abs_sum, n_img = torch.zeros((), dtype=torch.float64), 0., 0
-        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', disable=not show, leave=False, dynamic_ncols=True)
-        for step, (images, points, metas) in enumerate(bar):
-            if cfg.max_steps is not None and step >= cfg.max_steps: break
-            images = images.to(device, non_blocking=True, memory_format=fmt); points = [p.to(device) for p in points]
-            with autocast(device, precision):
-                density = net(images)  # the loss and the counts below get it as float32
-            value = step_loss(loss, density, points)
-            bad, over_budget = step_flags(value, rank == 0 and cfg.time_budget_s is not None and elapsed() > cfg.time_budget_s, world)
-            if bad: raise FloatingPointError(nonfinite_message(value, epoch, step, rank, metas, out / 'last.pt'))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(value).backward()
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer); scaler.update()
-            with torch.no_grad():
-                bs = len(points)
-                loss_sum += value.detach().double().cpu() * bs; n_img += bs
-                abs_sum += float((density.detach().float().sum((1, 2, 3)).cpu()
-                                  - torch.tensor([float(len(p)) for p in points])).abs().sum())
-            if show: bar.set_postfix(loss=f'{value.item():.4g}')
-            if over_budget: stopped_early = True; break  # rank 0's clock decides, every rank stops at this step
-        bar.close()
-        totals = torch.tensor([float(loss_sum), abs_sum, float(n_img)], dtype=torch.float64)
-        if world > 1: dist.all_reduce(totals)
-        row = {'epoch': epoch, 'train_loss': float(totals[0] / max(totals[2], 1)),
-               'train_mae': float(totals[1] / max(totals[2], 1)), 'lr': optimizer.param_groups[0]['lr'],
-               'time_s': time.perf_counter() - t0, 'val_mae': None, 'val_rmse': None, 'val_nae': None}
-        last_epoch = epoch == cfg.max_epoch - 1 or stopped_early
-        if val_ds is not None and len(val_ds) and epoch >= cfg.val_start and ((epoch + 1) % cfg.val_epoch == 0 or last_epoch):
-            res = evaluate(model, val_ds, device, precision=precision, quiet=not show, rank=rank, world=world)
+        row, stopped = train_epoch(net, loss, optimizer, scaler, train_ds, cfg, epoch, precision, device, rank, world,
+                                   elapsed, out)
+        row.update(val_mae=None, val_rmse=None, val_nae=None)
+        if val_ds is not None and len(val_ds) and validation_due(cfg, epoch, stopped):
+            res = validate(model, val_ds, device, precision=precision, quiet=not show, rank=rank, world=world)
             row.update(val_mae=res.get('mae'), val_rmse=res.get('rmse'), val_nae=res.get('nae'))
         history.append(row)
         improved = row['val_mae'] is not None and row['val_mae'] < best_mae
@@ -912,24 +1031,17 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                      'epoch': epoch + 1, 'best_mae': best_mae, 'best_epoch': best_epoch, 'history': history,
                      'config': cfg.to_dict(), 'rng': rng_state(), 'train_time_s': elapsed(), **meta}
-            save_checkpoint(state, out / 'last.pt')
-            if improved or (val_ds is None and not math.isfinite(best_mae)): save_checkpoint(state, out / 'best.pt')
-            write_csv(history, out / 'log.csv', LOG_COLUMNS)
-            plot_curves(history, out / 'curves.png')
-            val = '' if row['val_mae'] is None else f"  val MAE {row['val_mae']:.3f} RMSE {row['val_rmse']:.3f}" + (' *' if improved else '')
-            when = f"epoch {epoch + 1}/{cfg.max_epoch}" if cfg.time_budget_s is None else \
-                   f"epoch {epoch + 1} ({elapsed():.0f}/{cfg.time_budget_s:g}s)"
-            _log(f"{when}  loss {row['train_loss']:.4g}  train MAE {row['train_mae']:.3f}{val}"
-                 f"  ({row['time_s']:.1f}s)", cfg, rank)
+            write_epoch(out, state, history, improved or (val_ds is None and not math.isfinite(best_mae)))
+            _log(epoch_message(row, cfg, improved, elapsed()), cfg, rank)
         if world > 1: dist.barrier()
-        if stopped_early:
+        if stopped:
             _log(f"time budget of {cfg.time_budget_s:g}s spent: stopped during epoch {epoch + 1}", cfg, rank); break
         if patience_spent:
             _log(f"no validation improvement for {cfg.patience} epochs: stopped after epoch {epoch + 1}", cfg, rank); break
     return {'out_dir': str(out), 'last': str(out / 'last.pt'),
             'best': str(out / 'best.pt') if (out / 'best.pt').exists() else None,
             'best_mae': best_mae, 'best_epoch': best_epoch, 'epochs': epoch + 1, 'history': history,
-            'stopped_early': stopped_early, 'converged': plateau_schedule(history, cfg)[1], 'time_s': elapsed(),
+            'stopped_early': stopped, 'converged': plateau_schedule(history, cfg)[1], 'time_s': elapsed(),
             'rank': rank, 'world': world}
 
 
@@ -1018,7 +1130,7 @@ test_eq(load_checkpoint(tmp/'full'/'last.pt')['epoch'], 3)
 # %%
 from uotcrowd.data import build_datasets
 from uotcrowd.models import get_model
-from uotcrowd.losses import get_loss
+from uotcrowd.registry import get_loss
 from IPython.display import Image as ShowImage
 
 # %% [markdown]
@@ -1042,11 +1154,11 @@ assert val_mae[-1] <= 0.6 * val_mae[0] and val_mae[-1] <= 0.5 * mean_count_mae, 
 ShowImage(filename=str(tmp/'synthetic'/'curves.png'))
 
 # %% [markdown]
-# The best checkpoint, evaluated on the test images with localization at 4 and 8 px:
+# The best checkpoint on the test images (their localization is measured in [evaluation](09a_evaluate.ipynb)):
 
 # %%
 best_model, ckpt = load_model(tmp/'synthetic'/'best.pt')
-ev = evaluate(best_model, test_ds, thresholds=(4, 8), csv_path=tmp/'synthetic'/'test.csv')
+ev = validate(best_model, test_ds)
 {k: round(v, 3) for k, v in ev.items() if k != 'per_image'}
 
 # %%

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Metrics
 #
-# > Counting errors (MAE, RMSE, NAE), point matching within a radius, the NWPU-Crowd localization evaluation (σs/σl, per-level recall) with its text formats, and the UCF-QNRF precision/recall over 1..100 px.
+# > Point matching within a radius, the NWPU-Crowd localization evaluation (σs/σl, per-level recall) with its text formats, and the UCF-QNRF precision/recall over 1..100 px.
 
 # %%
 #| default_exp metrics
@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
+from uotcrowd.core import to_numpy, count_metrics
 
 # %%
 #| hide
@@ -23,52 +24,6 @@ from fastcore.test import test_eq, test_close, test_fail
 import torch
 from scipy.optimize import linear_sum_assignment
 import tempfile
-
-
-# %% [markdown]
-# ## Counting errors
-#
-# With predicted counts $\hat y_i$ and ground-truth counts $y_i$ over $n$ images,
-# $$\mathrm{MAE}=\frac1n\sum_i|\hat y_i-y_i|,\qquad \mathrm{RMSE}=\sqrt{\frac1n\sum_i(\hat y_i-y_i)^2},\qquad
-# \mathrm{NAE}=\frac1{|\{i:y_i>0\}|}\sum_{i:\,y_i>0}\frac{|\hat y_i-y_i|}{y_i}.$$
-# Crowd-counting papers (the GL paper included) call the RMSE "MSE": the figure in their "MSE" columns is the
-# square root of the mean squared error. We name it `rmse`. NAE skips images with no people, as NWPU-Crowd's
-# evaluation does (the ratio is undefined there); with no such image it is `nan`.
-
-# %%
-#| export
-def _as_numpy(x, dtype=np.float64) -> np.ndarray:
-    "A NumPy copy of an array-like or (any-device) torch tensor."
-    if hasattr(x, 'detach'): x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
-# %%
-#| export
-def count_metrics(pred_counts, # predicted count per image (sequence, array or tensor)
-                  gt_counts, # ground-truth count per image
-                 ) -> dict: # `mae`, `rmse` (papers' "MSE"), `nae` (images with people only), `n`
-    "Mean absolute error, root mean squared error and normalized absolute error of counts."
-    pred, gt = _as_numpy(pred_counts).reshape(-1), _as_numpy(gt_counts).reshape(-1)
-    if pred.shape != gt.shape:
-        raise ValueError(f"got {pred.size} predicted counts for {gt.size} ground-truth counts")
-    if pred.size == 0: raise ValueError("count_metrics needs at least one image")
-    err = pred - gt
-    people = gt > 0
-    nae = float(np.mean(np.abs(err[people]) / gt[people])) if people.any() else float('nan')
-    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae, n=int(pred.size))
-
-
-# %% [markdown]
-# Worked example: errors 1, −2, 0, 3 (the last image is empty), so MAE = 6/4, RMSE = √(14/4), and NAE averages
-# 1/10, 2/4 and 0/5 only.
-
-# %%
-m = count_metrics([11, 2, 5, 3], torch.tensor([10, 4, 5, 0]))
-test_close(m['mae'], 1.5); test_close(m['rmse'], math.sqrt(3.5)); test_close(m['nae'], (0.1 + 0.5 + 0) / 3)
-test_eq(m['n'], 4)
-assert math.isnan(count_metrics([1, 2], [0, 0])['nae'])
-test_fail(lambda: count_metrics([1, 2], [1]), contains='2 predicted counts for 1')
 
 
 # %% [markdown]
@@ -88,14 +43,14 @@ test_fail(lambda: count_metrics([1, 2], [1]), contains='2 predicted counts for 1
 #| export
 def _points(x) -> np.ndarray:
     "Points as a float64 `(N, 2)` array (an empty input gives `(0, 2)`)."
-    a = _as_numpy(x)
+    a = to_numpy(x)
     if a.size == 0: return a.reshape(0, 2)
     if a.ndim != 2 or a.shape[1] != 2: raise ValueError(f"points must have shape (N, 2), got {a.shape}")
     return a
 
 def _sigmas(sigma, n:int) -> np.ndarray:
     "A per-head radius array of length `n` from a scalar or an `(n,)` array."
-    s = _as_numpy(sigma).reshape(-1)
+    s = to_numpy(sigma).reshape(-1)
     if s.size == 1: s = np.full(n, s.item())
     if s.size != n: raise ValueError(f"sigma must be a scalar or have one value per head ({n}), got {s.size}")
     return s
@@ -417,9 +372,9 @@ def _nwpu_gt_entry(g) -> dict:
     "Normalize a parsed ground-truth entry (dict from `read_nwpu_gt`) to arrays."
     pts = _points(g['points'])
     n = len(pts)
-    sig_s = _as_numpy(g['sigma_s']).reshape(-1) if n else np.zeros(0)
-    sig_l = _as_numpy(g['sigma_l']).reshape(-1) if n else np.zeros(0)
-    level = _as_numpy(g.get('level', np.zeros(n)), np.int64).reshape(-1) if n else np.zeros(0, np.int64)
+    sig_s = to_numpy(g['sigma_s']).reshape(-1) if n else np.zeros(0)
+    sig_l = to_numpy(g['sigma_l']).reshape(-1) if n else np.zeros(0)
+    level = to_numpy(g.get('level', np.zeros(n)), np.int64).reshape(-1) if n else np.zeros(0, np.int64)
     return dict(points=pts, sigma_s=sig_s, sigma_l=sig_l, level=level)
 
 def _summary(acc:dict, num_classes:int) -> dict:
@@ -663,7 +618,7 @@ assert (np.diff(q['curves']['recall']) <= 0).all()  # a larger radius never lose
 #| export
 def _image_array(image) -> np.ndarray:
     "An `(H, W, 3)` or `(H, W)` float array in [0, 1] for `imshow` from a CHW tensor or HWC array."
-    a = _as_numpy(image, np.float32)
+    a = to_numpy(image, np.float32)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3): a = a.transpose(1, 2, 0)
     if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
     lo, hi = float(a.min()), float(a.max())

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from uotcrowd.core import get_device, seed_everything, pixel_centres
+from uotcrowd.costs import coordinate_cost
+from uotcrowd.sinkhorn import uot_marginal_error
 
 # %%
 #| hide
@@ -232,35 +234,15 @@ test_eq(d2, density); test_eq(p2[2], points[2])
 # %% [markdown]
 # ## Costs on coordinates, and the marginal error
 #
-# geomloss takes the cost as a function of two batched point clouds. `coordinate_cost` builds one from the
-# functions of `uotcrowd.costs` (coordinates already divided by `scale`; the perspective factor uses the heights
+# geomloss takes the cost as a function of two batched point clouds: `uotcrowd.costs.coordinate_cost` builds one from
+# the same functions as `cost_matrix` (coordinates already divided by `scale`; the perspective factor uses the heights
 # $y/H$ with $H$ the crop height), so the references solve exactly the problem `GeneralizedLoss` solves.
 #
 # The **marginal error** of a pair of potentials $(f,g)$ (geomloss's convention: $P_{ij}=a_ib_j\exp((f_i+g_j-C_{ij})/\varepsilon)$)
 # is measured the same way for every method: at the optimum of the KL-penalized problem
 # $\mathbf P\mathbf 1=\boldsymbol a\,e^{-f/\tau}$ and $\mathbf P^\top\mathbf 1=\boldsymbol b\,e^{-g/\tau}$, so we report the larger of the
-# two relative $\ell_1$ violations, maximized over the batch. It is computed here from the potentials alone,
-# independently of each solver's own bookkeeping.
-
-# %%
-#| export
-def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
-                    scale:float=512., # coordinates were divided by this
-                    image_height:float=512., # crop height in pixels (perspective heights are y/H)
-                    eta:float=0.6, # length scale of the `exp` cost
-                    eta_range:tuple=(0.6, 0.8), # perspective factor at the top and the bottom
-                    shift:bool=True, # exponential costs minus 1
-                   ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
-    "A geomloss-style batched cost function matching `uotcrowd.costs.cost_matrix`."
-    from uotcrowd.costs import pairwise_distances, COSTS
-    def fn(x, y):
-        d = pairwise_distances(x, y)
-        if cost == 'perspective':
-            return COSTS['perspective'](d, x[..., 1] * scale / image_height, y[..., 1] * scale / image_height,
-                                        eta_range=eta_range, shift=shift)
-        return COSTS[cost](d, eta=eta, shift=shift)
-    return fn
-
+# two relative $\ell_1$ violations, maximized over the batch: `uotcrowd.sinkhorn.uot_marginal_error`, computed in
+# float64 from the potentials alone, the same function for every method whatever the solver's own bookkeeping.
 
 # %%
 from uotcrowd.costs import cost_matrix
@@ -270,35 +252,6 @@ pts = torch.tensor([[[10., 500.], [300., 20.], [77., 77.]]])
 grid = pixel_centres(8, 8, stride=64)[None]
 for name in ('perspective', 'exp', 'dist'):
     test_close(coordinate_cost(name)(grid / 512, pts / 512), cost_matrix(8, 8, pts, cost=name, stride=64), eps=1e-5)
-cfn = coordinate_cost('perspective')
-test_close(cfn(grid / 512, pts / 512), cfn(pts / 512, grid / 512).transpose(1, 2), eps=1e-6)   # symmetric
-
-
-# %%
-#| export
-def log_marginals(a:torch.Tensor, # `(B, n)` masses
-                  b:torch.Tensor, # `(B, m)` masses
-                  C:torch.Tensor, # `(B, n, m)` cost
-                  f:torch.Tensor, # `(B, n)` potential
-                  g:torch.Tensor, # `(B, m)` potential
-                  eps:float # temperature
-                 ) -> tuple[torch.Tensor, torch.Tensor]: # `log P1` `(B, n)`, `log Pᵀ1` `(B, m)`
-    "Log row and column sums of $P=a\\otimes b\\,e^{(f\\oplus g-C)/\\varepsilon}$, computed stably in float64."
-    a, b, C, f, g = (t.detach().double() for t in (a, b, C, f, g))
-    logP = (torch.log(a) + f / eps)[:, :, None] + (torch.log(b) + g / eps)[:, None, :] - C / eps
-    return torch.logsumexp(logP, 2), torch.logsumexp(logP, 1)
-
-def uot_marginal_error(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `log_marginals`
-                       f:torch.Tensor, g:torch.Tensor, eps:float,
-                       tau:float=0.5 # KL marginal penalty used to solve
-                      ) -> float:
-    "Largest relative ℓ1 violation of $P1=a e^{-f/\\tau}$, $P^T1=b e^{-g/\\tau}$ over the batch."
-    lr, lc = log_marginals(a, b, C, f, g, eps)
-    want_r = a.detach().double() * torch.exp(-f.detach().double() / tau)
-    want_c = b.detach().double() * torch.exp(-g.detach().double() / tau)
-    er = (lr.exp() - want_r).abs().sum(1) / want_r.sum(1).clamp_min(1e-300)
-    ec = (lc.exp() - want_c).abs().sum(1) / want_c.sum(1).clamp_min(1e-300)
-    return float(torch.maximum(er, ec).max())
 
 
 # %% [markdown]
@@ -316,8 +269,8 @@ def _plain_uot(a, b, C, eps, tau, iters):
     return eps * u.log(), eps * v.log()
 g0 = torch.Generator().manual_seed(0)
 a0, b0, C0 = torch.rand(2, 30, generator=g0, dtype=torch.float64) + .1, torch.ones(2, 7, dtype=torch.float64), torch.rand(2, 30, 7, generator=g0, dtype=torch.float64)
-assert uot_marginal_error(a0, b0, C0, *_plain_uot(a0, b0, C0, 0.1, 0.5, 500), 0.1, 0.5) < 1e-10
-assert uot_marginal_error(a0, b0, C0, *_plain_uot(a0, b0, C0, 0.1, 0.5, 1), 0.1, 0.5) > 1e-3
+assert uot_marginal_error(a0, b0, C0, *_plain_uot(a0, b0, C0, 0.1, 0.5, 500), 0.1, 0.5).max() < 1e-10
+assert uot_marginal_error(a0, b0, C0, *_plain_uot(a0, b0, C0, 0.1, 0.5, 1), 0.1, 0.5).max() > 1e-3
 
 
 # %% [markdown]
@@ -409,10 +362,10 @@ C1 = coordinate_cost('exp')(x1, y1)
 fg_ref = _plain_uot(a1.double(), b1.double(), C1.double(), 0.2, 0.5, 2000)
 f_pot, g_pot = pot_potentials(a1[0], b1[0], C1[0], eps=0.2, tau=0.5, n_iter=2000)
 test_close(f_pot.double(), fg_ref[0][0], eps=1e-4); test_close(g_pot.double(), fg_ref[1][0], eps=1e-4)
-err_pot = uot_marginal_error(a1, b1, C1, f_pot[None], g_pot[None], 0.2, 0.5)
+err_pot = float(uot_marginal_error(a1.double(), b1, C1, f_pot[None], g_pot[None], 0.2, 0.5))
 assert err_pot < 1e-5, err_pot
 f2, g2 = pot_potentials(a1[0], b1[0], C1[0], eps=0.2, tau=0.5, n_iter=2)          # far from converged
-assert uot_marginal_error(a1, b1, C1, f2[None], g2[None], 0.2, 0.5) > 1e-3
+assert float(uot_marginal_error(a1.double(), b1, C1, f2[None], g2[None], 0.2, 0.5)) > 1e-3
 
 
 # %% [markdown]
@@ -449,19 +402,10 @@ assert uot_marginal_error(a1, b1, C1, f2[None], g2[None], 0.2, 0.5) > 1e-3
 # %%
 #| export
 def _setup_image(gl, density:torch.Tensor, pts:torch.Tensor):
-    "Scaled grid, masses, cost function and cost of one image for the reference solvers."
-    from uotcrowd.costs import cost_matrix
-    _, _, h, w = density.shape
-    dt = torch.float64 if density.dtype == torch.float64 else torch.float32
-    grid = pixel_centres(h, w, gl.stride, device=density.device, dtype=dt)[None] / gl.scale
-    H = float(gl.image_height) if gl.image_height is not None else float(h * gl.stride)
-    cfn = coordinate_cost(gl.cost, gl.scale, H, gl.eta, gl.eta_range, gl.shift)
-    y = pts.to(dt)[None] / gl.scale
-    a = density.reshape(1, h * w)
-    b = torch.ones(1, len(pts), device=density.device, dtype=dt)
-    C = cost_matrix(h, w, pts.to(dt)[None], cost=gl.cost, stride=gl.stride, scale=gl.scale, image_height=gl.image_height,
-                    eta=gl.eta, eta_range=gl.eta_range, shift=gl.shift).to(dt)
-    return grid, y, a, b, C, cfn
+    "Scaled grid, masses, cost function and cost of one image for the reference solvers (`GeneralizedLoss.problem`'s)."
+    t = gl.problem(density, [pts])
+    cfn = coordinate_cost(gl.cost, gl.scale, t.image_height, gl.eta, gl.eta_range, gl.shift)
+    return t.x[None] / gl.scale, t.y / gl.scale, t.a, t.b, t.C, cfn
 
 def _divergence_written_out(p:torch.Tensor, q:torch.Tensor, kind:str) -> torch.Tensor:
     "Sum over entries of $(p-q)^2$, $|p-q|$ or $p\\log(p/q)-p+q$."
@@ -527,7 +471,7 @@ def reference_loss(gl, # a `GeneralizedLoss` (reference='product') that defines 
         losses.append(sum(terms[t] for t in gl.terms))
         if diagnostics is not None:
             its.append(n_it); entries += n_it * 2 * C.shape[1] * C.shape[2]
-            errs.append(uot_marginal_error(a, b, C, f, g, gl.eps, gl.tau_solve))
+            errs.append(float(uot_marginal_error(a.double(), b, C, f, g, gl.eps, gl.tau_solve)))
     if diagnostics is not None:
         diagnostics.update(iterations=max(its, default=0), marginal_error=max(errs, default=0.), exp_entries=entries)
     return torch.stack(losses).mean()
@@ -548,11 +492,12 @@ def gl_diagnostics(gl, # a `GeneralizedLoss`
     losses, its, errs, entries = [], [], [], 0
     with torch.no_grad():
         for d, p in chunks:
-            s = gl.solve(d, p)
-            losses.append(gl.terms_from(s['a'], s['b'], s['C'], s['mask'], s['pot'])['total'])
-            pot, C = s['pot'], s['C']
+            t = gl.solve(d, p)
+            losses.append(gl.terms_from(t)['total'])
+            pot, C = t.pot, t.C
             its.append(pot.iterations); entries += pot.iterations * 2 * C.shape[0] * C.shape[1] * C.shape[2]
-            if C.numel(): errs.append(uot_marginal_error(s['a'], s['b'], C, pot.f, pot.g, gl.eps, gl.tau_solve))
+            if C.numel(): errs.append(float(uot_marginal_error(t.a.double(), t.b, C, pot.f, pot.g, gl.eps, gl.tau_solve,
+                                                              mask_b=t.mask, reference=gl.reference).max()))
     return dict(loss=float(torch.cat(losses).mean()), iterations=max(its), marginal_error=max(errs, default=0.),
                 exp_entries=entries)
 
@@ -857,7 +802,7 @@ def step_time(model_name:str='mcnn', # 'mcnn', 'vgg19' or 'csrnet'
               seed:int=0,
              ) -> dict: # `time_s` (median), `repeats`, `loss` (of the first step)
     "Time one training step (forward, generalized loss in float32, backward, Adam) of a model in one variant."
-    from uotcrowd.losses import get_loss
+    from uotcrowd.registry import get_loss
     from uotcrowd.train import autocast
     device = torch.device(device)
     model, precision, fmt = _throughput_model(model_name, variant, device, seed)
@@ -1026,7 +971,7 @@ def _target(name, value, op, bound, note='', method=None):
     return dict(name=name, value=value, op=op, target=bound, met=ok, note=note, method=method)
 
 def evaluate_targets(results:dict) -> list[dict]:
-    "The issue's targets, evaluated on the rows of the target case."
+    "The speed, memory and accuracy targets of the benchmark, evaluated on the rows of the target case."
     tc = results['config']['target_case']
     rows = {r['method']: r for r in results['cases']
             if r['batch_size'] == tc['batch_size'] and r['n_points'] == tc['n_points'] and not r.get('skipped')}

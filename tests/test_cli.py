@@ -162,8 +162,8 @@ def test_resume_from_another_models_checkpoint_is_one_line(trained, tmp_path, ca
 
 def test_nan_density_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     "A model whose density turns NaN in epoch 2, trained with the real generalized loss through the CLI."
-    import uotcrowd.models
-    make = uotcrowd.models.get_model
+    import uotcrowd.commands  # where `uotcrowd train` builds its model
+    make = uotcrowd.commands.get_model
     class NaNAfter(torch.nn.Module):
         def __init__(self, inner, k):
             super().__init__(); self.inner, self.k, self.calls, self.stride = inner, k, 0, inner.stride
@@ -171,7 +171,7 @@ def test_nan_density_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatc
             self.calls += self.training
             d = self.inner(x)
             return d * float('nan') if self.training and self.calls > self.k else d
-    monkeypatch.setattr(uotcrowd.models, 'get_model', lambda *a, **kw: NaNAfter(make(*a, **kw), 4))
+    monkeypatch.setattr(uotcrowd.commands, 'get_model', lambda *a, **kw: NaNAfter(make(*a, **kw), 4))
     out = tmp_path / 'nan'
     code, _, err = call(['train', *TINY, '--crop-size', '32', '--model', 'mcnn', '--loss', 'gl', '--batch-size', '4',
                          '--max-epoch', '3', '--val-epoch', '1', '--device', 'cpu', '--out', str(out), '--quiet'], capsys)
@@ -207,7 +207,7 @@ def test_precision_is_recorded_and_reused(trained, tmp_path, capsys):
     # predict: the same counts as eval for the same image, in each precision
     folder = tmp_path / 'imgs'; folder.mkdir()
     Image.fromarray((denormalize(test_ds[0][0]) * 255 + 0.5).astype(np.uint8)).save(folder / '0001.png')
-    from uotcrowd.cli import read_image
+    from uotcrowd.data import read_image
     x = read_image(folder / '0001.png')[None]
     with torch.no_grad():
         want32 = model(x).sum().item()

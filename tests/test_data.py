@@ -236,7 +236,7 @@ def test_global_torch_seed_reproduces_augmentation(local):
 
 # ---------------------------------------------------------------- synthetic data
 
-def test_synthetic_deterministic_and_varied():  # speed is not asserted: it depends on the load (05_data prints it)
+def test_synthetic_deterministic_and_varied():  # speed is not asserted: it depends on the load (05a_data prints it)
     ds = SyntheticCrowd(200, size=128, seed=0, cache=False)
     draws = [ds.generate(i) for i in range(200)]
     counts = np.array([len(p) for _, p in draws])

@@ -7,9 +7,10 @@ import torch
 
 from uotcrowd.core import seed_everything
 from uotcrowd.data import build_datasets, collate
-from uotcrowd.losses import get_loss
+from uotcrowd.registry import get_loss
 from uotcrowd.models import get_model
-from uotcrowd.train import TrainConfig, fit, load_checkpoint, load_model, evaluate
+from uotcrowd.train import TrainConfig, fit, load_checkpoint, load_model
+from uotcrowd.evaluate import evaluate
 from uotcrowd.data import ShanghaiTech
 
 ROOT = Path(__file__).resolve().parents[1]

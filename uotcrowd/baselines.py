@@ -8,10 +8,12 @@ import math
 import torch
 import torch.nn as nn
 from .core import pixel_centres, check_points, check_density
+from .costs import pairwise_distances, sq_distances, cost_matrix, bl_background_cost
+from .sinkhorn import plain_sinkhorn, uot_plan
 
 # %% auto #0
-__all__ = ['adaptive_sigma', 'density_map', 'density_maps', 'L2DensityLoss', 'bl_posteriors', 'BayesianLoss',
-           'sinkhorn_potentials', 'dot_map', 'DMCountLoss']
+__all__ = ['adaptive_sigma', 'density_map', 'density_maps', 'L2DensityLoss', 'bl_posteriors', 'BayesianLoss', 'dmcount_ot',
+           'dot_map', 'DMCountLoss']
 
 # %% ../nbs/04a_baselines.ipynb #ebb6c90f
 def _cell_masses(centre:torch.Tensor, # `(N,)` coordinates along one axis
@@ -32,7 +34,7 @@ def adaptive_sigma(points:torch.Tensor, # `(N, 2)` annotations in input pixels
     "Geometry-adaptive bandwidths of MCNN: `beta` times the mean distance to the `k` nearest other heads."
     n = len(points)
     if n < 2: return torch.full((n,), float(sigma), device=points.device, dtype=points.dtype)
-    dist = torch.cdist(points, points)
+    dist = pairwise_distances(points, points)
     knn = dist.topk(min(k, n - 1) + 1, dim=1, largest=False).values[:, 1:]  # drop the head itself
     return (beta*knn.mean(1)).clamp_min(min_sigma)
 
@@ -103,13 +105,10 @@ def bl_posteriors(points:torch.Tensor, # `(N, 2)` annotations in input pixels, N
                  ) -> torch.Tensor: # `(N (+1), h*w)` posterior of each head (and background) per pixel
     "BL's posterior $p(j|i)$ of each head given each pixel (columns sum to 1)."
     centres = pixel_centres(h, w, stride, device=points.device, dtype=points.dtype)
-    sqd = torch.cdist(points, centres).square()                     # (N, h*w)
+    sqd = sq_distances(points, centres)                              # (N, h*w)
     logits = -sqd/(2*sigma**2)
     if background:
-        r2 = sqd.min(0).values
-        if form == 'paper': bg = (d - r2.sqrt()).square()
-        elif form == 'code': bg = d*d/(r2 + 1e-5)
-        else: raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
+        bg = bl_background_cost(sqd.min(0).values, d, form)
         logits = torch.cat([logits, -bg[None]/(2*sigma**2)], 0)
     return torch.softmax(logits, dim=0)
 
@@ -149,26 +148,18 @@ class BayesianLoss(nn.Module):
         return torch.stack(losses).mean()
 
 # %% ../nbs/04a_baselines.ipynb #cfe43e6d
-def _logsumexp(x:torch.Tensor, dim:int) -> torch.Tensor:
-    "Log-sum-exp with exponents clamped at -80 after the max shift: same value, avoids torch's slow exp underflow path."
-    m = x.amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return (x - m).clamp_min_(-80).exp_().sum(dim).log() + m.squeeze(dim)
-
-def sinkhorn_potentials(mu:torch.Tensor, # `(n,)` density-side weights (sum 1)
-                        nu:torch.Tensor, # `(m,)` point-side weights (sum 1)
-                        cost:torch.Tensor, # `(n, m)` cost
-                        reg:float, # entropic regularization, in units of `cost`
-                        n_iter:int=100, # Sinkhorn iterations (pairs of updates)
-                        floor:float=1e-16 # masses are floored at this value inside log
-                       ) -> tuple: # `(beta (n,), alpha (m,), plan (n, m))`, plan = exp((beta_i + alpha_j - C_ij)/reg)
-    "Balanced log-domain Sinkhorn; returns the potentials $\\varepsilon\\log v$, $\\varepsilon\\log u$ and the plan."
-    log_mu, log_nu, log_k = mu.clamp_min(floor).log(), nu.clamp_min(floor).log(), -cost/reg
-    alpha = torch.full_like(nu, -math.log(len(nu)))*reg                # u = 1/m, as DM-Count starts
-    for _ in range(n_iter):
-        beta = reg*(log_mu - _logsumexp(log_k + alpha[None]/reg, 1))
-        alpha = reg*(log_nu - _logsumexp(log_k + beta[:, None]/reg, 0))
-    return beta, alpha, torch.exp(log_k + (beta[:, None] + alpha[None])/reg)
+def dmcount_ot(mu:torch.Tensor, # `(n,)` density-side weights (sum 1)
+               nu:torch.Tensor, # `(m,)` point-side weights (sum 1)
+               cost:torch.Tensor, # `(n, m)` cost
+               reg:float, # entropic regularization, in units of `cost`
+               n_iter:int=100, # Sinkhorn iterations (pairs of updates)
+               floor:float=1e-16 # masses are floored at this value
+              ) -> tuple: # `(beta (n,), alpha (m,), plan (n, m))`, plan = exp((beta_i + alpha_j - C_ij)/reg)
+    "DM-Count's balanced entropic OT, solved by `uotcrowd.sinkhorn`: potentials $\\varepsilon\\log v$, $\\varepsilon\\log u$ and the plan."
+    mu, nu = mu.clamp_min(floor), nu.clamp_min(floor)
+    start = torch.full_like(nu, -reg*math.log(len(nu)))                 # u = 1/m, as DM-Count starts
+    pot = plain_sinkhorn(mu, nu, cost, reg, n_iter, g=start)
+    return pot.f[0], pot.g[0], uot_plan(mu, nu, cost, reg, None, grad='none', potentials=pot)
 
 def dot_map(points:torch.Tensor, # `(N, 2)` in input pixels
             h:int, w:int, stride:int=8) -> torch.Tensor:
@@ -197,10 +188,9 @@ class DMCountLoss(nn.Module):
         "OT transport cost and DM-Count's gradient `(wd, grad (n,))` for one flat density `a`, without autograd."
         with torch.no_grad():
             a = a.detach().float(); S = a.sum()
-            centres = pixel_centres(h, w, self.stride, device=a.device)/self.coord_scale
-            cost = torch.cdist(centres, points.to(a.device, torch.float32)/self.coord_scale).square()
+            cost = cost_matrix(h, w, points.to(a.device)[None], 'sqdist', self.stride, self.coord_scale)[0]
             nu = torch.full((len(points),), 1/len(points), device=a.device)
-            beta, _, plan = sinkhorn_potentials(a/(S + 1e-6), nu, cost, self.reg, self.n_iter)
+            beta, _, plan = dmcount_ot(a/(S + 1e-6), nu, cost, self.reg, self.n_iter)
             grad = (S*beta - (a*beta).sum())/(S*S + 1e-8)
             return (cost*plan).sum(), grad
 

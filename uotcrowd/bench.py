@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from .core import get_device, seed_everything, pixel_centres
+from .costs import coordinate_cost
+from .sinkhorn import uot_marginal_error
 
 # %% auto #0
 __all__ = ['METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'time_call', 'peak_memory',
-           'exp_throughput', 'make_problem', 'coordinate_cost', 'log_marginals', 'uot_marginal_error', 'has_module',
-           'geomloss_potentials', 'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics',
-           'train_step_times', 'bench_case', 'profile_case', 'parse_variant', 'torch_threads', 'step_time', 'eval_time',
-           'training_throughput', 'throughput_targets', 'throughput_markdown', 'evaluate_targets', 'results_markdown',
-           'run_bench']
+           'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials', 'pot_potentials', 'reference_terms',
+           'reference_loss', 'gl_diagnostics', 'train_step_times', 'bench_case', 'profile_case', 'parse_variant',
+           'torch_threads', 'step_time', 'eval_time', 'training_throughput', 'throughput_targets',
+           'throughput_markdown', 'evaluate_targets', 'results_markdown', 'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -115,49 +116,6 @@ def make_problem(batch_size:int=8, # images B
     density = torch.stack(maps).to(device)
     return density, [p.to(device) for p in points]
 
-# %% ../nbs/11_bench.ipynb #47af95b5
-def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
-                    scale:float=512., # coordinates were divided by this
-                    image_height:float=512., # crop height in pixels (perspective heights are y/H)
-                    eta:float=0.6, # length scale of the `exp` cost
-                    eta_range:tuple=(0.6, 0.8), # perspective factor at the top and the bottom
-                    shift:bool=True, # exponential costs minus 1
-                   ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
-    "A geomloss-style batched cost function matching `uotcrowd.costs.cost_matrix`."
-    from uotcrowd.costs import pairwise_distances, COSTS
-    def fn(x, y):
-        d = pairwise_distances(x, y)
-        if cost == 'perspective':
-            return COSTS['perspective'](d, x[..., 1] * scale / image_height, y[..., 1] * scale / image_height,
-                                        eta_range=eta_range, shift=shift)
-        return COSTS[cost](d, eta=eta, shift=shift)
-    return fn
-
-# %% ../nbs/11_bench.ipynb #ac4f07b8
-def log_marginals(a:torch.Tensor, # `(B, n)` masses
-                  b:torch.Tensor, # `(B, m)` masses
-                  C:torch.Tensor, # `(B, n, m)` cost
-                  f:torch.Tensor, # `(B, n)` potential
-                  g:torch.Tensor, # `(B, m)` potential
-                  eps:float # temperature
-                 ) -> tuple[torch.Tensor, torch.Tensor]: # `log P1` `(B, n)`, `log Pᵀ1` `(B, m)`
-    "Log row and column sums of $P=a\\otimes b\\,e^{(f\\oplus g-C)/\\varepsilon}$, computed stably in float64."
-    a, b, C, f, g = (t.detach().double() for t in (a, b, C, f, g))
-    logP = (torch.log(a) + f / eps)[:, :, None] + (torch.log(b) + g / eps)[:, None, :] - C / eps
-    return torch.logsumexp(logP, 2), torch.logsumexp(logP, 1)
-
-def uot_marginal_error(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `log_marginals`
-                       f:torch.Tensor, g:torch.Tensor, eps:float,
-                       tau:float=0.5 # KL marginal penalty used to solve
-                      ) -> float:
-    "Largest relative ℓ1 violation of $P1=a e^{-f/\\tau}$, $P^T1=b e^{-g/\\tau}$ over the batch."
-    lr, lc = log_marginals(a, b, C, f, g, eps)
-    want_r = a.detach().double() * torch.exp(-f.detach().double() / tau)
-    want_c = b.detach().double() * torch.exp(-g.detach().double() / tau)
-    er = (lr.exp() - want_r).abs().sum(1) / want_r.sum(1).clamp_min(1e-300)
-    ec = (lc.exp() - want_c).abs().sum(1) / want_c.sum(1).clamp_min(1e-300)
-    return float(torch.maximum(er, ec).max())
-
 # %% ../nbs/11_bench.ipynb #06443677
 def has_module(name:str) -> bool:
     "Whether `name` can be imported (optional dependencies of the benchmark)."
@@ -211,19 +169,10 @@ def pot_potentials(a:torch.Tensor, # `(n,)` masses
 
 # %% ../nbs/11_bench.ipynb #96a4a7fb
 def _setup_image(gl, density:torch.Tensor, pts:torch.Tensor):
-    "Scaled grid, masses, cost function and cost of one image for the reference solvers."
-    from uotcrowd.costs import cost_matrix
-    _, _, h, w = density.shape
-    dt = torch.float64 if density.dtype == torch.float64 else torch.float32
-    grid = pixel_centres(h, w, gl.stride, device=density.device, dtype=dt)[None] / gl.scale
-    H = float(gl.image_height) if gl.image_height is not None else float(h * gl.stride)
-    cfn = coordinate_cost(gl.cost, gl.scale, H, gl.eta, gl.eta_range, gl.shift)
-    y = pts.to(dt)[None] / gl.scale
-    a = density.reshape(1, h * w)
-    b = torch.ones(1, len(pts), device=density.device, dtype=dt)
-    C = cost_matrix(h, w, pts.to(dt)[None], cost=gl.cost, stride=gl.stride, scale=gl.scale, image_height=gl.image_height,
-                    eta=gl.eta, eta_range=gl.eta_range, shift=gl.shift).to(dt)
-    return grid, y, a, b, C, cfn
+    "Scaled grid, masses, cost function and cost of one image for the reference solvers (`GeneralizedLoss.problem`'s)."
+    t = gl.problem(density, [pts])
+    cfn = coordinate_cost(gl.cost, gl.scale, t.image_height, gl.eta, gl.eta_range, gl.shift)
+    return t.x[None] / gl.scale, t.y / gl.scale, t.a, t.b, t.C, cfn
 
 def _divergence_written_out(p:torch.Tensor, q:torch.Tensor, kind:str) -> torch.Tensor:
     "Sum over entries of $(p-q)^2$, $|p-q|$ or $p\\log(p/q)-p+q$."
@@ -289,7 +238,7 @@ def reference_loss(gl, # a `GeneralizedLoss` (reference='product') that defines 
         losses.append(sum(terms[t] for t in gl.terms))
         if diagnostics is not None:
             its.append(n_it); entries += n_it * 2 * C.shape[1] * C.shape[2]
-            errs.append(uot_marginal_error(a, b, C, f, g, gl.eps, gl.tau_solve))
+            errs.append(float(uot_marginal_error(a.double(), b, C, f, g, gl.eps, gl.tau_solve)))
     if diagnostics is not None:
         diagnostics.update(iterations=max(its, default=0), marginal_error=max(errs, default=0.), exp_entries=entries)
     return torch.stack(losses).mean()
@@ -304,11 +253,12 @@ def gl_diagnostics(gl, # a `GeneralizedLoss`
     losses, its, errs, entries = [], [], [], 0
     with torch.no_grad():
         for d, p in chunks:
-            s = gl.solve(d, p)
-            losses.append(gl.terms_from(s['a'], s['b'], s['C'], s['mask'], s['pot'])['total'])
-            pot, C = s['pot'], s['C']
+            t = gl.solve(d, p)
+            losses.append(gl.terms_from(t)['total'])
+            pot, C = t.pot, t.C
             its.append(pot.iterations); entries += pot.iterations * 2 * C.shape[0] * C.shape[1] * C.shape[2]
-            if C.numel(): errs.append(uot_marginal_error(s['a'], s['b'], C, pot.f, pot.g, gl.eps, gl.tau_solve))
+            if C.numel(): errs.append(float(uot_marginal_error(t.a.double(), t.b, C, pot.f, pot.g, gl.eps, gl.tau_solve,
+                                                              mask_b=t.mask, reference=gl.reference).max()))
     return dict(loss=float(torch.cat(losses).mean()), iterations=max(its), marginal_error=max(errs, default=0.),
                 exp_entries=entries)
 
@@ -503,7 +453,7 @@ def step_time(model_name:str='mcnn', # 'mcnn', 'vgg19' or 'csrnet'
               seed:int=0,
              ) -> dict: # `time_s` (median), `repeats`, `loss` (of the first step)
     "Time one training step (forward, generalized loss in float32, backward, Adam) of a model in one variant."
-    from uotcrowd.losses import get_loss
+    from uotcrowd.registry import get_loss
     from uotcrowd.train import autocast
     device = torch.device(device)
     model, precision, fmt = _throughput_model(model_name, variant, device, seed)
@@ -618,7 +568,7 @@ def _target(name, value, op, bound, note='', method=None):
     return dict(name=name, value=value, op=op, target=bound, met=ok, note=note, method=method)
 
 def evaluate_targets(results:dict) -> list[dict]:
-    "The issue's targets, evaluated on the rows of the target case."
+    "The speed, memory and accuracy targets of the benchmark, evaluated on the rows of the target case."
     tc = results['config']['target_case']
     rows = {r['method']: r for r in results['cases']
             if r['batch_size'] == tc['batch_size'] and r['n_points'] == tc['n_points'] and not r.get('skipped')}

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['NEG', 'log_weights', 'work_dtype', 'no_autocast', 'epsilon_schedule', 'max_diameter', 'softmin', 'update_f',
-           'update_g', 'marginal_error', 'official_loop', 'converged_loop', 'Potentials', 'uot_potentials',
-           'plan_factors', 'uot_plan', 'uot_value']
+__all__ = ['NEG', 'BLOCK', 'LOG2E', 'LN2', 'OMEGA', 'log_weights', 'work_dtype', 'no_autocast', 'epsilon_schedule',
+           'max_diameter', 'softmin', 'update_f', 'update_g', 'pair_softmins', 'marginal_error', 'uot_marginal_error',
+           'official_loop', 'relaxed_pair', 'adapt_omega', 'converged_loop', 'Potentials', 'uot_potentials',
+           'plan_factors', 'uot_plan', 'generalized_kl', 'uot_value', 'plain_sinkhorn', 'PlanStats', 'plan_stats']
 
 # %% ../nbs/03_sinkhorn.ipynb #a4bdb1fd
 NEG = -1e5  # log-weight of a zero or padded mass
@@ -96,6 +97,8 @@ def softmin(eps, # temperature: float or `(B,)` tensor
     return out
 
 # %% ../nbs/03_sinkhorn.ipynb #dd327207
+BLOCK = 2 ** 18  # cost entries per row block on the CPU
+
 def _damping(eps, tau):
     "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$ (geomloss's `dampening`); 1 when `tau` is None/inf."
     if tau is None or math.isinf(tau): return torch.ones_like(eps) if isinstance(eps, torch.Tensor) else 1.
@@ -103,16 +106,20 @@ def _damping(eps, tau):
 
 @dataclass
 class _Problem:
-    C: torch.Tensor; CT: torch.Tensor; lmu: torch.Tensor; lnu: torch.Tensor
-    la: torch.Tensor; lb: torch.Tensor; tau_a: float|None; tau_b: float|None
+    C: torch.Tensor; lmu: torch.Tensor; lnu: torch.Tensor; la: torch.Tensor; lb: torch.Tensor
+    tau_a: float|None; tau_b: float|None
+    mu: torch.Tensor  # (B, n) exp(lmu): 0 for zero or padded masses
+    pad: torch.Tensor  # (B, m) bool, padded columns
+    cols: list  # per image, the leading columns a pass visits
+    real: list  # per image, the number of real columns
+    block: int|None  # cost entries per row block; None: the whole tensor at once
 
-def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, transpose=True):
+def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, block=BLOCK):
     dt = work_dtype(a, b, C)
     a, b, C = a.to(dt), b.to(dt), C.detach().to(dt)
     B, n, m = C.shape
     if a.shape != (B, n) or b.shape != (B, m):
         raise ValueError(f"shapes do not match: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}")
-    if mask_b is not None and not bool(mask_b.all()): C = C.masked_fill(~mask_b[:, None, :], 0.)
     if mask_a is not None and not bool(mask_a.all()): C = C.masked_fill(~mask_a[:, :, None], 0.)
     loga, logb = log_weights(a, mask_a), log_weights(b, mask_b)
     if reference == 'product':
@@ -122,22 +129,106 @@ def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, transpose=True):
         ones_b = torch.ones_like(b) if mask_b is None else mask_b.to(dt)
         lmu, lnu, la, lb = log_weights(ones_a), log_weights(ones_b), loga, logb
     else: raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
-    CT = C.transpose(1, 2).contiguous() if transpose else None
-    return _Problem(C, CT, lmu, lnu, la, lb, tau_a, tau_b)
+    pad = torch.zeros(B, m, dtype=torch.bool, device=C.device) if mask_b is None else ~mask_b.to(torch.bool)
+    real = (~pad).sum(1).tolist()
+    if block is None or C.device.type != 'cpu': block, cols = None, [m] * B
+    else:
+        first = torch.arange(m, device=C.device)[None] < torch.tensor(real, device=C.device)[:, None]
+        cols = [k if p else m for k, p in zip(real, (first == ~pad).all(1).tolist())]
+    return _Problem(C, lmu, lnu, la, lb, tau_a, tau_b, lmu.exp(), pad, cols, real, block)
 
 def _col(e): return e[:, None] if isinstance(e, torch.Tensor) else e
+
+def _masked_cost(pb:_Problem, images=slice(None)) -> torch.Tensor:
+    "The cost of `images` with padded columns set to 0 (a copy only where there is padding)."
+    C, pad = pb.C[images], pb.pad[images]
+    return C.masked_fill(pad[:, None, :], 0.) if bool(pad.any()) else C
 
 def update_f(pb:_Problem, g:torch.Tensor, eps) -> torch.Tensor:
     "Half-step of Eq. 6 for $f$ (rows) with $g$ fixed: $f=\\lambda_a(\\varepsilon\\log(a/\\mu)+\\mathrm{softmin}_\\varepsilon(C,\\log\\nu+g/\\varepsilon))$."
     e = _col(eps)
-    return _damping(e, pb.tau_a) * (e * pb.la + softmin(eps, pb.C, pb.lnu + g / e))
+    return _damping(e, pb.tau_a) * (e * pb.la + softmin(eps, _masked_cost(pb), pb.lnu + g / e))
 
 def update_g(pb:_Problem, f:torch.Tensor, eps) -> torch.Tensor:
     "Half-step of Eq. 6 for $g$ (points) with $f$ fixed."
     e = _col(eps)
-    return _damping(e, pb.tau_b) * (e * pb.lb + softmin(eps, pb.CT, pb.lmu + f / e))
+    return _damping(e, pb.tau_b) * (e * pb.lb + softmin(eps, _masked_cost(pb).transpose(1, 2).contiguous(), pb.lmu + f / e))
 
 # %% ../nbs/03_sinkhorn.ipynb #8f2cda56
+LOG2E, LN2 = 1 / math.log(2), math.log(2)
+
+def _floor(dt:torch.dtype) -> tuple[float, float]:
+    "Floor of the base-2 exponent, and the trust factor: a sum of `k` terms >= `k * trust` is not spoiled by the floor."
+    return (-1000., 2. ** -947) if dt == torch.float64 else (-120., 2. ** -96)
+
+def _temps(eps, B:int, like:torch.Tensor) -> torch.Tensor:
+    "`eps` (float or tensor) as a `(B,)` tensor."
+    if isinstance(eps, torch.Tensor): return eps.to(like).reshape(-1).expand(B)
+    return torch.full((B,), float(eps), dtype=like.dtype, device=like.device)
+
+def _kernel_blocks(pb:_Problem, f, g, e, keep:bool=False, images=None):
+    "Yield `(images, r0, r1, mb, K, X)`: `K = 2**max(X, floor)` on rows `r0:r1` and the first `mb` columns, `X` (base 2) if `keep`."
+    C = pb.C; B, n, m = C.shape
+    lo = _floor(C.dtype)[0]
+    s = LOG2E / e
+    fp, h = f * s[:, None], g * s[:, None] + pb.lnu * LOG2E
+    if pb.block is None:
+        X = torch.addcmul(h[:, None, :], C, -s[:, None, None]).add_(fp[:, :, None])
+        Xk = X.clone() if keep else None
+        yield slice(0, B), 0, n, m, X.clamp_min_(lo).exp2_(), Xk
+        return
+    size = max([min(n, max(1, pb.block // k)) * k for k in pb.cols if k], default=0)
+    buf, kbuf = C.new_empty(size), (C.new_empty(size) if keep else None)
+    for b in range(B) if images is None else images:
+        mb = pb.cols[b]
+        if mb == 0: continue
+        rows, sb = max(1, pb.block // mb), -float(s[b])
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            X = buf[:(r1 - r0) * mb].view(1, r1 - r0, mb)
+            torch.add(h[b, None, None, :mb], C[b:b + 1, r0:r1, :mb], alpha=sb, out=X)
+            X.add_(fp[b, None, r0:r1, None])
+            Xk = kbuf[:X.numel()].view_as(X).copy_(X) if keep else None
+            yield slice(b, b + 1), r0, r1, mb, X.clamp_min_(lo).exp2_(), Xk
+
+def _sums_ok(pb:_Problem, R, S, w) -> torch.Tensor:
+    "Per image: row sums `R` and column sums `S` (with row weights `w`) finite and well above the floor's error."
+    trust = _floor(R.dtype)[1]
+    rows = (R >= R.new_tensor(pb.cols)[:, None] * trust) & (R < math.inf)
+    cols = ((S >= w.sum(1, keepdim=True) * trust) & (S > 0) & (S < math.inf)) | pb.pad
+    return rows.all(1) & cols.all(1) | torch.tensor([k == 0 for k in pb.real], device=R.device)
+
+def _padded_softmins(pb:_Problem, f, g, e):
+    "Soft-mins over zero-cost padded entries: `(B, 1)` for the rows of an image without points, `(B, 1)` for its padded columns."
+    ec = e[:, None]
+    return -ec * torch.logsumexp(pb.lnu + g / ec, 1, keepdim=True), -ec * torch.logsumexp(pb.lmu + f / ec, 1, keepdim=True)
+
+def _no_points(pb:_Problem) -> torch.Tensor:
+    return torch.tensor([k == 0 for k in pb.real], device=pb.C.device)[:, None]
+
+def _exact_softmins(pb:_Problem, b:int, f, g, e):
+    "Row and column soft-mins of image `b` with `softmin` (the fallback of the passes)."
+    Cb, eb = _masked_cost(pb, slice(b, b + 1)), e[b:b + 1]
+    row = softmin(eb, Cb, pb.lnu[b:b + 1] + g[b:b + 1] / eb[:, None])[0]
+    col = softmin(eb, Cb.transpose(1, 2).contiguous(), pb.lmu[b:b + 1] + f[b:b + 1] / eb[:, None])[0]
+    return row, col
+
+def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    "Both soft-mins of a symmetric step, $\\mathrm{softmin}(C,\\log\\nu+g/\\varepsilon)$ `(B, n)` and $\\mathrm{softmin}(C^\\top,\\log\\mu+f/\\varepsilon)$ `(B, m)`, in one pass."
+    C = pb.C; B, n, m = C.shape
+    e = _temps(eps, B, C)
+    R, S = C.new_zeros(B, n), C.new_zeros(B, m)
+    for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e):
+        R[bs, r0:r1] = K.sum(2)
+        S[bs, :mb] += torch.bmm(pb.mu[bs, None, r0:r1], K)[:, 0]
+    prow, pcol = _padded_softmins(pb, f, g, e)
+    row = torch.where(_no_points(pb), prow, f - e[:, None] * R.log())
+    col = torch.where(pb.pad, pcol, g + e[:, None] * (pb.lnu - S.log()))
+    for b in (~_sums_ok(pb, R, S, pb.mu)).nonzero()[:, 0].tolist():
+        row[b], col[b] = _exact_softmins(pb, b, f, g, e)
+    return row, col
+
+# %% ../nbs/03_sinkhorn.ipynb #50480dbe
 def _rel_err(log_have, log_want):
     have, want = log_have.exp(), log_want.exp()
     den = want.sum(-1)
@@ -145,52 +236,129 @@ def _rel_err(log_have, log_want):
 
 def _inv_tau(tau): return 0. if tau is None or math.isinf(tau) else 1. / tau
 
-def marginal_error(pb:_Problem, f, g, eps) -> torch.Tensor:
-    "Per image, the relative error of the first-order marginal conditions at `(f, g)`."
-    e = _col(eps)
-    rows = _rel_err(pb.lmu + f / e - softmin(eps, pb.C, pb.lnu + g / e) / e, pb.lmu + pb.la - f * _inv_tau(pb.tau_a))
-    cols = _rel_err(pb.lnu + g / e - softmin(eps, pb.CT, pb.lmu + f / e) / e, pb.lnu + pb.lb - g * _inv_tau(pb.tau_b))
+def _errors(pb:_Problem, f, g, e, row, col) -> torch.Tensor:
+    "Marginal errors of `(f, g)` from their soft-mins `row`, `col`."
+    ec = e[:, None]
+    rows = _rel_err(pb.lmu + (f - row) / ec, pb.lmu + pb.la - f * _inv_tau(pb.tau_a))
+    cols = _rel_err(pb.lnu + (g - col) / ec, pb.lnu + pb.lb - g * _inv_tau(pb.tau_b))
     return torch.maximum(rows, cols)
 
-# %% ../nbs/03_sinkhorn.ipynb #75ecfbb1
+def marginal_error(pb:_Problem, f, g, eps) -> torch.Tensor:
+    "Per image, the relative error of the first-order marginal conditions at `(f, g)`."
+    e = _temps(eps, len(f), pb.C)
+    return _errors(pb, f, g, e, *pair_softmins(pb, f, g, e))
+
+def uot_marginal_error(a:torch.Tensor, # `(B, n)` source masses
+                       b:torch.Tensor, # `(B, m)` target masses
+                       C:torch.Tensor, # `(B, n, m)` cost
+                       f:torch.Tensor, # `(B, n)` potential of the sources
+                       g:torch.Tensor, # `(B, m)` potential of the targets
+                       eps:float, # entropic temperature
+                       tau_a:float|None=0.5, # row KL penalty (None: balanced)
+                       tau_b:float|None=None, # column KL penalty (default `tau_a`)
+                       mask_a=None, mask_b=None, # bool masks of real entries
+                       reference:str='product' # entropic reference the potentials belong to
+                      ) -> torch.Tensor: # `(B,)`
+    "`marginal_error` of potentials `(f, g)` from any solver, per image."
+    tau_b = tau_a if tau_b is None else tau_b
+    with torch.no_grad(), no_autocast(C.device):
+        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
+        return marginal_error(pb, f.detach().to(pb.C.dtype), g.detach().to(pb.C.dtype), eps)
+
+# %% ../nbs/03_sinkhorn.ipynb #857ea9e8
+OMEGA = 1.7  # initial over-relaxation of the converged mode
+
 def official_loop(pb:_Problem, schedules:list[list[float]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     "geomloss's symmetric annealed loop (debias=False) with one schedule per image; returns `(f, g, softmin pairs)`."
-    B = len(schedules)
-    L = max(len(s) for s in schedules)
-    dev, dt = pb.C.device, pb.C.dtype
+    B, L = len(schedules), max(len(s) for s in schedules)
+    C = pb.C; n, m = C.shape[1:]
     start = [L - len(s) for s in schedules]
-    eps0 = torch.tensor([s[0] for s in schedules], device=dev, dtype=dt)
-    g = _damping(_col(eps0), pb.tau_b) * (_col(eps0) * pb.lb + softmin(eps0, pb.CT, pb.lmu))   # a -> b
-    f = _damping(_col(eps0), pb.tau_a) * (_col(eps0) * pb.la + softmin(eps0, pb.C, pb.lnu))    # b -> a
+    eps0 = C.new_tensor([s[0] for s in schedules]); e0 = eps0[:, None]
+    row, col = pair_softmins(pb, C.new_zeros(B, n), C.new_zeros(B, m), eps0)
+    g = _damping(e0, pb.tau_b) * (e0 * pb.lb + col)          # a -> b
+    f = _damping(e0, pb.tau_a) * (e0 * pb.la + row)          # b -> a
     for k in range(L):
-        eps = torch.tensor([s[max(k - st, 0)] for s, st in zip(schedules, start)], device=dev, dtype=dt)
-        ft, gt = update_f(pb, g, eps), update_g(pb, f, eps)      # both from the old pair (symmetric)
-        fn, gn = 0.5 * (f + ft), 0.5 * (g + gt)
-        active = torch.tensor([k >= st for st in start], device=dev)[:, None]
-        f, g = torch.where(active, fn, f), torch.where(active, gn, g)
-    eps = torch.tensor([s[-1] for s in schedules], device=dev, dtype=dt)
-    f, g = update_f(pb, g, eps), update_g(pb, f, eps)            # final extrapolation
+        eps = C.new_tensor([s[max(k - st, 0)] for s, st in zip(schedules, start)]); e = eps[:, None]
+        row, col = pair_softmins(pb, f, g, eps)              # both from the old pair (symmetric)
+        ft, gt = _damping(e, pb.tau_a) * (e * pb.la + row), _damping(e, pb.tau_b) * (e * pb.lb + col)
+        active = torch.tensor([k >= st for st in start], device=C.device)[:, None]
+        f, g = torch.where(active, 0.5 * (f + ft), f), torch.where(active, 0.5 * (g + gt), g)
+    eps = C.new_tensor([s[-1] for s in schedules]); e = eps[:, None]
+    row, col = pair_softmins(pb, f, g, eps)                  # final extrapolation
+    f, g = _damping(e, pb.tau_a) * (e * pb.la + row), _damping(e, pb.tau_b) * (e * pb.lb + col)
     return f, g, L + 2
 
-def converged_loop(pb:_Problem, schedule:list[float], eps:float, tol:float=1e-3, max_iter:int=1000,
-                   f:torch.Tensor|None=None, g:torch.Tensor|None=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    "Annealed alternating Sinkhorn, then iterations at `eps` until the marginal error is below `tol`."
-    B, n, m = pb.C.shape
-    if g is None: g = torch.zeros(B, m, device=pb.C.device, dtype=pb.C.dtype)
-    its = 0
-    for e in schedule[:-1]:
-        f = update_f(pb, g, e); g = update_g(pb, f, e); its += 1
-    if f is None: f = update_f(pb, g, eps); g = update_g(pb, f, eps); its += 1
-    lam_a, inv_tau_a = _damping(eps, pb.tau_a), _inv_tau(pb.tau_a)
-    while its < max_iter:
-        S = softmin(eps, pb.C, pb.lnu + g / eps)                           # shared by the check and the update
-        err = _rel_err(pb.lmu + (f - S) / eps, pb.lmu + pb.la - f * inv_tau_a)
-        if float(err.max()) < tol: break
-        f = lam_a * (eps * pb.la + S)
-        g = update_g(pb, f, eps); its += 1
-    return f, g, its
+def _exact_relaxed(pb:_Problem, b:int, f, g, e, omega):
+    "`relaxed_pair` for image `b` with `softmin` (its fallback)."
+    Cb, eb, ec = _masked_cost(pb, slice(b, b + 1)), e[b:b + 1], e[b]
+    CTb = Cb.transpose(1, 2).contiguous()
+    row = softmin(eb, Cb, pb.lnu[b:b + 1] + g[b:b + 1] / ec)[0]
+    col0 = softmin(eb, CTb, pb.lmu[b:b + 1] + f[b:b + 1] / ec)[0]
+    fb = torch.lerp(f[b], _damping(ec, pb.tau_a) * (ec * pb.la[b] + row), omega[b])
+    col = softmin(eb, CTb, pb.lmu[b:b + 1] + fb[None] / ec)[0]
+    gb = torch.lerp(g[b], _damping(ec, pb.tau_b) * (ec * pb.lb[b] + col), omega[b])
+    rows = _rel_err(pb.lmu[b] + (f[b] - row) / ec, pb.lmu[b] + pb.la[b] - f[b] * _inv_tau(pb.tau_a))
+    cols = _rel_err(pb.lnu[b] + (g[b] - col0) / ec, pb.lnu[b] + pb.lb[b] - g[b] * _inv_tau(pb.tau_b))
+    return fb, gb, torch.maximum(rows, cols)
 
-# %% ../nbs/03_sinkhorn.ipynb #50480dbe
+def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:torch.Tensor, active=None):
+    "One over-relaxed alternating pair ($f$, then $g$ from the new $f$) in one pass; returns `(f, g, marginal error of the incoming pair)`."
+    C = pb.C; B, n, m = C.shape
+    active = torch.ones(B, dtype=torch.bool, device=C.device) if active is None else active   # others: skipped on the CPU
+    e = _temps(eps, B, C)
+    lam_a, lam_b, om = _damping(eps, pb.tau_a), _damping(eps, pb.tau_b), omega[:, None]
+    R, W, S, S0, fn = C.new_zeros(B, n), C.new_zeros(B, n), C.new_zeros(B, m), C.new_zeros(B, m), f.clone()
+    for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e, images=active.nonzero()[:, 0].tolist()):
+        Rb = K.sum(2); R[bs, r0:r1] = Rb
+        fr = f[bs, r0:r1]
+        fb = torch.lerp(fr, lam_a * (eps * pb.la[bs, r0:r1] + fr - eps * Rb.log()), om[bs])
+        w = pb.mu[bs, r0:r1] * torch.exp((fb - fr) / eps)     # rows re-weighted to the new f
+        fn[bs, r0:r1], W[bs, r0:r1] = fb, w
+        S[bs, :mb] += torch.bmm(w[:, None], K)[:, 0]
+        S0[bs, :mb] += torch.bmm(pb.mu[bs, None, r0:r1], K)[:, 0]
+    empty = _no_points(pb)
+    prow, pcol0 = _padded_softmins(pb, f, g, e)
+    fn = torch.where(empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
+    pcol = _padded_softmins(pb, fn, g, e)[1]
+    col = torch.where(pb.pad, pcol, g + eps * (pb.lnu - S.log()))
+    gn = torch.lerp(g, lam_b * (eps * pb.lb + col), om)
+    err = _errors(pb, f, g, e, torch.where(empty, prow, f - eps * R.log()), torch.where(pb.pad, pcol0, g + eps * (pb.lnu - S0.log())))
+    ok = _sums_ok(pb, R, S, W) & _sums_ok(pb, R, S0, pb.mu) | ~active
+    for b in (~ok).nonzero()[:, 0].tolist():
+        fn[b], gn[b], err[b] = _exact_relaxed(pb, b, f, g, e, omega)
+    return fn, gn, err
+
+def adapt_omega(omega:torch.Tensor, # `(B,)` current over-relaxation
+                err_then:torch.Tensor, # `(B,)` marginal error `window` pairs ago
+                err_now:torch.Tensor, # `(B,)` marginal error now
+                window:int # pairs between the two errors
+               ) -> torch.Tensor:
+    "Raise ω towards Young's optimum where the error falls slower than ω - 1 per pair; halve ω - 1 where it did not fall."
+    rate = (err_now / err_then.clamp_min(1e-30)).clamp_min(1e-12) ** (1 / window)
+    stalled = err_now >= err_then
+    theta = ((rate + omega - 1) ** 2 / (rate * omega ** 2)).clamp(0, 0.995)
+    best = torch.maximum(omega, 2 / (1 + (1 - theta).sqrt())).clamp(max=1.9)
+    omega = torch.where((rate < 1) & (rate > omega - 1 + 0.05) & ~stalled, best, omega)
+    return torch.where(stalled, 1 + (omega - 1) / 2, omega)
+
+def converged_loop(pb:_Problem, schedules:list[list[float]], eps:float, tol:float=1e-3, max_iter:int=1000,
+                   omega:float|None=None, window:int=5) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor|None]:
+    "The official annealing, then over-relaxed alternating pairs at `eps` until the marginal error is below `tol`; returns `(f, g, pairs, error or None)`."
+    f, g, its = official_loop(pb, schedules)
+    om = _temps(OMEGA if omega is None else omega, len(f), pb.C).clone()
+    done, hist = torch.zeros(len(f), dtype=torch.bool, device=f.device), []
+    while its < max_iter:
+        fn, gn, err = relaxed_pair(pb, f, g, eps, om, active=~done); its += 1
+        err = torch.where(done, hist[-1], err) if hist else err
+        hist.append(err)
+        done = done | (err < tol)                       # an image keeps its first pair below tol: batches do not matter
+        f, g = torch.where(done[:, None], f, fn), torch.where(done[:, None], g, gn)
+        if bool(done.all()): return f, g, its, err
+        k = len(hist) - 1
+        if omega is None and k >= 2 * window and k % window == 0: om = adapt_omega(om, hist[-1 - window], err, window)
+    return f, g, its, None
+
+# %% ../nbs/03_sinkhorn.ipynb #c44caa0e
 @dataclass
 class Potentials:
     "Dual potentials `(f, g)` of a batch of unbalanced OT problems, with solver information."
@@ -201,6 +369,13 @@ class Potentials:
     iterations: int = 0  # soft-min pairs (one f and one g update each)
     marginal_error: torch.Tensor|None = None  # (B,) relative marginal error
     def __iter__(self): yield self.f; yield self.g
+
+def _largest_cost(pb:_Problem) -> torch.Tensor:
+    "Per image, the largest cost over real entries (0 without any)."
+    out = pb.C.new_zeros(len(pb.real))
+    for b, (k, mb) in enumerate(zip(pb.real, pb.cols)):
+        if k and pb.C.shape[1]: out[b] = (pb.C[b, :, :k] if mb == k else _masked_cost(pb, slice(b, b + 1))).amax()
+    return out
 
 def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
                    b:torch.Tensor, # `(B, m)` target masses (1 per head)
@@ -216,30 +391,30 @@ def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
                    scaling:float=0.5, # ε-scaling ratio of successive blur radii
                    p:float=1., # cost exponent for the schedule (blur = eps**(1/p))
                    tol:float=1e-3, # `converged`: relative marginal error to reach
-                   max_iter:int=1000, # `converged`: cap on soft-min pairs
-                   compute_error:bool=True, # compute the final marginal error (two extra soft-mins)
+                   max_iter:int=1000, # `converged`: cap on soft-min pairs (the annealing always runs)
+                   compute_error:bool=True, # compute the final marginal error (one more pass where not known)
+                   omega:float|None=None, # `converged`: over-relaxation; None adapts it per image from 1.7
+                   block:int|None=BLOCK, # CPU: cost entries per row block; None: the whole tensor at once
                   ) -> Potentials:
     "Solve entropic unbalanced OT with KL marginal penalties for a batch; returns the dual potentials."
     if C.dim() == 2: a, b, C = a[None], b[None], C[None]
     if mode not in ('official', 'converged'): raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
     tau_b = tau_a if tau_b is None else tau_b
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
+        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference, block)
         B, n, m = pb.C.shape
-        if diameter is None:
-            Cm = pb.C if mask_b is None else pb.C.masked_fill(~mask_b[:, None], 0.)
-            diameter = Cm.flatten(1).amax(1) if n * m else torch.ones(B)
+        if diameter is None: diameter = _largest_cost(pb) if n * m else torch.ones(B)
         diams = _eps_list(torch.as_tensor(diameter, dtype=torch.float64), B)
         schedules = [epsilon_schedule(max(d, eps ** (1 / p)), eps, scaling, p) for d in diams]
+        err = None
         if m == 0 or n == 0:
             f, g, its = pb.C.new_zeros(B, n), pb.C.new_zeros(B, m), 0
         elif mode == 'official':
             f, g, its = official_loop(pb, schedules)
         else:
-            sched = max(schedules, key=len)
-            f, g, its = converged_loop(pb, sched, eps, tol=tol, max_iter=max_iter)
-        err = marginal_error(pb, f, g, eps) if compute_error and n * m else None
-    return Potentials(f, g, eps, reference, its, err)
+            f, g, its, err = converged_loop(pb, schedules, eps, tol=tol, max_iter=max_iter, omega=omega)
+        if compute_error and n * m and err is None: err = marginal_error(pb, f, g, eps)
+    return Potentials(f, g, eps, reference, its, err if compute_error else None)
 
 # %% ../nbs/03_sinkhorn.ipynb #57104909
 def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
@@ -258,15 +433,16 @@ def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
     a = a.to(dt)
     B, n, m = C.shape
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, ref, transpose=False)
+        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, ref)
+        Cm = _masked_cost(pb)
         f, g = pot.f.to(dt), pot.g.to(dt)
         if grad == 'paper':
             lam = _damping(eps, tau_a)
-            S = -softmin(eps, pb.C, pb.lnu + g / eps) / eps               # the u-half-step with v* fixed
+            S = -softmin(eps, Cm, pb.lnu + g / eps) / eps                 # the u-half-step with v* fixed
             row = -lam * S
         else:
             row = pb.lmu + f / eps - log_weights(a.detach(), mask_a)
-        logE = torch.mul(pb.C, -1. / eps)                                 # one (B, n, m) buffer, in place
+        logE = torch.mul(Cm, -1. / eps)                                   # one (B, n, m) buffer, in place
         logE.add_((pb.lnu + g / eps)[:, None, :]).add_(row[:, :, None])
         E = logE.clamp_(min=-80., max=40.).exp_()                         # no underflow path; see `softmin`
         if mask_b is not None: E.masked_fill_(~mask_b[:, None, :], 0.)
@@ -297,9 +473,15 @@ def uot_plan(a:torch.Tensor, # `(B, n)` source masses (may require grad)
     P = r[:, :, None] * E
     return P[0] if squeeze else P
 
+def generalized_kl(p:torch.Tensor, # non-negative
+                   q:torch.Tensor # non-negative reference, same shape as `p`
+                  ) -> torch.Tensor: # entry-wise terms: sum them for $KL(p|q)$
+    "Entries $p\\log(p/q)-p+q$ of the generalized KL divergence (0·log 0 = 0)."
+    return torch.xlogy(p, p) - torch.xlogy(p, q) - p + q
+
 def _kl(p, q):
-    "Generalized KL $\\sum p\\log(p/q)-p+q$ over the last dim (0·log 0 = 0)."
-    return (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(1e-300 if q.dtype == torch.float64 else 1e-38)) - p + q).sum(-1)
+    "Generalized KL over the last dim, `q` floored at the dtype's smallest normal number."
+    return generalized_kl(p, q.clamp_min(1e-300 if q.dtype == torch.float64 else 1e-38)).sum(-1)
 
 def uot_value(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `uot_plan`
               eps:float=0.01, tau_a:float|None=0.5, tau_b:float|None=None,
@@ -317,3 +499,117 @@ def uot_value(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `uot_plan
     if tau_a is not None and not math.isinf(tau_a): val = val + tau_a * _kl(plan.sum(2), a)
     if tau_b is not None and not math.isinf(tau_b): val = val + tau_b * _kl(plan.sum(1), b)
     return val
+
+# %% ../nbs/03_sinkhorn.ipynb #e282e3b7
+def plain_sinkhorn(a:torch.Tensor, # `(B, n)` source masses
+                   b:torch.Tensor, # `(B, m)` target masses
+                   C:torch.Tensor, # `(B, n, m)` cost
+                   eps:float, # entropic temperature
+                   n_iter:int, # pairs of updates (rows, then columns)
+                   tau_a:float|None=None, # row KL penalty (None: balanced)
+                   tau_b:float|None=None, # column KL penalty (default `tau_a`)
+                   mask_a=None, mask_b=None, # bool masks of real entries
+                   reference:str='uniform', # entropic reference: 'uniform' (Eq. 5-6) or 'product'
+                   g:torch.Tensor|None=None # `(B, m)` starting column potential (default 0)
+                  ) -> Potentials:
+    "Exactly `n_iter` alternating Sinkhorn pairs at `eps` from `g`: no annealing, no over-relaxation."
+    if C.dim() == 2: a, b, C = a[None], b[None], C[None]
+    tau_b = tau_a if tau_b is None else tau_b
+    with torch.no_grad(), no_autocast(C.device):
+        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
+        g = pb.C.new_zeros(pb.C.shape[0], pb.C.shape[2]) if g is None else g.detach().to(pb.C.dtype).reshape(len(pb.C), -1)
+        f = pb.C.new_zeros(pb.C.shape[:2])
+        for _ in range(n_iter): f = update_f(pb, g, eps); g = update_g(pb, f, eps)
+    return Potentials(f, g, eps, reference, n_iter)
+
+# %% ../nbs/03_sinkhorn.ipynb #b4f00ac3
+@dataclass
+class PlanStats:
+    "Row factor and reductions of a plan $P_{ij}=r_iE_{ij}$ (`plan_factors`), computed without storing it."
+    r: torch.Tensor  # (B, n) row factor, differentiable in `a`
+    rows: torch.Tensor  # (B, n) sum_j E_ij
+    cost: torch.Tensor  # (B, n) sum_j C_ij E_ij
+    xlogx: torch.Tensor  # (B, n) sum_j E_ij log E_ij
+    cols: torch.Tensor  # (B, m) sum_i r_i E_ij (the plan's column sums), differentiable through `r`
+
+_CAP = math.exp(40.)
+
+def _plan_blocks(pb:_Problem, f, g, e, logc, keep=False):
+    "Blocks of $E=K\\,c$ (clamped at $e^{40}$, zero on padded columns): `(images, r0, r1, mb, E, X)`."
+    for bs, r0, r1, mb, K, X in _kernel_blocks(pb, f, g, e, keep):
+        if logc is not None: K.mul_(logc[bs, r0:r1, None].exp()).clamp_max_(_CAP)
+        if bool(pb.pad[bs, :mb].any()): K.masked_fill_(pb.pad[bs, None, :mb], 0.)
+        yield bs, r0, r1, mb, K, X
+
+class _PlanColumns(torch.autograd.Function):
+    "Column sums $\\sum_ir_iE_{ij}$ (computed in the forward pass of `plan_stats`); the backward recomputes $E$ by blocks."
+    @staticmethod
+    def forward(ctx, r, cols, pb, f, g, e, logc, exact):
+        ctx.args = pb, f, g, e, logc, exact
+        return cols.clone()
+    @staticmethod
+    def backward(ctx, grad):
+        pb, f, g, e, logc, exact = ctx.args
+        out = torch.zeros_like(f)
+        with torch.no_grad():
+            for bs, r0, r1, mb, E, _ in _plan_blocks(pb, f, g, e, logc):
+                out[bs, r0:r1] = torch.bmm(E, grad[bs, :mb, None].to(E.dtype))[:, :, 0]
+            for b, E in exact.items(): out[b] = E[0] @ grad[b].to(E.dtype)
+        return out, None, None, None, None, None, None, None
+
+def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
+               b:torch.Tensor, # `(B, m)`
+               C:torch.Tensor, # `(B, n, m)`
+               pot:Potentials, # from `uot_potentials` on the same problem
+               tau_a:float|None=0.5, # row KL penalty used to solve
+               mask_a=None, mask_b=None,
+               grad:str='paper', # 'paper', 'official' or 'none', as for `plan_factors`
+               block:int|None=BLOCK, # CPU: cost entries per row block; None: the whole tensor at once
+              ) -> PlanStats:
+    "$r$, $E\\mathbf1$, $(C\\odot E)\\mathbf1$, $(E\\log E)\\mathbf1$ and $r^\\top E$ of the plan `plan_factors` would build, in one pass."
+    if grad not in ('paper', 'official', 'none'):
+        raise ValueError(f"grad must be 'paper', 'official' or 'none', got {grad!r}")
+    eps, ref = pot.eps, pot.reference
+    dt = work_dtype(a, b, C)
+    a = a.to(dt)
+    B, n, m = C.shape
+    with torch.no_grad(), no_autocast(C.device):
+        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, ref, block)
+        f, g, e = pot.f.to(dt), pot.g.to(dt), _temps(eps, B, pb.C)
+        ap = a.detach().clamp_min(0) if mask_a is None else a.detach().clamp_min(0) * mask_a
+        r = (ap + 1e-30) ** _damping(eps, tau_a) if grad == 'paper' and ref == 'uniform' else ap
+        logc = pb.C.new_zeros(B, n) if grad == 'paper' else pb.lmu - log_weights(a.detach(), mask_a)
+        if mask_a is not None: logc = logc.masked_fill(~mask_a, -1e30)      # padded rows: E = 0
+        R, rows, cost, xlogx, cols = (pb.C.new_zeros(B, k) for k in (n, n, n, n, m))
+        lam = _damping(eps, tau_a)
+        for bs, r0, r1, mb, K, X in _kernel_blocks(pb, f, g, e, keep=True):
+            if grad == 'paper':                  # c_i = exp(-lam LSE_i - f_i/eps), LSE_i = log R_i - f_i/eps
+                Rb = K.sum(2); R[bs, r0:r1] = Rb
+                fe = f[bs, r0:r1] / eps
+                logc[bs, r0:r1] = torch.where(mask_a[bs, r0:r1], -lam * (Rb.log() - fe) - fe, -1e30) if mask_a is not None \
+                                  else -lam * (Rb.log() - fe) - fe
+            lc = logc[bs, r0:r1, None]
+            E = K.mul_(lc.exp()).clamp_max_(_CAP)
+            Cb = pb.C[bs, r0:r1, :mb]
+            if bool(pb.pad[bs, :mb].any()):
+                E.masked_fill_(pb.pad[bs, None, :mb], 0.); Cb = Cb.masked_fill(pb.pad[bs, None, :mb], 0.)
+            rows[bs, r0:r1] = E.sum(2)
+            cost[bs, r0:r1] = torch.linalg.vecdot(Cb, E)
+            xlogx[bs, r0:r1] = torch.linalg.vecdot(X.mul_(LN2).add_(lc).clamp_max_(40.), E)   # log E, as clamped
+            cols[bs, :mb] += torch.bmm(r[bs, None, r0:r1], E)[:, 0]
+        ok = torch.isfinite(torch.cat([rows, cost, xlogx, cols], 1)).all(1)
+        if grad == 'paper': ok &= _sums_ok(pb, R, torch.ones_like(cols), torch.zeros_like(r))
+        exact = {}
+        for k in (~ok).nonzero()[:, 0].tolist():
+            ik = slice(k, k + 1)
+            _, E = plan_factors(a[ik].detach(), b[ik], C[ik], Potentials(f[ik], g[ik], eps, ref), tau_a,
+                                None if mask_a is None else mask_a[ik], None if mask_b is None else mask_b[ik], grad)
+            exact[k] = E
+            rows[k], cost[k], xlogx[k] = E[0].sum(1), (_masked_cost(pb, ik)[0] * E[0]).sum(1), torch.xlogy(E[0], E[0]).sum(1)
+            cols[k] = r[k] @ E[0]
+    with no_autocast(C.device):
+        ap = a.clamp_min(0) if mask_a is None else a.clamp_min(0) * mask_a
+        rr = (ap + 1e-30) ** _damping(eps, tau_a) if grad == 'paper' and ref == 'uniform' else ap
+        if grad == 'none': rr = rr.detach()
+        cols = _PlanColumns.apply(rr, cols, pb, f, g, e, logc, exact)
+    return PlanStats(rr, rows, cost, xlogx, cols)

@@ -70,13 +70,13 @@ for seed in $SEEDS; do
       python - "$run" "$DATA" "$seed" <<'PY'
 import json, sys, torch
 from pathlib import Path
-from uotcrowd.cli import make_datasets
+from uotcrowd.data import build_datasets
 from uotcrowd.train import load_model
 from uotcrowd.localize import localize
 from uotcrowd.metrics import localization_prf
 run, data, seed = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 model, _ = load_model(run / 'best.pt')
-_, val_ds, _ = make_datasets('shanghaitech-b', data, 256, model.stride, 0.1, seed)
+_, val_ds, _ = build_datasets('shanghaitech-b', data, 256, model.stride, 0.1, seed)
 grid = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
 preds, gts = {t: [] for t in grid}, []
 with torch.no_grad():

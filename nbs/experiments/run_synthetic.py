@@ -116,8 +116,9 @@ def density_stats(model, ds):
 
 def run_one(cfg:dict, quiet:bool=True) -> dict:
     "Train one config with the fixed budget, evaluate the best-by-validation model on the test split; returns its CSV row."
-    from uotcrowd.losses import get_loss
-    from uotcrowd.train import TrainConfig, fit, evaluate
+    from uotcrowd.registry import get_loss
+    from uotcrowd.train import TrainConfig, fit
+    from uotcrowd.evaluate import evaluate
     from uotcrowd.core import seed_everything
     train_ds, val_ds, test_ds = datasets()
     seed_everything(cfg['seed'])

@@ -209,16 +209,16 @@ print('paper (MCNN on UCF-QNRF, Table 1):                ', ' < '.join(NAMES[l] 
 # `uotcrowd train --coord-scale 128`):
 
 # %%
-from uotcrowd.cli import make_datasets
+from uotcrowd.data import build_datasets
 from uotcrowd.core import seed_everything
 from uotcrowd.data import collate
 from uotcrowd.models import get_model
-from uotcrowd.losses import get_loss
+from uotcrowd.registry import get_loss
 
 # %%
 seed_everything(0)
 mcnn0 = get_model('mcnn', out_act='abs')  # the initial weights of every seed-0 run
-train_ds, _, _ = make_datasets('shanghaitech-b', DATA, 256, mcnn0.stride, 0.1, 0)
+train_ds, _, _ = build_datasets('shanghaitech-b', DATA, 256, mcnn0.stride, 0.1, 0)
 images, points, _ = collate([train_ds[i] for i in range(4)])
 density = mcnn0(images)
 grad_rows = []
@@ -335,7 +335,7 @@ fig.tight_layout(); plt.show()
 # %% [markdown]
 # ## A prediction for the docs
 #
-# The GL model on the first test image, written by `uotcrowd.cli.plot_prediction` at a small resolution
+# The GL model on the first test image, written by `uotcrowd.plots.plot_prediction` at a small resolution
 # (`../images/shb_prediction.png`), heads located at the model's validation-chosen threshold (0.05). From the repository
 # root, the same picture (without the annotations) comes from
 #
@@ -347,7 +347,8 @@ fig.tight_layout(); plt.show()
 # which writes `shb_pred/IMG_1_pred.png`, `predictions.csv` and `points.json`.
 
 # %%
-from uotcrowd.cli import plot_prediction, read_image
+from uotcrowd.plots import plot_prediction
+from uotcrowd.data import read_image
 gl_model = models['gl']  # seed 0, loaded for the figure above
 image = read_image(DATA / 'part_B/test_data/images/IMG_1.jpg')
 with torch.no_grad(): density = gl_model(image[None])

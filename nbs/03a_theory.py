@@ -11,6 +11,7 @@
 from __future__ import annotations
 import math
 import torch
+from uotcrowd.costs import sq_distances, bl_background_cost
 
 # %%
 #| hide
@@ -18,6 +19,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_close, test_fail
 from uotcrowd.core import pixel_centres
+from uotcrowd.sinkhorn import uot_plan, uot_value
 
 # %%
 #| hide
@@ -39,17 +41,8 @@ torch.set_printoptions(precision=4, sci_mode=False)
 # from the annotations; the column sums $\hat{\boldsymbol b}=\mathbf P^\top\mathbf 1_n$ reconstruct the annotations.
 #
 # `uot_objective` evaluates the bracket of Eq. 1 for a given plan, so we can compare plans by the value they give.
-# Throughout this notebook the cost is the squared Euclidean distance $C_{ij}=\|\boldsymbol x_i-\boldsymbol y_j\|^2$,
-# the cost under which Sec. 4 of the paper relates the loss to L2 and BL.
-
-# %%
-#| export
-def sq_distances(x:torch.Tensor, # `(n, 2)` locations (pixel centres)
-                 y:torch.Tensor, # `(m, 2)` locations (annotations)
-                ) -> torch.Tensor: # `(n, m)` squared Euclidean distances
-    "Squared Euclidean distances $\\|x_i-y_j\\|^2$, never negative."
-    return torch.cdist(x, y).square()
-
+# Throughout this notebook the cost is the squared Euclidean distance $C_{ij}=\|\boldsymbol x_i-\boldsymbol y_j\|^2$
+# (`uotcrowd.costs.sq_distances`), the cost under which Sec. 4 of the paper relates the loss to L2 and BL.
 
 # %%
 #| export
@@ -96,16 +89,18 @@ test_eq(entropy(torch.zeros(2, 2)), 0.)
 # Precisely, this fixed point minimizes
 # $\langle\mathbf C,\mathbf P\rangle+\varepsilon\,\mathrm{KL}(\mathbf P|\mathbf 1)+\tau\,\mathrm{KL}(\mathbf P\mathbf 1|\boldsymbol a)
 #  +\tau\,\mathrm{KL}(\mathbf P^\top\mathbf 1|\boldsymbol b)$ with $\mathrm{KL}(p|q)=\sum p\log\frac pq-p+q$
-# (`uot_kl_objective`). With $\tau\to\infty$ the exponent is 1 and we recover the balanced Sinkhorn of Eq. 9.
+# (`uotcrowd.sinkhorn.uot_value` with `reference='uniform'`). With $\tau\to\infty$ the exponent is 1 and we recover
+# the balanced Sinkhorn of Eq. 9.
 #
-# The naive version multiplies kernels. For small $\varepsilon$ the entries of $\mathbf K$ underflow to 0 and
-# $\boldsymbol a/\mathbf K\mathbf v$ becomes $0/0$. The stable version keeps $\log\mathbf u,\log\mathbf v$ and uses
-# log-sum-exp: $\log\mathbf u\leftarrow\frac{\tau}{\tau+\varepsilon}\big(\log\boldsymbol a-\mathrm{LSE}_j(-C_{ij}/\varepsilon+\log v_j)\big)$.
-# This small, unbatched solver is a reference for this notebook; the batched solver used in training is
-# `uotcrowd.sinkhorn`.
+# The textbook version below multiplies kernels; it is a teaching cell, not part of the library. For small
+# $\varepsilon$ the entries of $\mathbf K$ underflow to 0 and $\boldsymbol a/\mathbf K\mathbf v$ becomes $0/0$. The
+# library's solver `uotcrowd.sinkhorn` keeps $\log\mathbf u,\log\mathbf v$ (as potentials $\varepsilon\log\mathbf u$,
+# $\varepsilon\log\mathbf v$) and uses log-sum-exp:
+# $\log\mathbf u\leftarrow\frac{\tau}{\tau+\varepsilon}\big(\log\boldsymbol a-\mathrm{LSE}_j(-C_{ij}/\varepsilon+\log v_j)\big)$.
+# Every plan of this notebook comes from it: `eq6_plan` iterates Eq. 6 with the entropy of Eq. 5-6
+# (`reference='uniform'`) until the marginal error is below $10^{-12}$.
 
 # %%
-#| export
 def gibbs_kernel(cost:torch.Tensor, # cost matrix
                  eps:float # entropic regularization
                 ) -> torch.Tensor:
@@ -121,30 +116,17 @@ def uot_sinkhorn_naive(a, b, cost, eps:float, tau:float=1., n_iter:int=1000) -> 
         v = (b/(K.T@u))**lam
     return u[:, None]*K*v[None]
 
-def uot_sinkhorn(a:torch.Tensor, # `(n,)` positive density
-                 b:torch.Tensor, # `(m,)` positive annotation weights
-                 cost:torch.Tensor, # `(n, m)` cost
-                 eps:float, # entropic regularization
-                 tau:float=1., # KL marginal weight ($\tau=\infty$: balanced)
-                 n_iter:int=1000 # number of (u, v) update pairs
-                ) -> torch.Tensor: # `(n, m)` plan
-    "Log-domain generalized Sinkhorn (Eq. 5-6); a small unbatched reference solver."
-    lam = 1. if math.isinf(tau) else tau/(tau + eps)
-    log_k, log_a, log_b = -cost/eps, torch.log(a), torch.log(b)
-    log_u, log_v = torch.zeros_like(a), torch.zeros_like(b)
-    for _ in range(n_iter):
-        log_u = lam*(log_a - torch.logsumexp(log_k + log_v[None], 1))
-        log_v = lam*(log_b - torch.logsumexp(log_k + log_u[:, None], 0))
-    return torch.exp(log_u[:, None] + log_k + log_v[None])
+def eq6_plan(a, b, cost, eps:float, tau:float|None=1., max_iter:int=20000) -> torch.Tensor:
+    "The plan of Eq. 5-6 for one image from `uotcrowd.sinkhorn` (`tau=None`: balanced), iterated to convergence."
+    return uot_plan(a, b, cost, eps, tau, grad='none', reference='uniform', mode='converged', tol=1e-12, max_iter=max_iter)
 
-def uot_kl_objective(plan, cost, a, b, eps:float, tau:float=1.) -> torch.Tensor:
+def kl_objective(plan, cost, a, b, eps:float, tau:float=1.) -> torch.Tensor:
     "The objective the generalized Sinkhorn minimizes: Eq. 1 with KL in place of $D_1$, $D_2$ and $H$."
-    kl = lambda p, q: (torch.special.xlogy(p, p) - torch.special.xlogy(p, q) - p + q).sum()
-    return (cost*plan).sum() + eps*kl(plan, torch.ones_like(plan)) + tau*kl(plan.sum(1), a) + tau*kl(plan.sum(0), b)
+    return uot_value(a[None], b[None], cost[None], eps, tau, plan=plan[None], reference='uniform')[0]
 
 
 # %% [markdown]
-# The two versions agree when the kernel does not underflow, and the stable one agrees with POT's
+# The textbook form and the library agree when the kernel does not underflow, and both agree with POT's
 # `sinkhorn_unbalanced` (with `reg_type='entropy'`, the plain entropy of Eq. 5-6). At fixed point the plan satisfies
 # the optimality condition of the KL problem, $\mathbf P\mathbf 1=\boldsymbol a^{\lambda}(\mathbf K\mathbf v)^{1-\lambda}$.
 
@@ -155,7 +137,7 @@ import ot, warnings
 g_ = torch.Generator().manual_seed(0)
 xs_, ys_ = torch.rand(30, 2, generator=g_, dtype=torch.float64), torch.rand(4, 2, generator=g_, dtype=torch.float64)
 a_, b_, C_ = torch.rand(30, generator=g_, dtype=torch.float64)*0.2, torch.ones(4, dtype=torch.float64), sq_distances(xs_, ys_)
-P_log = uot_sinkhorn(a_, b_, C_, eps=0.05, tau=1., n_iter=2000)
+P_log = eq6_plan(a_, b_, C_, eps=0.05, tau=1.)
 test_close(uot_sinkhorn_naive(a_, b_, C_, eps=0.05, tau=1., n_iter=2000), P_log, eps=1e-10)
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')
@@ -163,12 +145,12 @@ with warnings.catch_warnings():
                                               numItermax=5000, stopThr=1e-14)
 test_close(P_log, torch.from_numpy(P_pot), eps=1e-9)
 # balanced limit: both marginals exact
-P_bal = uot_sinkhorn(a_/a_.sum(), b_/4, C_, eps=0.05, tau=math.inf, n_iter=3000)
+P_bal = eq6_plan(a_/a_.sum(), b_/4, C_, eps=0.05, tau=None)
 test_close(P_bal.sum(0), b_/4, eps=1e-8); test_close(P_bal.sum(1), a_/a_.sum(), eps=1e-8)
-# at small eps the naive kernel underflows and returns NaN; the log-domain one does not
+# at small eps the naive kernel underflows and returns NaN; the log-domain library does not
 with np.errstate(all='ignore'):
     assert torch.isnan(uot_sinkhorn_naive(a_, b_, C_*1000, eps=0.05, n_iter=5)).any()
-assert torch.isfinite(uot_sinkhorn(a_, b_, C_*1000, eps=0.05, n_iter=5)).all()
+assert torch.isfinite(eq6_plan(a_, b_, C_*1000, eps=0.05, max_iter=5)).all()
 
 
 # %% [markdown]
@@ -333,10 +315,7 @@ def bl_background_logit(centres:torch.Tensor, # `(n, 2)` pixel centres
                         form:str='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
                        ) -> torch.Tensor: # `(n,)` log-likelihood $\log\bar k_i$
     "Log-likelihood of BL's background point for each pixel, from the distance $r$ to the nearest annotation."
-    r2 = sq_distances(centres, points).min(1).values
-    if form == 'paper': return -(d - r2.sqrt()).square()/eps
-    if form == 'code': return -(d*d/(r2 + 1e-5))/eps
-    raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
+    return -bl_background_cost(sq_distances(centres, points).min(1).values, d, form)/eps
 
 def bl_omega_bar(centres, points, eps:float, d:float, form:str='paper') -> torch.Tensor:
     "BL's background weight $\\bar\\omega_i=\\bar k_i/(\\bar k_i+\\sum_j K_{ij})$ (Eq. 15), computed with a softmax."
@@ -402,12 +381,12 @@ def minimize_eq1(a, b, cost, eps, tau=1., init=None):
 
 x, y, a, b = toy_scene()
 cost, eps, tau = sq_distances(x, y), 2/81, 1.
-plans = {'UOT, Eq. 6 (KL)': uot_sinkhorn(a, b, cost, eps, tau, n_iter=3000)}
+plans = {'UOT, Eq. 6 (KL)': eq6_plan(a, b, cost, eps, tau)}
 plans['UOT, Eq. 1 (L2/L1) minimizer'] = minimize_eq1(a, b, cost, eps, tau)
 plans['Phat (u-update): BL'] = plan_u_update(cost, a, eps)
 plans['Ptilde (v-update): L2'] = plan_v_update(cost, eps)
 eq1 = {k: uot_objective(P, cost, a, b, eps, tau).item() for k, P in plans.items()}
-eqkl = {k: uot_kl_objective(P, cost, a, b, eps, tau).item() for k, P in plans.items()}
+eqkl = {k: kl_objective(P, cost, a, b, eps, tau).item() for k, P in plans.items()}
 print(f"{'plan':32s} {'Eq.1 (L2/L1)':>13s} {'Eq.1 (KL)':>10s}  P^T 1")
 for k, P in plans.items(): print(f"{k:32s} {eq1[k]:13.5f} {eqkl[k]:10.5f}  {P.sum(0).numpy().round(4)}")
 
@@ -427,7 +406,7 @@ Pm, Pk = plans['UOT, Eq. 1 (L2/L1) minimizer'], plans['UOT, Eq. 6 (KL)']
 for s in range(5):
     noise = torch.exp(1e-3*torch.randn(Pm.shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64))
     assert uot_objective(Pm*noise, cost, a, b, eps, tau) > eq1['UOT, Eq. 1 (L2/L1) minimizer'] - 1e-9
-    assert uot_kl_objective(Pk*noise, cost, a, b, eps, tau) > eqkl['UOT, Eq. 6 (KL)'] - 1e-12
+    assert kl_objective(Pk*noise, cost, a, b, eps, tau) > eqkl['UOT, Eq. 6 (KL)'] - 1e-12
 # the minimizer of Eq. 1 reconstructs every annotation exactly (the L1 term is sparse)
 test_close(Pm.sum(0), b, eps=1e-5)
 

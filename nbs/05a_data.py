@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Data
 #
-# > Crowd-counting datasets in their official layouts (ShanghaiTech, UCF-QNRF, JHU-Crowd++, NWPU-Crowd), a procedural `SyntheticCrowd`, short-side resizing with a disk cache, training/evaluation transforms, `collate` and `build_datasets`.
+# > Crowd-counting datasets in their official layouts (ShanghaiTech, UCF-QNRF, JHU-Crowd++, NWPU-Crowd), a `SyntheticCrowd` of procedurally drawn crowds, image files for prediction, short-side resizing with a disk cache, training/evaluation transforms, `collate` and `build_datasets`.
 
 # %%
 #| default_exp data
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from PIL import Image
+from uotcrowd.synthetic import render_crowd
 
 # %%
 #| hide
@@ -122,6 +123,41 @@ test_close(normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8)).flatten().nu
            [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], eps=1e-5)
 test_eq(to_uint8_tensor(np.zeros((4, 6), np.uint8)).shape, (3, 4, 6))
 test_fail(lambda: load_image('/nonexistent/IMG_0.jpg'), contains='IMG_0.jpg')
+
+# %% [markdown]
+# Image files outside a dataset (what `uotcrowd predict` counts) are read the same way: `read_image` returns the
+# normalized tensor a dataset would, and `list_images` expands folders into their image files.
+
+# %%
+#| export
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+def list_images(inputs:Sequence[str|Path] # image files or folders
+               ) -> list[Path]:
+    "Image files named by `inputs` (folders are searched, non-recursively, for common image extensions)."
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        elif item.is_file(): files.append(item)
+        else: raise FileNotFoundError(f"{item} is neither an image file nor a folder")
+    if not files: raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {', '.join(map(str, inputs))}")
+    return files
+
+def read_image(path:str|Path # image file
+              ) -> torch.Tensor: # ImageNet-normalized `(3, H, W)` float32
+    "An image file as the datasets return their images; a corrupt file raises `DatasetError` naming it."
+    return normalize(to_uint8_tensor(load_image(path)))
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d)
+    for n in ('b.png', 'a.JPG', 'notes.txt'): (d / n).write_bytes(b'')
+    test_eq([p.name for p in list_images([d])], ['a.JPG', 'b.png'])
+    test_fail(lambda: list_images([d / 'missing.png']), contains='neither an image file nor a folder')
+    Image.fromarray(np.full((5, 7, 3), 255, np.uint8)).save(d / 'white.png')
+    x = read_image(d / 'white.png')
+    test_eq(x.shape, (3, 5, 7)); test_close(x[:, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
+    test_fail(lambda: read_image(d / 'b.png'), contains='b.png')
 
 
 # %% [markdown]
@@ -750,142 +786,11 @@ test_eq((len(t), t[0][2]['count'], t[0][1].shape), (1, -1, (0, 2)))
 # %% [markdown]
 # ## SyntheticCrowd
 #
-# The embedded data of the demo and the tests: procedurally drawn crowds with known head positions, cheap enough to
-# generate on the fly and easy enough for a small network to learn to count in minutes on a CPU, yet with the traits
-# that make real crowd counting hard:
-#
-# - **perspective**: the head radius grows linearly from the top to the bottom of the image, and the head density
-#   on the image plane is proportional to $1/r(y)^2$ (a uniform crowd on a ground plane), so heads are smaller and
-#   denser towards the top;
-# - **clusters and empty regions**: most heads come from a few Gaussian groups, the rest are scattered; one or two
-#   elliptical regions stay empty; heads keep a minimal distance (they overlap only partly);
-# - **appearance**: a person is a coloured shoulder ellipse, a dark round head (hair) and usually a lighter face;
-#   people are drawn back to front, so nearer ones occlude farther ones;
-# - **background**: a smooth colour field with mid-frequency texture and pixel noise, plus distractors that share
-#   one trait with heads but not all: dark squares and poles, light disks, coloured rectangles.
-#
+# The synthetic crowds of `uotcrowd.synthetic.render_crowd` as a dataset.
 # Each image depends only on `(seed, split, index)` (NumPy's `SeedSequence`), so any subset is reproducible in any
 # order and in any worker. Images are cached in memory after the first draw. Counts are drawn as
 # $N = \lfloor N_{\max}\,u^{1.5}\rceil$ with $u \sim U(0, 1)$, plus 8 % empty images; when the scene is too crowded to
 # place all heads at the minimal distance, fewer are drawn and the points say how many.
-
-# %%
-#| export
-def _smooth_field(rng, h, w, cells, channels) -> np.ndarray:
-    "Bicubically upsampled random grid: a smooth `(h, w, channels)` field in about [-1, 1]."
-    grid = torch.from_numpy(rng.uniform(-1, 1, (1, channels, cells, cells)).astype(np.float32))
-    return F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)[0].permute(1, 2, 0).numpy()
-
-def _ellipse_alpha(dx, dy, ax, ay):
-    "Anti-aliased coverage of an axis-aligned ellipse with semi-axes `ax`, `ay` at offsets `dx`, `dy` (broadcast)."
-    d = np.sqrt((dx / ax) ** 2 + (dy / ay) ** 2)
-    return np.clip((1 - d) * np.minimum(ax, ay) + 0.5, 0, 1)
-
-def _place_heads(rng, h, w, count, radius_at, min_gap=1.1):
-    "Sample up to `count` head centres with perspective density, clusters, empty regions and a minimal spacing."
-    if count == 0: return np.zeros((0, 2))
-    ys_grid = np.linspace(0, h, 257)
-    pdf = 1 / radius_at(ys_grid) ** 2
-    cdf = np.concatenate([[0], np.cumsum((pdf[1:] + pdf[:-1]) / 2)]); cdf /= cdf[-1]
-    def sample_y(n): return np.interp(rng.uniform(0, 1, n), cdf, ys_grid)
-    n_cand = 5 * count + 40
-    n_clusters = int(rng.integers(1, 5))
-    centres = np.stack([rng.uniform(0, w, n_clusters), sample_y(n_clusters)], 1)
-    spread = rng.uniform(2.5, 7, n_clusters) * radius_at(centres[:, 1]) * np.sqrt(max(count, 1) / n_clusters) / 2
-    from_cluster = rng.uniform(0, 1, n_cand) < rng.uniform(0.4, 0.85)
-    which = rng.integers(0, n_clusters, n_cand)
-    cand = np.stack([rng.uniform(0, w, n_cand), sample_y(n_cand)], 1)
-    cand[from_cluster] = centres[which[from_cluster]] + rng.normal(0, 1, (int(from_cluster.sum()), 2)) * spread[which[from_cluster], None]
-    inside = (cand[:, 0] >= 0.5) & (cand[:, 0] < w - 0.5) & (cand[:, 1] >= 0.5) & (cand[:, 1] < h - 0.5)
-    for _ in range(int(rng.integers(0, 3))):            # empty regions
-        ex, ey = rng.uniform(0, w), rng.uniform(0, h)
-        ax, ay = rng.uniform(0.1, 0.25) * w, rng.uniform(0.08, 0.2) * h
-        inside &= ((cand[:, 0] - ex) / ax) ** 2 + ((cand[:, 1] - ey) / ay) ** 2 > 1
-    cand = cand[inside]
-    r = radius_at(cand[:, 1])
-    chosen = np.zeros((count, 2)); rad = np.zeros(count); k = 0
-    for p, rp in zip(cand, r):                          # greedy rejection: heads overlap at most partly
-        if k and (((chosen[:k] - p) ** 2).sum(1) < (min_gap * np.maximum(rad[:k], rp)) ** 2).any(): continue
-        chosen[k], rad[k] = p, rp; k += 1
-        if k == count: break
-    return chosen[:k]
-
-def render_crowd(rng:np.random.Generator, # random source (one per image)
-                 height:int=128, width:int=128, # image size
-                 count:int=50, # heads to place (fewer if they do not fit)
-                ) -> tuple[np.ndarray, np.ndarray]: # `(H, W, 3)` uint8 image and `(N, 2)` head centres `(x, y)`
-    "Draw one synthetic crowd image and return it with the head centres."
-    h, w = height, width
-    s = np.sqrt(h * w)
-    r_top, r_bottom = rng.uniform(0.010, 0.016) * s, rng.uniform(0.032, 0.048) * s
-    def radius_at(y): return r_top + (r_bottom - r_top) * np.clip(y / h, 0, 1)
-    # background: smooth colour field + texture + vertical gradient
-    base = rng.uniform(0.25, 0.75, 3)
-    img = (base + 0.18 * _smooth_field(rng, h, w, int(rng.integers(2, 5)), 3) + 0.07 * _smooth_field(rng, h, w, max(4, h // 6), 1)
-           + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, h, dtype=np.float32)[:, None, None]).astype(np.float32)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-    # distractors: coloured rectangles, dark squares, light disks, dark poles
-    for _ in range(int(rng.integers(0, 5))):
-        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); rw, rh = rng.uniform(0.05, 0.3, 2) * s
-        m = (xx >= x0) & (xx < x0 + rw) & (yy >= y0) & (yy < y0 + rh)
-        img[m] = img[m] * 0.3 + 0.7 * rng.uniform(0.1, 0.9, 3)
-    for _ in range(int(rng.integers(0, 5))):
-        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); side = 2 * radius_at(y0) * rng.uniform(0.8, 1.4)
-        m = (np.abs(xx - x0) < side / 2) & (np.abs(yy - y0) < side / 2)
-        img[m] = rng.uniform(0.02, 0.2)
-    for _ in range(int(rng.integers(0, 4))):
-        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); rd = radius_at(y0) * rng.uniform(1, 2.5)
-        a = _ellipse_alpha(xx - np.float32(x0), yy - np.float32(y0), np.float32(rd), np.float32(rd))[..., None]
-        img = img * (1 - a) + a * rng.uniform(0.7, 1.0, 3).astype(np.float32)
-    for _ in range(int(rng.integers(0, 3))):
-        x0 = rng.uniform(0, w); m = (np.abs(xx - x0) < rng.uniform(0.5, 1.5)) & (yy > rng.uniform(0, h))
-        img[m] = rng.uniform(0.05, 0.25)
-    # people, vectorized per layer on a shared patch grid, composited back to front
-    points = _place_heads(rng, h, w, count, radius_at)
-    n = len(points)
-    if n:
-        points = points[np.argsort(points[:, 1])]
-        r = (radius_at(points[:, 1]) * rng.uniform(0.85, 1.15, n)).astype(np.float32)
-        rm = float(r.max())
-        top, bottom, side = int(np.ceil(1.1 * rm)) + 2, int(np.ceil(3.4 * rm)) + 2, int(np.ceil(1.6 * rm)) + 2   # patch extent
-        ox = np.floor(points[:, 0]).astype(int); oy = np.floor(points[:, 1]).astype(int)
-        fx = (points[:, 0] - ox).astype(np.float32)[:, None, None]; fy = (points[:, 1] - oy).astype(np.float32)[:, None, None]
-        dx = (np.arange(-side, side, dtype=np.float32) + 0.5)[None, None, :] - fx   # (n, 1, 2*side) offsets from each head centre
-        dy = (np.arange(-top, bottom, dtype=np.float32) + 0.5)[None, :, None] - fy  # (n, top+bottom, 1)
-        rr = r[:, None, None]
-        body = _ellipse_alpha(dx, dy - 2.0 * rr, 1.55 * rr, 1.35 * rr)
-        head = _ellipse_alpha(dx, dy, rr, 1.05 * rr)
-        has_face = (rng.uniform(0, 1, n) < 0.8)[:, None, None]
-        face = _ellipse_alpha(dx, dy - 0.3 * rr, 0.62 * rr, 0.58 * rr) * has_face
-        c_body = rng.uniform(0.15, 0.95, (n, 1, 1, 3)).astype(np.float32)
-        c_head = (rng.uniform(0.0, 0.18, (n, 1, 1, 1)) * np.array([1.0, 0.9, 0.8])).astype(np.float32)
-        c_face = (rng.uniform(0.55, 0.9, (n, 1, 1, 1)) * np.array([1.0, 0.8, 0.65])).astype(np.float32)
-        colour = c_body * body[..., None]; alpha = body
-        for a, c in ((head, c_head), (face, c_face)):
-            colour = colour * (1 - a[..., None]) + c * a[..., None]; alpha = alpha * (1 - a) + a
-        transparency = (1 - alpha)[..., None]
-        P = max(top, bottom, side)
-        canvas = np.pad(img, ((P, P), (P, P), (0, 0)))
-        for k in range(n):                                               # premultiplied "over", back to front
-            y0, x0 = oy[k] + P - top, ox[k] + P - side
-            patch = canvas[y0:y0 + top + bottom, x0:x0 + 2 * side]
-            patch *= transparency[k]; patch += colour[k]
-        img = canvas[P:P + h, P:P + w]
-    img = (img - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.08, 0.08)
-    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.01, 0.035))
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), points.astype(np.float64)
-
-
-# %%
-rng = np.random.default_rng(0)
-im0, p0 = render_crowd(rng, 96, 128, 40)
-test_eq(im0.shape, (96, 128, 3)); assert 0 < len(p0) <= 40
-assert (p0[:, 0] >= 0).all() and (p0[:, 0] < 128).all() and (p0[:, 1] >= 0).all() and (p0[:, 1] < 96).all()
-test_eq(len(render_crowd(np.random.default_rng(0), 64, 64, 0)[1]), 0)
-# every head shows dark hair within 2 px of its centre (nearer people never cover a farther head's centre)
-grey = im0.mean(-1)
-darkest = np.array([grey[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3].min() for x, y in p0])
-assert (darkest < 0.6 * np.median(grey)).mean() > 0.9
 
 # %%
 #| export
@@ -1010,6 +915,25 @@ test_fail(lambda: collate([syn[0], SyntheticCrowd(1, size=64)[0]]), contains='ba
 #| export
 DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512, 'synthetic': 128}
 DATASET_NAMES = tuple(DEFAULT_CROP)
+DATASET_LAYOUTS = {'shanghaitech-a': SHANGHAITECH_LAYOUT, 'shanghaitech-b': SHANGHAITECH_LAYOUT, 'qnrf': QNRF_LAYOUT,
+                   'jhu': JHU_LAYOUT, 'nwpu': NWPU_LAYOUT}
+
+def check_data_dir(dataset:str, # one of `DATASET_NAMES`
+                   data_dir:str|Path|None # the dataset's folder
+                  ) -> Path|None:
+    "`data_dir` as a `Path` once it exists (synthetic data needs none); the error shows the expected layout."
+    if dataset == 'synthetic': return Path(data_dir) if data_dir else None
+    if not data_dir or not Path(data_dir).expanduser().is_dir():
+        what = 'no --data-dir given' if not data_dir else f"data folder {str(data_dir)!r} does not exist"
+        raise DatasetError(f"{what} for dataset {dataset!r}; expected layout:\n{DATASET_LAYOUTS[dataset]}")
+    return Path(data_dir).expanduser()
+
+def synthetic_kwargs(n:int|None=None, # training images (validation and test get a quarter each, at least 2)
+                     size:int|None=None # image side in pixels
+                    ) -> dict:
+    "The `build_datasets` arguments of a synthetic set of `n` training images of side `size` (unset: the defaults)."
+    kw = {} if n is None else dict(n_train=n, n_val=max(n // 4, 2), n_test=max(n // 4, 2))
+    return kw if size is None else {**kw, 'size': size}
 
 def holdout_split(n:int, # number of training images
                   val_fraction:float=0.1, # share held out for validation
@@ -1034,6 +958,7 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
     key = str(name).lower().replace('_', '-')
     key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu', 'nwpu-crowd': 'nwpu'}.get(key, key)
     if key not in DEFAULT_CROP: raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    root = check_data_dir(key, root)
     flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
     eval_tf = EvalTransform(stride)
     if key == 'synthetic':
@@ -1073,6 +998,11 @@ if (fixtures/'ShanghaiTech/part_A').is_dir():     # the full shared fixtures (te
     test_eq((image.shape, meta['count'], meta['width'], meta['height']), ((3, 336, 504), 170, 500, 334))
     assert not {va[0][2]['path']} & {te[i][2]['path'] for i in range(len(te))}
 test_fail(lambda: build_datasets('mall'), contains='shanghaitech-a, shanghaitech-b, qnrf, jhu, nwpu, synthetic')
+test_eq(synthetic_kwargs(16, 48), dict(n_train=16, n_val=4, n_test=4, size=48)); test_eq(synthetic_kwargs(), {})
+test_eq(set(DATASET_LAYOUTS) | {'synthetic'}, set(DATASET_NAMES))
+test_fail(lambda: check_data_dir('qnrf', '/nonexistent/qnrf'), contains='ROOT/Train/img_0001_ann.mat')
+test_fail(lambda: check_data_dir('shanghaitech-a', None), contains='no --data-dir')
+test_eq(check_data_dir('synthetic', None), None)
 test_fail(lambda: build_datasets('qnrf'), contains='expected layout')
 tr, va, te = build_datasets('nwpu', fixtures/'formats/NWPU-Crowd', crop_size=64)
 test_eq((len(tr), len(va), len(te)), (2, 2, 1)); test_eq(tr[0][0].shape, (3, 64, 64))
