@@ -246,8 +246,8 @@ def test_slim_checkpoint_threshold_is_used_by_eval_and_predict(trained, tmp_path
 def test_demo_quick(tmp_path, capsys):
     "The quick demo learns: its test MAE is at most half that of predicting one count for every image."
     out = tmp_path / 'demo'
-    # 30 s of training: 50-80 epochs on a shared 2-core CPU (test MAE 0.22 of the constant predictor's); 18 epochs give 0.37, 6 give 0.75
-    code, stdout, _ = call(['demo', '--quick', '--budget-s', '30', '--out', str(out), '--device', 'cpu'], capsys)
+    # 60 epochs, whatever the machine's speed (the budget is far above what they take)
+    code, stdout, _ = call(['demo', '--quick', '--max-epoch', '60', '--budget-s', '1200', '--out', str(out), '--device', 'cpu'], capsys)
     assert code == 0, stdout
     m = json.loads((out / 'metrics.json').read_text())
     for k in ('mae', 'rmse', 'baseline_mae', 'f1@4', 'f1@8', 'mean_train_count'): assert k in m

@@ -129,6 +129,7 @@ DEMO = {'full': dict(n_train=256, n_val=32, n_test=64, size=96, budget_s=240., b
 def demo(out:str='demo_out', # output folder
          budget_s:float|None=None, # training time budget in seconds (default 240; 20 with --quick)
          quick:bool=False, # tiny data set and budget (tests, smoke runs)
+         max_epoch:int|None=None, # also stop after this many epochs (a run that is the same on any machine)
          seed:int=0, # random seed
          threads:int|None=None, # torch CPU threads (default: torch's choice)
          device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -149,7 +150,7 @@ def demo(out:str='demo_out', # output folder
     say(f"uotcrowd demo: {len(train_ds)} training, {len(val_ds)} validation and {len(test_ds)} test synthetic images "
         f"({setting['size']}x{setting['size']}); training MCNN with the generalized loss for {budget:g}s on "
         f"{torch.get_num_threads()} CPU threads")
-    cfg = TrainConfig(out_dir=str(out), max_epoch=10_000, batch_size=setting['batch_size'], crop_size=setting['size'],
+    cfg = TrainConfig(out_dir=str(out), max_epoch=max_epoch or 10_000, batch_size=setting['batch_size'], crop_size=setting['size'],
                       lr=setting['lr'], val_epoch=setting['val_epoch'], seed=seed, device=device, quiet=quiet,
                       time_budget_s=budget, model='mcnn', loss='gl', dataset='synthetic', data_kwargs=data_kw)
     res = fit(model, get_loss('gl', stride=model.stride), train_ds, val_ds, cfg)
