@@ -182,6 +182,7 @@ class TrainConfig:
     patience:int|None=None # stop once the validation MAE has not improved for this many epochs (None: never)
     lr_patience:int|None=None # multiply the learning rate by `lr_decay` after this many epochs without improvement
     lr_decay:float=0.1 # factor of each learning-rate decay (see `lr_patience`)
+    val_window:int=1 # `patience` and `lr_patience` compare the mean of the last this-many validation MAEs
     max_steps:int|None=None # at most this many steps per epoch (smoke tests)
     model:str|None=None # model name for `uotcrowd.models.get_model`
     model_kwargs:dict=field(default_factory=dict) # its keyword arguments
@@ -271,6 +272,66 @@ set_rng_state(saved)
 test_eq((random.random(), np.random.rand(), torch.rand(1).item()), a)
 
 
+# %% [markdown]
+# ## Named models
+#
+# Models committed in the repository live in its `models/` folder, one `NAME.pt` each (see `uotcrowd.counter` for
+# their cards). Wherever a checkpoint path is taken, such a name is accepted too. The folder is found beside the
+# package (an install from a checkout: `pip install -e .`), or where the environment variable `UOTCROWD_MODELS` points.
+
+# %%
+#| export
+MODELS_ENV = 'UOTCROWD_MODELS'
+
+def models_dir(folder:str|Path|None=None # a folder of `NAME.pt` model files (default: `$UOTCROWD_MODELS`, else the checkout's `models/`)
+              ) -> Path:
+    "The folder of named models: `folder`, else `$UOTCROWD_MODELS`, else `models/` of the repository checkout holding this package."
+    if folder is None: folder = os.environ.get(MODELS_ENV) or None
+    if folder is None:
+        import uotcrowd
+        folder = Path(uotcrowd.__file__).resolve().parent.parent / 'models'
+    return Path(folder)
+
+def model_names(folder:str|Path|None=None # see `models_dir`
+               ) -> list[str]:
+    "Names of the models in `models_dir(folder)`; a clear error when that folder is absent."
+    d = models_dir(folder)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no models folder at {d}: named models are committed in the repository's models/ folder, "
+                                f"found when uotcrowd is installed from a checkout (pip install -e .); set {MODELS_ENV} to "
+                                f"such a folder, or pass the path of a checkpoint file")
+    return sorted(p.stem for p in d.glob('*.pt'))
+
+def resolve_checkpoint(checkpoint:str|Path, # a checkpoint file, or the name of a model in `models_dir(folder)`
+                       folder:str|Path|None=None # see `models_dir`
+                      ) -> Path:
+    "The checkpoint file that `checkpoint` names: a path (with a folder or a suffix), else a named model."
+    p = Path(checkpoint)
+    if p.is_file() or len(p.parts) != 1 or p.suffix: return p  # a path: `load_checkpoint` reports it if missing
+    d = models_dir(folder)
+    if len(p.parts) == 1 and (d / f'{p.name}.pt').is_file(): return d / f'{p.name}.pt'
+    names = ', '.join(model_names(folder)) if d.is_dir() else f'none, {d} is absent'
+    raise FileNotFoundError(f"{checkpoint} is neither a checkpoint file nor a named model (named models: {names})")
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d); (d / 'a-model.pt').write_bytes(b''); (d / 'notes.txt').write_bytes(b'')
+    test_eq(model_names(d), ['a-model'])
+    test_eq(resolve_checkpoint('a-model', d), d / 'a-model.pt')
+    test_eq(resolve_checkpoint(d / 'notes.txt', d), d / 'notes.txt')      # an existing file is taken as it is
+    test_eq(resolve_checkpoint(d / 'missing.pt', d), d / 'missing.pt')    # so is any path with a folder or suffix
+    test_fail(lambda: resolve_checkpoint('b-model', d), contains='named models: a-model')
+    test_fail(lambda: model_names(d / 'absent'), contains='no models folder at')
+    test_fail(lambda: resolve_checkpoint('b-model', d / 'absent'), contains='is absent')
+    old = os.environ.get(MODELS_ENV); os.environ[MODELS_ENV] = str(d)
+    try: test_eq(models_dir(), d)
+    finally:
+        if old is None: del os.environ[MODELS_ENV]
+        else: os.environ[MODELS_ENV] = old
+test_eq(models_dir(), Path('../models').resolve())     # the checkout this notebook belongs to
+
+
 # %%
 #| export
 def save_checkpoint(state:dict, # plain dict of tensors, numbers, strings, lists and dicts
@@ -290,8 +351,8 @@ def save_checkpoint(state:dict, # plain dict of tensors, numbers, strings, lists
 def load_checkpoint(path:str|Path, # a checkpoint written by `fit`
                     map_location='cpu' # where to put its tensors
                    ) -> dict:
-    "Load a checkpoint with `weights_only=True`; the error names the file when it is missing or not a checkpoint."
-    path = Path(path)
+    "Load a checkpoint (a file or a named model) with `weights_only=True`; the error names the file when it is missing or not a checkpoint."
+    path = resolve_checkpoint(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise ValueError(f"{path} is not a readable uotcrowd checkpoint: {e}") from e
@@ -723,7 +784,9 @@ test_fail(lambda: load_weights(_small, {'model': {'x.weight': torch.zeros(1)}}, 
 #
 # "Train until the validation MAE stops improving" needs two numbers: after `lr_patience` epochs without a better
 # validation MAE the learning rate is multiplied by `lr_decay` (and the count starts again), and after `patience`
-# epochs without one the run stops. Both are read off the log (`history`) alone, so a resumed run continues with
+# epochs without one the run stops. On a small validation set the MAE jumps from one validation to the next, and one
+# lucky value would stop a run that is still improving: `val_window` compares the mean of the last few validations
+# instead. Both are read off the log (`history`) alone, so a resumed run continues with
 # exactly the learning rate and counters it had, and nothing but the log needs to be stored.
 
 # %%
@@ -732,10 +795,13 @@ def plateau_schedule(history:Sequence[dict], # rows of `log.csv` so far (`val_ma
                      cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`
                     ) -> tuple[float, bool]: # learning rate of the next epoch, whether to stop
     "The learning rate for the next epoch and whether the patience is spent, from the log alone."
-    lr, best, since_best, since_decay = cfg.lr, math.inf, 0, 0
+    lr, best, since_best, since_decay, maes = cfg.lr, math.inf, 0, 0, []
     for row in history:
         since_best += 1; since_decay += 1
-        if row.get('val_mae') is not None and row['val_mae'] < best: best, since_best = row['val_mae'], 0
+        if row.get('val_mae') is not None:
+            maes.append(row['val_mae'])
+            smooth = sum(maes[-cfg.val_window:]) / len(maes[-cfg.val_window:])
+            if smooth < best: best, since_best = smooth, 0
         if cfg.lr_patience is not None and min(since_best, since_decay) >= cfg.lr_patience:
             lr, since_decay = lr * cfg.lr_decay, 0
     return lr, cfg.patience is not None and since_best >= cfg.patience
@@ -751,6 +817,10 @@ test_eq(plateau_schedule(_rows([5, 4, 4, 4, 4, 4]), _cfg), (0.25, True))   # 2 m
 test_eq(plateau_schedule(_rows([5, 4, 4, 4, 3, 3]), _cfg), (0.5, False))   # an improvement restarts both counts
 test_eq(plateau_schedule(_rows([5, None, None, 4]), _cfg), (0.5, False))   # epochs without validation count too
 test_eq(plateau_schedule(_rows([5, 4, 4, 4]), TrainConfig(lr=1.0)), (1.0, False))  # defaults: constant, no stop
+# a noisy validation MAE: one lucky epoch (2) would end the run with a window of 1; means over 3 keep improving
+_noisy = [9, 8, 2, 7, 6, 5.5, 5, 4.5]
+test_eq(plateau_schedule(_rows(_noisy), TrainConfig(lr=1.0, patience=5))[1], True)
+test_eq(plateau_schedule(_rows(_noisy), TrainConfig(lr=1.0, patience=5, val_window=3)), (1.0, False))
 
 
 # %% [markdown]

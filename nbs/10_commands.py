@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Commands
 #
-# > `train`, `predict` and `demo` as Python functions with typed, documented arguments: what `uotcrowd train`, `uotcrowd predict` and `uotcrowd demo` run.
+# > `train` and `demo` as Python functions with typed, documented arguments: what `uotcrowd train` and `uotcrowd demo` run (`uotcrowd predict` is `uotcrowd.counter.predict`).
 
 # %%
 #| default_exp commands
@@ -9,29 +9,22 @@
 # %%
 #| export
 from __future__ import annotations
-import json, os, sys, time
+import json, os, time
 from pathlib import Path
-from typing import Sequence
 import numpy as np
 import torch
-from tqdm import tqdm
 from uotcrowd.core import get_device, seed_everything
-from uotcrowd.data import build_datasets, check_data_dir, synthetic_kwargs, list_images, read_image
+from uotcrowd.data import build_datasets, check_data_dir, synthetic_kwargs
 from uotcrowd.models import get_model
 from uotcrowd.registry import get_loss
-from uotcrowd.train import (TrainConfig, fit, load_model, write_csv, resolve_precision, autocast, memory_format,
-                            checkpoint_precision, checkpoint_loc_threshold)
-from uotcrowd.localize import localize
-from uotcrowd.metrics import write_nwpu_predictions
+from uotcrowd.train import TrainConfig, fit, load_model
 from uotcrowd.evaluate import evaluate, format_metrics
-from uotcrowd.plots import plot_prediction, plot_examples
+from uotcrowd.plots import plot_examples
 
 # %%
 #| hide
-import contextlib, csv, io, tempfile
+import csv, tempfile
 from fastcore.test import test_eq, test_close, test_fail
-from PIL import Image
-from uotcrowd.data import denormalize
 
 # %% [markdown]
 # Each command is a plain function: its parameters (types, defaults and the comment after each) are what the command
@@ -103,97 +96,6 @@ first = train(**tiny, max_epoch=1, max_steps=1, out_dir=tmp / 'first')
 for k, v in torch.load(tmp / 'again' / 'last.pt', weights_only=True)['model'].items():
     assert torch.equal(v, torch.load(tmp / 'first' / 'last.pt', weights_only=True)['model'][k]), k
 test_fail(lambda: train('qnrf', out_dir=tmp / 'x'), contains='no --data-dir')
-
-# %% [markdown]
-# ## `predict`
-#
-# Reads image files (or every image in the given folders), normalizes them like the datasets, and writes for each
-# one the predicted count, a heat-map of the density over the image and the located points (`plot_prediction`);
-# `predictions.csv` and `points.json` gather all images. With `nwpu`, the NWPU-Crowd submission files are written too
-# (`uotcrowd.metrics.write_nwpu_predictions`). The model runs in the checkpoint's precision unless told otherwise;
-# counts are summed from the float32 density. A file that cannot be read is reported and skipped, and the error at the
-# end names it once the others are counted.
-
-# %%
-#| export
-def _write_nwpu(results:list[dict], out:Path) -> list[Path]:
-    "NWPU-Crowd submission files: `nwpu_count.txt` (`id count`) and `nwpu_loc.txt` (`id num x y ...`)."
-    ids = [int(r['name']) if str(r['name']).isdigit() else k + 1 for k, r in enumerate(results)]
-    (out / 'nwpu_count.txt').write_text(''.join(f"{i} {r['count']:.4f}\n" for i, r in zip(ids, results)))
-    loc = write_nwpu_predictions(out / 'nwpu_loc.txt', {i: np.asarray(r['points'], dtype=np.float64).reshape(-1, 2)
-                                                       for i, r in zip(ids, results)})
-    return [out / 'nwpu_count.txt', Path(loc)]
-
-@torch.no_grad()
-def predict(checkpoint:str, # checkpoint written by `uotcrowd train`
-            inputs:Sequence[str], # image files or folders of images
-            out:str, # output folder
-            loc_threshold:float|None=None, # density threshold of the localization (default: the checkpoint's, chosen on validation, else 0.05)
-            nwpu:bool=False, # also write the NWPU-Crowd counting and localization submission files
-            no_plots:bool=False, # skip the PNGs
-            dpi:int=80, # resolution of the PNGs
-            precision:str|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the precision the checkpoint was trained in)
-            device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-            quiet:bool=False, # no progress bars or per-image lines
-           ) -> list[dict]: # one dict per image: name, path, count, n_points, points (and error)
-    "Count the people in image files; writes `predictions.csv`, `points.json` and a PNG per image."
-    device = get_device(device)
-    model, ckpt = load_model(checkpoint, device)
-    precision = resolve_precision(precision or checkpoint_precision(ckpt), device)
-    loc_threshold = checkpoint_loc_threshold(ckpt) if loc_threshold is None else loc_threshold
-    fmt = memory_format(precision)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    files = list_images(inputs)
-    stems = [f.stem for f in files]
-    if len(set(stems)) < len(stems): stems = [f"{f.parent.name}_{f.stem}" for f in files]
-    results, failed = [], []
-    for f, stem in zip(tqdm(files, desc='predict', disable=quiet or not sys.stderr.isatty()), stems):
-        try: image = read_image(f)
-        except (ValueError, OSError) as e:  # a corrupt file is reported, the others are still counted
-            print(f"uotcrowd predict: skipped {e}", file=sys.stderr, flush=True)
-            failed.append(str(f))
-            results.append({'name': stem, 'path': str(f), 'count': None, 'n_points': None, 'points': [], 'error': str(e)})
-            continue
-        with autocast(device, precision):
-            density = model(image.unsqueeze(0).to(device, memory_format=fmt))
-        density = density.float()
-        pts = localize(density, stride=int(model.stride), threshold=loc_threshold)[0].cpu()
-        count = float(density.sum())
-        results.append({'name': stem, 'path': str(f), 'count': count, 'n_points': len(pts),
-                        'points': [[round(float(x), 2), round(float(y), 2)] for x, y in pts.tolist()]})
-        if not no_plots:
-            plot_prediction(image, density, pts, title=f'{f.name}: {count:.1f} people', path=out / f'{stem}_pred.png', dpi=dpi)
-        if not quiet: print(f"{f}: count {count:.1f}, {len(pts)} points", flush=True)
-    write_csv(results, out / 'predictions.csv', ['name', 'path', 'count', 'n_points', 'error'])
-    good = [r for r in results if r['count'] is not None]
-    (out / 'points.json').write_text(json.dumps({r['name']: {'count': r['count'], 'points': r['points']} for r in good}))
-    written = [out / 'predictions.csv', out / 'points.json'] + (_write_nwpu(good, out) if nwpu else [])
-    if not quiet:
-        print(f"wrote {', '.join(map(str, written))}" + ('' if no_plots else f" and {len(good)} PNGs (*_pred.png) in {out}"))
-    if failed: raise ValueError(f"{len(failed)} of {len(files)} images could not be read ({', '.join(failed)}); "
-                                f"the other {len(good)} are in {out / 'predictions.csv'}")
-    return results
-
-# %% [markdown]
-# The model trained above on two test images saved as PNG files, with the NWPU files; the counts are those of the
-# density the model gives the dataset's own images (the PNGs hold the same pixels), and a corrupt file is skipped:
-
-# %%
-_, _, test_ds = build_datasets('synthetic', crop_size=32, stride=4, **synthetic_kwargs(16, 48))
-(tmp / 'photos').mkdir()
-for i in range(2): Image.fromarray((denormalize(test_ds[i][0]) * 255 + 0.5).astype(np.uint8)).save(tmp / 'photos' / f'{i + 1:04d}.png')
-rows = predict(tmp / 'run' / 'best.pt', [tmp / 'photos'], tmp / 'pred', nwpu=True, device='cpu', quiet=True)
-test_eq(sorted(p.name for p in (tmp / 'pred').iterdir()),
-        ['0001_pred.png', '0002_pred.png', 'nwpu_count.txt', 'nwpu_loc.txt', 'points.json', 'predictions.csv'])
-net, _ = load_model(tmp / 'run' / 'best.pt')
-for r, i in zip(rows, range(2)):
-    test_close(r['count'], net(read_image(tmp / 'photos' / f'{i + 1:04d}.png')[None]).sum().item(), eps=1e-4)
-(tmp / 'photos' / 'broken.png').write_bytes(b'not an image')
-with contextlib.redirect_stderr(io.StringIO()) as err:
-    test_fail(lambda: predict(tmp / 'run' / 'best.pt', [tmp / 'photos'], tmp / 'pred2', no_plots=True, device='cpu', quiet=True),
-              contains='1 of 3 images could not be read')
-assert 'broken.png' in err.getvalue()
-test_eq([r['name'] for r in csv.DictReader(open(tmp / 'pred2' / 'predictions.csv'))], ['0001', '0002', 'broken'])
 
 # %% [markdown]
 # ## `demo`

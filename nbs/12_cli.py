@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Command line
 #
-# > `uotcrowd train | eval | predict | demo | bench`: the library's commands wired to the shell, their flags generated from the functions' signatures.
+# > `uotcrowd train | eval | predict | models | serve | demo | bench`: the library's commands wired to the shell, their flags generated from the functions' signatures.
 
 # %%
 #| default_exp cli
@@ -20,8 +20,10 @@ from uotcrowd.models import MODELS
 from uotcrowd.registry import LOSS_NAMES, LOSS_ARGS, loss_class
 from uotcrowd.train import TrainConfig, PRECISIONS
 from uotcrowd.evaluate import evaluate_checkpoint
-from uotcrowd.commands import train, predict, demo
+from uotcrowd.commands import train, demo
 from uotcrowd import bench as benchmarks
+from uotcrowd.counter import predict, models_cmd
+from uotcrowd.serve import serve
 
 # %%
 #| hide
@@ -39,7 +41,9 @@ from pathlib import Path
 # | `uotcrowd demo` | synthetic crowds → MCNN + generalized loss → evaluation, on a laptop CPU in a few minutes | checkpoints, `log.csv`, `curves.png`, `metrics.json`, `per_image.csv`, `examples.png` |
 # | `uotcrowd train` | trains a model on a dataset (DDP under `torchrun`) | `last.pt`, `best.pt`, `log.csv`, `curves.png`, `config.json` |
 # | `uotcrowd eval` | MAE/RMSE/NAE and localization F1 at 4 and 8 px on the test (or validation) split | `metrics.json`, `per_image.csv` |
-# | `uotcrowd predict` | counts, density overlays and located points for image files | `predictions.csv`, `points.json`, PNGs, NWPU `.txt` |
+# | `uotcrowd predict` | counts, density overlays and located points for photos (tiled when large), folders and videos | `predictions.csv`, `points.json`, PNGs, NWPU `.txt`; per video `NAME_counts.csv`, a plot, optionally an annotated video |
+# | `uotcrowd models` | the models committed in the repository, by name, with their cards | (prints) |
+# | `uotcrowd serve` | a local web page: drop a photo, see the count, the density and the located heads | (serves on 127.0.0.1) |
 # | `uotcrowd bench` | speed, memory and accuracy of the loss solvers; training and evaluation speed per precision | `bench.json`, `bench.md` |
 #
 # ```sh
@@ -49,10 +53,13 @@ from pathlib import Path
 # torchrun --nproc_per_node=4 -m uotcrowd.cli train --dataset qnrf --data-dir data/UCF-QNRF ... # 4 GPUs
 # uotcrowd eval --checkpoint runs/sha/best.pt --data-dir data/ShanghaiTech
 # uotcrowd predict --checkpoint runs/sha/best.pt photos/ --out predictions
+# uotcrowd predict --checkpoint shb-mcnn-gl clip.mp4 --every 10 --out counts   # a named model, a video
+# uotcrowd serve --checkpoint shb-mcnn-gl                                        # http://127.0.0.1:8000
 # ```
 #
 # This module only wires: each command is a Python function of the library (`uotcrowd.commands.train`,
-# `uotcrowd.evaluate.evaluate_checkpoint`, `uotcrowd.commands.predict`, `uotcrowd.commands.demo`, and `bench` below over
+# `uotcrowd.evaluate.evaluate_checkpoint`, `uotcrowd.counter.predict`, `uotcrowd.counter.models_cmd`,
+# `uotcrowd.serve.serve`, `uotcrowd.commands.demo`, and `bench` below over
 # `uotcrowd.bench.run_bench`), and its flags are generated from that function's signature: the name (`data_dir` →
 # `--data-dir`), the type, the default and, as help, the comment after the parameter. The training flags come the
 # same way from the fields of `uotcrowd.train.TrainConfig`, so a default can only be set in one place.
@@ -206,7 +213,7 @@ def bench(out:str='bench_out', # output folder
                                 verbose=not quiet)
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `uotcrowd` argument parser with the `train`, `eval`, `predict`, `demo` and `bench` sub-commands."
+    "The `uotcrowd` argument parser with the `train`, `eval`, `predict`, `models`, `serve`, `demo` and `bench` sub-commands."
     parser = argparse.ArgumentParser(prog='uotcrowd', formatter_class=_Fmt,
         description='Crowd counting and localization with the generalized unbalanced-OT loss (Wan, Liu, Chan, CVPR 2021).',
         epilog='Run `uotcrowd COMMAND --help` for the flags of a command. Start with `uotcrowd demo`.')
@@ -221,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(run=_train)
     add_command(sub, evaluate_checkpoint, 'eval')
     add_command(sub, predict)
+    add_command(sub, models_cmd, 'models')
+    add_command(sub, serve)
     add_command(sub, demo)
     add_command(sub, bench)
     return parser
@@ -267,13 +276,13 @@ test_eq(code, 2); assert "invalid choice: 'ucf'" in err and 'shanghaitech-a' in 
 code, _, err = parse(['train', '--dataset', 'qnrf', '--loss', 'mse', '--out', 'x'])
 test_eq(code, 2); assert 'dmcount' in err
 test_eq(parse(['eval', '--checkpoint', 'c.pt', '--model', 'resnet'])[0], 2)
-for cmd in ('train', 'eval', 'predict', 'demo', 'bench'):
+for cmd in ('train', 'eval', 'predict', 'models', 'serve', 'demo', 'bench'):
     code, out, _ = parse([cmd, '--help'])
     test_eq(code, 0); assert f'usage: uotcrowd {cmd}' in out
 _, out, _ = parse(['train', '--help'])
 for flag in ('--data-dir', '--synthetic-n', '--weights', '--out-act', '--resume', '--crop-size', '--batch-size', '--lr',
              '--weight-decay', '--max-epoch', '--val-epoch', '--val-start', '--val-fraction', '--clip-grad', '--precision',
-             '--seed', '--deterministic', '--num-workers', '--time-budget', '--patience', '--lr-patience', '--lr-decay',
+             '--seed', '--deterministic', '--num-workers', '--time-budget', '--patience', '--lr-patience', '--lr-decay', '--val-window',
              '--max-steps', '--eps', '--tau', '--cost', '--mode', '--tol', '--sigma', '--coord-scale', '--device', '--quiet'):
     assert flag in out, flag
 a = parser.parse_args(['predict', '--checkpoint', 'c.pt', 'a.jpg', 'photos', '--out', 'o'])

@@ -12,8 +12,8 @@
 import importlib
 
 _EXPORTS = {'GeneralizedLoss': 'losses', 'get_loss': 'registry', 'get_model': 'models', 'build_datasets': 'data',
-            'TrainConfig': 'train', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize'}
-_all_ = ['GeneralizedLoss', 'get_loss', 'get_model', 'build_datasets', 'TrainConfig', 'fit', 'evaluate', 'localize']
+            'TrainConfig': 'train', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize', 'Counter': 'counter'}
+_all_ = ['GeneralizedLoss', 'get_loss', 'get_model', 'build_datasets', 'TrainConfig', 'fit', 'evaluate', 'localize', 'Counter']
 
 def __getattr__(name:str):
     "The names a user imports first (`from uotcrowd import GeneralizedLoss`), each loaded with its module on first use."

@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 
 
 def test_help_of_every_command(capsys):
-    for cmd in ([], ['train'], ['eval'], ['predict'], ['demo'], ['bench']):
+    for cmd in ([], ['train'], ['eval'], ['predict'], ['models'], ['serve'], ['demo'], ['bench']):
         code, out, _ = call([*cmd, '--help'], capsys)
         assert code == 0 and out.startswith('usage: uotcrowd'), out
     proc = subprocess.run([sys.executable, '-m', 'uotcrowd', 'train', '--help'], capture_output=True, text=True)
@@ -114,7 +114,7 @@ def test_predict_on_png_files(trained, tmp_path, capsys):
     assert (out / 'nwpu_count.txt').read_text().startswith('1 ')
     code, _, err = call(['predict', '--checkpoint', str(trained / 'best.pt'), str(tmp_path / 'none.png'),
                          '--out', str(out)], capsys)
-    assert code == 2 and 'neither an image file nor a folder' in err
+    assert code == 2 and 'none.png is neither an image or video file nor a folder' in err
 
 
 def test_predict_skips_a_corrupt_image_and_reports_it(trained, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_predict_skips_a_corrupt_image_and_reports_it(trained, tmp_path, capsys)
     out = tmp_path / 'pred'
     code, _, err = call(['predict', '--checkpoint', str(trained / 'best.pt'), str(folder), '--out', str(out),
                          '--no-plots', '--quiet'], capsys)
-    assert code == 2 and 'bad.jpg' in err and '1 of 3 images could not be read' in err
+    assert code == 2 and 'bad.jpg' in err and '1 of 3 files could not be read' in err
     rows = {r['name']: r for r in csv.DictReader(open(out / 'predictions.csv'))}
     assert set(rows) == {'bad', 'good0', 'good1'}
     assert rows['bad']['count'] == '' and 'bad.jpg: cannot read image' in rows['bad']['error']

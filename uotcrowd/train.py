@@ -20,12 +20,13 @@ from .data import collate
 from .models import get_model
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'SLIM_KEYS', 'DEFAULT_LOC_THRESHOLD', 'LOG_COLUMNS', 'is_native', 'resolve_precision', 'autocast',
-           'memory_format', 'default_lr', 'TrainConfig', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'load_checkpoint', 'load_model', 'checkpoint_precision', 'slim_checkpoint', 'checkpoint_loc_threshold',
-           'epoch_seed', 'setup_distributed', 'predict_counts', 'write_csv', 'validate', 'plot_curves', 'step_loss',
-           'step_flags', 'nonfinite_message', 'load_weights', 'plateau_schedule', 'training_state', 'resume_state',
-           'train_epoch', 'validation_due', 'write_epoch', 'epoch_message', 'fit']
+__all__ = ['PRECISIONS', 'MODELS_ENV', 'SLIM_KEYS', 'DEFAULT_LOC_THRESHOLD', 'LOG_COLUMNS', 'is_native', 'resolve_precision',
+           'autocast', 'memory_format', 'default_lr', 'TrainConfig', 'rng_state', 'set_rng_state', 'models_dir',
+           'model_names', 'resolve_checkpoint', 'save_checkpoint', 'load_checkpoint', 'load_model',
+           'checkpoint_precision', 'slim_checkpoint', 'checkpoint_loc_threshold', 'epoch_seed', 'setup_distributed',
+           'predict_counts', 'write_csv', 'validate', 'plot_curves', 'step_loss', 'step_flags', 'nonfinite_message',
+           'load_weights', 'plateau_schedule', 'training_state', 'resume_state', 'train_epoch', 'validation_due',
+           'write_epoch', 'epoch_message', 'fit']
 
 # %% ../nbs/07_train.ipynb #0ea50f05
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -107,6 +108,7 @@ class TrainConfig:
     patience:int|None=None # stop once the validation MAE has not improved for this many epochs (None: never)
     lr_patience:int|None=None # multiply the learning rate by `lr_decay` after this many epochs without improvement
     lr_decay:float=0.1 # factor of each learning-rate decay (see `lr_patience`)
+    val_window:int=1 # `patience` and `lr_patience` compare the mean of the last this-many validation MAEs
     max_steps:int|None=None # at most this many steps per epoch (smoke tests)
     model:str|None=None # model name for `uotcrowd.models.get_model`
     model_kwargs:dict=field(default_factory=dict) # its keyword arguments
@@ -162,6 +164,39 @@ def set_rng_state(state:dict # from `rng_state`
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 # %% ../nbs/07_train.ipynb #1138ce57
+MODELS_ENV = 'UOTCROWD_MODELS'
+
+def models_dir(folder:str|Path|None=None # a folder of `NAME.pt` model files (default: `$UOTCROWD_MODELS`, else the checkout's `models/`)
+              ) -> Path:
+    "The folder of named models: `folder`, else `$UOTCROWD_MODELS`, else `models/` of the repository checkout holding this package."
+    if folder is None: folder = os.environ.get(MODELS_ENV) or None
+    if folder is None:
+        import uotcrowd
+        folder = Path(uotcrowd.__file__).resolve().parent.parent / 'models'
+    return Path(folder)
+
+def model_names(folder:str|Path|None=None # see `models_dir`
+               ) -> list[str]:
+    "Names of the models in `models_dir(folder)`; a clear error when that folder is absent."
+    d = models_dir(folder)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no models folder at {d}: named models are committed in the repository's models/ folder, "
+                                f"found when uotcrowd is installed from a checkout (pip install -e .); set {MODELS_ENV} to "
+                                f"such a folder, or pass the path of a checkpoint file")
+    return sorted(p.stem for p in d.glob('*.pt'))
+
+def resolve_checkpoint(checkpoint:str|Path, # a checkpoint file, or the name of a model in `models_dir(folder)`
+                       folder:str|Path|None=None # see `models_dir`
+                      ) -> Path:
+    "The checkpoint file that `checkpoint` names: a path (with a folder or a suffix), else a named model."
+    p = Path(checkpoint)
+    if p.is_file() or len(p.parts) != 1 or p.suffix: return p  # a path: `load_checkpoint` reports it if missing
+    d = models_dir(folder)
+    if len(p.parts) == 1 and (d / f'{p.name}.pt').is_file(): return d / f'{p.name}.pt'
+    names = ', '.join(model_names(folder)) if d.is_dir() else f'none, {d} is absent'
+    raise FileNotFoundError(f"{checkpoint} is neither a checkpoint file nor a named model (named models: {names})")
+
+# %% ../nbs/07_train.ipynb #0df13fda
 def save_checkpoint(state:dict, # plain dict of tensors, numbers, strings, lists and dicts
                     path:str|Path # destination file
                    ) -> Path:
@@ -179,8 +214,8 @@ def save_checkpoint(state:dict, # plain dict of tensors, numbers, strings, lists
 def load_checkpoint(path:str|Path, # a checkpoint written by `fit`
                     map_location='cpu' # where to put its tensors
                    ) -> dict:
-    "Load a checkpoint with `weights_only=True`; the error names the file when it is missing or not a checkpoint."
-    path = Path(path)
+    "Load a checkpoint (a file or a named model) with `weights_only=True`; the error names the file when it is missing or not a checkpoint."
+    path = resolve_checkpoint(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise ValueError(f"{path} is not a readable uotcrowd checkpoint: {e}") from e
@@ -393,10 +428,13 @@ def plateau_schedule(history:Sequence[dict], # rows of `log.csv` so far (`val_ma
                      cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`
                     ) -> tuple[float, bool]: # learning rate of the next epoch, whether to stop
     "The learning rate for the next epoch and whether the patience is spent, from the log alone."
-    lr, best, since_best, since_decay = cfg.lr, math.inf, 0, 0
+    lr, best, since_best, since_decay, maes = cfg.lr, math.inf, 0, 0, []
     for row in history:
         since_best += 1; since_decay += 1
-        if row.get('val_mae') is not None and row['val_mae'] < best: best, since_best = row['val_mae'], 0
+        if row.get('val_mae') is not None:
+            maes.append(row['val_mae'])
+            smooth = sum(maes[-cfg.val_window:]) / len(maes[-cfg.val_window:])
+            if smooth < best: best, since_best = smooth, 0
         if cfg.lr_patience is not None and min(since_best, since_decay) >= cfg.lr_patience:
             lr, since_decay = lr * cfg.lr_decay, 0
     return lr, cfg.patience is not None and since_best >= cfg.patience

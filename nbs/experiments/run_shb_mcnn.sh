@@ -14,7 +14,8 @@
 #   LOSSES="l2 dmcount" nohup bash nbs/experiments/run_shb_mcnn.sh 0 1 > nbs/experiments/results/shb_mcnn/b.log 2>&1 &
 # Protocols (PROTOCOL): e20 = 20 epochs at a constant learning rate (the first study); plateau = until the
 # validation MAE stops improving: the learning rate decays x0.1 after LR_PATIENCE epochs without a better
-# validation MAE, the run stops after PATIENCE such epochs or at EPOCHS. PRECISION: fp32 or bf16 (autocast).
+# validation MAE, the run stops after PATIENCE such epochs or at EPOCHS ("better": the mean of the last VAL_WINDOW
+# validations). LR sets the starting learning rate. PRECISION: fp32 or bf16 (autocast).
 set -euo pipefail
 cd "$(dirname "$0")/../.."                     # repo root
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -29,7 +30,7 @@ LOSSES=${LOSSES:-"gl l2 bl dmcount"}
 case "$PROTOCOL" in
   e20) EPOCHS=${EPOCHS:-20}; VAL_EPOCH=${VAL_EPOCH:-4}; sched=(); OUT=$RES/shb_mcnn;;
   plateau) EPOCHS=${EPOCHS:-400}; VAL_EPOCH=${VAL_EPOCH:-2}; OUT=$RES/shb_mcnn/plateau
-           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1);;
+           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-1}");;
   *) echo "unknown PROTOCOL $PROTOCOL" >&2; exit 2;;
 esac
 CROP=${CROP:-256}
