@@ -45,8 +45,9 @@ torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
 # * the **loss** value, the number of **iterations** the solver ran and the **marginal error** it left, so that
 #   speed is never bought by stopping early;
 # * **time / floor**: the time divided by (iterations × the time of a plain `torch.exp` over the $2Bnm$ cost
-#   entries that one symmetric Sinkhorn iteration must exponentiate, measured in cache). A log-domain solver
-#   cannot beat this floor by much, so the ratio says how much is left on the table.
+#   entries that one symmetric Sinkhorn iteration exponentiates when each direction has its own log-sum-exp, measured
+#   in cache), so the ratio says how much is left on the table. (`uotcrowd.sinkhorn` gets both directions of a pair
+#   from one `exp2` per entry, which on a CPU is also cheaper than `exp`: its ratio can go below 1.)
 #
 # The methods are `GeneralizedLoss` in its two solver modes (batched), the same loss in a per-image Python loop
 # (what the official code does), the official recipe on top of geomloss, and POT's unbalanced Sinkhorn.
@@ -61,18 +62,15 @@ torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
 # such a call, and a full benchmark must stay within minutes).
 #
 # **Peak memory.** On CUDA, `torch.cuda.max_memory_allocated` after resetting the peak, minus what was allocated
-# before the call. The CPU allocator keeps no statistics, so on the CPU we record every allocation and release that
-# torch makes during the call with `torch.profiler` (`profile_memory=True`), order them in time, and take the
-# maximum of the running sum. This counts tensors (the payload of every torch allocation, inputs excluded), not
-# the allocator's or Python's overhead, nor memory allocated outside torch (none of the methods does that: POT and
-# geomloss run on the torch backend). It is the same quantity `max_memory_allocated` gives on CUDA. The profiled
-# call is a separate, untimed run.
-#
-# A cross-check against the process's resident-set high-water mark (`resource.getrusage`, fresh process, imports
-# and first-call allocations done on a tiny problem before the measured call), B=8, 500 points: `gl_official` 189 MiB
-# RSS vs 188 MiB here; the per-image loops show more RSS than live tensors (`loop_official` 95 vs 79, geomloss 141
-# vs 95, POT 345 vs 173 MiB) because glibc's allocator does not reuse the many freed blocks perfectly. We report
-# live tensor bytes, which do not depend on the allocator.
+# before the call. The CPU allocator keeps no statistics; on Linux we measure what the process takes from the system:
+# freed heap memory is first handed back (`malloc_trim`), the kernel's resident-set high-water mark is reset to the
+# current size (writing `5` to `/proc/self/clear_refs`), and after the call the mark (`VmHWM`) minus the size before
+# it is the peak. This is exact, costs nothing and holds no record of the call (the profiler's memory events, used
+# before, held one per allocation and ran out of memory on converged solves). It counts what the allocator could not
+# reuse (a loop that frees and allocates many blocks needs more than its live tensors: at B=8, 64×64, 500 points the
+# geomloss loop peaked at 501 MiB of memory against 95 MiB of live tensors) and nothing that existed before the call.
+# Elsewhere (no `/proc`), `method='profiler'` gives the peak of the live tensor bytes from `torch.profiler`'s memory
+# events, the quantity `max_memory_allocated` measures on CUDA. Each measured call is a separate, untimed run.
 
 # %%
 #| export
@@ -112,10 +110,30 @@ test_eq(r['repeats'], 1); test_eq(r['median'], r['first'])
 
 # %%
 #| export
+def _status_bytes(field:str) -> int:
+    "A size field of `/proc/self/status` (`VmRSS`, `VmHWM`) in bytes."
+    with open('/proc/self/status') as fh:
+        for line in fh:
+            if line.startswith(field + ':'): return 1024 * int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+def _rss_peak(fn:Callable) -> float|None:
+    "Peak resident memory during `fn()` above the level before it (Linux); None where it cannot be measured."
+    import ctypes, ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        if hasattr(libc, 'malloc_trim'): libc.malloc_trim(0)        # freed heap pages go back and count again when reused
+        with open('/proc/self/clear_refs', 'w') as fh: fh.write('5')   # the high-water mark restarts at the current size
+        base = _status_bytes('VmRSS')
+    except (OSError, AttributeError): return None
+    fn()
+    return float(max(0, _status_bytes('VmHWM') - base))
+
 def peak_memory(fn:Callable, # function of no arguments
                 device:torch.device=torch.device('cpu'), # device whose allocations are measured
-               ) -> float: # peak bytes allocated by torch during `fn()`, above the level before it (NaN if unknown)
-    "Peak memory that `fn()` allocates on `device` (CUDA: allocator statistics; CPU: profiler memory events)."
+                method:str='auto', # CPU: 'rss' (Linux), 'profiler' (live tensor bytes) or 'auto' (rss where possible)
+               ) -> float: # peak bytes during `fn()` above the level before it (NaN if unknown)
+    "Peak memory `fn()` needs on `device` (CUDA: allocator statistics; CPU: resident-set high-water mark or profiler)."
     device = torch.device(device)
     if device.type == 'cuda':
         _sync(device); torch.cuda.reset_peak_memory_stats(device)
@@ -123,6 +141,10 @@ def peak_memory(fn:Callable, # function of no arguments
         fn(); _sync(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
     if device.type != 'cpu': return float('nan')
+    if method not in ('auto', 'rss', 'profiler'): raise ValueError(f"method must be 'auto', 'rss' or 'profiler', got {method!r}")
+    if method != 'profiler':
+        peak = _rss_peak(fn)
+        if peak is not None or method == 'rss': return float('nan') if peak is None else peak
     from torch.profiler import profile, ProfilerActivity
     os.environ.setdefault('KINETO_LOG_LEVEL', '6')   # silence the profiler's own log lines (unless the user set a level)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
@@ -135,15 +157,21 @@ def peak_memory(fn:Callable, # function of no arguments
 
 # %% [markdown]
 # A check with known sizes: a 4 MB tensor, its exponential (8 MB live), the first freed, a doubled copy
-# (8 MB live again); the peak is 8 MB and inputs that exist before the call do not count.
+# (8 MB live again); the peak is 8 MB and inputs that exist before the call do not count. Live tensor bytes are exact;
+# the resident set counts whole pages and a little of the interpreter's own memory (here within 0.3 MB).
 
 # %%
 def _two_live_buffers(x):
     y = x.exp(); z = y * 2; del y
     return z.sum()
 x0 = torch.randn(1000, 1000)
-test_close(peak_memory(lambda: _two_live_buffers(x0)), 8e6, eps=1e4)
-test_close(peak_memory(lambda: torch.zeros(250, 1000).sum()), 1e6, eps=1e3)
+test_close(peak_memory(lambda: _two_live_buffers(x0), method='profiler'), 8e6, eps=1e4)
+test_close(peak_memory(lambda: torch.zeros(250, 1000).sum(), method='profiler'), 1e6, eps=1e3)
+if _rss_peak(lambda: None) is not None:
+    for _ in range(2):                   # the second time the freed pages of the first are back with the system too
+        test_close(peak_memory(lambda: _two_live_buffers(x0)), 8e6, eps=3e5)
+        test_close(peak_memory(lambda: torch.zeros(2500, 1000).sum()), 1e7, eps=3e5)
+test_fail(lambda: peak_memory(lambda: None, method='tracemalloc'), contains="method must be")
 
 
 # %% [markdown]
@@ -610,7 +638,7 @@ assert r['without_loss'] > 0 and r['with_loss'] > r['loss_in_step'] > 0 and 0 < 
 #| export
 METHODS = ('gl_official', 'gl_converged', 'loop_official', 'geomloss', 'pot')
 _NEEDS = dict(geomloss='geomloss', pot='ot')
-CASE_KEYS = ('method', 'batch_size', 'n_points', 'size', 'stride', 'skipped', 'time_s', 'time_min_s', 'repeats',
+CASE_KEYS = ('method', 'batch_size', 'n_points', 'size', 'stride', 'threads', 'skipped', 'time_s', 'time_min_s', 'repeats',
              'first_call_s', 'peak_mem_mib', 'loss', 'iterations', 'marginal_error', 'exp_entries',
              'floor_per_iteration_s', 'floor_s', 'time_over_floor')   # every row has these keys (None: not measured)
 
@@ -667,24 +695,35 @@ def bench_case(method:str, # one of `METHODS`
                repeats:int=5, budget:float=3., long_call:float=10., # see `time_call`
                memory:bool=True, # also measure peak memory (one extra call)
                seed:int=0,
+               threads:int|None=None, # torch threads for this case (None: as set)
               ) -> dict:
     "Time, peak memory, loss, iterations, marginal error and floor ratio of one method on one problem (keys `CASE_KEYS`)."
     device = torch.device(device)
     if method not in METHODS: raise ValueError(f"unknown method {method!r}; choose among {METHODS}")
     row = dict.fromkeys(CASE_KEYS)
-    row.update(method=method, batch_size=batch_size, n_points=n_points, size=size, stride=stride)
+    row.update(method=method, batch_size=batch_size, n_points=n_points, size=size, stride=stride, threads=threads)
     if method in _NEEDS and not has_module(_NEEDS[method]):
         row['skipped'] = f"{_NEEDS[method]} not installed"
         return row
+    before = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try: _measure_case(row, method, batch_size, n_points, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats,
+                       budget, long_call, memory, seed)
+    finally: torch.set_num_threads(before)
+    return row
+
+def _measure_case(row, method, batch_size, n_points, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats,
+                  budget, long_call, memory, seed):
+    "Fill `row` with the measurements of one case (see `bench_case`)."
     gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
     fn, diag = _methods(gl_kwargs, pot_iters)[method]
     density, points = make_problem(batch_size, n_points, size, stride, seed, device)
     call = _forward_backward(fn, density, points)
     t = time_call(call, device, repeats, budget, long_call)
     row.update(time_s=t['median'], time_min_s=t['min'], repeats=t['repeats'], first_call_s=t['first'])
-    # On the CPU the profiler keeps every memory event: a converged solve (hundreds of iterations over millions of
-    # entries) fills tens of GB (it killed the first full run). Its working set is the official mode's (the same
-    # buffers every iteration, see 03_sinkhorn), so it is not measured there.
+    # No target concerns the converged mode's memory on the CPU: its working set is the official mode's (the same
+    # buffers every pass, see 03_sinkhorn), and the profiler fallback of `peak_memory` would keep one event per
+    # allocation of hundreds of passes. It is measured on CUDA.
     skip_mem = device.type == 'cpu' and method == 'gl_converged'
     row['peak_mem_mib'] = peak_memory(call, device) / 2**20 if memory and not skip_mem else float('nan')
     row.update(diag(density, points))
@@ -692,7 +731,6 @@ def bench_case(method:str, # one of `METHODS`
         row['floor_per_iteration_s'] = 2 * batch_size * size * size * n_points / exp_rate
         row['floor_s'] = row['exp_entries'] / exp_rate
         row['time_over_floor'] = row['time_s'] / row['floor_s'] if row['floor_s'] > 0 else float('nan')
-    return row
 
 
 # %%
@@ -706,6 +744,9 @@ with patch.dict(sys.modules, {'geomloss': None}):          # as where geomloss i
 test_eq(tuple(r0), CASE_KEYS); test_eq(r0['skipped'], 'geomloss not installed')
 test_eq([k for k in CASE_KEYS if r0[k] is not None], ['method', 'batch_size', 'n_points', 'size', 'stride', 'skipped'])
 test_eq(bench_case('pot', 1, 5, size=8, memory=False)['method'], 'pot')
+threads_before = torch.get_num_threads()
+test_eq(bench_case('gl_official', 1, 5, size=8, memory=False, threads=2)['threads'], 2)
+test_eq(torch.get_num_threads(), threads_before)                   # the thread count is restored
 test_fail(lambda: bench_case('sinkhorn', 1, 5), contains='unknown method')
 
 
@@ -946,14 +987,16 @@ assert '| mcnn | 1 | 32 | 1 | bf16+cl |' in md and 'Target: MCNN step speed-up' 
 # ## `run_bench`
 #
 # One call measures everything on one device and writes `bench.json` (all numbers, with the machine, versions
-# and settings) and `bench.md` (the tables) into `out_dir`. The full run covers B ∈ {1, 8} × points ∈ {50, 500, 2000}
-# on a 64×64 map (512-px crops, stride 8) and the VGG19 step at B=8, 500 points; it takes a few minutes on a
-# CPU. `quick=True` runs a small subset (B=2, 50 points, a 32×32 map, VGG19 on 128-px crops) in well under a
-# minute, for tests. geomloss and POT are optional (the `bench` extra); methods whose package is missing are
-# reported as skipped.
+# and settings) and `bench.md` (the tables) into `out_dir`. The full run covers the configurations `CONFIGS`: B=8
+# with a 64×64 map (512-px crops, stride 8) and 500 points and with a 32×32 map and 200 points, each with 1 and 2
+# torch threads, then B=8 with 2000 points and a single image with 500 points (64×64, one thread), and the VGG19 step
+# at B=8, 500 points; it takes several minutes on a CPU. `configs=` lists others as `(B, points, map side, threads)`
+# (threads None: as set); `batch_sizes` × `n_points` on one map `size` gives the grid of earlier runs. `quick=True`
+# runs a small subset (B=2, 50 points, a 32×32 map, VGG19 on 128-px crops) in well under a minute, for tests.
+# geomloss and POT are optional (the `bench` extra); methods whose package is missing are reported as skipped.
 #
 # **Targets** (all ratios of numbers measured in the same run) are evaluated at the target case, B=8 and 500
-# points (in a quick run: its largest case):
+# points on the first configuration that has them (in a quick run: its largest case):
 #
 # | target | how it is measured |
 # |---|---|
@@ -963,6 +1006,10 @@ assert '| mcnn | 1 | 32 | 1 | bf16+cl |' in md and 'Target: MCNN step speed-up' 
 # | `converged` reaches marginal error ≤ 1e-3 and is no slower than the geomloss loop | its marginal error; `gl_converged` time / `geomloss` time |
 # | time within 3× of the `exp` floor | `gl_official` (and `gl_converged`) time / (iterations × floor per iteration) |
 # | loss ≤ 15 % of a VGG19 training step | time of the loss inside the step / time of the step (`train_step_times`) |
+#
+# **Targets per configuration** (`config_targets`): in each configuration with both solver modes and the geomloss
+# loop, `official` ≥ 5× faster than the geomloss loop with a loss within 1e-4 of it, `converged` (marginal error
+# ≤ 1e-3) no slower than the geomloss loop, and the peak memory of `official` no larger than the loop's.
 
 # %%
 #| export
@@ -970,11 +1017,33 @@ def _target(name, value, op, bound, note='', method=None):
     ok = None if value is None or not math.isfinite(value) else (value >= bound if op == '>=' else value <= bound)
     return dict(name=name, value=value, op=op, target=bound, met=ok, note=note, method=method)
 
+def _same_config(row:dict, cfg:dict) -> bool:
+    "Whether a case row belongs to a configuration (B, points and, where the configuration names them, map and threads)."
+    return all(row.get(k) == cfg[k] for k in ('batch_size', 'n_points', 'size', 'threads') if k in cfg)
+
+CONFIG_GOALS = (('official speed-up over the geomloss loop', '>=', 5.), ('loss difference official vs geomloss', '<=', 1e-4),
+                ('converged time / geomloss loop', '<=', 1.), ('converged marginal error', '<=', 1e-3),
+                ('peak memory official / geomloss loop', '<=', 1.))
+
+def config_targets(results:dict) -> list[dict]:
+    "For each configuration of the run, the values of `CONFIG_GOALS` (None where a number is missing) and whether each is met."
+    out = []
+    for cfg in results['config']['configs']:
+        rows = {r['method']: r for r in results['cases'] if _same_config(r, cfg) and not r.get('skipped')}
+        get = lambda m, k: None if rows.get(m, {}).get(k) is None else float(rows[m][k])
+        ratio = lambda x, y: x / y if x is not None and y is not None and y > 0 else None
+        off, geo = get('gl_official', 'loss'), get('geomloss', 'loss')
+        values = [ratio(get('geomloss', 'time_s'), get('gl_official', 'time_s')),
+                  None if off is None or geo is None else abs(off - geo) / abs(geo),
+                  ratio(get('gl_converged', 'time_s'), get('geomloss', 'time_s')), get('gl_converged', 'marginal_error'),
+                  ratio(get('gl_official', 'peak_mem_mib'), get('geomloss', 'peak_mem_mib'))]
+        out.append(dict(cfg, targets=[_target(name, v, op, bound) for (name, op, bound), v in zip(CONFIG_GOALS, values)]))
+    return out
+
 def evaluate_targets(results:dict) -> list[dict]:
     "The speed, memory and accuracy targets of the benchmark, evaluated on the rows of the target case."
     tc = results['config']['target_case']
-    rows = {r['method']: r for r in results['cases']
-            if r['batch_size'] == tc['batch_size'] and r['n_points'] == tc['n_points'] and not r.get('skipped')}
+    rows = {r['method']: r for r in results['cases'] if _same_config(r, tc) and not r.get('skipped')}
     def get(m, k):
         v = rows.get(m, {}).get(k)
         return float(v) if v is not None else None
@@ -1026,16 +1095,20 @@ def results_markdown(results:dict) -> str:
     lines = [f"**Device** {m.get('gpu') or m.get('cpu_model') or m['processor']} ({m['device']}, {m['torch_threads']} torch threads), "
              f"torch {results['versions']['torch']}, {results['date']}. "
              f"`exp` floor: {results['exp_rate'] / 1e9:.2f} G exp/s in cache. "
-             f"Map {c['size']}×{c['size']} (crop {c['size'] * c['stride']}, stride {c['stride']}); POT {c['pot_iters']} iterations."
-             + (" Quick run." if c['quick'] else ''), '',
-             '| method | B | points | time (ms) | peak mem (MiB) | loss | iterations | marginal error | time / floor |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
-    for r in results['cases']:
-        if r.get('skipped'):
-            lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | skipped: {r['skipped']} | | | | | |"); continue
-        lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | {_fmt(r['time_s'], 'ms')} | "
-                     f"{_fmt(r['peak_mem_mib'], 'mib')} | {_fmt(r['loss'])} | {r['iterations']} | "
-                     f"{_fmt(r['marginal_error'], 'e')} | {_fmt(r.get('time_over_floor'), 'x')} |")
+             f"Stride {c['stride']}; POT {c['pot_iters']} iterations." + (" Quick run." if c['quick'] else '')]
+    groups = list(dict.fromkeys((r['size'], r.get('threads')) for r in results['cases']))
+    for size, threads in groups:     # one table per map size and thread count
+        lines += ['', f"*Map {size}×{size} (crop {size * c['stride']}), {threads or m['torch_threads']} torch thread"
+                      f"{'s' if (threads or m['torch_threads']) != 1 else ''}:*", '',
+                  '| method | B | points | time (ms) | peak mem (MiB) | loss | iterations | marginal error | time / floor |',
+                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+        for r in results['cases']:
+            if (r['size'], r.get('threads')) != (size, threads): continue
+            if r.get('skipped'):
+                lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | skipped: {r['skipped']} | | | | | |"); continue
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | {_fmt(r['time_s'], 'ms')} | "
+                         f"{_fmt(r['peak_mem_mib'], 'mib')} | {_fmt(r['loss'])} | {r['iterations']} | "
+                         f"{_fmt(r['marginal_error'], 'e')} | {_fmt(r.get('time_over_floor'), 'x')} |")
     tc = c['target_case']
     lines += ['', f"**Targets** at B={tc['batch_size']}, {tc['n_points']} points:", '',
               '| target | value | goal | met |', '|---|---:|---:|:---:|']
@@ -1043,6 +1116,17 @@ def results_markdown(results:dict) -> str:
         kind = 'e' if 'error' in t['name'] or 'difference' in t['name'] else 'x'
         met = '-' if t['met'] is None else ('yes' if t['met'] else '**no**')
         lines.append(f"| {t['name']} | {_fmt(t['value'], kind)} | {t['op']} {t['target']:g} | {met} |")
+    if results.get('config_targets'):
+        lines += ['', '**Targets per configuration** (value, and whether the goal is met):', '',
+                  '| B | points | map | threads | ' + ' | '.join(f"{n} ({op} {g:g})" for n, op, g in CONFIG_GOALS) + ' |',
+                  '|---:|---:|---:|---:|' + '---:|' * len(CONFIG_GOALS)]
+        for ct in results['config_targets']:
+            cells = []
+            for t in ct['targets']:
+                kind = 'e' if 'error' in t['name'] or 'difference' in t['name'] else 'x'
+                cells.append('-' if t['value'] is None else f"{_fmt(t['value'], kind)} {'yes' if t['met'] else '**no**'}")
+            lines.append(f"| {ct['batch_size']} | {ct['n_points']} | {ct['size']}×{ct['size']} | {ct.get('threads') or m['torch_threads']} | "
+                         + ' | '.join(cells) + ' |')
     v = results.get('vgg19')
     if v:
         lines += ['', f"**VGG19 training step** (B={v['batch_size']}, {v['crop']}×{v['crop']} crops, {v['n_points']} points, "
@@ -1063,12 +1147,16 @@ test_eq(_finite({'a': [float('nan'), torch.tensor(2.)], 'b': float('inf')}), {'a
 
 # %%
 #| export
+CONFIGS = ((8, 500, 64, 1), (8, 500, 64, 2), (8, 200, 32, 1), (8, 200, 32, 2), (8, 2000, 64, 1), (1, 500, 64, 1))
+# (B, points, map side, torch threads) of the full run
+
 def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
               device:str|torch.device='auto', # 'auto', 'cpu', 'cuda', ...
               quick:bool=False, # small subset (< 60 s), for tests
-              batch_sizes:Sequence[int]|None=None, # default (1, 8); quick (2,)
-              n_points:Sequence[int]|None=None, # default (50, 500, 2000); quick (50,)
-              size:int|None=None, # density map side; default 64, quick 32
+              batch_sizes:Sequence[int]|None=None, # with `n_points`, `size`: a grid instead of `CONFIGS` (default (1, 8); quick (2,))
+              n_points:Sequence[int]|None=None, # points per image of the grid (default (50, 500, 2000); quick (50,))
+              size:int|None=None, # density map side of the grid; default 64, quick 32
+              configs:Sequence[tuple]|None=None, # (B, points, map side, threads or None) per configuration; default `CONFIGS`
               stride:int=8, # input pixels per map pixel
               methods:Sequence[str]=METHODS, # which methods to run
               target_case:tuple|None=None, # (B, points) where targets are evaluated; default (8, 500) or the largest
@@ -1088,34 +1176,39 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
     "Run the benchmark on one device, write `bench.json` and `bench.md` into `out_dir`, return the results."
     device = get_device(device)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    batch_sizes = tuple(batch_sizes or ((2,) if quick else (1, 8)))
-    n_points = tuple(n_points or ((50,) if quick else (50, 500, 2000)))
-    size = size or (32 if quick else 64)
+    if configs is None and (quick or batch_sizes or n_points or size):
+        configs = [(B, m, size or (32 if quick else 64), None) for B in (batch_sizes or ((2,) if quick else (1, 8)))
+                   for m in (n_points or ((50,) if quick else (50, 500, 2000)))]
+    configs = [dict(batch_size=B, n_points=m, size=sz, threads=th) for B, m, sz, th in (configs or CONFIGS)]
+    pairs = [(c['batch_size'], c['n_points']) for c in configs]
+    if target_case is None: target_case = (8, 500) if (8, 500) in pairs else max(pairs)
+    target = next((c for c in configs if (c['batch_size'], c['n_points']) == tuple(target_case)),
+                  dict(batch_size=target_case[0], n_points=target_case[1]))
+    size = target.get('size', configs[0]['size'])
     repeats = repeats or (2 if quick else 5)
     budget = budget if budget is not None else (0.3 if quick else 3.)
     vgg_crop = vgg_crop or (128 if quick else size * stride)
-    if target_case is None:
-        target_case = (8, 500) if (8 in batch_sizes and 500 in n_points) else (max(batch_sizes), max(n_points))
     bad = [m for m in methods if m not in METHODS]
     if bad: raise ValueError(f"unknown methods {bad}; choose among {METHODS}")
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     t_start = time.perf_counter()
     exp_rate = exp_throughput(device)
     log(f"bench on {device}: exp floor {exp_rate / 1e9:.2f} G exp/s")
-    config = dict(quick=quick, batch_sizes=list(batch_sizes), n_points=list(n_points), size=size, stride=stride,
+    config = dict(quick=quick, batch_sizes=sorted({c['batch_size'] for c in configs}),
+                  n_points=sorted({c['n_points'] for c in configs}), size=size, stride=stride, configs=configs,
                   methods=list(methods), pot_iters=pot_iters, repeats=repeats, budget=budget, seed=seed,
-                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop,
-                  target_case=dict(batch_size=target_case[0], n_points=target_case[1]))
+                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop, target_case=target)
     cases = []
-    for B in batch_sizes:
-        for m in n_points:
-            for meth in methods:
-                r = bench_case(meth, B, m, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats, budget,
-                               memory=memory, seed=seed)
-                cases.append(r)
-                if r['skipped']: log(f"  {meth:14s} B={B} m={m}: skipped ({r['skipped']})")
-                else: log(f"  {meth:14s} B={B} m={m}: {1e3 * r['time_s']:9.1f} ms, {r['peak_mem_mib']:8.1f} MiB, "
-                          f"loss {r['loss']:.6g}, {r['iterations']} it, err {r['marginal_error']:.1e}")
+    for cfg in configs:
+        B, m, sz, th = cfg['batch_size'], cfg['n_points'], cfg['size'], cfg['threads']
+        for meth in methods:
+            r = bench_case(meth, B, m, sz, stride, device, exp_rate, gl_kwargs, pot_iters, repeats, budget,
+                           memory=memory, seed=seed, threads=th)
+            cases.append(r)
+            where = f"B={B} m={m} {sz}x{sz}" + (f" {th} thr" if th else '')
+            if r['skipped']: log(f"  {meth:14s} {where}: skipped ({r['skipped']})")
+            else: log(f"  {meth:14s} {where}: {1e3 * r['time_s']:9.1f} ms, {r['peak_mem_mib']:8.1f} MiB, "
+                      f"loss {r['loss']:.6g}, {r['iterations']} it, err {r['marginal_error']:.1e}")
     results = dict(date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), machine=_machine(device),
                    versions=_versions(), exp_rate=exp_rate, config=config, cases=cases)
     if vgg:
@@ -1132,14 +1225,18 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         log("training throughput (step and evaluation time per precision):")
         results['throughput'] = training_throughput(device=device, seed=seed, log=log, **kw)
     results['targets'] = evaluate_targets(results)
+    results['config_targets'] = config_targets(results)
     if profile is None: profile = not quick
     missed = {t['method'] for t in results['targets'] if t['met'] is False and t.get('method')}
     if profile and missed:
         results['profiles'] = {}
         for meth in sorted(missed & set(methods)):
             log(f"  profiling {meth} (a speed target is missed)")
-            results['profiles'][meth] = profile_case(meth, target_case[0], target_case[1], size, stride, device,
-                                                     row_limit=12, gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
+            before = torch.get_num_threads()
+            if target.get('threads'): torch.set_num_threads(target['threads'])
+            try: results['profiles'][meth] = profile_case(meth, target_case[0], target_case[1], size, stride, device,
+                                                          row_limit=12, gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
+            finally: torch.set_num_threads(before)
     results['total_time_s'] = time.perf_counter() - t_start
     (out_dir / f'{stem}.json').write_text(json.dumps(_finite(results), indent=1, allow_nan=False))
     (out_dir / f'{stem}.md').write_text(results_markdown(results))
@@ -1159,7 +1256,10 @@ with tempfile.TemporaryDirectory() as tmp:
                     verbose=False, memory=False, profile=True)
     saved = json.loads((Path(tmp) / 'bench.json').read_text())
     md = (Path(tmp) / 'bench.md').read_text()
-test_eq(saved['config']['target_case'], dict(batch_size=2, n_points=50))
+test_eq(saved['config']['target_case'], dict(batch_size=2, n_points=50, size=12, threads=None))
+test_eq([ct['batch_size'] for ct in saved['config_targets']], [2])      # one configuration: its row of per-configuration targets
+test_eq([t['name'] for t in saved['config_targets'][0]['targets']], [n for n, _, _ in CONFIG_GOALS])
+assert '**Targets per configuration**' in md and '| 2 | 50 | 12×12 |' in md
 test_eq([tuple(r) for r in saved['cases']], [CASE_KEYS] * 3)           # uniform rows, skipped or not
 assert all(r['peak_mem_mib'] is None for r in saved['cases'])          # memory=False: null, not NaN (strict JSON)
 test_eq([r['method'] for r in saved['cases']], ['gl_official', 'geomloss', 'pot'])
@@ -1170,6 +1270,26 @@ test_eq({t['name'] for t in saved['targets']} >= {'speed-up of official over the
 missed = {t['method'] for t in saved['targets'] if t['met'] is False and t['method']}
 test_eq(set(saved.get('profiles', {})), missed)
 for m_ in missed: assert f"**Profile of `{m_}`**" in md
+
+# %% [markdown]
+# Two configurations that differ only in the thread count: one table each, and per configuration the targets are
+# computed from that configuration's rows alone.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    res2 = run_bench(tmp, device='cpu', configs=[(2, 20, 8, 1), (2, 20, 8, 2)], methods=('gl_official', 'gl_converged', 'geomloss'),
+                     vgg=False, throughput=False, memory=False, repeats=1, budget=0., verbose=False, profile=False)
+    md2 = (Path(tmp) / 'bench.md').read_text()
+test_eq([(r['threads'], r['method']) for r in res2['cases']], [(t, m) for t in (1, 2) for m in ('gl_official', 'gl_converged', 'geomloss')])
+test_eq(res2['config']['target_case'], dict(batch_size=2, n_points=20, size=8, threads=1))
+for ct in res2['config_targets'] if has_module('geomloss') else []:
+    rows = {r['method']: r for r in res2['cases'] if r['threads'] == ct['threads']}
+    vals = {t['name']: t['value'] for t in ct['targets']}
+    test_close(vals['official speed-up over the geomloss loop'], rows['geomloss']['time_s'] / rows['gl_official']['time_s'], eps=1e-12)
+    test_close(vals['converged time / geomloss loop'], rows['gl_converged']['time_s'] / rows['geomloss']['time_s'], eps=1e-12)
+    test_eq(vals['converged marginal error'], rows['gl_converged']['marginal_error'])
+    test_eq(vals['peak memory official / geomloss loop'], None)                 # memory was not measured
+assert md2.count('| method | B | points |') == 2 and '1 torch thread:' in md2 and '2 torch threads:' in md2, md2
 
 # %% [markdown]
 # The same run holds the training-throughput rows (quick: MCNN B=2 and VGG19 B=1 on 64-px crops, one thread):

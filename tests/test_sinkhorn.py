@@ -1,6 +1,6 @@
 """Checks of uotcrowd.sinkhorn / uotcrowd.losses that do not fit a notebook: import isolation, no global state, the
 official recipe on geomloss (an optional package: skipped where absent) and autocast (the CUDA check needs a GPU)."""
-import subprocess, sys
+import math, subprocess, sys
 import pytest
 import torch
 
@@ -116,3 +116,166 @@ def test_cuda_autocast_keeps_float32():
     low.backward()
     assert low.dtype == torch.float32 and d2.grad.dtype == torch.float32
     assert torch.allclose(low, l_ref, rtol=1e-5, atol=0) and torch.allclose(d2.grad, d1.grad, rtol=1e-4, atol=1e-6)
+
+
+def _padded_problem(dtype=torch.float32, seed=7):
+    "Four images on a 24×24 grid (crop 1): 40, 0, 7 and 25 heads, padded to 40, perspective-like costs."
+    g = torch.Generator().manual_seed(seed)
+    side = 24
+    ys, xs = torch.meshgrid((torch.arange(side) + 0.5) / side, (torch.arange(side) + 0.5) / side, indexing='ij')
+    X = torch.stack([xs.flatten(), ys.flatten()], -1).to(dtype)
+    counts = (40, 0, 7, 25)
+    Y = torch.zeros(4, 40, 2, dtype=dtype); mask = torch.zeros(4, 40, dtype=torch.bool)
+    for k, c in enumerate(counts):
+        Y[k, :c] = torch.rand(c, 2, generator=g, dtype=dtype); mask[k, :c] = True
+    C = torch.exp(torch.cdist(X[None].expand(4, -1, -1), Y) / 0.6) - 1
+    a = (torch.rand(4, side * side, generator=g, dtype=dtype) * 0.1)
+    a[2, :100] = 0.                                                # pixels without mass
+    return a, mask.to(dtype), C, mask, X, Y, counts
+
+
+def _plain_sinkhorn(a, b, C, eps, tau, iters):
+    "Textbook unbalanced Sinkhorn in float64 (product reference: kernel a_i b_j e^{-C/eps}), potentials f = eps log u."
+    a, b, C = a.double(), b.double(), C.double()
+    K = torch.exp(-C / eps) * a[:, None] * b[None, :]
+    u, v, lam = torch.ones_like(a), torch.ones_like(b), tau / (tau + eps)
+    for _ in range(iters):
+        u = torch.where(a > 0, (a / (K @ v)).clamp_min(1e-300) ** lam, 1.)       # rows without mass: P = 0 anyway
+        v = (b / (K.T @ u)).clamp_min(1e-300) ** lam
+    return eps * u.log(), eps * v.log()
+
+
+def test_converged_mode_equals_plain_float64_solver():
+    "The over-relaxed converged solve (float32, padded batch, an image without points) gives the plans of textbook Sinkhorn in float64."
+    from uotcrowd.sinkhorn import uot_potentials, uot_plan
+    a, b, C, mask, _, _, counts = _padded_problem()
+    eps, tau = 0.05, 0.5
+    pot = uot_potentials(a, b, C, eps, tau, mask_b=mask, mode='converged', tol=1e-5)
+    assert (pot.marginal_error < 1e-5).all() and pot.iterations < 200
+    P = uot_plan(a, b, C, eps, tau, mask_b=mask, potentials=pot, grad='none')
+    for k, c in enumerate(counts):
+        if c == 0:
+            assert P[k].abs().sum() == 0; continue
+        f, g = _plain_sinkhorn(a[k], torch.ones(c), C[k, :, :c], eps, tau, 20000)
+        P64 = a[k].double()[:, None] * torch.exp((f[:, None] + g[None, :] - C[k, :, :c].double()) / eps)
+        assert torch.allclose(P[k, :, :c].double(), P64, rtol=0, atol=1e-4 * P64.max().item())
+        assert P[k, :, c:].abs().sum() == 0
+
+
+def test_adaptive_over_relaxation_needs_fewer_pairs():
+    "From the official start, adaptive over-relaxation reaches 1e-3 in well under half the plain pairs, to the same plan."
+    from uotcrowd.sinkhorn import uot_potentials, uot_plan
+    a, b, C, mask, _, _, _ = _padded_problem()
+    kw = dict(eps=0.01, tau_a=0.5, mask_b=mask, mode='converged', tol=1e-4)
+    plain, fast = uot_potentials(a, b, C, omega=1., **kw), uot_potentials(a, b, C, **kw)
+    assert (plain.marginal_error < 1e-4).all() and (fast.marginal_error < 1e-4).all()
+    assert fast.iterations - 12 < (plain.iterations - 12) / 2, (fast.iterations, plain.iterations)
+    P1, P2 = (uot_plan(a, b, C, 0.01, 0.5, mask_b=mask, potentials=p, grad='none') for p in (plain, fast))
+    assert torch.allclose(P1, P2, rtol=0, atol=1e-3 * P1.max().item())
+
+
+def test_whole_tensor_path_equals_row_blocks():
+    "`block=None` (the path of GPUs, one tensor for the batch) and CPU row blocks give the same potentials and statistics."
+    from uotcrowd.sinkhorn import uot_potentials, plan_stats
+    a, b, C, mask, _, _, _ = _padded_problem()
+    for mode in ('official', 'converged'):
+        p1 = uot_potentials(a, b, C, 0.01, 0.5, mask_b=mask, mode=mode)
+        p2 = uot_potentials(a, b, C, 0.01, 0.5, mask_b=mask, mode=mode, block=None)
+        assert p1.iterations == p2.iterations
+        real = mask.bool()
+        assert torch.allclose(p1.f[[0, 2, 3]], p2.f[[0, 2, 3]], rtol=0, atol=1e-5) and torch.allclose(p1.g[real], p2.g[real], rtol=0, atol=1e-5)
+    s1, s2 = (plan_stats(a, b, C, p1, 0.5, mask_b=mask, block=bk) for bk in (256, None))
+    for name in ('rows', 'cost', 'xlogx', 'cols'):
+        x, y = getattr(s1, name), getattr(s2, name)
+        assert torch.allclose(x, y, rtol=0, atol=1e-5 * y.abs().max().item()), name
+
+
+def test_plan_stats_match_the_plan_written_out():
+    "The reductions of `plan_stats` (official gradient, product reference) equal those of $P=a_ib_je^{(f_i+g_j-C_{ij})/\\varepsilon}$ in float64, value and gradient."
+    from uotcrowd.sinkhorn import uot_potentials, plan_stats
+    a, b, C, mask, _, _, _ = _padded_problem()
+    pot = uot_potentials(a, b, C, 0.01, 0.5, mask_b=mask)
+    a1, a2 = a.double().requires_grad_(), a.clone().requires_grad_()
+    logE = (pot.f.double()[:, :, None] + pot.g.double()[:, None, :] - C.double()) / 0.01
+    E = torch.where(mask.bool()[:, None, :], logE, -math.inf).exp()           # b = 1 on heads, 0 on padding
+    st = plan_stats(a2, b, C, pot, 0.5, mask_b=mask, grad='official')
+    cm = C.double() * mask[:, None, :]
+    for x, y in ((st.rows, E.sum(2)), (st.cost, (cm * E).sum(2)), (st.xlogx, torch.xlogy(E, E).sum(2)),
+                 (st.cols, torch.bmm(a1[:, None], E)[:, 0])):
+        assert torch.allclose(x.double(), y.detach(), rtol=0, atol=2e-5 * y.abs().max().item())
+    w = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    (torch.bmm(a1.clamp_min(0)[:, None], E)[:, 0] * w).sum().backward(); (st.cols * w).sum().backward()  # masses clamped at 0
+    assert torch.allclose(a2.grad.double(), a1.grad, rtol=0, atol=2e-5 * a1.grad.abs().max().item())
+
+
+def test_official_batch_matches_geomloss_per_image():
+    "A padded batch (different head counts, an image without heads) in official mode gives geomloss's potentials image by image."
+    pytest.importorskip('geomloss')
+    from geomloss import SamplesLoss
+    from uotcrowd.sinkhorn import uot_potentials, max_diameter
+    a, b, C, mask, X, Y, counts = _padded_problem()
+    cost = lambda x, y: torch.exp(torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist') / 0.6) - 1
+    crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=cost, reach=0.5, p=1, potentials=True)
+    diam = max_diameter(X[None].expand(4, -1, -1), Y, mask_y=mask.bool())
+    pot = uot_potentials(a, b, C, 0.01, 0.5, mask_b=mask.bool(), diameter=diam)
+    for k, c in enumerate(counts):
+        if c == 0: continue
+        Fg, Gg = crit(a[k:k + 1], X[None], torch.ones(1, c), Y[k:k + 1, :c])
+        assert torch.allclose(pot.f[k], Fg[0], rtol=0, atol=1e-4 * Fg.abs().max().item()), k
+        assert torch.allclose(pot.g[k, :c], Gg[0], rtol=0, atol=1e-4 * Gg.abs().max().item()), k
+
+
+def test_loss_keeps_no_plan_for_backward():
+    "The generalized loss saves only vectors for its backward: no `(B, n, m)` plan (the cost is the only such tensor it keeps)."
+    from uotcrowd.losses import GeneralizedLoss
+    density, points = _loss_problem('cpu')
+    biggest = [0]
+    def pack(t): biggest[0] = max(biggest[0], t.numel()); return t
+    d = density.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = GeneralizedLoss(scale=128.)(d, points)
+    loss.backward()
+    B, _, h, w = density.shape
+    assert 0 < biggest[0] <= B * h * w, biggest[0]                  # vectors of pixels at most; the plan has 9x more
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_solver_matches_cpu():
+    "On CUDA (one tensor per batch): official and converged potentials, and the plan statistics with their gradient, equal the CPU's."
+    from uotcrowd.sinkhorn import uot_potentials, plan_stats
+    a, b, C, mask, _, _, _ = _padded_problem()
+    real = mask.bool()
+    for mode in ('official', 'converged'):
+        pc = uot_potentials(a, b, C, 0.01, 0.5, mask_b=real, mode=mode)
+        pg = uot_potentials(a.cuda(), b.cuda(), C.cuda(), 0.01, 0.5, mask_b=real.cuda(), mode=mode)
+        assert torch.allclose(pg.f.cpu()[[0, 2, 3]], pc.f[[0, 2, 3]], rtol=0, atol=1e-4 * pc.f.abs().max().item()), mode
+        assert torch.allclose(pg.g.cpu()[real], pc.g[real], rtol=0, atol=1e-4 * pc.g[real].abs().max().item()), mode
+        if mode == 'converged': assert (pg.marginal_error < 1e-3).all()
+    a1, a2 = a.clone().requires_grad_(), a.cuda().requires_grad_()
+    s1, s2 = plan_stats(a1, b, C, pc, 0.5, mask_b=real), plan_stats(a2, b.cuda(), C.cuda(), pg, 0.5, mask_b=real.cuda())
+    w = torch.randn(4, 40)
+    (s1.cols * w).sum().backward(); (s2.cols * w.cuda()).sum().backward()
+    assert torch.allclose(a2.grad.cpu(), a1.grad, rtol=0, atol=1e-3 * a1.grad.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_cuda_vgg19_amp_step_with_the_loss(dtype):
+    "A VGG19 training step under CUDA autocast with the generalized loss: a float32 loss, finite gradients, the weights move."
+    from uotcrowd.models import get_model
+    from uotcrowd.losses import GeneralizedLoss
+    torch.manual_seed(0)
+    model = get_model('vgg19', out_act='abs').cuda().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler('cuda', enabled=dtype == torch.float16)
+    images = torch.randn(2, 3, 128, 128, device='cuda')
+    points = [torch.rand(30, 2, device='cuda') * 128, torch.zeros(0, 2, device='cuda')]
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast('cuda', dtype=dtype):
+        density = model(images)
+        loss = GeneralizedLoss(scale=128.)(density, points)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    scaler.scale(loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    scaler.step(opt); scaler.update()
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))

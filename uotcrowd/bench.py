@@ -16,11 +16,12 @@ from .costs import coordinate_cost
 from .sinkhorn import uot_marginal_error
 
 # %% auto #0
-__all__ = ['METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'time_call', 'peak_memory',
-           'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials', 'pot_potentials', 'reference_terms',
-           'reference_loss', 'gl_diagnostics', 'train_step_times', 'bench_case', 'profile_case', 'parse_variant',
-           'torch_threads', 'step_time', 'eval_time', 'training_throughput', 'throughput_targets',
-           'throughput_markdown', 'evaluate_targets', 'results_markdown', 'run_bench']
+__all__ = ['METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'CONFIG_GOALS', 'CONFIGS',
+           'time_call', 'peak_memory', 'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials',
+           'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics', 'train_step_times', 'bench_case',
+           'profile_case', 'parse_variant', 'torch_threads', 'step_time', 'eval_time', 'training_throughput',
+           'throughput_targets', 'throughput_markdown', 'config_targets', 'evaluate_targets', 'results_markdown',
+           'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -46,10 +47,30 @@ def time_call(fn:Callable, # function of no arguments to time
     return dict(median=statistics.median(times), min=min(times), repeats=len(times), first=first)
 
 # %% ../nbs/11_bench.ipynb #ac8215e2
+def _status_bytes(field:str) -> int:
+    "A size field of `/proc/self/status` (`VmRSS`, `VmHWM`) in bytes."
+    with open('/proc/self/status') as fh:
+        for line in fh:
+            if line.startswith(field + ':'): return 1024 * int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+def _rss_peak(fn:Callable) -> float|None:
+    "Peak resident memory during `fn()` above the level before it (Linux); None where it cannot be measured."
+    import ctypes, ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        if hasattr(libc, 'malloc_trim'): libc.malloc_trim(0)        # freed heap pages go back and count again when reused
+        with open('/proc/self/clear_refs', 'w') as fh: fh.write('5')   # the high-water mark restarts at the current size
+        base = _status_bytes('VmRSS')
+    except (OSError, AttributeError): return None
+    fn()
+    return float(max(0, _status_bytes('VmHWM') - base))
+
 def peak_memory(fn:Callable, # function of no arguments
                 device:torch.device=torch.device('cpu'), # device whose allocations are measured
-               ) -> float: # peak bytes allocated by torch during `fn()`, above the level before it (NaN if unknown)
-    "Peak memory that `fn()` allocates on `device` (CUDA: allocator statistics; CPU: profiler memory events)."
+                method:str='auto', # CPU: 'rss' (Linux), 'profiler' (live tensor bytes) or 'auto' (rss where possible)
+               ) -> float: # peak bytes during `fn()` above the level before it (NaN if unknown)
+    "Peak memory `fn()` needs on `device` (CUDA: allocator statistics; CPU: resident-set high-water mark or profiler)."
     device = torch.device(device)
     if device.type == 'cuda':
         _sync(device); torch.cuda.reset_peak_memory_stats(device)
@@ -57,6 +78,10 @@ def peak_memory(fn:Callable, # function of no arguments
         fn(); _sync(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
     if device.type != 'cpu': return float('nan')
+    if method not in ('auto', 'rss', 'profiler'): raise ValueError(f"method must be 'auto', 'rss' or 'profiler', got {method!r}")
+    if method != 'profiler':
+        peak = _rss_peak(fn)
+        if peak is not None or method == 'rss': return float('nan') if peak is None else peak
     from torch.profiler import profile, ProfilerActivity
     os.environ.setdefault('KINETO_LOG_LEVEL', '6')   # silence the profiler's own log lines (unless the user set a level)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
@@ -309,7 +334,7 @@ def train_step_times(loss_fn:Callable|None, # loss `(density, points) -> scalar`
 # %% ../nbs/11_bench.ipynb #2a61aaf0
 METHODS = ('gl_official', 'gl_converged', 'loop_official', 'geomloss', 'pot')
 _NEEDS = dict(geomloss='geomloss', pot='ot')
-CASE_KEYS = ('method', 'batch_size', 'n_points', 'size', 'stride', 'skipped', 'time_s', 'time_min_s', 'repeats',
+CASE_KEYS = ('method', 'batch_size', 'n_points', 'size', 'stride', 'threads', 'skipped', 'time_s', 'time_min_s', 'repeats',
              'first_call_s', 'peak_mem_mib', 'loss', 'iterations', 'marginal_error', 'exp_entries',
              'floor_per_iteration_s', 'floor_s', 'time_over_floor')   # every row has these keys (None: not measured)
 
@@ -366,24 +391,35 @@ def bench_case(method:str, # one of `METHODS`
                repeats:int=5, budget:float=3., long_call:float=10., # see `time_call`
                memory:bool=True, # also measure peak memory (one extra call)
                seed:int=0,
+               threads:int|None=None, # torch threads for this case (None: as set)
               ) -> dict:
     "Time, peak memory, loss, iterations, marginal error and floor ratio of one method on one problem (keys `CASE_KEYS`)."
     device = torch.device(device)
     if method not in METHODS: raise ValueError(f"unknown method {method!r}; choose among {METHODS}")
     row = dict.fromkeys(CASE_KEYS)
-    row.update(method=method, batch_size=batch_size, n_points=n_points, size=size, stride=stride)
+    row.update(method=method, batch_size=batch_size, n_points=n_points, size=size, stride=stride, threads=threads)
     if method in _NEEDS and not has_module(_NEEDS[method]):
         row['skipped'] = f"{_NEEDS[method]} not installed"
         return row
+    before = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try: _measure_case(row, method, batch_size, n_points, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats,
+                       budget, long_call, memory, seed)
+    finally: torch.set_num_threads(before)
+    return row
+
+def _measure_case(row, method, batch_size, n_points, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats,
+                  budget, long_call, memory, seed):
+    "Fill `row` with the measurements of one case (see `bench_case`)."
     gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
     fn, diag = _methods(gl_kwargs, pot_iters)[method]
     density, points = make_problem(batch_size, n_points, size, stride, seed, device)
     call = _forward_backward(fn, density, points)
     t = time_call(call, device, repeats, budget, long_call)
     row.update(time_s=t['median'], time_min_s=t['min'], repeats=t['repeats'], first_call_s=t['first'])
-    # On the CPU the profiler keeps every memory event: a converged solve (hundreds of iterations over millions of
-    # entries) fills tens of GB (it killed the first full run). Its working set is the official mode's (the same
-    # buffers every iteration, see 03_sinkhorn), so it is not measured there.
+    # No target concerns the converged mode's memory on the CPU: its working set is the official mode's (the same
+    # buffers every pass, see 03_sinkhorn), and the profiler fallback of `peak_memory` would keep one event per
+    # allocation of hundreds of passes. It is measured on CUDA.
     skip_mem = device.type == 'cpu' and method == 'gl_converged'
     row['peak_mem_mib'] = peak_memory(call, device) / 2**20 if memory and not skip_mem else float('nan')
     row.update(diag(density, points))
@@ -391,7 +427,6 @@ def bench_case(method:str, # one of `METHODS`
         row['floor_per_iteration_s'] = 2 * batch_size * size * size * n_points / exp_rate
         row['floor_s'] = row['exp_entries'] / exp_rate
         row['time_over_floor'] = row['time_s'] / row['floor_s'] if row['floor_s'] > 0 else float('nan')
-    return row
 
 # %% ../nbs/11_bench.ipynb #5930a2bd
 def profile_case(method:str='gl_official', batch_size:int=8, n_points:int=500, size:int=64, stride:int=8,
@@ -567,11 +602,33 @@ def _target(name, value, op, bound, note='', method=None):
     ok = None if value is None or not math.isfinite(value) else (value >= bound if op == '>=' else value <= bound)
     return dict(name=name, value=value, op=op, target=bound, met=ok, note=note, method=method)
 
+def _same_config(row:dict, cfg:dict) -> bool:
+    "Whether a case row belongs to a configuration (B, points and, where the configuration names them, map and threads)."
+    return all(row.get(k) == cfg[k] for k in ('batch_size', 'n_points', 'size', 'threads') if k in cfg)
+
+CONFIG_GOALS = (('official speed-up over the geomloss loop', '>=', 5.), ('loss difference official vs geomloss', '<=', 1e-4),
+                ('converged time / geomloss loop', '<=', 1.), ('converged marginal error', '<=', 1e-3),
+                ('peak memory official / geomloss loop', '<=', 1.))
+
+def config_targets(results:dict) -> list[dict]:
+    "For each configuration of the run, the values of `CONFIG_GOALS` (None where a number is missing) and whether each is met."
+    out = []
+    for cfg in results['config']['configs']:
+        rows = {r['method']: r for r in results['cases'] if _same_config(r, cfg) and not r.get('skipped')}
+        get = lambda m, k: None if rows.get(m, {}).get(k) is None else float(rows[m][k])
+        ratio = lambda x, y: x / y if x is not None and y is not None and y > 0 else None
+        off, geo = get('gl_official', 'loss'), get('geomloss', 'loss')
+        values = [ratio(get('geomloss', 'time_s'), get('gl_official', 'time_s')),
+                  None if off is None or geo is None else abs(off - geo) / abs(geo),
+                  ratio(get('gl_converged', 'time_s'), get('geomloss', 'time_s')), get('gl_converged', 'marginal_error'),
+                  ratio(get('gl_official', 'peak_mem_mib'), get('geomloss', 'peak_mem_mib'))]
+        out.append(dict(cfg, targets=[_target(name, v, op, bound) for (name, op, bound), v in zip(CONFIG_GOALS, values)]))
+    return out
+
 def evaluate_targets(results:dict) -> list[dict]:
     "The speed, memory and accuracy targets of the benchmark, evaluated on the rows of the target case."
     tc = results['config']['target_case']
-    rows = {r['method']: r for r in results['cases']
-            if r['batch_size'] == tc['batch_size'] and r['n_points'] == tc['n_points'] and not r.get('skipped')}
+    rows = {r['method']: r for r in results['cases'] if _same_config(r, tc) and not r.get('skipped')}
     def get(m, k):
         v = rows.get(m, {}).get(k)
         return float(v) if v is not None else None
@@ -621,16 +678,20 @@ def results_markdown(results:dict) -> str:
     lines = [f"**Device** {m.get('gpu') or m.get('cpu_model') or m['processor']} ({m['device']}, {m['torch_threads']} torch threads), "
              f"torch {results['versions']['torch']}, {results['date']}. "
              f"`exp` floor: {results['exp_rate'] / 1e9:.2f} G exp/s in cache. "
-             f"Map {c['size']}×{c['size']} (crop {c['size'] * c['stride']}, stride {c['stride']}); POT {c['pot_iters']} iterations."
-             + (" Quick run." if c['quick'] else ''), '',
-             '| method | B | points | time (ms) | peak mem (MiB) | loss | iterations | marginal error | time / floor |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
-    for r in results['cases']:
-        if r.get('skipped'):
-            lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | skipped: {r['skipped']} | | | | | |"); continue
-        lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | {_fmt(r['time_s'], 'ms')} | "
-                     f"{_fmt(r['peak_mem_mib'], 'mib')} | {_fmt(r['loss'])} | {r['iterations']} | "
-                     f"{_fmt(r['marginal_error'], 'e')} | {_fmt(r.get('time_over_floor'), 'x')} |")
+             f"Stride {c['stride']}; POT {c['pot_iters']} iterations." + (" Quick run." if c['quick'] else '')]
+    groups = list(dict.fromkeys((r['size'], r.get('threads')) for r in results['cases']))
+    for size, threads in groups:     # one table per map size and thread count
+        lines += ['', f"*Map {size}×{size} (crop {size * c['stride']}), {threads or m['torch_threads']} torch thread"
+                      f"{'s' if (threads or m['torch_threads']) != 1 else ''}:*", '',
+                  '| method | B | points | time (ms) | peak mem (MiB) | loss | iterations | marginal error | time / floor |',
+                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+        for r in results['cases']:
+            if (r['size'], r.get('threads')) != (size, threads): continue
+            if r.get('skipped'):
+                lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | skipped: {r['skipped']} | | | | | |"); continue
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['n_points']} | {_fmt(r['time_s'], 'ms')} | "
+                         f"{_fmt(r['peak_mem_mib'], 'mib')} | {_fmt(r['loss'])} | {r['iterations']} | "
+                         f"{_fmt(r['marginal_error'], 'e')} | {_fmt(r.get('time_over_floor'), 'x')} |")
     tc = c['target_case']
     lines += ['', f"**Targets** at B={tc['batch_size']}, {tc['n_points']} points:", '',
               '| target | value | goal | met |', '|---|---:|---:|:---:|']
@@ -638,6 +699,17 @@ def results_markdown(results:dict) -> str:
         kind = 'e' if 'error' in t['name'] or 'difference' in t['name'] else 'x'
         met = '-' if t['met'] is None else ('yes' if t['met'] else '**no**')
         lines.append(f"| {t['name']} | {_fmt(t['value'], kind)} | {t['op']} {t['target']:g} | {met} |")
+    if results.get('config_targets'):
+        lines += ['', '**Targets per configuration** (value, and whether the goal is met):', '',
+                  '| B | points | map | threads | ' + ' | '.join(f"{n} ({op} {g:g})" for n, op, g in CONFIG_GOALS) + ' |',
+                  '|---:|---:|---:|---:|' + '---:|' * len(CONFIG_GOALS)]
+        for ct in results['config_targets']:
+            cells = []
+            for t in ct['targets']:
+                kind = 'e' if 'error' in t['name'] or 'difference' in t['name'] else 'x'
+                cells.append('-' if t['value'] is None else f"{_fmt(t['value'], kind)} {'yes' if t['met'] else '**no**'}")
+            lines.append(f"| {ct['batch_size']} | {ct['n_points']} | {ct['size']}×{ct['size']} | {ct.get('threads') or m['torch_threads']} | "
+                         + ' | '.join(cells) + ' |')
     v = results.get('vgg19')
     if v:
         lines += ['', f"**VGG19 training step** (B={v['batch_size']}, {v['crop']}×{v['crop']} crops, {v['n_points']} points, "
@@ -652,12 +724,16 @@ def results_markdown(results:dict) -> str:
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/11_bench.ipynb #bf2c8d83
+CONFIGS = ((8, 500, 64, 1), (8, 500, 64, 2), (8, 200, 32, 1), (8, 200, 32, 2), (8, 2000, 64, 1), (1, 500, 64, 1))
+# (B, points, map side, torch threads) of the full run
+
 def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
               device:str|torch.device='auto', # 'auto', 'cpu', 'cuda', ...
               quick:bool=False, # small subset (< 60 s), for tests
-              batch_sizes:Sequence[int]|None=None, # default (1, 8); quick (2,)
-              n_points:Sequence[int]|None=None, # default (50, 500, 2000); quick (50,)
-              size:int|None=None, # density map side; default 64, quick 32
+              batch_sizes:Sequence[int]|None=None, # with `n_points`, `size`: a grid instead of `CONFIGS` (default (1, 8); quick (2,))
+              n_points:Sequence[int]|None=None, # points per image of the grid (default (50, 500, 2000); quick (50,))
+              size:int|None=None, # density map side of the grid; default 64, quick 32
+              configs:Sequence[tuple]|None=None, # (B, points, map side, threads or None) per configuration; default `CONFIGS`
               stride:int=8, # input pixels per map pixel
               methods:Sequence[str]=METHODS, # which methods to run
               target_case:tuple|None=None, # (B, points) where targets are evaluated; default (8, 500) or the largest
@@ -677,34 +753,39 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
     "Run the benchmark on one device, write `bench.json` and `bench.md` into `out_dir`, return the results."
     device = get_device(device)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    batch_sizes = tuple(batch_sizes or ((2,) if quick else (1, 8)))
-    n_points = tuple(n_points or ((50,) if quick else (50, 500, 2000)))
-    size = size or (32 if quick else 64)
+    if configs is None and (quick or batch_sizes or n_points or size):
+        configs = [(B, m, size or (32 if quick else 64), None) for B in (batch_sizes or ((2,) if quick else (1, 8)))
+                   for m in (n_points or ((50,) if quick else (50, 500, 2000)))]
+    configs = [dict(batch_size=B, n_points=m, size=sz, threads=th) for B, m, sz, th in (configs or CONFIGS)]
+    pairs = [(c['batch_size'], c['n_points']) for c in configs]
+    if target_case is None: target_case = (8, 500) if (8, 500) in pairs else max(pairs)
+    target = next((c for c in configs if (c['batch_size'], c['n_points']) == tuple(target_case)),
+                  dict(batch_size=target_case[0], n_points=target_case[1]))
+    size = target.get('size', configs[0]['size'])
     repeats = repeats or (2 if quick else 5)
     budget = budget if budget is not None else (0.3 if quick else 3.)
     vgg_crop = vgg_crop or (128 if quick else size * stride)
-    if target_case is None:
-        target_case = (8, 500) if (8 in batch_sizes and 500 in n_points) else (max(batch_sizes), max(n_points))
     bad = [m for m in methods if m not in METHODS]
     if bad: raise ValueError(f"unknown methods {bad}; choose among {METHODS}")
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     t_start = time.perf_counter()
     exp_rate = exp_throughput(device)
     log(f"bench on {device}: exp floor {exp_rate / 1e9:.2f} G exp/s")
-    config = dict(quick=quick, batch_sizes=list(batch_sizes), n_points=list(n_points), size=size, stride=stride,
+    config = dict(quick=quick, batch_sizes=sorted({c['batch_size'] for c in configs}),
+                  n_points=sorted({c['n_points'] for c in configs}), size=size, stride=stride, configs=configs,
                   methods=list(methods), pot_iters=pot_iters, repeats=repeats, budget=budget, seed=seed,
-                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop,
-                  target_case=dict(batch_size=target_case[0], n_points=target_case[1]))
+                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop, target_case=target)
     cases = []
-    for B in batch_sizes:
-        for m in n_points:
-            for meth in methods:
-                r = bench_case(meth, B, m, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats, budget,
-                               memory=memory, seed=seed)
-                cases.append(r)
-                if r['skipped']: log(f"  {meth:14s} B={B} m={m}: skipped ({r['skipped']})")
-                else: log(f"  {meth:14s} B={B} m={m}: {1e3 * r['time_s']:9.1f} ms, {r['peak_mem_mib']:8.1f} MiB, "
-                          f"loss {r['loss']:.6g}, {r['iterations']} it, err {r['marginal_error']:.1e}")
+    for cfg in configs:
+        B, m, sz, th = cfg['batch_size'], cfg['n_points'], cfg['size'], cfg['threads']
+        for meth in methods:
+            r = bench_case(meth, B, m, sz, stride, device, exp_rate, gl_kwargs, pot_iters, repeats, budget,
+                           memory=memory, seed=seed, threads=th)
+            cases.append(r)
+            where = f"B={B} m={m} {sz}x{sz}" + (f" {th} thr" if th else '')
+            if r['skipped']: log(f"  {meth:14s} {where}: skipped ({r['skipped']})")
+            else: log(f"  {meth:14s} {where}: {1e3 * r['time_s']:9.1f} ms, {r['peak_mem_mib']:8.1f} MiB, "
+                      f"loss {r['loss']:.6g}, {r['iterations']} it, err {r['marginal_error']:.1e}")
     results = dict(date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), machine=_machine(device),
                    versions=_versions(), exp_rate=exp_rate, config=config, cases=cases)
     if vgg:
@@ -721,14 +802,18 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         log("training throughput (step and evaluation time per precision):")
         results['throughput'] = training_throughput(device=device, seed=seed, log=log, **kw)
     results['targets'] = evaluate_targets(results)
+    results['config_targets'] = config_targets(results)
     if profile is None: profile = not quick
     missed = {t['method'] for t in results['targets'] if t['met'] is False and t.get('method')}
     if profile and missed:
         results['profiles'] = {}
         for meth in sorted(missed & set(methods)):
             log(f"  profiling {meth} (a speed target is missed)")
-            results['profiles'][meth] = profile_case(meth, target_case[0], target_case[1], size, stride, device,
-                                                     row_limit=12, gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
+            before = torch.get_num_threads()
+            if target.get('threads'): torch.set_num_threads(target['threads'])
+            try: results['profiles'][meth] = profile_case(meth, target_case[0], target_case[1], size, stride, device,
+                                                          row_limit=12, gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
+            finally: torch.set_num_threads(before)
     results['total_time_s'] = time.perf_counter() - t_start
     (out_dir / f'{stem}.json').write_text(json.dumps(_finite(results), indent=1, allow_nan=False))
     (out_dir / f'{stem}.md').write_text(results_markdown(results))

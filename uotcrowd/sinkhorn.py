@@ -97,7 +97,7 @@ def softmin(eps, # temperature: float or `(B,)` tensor
     return out
 
 # %% ../nbs/03_sinkhorn.ipynb #dd327207
-BLOCK = 2 ** 18  # cost entries per row block on the CPU
+BLOCK = 2 ** 19  # cost entries per row block on the CPU
 
 def _damping(eps, tau):
     "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$ (geomloss's `dampening`); 1 when `tau` is None/inf."
@@ -113,6 +113,7 @@ class _Problem:
     cols: list  # per image, the leading columns a pass visits
     real: list  # per image, the number of real columns
     block: int|None  # cost entries per row block; None: the whole tensor at once
+    CT: torch.Tensor|None = None  # transposed cost with padding zeroed, made by `update_g` on first use
 
 def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, block=BLOCK):
     dt = work_dtype(a, b, C)
@@ -152,7 +153,8 @@ def update_f(pb:_Problem, g:torch.Tensor, eps) -> torch.Tensor:
 def update_g(pb:_Problem, f:torch.Tensor, eps) -> torch.Tensor:
     "Half-step of Eq. 6 for $g$ (points) with $f$ fixed."
     e = _col(eps)
-    return _damping(e, pb.tau_b) * (e * pb.lb + softmin(eps, _masked_cost(pb).transpose(1, 2).contiguous(), pb.lmu + f / e))
+    if pb.CT is None: pb.CT = _masked_cost(pb).transpose(1, 2).contiguous()    # once per problem
+    return _damping(e, pb.tau_b) * (e * pb.lb + softmin(eps, pb.CT, pb.lmu + f / e))
 
 # %% ../nbs/03_sinkhorn.ipynb #8f2cda56
 LOG2E, LN2 = 1 / math.log(2), math.log(2)
