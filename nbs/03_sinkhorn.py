@@ -192,7 +192,6 @@ e3 = torch.tensor([0.01, 0.1, 1.])
 test_close(softmin(e3, C, h), -(e3[:, None] * torch.logsumexp(h[:, None] - C / e3[:, None, None], -1)), eps=1e-5)
 test_eq(softmin(0.1, torch.zeros(2, 4, 0), torch.zeros(2, 0)).shape, (2, 4))
 
-
 # %% [markdown]
 # ## Problem setup and the half-steps
 #
@@ -265,6 +264,7 @@ def update_g(pb:_Problem, f:torch.Tensor, eps) -> torch.Tensor:
     e = _col(eps)
     if pb.CT is None: pb.CT = _masked_cost(pb).transpose(1, 2).contiguous()    # once per problem
     return _damping(e, pb.tau_b) * (e * pb.lb + softmin(eps, pb.CT, pb.lmu + f / e))
+
 
 # %% [markdown]
 # ## One exponential per cost entry
@@ -360,6 +360,7 @@ def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[tor
         row[b], col[b] = _exact_softmins(pb, b, f, g, e)
     return row, col
 
+
 # %% [markdown]
 # Against the half-steps written with `softmin`, on a padded batch with an image without points, on the row blocks
 # of the CPU (also tiny ones), on the whole tensor (the path of other devices) and with a layout whose padding is not
@@ -386,6 +387,7 @@ for mask, Cm, gm, block in [(mb_, C_, g_, BLOCK), (mb_, C_, g_, 64), (mb_, Cf_, 
         et = _temps(ee, 3, A_)
         test_close(_damping(et[:, None], 0.5) * row, update_f(pb_, g0, et), eps=1e-5)
         test_close(_damping(et[:, None], 0.3) * col, update_g(pb_, f0, et), eps=1e-5)
+
 
 # %% [markdown]
 # ## Marginal error
@@ -432,6 +434,7 @@ def uot_marginal_error(a:torch.Tensor, # `(B, n)` source masses
     with torch.no_grad(), no_autocast(C.device):
         pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
         return marginal_error(pb, f.detach().to(pb.C.dtype), g.detach().to(pb.C.dtype), eps)
+
 
 # %% [markdown]
 # ## The loops
@@ -555,6 +558,7 @@ def converged_loop(pb:_Problem, schedules:list[list[float]], eps:float, tol:floa
         if omega is None and k >= 2 * window and k % window == 0: om = adapt_omega(om, hist[-1 - window], err, window)
     return f, g, its, None
 
+
 # %% [markdown]
 # The fast official loop against the same loop written with the `softmin` half-steps (the implementation before the
 # one-pass soft-mins), and the over-relaxed pair against its `softmin` fallback, on a batch with padding and an image
@@ -600,6 +604,7 @@ test_close(pa[0][[0, 2]], pp[0][[0, 2]], eps=1e-4); test_close(pa[1][mk16], pp[1
 test_close(adapt_omega(torch.tensor([1.7, 1.7, 1.5]), torch.ones(3), torch.tensor([1.2, .7 ** 5, .5 ** 5]), 5),
            torch.tensor([1.35, 1.7, 1.5]), eps=1e-6)   # halved where stalled; kept where the rate is omega - 1
 test_close(adapt_omega(torch.tensor([1.5]), torch.ones(1), torch.tensor([.9 ** 5]), 5), torch.tensor([2 / (1 + (1 - 1.4 ** 2 / (.9 * 2.25)) ** .5)]), eps=1e-5)  # raised to Young's optimum
+
 
 # %% [markdown]
 # ## `uot_potentials`
@@ -793,6 +798,7 @@ err_ = uot_marginal_error(a_, b_, C_, pot_.f, pot_.g, 0.1, 0.5)    # any solver'
 test_close(err_, pot_.marginal_error, eps=1e-15); assert (err_ < 1e-11).all(), err_
 test_close(generalized_kl(torch.tensor([0., 1., 2.]), torch.ones(3)).sum(), 2 * math.log(2), eps=1e-6)
 
+
 # %% [markdown]
 # ### Plain iterations
 #
@@ -823,6 +829,7 @@ def plain_sinkhorn(a:torch.Tensor, # `(B, n)` source masses
         for _ in range(n_iter): f = update_f(pb, g, eps); g = update_g(pb, f, eps)
     return Potentials(f, g, eps, reference, n_iter)
 
+
 # %%
 K_ = torch.exp(-C_[0] / 0.2); u_ = torch.full((3,), 1 / 3, dtype=torch.float64)   # balanced, kernels, from u = 1/m
 for _ in range(7): v_ = a_[0] / (K_ @ u_); u_ = b_[0] / 3 / (K_.T @ v_)
@@ -830,6 +837,7 @@ pp_ = plain_sinkhorn(a_[0], b_[0] / 3, C_[0], 0.2, 7, g=0.2 * torch.log(torch.fu
 test_close(pp_.f[0], 0.2 * v_.log(), eps=1e-12); test_close(pp_.g[0], 0.2 * u_.log(), eps=1e-12); test_eq(pp_.iterations, 7)
 pu_ = plain_sinkhorn(a_, b_, C_, 0.1, 3000, tau_a=0.5, reference='product')        # unbalanced: the same fixed point
 test_close(pu_.f, pot_.f, eps=1e-9); test_close(pu_.g, pot_.g, eps=1e-9)
+
 
 # %% [markdown]
 # ## The plan's statistics without the plan
@@ -937,6 +945,7 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
         if grad == 'none': rr = rr.detach()
         cols = _PlanColumns.apply(rr, cols, pb, f, g, e, logc, exact)
     return PlanStats(rr, rows, cost, xlogx, cols)
+
 
 # %% [markdown]
 # Against the reductions of the stored plan of `plan_factors`, value and gradient, for both references and the three

@@ -258,7 +258,6 @@ assert ((density.sum((1, 2, 3)) / 40 - 1).abs() <= 0.1 + 1e-5).all()
 d2, p2 = make_problem(3, 40, size=16, seed=1)
 test_eq(d2, density); test_eq(p2[2], points[2])
 
-
 # %% [markdown]
 # ## Costs on coordinates, and the marginal error
 #
@@ -780,7 +779,6 @@ def profile_case(method:str='gl_official', batch_size:int=8, n_points:int=500, s
 # %%
 assert 'exp' in profile_case('gl_official', 2, 10, size=8, device='cpu', row_limit=30)
 
-
 # %% [markdown]
 # ## Training throughput
 #
@@ -1143,7 +1141,6 @@ def results_markdown(results:dict) -> str:
 
 # %%
 test_eq(_finite({'a': [float('nan'), torch.tensor(2.)], 'b': float('inf')}), {'a': [None, 2.0], 'b': None})
-
 
 # %%
 #| export

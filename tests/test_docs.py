@@ -94,3 +94,19 @@ def test_home_page_screenshot(preview, tmp_path):
     assert img.size == (1280, 1400)
     lo, hi = img.getextrema()
     assert hi - lo > 100, 'the screenshot is blank'
+
+
+def test_home_page_numbers_come_from_stored_results(monkeypatch):
+    "Each number-bearing output of the home page is what its cell makes now from the stored results files."
+    cells = [c for c in nbformat.read(NBS / 'index.ipynb', as_version=4).cells
+             if c.cell_type == 'code' and c.source.startswith('#| echo: false')]
+    assert len(cells) >= 2
+    monkeypatch.chdir(NBS)  # the cells read paths relative to nbs/, as when the notebook runs
+    ns = {}
+    for c in cells:
+        stored = [o['data']['text/markdown'] for o in c.get('outputs', []) if 'text/markdown' in o.get('data', {})]
+        assert len(stored) == 1, 'nbs/index.ipynb has no stored output for a results cell: execute it'
+        body, last = c.source.rstrip().rsplit('\n', 1)
+        exec(compile(body, 'index.ipynb', 'exec'), ns)
+        assert eval(last, ns).data == stored[0], f'stale home-page output of `{last}`: execute nbs/index.ipynb'
+    assert any(ch.isdigit() for ch in stored[0])

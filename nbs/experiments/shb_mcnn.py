@@ -113,6 +113,7 @@ print(f"predict {mean_count:.1f} everywhere: MAE {floor['mae']:.2f}  RMSE {floor
 
 # %%
 res = pd.read_csv(RESULTS / 'shb_mcnn.csv')
+res = res[(res.protocol == 'e20') & (res.precision == 'fp32')].reset_index(drop=True)  # this study; the rest: shb_mcnn_convergence
 res['name'] = res.loss.map(NAMES)
 for r in res.itertuples():  # each row is what `uotcrowd eval` wrote for that checkpoint
     m = json.loads((ROOT / Path(r.checkpoint).parent / 'eval-test' / 'metrics.json').read_text())
