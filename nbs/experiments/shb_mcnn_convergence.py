@@ -15,7 +15,13 @@
 #    within the seed-to-seed spread of the float32 runs.
 # 2. **The learning rate**, one schedule for all losses, from the validation curves of GL seed 0.
 #
-# Every run is `nbs/experiments/run_shb_mcnn.sh` (`PROTOCOL=plateau`, resumable; the runs here are its pilots).
+# Every run is `nbs/experiments/run_shb_mcnn.sh` (`PROTOCOL=plateau`, resumable from the committed `last.pt`; the
+# runs here are its pilots), run from a frozen clone of the repository, one torch thread each:
+#
+# ```sh
+# PROTOCOL=plateau PRECISION=bf16 LOSSES=gl bash nbs/experiments/run_shb_mcnn.sh 0                     # lr 1e-3
+# PROTOCOL=plateau PRECISION=bf16 LR=1e-4 TAG=_lr1e-4 LOSSES=gl bash nbs/experiments/run_shb_mcnn.sh 0  # lr 1e-4
+# ```
 
 # %%
 import csv
