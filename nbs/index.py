@@ -123,7 +123,8 @@ Markdown(shb_table())
 
 # %% [markdown]
 # Twenty epochs do not separate the losses: their order changes with the seed, and every model is far from MCNN's
-# own published 26.4. The study to convergence, three seeds per loss, is under way in the same notebook. The
+# own published 26.4. Training to convergence, three seeds per loss, has begun with a precision check and learning-rate
+# pilots ([the runs to convergence](experiments/shb_mcnn_convergence.ipynb)). The
 # [counting page](count_your_photos.ipynb) runs the committed model (`shb-mcnn-gl`, its card records how it was
 # trained and tested) on a test photo, from Python, from the shell and from a local web page:
 #
