@@ -132,15 +132,17 @@ test_fail(lambda: load_image('/nonexistent/IMG_0.jpg'), contains='IMG_0.jpg')
 #| export
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
-def list_images(inputs:Sequence[str|Path] # image files or folders
+def list_images(inputs:Sequence[str|Path], # image files or folders
+                exts:Sequence[str]=IMAGE_EXTS, # file endings a folder is searched for
+                kind:str='image' # what the files are, for the messages
                ) -> list[Path]:
     "Image files named by `inputs` (folders are searched, non-recursively, for common image extensions)."
     files = []
     for item in map(Path, inputs):
-        if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in exts)
         elif item.is_file(): files.append(item)
-        else: raise FileNotFoundError(f"{item} is neither an image file nor a folder")
-    if not files: raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {', '.join(map(str, inputs))}")
+        else: raise FileNotFoundError(f"{item} is neither an {kind} file nor a folder")
+    if not files: raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) in {', '.join(map(str, inputs))}")
     return files
 
 def read_image(path:str|Path # image file

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
 from uotcrowd.core import get_device
-from uotcrowd.data import load_image, normalize, IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.data import load_image, normalize, list_images, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.train import (models_dir, model_names, resolve_checkpoint, MODELS_ENV, load_model, load_checkpoint,
-                            save_checkpoint, checkpoint_precision, checkpoint_loc_threshold,
+                            save_checkpoint, write_csv, checkpoint_precision, checkpoint_loc_threshold,
                             resolve_precision, autocast, memory_format)
 from uotcrowd.localize import localize
 
@@ -819,9 +819,7 @@ def predict_video(video:str, # video file (whatever FFmpeg reads: mp4, mov, avi,
         flush()
     finally:
         if writer is not None: writer.close()
-    csv_path = out / f'{video.stem}_counts.csv'
-    with open(csv_path, 'w', newline='') as f:
-        w = csv.DictWriter(f, ['frame', 'time_s', 'count', 'n_points']); w.writeheader(); w.writerows(rows)
+    csv_path = write_csv(rows, out / f'{video.stem}_counts.csv', ['frame', 'time_s', 'count', 'n_points'])
     plot_path = out / f'{video.stem}_counts.png'
     plot_counts(rows, plot_path, title=f'{video.name}: count per frame ({counter.name})')
     res = {'rows': rows, 'csv': csv_path, 'plot': plot_path, 'video': writer.path if writer else None}
@@ -899,17 +897,6 @@ else:
 
 # %%
 #| export
-def _inputs(inputs:Sequence[str|Path]) -> list[Path]:
-    "Files named by `inputs`: folders give their images and videos (not recursively)."
-    from uotcrowd.data import IMAGE_EXTS
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS)
-        elif item.is_file(): files.append(item)
-        else: raise FileNotFoundError(f"{item} is neither an image or video file nor a folder")
-    if not files: raise FileNotFoundError(f"no images or videos in {', '.join(map(str, inputs))}")
-    return files
-
 def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
             inputs:Sequence[str], # image or video files, or folders of them
             out:str, # output folder
@@ -929,7 +916,7 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
     from uotcrowd.metrics import write_nwpu_predictions
     counter = checkpoint if isinstance(checkpoint, Counter) else Counter(checkpoint, device=device, precision=precision,
                                                                        loc_threshold=loc_threshold, tile=tile)
-    files = _inputs(inputs)
+    files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: their images and videos
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     images, videos = [f for f in files if not is_video(f)], [f for f in files if is_video(f)]
     stems = [f.stem for f in images]
@@ -951,9 +938,7 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
         if not quiet: print(f"{f}: count {r.count:.1f}, {len(r.points)} points" + (f" ({r.tiles} tiles)" if r.tiles > 1 else ''), flush=True)
     written = []
     if images:
-        with open(out / 'predictions.csv', 'w', newline='') as fh:
-            w = csv.DictWriter(fh, ['name', 'path', 'count', 'n_points', 'tiles', 'error'], extrasaction='ignore')
-            w.writeheader(); w.writerows(results)
+        write_csv(results, out / 'predictions.csv', ['name', 'path', 'count', 'n_points', 'tiles', 'error'])
         good = [r for r in results if r['count'] is not None]
         (out / 'points.json').write_text(json.dumps({r['name']: {'count': r['count'], 'points': r['points']} for r in good}))
         written += [out / 'predictions.csv', out / 'points.json']

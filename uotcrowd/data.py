@@ -78,15 +78,17 @@ def denormalize(image:torch.Tensor # normalized `(3, H, W)` or `(B, 3, H, W)` te
 # %% ../nbs/05a_data.ipynb #34c998f1
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
-def list_images(inputs:Sequence[str|Path] # image files or folders
+def list_images(inputs:Sequence[str|Path], # image files or folders
+                exts:Sequence[str]=IMAGE_EXTS, # file endings a folder is searched for
+                kind:str='image' # what the files are, for the messages
                ) -> list[Path]:
     "Image files named by `inputs` (folders are searched, non-recursively, for common image extensions)."
     files = []
     for item in map(Path, inputs):
-        if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in exts)
         elif item.is_file(): files.append(item)
-        else: raise FileNotFoundError(f"{item} is neither an image file nor a folder")
-    if not files: raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {', '.join(map(str, inputs))}")
+        else: raise FileNotFoundError(f"{item} is neither an {kind} file nor a folder")
+    if not files: raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) in {', '.join(map(str, inputs))}")
     return files
 
 def read_image(path:str|Path # image file

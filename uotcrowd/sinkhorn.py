@@ -419,6 +419,14 @@ def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
     return Potentials(f, g, eps, reference, its, err if compute_error else None)
 
 # %% ../nbs/03_sinkhorn.ipynb #57104909
+def _plan_problem(a, b, C, pot:Potentials, tau_a, mask_a, mask_b, grad:str, block=BLOCK):
+    "Check `grad`; `a` in the working precision and the problem (`_setup`) a plan is rebuilt from."
+    if grad not in ('paper', 'official', 'none'):
+        raise ValueError(f"grad must be 'paper', 'official' or 'none', got {grad!r}")
+    a = a.to(work_dtype(a, b, C))
+    with torch.no_grad(), no_autocast(C.device):
+        return a, _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, pot.reference, block)
+
 def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
                  b:torch.Tensor, # `(B, m)`
                  C:torch.Tensor, # `(B, n, m)`
@@ -428,14 +436,10 @@ def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
                  grad:str='paper' # 'paper' (v* fixed, u*(a)), 'official' (density factor only) or 'none'
                 ) -> tuple[torch.Tensor, torch.Tensor]: # row factor `r` `(B, n)` and constant `E` `(B, n, m)`
     "Factor the plan as `P = r[..., None] * E` where only `r` depends (differentiably) on `a`."
-    if grad not in ('paper', 'official', 'none'):
-        raise ValueError(f"grad must be 'paper', 'official' or 'none', got {grad!r}")
-    eps, ref = pot.eps, pot.reference
-    dt = work_dtype(a, b, C)
-    a = a.to(dt)
+    a, pb = _plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad)
+    eps, ref, dt = pot.eps, pot.reference, pb.C.dtype
     B, n, m = C.shape
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, ref)
         Cm = _masked_cost(pb)
         f, g = pot.f.to(dt), pot.g.to(dt)
         if grad == 'paper':
@@ -569,14 +573,10 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
                block:int|None=BLOCK, # CPU: cost entries per row block; None: the whole tensor at once
               ) -> PlanStats:
     "$r$, $E\\mathbf1$, $(C\\odot E)\\mathbf1$, $(E\\log E)\\mathbf1$ and $r^\\top E$ of the plan `plan_factors` would build, in one pass."
-    if grad not in ('paper', 'official', 'none'):
-        raise ValueError(f"grad must be 'paper', 'official' or 'none', got {grad!r}")
-    eps, ref = pot.eps, pot.reference
-    dt = work_dtype(a, b, C)
-    a = a.to(dt)
+    a, pb = _plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad, block)
+    eps, ref, dt = pot.eps, pot.reference, pb.C.dtype
     B, n, m = C.shape
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, ref, block)
         f, g, e = pot.f.to(dt), pot.g.to(dt), _temps(eps, B, pb.C)
         ap = a.detach().clamp_min(0) if mask_a is None else a.detach().clamp_min(0) * mask_a
         r = (ap + 1e-30) ** _damping(eps, tau_a) if grad == 'paper' and ref == 'uniform' else ap
