@@ -621,7 +621,7 @@ as_jpeg(render_result(shb_image, r_whole, max_side=640, label=True))
 # %%
 #| export
 _MEMORY_SCRIPT = textwrap.dedent('''
-    import json, resource, sys, time, warnings
+    import json, sys, time, warnings
     import numpy as np, torch
     a = json.loads(sys.argv[1])
     torch.set_num_threads(a['threads']); torch.manual_seed(a['seed'])
@@ -631,11 +631,13 @@ _MEMORY_SCRIPT = textwrap.dedent('''
         warnings.simplefilter('ignore'); model = get_model(a['model'], out_act='abs')
     photo = np.random.default_rng(a['seed']).integers(0, 256, (a['height'], a['width'], 3), dtype=np.uint8)
     counter = Counter(model, device='cpu', precision=a['precision'], tile=a['tile'])
-    unit = 1 if sys.platform == 'darwin' else 1024
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-    t = time.perf_counter(); r = counter(photo); secs = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-    print(json.dumps({'peak_mb': peak / 2**20, 'before_mb': before / 2**20, 'count': r.count, 'tiles': r.tiles, 'seconds': secs}))
+    # the high-water mark is reset before counting (`uotcrowd.bench.peak_memory`): the process's lifetime maximum
+    # (`ru_maxrss`) would include the parent's size, which Linux carries over a fork and exec
+    from uotcrowd.bench import peak_memory, _status_bytes
+    before, res = _status_bytes('VmRSS'), {}
+    t = time.perf_counter(); extra = peak_memory(lambda: res.update(r=counter(photo)), method='rss'); secs = time.perf_counter() - t
+    r = res['r']
+    print(json.dumps({'peak_mb': (before + extra) / 2**20, 'before_mb': before / 2**20, 'count': r.count, 'tiles': r.tiles, 'seconds': secs}))
 ''')
 
 def measure_peak_memory(model:str='vgg19', # 'vgg19', 'csrnet' or 'mcnn' (random weights: nothing is downloaded)
