@@ -20,6 +20,7 @@ from uotcrowd.core import pixel_centres
 from fastcore.test import test_eq, test_close, test_fail
 import numpy as np
 
+
 # %% [markdown]
 # ## Pairwise distances
 #
@@ -29,17 +30,25 @@ import numpy as np
 #
 # `torch.cdist` builds the matrix in one call. By default it switches to a matrix-product formula
 # ($\|x\|^2+\|y\|^2-2x^\top y$) for large inputs, which in float32 turns an exact zero distance into
-# $\approx 10^{-4}$; a cost that must vanish at distance zero needs the direct formula, so we ask for it.
+# $\approx 10^{-4}$; a cost that must vanish at distance zero needs the direct formula, so we ask for it. For planar
+# points without autograd we write the direct formula out ($\sqrt{\Delta x^2+\Delta y^2}$ in place, 2–3× faster on
+# the CPU than `cdist`'s general-$p$ kernel).
 
 # %%
 #| export
+def _needs_grad(*ts) -> bool: return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
 def pairwise_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
                        y:torch.Tensor, # `(B, m, 2)` or `(m, 2)` second point set
                       ) -> torch.Tensor: # `(B, n, m)` (or `(n, m)`) Euclidean distances
     "Euclidean distances between all pairs of `x` and `y`, exact at zero (no matrix-product shortcut)."
     if x.shape[-2] == 0 or y.shape[-2] == 0:
         return x.new_zeros(*x.shape[:-1], y.shape[-2])
-    return torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist')
+    if x.shape[-1] != 2 or _needs_grad(x, y):        # cdist's backward is defined at zero distance
+        return torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist')
+    dx, dy = x[..., :, None, 0] - y[..., None, :, 0], x[..., :, None, 1] - y[..., None, :, 1]
+    return dx.square_().addcmul_(dy, dy).sqrt_()
+
 
 # %%
 x = torch.rand(3, 7, 2); y = torch.rand(3, 5, 2)
@@ -47,6 +56,7 @@ naive = ((x[:, :, None] - y[:, None]) ** 2).sum(-1).sqrt()
 test_close(pairwise_distances(x, y), naive, eps=1e-6)
 test_eq(pairwise_distances(x, x).diagonal(dim1=1, dim2=2), torch.zeros(3, 7))  # exactly zero on the diagonal
 test_eq(pairwise_distances(x, torch.zeros(3, 0, 2)).shape, (3, 7, 0))
+
 
 # %% [markdown]
 # Squared distances are the cost under which the L2 and Bayesian losses are half-iterations of the generalized
@@ -61,9 +71,11 @@ def sq_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
     "Squared Euclidean distances $\\|x_i-y_j\\|^2$ between all pairs, exact at zero."
     return pairwise_distances(x, y).square()
 
+
 # %%
 test_close(sq_distances(x, y), naive ** 2, eps=1e-6)
 test_eq(sq_distances(x[0], x[0]).diagonal(), torch.zeros(7))
+
 
 # %% [markdown]
 # ## The four costs
@@ -105,8 +117,8 @@ def exp_cost(d:torch.Tensor, # scaled distances
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
              **kwargs) -> torch.Tensor:
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
-    c = (d / eta).exp_()
-    return c.sub_(1) if shift else c
+    c = (d / eta).exp_()                       # (torch's CPU expm1 is not vectorized: 5x slower than exp)
+    return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
 
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
@@ -124,9 +136,8 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      shift:bool=True, # subtract 1 so the cost is 0 at distance 0
                      **kwargs) -> torch.Tensor:
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
-    c = perspective_eta(height_x, height_y, eta_range)
-    c = (d / c).exp_()
-    return c.sub_(1) if shift else c
+    c = torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_()
+    return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
 
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
 
@@ -139,6 +150,7 @@ eta = perspective_eta(torch.tensor([[0., 1.]]), torch.tensor([[0., 1.]]))
 test_close(eta, torch.tensor([[[0.6, 0.7], [0.7, 0.8]]]))
 test_close(perspective_eta(torch.tensor([[0.5]]), torch.tensor([[0.5]]), (0.5, 0.7)), torch.tensor([[[0.6]]]))
 
+
 # %% [markdown]
 # ## Costs between two point sets
 #
@@ -146,7 +158,9 @@ test_close(perspective_eta(torch.tensor([[0.5]]), torch.tensor([[0.5]]), (0.5, 0
 # `scale`, heights by `image_height`. The density map's pixels are one such set: `pixel_positions` places pixel
 # $(i, j)$ at $(s(j+o), s(i+o))$, at the cell centre for $o=\frac12$ (`uotcrowd.core.pixel_centres`) or, with $o=1$, at
 # $8j+8$ as the official trainer's grid does (the lower-right corner of the cell). The cost comes out in the dtype of
-# the points (float64 inputs give a float64 cost).
+# the points (float64 inputs give a float64 cost). On the CPU the matrix is built by blocks of rows, all images at
+# once: each block's temporaries (distances, perspective factors) stay in cache, and only the result goes to memory
+# (B=8, 4096 pixels, 500 heads: 160 ms as one tensor, 75 ms by blocks, one thread).
 
 # %%
 #| export
@@ -160,6 +174,8 @@ def pixel_positions(h:int, # rows of the density map
     grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
     return grid if offset == 0.5 else grid + stride * (offset - 0.5)
 
+COST_BLOCK = 2 ** 18  # cost entries per row block on the CPU: the temporaries of a block stay in cache
+
 def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
                 y:torch.Tensor, # `(B, m, 2)` second point set (heads), in input pixels
                 cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
@@ -167,14 +183,26 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
                 image_height:float=512., # heights are y / image_height (perspective cost)
                 eta:float=0.6, # length scale of the 'exp' cost
                 eta_range:tuple=(0.6, 0.8), # perspective factor at height 0 and 1
-                shift:bool=True # exponential costs as exp(.)-1
+                shift:bool=True, # exponential costs as exp(.)-1
+                block:int|None=COST_BLOCK # CPU without autograd: entries per row block; None: all rows at once
                ) -> torch.Tensor: # `(B, n, m)` in the dtype of the inputs
     "The transport cost `cost` between every pair of `x` and `y`."
     if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
-    d = pairwise_distances(x / scale, y / scale)
-    if cost == 'perspective':
-        return perspective_cost(d, x[..., 1] / image_height, y[..., 1] / image_height, eta_range=eta_range, shift=shift)
-    return COSTS[cost](d, eta=eta, shift=shift)
+    xs, ys = x / scale, y / scale
+    def rows_cost(rows=slice(None)):
+        d = pairwise_distances(xs[..., rows, :], ys)
+        if cost == 'perspective':
+            return perspective_cost(d, x[..., rows, 1] / image_height, y[..., 1] / image_height, eta_range=eta_range, shift=shift)
+        return COSTS[cost](d, eta=eta, shift=shift)
+    n, m = x.shape[-2], y.shape[-2]
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    per_row = m * math.prod(batch)
+    if block is None or x.device.type != 'cpu' or _needs_grad(x, y) or n * per_row <= block: return rows_cost()
+    out = xs.new_empty(*batch, n, m, dtype=torch.result_type(xs, ys))
+    step = max(1, block // per_row)
+    for r0 in range(0, n, step): out[..., r0:r0 + step, :] = rows_cost(slice(r0, r0 + step))
+    return out
+
 
 # %%
 test_eq(pixel_positions(2, 2, 8, offset=1.0), torch.tensor([[8., 8.], [16., 8.], [8., 16.], [16., 16.]]))
@@ -184,6 +212,17 @@ C8 = points_cost(xy, head, scale=16., image_height=16., eta_range=(0.5, 0.7))
 test_eq(C8.dtype, torch.float64)   # the official formula, written out for the pixel (8, 8) and the head (20, 12)
 test_close(C8.item(), math.exp(math.hypot(12, 4) / 16 / (0.5 + 0.2 * (8 + 12) / 2 / 16)) - 1, eps=1e-12)
 test_fail(lambda: points_cost(xy, head, cost='nope'), contains="'perspective'")
+g = torch.Generator().manual_seed(0)     # row blocks (a block smaller than one row too) = all rows at once = cdist
+px, hd = 512 * torch.rand(3, 50, 2, generator=g), 512 * torch.rand(3, 7, 2, generator=g)
+for c in COSTS:
+    whole = points_cost(px, hd, c, block=None)
+    for blk in (5, 64, 1000): test_close(points_cost(px, hd, c, block=blk), whole, eps=1e-6)
+    test_close(whole, COSTS[c](torch.cdist(px / 512, hd / 512), eta=0.6) if c != 'perspective' else
+               perspective_cost(torch.cdist(px / 512, hd / 512), px[..., 1] / 512, hd[..., 1] / 512), eps=1e-5)
+test_close(points_cost(px[0], hd[0], block=16), points_cost(px[:1], hd[:1], block=None)[0], eps=1e-6)  # unbatched
+pg = px.clone().requires_grad_()          # autograd: the cdist path, whose gradient is finite at distance 0
+points_cost(pg, px.detach()).sum().backward(); assert torch.isfinite(pg.grad).all()
+
 
 # %% [markdown]
 # ## Cost matrices between a density map and its annotations
@@ -212,6 +251,7 @@ def cost_matrix(h:int, # rows of the density map
     grid = pixel_centres(h, w, stride=stride, device=points.device)  # (n, 2) input pixels
     H = float(image_height) if image_height is not None else float(h * stride)
     return points_cost(grid.expand(points.shape[0], -1, -1), points, cost, scale, H, eta, eta_range, shift)
+
 
 # %% [markdown]
 # Checks against a direct loop over pixels and points, and the zero at distance zero:
@@ -249,6 +289,7 @@ assert top > bottom > 0
 Cexp = cost_matrix(8, 8, torch.tensor([[[4., 60.]]]), stride=8, scale=64., image_height=1e9)  # eta -> 0.6 everywhere
 test_close(Cexp, cost_matrix(8, 8, torch.tensor([[[4., 60.]]]), cost='exp', stride=8, scale=64.), eps=1e-5)
 
+
 # %% [markdown]
 # ## The Bayesian loss's background point
 #
@@ -267,11 +308,13 @@ def bl_background_cost(r2:torch.Tensor, # squared distance $r^2$ from each pixel
     if form == 'code': return d * d / (r2 + 1e-5)
     raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
 
+
 # %%
 r2 = torch.tensor([0., 4., 100.])
 test_close(bl_background_cost(r2, 6.), torch.tensor([36., 16., 16.]))
 test_close(bl_background_cost(r2, 6., 'code'), torch.tensor([36 / 1e-5, 9., 0.36]), eps=1e-4)
 test_fail(lambda: bl_background_cost(r2, 6., 'x'), contains="'paper' or 'code'")
+
 
 # %% [markdown]
 # ## A cost function for geomloss
@@ -293,6 +336,7 @@ def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspe
     if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
     return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta, eta_range=eta_range,
                    shift=shift)
+
 
 # %%
 pts = torch.tensor([[[10., 500.], [300., 20.], [77., 77.]]])

@@ -196,17 +196,19 @@ test_eq(softmin(0.1, torch.zeros(2, 4, 0), torch.zeros(2, 0)).shape, (2, 4))
 # ## Problem setup and the half-steps
 #
 # `_Problem` holds, per batch, the cost, the log reference weights $\log\mu,\log\nu$ (and $\mu$), the log ratios
-# $\log(a/\mu),\log(b/\nu)$, $\tau_a,\tau_b$, and how a pass walks through the batch: on the CPU in row blocks of
-# about `block` cost entries (2 MiB of float32: a core's L2 cache here; 2^18-2^20 entries measured within 15 % of each
-# other, smaller blocks up to 1.6× slower from per-operation overhead), each image only over its real
-# columns when its padded points come last (as `pad_points` puts them); on other devices (or `block=None`) the whole
-# tensor at once. The cost is not copied: padded entries are skipped or weighted out rather than overwritten.
+# $\log(a/\mu),\log(b/\nu)$, $\tau_a,\tau_b$, and how a pass walks through the batch: on the CPU in blocks of
+# about `block` cost entries (4 MiB of float32), each image only over its real columns when its padded points come
+# last (as `pad_points` puts them). Consecutive images with the same number of columns share a block (B=8, 32×32
+# map, 200 points: two images per block), so small images do not pay one set of operations each; an image larger
+# than a block is cut into row blocks. On other devices (or `block=None`) the whole tensor at once. Measured here
+# (B=8, official mode, forward and backward): 2^19 / 2^20 / 2^21 entries gave 43 / 46 / 52 ms at 32×32 with one
+# thread, 28 / 25 / 33 ms with two; 365 / 347 / 373 and 227 / 194 / 218 ms at 64×64 with 500 points. The cost is not copied: padded entries are skipped or weighted out rather than overwritten.
 # `update_f` / `update_g` are the two half-steps of Eq. 6 written with `softmin`: the reference that the faster passes
 # below are tested against, and their fallback.
 
 # %%
 #| export
-BLOCK = 2 ** 19  # cost entries per row block on the CPU
+BLOCK = 2 ** 20  # cost entries per block on the CPU (4 MiB in float32)
 
 def _damping(eps, tau):
     "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$ (geomloss's `dampening`); 1 when `tau` is None/inf."
@@ -276,6 +278,11 @@ def update_g(pb:_Problem, f:torch.Tensor, eps) -> torch.Tensor:
 # $$\mathrm{softmin}_\varepsilon(\mathbf C,\log\nu+g/\varepsilon)_i=f_i-\varepsilon\log\textstyle\sum_jK_{ij},\qquad
 #   \mathrm{softmin}_\varepsilon(\mathbf C^\top,\log\mu+f/\varepsilon)_j=g_j+\varepsilon\log\nu_j-\varepsilon\log\sum_i\mu_iK_{ij},$$
 # so one block of $K$ gives its row sums and its contribution to the column sums (no transposed copy of the cost).
+# With two threads each elementwise operation on a block is split between them by rows; a matrix-vector product
+# over the whole block (the column sums) would then read half of the block from the other core's cache. On this
+# machine that made a 1024×200 block's `exp2` + column sum take 270 µs with two threads against 90 µs with one.
+# `_col_sums` and `_row_dots` therefore reduce `ROW_CHUNKS` row chunks separately (one `bmm` over the chunks, then
+# a sum of 8 partial rows): 17 µs.
 # Near the fixed point the row sums are $\approx e^{-f_i/\tau}$ and stay far from float32's limits; the exponent is
 # clamped at $2^{-120}$ from below (the underflow path of `exp` is slow) and the result of every image is checked:
 # an image whose row or column sums are not finite or fall below $2^{24}\times$ the most the clamped entries can add
@@ -298,6 +305,21 @@ def _temps(eps, B:int, like:torch.Tensor) -> torch.Tensor:
     if isinstance(eps, torch.Tensor): return eps.to(like).reshape(-1).expand(B)
     return torch.full((B,), float(eps), dtype=like.dtype, device=like.device)
 
+ROW_CHUNKS = 8  # row chunks of a block that matrix-vector products reduce separately (a multiple of the threads)
+
+def _image_groups(pb:_Problem, images=None) -> list[tuple[int, int, int, int]]:
+    "Runs `(b0, b1, mb, rows)` of consecutive images with the same leading columns `mb`, at most `pb.block` entries together; an image larger than a block alone, by `rows` rows."
+    n, groups = pb.C.shape[1], []
+    for b in range(len(pb.cols)) if images is None else images:
+        mb = pb.cols[b]
+        if mb == 0: continue
+        if groups and groups[-1][1] == b and groups[-1][2] == mb and (b + 1 - groups[-1][0]) * n * mb <= pb.block:
+            groups[-1][1] = b + 1; continue
+        rows = max(1, pb.block // mb)
+        if rows > ROW_CHUNKS: rows -= rows % ROW_CHUNKS         # whole row chunks (`_col_sums`)
+        groups.append([b, b + 1, mb, min(rows, n)])
+    return [tuple(gr) for gr in groups]
+
 def _kernel_blocks(pb:_Problem, f, g, e, keep:bool=False, images=None):
     "Yield `(images, r0, r1, mb, K, X)`: `K = 2**max(X, floor)` on rows `r0:r1` and the first `mb` columns, `X` (base 2) if `keep`."
     C = pb.C; B, n, m = C.shape
@@ -309,19 +331,38 @@ def _kernel_blocks(pb:_Problem, f, g, e, keep:bool=False, images=None):
         Xk = X.clone() if keep else None
         yield slice(0, B), 0, n, m, X.clamp_min_(lo).exp2_(), Xk
         return
-    size = max([min(n, max(1, pb.block // k)) * k for k in pb.cols if k], default=0)
+    groups = _image_groups(pb, images)
+    size = max([(b1 - b0) * rows * mb for b0, b1, mb, rows in groups], default=0)
     buf, kbuf = C.new_empty(size), (C.new_empty(size) if keep else None)
-    for b in range(B) if images is None else images:
-        mb = pb.cols[b]
-        if mb == 0: continue
-        rows, sb = max(1, pb.block // mb), -float(s[b])
+    for b0, b1, mb, rows in groups:
+        ims = slice(b0, b1)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            X = buf[:(r1 - r0) * mb].view(1, r1 - r0, mb)
-            torch.add(h[b, None, None, :mb], C[b:b + 1, r0:r1, :mb], alpha=sb, out=X)
-            X.add_(fp[b, None, r0:r1, None])
+            X = buf[:(b1 - b0) * (r1 - r0) * mb].view(b1 - b0, r1 - r0, mb)
+            if b1 - b0 == 1: torch.add(h[b0, None, None, :mb], C[ims, r0:r1, :mb], alpha=-float(s[b0]), out=X)
+            else: torch.addcmul(h[ims, None, :mb], C[ims, r0:r1, :mb], -s[ims, None, None], out=X)
+            X.add_(fp[ims, r0:r1, None])
             Xk = kbuf[:X.numel()].view_as(X).copy_(X) if keep else None
-            yield slice(b, b + 1), r0, r1, mb, X.clamp_min_(lo).exp2_(), Xk
+            yield ims, r0, r1, mb, X.clamp_min_(lo).exp2_(), Xk
+
+def _chunks(K:torch.Tensor) -> int:
+    r = K.shape[1]
+    return ROW_CHUNKS if K.device.type == 'cpu' and r % ROW_CHUNKS == 0 else 1
+
+def _col_sums(w:torch.Tensor, # `(b, r)` row weights
+              K:torch.Tensor # `(b, r, mb)` block (contiguous)
+             ) -> torch.Tensor: # `(b, mb)`
+    "$w^\\top K$ per image, summed over `ROW_CHUNKS` row chunks so each CPU thread reads the rows it has just written."
+    b, r, mb = K.shape; c = _chunks(K)
+    return torch.bmm(w.reshape(b * c, 1, r // c), K.view(b * c, r // c, mb)).view(b, c, mb).sum(1)
+
+def _row_dots(K:torch.Tensor, # `(b, r, mb)` block (contiguous)
+              v:torch.Tensor # `(b, mb)` column weights
+             ) -> torch.Tensor: # `(b, r)`
+    "$Kv$ per image, by the row chunks of `_col_sums`."
+    b, r, mb = K.shape; c = _chunks(K)
+    vc = v.reshape(b, 1, mb, 1).expand(b, c, mb, 1).reshape(b * c, mb, 1)
+    return torch.bmm(K.view(b * c, r // c, mb), vc).view(b, r)
 
 def _sums_ok(pb:_Problem, R, S, w) -> torch.Tensor:
     "Per image: row sums `R` and column sums `S` (with row weights `w`) finite and well above the floor's error."
@@ -352,7 +393,7 @@ def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[tor
     R, S = C.new_zeros(B, n), C.new_zeros(B, m)
     for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e):
         R[bs, r0:r1] = K.sum(2)
-        S[bs, :mb] += torch.bmm(pb.mu[bs, None, r0:r1], K)[:, 0]
+        S[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
     prow, pcol = _padded_softmins(pb, f, g, e)
     row = torch.where(_no_points(pb), prow, f - e[:, None] * R.log())
     col = torch.where(pb.pad, pcol, g + e[:, None] * (pb.lnu - S.log()))
@@ -379,9 +420,13 @@ def with_fallbacks(fn, name='_exact_softmins'):
     def counting(pb, b, *args): calls.append(b); return exact(pb, b, *args)
     with patch.dict(globals(), {name: counting}): out = fn()
     return out, calls
-for mask, Cm, gm, block in [(mb_, C_, g_, BLOCK), (mb_, C_, g_, 64), (mb_, Cf_, g_, None), (mb_[:, perm], Cf_[:, :, perm], g_[:, perm], BLOCK)]:
+full_, Cr_ = torch.ones_like(mb_), torch.rand(3, 50, 9, generator=g)   # no padding: images share blocks (900 entries: two, then one)
+test_eq([gr[:2] for gr in _image_groups(_setup(A_, full_.float(), Cr_, 0.5, 0.3, None, full_, 'product', block=900))],
+        [(0, 2), (2, 3)])
+for mask, Cm, gm, block in [(mb_, C_, g_, BLOCK), (mb_, C_, g_, 64), (mb_, Cf_, g_, None), (mb_[:, perm], Cf_[:, :, perm], g_[:, perm], BLOCK),
+                            (full_, Cr_, g_, BLOCK), (full_, Cr_, g_, 900), (full_, Cr_, g_, 100)]:
     pb_ = _setup(A_, mask.float(), Cm, 0.5, 0.3, None, mask, 'product', block=block)
-    for f0, g0, ee, fallbacks in [(f_, gm, torch.tensor([0.05, 0.1, 0.02]), []), (0 * f_, 0 * gm, 1e-3, [0, 2])]:
+    for f0, g0, ee, fallbacks in [(f_, gm, torch.tensor([0.05, 0.1, 0.02]), []), (0 * f_, 0 * gm, 1e-3, [b for b in range(3) if mask[b].any()])]:
         (row, col), calls = with_fallbacks(lambda: pair_softmins(pb_, f0, g0, ee))
         test_eq(calls, fallbacks)                        # zero potentials at a tiny eps: every K underflows
         et = _temps(ee, 3, A_)
@@ -514,8 +559,8 @@ def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:t
         fb = torch.lerp(fr, lam_a * (eps * pb.la[bs, r0:r1] + fr - eps * Rb.log()), om[bs])
         w = pb.mu[bs, r0:r1] * torch.exp((fb - fr) / eps)     # rows re-weighted to the new f
         fn[bs, r0:r1], W[bs, r0:r1] = fb, w
-        S[bs, :mb] += torch.bmm(w[:, None], K)[:, 0]
-        S0[bs, :mb] += torch.bmm(pb.mu[bs, None, r0:r1], K)[:, 0]
+        S[bs, :mb] += _col_sums(w, K)
+        S0[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
     empty = _no_points(pb)
     prow, pcol0 = _padded_softmins(pb, f, g, e)
     fn = torch.where(empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
@@ -889,7 +934,7 @@ class _PlanColumns(torch.autograd.Function):
         out = torch.zeros_like(f)
         with torch.no_grad():
             for bs, r0, r1, mb, E, _ in _plan_blocks(pb, f, g, e, logc):
-                out[bs, r0:r1] = torch.bmm(E, grad[bs, :mb, None].to(E.dtype))[:, :, 0]
+                out[bs, r0:r1] = _row_dots(E, grad[bs, :mb].to(E.dtype))
             for b, E in exact.items(): out[b] = E[0] @ grad[b].to(E.dtype)
         return out, None, None, None, None, None, None, None
 
@@ -928,7 +973,7 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
             rows[bs, r0:r1] = E.sum(2)
             cost[bs, r0:r1] = torch.linalg.vecdot(Cb, E)
             xlogx[bs, r0:r1] = torch.linalg.vecdot(X.mul_(LN2).add_(lc).clamp_max_(40.), E)   # log E, as clamped
-            cols[bs, :mb] += torch.bmm(r[bs, None, r0:r1], E)[:, 0]
+            cols[bs, :mb] += _col_sums(r[bs, r0:r1], E)
         ok = torch.isfinite(torch.cat([rows, cost, xlogx, cols], 1)).all(1)
         if grad == 'paper': ok &= _sums_ok(pb, R, torch.ones_like(cols), torch.zeros_like(r))
         exact = {}

@@ -11,17 +11,22 @@ import torch
 from .core import pixel_centres
 
 # %% auto #0
-__all__ = ['COSTS', 'pairwise_distances', 'sq_distances', 'dist_cost', 'sqdist_cost', 'exp_cost', 'perspective_eta',
+__all__ = ['COSTS', 'COST_BLOCK', 'pairwise_distances', 'sq_distances', 'dist_cost', 'sqdist_cost', 'exp_cost', 'perspective_eta',
            'perspective_cost', 'pixel_positions', 'points_cost', 'cost_matrix', 'bl_background_cost', 'coordinate_cost']
 
 # %% ../nbs/02_costs.ipynb #1000f8c5
+def _needs_grad(*ts) -> bool: return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
 def pairwise_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
                        y:torch.Tensor, # `(B, m, 2)` or `(m, 2)` second point set
                       ) -> torch.Tensor: # `(B, n, m)` (or `(n, m)`) Euclidean distances
     "Euclidean distances between all pairs of `x` and `y`, exact at zero (no matrix-product shortcut)."
     if x.shape[-2] == 0 or y.shape[-2] == 0:
         return x.new_zeros(*x.shape[:-1], y.shape[-2])
-    return torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist')
+    if x.shape[-1] != 2 or _needs_grad(x, y):        # cdist's backward is defined at zero distance
+        return torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist')
+    dx, dy = x[..., :, None, 0] - y[..., None, :, 0], x[..., :, None, 1] - y[..., None, :, 1]
+    return dx.square_().addcmul_(dy, dy).sqrt_()
 
 # %% ../nbs/02_costs.ipynb #ebc73cf7
 def sq_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
@@ -44,8 +49,8 @@ def exp_cost(d:torch.Tensor, # scaled distances
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
              **kwargs) -> torch.Tensor:
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
-    c = (d / eta).exp_()
-    return c.sub_(1) if shift else c
+    c = (d / eta).exp_()                       # (torch's CPU expm1 is not vectorized: 5x slower than exp)
+    return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
 
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
@@ -63,9 +68,8 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      shift:bool=True, # subtract 1 so the cost is 0 at distance 0
                      **kwargs) -> torch.Tensor:
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
-    c = perspective_eta(height_x, height_y, eta_range)
-    c = (d / c).exp_()
-    return c.sub_(1) if shift else c
+    c = torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_()
+    return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
 
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
 
@@ -80,6 +84,8 @@ def pixel_positions(h:int, # rows of the density map
     grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
     return grid if offset == 0.5 else grid + stride * (offset - 0.5)
 
+COST_BLOCK = 2 ** 18  # cost entries per row block on the CPU: the temporaries of a block stay in cache
+
 def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
                 y:torch.Tensor, # `(B, m, 2)` second point set (heads), in input pixels
                 cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
@@ -87,14 +93,25 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
                 image_height:float=512., # heights are y / image_height (perspective cost)
                 eta:float=0.6, # length scale of the 'exp' cost
                 eta_range:tuple=(0.6, 0.8), # perspective factor at height 0 and 1
-                shift:bool=True # exponential costs as exp(.)-1
+                shift:bool=True, # exponential costs as exp(.)-1
+                block:int|None=COST_BLOCK # CPU without autograd: entries per row block; None: all rows at once
                ) -> torch.Tensor: # `(B, n, m)` in the dtype of the inputs
     "The transport cost `cost` between every pair of `x` and `y`."
     if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
-    d = pairwise_distances(x / scale, y / scale)
-    if cost == 'perspective':
-        return perspective_cost(d, x[..., 1] / image_height, y[..., 1] / image_height, eta_range=eta_range, shift=shift)
-    return COSTS[cost](d, eta=eta, shift=shift)
+    xs, ys = x / scale, y / scale
+    def rows_cost(rows=slice(None)):
+        d = pairwise_distances(xs[..., rows, :], ys)
+        if cost == 'perspective':
+            return perspective_cost(d, x[..., rows, 1] / image_height, y[..., 1] / image_height, eta_range=eta_range, shift=shift)
+        return COSTS[cost](d, eta=eta, shift=shift)
+    n, m = x.shape[-2], y.shape[-2]
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    per_row = m * math.prod(batch)
+    if block is None or x.device.type != 'cpu' or _needs_grad(x, y) or n * per_row <= block: return rows_cost()
+    out = xs.new_empty(*batch, n, m, dtype=torch.result_type(xs, ys))
+    step = max(1, block // per_row)
+    for r0 in range(0, n, step): out[..., r0:r0 + step, :] = rows_cost(slice(r0, r0 + step))
+    return out
 
 # %% ../nbs/02_costs.ipynb #7c2cb471
 def cost_matrix(h:int, # rows of the density map

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['NEG', 'BLOCK', 'LOG2E', 'LN2', 'OMEGA', 'log_weights', 'work_dtype', 'no_autocast', 'epsilon_schedule',
+__all__ = ['NEG', 'BLOCK', 'LOG2E', 'LN2', 'ROW_CHUNKS', 'OMEGA', 'log_weights', 'work_dtype', 'no_autocast', 'epsilon_schedule',
            'max_diameter', 'softmin', 'update_f', 'update_g', 'pair_softmins', 'marginal_error', 'uot_marginal_error',
            'official_loop', 'relaxed_pair', 'adapt_omega', 'converged_loop', 'Potentials', 'uot_potentials',
            'plan_factors', 'uot_plan', 'generalized_kl', 'uot_value', 'plain_sinkhorn', 'PlanStats', 'plan_stats']
@@ -97,7 +97,7 @@ def softmin(eps, # temperature: float or `(B,)` tensor
     return out
 
 # %% ../nbs/03_sinkhorn.ipynb #dd327207
-BLOCK = 2 ** 19  # cost entries per row block on the CPU
+BLOCK = 2 ** 20  # cost entries per block on the CPU (4 MiB in float32)
 
 def _damping(eps, tau):
     "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$ (geomloss's `dampening`); 1 when `tau` is None/inf."
@@ -168,6 +168,21 @@ def _temps(eps, B:int, like:torch.Tensor) -> torch.Tensor:
     if isinstance(eps, torch.Tensor): return eps.to(like).reshape(-1).expand(B)
     return torch.full((B,), float(eps), dtype=like.dtype, device=like.device)
 
+ROW_CHUNKS = 8  # row chunks of a block that matrix-vector products reduce separately (a multiple of the threads)
+
+def _image_groups(pb:_Problem, images=None) -> list[tuple[int, int, int, int]]:
+    "Runs `(b0, b1, mb, rows)` of consecutive images with the same leading columns `mb`, at most `pb.block` entries together; an image larger than a block alone, by `rows` rows."
+    n, groups = pb.C.shape[1], []
+    for b in range(len(pb.cols)) if images is None else images:
+        mb = pb.cols[b]
+        if mb == 0: continue
+        if groups and groups[-1][1] == b and groups[-1][2] == mb and (b + 1 - groups[-1][0]) * n * mb <= pb.block:
+            groups[-1][1] = b + 1; continue
+        rows = max(1, pb.block // mb)
+        if rows > ROW_CHUNKS: rows -= rows % ROW_CHUNKS         # whole row chunks (`_col_sums`)
+        groups.append([b, b + 1, mb, min(rows, n)])
+    return [tuple(gr) for gr in groups]
+
 def _kernel_blocks(pb:_Problem, f, g, e, keep:bool=False, images=None):
     "Yield `(images, r0, r1, mb, K, X)`: `K = 2**max(X, floor)` on rows `r0:r1` and the first `mb` columns, `X` (base 2) if `keep`."
     C = pb.C; B, n, m = C.shape
@@ -179,19 +194,38 @@ def _kernel_blocks(pb:_Problem, f, g, e, keep:bool=False, images=None):
         Xk = X.clone() if keep else None
         yield slice(0, B), 0, n, m, X.clamp_min_(lo).exp2_(), Xk
         return
-    size = max([min(n, max(1, pb.block // k)) * k for k in pb.cols if k], default=0)
+    groups = _image_groups(pb, images)
+    size = max([(b1 - b0) * rows * mb for b0, b1, mb, rows in groups], default=0)
     buf, kbuf = C.new_empty(size), (C.new_empty(size) if keep else None)
-    for b in range(B) if images is None else images:
-        mb = pb.cols[b]
-        if mb == 0: continue
-        rows, sb = max(1, pb.block // mb), -float(s[b])
+    for b0, b1, mb, rows in groups:
+        ims = slice(b0, b1)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            X = buf[:(r1 - r0) * mb].view(1, r1 - r0, mb)
-            torch.add(h[b, None, None, :mb], C[b:b + 1, r0:r1, :mb], alpha=sb, out=X)
-            X.add_(fp[b, None, r0:r1, None])
+            X = buf[:(b1 - b0) * (r1 - r0) * mb].view(b1 - b0, r1 - r0, mb)
+            if b1 - b0 == 1: torch.add(h[b0, None, None, :mb], C[ims, r0:r1, :mb], alpha=-float(s[b0]), out=X)
+            else: torch.addcmul(h[ims, None, :mb], C[ims, r0:r1, :mb], -s[ims, None, None], out=X)
+            X.add_(fp[ims, r0:r1, None])
             Xk = kbuf[:X.numel()].view_as(X).copy_(X) if keep else None
-            yield slice(b, b + 1), r0, r1, mb, X.clamp_min_(lo).exp2_(), Xk
+            yield ims, r0, r1, mb, X.clamp_min_(lo).exp2_(), Xk
+
+def _chunks(K:torch.Tensor) -> int:
+    r = K.shape[1]
+    return ROW_CHUNKS if K.device.type == 'cpu' and r % ROW_CHUNKS == 0 else 1
+
+def _col_sums(w:torch.Tensor, # `(b, r)` row weights
+              K:torch.Tensor # `(b, r, mb)` block (contiguous)
+             ) -> torch.Tensor: # `(b, mb)`
+    "$w^\\top K$ per image, summed over `ROW_CHUNKS` row chunks so each CPU thread reads the rows it has just written."
+    b, r, mb = K.shape; c = _chunks(K)
+    return torch.bmm(w.reshape(b * c, 1, r // c), K.view(b * c, r // c, mb)).view(b, c, mb).sum(1)
+
+def _row_dots(K:torch.Tensor, # `(b, r, mb)` block (contiguous)
+              v:torch.Tensor # `(b, mb)` column weights
+             ) -> torch.Tensor: # `(b, r)`
+    "$Kv$ per image, by the row chunks of `_col_sums`."
+    b, r, mb = K.shape; c = _chunks(K)
+    vc = v.reshape(b, 1, mb, 1).expand(b, c, mb, 1).reshape(b * c, mb, 1)
+    return torch.bmm(K.view(b * c, r // c, mb), vc).view(b, r)
 
 def _sums_ok(pb:_Problem, R, S, w) -> torch.Tensor:
     "Per image: row sums `R` and column sums `S` (with row weights `w`) finite and well above the floor's error."
@@ -222,7 +256,7 @@ def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[tor
     R, S = C.new_zeros(B, n), C.new_zeros(B, m)
     for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e):
         R[bs, r0:r1] = K.sum(2)
-        S[bs, :mb] += torch.bmm(pb.mu[bs, None, r0:r1], K)[:, 0]
+        S[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
     prow, pcol = _padded_softmins(pb, f, g, e)
     row = torch.where(_no_points(pb), prow, f - e[:, None] * R.log())
     col = torch.where(pb.pad, pcol, g + e[:, None] * (pb.lnu - S.log()))
@@ -316,8 +350,8 @@ def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:t
         fb = torch.lerp(fr, lam_a * (eps * pb.la[bs, r0:r1] + fr - eps * Rb.log()), om[bs])
         w = pb.mu[bs, r0:r1] * torch.exp((fb - fr) / eps)     # rows re-weighted to the new f
         fn[bs, r0:r1], W[bs, r0:r1] = fb, w
-        S[bs, :mb] += torch.bmm(w[:, None], K)[:, 0]
-        S0[bs, :mb] += torch.bmm(pb.mu[bs, None, r0:r1], K)[:, 0]
+        S[bs, :mb] += _col_sums(w, K)
+        S0[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
     empty = _no_points(pb)
     prow, pcol0 = _padded_softmins(pb, f, g, e)
     fn = torch.where(empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
@@ -559,7 +593,7 @@ class _PlanColumns(torch.autograd.Function):
         out = torch.zeros_like(f)
         with torch.no_grad():
             for bs, r0, r1, mb, E, _ in _plan_blocks(pb, f, g, e, logc):
-                out[bs, r0:r1] = torch.bmm(E, grad[bs, :mb, None].to(E.dtype))[:, :, 0]
+                out[bs, r0:r1] = _row_dots(E, grad[bs, :mb].to(E.dtype))
             for b, E in exact.items(): out[b] = E[0] @ grad[b].to(E.dtype)
         return out, None, None, None, None, None, None, None
 
@@ -598,7 +632,7 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
             rows[bs, r0:r1] = E.sum(2)
             cost[bs, r0:r1] = torch.linalg.vecdot(Cb, E)
             xlogx[bs, r0:r1] = torch.linalg.vecdot(X.mul_(LN2).add_(lc).clamp_max_(40.), E)   # log E, as clamped
-            cols[bs, :mb] += torch.bmm(r[bs, None, r0:r1], E)[:, 0]
+            cols[bs, :mb] += _col_sums(r[bs, r0:r1], E)
         ok = torch.isfinite(torch.cat([rows, cost, xlogx, cols], 1)).all(1)
         if grad == 'paper': ok &= _sums_ok(pb, R, torch.ones_like(cols), torch.zeros_like(r))
         exact = {}

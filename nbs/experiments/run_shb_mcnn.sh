@@ -111,7 +111,7 @@ run, loss, seed, csv, loc_csv, precision, protocol = Path(sys.argv[1]), *sys.arg
 m = json.loads((run / 'eval-test' / 'metrics.json').read_text())
 sel = json.loads((run / 'loc_threshold.json').read_text())
 ckpt = torch.load(run / 'last.pt', weights_only=True)
-minutes = sum(float(s) for s in (run / 'wall_s.txt').read_text().split()) / 60
+minutes = ckpt['train_time_s'] / 60     # training time summed over resumed segments (wall_s.txt: this machine's segments)
 row = [loss, seed, ckpt['epoch'], f'{minutes:.1f}', f"{m['mae']:.3f}", f"{m['rmse']:.3f}", f"{m['nae']:.4f}",
        f"{m['f1@4']:.4f}", f"{m['f1@8']:.4f}", str(run / 'best.pt'), precision, protocol]
 loc = [loss, seed, sel['threshold'], f"{sel['val_f1_8'][str(sel['threshold'])]:.4f}"] + \
