@@ -123,9 +123,29 @@ Markdown(shb_table())
 
 # %% [markdown]
 # Twenty epochs do not separate the losses: their order changes with the seed, and every model is far from MCNN's
-# own published 26.4. Training to convergence, three seeds per loss, has begun with a precision check and learning-rate
-# pilots ([the runs to convergence](experiments/shb_mcnn_convergence.ipynb)). The
-# [counting page](count_your_photos.ipynb) runs the committed model (`shb-mcnn-gl`, its card records how it was
+# own published 26.4. Training to convergence (until the validation MAE stops improving), three seeds per loss, is
+# under way ([the runs to convergence](experiments/shb_mcnn_convergence.ipynb)). The best model so far by validation
+# MAE is committed as `shb-mcnn-gl`; its card (`models/shb-mcnn-gl.pt`) says:
+
+# %%
+#| echo: false
+import torch
+
+def model_summary(path='../models/shb-mcnn-gl.pt'):
+    "The committed part B model's card as one sentence."
+    card = torch.load(path, weights_only=True, map_location='cpu')['card']
+    tr, te = card['training'], card['test']
+    return (f"`{card['name']}`: {card['architecture']['model'].upper()} trained with the {card['loss']['name'].upper()} loss "
+            f"for {tr['epochs']} epochs ({tr['minutes'] / 60:.1f} h on one CPU core, {tr['precision']}), checkpoint of "
+            f"epoch {tr['best_epoch'] + 1} chosen on validation: test MAE {te['mae']:.1f}, RMSE {te['rmse']:.1f}, "
+            f"localization F1 {te['f1_8']:.2f} at 8 px over the 316 part B test photos.")
+
+Markdown(model_summary())
+
+# %% [markdown]
+# ![The committed model on a ShanghaiTech B test photo: density map (left), located heads and annotations (right)](images/shb_model_prediction.png)
+#
+# The [counting page](count_your_photos.ipynb) runs the committed model (`shb-mcnn-gl`, its card records how it was
 # trained and tested) on a test photo, from Python, from the shell and from a local web page:
 #
 # ```
