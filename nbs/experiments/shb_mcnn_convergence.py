@@ -163,7 +163,10 @@ print(pd.DataFrame(rows).round(3).to_string(index=False))
 # Each run: `PROTOCOL=plateau5 PRECISION=bf16 LOSSES="..." bash nbs/experiments/run_shb_mcnn.sh 0 1 2`, two chains
 # side by side on two cores (`gl l2` and `gl-converged bl`), each run resumable from its committed `last.pt`. A
 # run's row enters `results/shb_mcnn.csv` (protocol `plateau5`) when it has stopped and its validation-chosen
-# checkpoint has been evaluated on the test split. Progress of every run so far:
+# checkpoint has been evaluated on the test split. DM-Count runs once (seed 0) after the four arms' seed 0, as
+# `LOSSES=dmcount-norm ... 0`: with its coordinates in pixels (its default) its optimal-transport gradient is about ten
+# times its count signal and the 20-epoch run over-counted 3.5-fold, while its normalized coordinates
+# (`--norm-cood`, here `dmcount-norm`) trained stably. Progress of every run so far:
 
 # %%
 STUDY = RESULTS / 'shb_mcnn' / 'plateau5'
@@ -216,6 +219,36 @@ if len(study):
 else: print('no finished runs yet')
 
 # %% [markdown]
+# Density maps and located heads of each finished loss (seed 0) on the least and the most crowded of the first ten
+# test photos, at each model's validation-chosen threshold (white crosses), beside the annotations (green):
+
+# %%
+from uotcrowd.train import load_model
+from uotcrowd.localize import localize
+from uotcrowd.data import ShanghaiTech, EvalTransform, denormalize
+DATA = ROOT / '..' / 'shared' / 'datasets' / 'ShanghaiTech'
+done0 = study[study.seed == 0].drop_duplicates('loss')
+if len(done0):
+    test_ds = ShanghaiTech(DATA, 'B', 'test', transform=EvalTransform(4))
+    first = [len(test_ds.load(i)[1]) for i in range(10)]
+    picks = [int(np.argmin(first)), int(np.argmax(first))]
+    fig, axes = plt.subplots(len(picks), len(done0) + 1, figsize=(2.2 * (len(done0) + 1), 1.9 * len(picks)), squeeze=False)
+    for row, i in zip(axes, picks):
+        image, gt, meta = test_ds[i]
+        H, W = meta['height'], meta['width']
+        row[0].imshow(denormalize(image)[:H, :W].mean(-1), cmap='gray'); row[0].scatter(*gt.T.numpy(), s=3, c='lime', linewidths=0)
+        row[0].set_title(f"{len(gt)} heads", fontsize=8)
+        for ax, r in zip(row[1:], done0.itertuples()):
+            model, ckpt = load_model(ROOT / r.checkpoint)
+            with torch.no_grad(): density = model(image[None])
+            pts = localize(density, stride=model.stride, threshold=ckpt.get('loc_threshold', 0.05))[0]
+            ax.imshow(density[0, 0].numpy(), cmap='jet', extent=(0, image.shape[-1], image.shape[-2], 0))
+            if len(pts): ax.scatter(*pts.T.numpy(), s=2, c='white', marker='x', linewidths=0.4)
+            ax.set_title(f"{r.loss}: {float(density.sum()):.0f}, {len(pts)} pts", fontsize=8)
+        for ax in row: ax.set_xlim(0, W); ax.set_ylim(H, 0); ax.axis('off')
+    fig.tight_layout(); plt.show()
+
+# %% [markdown]
 # ## The committed model
 #
 # `models/shb-mcnn-gl.pt` (the name `shb-mcnn-gl` for `uotcrowd predict`, `Counter` and `uotcrowd serve`) is the
@@ -225,9 +258,8 @@ else: print('no finished runs yet')
 
 # %%
 from uotcrowd.counter import Counter
-from uotcrowd.data import read_image, ShanghaiTech
+from uotcrowd.data import read_image
 from uotcrowd.plots import plot_prediction
-DATA = ROOT / '..' / 'shared' / 'datasets' / 'ShanghaiTech'
 counter = Counter(ROOT / 'models' / 'shb-mcnn-gl.pt', device='cpu')
 photo = DATA / 'part_B' / 'test_data' / 'images' / 'IMG_1.jpg'
 found = counter(photo)
