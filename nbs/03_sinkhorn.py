@@ -223,7 +223,7 @@ class _Problem:
     pad: torch.Tensor  # (B, m) bool, padded columns
     cols: list  # per image, the leading columns a pass visits
     real: list  # per image, the number of real columns
-    block: int|None  # cost entries per row block; None: the whole tensor at once
+    block: int|None  # cost entries per block (whole images or rows of one); None: the whole tensor at once
     CT: torch.Tensor|None = None  # transposed cost with padding zeroed, made by `update_g` on first use
 
 def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, block=BLOCK):
@@ -403,9 +403,10 @@ def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[tor
 
 
 # %% [markdown]
-# Against the half-steps written with `softmin`, on a padded batch with an image without points, on the row blocks
+# Against the half-steps written with `softmin`, on a padded batch with an image without points, on the blocks
 # of the CPU (also tiny ones), on the whole tensor (the path of other devices) and with a layout whose padding is not
-# at the end; and where the potentials are far from stabilizing (zero potentials at a small ε: every entry of $K$
+# at the end; images without padding share blocks (two in a block of 900 entries, then the third alone; a block of 100
+# entries cuts each image into rows); and where the potentials are far from stabilizing (zero potentials at a small ε: every entry of $K$
 # underflows), the images fall back to `softmin` and still agree.
 
 # %%
@@ -697,7 +698,7 @@ def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
                    max_iter:int=1000, # `converged`: cap on soft-min pairs (the annealing always runs)
                    compute_error:bool=True, # compute the final marginal error (one more pass where not known)
                    omega:float|None=None, # `converged`: over-relaxation; None adapts it per image from 1.7
-                   block:int|None=BLOCK, # CPU: cost entries per row block; None: the whole tensor at once
+                   block:int|None=BLOCK, # CPU: cost entries per block; None: the whole tensor at once
                   ) -> Potentials:
     "Solve entropic unbalanced OT with KL marginal penalties for a batch; returns the dual potentials."
     if C.dim() == 2: a, b, C = a[None], b[None], C[None]
@@ -945,7 +946,7 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
                tau_a:float|None=0.5, # row KL penalty used to solve
                mask_a=None, mask_b=None,
                grad:str='paper', # 'paper', 'official' or 'none', as for `plan_factors`
-               block:int|None=BLOCK, # CPU: cost entries per row block; None: the whole tensor at once
+               block:int|None=BLOCK, # CPU: cost entries per block; None: the whole tensor at once
               ) -> PlanStats:
     "$r$, $E\\mathbf1$, $(C\\odot E)\\mathbf1$, $(E\\log E)\\mathbf1$ and $r^\\top E$ of the plan `plan_factors` would build, in one pass."
     a, pb = _plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad, block)
