@@ -17,11 +17,11 @@ from .sinkhorn import uot_marginal_error
 
 # %% auto #0
 __all__ = ['METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'CONFIG_GOALS', 'CONFIGS',
-           'time_call', 'peak_memory', 'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials',
-           'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics', 'train_step_times', 'bench_case',
-           'profile_case', 'parse_variant', 'torch_threads', 'step_time', 'eval_time', 'training_throughput',
-           'throughput_targets', 'throughput_markdown', 'config_targets', 'evaluate_targets', 'results_markdown',
-           'run_bench']
+           'time_call', 'peak_memory', 'cpu_counters', 'other_load', 'exp_throughput', 'make_problem', 'has_module',
+           'geomloss_potentials', 'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics',
+           'train_step_times', 'bench_case', 'profile_case', 'parse_variant', 'torch_threads', 'step_time', 'eval_time',
+           'training_throughput', 'throughput_targets', 'throughput_markdown', 'config_targets', 'evaluate_targets',
+           'results_markdown', 'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -90,6 +90,28 @@ def peak_memory(fn:Callable, # function of no arguments
     events.sort(key=lambda e: e.start_ns())
     running = itertools.accumulate(e.nbytes() for e in events)
     return float(max(0, max(running, default=0)))
+
+# %% ../nbs/11_bench.ipynb #0c704801
+def cpu_counters() -> dict|None:
+    "Busy and stolen CPU seconds of the whole machine, this process's CPU seconds, wall time; None without `/proc/stat`."
+    try: fields = open('/proc/stat').readline().split()
+    except OSError: return None
+    if not fields or fields[0] != 'cpu': return None
+    hz, ticks = os.sysconf('SC_CLK_TCK'), [int(v) for v in fields[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (ticks + [0] * 8)[:8]
+    t = os.times()
+    return dict(busy_s=(user + nice + system + irq + softirq) / hz, steal_s=steal / hz,
+                own_s=t.user + t.system + t.children_user + t.children_system, wall_s=time.perf_counter(),
+                cpus=os.cpu_count() or 1)
+
+def other_load(before:dict|None, # `cpu_counters()` at the start
+               after:dict|None # `cpu_counters()` at the end
+              ) -> dict|None: # `other` and `steal`: shares of all CPUs over the interval
+    "Share of the machine's CPUs used by other processes, and stolen by the host, between two `cpu_counters` readings."
+    if not before or not after: return None
+    span = max(after['wall_s'] - before['wall_s'], 1e-9) * after['cpus']
+    other = (after['busy_s'] - before['busy_s']) - (after['own_s'] - before['own_s'])
+    return dict(other=min(max(other / span, 0.), 1.), steal=min(max((after['steal_s'] - before['steal_s']) / span, 0.), 1.))
 
 # %% ../nbs/11_bench.ipynb #bf3ad384
 def exp_throughput(device:torch.device=torch.device('cpu'), # device to measure
@@ -672,13 +694,19 @@ def _fmt(v, kind='g'):
     if kind == 'mib': return f"{v:.1f}"
     return f"{v:.5g}" if isinstance(v, float) else str(v)
 
+def _load_line(load:dict|None) -> str:
+    if not load: return ''
+    quiet = load['other'] <= 0.1
+    return (f" Other processes used {100 * load['other']:.0f} % of the CPUs during the run, the host stole "
+            f"{100 * load['steal']:.0f} %" + ('.' if quiet else ': **not a quiet machine**, timings are pessimistic.'))
+
 def results_markdown(results:dict) -> str:
     "The results as Markdown: machine line, per-case table, targets table and the VGG19 step."
     m, c = results['machine'], results['config']
     lines = [f"**Device** {m.get('gpu') or m.get('cpu_model') or m['processor']} ({m['device']}, {m['torch_threads']} torch threads), "
              f"torch {results['versions']['torch']}, {results['date']}. "
              f"`exp` floor: {results['exp_rate'] / 1e9:.2f} G exp/s in cache. "
-             f"Stride {c['stride']}; POT {c['pot_iters']} iterations." + (" Quick run." if c['quick'] else '')]
+             f"Stride {c['stride']}; POT {c['pot_iters']} iterations." + (" Quick run." if c['quick'] else '') + _load_line(m.get('load'))]
     groups = list(dict.fromkeys((r['size'], r.get('threads')) for r in results['cases']))
     for size, threads in groups:     # one table per map size and thread count
         lines += ['', f"*Map {size}×{size} (crop {size * c['stride']}), {threads or m['torch_threads']} torch thread"
@@ -768,7 +796,7 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
     bad = [m for m in methods if m not in METHODS]
     if bad: raise ValueError(f"unknown methods {bad}; choose among {METHODS}")
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
-    t_start = time.perf_counter()
+    t_start, counters = time.perf_counter(), cpu_counters()
     exp_rate = exp_throughput(device)
     log(f"bench on {device}: exp floor {exp_rate / 1e9:.2f} G exp/s")
     config = dict(quick=quick, batch_sizes=sorted({c['batch_size'] for c in configs}),
@@ -815,6 +843,7 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
                                                           row_limit=12, gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
             finally: torch.set_num_threads(before)
     results['total_time_s'] = time.perf_counter() - t_start
+    results['machine']['load'] = other_load(counters, cpu_counters())
     (out_dir / f'{stem}.json').write_text(json.dumps(_finite(results), indent=1, allow_nan=False))
     (out_dir / f'{stem}.md').write_text(results_markdown(results))
     log(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')} in {results['total_time_s']:.0f} s")

@@ -113,6 +113,9 @@ class _Problem:
     cols: list  # per image, the leading columns a pass visits
     real: list  # per image, the number of real columns
     block: int|None  # cost entries per block (whole images or rows of one); None: the whole tensor at once
+    empty: torch.Tensor  # (B, 1) bool, images without points
+    cols_t: torch.Tensor  # (B, 1) `cols` as a tensor of the cost's dtype
+    padded: bool  # any padded column or image without points (else the padded soft-mins are skipped)
     CT: torch.Tensor|None = None  # transposed cost with padding zeroed, made by `update_g` on first use
 
 def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, block=BLOCK):
@@ -136,7 +139,9 @@ def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, block=BLOCK):
     else:
         first = torch.arange(m, device=C.device)[None] < torch.tensor(real, device=C.device)[:, None]
         cols = [k if p else m for k, p in zip(real, (first == ~pad).all(1).tolist())]
-    return _Problem(C, lmu, lnu, la, lb, tau_a, tau_b, lmu.exp(), pad, cols, real, block)
+    empty = torch.tensor([k == 0 for k in real], device=C.device)[:, None]
+    return _Problem(C, lmu, lnu, la, lb, tau_a, tau_b, lmu.exp(), pad, cols, real, block, empty,
+                    C.new_tensor(cols)[:, None], bool(pad.any()) or 0 in real)
 
 def _col(e): return e[:, None] if isinstance(e, torch.Tensor) else e
 
@@ -230,17 +235,16 @@ def _row_dots(K:torch.Tensor, # `(b, r, mb)` block (contiguous)
 def _sums_ok(pb:_Problem, R, S, w) -> torch.Tensor:
     "Per image: row sums `R` and column sums `S` (with row weights `w`) finite and well above the floor's error."
     trust = _floor(R.dtype)[1]
-    rows = (R >= R.new_tensor(pb.cols)[:, None] * trust) & (R < math.inf)
+    rows = (R >= pb.cols_t.to(R.dtype) * trust) & (R < math.inf)
     cols = ((S >= w.sum(1, keepdim=True) * trust) & (S > 0) & (S < math.inf)) | pb.pad
-    return rows.all(1) & cols.all(1) | torch.tensor([k == 0 for k in pb.real], device=R.device)
+    return rows.all(1) & cols.all(1) | pb.empty[:, 0]
 
 def _padded_softmins(pb:_Problem, f, g, e):
     "Soft-mins over zero-cost padded entries: `(B, 1)` for the rows of an image without points, `(B, 1)` for its padded columns."
     ec = e[:, None]
     return -ec * torch.logsumexp(pb.lnu + g / ec, 1, keepdim=True), -ec * torch.logsumexp(pb.lmu + f / ec, 1, keepdim=True)
 
-def _no_points(pb:_Problem) -> torch.Tensor:
-    return torch.tensor([k == 0 for k in pb.real], device=pb.C.device)[:, None]
+def _no_points(pb:_Problem) -> torch.Tensor: return pb.empty
 
 def _exact_softmins(pb:_Problem, b:int, f, g, e):
     "Row and column soft-mins of image `b` with `softmin` (the fallback of the passes)."
@@ -257,9 +261,10 @@ def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[tor
     for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e):
         R[bs, r0:r1] = K.sum(2)
         S[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
-    prow, pcol = _padded_softmins(pb, f, g, e)
-    row = torch.where(_no_points(pb), prow, f - e[:, None] * R.log())
-    col = torch.where(pb.pad, pcol, g + e[:, None] * (pb.lnu - S.log()))
+    row, col = f - e[:, None] * R.log(), g + e[:, None] * (pb.lnu - S.log())
+    if pb.padded:
+        prow, pcol = _padded_softmins(pb, f, g, e)
+        row, col = torch.where(_no_points(pb), prow, row), torch.where(pb.pad, pcol, col)
     for b in (~_sums_ok(pb, R, S, pb.mu)).nonzero()[:, 0].tolist():
         row[b], col[b] = _exact_softmins(pb, b, f, g, e)
     return row, col
