@@ -202,7 +202,8 @@ test_eq(softmin(0.1, torch.zeros(2, 4, 0), torch.zeros(2, 0)).shape, (2, 4))
 # map, 200 points: two images per block), so small images do not pay one set of operations each; an image larger
 # than a block is cut into row blocks. On other devices (or `block=None`) the whole tensor at once. Measured here
 # (B=8, official mode, forward and backward): 2^19 / 2^20 / 2^21 entries gave 43 / 46 / 52 ms at 32×32 with one
-# thread, 28 / 25 / 33 ms with two; 365 / 347 / 373 and 227 / 194 / 218 ms at 64×64 with 500 points. The cost is not copied: padded entries are skipped or weighted out rather than overwritten.
+# thread, 28 / 25 / 33 ms with two; 365 / 347 / 373 and 227 / 194 / 218 ms at 64×64 with 500 points. The cost is
+# not copied: padded entries are skipped or weighted out rather than overwritten.
 # `update_f` / `update_g` are the two half-steps of Eq. 6 written with `softmin`: the reference that the faster passes
 # below are tested against, and their fallback.
 
