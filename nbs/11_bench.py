@@ -158,8 +158,8 @@ def peak_memory(fn:Callable, # function of no arguments
 # %% [markdown]
 # A check with known sizes: a 4 MB tensor, its exponential (8 MB live), the first freed, a doubled copy
 # (8 MB live again); the peak is 8 MB and inputs that exist before the call do not count. Live tensor bytes are exact;
-# the resident set counts whole pages and a little of the interpreter's own memory (here within 0.5 MB; measured
-# 9.66-10.04 MB for the 10 MB buffer over repeated runs).
+# the resident set counts whole pages and a little of the interpreter's own memory (measured 9.66-10.04 MB for the
+# 10 MB buffer over repeated runs, and up to 9.03 MB for the 8 MB case inside a busy test worker).
 
 # %%
 def _two_live_buffers(x):
@@ -171,8 +171,9 @@ test_close(peak_memory(lambda: torch.zeros(250, 1000).sum(), method='profiler'),
 if _rss_peak(lambda: None) is not None:
     _two_live_buffers(x0)                # first-call costs (a second thread's stack, lazy set-up) are not the call's
     for _ in range(2):                   # the second time the freed pages of the first are back with the system too
-        test_close(peak_memory(lambda: _two_live_buffers(x0)), 8e6, eps=5e5)
-        test_close(peak_memory(lambda: torch.zeros(2500, 1000).sum()), 1e7, eps=5e5)
+        for fn, live in ((lambda: _two_live_buffers(x0), 8e6), (lambda: torch.zeros(2500, 1000).sum(), 1e7)):
+            peak = peak_memory(fn)         # every live page counted; at most 1.5 MB of the interpreter's own on top
+            assert live - 5e5 <= peak <= live + 1.5e6, (peak, live)
 test_fail(lambda: peak_memory(lambda: None, method='tracemalloc'), contains="method must be")
 
 
