@@ -382,8 +382,6 @@ def _padded_softmins(pb:_Problem, f, g, e):
     ec = e[:, None]
     return -ec * torch.logsumexp(pb.lnu + g / ec, 1, keepdim=True), -ec * torch.logsumexp(pb.lmu + f / ec, 1, keepdim=True)
 
-def _no_points(pb:_Problem) -> torch.Tensor: return pb.empty
-
 def _exact_softmins(pb:_Problem, b:int, f, g, e):
     "Row and column soft-mins of image `b` with `softmin` (the fallback of the passes)."
     Cb, eb = _masked_cost(pb, slice(b, b + 1)), e[b:b + 1]
@@ -402,7 +400,7 @@ def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[tor
     row, col = f - e[:, None] * R.log(), g + e[:, None] * (pb.lnu - S.log())
     if pb.padded:
         prow, pcol = _padded_softmins(pb, f, g, e)
-        row, col = torch.where(_no_points(pb), prow, row), torch.where(pb.pad, pcol, col)
+        row, col = torch.where(pb.empty, prow, row), torch.where(pb.pad, pcol, col)
     for b in (~_sums_ok(pb, R, S, pb.mu)).nonzero()[:, 0].tolist():
         row[b], col[b] = _exact_softmins(pb, b, f, g, e)
     return row, col
@@ -568,7 +566,7 @@ def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:t
         fn[bs, r0:r1], W[bs, r0:r1] = fb, w
         S[bs, :mb] += _col_sums(w, K)
         S0[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
-    empty = _no_points(pb)
+    empty = pb.empty
     prow, pcol0 = _padded_softmins(pb, f, g, e)
     fn = torch.where(empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
     pcol = _padded_softmins(pb, fn, g, e)[1]

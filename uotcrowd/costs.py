@@ -44,13 +44,16 @@ def sqdist_cost(d:torch.Tensor, **kwargs) -> torch.Tensor:
     "Cost $L^2$: the squared (scaled) Euclidean distance."
     return d * d
 
+def _shifted(c:torch.Tensor, shift:bool) -> torch.Tensor:
+    "`c - 1` if `shift` (in place unless autograd needs `c`: torch's CPU `expm1` is not vectorized, 5x slower than `exp`)."
+    return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
+
 def exp_cost(d:torch.Tensor, # scaled distances
              eta:float=0.6, # length scale of the exponential
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
              **kwargs) -> torch.Tensor:
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
-    c = (d / eta).exp_()                       # (torch's CPU expm1 is not vectorized: 5x slower than exp)
-    return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
+    return _shifted((d / eta).exp_(), shift)
 
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
@@ -68,8 +71,7 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      shift:bool=True, # subtract 1 so the cost is 0 at distance 0
                      **kwargs) -> torch.Tensor:
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
-    c = torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_()
-    return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
+    return _shifted(torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_(), shift)
 
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
 
