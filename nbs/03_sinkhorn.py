@@ -566,13 +566,14 @@ def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:t
         fn[bs, r0:r1], W[bs, r0:r1] = fb, w
         S[bs, :mb] += _col_sums(w, K)
         S0[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
-    empty = pb.empty
-    prow, pcol0 = _padded_softmins(pb, f, g, e)
-    fn = torch.where(empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
-    pcol = _padded_softmins(pb, fn, g, e)[1]
-    col = torch.where(pb.pad, pcol, g + eps * (pb.lnu - S.log()))
+    row, col0, col = f - eps * R.log(), g + eps * (pb.lnu - S0.log()), g + eps * (pb.lnu - S.log())
+    if pb.padded:                                            # zero-cost padded entries: their own soft-mins
+        prow, pcol0 = _padded_softmins(pb, f, g, e)
+        fn = torch.where(pb.empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
+        pcol = _padded_softmins(pb, fn, g, e)[1]
+        row, col0, col = torch.where(pb.empty, prow, row), torch.where(pb.pad, pcol0, col0), torch.where(pb.pad, pcol, col)
     gn = torch.lerp(g, lam_b * (eps * pb.lb + col), om)
-    err = _errors(pb, f, g, e, torch.where(empty, prow, f - eps * R.log()), torch.where(pb.pad, pcol0, g + eps * (pb.lnu - S0.log())))
+    err = _errors(pb, f, g, e, row, col0)
     ok = _sums_ok(pb, R, S, W) & _sums_ok(pb, R, S0, pb.mu) | ~active
     for b in (~ok).nonzero()[:, 0].tolist():
         fn[b], gn[b], err[b] = _exact_relaxed(pb, b, f, g, e, omega)
@@ -647,6 +648,10 @@ for b in range(3):
     fx, gx, ex = _exact_relaxed(pb16, b, f1, g1, _temps(0.01, 3, C16), om_)
     test_close(fn_[b], fx, eps=1e-5); test_close(gn_[b], gx, eps=1e-4 * gx.abs().max()); test_close(err_[b], ex, eps=1e-5)
 test_close(err_, marginal_error(pb16, f1, g1, 0.01), eps=1e-6)
+pb1 = _setup(A16[:1], mk16[:1].float(), C16[:1], 0.5, 0.5, None, mk16[:1], 'product'); assert not pb1.padded
+fx, gx, ex = _exact_relaxed(pb1, 0, f1[:1], g1[:1], _temps(0.01, 1, C16), om_[:1])   # no padding: padded soft-mins skipped
+fn1, gn1, err1 = relaxed_pair(pb1, f1[:1], g1[:1], 0.01, om_[:1])
+test_close(fn1[0], fx, eps=1e-5); test_close(gn1[0], gx, eps=1e-4 * gx.abs().max()); test_close(err1[0], ex, eps=1e-5)
 pp, pa = (converged_loop(pb16, scheds, 0.01, tol=1e-5, omega=om) for om in (1., None))    # float32 bottoms out near 1e-6
 print(f"pairs to 1e-5: plain {pp[2]}, adaptive over-relaxation {pa[2]}")
 assert pa[2] < pp[2] / 2 and (pp[3] < 1e-5).all() and (pa[3] < 1e-5).all()

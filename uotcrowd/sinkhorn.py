@@ -355,13 +355,14 @@ def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:t
         fn[bs, r0:r1], W[bs, r0:r1] = fb, w
         S[bs, :mb] += _col_sums(w, K)
         S0[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
-    empty = pb.empty
-    prow, pcol0 = _padded_softmins(pb, f, g, e)
-    fn = torch.where(empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
-    pcol = _padded_softmins(pb, fn, g, e)[1]
-    col = torch.where(pb.pad, pcol, g + eps * (pb.lnu - S.log()))
+    row, col0, col = f - eps * R.log(), g + eps * (pb.lnu - S0.log()), g + eps * (pb.lnu - S.log())
+    if pb.padded:                                            # zero-cost padded entries: their own soft-mins
+        prow, pcol0 = _padded_softmins(pb, f, g, e)
+        fn = torch.where(pb.empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
+        pcol = _padded_softmins(pb, fn, g, e)[1]
+        row, col0, col = torch.where(pb.empty, prow, row), torch.where(pb.pad, pcol0, col0), torch.where(pb.pad, pcol, col)
     gn = torch.lerp(g, lam_b * (eps * pb.lb + col), om)
-    err = _errors(pb, f, g, e, torch.where(empty, prow, f - eps * R.log()), torch.where(pb.pad, pcol0, g + eps * (pb.lnu - S0.log())))
+    err = _errors(pb, f, g, e, row, col0)
     ok = _sums_ok(pb, R, S, W) & _sums_ok(pb, R, S0, pb.mu) | ~active
     for b in (~ok).nonzero()[:, 0].tolist():
         fn[b], gn[b], err[b] = _exact_relaxed(pb, b, f, g, e, omega)
