@@ -152,13 +152,13 @@ def write_model(src:str|Path, # a checkpoint written by `fit` (full or slim)
 # %% [markdown]
 # The committed models are written by `publish_model` from the experiments' results, so a model file and the
 # table it comes from cannot disagree. Today the repository holds the ShanghaiTech B run with the lowest validation
-# MAE so far: the generalized loss, seed 0, of the [runs to convergence](experiments/shb_mcnn_convergence.ipynb)
-# (140 epochs, bf16; best validation MAE 18.7, against 27.5 for the learning-rate pilot and 40 or more for the 20-epoch
-# runs):
+# MAE so far: the generalized loss with the transport solved to 10⁻³ marginal error (`mode='converged'`), seed 0, of
+# the [runs to convergence](experiments/shb_mcnn_convergence.ipynb) (224 epochs, bf16; best validation MAE 15.9, against
+# 18.7 for the official recipe's seed 0, 27.5 for the learning-rate pilot and 40 or more for the 20-epoch runs):
 
 # %%
 #| export
-PUBLISHED = {'shb-mcnn-gl': ('nbs/experiments/results/shb_mcnn.csv', 'nbs/experiments/results/shb_mcnn/plateau5/gl_s0/best.pt')}
+PUBLISHED = {'shb-mcnn-gl': ('nbs/experiments/results/shb_mcnn.csv', 'nbs/experiments/results/shb_mcnn/plateau5/gl-converged_s0/best.pt')}
 
 def publish_model(name:str, # a key of `PUBLISHED`
                   root:str|Path, # the repository checkout

@@ -97,7 +97,7 @@ def write_model(src:str|Path, # a checkpoint written by `fit` (full or slim)
     return save_checkpoint(slim, dst)
 
 # %% ../nbs/11a_counter.ipynb #87e8cec4
-PUBLISHED = {'shb-mcnn-gl': ('nbs/experiments/results/shb_mcnn.csv', 'nbs/experiments/results/shb_mcnn/plateau5/gl_s0/best.pt')}
+PUBLISHED = {'shb-mcnn-gl': ('nbs/experiments/results/shb_mcnn.csv', 'nbs/experiments/results/shb_mcnn/plateau5/gl-converged_s0/best.pt')}
 
 def publish_model(name:str, # a key of `PUBLISHED`
                   root:str|Path, # the repository checkout
