@@ -186,21 +186,27 @@ runs = sorted(d for d in STUDY.glob('*_s*') if (d / 'log.csv').exists()) if STUD
 print(pd.DataFrame([progress(d) for d in runs]).round(2).to_string(index=False) if runs else 'no runs yet')
 
 # %% [markdown]
-# Validation curves (mean of five validations, the quantity the patience rule compares; dotted: learning-rate
-# decays):
+# Validation curves, one panel per seed (each seed holds out its own 40 validation images, so the levels differ
+# between panels): the mean of five validations, the quantity the patience rule compares; dotted lines mark the
+# learning-rate decays, a line's end the epoch its run stopped (or has reached so far):
 
 # %%
 if runs:
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for d in runs:
-        log = list(csv.DictReader(open(d / 'log.csv')))
-        ep = [int(r['epoch']) + 1 for r in log if r['val_mae']]; v = [float(r['val_mae']) for r in log if r['val_mae']]
-        if len(v) >= 5: ax.plot(ep[4:], np.convolve(v, np.ones(5) / 5, 'valid'), label=d.name)
-        lrs = [float(r['lr']) for r in log]
-        for e, (l0, l1) in enumerate(zip(lrs, lrs[1:]), 2):
-            if l1 < l0: ax.axvline(e, color=ax.lines[-1].get_color() if ax.lines else 'k', ls=':', lw=1)
-    ax.set(xlabel='epoch', ylabel='validation MAE (mean of 5)', ylim=(0, None)); ax.legend(fontsize=8); ax.grid(alpha=0.3)
-    plt.show()
+    seeds = sorted({int(d.name.rsplit('_s', 1)[1]) for d in runs})
+    colors = {loss: f"C{i}" for i, loss in enumerate(['gl', 'gl-converged', 'l2', 'bl', 'dmcount-norm'])}
+    fig, axes = plt.subplots(1, len(seeds), figsize=(3.4 * len(seeds), 3), sharey=True, squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        for d in [d for d in runs if d.name.endswith(f'_s{seed}')]:
+            loss = d.name.rsplit('_s', 1)[0]; log = list(csv.DictReader(open(d / 'log.csv')))
+            ep = [int(r['epoch']) + 1 for r in log if r['val_mae']]; v = [float(r['val_mae']) for r in log if r['val_mae']]
+            if len(v) >= 5: ax.plot(ep[4:], np.convolve(v, np.ones(5) / 5, 'valid'), color=colors.get(loss, 'k'), label=loss)
+            lrs = [float(r['lr']) for r in log]
+            for e, (l0, l1) in enumerate(zip(lrs, lrs[1:]), 2):
+                if l1 < l0: ax.axvline(e, color=colors.get(loss, 'k'), ls=':', lw=1)
+        ax.set(title=f'seed {seed}', xlabel='epoch'); ax.grid(alpha=0.3)
+    top = max(l.get_ydata().max() for ax in axes[0] for l in ax.lines if len(l.get_ydata()) > 2)
+    axes[0, 0].set_ylim(0, 1.05 * top); axes[0, 0].set_ylabel('validation MAE (mean of 5)'); axes[0, 0].legend(fontsize=7)
+    fig.tight_layout(); plt.show()
 
 # %% [markdown]
 # Test results of the finished runs: mean ± standard deviation over seeds per loss, then every pair of losses
