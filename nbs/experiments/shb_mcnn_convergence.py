@@ -102,6 +102,7 @@ for label, run in pilots.items():
 ax.set(xlabel='epoch', ylabel='validation MAE', ylim=(0, None)); ax.legend(fontsize=8); ax.grid(alpha=0.3)
 plt.show()
 
+
 # %% [markdown]
 # **Decision.** Both pilots validate best around epoch 52 (27.5 at $10^{-3}$, 28.4 at $10^{-4}$: single lucky
 # validations), but the mean of five consecutive validations, which is what the patience rule of the study
@@ -124,7 +125,11 @@ plt.show()
 # windows), so the shortfall is in what it learned for dense heads, not in the evaluation.
 
 # %%
-pi = pd.read_csv(RESULTS / 'shb_mcnn' / 'plateau' / 'gl_s0' / 'eval-test' / 'per_image.csv')
+def per_image_of(checkpoint):
+    "Per-photo test errors of an evaluated run, from the `eval-test` folder beside its `checkpoint` (relative to the repo)."
+    return pd.read_csv(ROOT / Path(checkpoint).parent / 'eval-test' / 'per_image.csv')
+
+pi = per_image_of('nbs/experiments/results/shb_mcnn/plateau/gl_s0/best.pt')
 fig, (a0, a1) = plt.subplots(1, 2, figsize=(8, 3.2))
 a0.scatter(pi.gt_count, pi.pred_count, s=6, alpha=0.6); lim = max(pi.gt_count.max(), pi.pred_count.max())
 a0.plot([0, lim], [0, lim], 'k--', lw=1); a0.set(xlabel='annotated count', ylabel='predicted count', title='GL pilot, test images')
@@ -223,10 +228,10 @@ def paired_difference(by, first, second):
 
 if len(study):
     summary = study.groupby('loss').agg(seeds=('seed', 'nunique'), mae=('mae', 'mean'), mae_sd=('mae', 'std'),
-                                        rmse=('rmse', 'mean'), f1_8=('f1_8', 'mean'), epochs=('epochs', 'mean'))
-    print(summary.sort_values('mae').round(2).to_string())
+                                        rmse=('rmse', 'mean'), f1_8=('f1_8', 'mean'), epochs=('epochs', 'mean')).sort_values('mae')
+    print(summary.round(2).to_string())
     by = study.pivot_table(index='seed', columns='loss', values='mae')
-    order = list(summary.sort_values('mae').index)
+    order = list(summary.index)
     for i, first in enumerate(order):
         for second in order[i + 1:]:
             mean, ci, wins, n = paired_difference(by, first, second)
@@ -260,7 +265,6 @@ def image_bootstrap(first, second, n_boot=2000, seed=0):
     lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
     return d.mean(), lo, hi
 
-per_image_of = lambda r: pd.read_csv(ROOT / Path(r.checkpoint).parent / 'eval-test' / 'per_image.csv')
 pairs = [('gl-converged', 'gl'), ('gl', 'l2'), ('l2', 'bl'), ('gl-converged', 'l2')]
 boot = []
 for seed, rows in study.groupby('seed'):
@@ -268,7 +272,7 @@ for seed, rows in study.groupby('seed'):
     for first, second in pairs:
         if first in rows.index and second in rows.index:
             a, b = rows.loc[first], rows.loc[second]
-            pa, pb = per_image_of(a), per_image_of(b)
+            pa, pb = per_image_of(a.checkpoint), per_image_of(b.checkpoint)
             test_eq(sorted(pa.name), sorted(pb.name))
             diff, lo, hi = image_bootstrap(pa, pb)
             test_close(diff, a.mae - b.mae, eps=1e-2)  # the per-photo errors give back the rows' MAE
@@ -305,9 +309,8 @@ if len(transport):
     rows = []
     for r in transport.itertuples():
         best_val = torch.load(ROOT / r.checkpoint, weights_only=True)['best_mae']
-        per_image = pd.read_csv(ROOT / Path(r.checkpoint).parent / 'eval-test' / 'per_image.csv')
         rows.append(dict(loss=r.loss, seed=r.seed, epochs=r.epochs, best_val_mae=best_val, test_mae=r.mae, rmse=r.rmse,
-                         f1_8=r.f1_8, **quartile_errors(per_image, labels=['q1', 'q2', 'q3', 'q4']).to_dict()))
+                         f1_8=r.f1_8, **quartile_errors(per_image_of(r.checkpoint), labels=['q1', 'q2', 'q3', 'q4']).to_dict()))
     print(pd.DataFrame(rows).round(2).to_string(index=False))
 
 # %% [markdown]
