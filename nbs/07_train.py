@@ -183,6 +183,7 @@ class TrainConfig:
     lr_patience:int|None=None # multiply the learning rate by `lr_decay` after this many epochs without improvement
     lr_decay:float=0.1 # factor of each learning-rate decay (see `lr_patience`)
     val_window:int=1 # `patience` and `lr_patience` compare the mean of the last this-many validation MAEs
+    plateau_start:int=0 # `patience` and `lr_patience` ignore the first this-many epochs (a warm-up at `lr`)
     max_steps:int|None=None # at most this many steps per epoch (smoke tests)
     model:str|None=None # model name for `uotcrowd.models.get_model`
     model_kwargs:dict=field(default_factory=dict) # its keyword arguments
@@ -197,6 +198,7 @@ class TrainConfig:
         if self.max_epoch < 1: raise ValueError(f"max_epoch must be >= 1, got {self.max_epoch}")
         if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.val_epoch < 1: raise ValueError(f"val_epoch must be >= 1, got {self.val_epoch}")
+        if self.plateau_start < 0: raise ValueError(f"plateau_start must be >= 0, got {self.plateau_start}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.out_dir = str(self.out_dir)
@@ -224,6 +226,7 @@ cfg = TrainConfig(out_dir=Path('x'), model='mcnn', loss_kwargs={'eps': 0.01})
 test_eq(TrainConfig.from_dict(cfg.to_dict()), cfg)
 test_eq(TrainConfig.from_dict({**cfg.to_dict(), 'unknown_key': 1}), cfg)
 test_fail(lambda: TrainConfig(val_epoch=0), contains='val_epoch')
+test_fail(lambda: TrainConfig(plateau_start=-1), contains='plateau_start must be >= 0, got -1')
 test_fail(lambda: TrainConfig(precision='half'), contains='precision must be one of auto, fp32')
 # configs written before `precision` existed trained in float32, or float16 with `amp`
 test_eq([TrainConfig.from_dict({'amp': a}).precision for a in (False, True)], ['fp32', 'fp16'])
@@ -786,17 +789,19 @@ test_fail(lambda: load_weights(_small, {'model': {'x.weight': torch.zeros(1)}}, 
 # validation MAE the learning rate is multiplied by `lr_decay` (and the count starts again), and after `patience`
 # epochs without one the run stops. On a small validation set the MAE jumps from one validation to the next, and one
 # lucky value would stop a run that is still improving: `val_window` compares the mean of the last few validations
-# instead. Both are read off the log (`history`) alone, so a resumed run continues with
+# instead. Early in training from scratch the validation MAE can swing by tens of people between validations, and
+# the counts would run out inside that swing: `plateau_start` lets the rules watch only the epochs after a warm-up
+# at the first learning rate. All of it is read off the log (`history`) alone, so a resumed run continues with
 # exactly the learning rate and counters it had, and nothing but the log needs to be stored.
 
 # %%
 #| export
 def plateau_schedule(history:Sequence[dict], # rows of `log.csv` so far (`val_mae` None where not validated)
-                     cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`
+                     cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`, `val_window`, `plateau_start`
                     ) -> tuple[float, bool]: # learning rate of the next epoch, whether to stop
     "The learning rate for the next epoch and whether the patience is spent, from the log alone."
     lr, best, since_best, since_decay, maes = cfg.lr, math.inf, 0, 0, []
-    for row in history:
+    for row in history[cfg.plateau_start:]:
         since_best += 1; since_decay += 1
         if row.get('val_mae') is not None:
             maes.append(row['val_mae'])
@@ -821,6 +826,11 @@ test_eq(plateau_schedule(_rows([5, 4, 4, 4]), TrainConfig(lr=1.0)), (1.0, False)
 _noisy = [9, 8, 2, 7, 6, 5.5, 5, 4.5]
 test_eq(plateau_schedule(_rows(_noisy), TrainConfig(lr=1.0, patience=5))[1], True)
 test_eq(plateau_schedule(_rows(_noisy), TrainConfig(lr=1.0, patience=5, val_window=3)), (1.0, False))
+# a warm-up: the lucky 2 at epoch 2 is not watched, so the later 7, 6, 5.5, ... are improvements, not a plateau
+test_eq(plateau_schedule(_rows(_noisy), TrainConfig(lr=1.0, patience=5, plateau_start=3)), (1.0, False))
+test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7, 7, 7]), TrainConfig(lr=1.0, lr_patience=2, lr_decay=0.5, plateau_start=3)),
+        (0.5, False))  # watched from epoch 3: best 7, two epochs without a better one, then a halving
+test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7]), TrainConfig(lr=1.0, lr_patience=2, plateau_start=10)), (1.0, False))
 
 
 # %% [markdown]

@@ -195,19 +195,21 @@ def test_ddp_time_budget_stops_every_rank_at_the_same_step(tmp_path):
     assert len(rows) == ckpt['epoch'] and rows[-1]['val_mae']  # the interrupted epoch was validated and saved
 
 
-def test_patience_stops_and_a_finished_run_stays_finished(tmp_path):
-    "lr 0: the validation MAE never improves after epoch 1, so patience 2 stops after epoch 3; resuming adds nothing."
+@pytest.mark.parametrize('plateau_start,epochs', [(0, 3), (2, 5)])
+def test_patience_stops_and_a_finished_run_stays_finished(tmp_path, plateau_start, epochs):
+    """lr 0: the validation MAE never improves after the first watched epoch, so patience 2 stops two epochs after it
+    (after epoch 3, or 5 with the first two epochs a warm-up); resuming adds nothing."""
     train_ds, val_ds, _ = tiny_data()
     def go(resume=None):
         seed_everything(0)
         model = get_model('mcnn')
         cfg = TrainConfig(out_dir=str(tmp_path / 'p'), max_epoch=10, batch_size=4, lr=0., quiet=True, seed=3,
-                          patience=2, lr_patience=1, lr_decay=0.5, resume=resume, device='cpu', model='mcnn',
-                          loss='gl', dataset='synthetic')
+                          patience=2, lr_patience=1, lr_decay=0.5, plateau_start=plateau_start, resume=resume,
+                          device='cpu', model='mcnn', loss='gl', dataset='synthetic')
         return fit(model, get_loss('gl', stride=model.stride), train_ds, val_ds, cfg)
     res = go()
-    assert res['converged'] and res['epochs'] == 3 and res['best_epoch'] == 0
-    assert [h['val_mae'] for h in res['history']] == [res['history'][0]['val_mae']] * 3
+    assert res['converged'] and res['epochs'] == epochs and res['best_epoch'] == 0
+    assert [h['val_mae'] for h in res['history']] == [res['history'][0]['val_mae']] * epochs
     again = go(resume=str(tmp_path / 'p' / 'last.pt'))
-    assert again['converged'] and again['epochs'] == 3 and len(again['history']) == 3
-    assert load_checkpoint(tmp_path / 'p' / 'last.pt')['epoch'] == 3
+    assert again['converged'] and again['epochs'] == epochs and len(again['history']) == epochs
+    assert load_checkpoint(tmp_path / 'p' / 'last.pt')['epoch'] == epochs

@@ -109,6 +109,7 @@ class TrainConfig:
     lr_patience:int|None=None # multiply the learning rate by `lr_decay` after this many epochs without improvement
     lr_decay:float=0.1 # factor of each learning-rate decay (see `lr_patience`)
     val_window:int=1 # `patience` and `lr_patience` compare the mean of the last this-many validation MAEs
+    plateau_start:int=0 # `patience` and `lr_patience` ignore the first this-many epochs (a warm-up at `lr`)
     max_steps:int|None=None # at most this many steps per epoch (smoke tests)
     model:str|None=None # model name for `uotcrowd.models.get_model`
     model_kwargs:dict=field(default_factory=dict) # its keyword arguments
@@ -123,6 +124,7 @@ class TrainConfig:
         if self.max_epoch < 1: raise ValueError(f"max_epoch must be >= 1, got {self.max_epoch}")
         if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.val_epoch < 1: raise ValueError(f"val_epoch must be >= 1, got {self.val_epoch}")
+        if self.plateau_start < 0: raise ValueError(f"plateau_start must be >= 0, got {self.plateau_start}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.out_dir = str(self.out_dir)
@@ -425,11 +427,11 @@ def load_weights(model:nn.Module, # the network to fill
 
 # %% ../nbs/07_train.ipynb #8d34a279
 def plateau_schedule(history:Sequence[dict], # rows of `log.csv` so far (`val_mae` None where not validated)
-                     cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`
+                     cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`, `val_window`, `plateau_start`
                     ) -> tuple[float, bool]: # learning rate of the next epoch, whether to stop
     "The learning rate for the next epoch and whether the patience is spent, from the log alone."
     lr, best, since_best, since_decay, maes = cfg.lr, math.inf, 0, 0, []
-    for row in history:
+    for row in history[cfg.plateau_start:]:
         since_best += 1; since_decay += 1
         if row.get('val_mae') is not None:
             maes.append(row['val_mae'])

@@ -17,7 +17,8 @@
 # validation MAE, the run stops after PATIENCE such epochs or at EPOCHS ("better": the mean of the last VAL_WINDOW
 # validations). plateau5 = the study's protocol, chosen on the validation curves of the GL pilots (plateau, seed 0,
 # lr 1e-3 and 1e-4): plateau with lr 1e-4 and a 5-validation window (best 5-window validation MAE 37.6 at lr 1e-4
-# against 42.2 at lr 1e-3). LR sets the starting learning rate. PRECISION: fp32 or bf16 (autocast).
+# against 42.2 at lr 1e-3). PLATEAU_START: epochs at the first learning rate before the patience counts start (0 in
+# plateau5). LR sets the starting learning rate. PRECISION: fp32 or bf16 (autocast).
 set -euo pipefail
 cd "$(dirname "$0")/../.."                     # repo root
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -32,9 +33,9 @@ LOSSES=${LOSSES:-"gl l2 bl dmcount"}
 case "$PROTOCOL" in
   e20) EPOCHS=${EPOCHS:-20}; VAL_EPOCH=${VAL_EPOCH:-4}; sched=(); OUT=$RES/shb_mcnn;;
   plateau) EPOCHS=${EPOCHS:-400}; VAL_EPOCH=${VAL_EPOCH:-2}; OUT=$RES/shb_mcnn/plateau
-           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-1}");;
+           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-1}" --plateau-start "${PLATEAU_START:-0}");;
   plateau5) EPOCHS=${EPOCHS:-400}; VAL_EPOCH=${VAL_EPOCH:-2}; OUT=$RES/shb_mcnn/plateau5; LR=${LR:-1e-4}
-           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-5}");;
+           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-5}" --plateau-start "${PLATEAU_START:-0}");;
   *) echo "unknown PROTOCOL $PROTOCOL" >&2; exit 2;;
 esac
 CROP=${CROP:-256}

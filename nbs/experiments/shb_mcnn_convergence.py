@@ -252,7 +252,7 @@ else: print('no finished runs yet')
 # and BL was stopped at epoch 42. L2's start was calmer on the same seed (49 to 65) and it trained 74 epochs before
 # its first decay. The rule that ends the runs is therefore part of what the seeds measure: on this budget it
 # sometimes ends a run before it has learnt, and a warm-up before it starts counting is the change the curves above
-# suggest (it would need every arm re-run). The target (GL ≤ 35) is met on seeds 0 and 1 by both GL arms and missed
+# suggest (`TrainConfig.plateau_start`, `PLATEAU_START` in the runner; it would need every arm re-run). The target (GL ≤ 35) is met on seeds 0 and 1 by both GL arms and missed
 # on seed 2 by both; over the three seeds the solved transport averages 32.1 and the official recipe 36.2. The 40
 # validation images change with the seed, so the arms are compared seed by seed.
 
