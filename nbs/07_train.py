@@ -830,7 +830,7 @@ test_eq(plateau_schedule(_rows(_noisy), TrainConfig(lr=1.0, patience=5, val_wind
 test_eq(plateau_schedule(_rows(_noisy), TrainConfig(lr=1.0, patience=5, plateau_start=3)), (1.0, False))
 test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7, 7, 7]), TrainConfig(lr=1.0, lr_patience=2, lr_decay=0.5, plateau_start=3)),
         (0.5, False))  # watched from epoch 3: best 7, two epochs without a better one, then a halving
-test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7]), TrainConfig(lr=1.0, lr_patience=2, plateau_start=10)), (1.0, False))
+test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7]), TrainConfig(lr=1.0, lr_patience=2, plateau_start=10)), (1.0, False))  # still warming up
 
 
 # %% [markdown]
