@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
-from uotcrowd.core import get_device, seed_everything, count_metrics
+from uotcrowd.core import get_device, seed_everything, count_metrics, reuse_host_memory, HOST_MEMORY
 from uotcrowd.data import collate
 from uotcrowd.models import get_model
 
@@ -175,6 +175,7 @@ class TrainConfig:
     seed:int=0 # seed of initialisation, data order and augmentation
     deterministic:bool=False # request deterministic torch kernels
     num_workers:int=0 # DataLoader worker processes
+    host_memory:str='reuse' # 'reuse': freed host memory stays in the process for the next step (glibc; see `reuse_host_memory`); 'release'
     device:str='auto' # 'auto', 'cpu', 'cuda', 'cuda:1', ...; under torchrun each process uses its LOCAL_RANK GPU
     resume:str|None=None # checkpoint (`last.pt`) to continue from
     quiet:bool=False # no progress bars and no per-epoch lines
@@ -201,6 +202,8 @@ class TrainConfig:
         if self.plateau_start < 0: raise ValueError(f"plateau_start must be >= 0, got {self.plateau_start}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.host_memory not in HOST_MEMORY:
+            raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY)}, got {self.host_memory!r}")
         self.out_dir = str(self.out_dir)
         if self.resume is not None: self.resume = str(self.resume)
 
@@ -231,6 +234,8 @@ test_fail(lambda: TrainConfig(precision='half'), contains='precision must be one
 # configs written before `precision` existed trained in float32, or float16 with `amp`
 test_eq([TrainConfig.from_dict({'amp': a}).precision for a in (False, True)], ['fp32', 'fp16'])
 test_eq(TrainConfig().precision, 'auto')
+test_eq(TrainConfig().host_memory, 'reuse')
+test_fail(lambda: TrainConfig(host_memory='cache'), contains='host_memory must be one of reuse, release')
 
 
 # %% [markdown]
@@ -845,6 +850,11 @@ test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7]), TrainConfig(lr=1.0, lr_patience
 # - `last.pt`: full state for `resume`; `best.pt`: the same for the best validation MAE so far;
 # - `log.csv` and `curves.png`.
 #
+# On the host, `fit` runs inside `reuse_host_memory(cfg.host_memory)` (see Core): with the default `'reuse'`, the
+# memory a step frees is kept for the next step instead of being handed back and faulted in again, which takes
+# 13 % off an MCNN step in float32 and 8 % in bfloat16 (B=4, 256², one thread; `uotcrowd bench`); resident memory
+# stays at the run's peak. `host_memory='release'` keeps the C library's defaults.
+#
 # The model is moved to channels_last in bf16/fp16 (and stays so after `fit`; values are unaffected), and the
 # checkpoints record the precision that ran (`'precision'`: `fp32`, `bf16` or `fp16`).
 #
@@ -1071,7 +1081,7 @@ def fit(model:nn.Module, # density model; `model.stride` is recorded in the chec
     cfg = cfg or TrainConfig()
     rank, world, device, own_group = setup_distributed(cfg.device)
     try:
-        summary = _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
+        with reuse_host_memory(cfg.host_memory): summary = _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
         if own_group and world > 1: dist.barrier()  # no rank tears gloo down while another still talks to it
         return summary
     finally:

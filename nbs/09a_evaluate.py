@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from uotcrowd.core import get_device
+from uotcrowd.core import get_device, reuse_host_memory
 from uotcrowd.data import build_datasets, synthetic_kwargs
 from uotcrowd.train import (validate, write_csv, load_model, resolve_precision, checkpoint_precision,
                             checkpoint_loc_threshold)
@@ -137,6 +137,7 @@ def evaluate_checkpoint(checkpoint:str, # checkpoint written by `uotcrowd train`
                         loc_threshold:float|None=None, # density threshold of the localization (default: the checkpoint's, chosen on validation, else 0.05)
                         precision:str|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the precision the checkpoint was trained in)
                         device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+                        host_memory:str='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
                         quiet:bool=False, # no progress bars
                        ) -> dict: # the metrics, without the per-image rows
     "Evaluate a checkpoint on a split of its dataset; writes `metrics.json` and `per_image.csv`."
@@ -158,9 +159,10 @@ def evaluate_checkpoint(checkpoint:str, # checkpoint written by `uotcrowd train`
         raise FileExistsError(f"{out} already holds {' and '.join(kept)}: choose another --out, or pass --overwrite to replace them")
     precision = resolve_precision(precision or checkpoint_precision(ckpt), device)
     loc_threshold = checkpoint_loc_threshold(ckpt) if loc_threshold is None else loc_threshold
-    res = evaluate(model, test_ds if split == 'test' else val_ds, device, thresholds=tuple(thresholds) or None,
-                   loc_threshold=loc_threshold, precision=precision, csv_path=out / 'per_image.csv',
-                   quiet=quiet or not sys.stderr.isatty())
+    with reuse_host_memory(host_memory):
+        res = evaluate(model, test_ds if split == 'test' else val_ds, device, thresholds=tuple(thresholds) or None,
+                       loc_threshold=loc_threshold, precision=precision, csv_path=out / 'per_image.csv',
+                       quiet=quiet or not sys.stderr.isatty())
     metrics = {k: v for k, v in res.items() if k != 'per_image'}
     metrics.update(checkpoint=str(checkpoint), dataset=dataset, split=split, model=ckpt.get('model_name'),
                    precision=precision, loc_threshold=loc_threshold)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
-from uotcrowd.core import get_device
+from uotcrowd.core import get_device, reuse_host_memory
 from uotcrowd.data import load_image, normalize, list_images, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.train import (models_dir, model_names, resolve_checkpoint, MODELS_ENV, load_model, load_checkpoint,
                             save_checkpoint, write_csv, checkpoint_precision, checkpoint_loc_threshold,
@@ -915,54 +915,56 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
             dpi:int=80, # resolution of the PNGs
             precision:str|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the precision the checkpoint was trained in)
             device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+            host_memory:str='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
             quiet:bool=False # no per-file lines
            ) -> list[dict]: # one dict per image (name, path, count, n_points, points, tiles, error) and per video (name, path, frames, csv)
     "Count the people in images and videos; writes `predictions.csv`, `points.json` and a PNG per image, counts per frame per video."
     from uotcrowd.plots import plot_prediction
     from uotcrowd.metrics import write_nwpu_predictions
-    counter = checkpoint if isinstance(checkpoint, Counter) else Counter(checkpoint, device=device, precision=precision,
-                                                                       loc_threshold=loc_threshold, tile=tile)
-    files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: their images and videos
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    images, videos = [f for f in files if not is_video(f)], [f for f in files if is_video(f)]
-    stems = [f.stem for f in images]
-    if len(set(stems)) < len(stems): stems = [f"{f.parent.name}_{f.stem}" for f in images]
-    results, failed = [], []
-    for f, stem in zip(images, stems):
-        try: rgb = as_rgb(f)
-        except (ValueError, OSError) as e:  # a corrupt file is reported, the others are still counted
-            print(f"uotcrowd predict: skipped {e}", file=sys.stderr, flush=True)
-            failed.append(str(f))
-            results.append({'name': stem, 'path': str(f), 'count': None, 'n_points': None, 'points': [], 'error': str(e)})
-            continue
-        r = counter(rgb)
-        results.append({'name': stem, 'path': str(f), 'count': r.count, 'n_points': len(r.points), 'tiles': r.tiles,
-                        'points': np.round(r.points.astype(np.float64), 2).tolist()})
-        if not no_plots:
-            plot_prediction(normalize(torch.from_numpy(rgb).permute(2, 0, 1)), torch.from_numpy(r.density), torch.from_numpy(r.points),
-                            title=f'{f.name}: {r.count:.1f} people', path=out / f'{stem}_pred.png', dpi=dpi)
-        if not quiet: print(f"{f}: count {r.count:.1f}, {len(r.points)} points" + (f" ({r.tiles} tiles)" if r.tiles > 1 else ''), flush=True)
-    written = []
-    if images:
-        write_csv(results, out / 'predictions.csv', ['name', 'path', 'count', 'n_points', 'tiles', 'error'])
-        good = [r for r in results if r['count'] is not None]
-        (out / 'points.json').write_text(json.dumps({r['name']: {'count': r['count'], 'points': r['points']} for r in good}))
-        written += [out / 'predictions.csv', out / 'points.json']
-        if nwpu and good:
-            ids = [int(r['name']) if str(r['name']).isdigit() else k + 1 for k, r in enumerate(good)]
-            (out / 'nwpu_count.txt').write_text(''.join(f"{i} {r['count']:.4f}\n" for i, r in zip(ids, good)))
-            written += [out / 'nwpu_count.txt', write_nwpu_predictions(out / 'nwpu_loc.txt', {i: np.asarray(r['points'], np.float64).reshape(-1, 2)
-                                                                                              for i, r in zip(ids, good)})]
-    for v in videos:
-        res = predict_video(str(v), counter, out=str(out), every=every, annotate=annotate, quiet=True)
-        results.append({'name': v.stem, 'path': str(v), 'frames': len(res['rows']), 'csv': str(res['csv'])})
-        written += [res['csv'], res['plot']] + ([res['video']] if res['video'] else [])
-        if not quiet: print(f"{v}: {len(res['rows'])} frames counted, mean count {np.mean([r['count'] for r in res['rows']]):.1f}", flush=True)
-    if not quiet:
-        n_png = 0 if no_plots else len(images) - len(failed)
-        print(f"wrote {', '.join(map(str, written))}" + (f" and {n_png} PNGs (*_pred.png) in {out}" if n_png else ''))
-    if failed: raise ValueError(f"{len(failed)} of {len(files)} files could not be read ({', '.join(failed)}); "
-                                f"the others are in {out}")
+    with reuse_host_memory(host_memory):
+        counter = checkpoint if isinstance(checkpoint, Counter) else Counter(checkpoint, device=device, precision=precision,
+                                                                           loc_threshold=loc_threshold, tile=tile)
+        files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: their images and videos
+        out = Path(out); out.mkdir(parents=True, exist_ok=True)
+        images, videos = [f for f in files if not is_video(f)], [f for f in files if is_video(f)]
+        stems = [f.stem for f in images]
+        if len(set(stems)) < len(stems): stems = [f"{f.parent.name}_{f.stem}" for f in images]
+        results, failed = [], []
+        for f, stem in zip(images, stems):
+            try: rgb = as_rgb(f)
+            except (ValueError, OSError) as e:  # a corrupt file is reported, the others are still counted
+                print(f"uotcrowd predict: skipped {e}", file=sys.stderr, flush=True)
+                failed.append(str(f))
+                results.append({'name': stem, 'path': str(f), 'count': None, 'n_points': None, 'points': [], 'error': str(e)})
+                continue
+            r = counter(rgb)
+            results.append({'name': stem, 'path': str(f), 'count': r.count, 'n_points': len(r.points), 'tiles': r.tiles,
+                            'points': np.round(r.points.astype(np.float64), 2).tolist()})
+            if not no_plots:
+                plot_prediction(normalize(torch.from_numpy(rgb).permute(2, 0, 1)), torch.from_numpy(r.density), torch.from_numpy(r.points),
+                                title=f'{f.name}: {r.count:.1f} people', path=out / f'{stem}_pred.png', dpi=dpi)
+            if not quiet: print(f"{f}: count {r.count:.1f}, {len(r.points)} points" + (f" ({r.tiles} tiles)" if r.tiles > 1 else ''), flush=True)
+        written = []
+        if images:
+            write_csv(results, out / 'predictions.csv', ['name', 'path', 'count', 'n_points', 'tiles', 'error'])
+            good = [r for r in results if r['count'] is not None]
+            (out / 'points.json').write_text(json.dumps({r['name']: {'count': r['count'], 'points': r['points']} for r in good}))
+            written += [out / 'predictions.csv', out / 'points.json']
+            if nwpu and good:
+                ids = [int(r['name']) if str(r['name']).isdigit() else k + 1 for k, r in enumerate(good)]
+                (out / 'nwpu_count.txt').write_text(''.join(f"{i} {r['count']:.4f}\n" for i, r in zip(ids, good)))
+                written += [out / 'nwpu_count.txt', write_nwpu_predictions(out / 'nwpu_loc.txt', {i: np.asarray(r['points'], np.float64).reshape(-1, 2)
+                                                                                                  for i, r in zip(ids, good)})]
+        for v in videos:
+            res = predict_video(str(v), counter, out=str(out), every=every, annotate=annotate, quiet=True)
+            results.append({'name': v.stem, 'path': str(v), 'frames': len(res['rows']), 'csv': str(res['csv'])})
+            written += [res['csv'], res['plot']] + ([res['video']] if res['video'] else [])
+            if not quiet: print(f"{v}: {len(res['rows'])} frames counted, mean count {np.mean([r['count'] for r in res['rows']]):.1f}", flush=True)
+        if not quiet:
+            n_png = 0 if no_plots else len(images) - len(failed)
+            print(f"wrote {', '.join(map(str, written))}" + (f" and {n_png} PNGs (*_pred.png) in {out}" if n_png else ''))
+        if failed: raise ValueError(f"{len(failed)} of {len(files)} files could not be read ({', '.join(failed)}); "
+                                    f"the others are in {out}")
     return results
 
 

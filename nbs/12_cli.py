@@ -14,6 +14,7 @@ from collections.abc import Sequence as AbcSequence
 from functools import partial
 from typing import Callable, Sequence
 from uotcrowd import __version__
+from uotcrowd.core import HOST_MEMORY
 from uotcrowd.costs import COSTS
 from uotcrowd.data import DATASET_NAMES
 from uotcrowd.models import MODELS
@@ -97,7 +98,7 @@ def _element_type(hint) -> tuple[type, bool]:
     if typing.get_origin(hint) in (list, tuple, AbcSequence): return args[0], True
     return hint, False
 
-CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, cost=tuple(COSTS),
+CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, host_memory=HOST_MEMORY, cost=tuple(COSTS),
                split=('test', 'val'), out_act=('relu', 'abs'), mode=('official', 'converged'), methods=benchmarks.METHODS)
 
 def add_arguments(parser, # an `argparse` parser or argument group
@@ -282,12 +283,16 @@ for cmd in ('train', 'eval', 'predict', 'models', 'serve', 'demo', 'bench'):
 _, out, _ = parse(['train', '--help'])
 for flag in ('--data-dir', '--synthetic-n', '--weights', '--out-act', '--resume', '--crop-size', '--batch-size', '--lr',
              '--weight-decay', '--max-epoch', '--val-epoch', '--val-start', '--val-fraction', '--clip-grad', '--precision',
-             '--seed', '--deterministic', '--num-workers', '--time-budget', '--patience', '--lr-patience', '--lr-decay', '--val-window',
+             '--seed', '--deterministic', '--num-workers', '--host-memory', '--time-budget', '--patience', '--lr-patience', '--lr-decay', '--val-window',
              '--max-steps', '--eps', '--tau', '--cost', '--mode', '--tol', '--sigma', '--coord-scale', '--device', '--quiet'):
     assert flag in out, flag
 a = parser.parse_args(['predict', '--checkpoint', 'c.pt', 'a.jpg', 'photos', '--out', 'o'])
 test_eq((a.inputs, a.precision, a.dpi), (['a.jpg', 'photos'], None, 80))
 test_eq(parser.parse_args(['eval', '--checkpoint', 'c.pt', '--thresholds']).thresholds, [])
+for cmd in (['train', '--dataset', 'synthetic'], ['eval', '--checkpoint', 'c.pt'], ['predict', '--checkpoint', 'c.pt', 'a.jpg', '--out', 'o']):
+    test_eq(parser.parse_args(cmd).host_memory, 'reuse')
+    test_eq(parser.parse_args(cmd + ['--host-memory', 'release']).host_memory, 'release')
+    test_eq(parse(cmd + ['--host-memory', 'cache'])[0], 2)
 
 # %%
 test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--tau', '0.5', '--cost', 'exp'])),

@@ -280,7 +280,7 @@ def test_bench_throughput_only(tmp_path, capsys):
     res = json.loads((tmp_path / 't' / 'bench.json').read_text())
     assert res['cases'] == [] and 'vgg19' not in res
     rows = res['throughput']['rows']
-    assert [(r['model'], r['variant'], r['threads']) for r in rows] == [('mcnn', v, 1) for v in ('fp32', 'fp32+cl', 'bf16+cl')]
+    assert [(r['model'], r['variant'], r['threads']) for r in rows] == [('mcnn', v, 1) for v in ('fp32', 'fp32+cl', 'bf16+cl', 'fp32+reuse', 'bf16+cl+reuse')]
     assert rows[0]['step_speedup'] == 1 and all(r['step_s'] > 0 and r['eval_s'] > 0 for r in rows)
     assert '**Training throughput**' in (tmp_path / 't' / 'bench.md').read_text()
     code, _, err = call(['bench', '--no-throughput', '--throughput-only', '--out', str(tmp_path / 't')], capsys)

@@ -9,6 +9,7 @@ from collections.abc import Sequence as AbcSequence
 from functools import partial
 from typing import Callable, Sequence
 from . import __version__
+from .core import HOST_MEMORY
 from .costs import COSTS
 from .data import DATASET_NAMES
 from .models import MODELS
@@ -46,7 +47,7 @@ def _element_type(hint) -> tuple[type, bool]:
     if typing.get_origin(hint) in (list, tuple, AbcSequence): return args[0], True
     return hint, False
 
-CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, cost=tuple(COSTS),
+CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, host_memory=HOST_MEMORY, cost=tuple(COSTS),
                split=('test', 'val'), out_act=('relu', 'abs'), mode=('official', 'converged'), methods=benchmarks.METHODS)
 
 def add_arguments(parser, # an `argparse` parser or argument group

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
-from .core import get_device, seed_everything, count_metrics
+from .core import get_device, seed_everything, count_metrics, reuse_host_memory, HOST_MEMORY
 from .data import collate
 from .models import get_model
 
@@ -101,6 +101,7 @@ class TrainConfig:
     seed:int=0 # seed of initialisation, data order and augmentation
     deterministic:bool=False # request deterministic torch kernels
     num_workers:int=0 # DataLoader worker processes
+    host_memory:str='reuse' # 'reuse': freed host memory stays in the process for the next step (glibc; see `reuse_host_memory`); 'release'
     device:str='auto' # 'auto', 'cpu', 'cuda', 'cuda:1', ...; under torchrun each process uses its LOCAL_RANK GPU
     resume:str|None=None # checkpoint (`last.pt`) to continue from
     quiet:bool=False # no progress bars and no per-epoch lines
@@ -127,6 +128,8 @@ class TrainConfig:
         if self.plateau_start < 0: raise ValueError(f"plateau_start must be >= 0, got {self.plateau_start}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.host_memory not in HOST_MEMORY:
+            raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY)}, got {self.host_memory!r}")
         self.out_dir = str(self.out_dir)
         if self.resume is not None: self.resume = str(self.resume)
 
@@ -576,7 +579,7 @@ def fit(model:nn.Module, # density model; `model.stride` is recorded in the chec
     cfg = cfg or TrainConfig()
     rank, world, device, own_group = setup_distributed(cfg.device)
     try:
-        summary = _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
+        with reuse_host_memory(cfg.host_memory): summary = _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
         if own_group and world > 1: dist.barrier()  # no rank tears gloo down while another still talks to it
         return summary
     finally:
