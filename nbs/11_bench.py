@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, importlib.util, itertools, json, math, os, platform, statistics, sys, time, warnings
+import contextlib, importlib.util, itertools, json, math, os, platform, statistics, subprocess, sys, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -850,9 +850,11 @@ assert 'exp2' in profile_case('gl_official', 2, 10, size=8, device='cpu', row_li
 # (float32 with the channels_last memory format), `bf16+cl` (bfloat16 autocast and channels_last), and the same
 # with `+reuse`: inside `reuse_host_memory` (Core), which `fit` and evaluation use by default, so `fp32+reuse` is
 # what `precision='fp32'` runs now and `bf16+cl+reuse` what `precision='bf16'` runs (and `auto` on hardware with
-# native bfloat16); `fp16+cl` can be asked for. Every variant without `+reuse` is measured before any with it, so
-# that they see the C library's own policy. Each is measured with 1 and 2 torch threads on the CPU. Speed-ups are
-# relative to `fp32` for the same model and thread count.
+# native bfloat16); `fp16+cl` can be asked for. Each case runs in a new interpreter (`fresh_process=True`), so that
+# its heap is the one a new `uotcrowd train` starts with rather than what earlier cases left behind (inside one long
+# benchmark process the C library's thresholds have already grown and the float32 step faults far less than in a
+# real run). Each is measured with 1 and 2 torch threads on the CPU. Speed-ups are relative to `fp32` for the same
+# model and thread count.
 #
 # **Targets** (one thread): the MCNN training step as `fit` runs it in bfloat16 (`bf16+cl+reuse`) at least 2.5×
 # faster than the float32 step as it ran before (`fp32`). Two more ratios say where the gain comes from and are
@@ -867,7 +869,8 @@ assert 'exp2' in profile_case('gl_official', 2, 10, size=8, device='cpu', row_li
 #| export
 THROUGHPUT_VARIANTS = ('fp32', 'fp32+cl', 'bf16+cl', 'fp32+reuse', 'bf16+cl+reuse')
 THROUGHPUT_MODELS = (('mcnn', 4), ('vgg19', 2)) # (model, batch size) of the full run
-THROUGHPUT_QUICK = dict(models=(('mcnn', 2), ('vgg19', 1)), crop=64, threads=(1,), eval_size=(96, 128), repeats=1, budget=0.)
+THROUGHPUT_QUICK = dict(models=(('mcnn', 2), ('vgg19', 1)), crop=64, threads=(1,), eval_size=(96, 128), repeats=1, budget=0.,
+                        fresh_process=False)  # structure only: one process
 
 def parse_variant(variant:str # 'fp32', 'bf16', 'fp16', then optionally '+cl', then optionally '+reuse'
                  ) -> tuple[str, bool, bool]: # (precision, channels_last, reuse host memory)
@@ -970,6 +973,7 @@ def training_throughput(models:Sequence[tuple[str, int]]=THROUGHPUT_MODELS, # (m
                         n_points:int=20, # random heads per crop
                         repeats:int=5, budget:float=15., # per measurement, see `time_call`
                         seed:int=0,
+                        fresh_process:bool=True, # measure each case in a new interpreter, as each `uotcrowd train` starts
                         log:Callable=lambda *a: None, # called with one line per measurement
                        ) -> dict: # `config`, `native_bf16`, `rows`, `targets`
     "Step and evaluation times of each model in each variant and thread count, with speed-ups over fp32."
@@ -977,27 +981,39 @@ def training_throughput(models:Sequence[tuple[str, int]]=THROUGHPUT_MODELS, # (m
     device = get_device(device)
     if device.type != 'cpu': threads = (None,)  # the GPU does the work: one row per case, the host's threads as they are
     cases = [(n, m, v) for n in threads for m in models for v in variants]
-    order = sorted(range(len(cases)), key=lambda i: parse_variant(cases[i][2])[2])  # every '+reuse' case after the others
-    rows = [None] * len(cases)
-    for i in order:
-        n, (name, B), v = cases[i]
-        with torch_threads(n):
-            step = step_time(name, B, crop, v, device, n_points, repeats, budget, seed=seed)
-            ev = eval_time(name, v, device, eval_size, repeats, budget, seed=seed) if eval_size else None
-            rows[i] = row = dict(model=name, batch_size=B, crop=crop, variant=v, threads=torch.get_num_threads(),
-                                 step_s=step['time_s'], step_repeats=step['repeats'],
-                                 eval_s=ev['time_s'] if ev else None, eval_repeats=ev['repeats'] if ev else None)
+    measure = _fresh_case if fresh_process else _case
+    rows = []
+    for n, (name, B), v in cases:
+        row = measure(name, B, crop, v, str(device), n, n_points, repeats, budget, seed, eval_size)
+        rows.append(row)
         log(f"  {name:6s} B={B} {crop}px {v:13s} {row['threads']} thr: step {row['step_s']:.3f} s"
-            + (f", eval {row['eval_s']:.3f} s/image" if ev else ''))
+            + (f", eval {row['eval_s']:.3f} s/image" if row['eval_s'] else ''))
     for r in rows:
         base = next((b for b in rows if (b['model'], b['threads'], b['variant']) == (r['model'], r['threads'], 'fp32')), None)
         r['step_speedup'] = base['step_s'] / r['step_s'] if base else None
         r['eval_speedup'] = base['eval_s'] / r['eval_s'] if base and r['eval_s'] else None
     config = dict(models=[list(m) for m in models], crop=crop, variants=list(variants), threads=list(threads),
-                  eval_size=list(eval_size) if eval_size else None, n_points=n_points, repeats=repeats, budget=budget)
+                  eval_size=list(eval_size) if eval_size else None, n_points=n_points, repeats=repeats, budget=budget,
+                  fresh_process=fresh_process)
     out = dict(config=config, device=str(device), native_bf16=is_native('bf16', device), rows=rows)
     out['targets'] = throughput_targets(out)
     return out
+
+def _case(name, B, crop, variant, device, threads, n_points, repeats, budget, seed, eval_size) -> dict:
+    "One throughput row (step and evaluation time) measured in this process."
+    with torch_threads(threads):
+        step = step_time(name, B, crop, variant, device, n_points, repeats, budget, seed=seed)
+        ev = eval_time(name, variant, device, eval_size, repeats, budget, seed=seed) if eval_size else None
+        return dict(model=name, batch_size=B, crop=crop, variant=variant, threads=torch.get_num_threads(),
+                    step_s=step['time_s'], step_repeats=step['repeats'],
+                    eval_s=ev['time_s'] if ev else None, eval_repeats=ev['repeats'] if ev else None)
+
+def _fresh_case(*args) -> dict:
+    "`_case` in a new interpreter: its heap and allocator state are those a new `uotcrowd train` starts with."
+    code = "import json, sys; from uotcrowd.bench import _case; print(json.dumps(_case(*json.loads(sys.argv[1]))))"
+    res = subprocess.run([sys.executable, '-c', code, json.dumps(args)], capture_output=True, text=True)
+    if res.returncode: raise RuntimeError(f"throughput case {args[:4]} failed in its own process:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 def throughput_targets(tp:dict # result of `training_throughput`
                       ) -> list[dict]:
@@ -1028,7 +1044,8 @@ def throughput_markdown(tp:dict # result of `training_throughput`
     ev = f"{c['eval_size'][1]}×{c['eval_size'][0]}" if c['eval_size'] else None
     lines = [f"**Training throughput** on {tp['device']} (native bfloat16: {'yes' if tp['native_bf16'] else 'no'}): one step = "
              f"forward, generalized loss ({c['n_points']} heads per crop), backward, Adam; random weights and images"
-             + (f"; evaluation = forward of one {ev} image" if ev else '') + '.', '',
+             + (f"; evaluation = forward of one {ev} image" if ev else '') + '.'
+             + (' Each case ran in a new interpreter.' if c.get('fresh_process') else ''), '',
              '| model | B | crop | threads | variant | step (s) | step speed-up | eval (s/image) | eval speed-up |',
              '|---|---:|---:|---:|---|---:|---:|---:|---:|']
     for r in tp['rows']:
@@ -1046,7 +1063,8 @@ def throughput_markdown(tp:dict # result of `training_throughput`
 # target read from the MCNN `bf16+cl+reuse` row, with the two ratios that split it in its note.
 
 # %%
-tp = training_throughput(models=(('mcnn', 1),), crop=32, threads=(1,), eval_size=(32, 48), repeats=1, budget=0., n_points=5)
+tp = training_throughput(models=(('mcnn', 1),), crop=32, threads=(1,), eval_size=(32, 48), repeats=1, budget=0., n_points=5,
+                         fresh_process=False)
 test_eq([(r['model'], r['variant'], r['threads']) for r in tp['rows']], [('mcnn', v, 1) for v in THROUGHPUT_VARIANTS])
 test_eq(tp['rows'][0]['step_speedup'], 1.)
 for r in tp['rows']:
@@ -1059,6 +1077,10 @@ assert f"precision alone (bf16+cl over fp32) {_step['fp32'] / _step['bf16+cl']:.
 assert f"(bf16+cl+reuse over fp32+reuse) {_step['fp32+reuse'] / _step['bf16+cl+reuse']:.2f}×" in tp['targets'][0]['note']
 md = throughput_markdown(tp)
 assert '| mcnn | 1 | 32 | 1 | bf16+cl+reuse |' in md and 'Target: MCNN training step in bf16' in md, md
+# a case in its own interpreter gives the same row structure; a case that fails there says so
+_row = _fresh_case('mcnn', 1, 32, 'fp32+reuse', 'cpu', 1, 5, 1, 0., 0, None)
+test_eq((_row['model'], _row['variant'], _row['threads'], _row['eval_s']), ('mcnn', 'fp32+reuse', 1, None)); assert _row['step_s'] > 0
+test_fail(lambda: _fresh_case('resnet', 1, 32, 'fp32', 'cpu', 1, 5, 1, 0., 0, None), contains='failed in its own process')
 # without the '+reuse' variants the target falls back to the precision alone
 tp1 = dict(native_bf16=True, rows=[dict(model='mcnn', threads=1, batch_size=4, crop=256, variant=v, step_s=t)
                                    for v, t in (('fp32', 0.7), ('bf16+cl', 0.25))])
