@@ -852,8 +852,8 @@ test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7]), TrainConfig(lr=1.0, lr_patience
 #
 # On the host, `fit` runs inside `reuse_host_memory(cfg.host_memory)` (see Core): with the default `'reuse'`, the
 # memory a step frees is kept for the next step instead of being handed back and faulted in again, which takes
-# 13 % off an MCNN step in float32 and 8 % in bfloat16 (B=4, 256², one thread; `uotcrowd bench`); resident memory
-# stays at the run's peak. `host_memory='release'` keeps the C library's defaults.
+# 11 % off an MCNN step in float32 and 17 % in bfloat16 (B=4, 256², one thread, each case in a new process;
+# `uotcrowd bench`), and 31 % off a float32 evaluation of a 1024×768 image; resident memory stays at the run's peak. `host_memory='release'` keeps the C library's defaults.
 #
 # The model is moved to channels_last in bf16/fp16 (and stays so after `fit`; values are unaffected), and the
 # checkpoints record the precision that ran (`'precision'`: `fp32`, `bf16` or `fp16`).
