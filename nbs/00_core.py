@@ -18,6 +18,7 @@ import torch
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
 from pathlib import Path
+import subprocess
 from unittest.mock import patch
 import math
 
@@ -127,7 +128,6 @@ print(applied, resource.getpagesize(), default, reused, kept - resident_mb())
 if _glibc() is None:   # the policy acts on glibc only
     with reuse_host_memory('reuse') as applied: test_eq(applied, False)
 else:
-    import subprocess
     out = subprocess.run([sys.executable, '-c', FAULTS_SCRIPT], capture_output=True, text=True, check=True).stdout.split()
     applied, pages = out[0] == 'True', 64 * 2**20 // int(out[1])
     default, reused, returned_mb = int(out[2]), int(out[3]), float(out[4])
