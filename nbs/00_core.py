@@ -66,8 +66,8 @@ with c, m:
 # heap, so every step touches new pages: an MCNN step at B=4, 256² took 61,600 page faults (0.11 s of system time
 # out of 0.8 s) in float32 and 27,300 in bfloat16. `reuse_host_memory` asks `malloc` (through `mallopt`) to keep
 # freed memory in the process for the next allocation instead, as a caching allocator does on a GPU; resident
-# memory then stays at its peak until the block ends, when the defaults come back and the cached memory is
-# returned (`malloc_trim`). It acts only where the C library is glibc (Linux); elsewhere it does nothing and
+# memory then stays at its peak until the block ends, when glibc's default settings come back (its thresholds
+# no longer adapt by themselves) and the cached memory is returned (`malloc_trim`). It acts only where the C library is glibc (Linux); elsewhere it does nothing and
 # yields `False`. `uotcrowd train`, `eval` and `predict` run inside it (`host_memory='reuse'`, the default).
 
 # %%
