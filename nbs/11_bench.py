@@ -892,13 +892,13 @@ def torch_threads(n:int|None # intra-op threads for the block; None: leave as is
 def _throughput_model(name:str, variant:str, device:torch.device, seed:int):
     from uotcrowd.models import get_model
     from uotcrowd.train import memory_format
-    precision, cl, _ = parse_variant(variant)
+    precision, cl, reuse = parse_variant(variant)
     seed_everything(seed)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # random VGG weights: speed does not depend on them
         model = get_model(name, out_act='abs')
     fmt = torch.channels_last if cl else torch.contiguous_format
-    return model.to(device, memory_format=fmt), precision, fmt
+    return model.to(device, memory_format=fmt), precision, fmt, 'reuse' if reuse else 'release'
 
 def step_time(model_name:str='mcnn', # 'mcnn', 'vgg19' or 'csrnet'
               batch_size:int=4, crop:int=256, # batch of `crop`×`crop` images
@@ -912,7 +912,7 @@ def step_time(model_name:str='mcnn', # 'mcnn', 'vgg19' or 'csrnet'
     from uotcrowd.registry import get_loss
     from uotcrowd.train import autocast
     device = torch.device(device)
-    model, precision, fmt = _throughput_model(model_name, variant, device, seed)
+    model, precision, fmt, host_memory = _throughput_model(model_name, variant, device, seed)
     model.train()
     loss = get_loss('gl', stride=model.stride)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=1e-5)
@@ -927,7 +927,7 @@ def step_time(model_name:str='mcnn', # 'mcnn', 'vgg19' or 'csrnet'
         value = loss(density.float(), points)
         scaler.scale(value).backward(); scaler.step(opt); scaler.update()
         losses.append(value.item())
-    with reuse_host_memory('reuse' if parse_variant(variant)[2] else 'release'):
+    with reuse_host_memory(host_memory):
         t = time_call(step, device, repeats, budget, long_call)
     return dict(time_s=t['median'], repeats=t['repeats'], loss=losses[0])
 
@@ -938,7 +938,7 @@ def eval_time(model_name:str='mcnn', variant:str='fp32', device:str|torch.device
     "Time the evaluation forward pass (no gradients) of one full image, the count summed in float32."
     from uotcrowd.train import autocast
     device = torch.device(device)
-    model, precision, fmt = _throughput_model(model_name, variant, device, seed)
+    model, precision, fmt, host_memory = _throughput_model(model_name, variant, device, seed)
     model.eval()
     image = torch.randn(1, 3, *size, generator=torch.Generator(device='cpu').manual_seed(seed)).to(device, memory_format=fmt)
     counts = []
@@ -946,7 +946,7 @@ def eval_time(model_name:str='mcnn', variant:str='fp32', device:str|torch.device
     def forward():
         with autocast(device, precision): density = model(image)
         counts.append(float(density.float().sum()))
-    with reuse_host_memory('reuse' if parse_variant(variant)[2] else 'release'):
+    with reuse_host_memory(host_memory):
         t = time_call(forward, device, repeats, budget, long_call)
     return dict(time_s=t['median'], repeats=t['repeats'], count=counts[0])
 
