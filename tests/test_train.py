@@ -132,10 +132,13 @@ def test_resume_gives_identical_weights(tmp_path):
     for k in oa:
         assert torch.equal(oa[k]['exp_avg'], ob[k]['exp_avg']) and torch.equal(oa[k]['exp_avg_sq'], ob[k]['exp_avg_sq'])
     assert [h['epoch'] for h in res['history']] == [0, 1]
-    # the checkpoint alone rebuilds the model
+    # the weight average continues exactly, and the checkpoint alone rebuilds the model with it (what was validated)
+    ea, eb = load_checkpoint(tmp_path / 'full' / 'last.pt')['ema'], load_checkpoint(tmp_path / 'part' / 'last.pt')['ema']
+    for k in ea: assert torch.equal(ea[k], eb[k]), k
     model, ckpt = load_model(tmp_path / 'part' / 'last.pt')
     assert ckpt['model_name'] == 'mcnn' and ckpt['stride'] == 4 and ckpt['loss_name'] == 'gl'
-    for k, v in model.state_dict().items(): assert torch.equal(v, b[k]), k
+    for k, v in model.state_dict().items(): assert torch.equal(v, eb[k]), k
+    assert not all(torch.equal(v, b[k]) for k, v in model.state_dict().items())   # the average, not the last step
 
 
 def test_checkpoint_loads_weights_only(tmp_path):
@@ -204,7 +207,7 @@ def test_patience_stops_and_a_finished_run_stays_finished(tmp_path, plateau_star
         seed_everything(0)
         model = get_model('mcnn')
         cfg = TrainConfig(out_dir=str(tmp_path / 'p'), max_epoch=10, batch_size=4, lr=0., quiet=True, seed=3,
-                          patience=2, lr_patience=1, lr_decay=0.5, plateau_start=plateau_start, resume=resume,
+                          schedule='plateau', patience=2, lr_patience=1, lr_decay=0.5, plateau_start=plateau_start, resume=resume,
                           device='cpu', model='mcnn', loss='gl', dataset='synthetic')
         return fit(model, get_loss('gl', stride=model.stride), train_ds, val_ds, cfg)
     res = go()

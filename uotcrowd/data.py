@@ -634,6 +634,7 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
                    stride:int=8, # evaluation images are padded to a multiple of this
                    val_fraction:float=0.1, # held-out share of train where the dataset has no val split
                    seed:int=0, # seed of the hold-out split (and of the synthetic images)
+                   val_seed:int|None=None, # seed of the hold-out split alone, so runs of any `seed` validate on the same images (default: `seed`)
                    **kwargs # short_side, cache_dir, out_of_bounds, flip, aug_seed; synthetic: n_train, n_val, n_test, size, max_count
                   ) -> tuple[CrowdDataset, CrowdDataset, CrowdDataset]:
     "Build `(train, val, test)` datasets: augmented crops for training, padded full images for evaluation."
@@ -658,7 +659,7 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
         if key == 'qnrf': make = lambda split, **kw: UCFQNRF(root, split, **kw)
         else: make = lambda split, **kw: ShanghaiTech(root, key[-1].upper(), split, **kw)
         full = make('train', **kwargs)
-        tr, va = holdout_split(len(full), val_fraction, seed)
+        tr, va = holdout_split(len(full), val_fraction, seed if val_seed is None else val_seed)
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
         test = make('test', transform=eval_tf, **kwargs)
     else:

@@ -5,7 +5,7 @@
 # %% ../nbs/07_train.ipynb #6417a326
 from __future__ import annotations
 import contextlib, csv, json, math, os, platform, random, sys, time, warnings
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, field, asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 import numpy as np
@@ -20,13 +20,14 @@ from .data import collate
 from .models import get_model
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'MODELS_ENV', 'SLIM_KEYS', 'DEFAULT_LOC_THRESHOLD', 'LOG_COLUMNS', 'is_native', 'resolve_precision',
-           'autocast', 'memory_format', 'default_lr', 'TrainConfig', 'rng_state', 'set_rng_state', 'models_dir',
-           'model_names', 'resolve_checkpoint', 'save_checkpoint', 'load_checkpoint', 'load_model',
-           'checkpoint_precision', 'slim_checkpoint', 'checkpoint_loc_threshold', 'epoch_seed', 'setup_distributed',
-           'predict_counts', 'write_csv', 'validate', 'plot_curves', 'step_loss', 'step_flags', 'nonfinite_message',
-           'load_weights', 'plateau_schedule', 'training_state', 'resume_state', 'train_epoch', 'validation_due',
-           'write_epoch', 'epoch_message', 'fit']
+__all__ = ['PRECISIONS', 'DEFAULT_LR', 'SCHEDULES', 'MODELS_ENV', 'SLIM_KEYS', 'DEFAULT_LOC_THRESHOLD', 'LOG_COLUMNS',
+           'is_native', 'resolve_precision', 'autocast', 'memory_format', 'default_lr', 'TrainConfig', 'rng_state',
+           'set_rng_state', 'models_dir', 'model_names', 'resolve_checkpoint', 'save_checkpoint', 'load_checkpoint',
+           'load_model', 'checkpoint_precision', 'slim_checkpoint', 'checkpoint_loc_threshold', 'epoch_seed',
+           'setup_distributed', 'predict_counts', 'write_csv', 'validate', 'plot_curves', 'step_loss', 'step_flags',
+           'nonfinite_message', 'load_weights', 'plateau_schedule', 'scheduled_lr', 'epoch_lr', 'WeightAverage',
+           'training_state', 'param_groups', 'set_lr', 'resume_state', 'train_epoch', 'validation_due', 'write_epoch',
+           'epoch_message', 'fit']
 
 # %% ../nbs/07_train.ipynb #0ea50f05
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -80,10 +81,16 @@ def memory_format(precision:str # 'fp32', 'bf16' or 'fp16' (resolved)
     return torch.contiguous_format if precision == 'fp32' else torch.channels_last
 
 # %% ../nbs/07_train.ipynb #0c2110a8
-def default_lr(model_name:str|None # 'vgg19', 'csrnet', 'mcnn' or None
+DEFAULT_LR = {'mcnn': 1e-4, 'effnetlite0': 1e-4}  # others (VGG19, CSRNet): 1e-5
+_MODEL_KEYS = {'MCNN': 'mcnn', 'EffNetLiteDensity': 'effnetlite0'}
+
+def default_lr(model:str|nn.Module|None # a model name ('vgg19', 'mcnn', 'effnet-lite0', ...), a network, or None
               ) -> float:
-    "Adam learning rate used by the paper's code and DM-Count: 1e-4 for MCNN, 1e-5 for VGG19/CSRNet (and unknown models)."
-    return 1e-4 if (model_name or '').lower() == 'mcnn' else 1e-5
+    "Adam learning rate by model family: 1e-4 for MCNN (the paper's code, DM-Count) and EfficientNet-Lite0, 1e-5 otherwise (VGG19, CSRNet)."
+    key = _MODEL_KEYS.get(type(model).__name__) if isinstance(model, nn.Module) else str(model or '').lower().replace('-', '').replace('_', '')
+    return DEFAULT_LR.get(key, 1e-5)
+
+SCHEDULES = ('cosine', 'constant', 'plateau')
 
 @dataclass
 class TrainConfig:
@@ -92,7 +99,13 @@ class TrainConfig:
     max_epoch:int=100 # number of epochs (the last epoch index is `max_epoch-1`)
     batch_size:int=1 # images per step (per process under DDP)
     crop_size:int=512 # training crop side, recorded for the data pipeline
-    lr:float|None=None # Adam learning rate; None: `default_lr(model)`
+    lr:float|None=None # Adam learning rate (the peak of the schedule); None: `default_lr` of the model
+    backbone_lr_scale:float=1.0 # the parameters under `model.backbone` (a pretrained front-end) train at `lr` times this
+    schedule:str='cosine' # 'cosine': warm-up, then cosine decay to `lr * min_lr_ratio` at the last epoch; 'constant'; 'plateau': decays on validation plateaus (`lr_patience`, `patience`)
+    warmup_epochs:int=0 # linear warm-up to `lr` over this many epochs
+    min_lr_ratio:float=0.01 # `cosine`: the learning rate of the last epoch, as a share of `lr`
+    ema_decay:float|None=0.998 # exponential moving average of the weights per step (validated, saved as `ema`, what evaluation loads); None: off
+    val_raw:bool=False # with `ema_decay`: also validate the raw weights (logged as `val_mae_raw`)
     weight_decay:float=1e-5 # Adam weight decay
     val_epoch:int=1 # validate every `val_epoch` epochs (and after the last one)
     val_start:int=0 # first epoch at which validation may run
@@ -106,8 +119,8 @@ class TrainConfig:
     resume:str|None=None # checkpoint (`last.pt`) to continue from
     quiet:bool=False # no progress bars and no per-epoch lines
     time_budget_s:float|None=None # stop (validate + checkpoint) once this many seconds of training are spent
-    patience:int|None=None # stop once the validation MAE has not improved for this many epochs (None: never)
-    lr_patience:int|None=None # multiply the learning rate by `lr_decay` after this many epochs without improvement
+    patience:int|None=None # `plateau`: stop once the validation MAE has not improved for this many epochs (None: never)
+    lr_patience:int|None=None # `plateau`: multiply the learning rate by `lr_decay` after this many epochs without improvement
     lr_decay:float=0.1 # factor of each learning-rate decay (see `lr_patience`)
     val_window:int=1 # `patience` and `lr_patience` compare the mean of the last this-many validation MAEs
     plateau_start:int=0 # `patience` and `lr_patience` ignore the first this-many epochs (a warm-up at `lr`)
@@ -121,7 +134,14 @@ class TrainConfig:
     data_kwargs:dict=field(default_factory=dict) # dataset arguments (e.g. synthetic `n`, `size`), for the record
 
     def __post_init__(self):
-        if self.lr is None: self.lr = default_lr(self.model)
+        if self.lr is None and self.model is not None: self.lr = default_lr(self.model)  # otherwise `fit` asks the network
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule != 'plateau' and (self.patience is not None or self.lr_patience is not None):
+            raise ValueError(f"patience and lr_patience need schedule='plateau' (got schedule={self.schedule!r})")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
+        if self.warmup_epochs < 0: raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.max_epoch < 1: raise ValueError(f"max_epoch must be >= 1, got {self.max_epoch}")
         if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.val_epoch < 1: raise ValueError(f"val_epoch must be >= 1, got {self.val_epoch}")
@@ -236,7 +256,8 @@ def load_model(path:str|Path, # checkpoint written by `fit` (`best.pt` or `last.
     ckpt = load_checkpoint(path)
     name = ckpt.get('model_name') or ckpt.get('config', {}).get('model')
     if not name: raise ValueError(f"{path} does not record its model name; it was not written by uotcrowd's `fit`")
-    model = get_model(name, weights=ckpt['model'], **ckpt.get('model_kwargs', {}))
+    weights = ckpt['ema'] if 'ema' in ckpt else ckpt['model']  # the weight average is what was validated
+    model = get_model(name, weights=weights, **ckpt.get('model_kwargs', {}))
     return model.to(get_device(device)).eval(), ckpt
 
 # %% ../nbs/07_train.ipynb #573bc37d
@@ -249,7 +270,7 @@ def checkpoint_precision(ckpt:dict # a checkpoint dict (`load_checkpoint`)
 # %% ../nbs/07_train.ipynb #ed8e370b
 SLIM_KEYS = ('model', 'model_name', 'model_kwargs', 'loss_name', 'loss_kwargs', 'stride', 'dataset', 'precision',
              'config', 'epoch', 'best_mae', 'best_epoch', 'history', 'train_time_s', 'world_size', 'torch_version',
-             'loc_threshold')
+             'loc_threshold', 'weights')
 DEFAULT_LOC_THRESHOLD = 0.05
 
 def slim_checkpoint(src:str|Path, # a checkpoint written by `fit`
@@ -259,6 +280,7 @@ def slim_checkpoint(src:str|Path, # a checkpoint written by `fit`
     "A copy of `src` without optimizer, scaler and RNG state, optionally recording its localization threshold."
     ckpt = load_checkpoint(src)
     slim = {k: ckpt[k] for k in SLIM_KEYS if k in ckpt}
+    if 'ema' in ckpt: slim.update(model=ckpt['ema'], weights='ema')  # the scored weights: the average
     if loc_threshold is not None: slim['loc_threshold'] = float(loc_threshold)
     return save_checkpoint(slim, dst or src)
 
@@ -361,7 +383,7 @@ def validate(model:nn.Module, # density model
     return out
 
 # %% ../nbs/07_train.ipynb #d8061386
-LOG_COLUMNS = ['epoch', 'train_loss', 'train_mae', 'lr', 'time_s', 'val_mae', 'val_rmse', 'val_nae']
+LOG_COLUMNS = ['epoch', 'train_loss', 'train_mae', 'lr', 'time_s', 'val_mae', 'val_rmse', 'val_nae', 'val_mae_raw']
 
 def plot_curves(history:Sequence[dict], # rows of `log.csv`
                 path:str|Path|None=None, # write a PNG here
@@ -378,6 +400,8 @@ def plot_curves(history:Sequence[dict], # rows of `log.csv`
     ax2.plot(ep, [h['train_mae'] for h in history], marker='.', color='C0', label='train (crops)')
     val = [(h['epoch'] + 1, h['val_mae']) for h in history if h.get('val_mae') is not None]
     if val: ax2.plot(*zip(*val), marker='o', color='C3', label='validation')
+    raw = [(h['epoch'] + 1, h['val_mae_raw']) for h in history if h.get('val_mae_raw') not in (None, '')]
+    if raw: ax2.plot(*zip(*raw), marker='.', color='C1', alpha=0.6, label='validation (raw weights)')
     ax2.set(xlabel='epoch', ylabel='MAE', title='count MAE'); ax2.legend()
     for ax in (ax1, ax2): ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -438,11 +462,55 @@ def plateau_schedule(history:Sequence[dict], # rows of `log.csv` so far (`val_ma
         since_best += 1; since_decay += 1
         if row.get('val_mae') is not None:
             maes.append(row['val_mae'])
-            smooth = sum(maes[-cfg.val_window:]) / len(maes[-cfg.val_window:])
-            if smooth < best: best, since_best = smooth, 0
+            if len(maes) >= cfg.val_window:  # only full windows: a first lucky validation is no plateau's reference
+                smooth = sum(maes[-cfg.val_window:]) / cfg.val_window
+                if smooth < best: best, since_best = smooth, 0
         if cfg.lr_patience is not None and min(since_best, since_decay) >= cfg.lr_patience:
             lr, since_decay = lr * cfg.lr_decay, 0
     return lr, cfg.patience is not None and since_best >= cfg.patience
+
+# %% ../nbs/07_train.ipynb #09589d6d
+def scheduled_lr(cfg:TrainConfig, # `lr`, `schedule`, `warmup_epochs`, `min_lr_ratio`, `max_epoch`
+                 epoch:int # epoch index
+                ) -> float:
+    "Learning rate of `epoch` under the fixed part of the schedule (warm-up, then cosine or constant)."
+    if epoch < cfg.warmup_epochs: return cfg.lr * (epoch + 1) / cfg.warmup_epochs
+    if cfg.schedule != 'cosine': return cfg.lr
+    t = (epoch - cfg.warmup_epochs) / max(1, cfg.max_epoch - 1 - cfg.warmup_epochs)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.))))
+
+def epoch_lr(history:Sequence[dict], # rows of `log.csv` so far: the next epoch is `len(history)`
+             cfg:TrainConfig # the schedule
+            ) -> float:
+    "Learning rate of the next epoch: the fixed schedule, or the plateau rules' decays."
+    epoch = len(history)
+    if cfg.schedule != 'plateau': return scheduled_lr(cfg, epoch)
+    warm = (epoch + 1) / cfg.warmup_epochs if epoch < cfg.warmup_epochs else 1.
+    return plateau_schedule(history, cfg)[0] * warm
+
+# %% ../nbs/07_train.ipynb #03201b1d
+class WeightAverage:
+    "Exponential moving average of a network's weights and buffers, updated after each optimizer step."
+    def __init__(self, model:nn.Module, # the network being trained
+                 decay:float # per-step decay `d` (0.998: a horizon of about 500 steps)
+                ):
+        import copy
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters(): p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model:nn.Module):
+        "One step: average <- d_t * average + (1 - d_t) * weights, with d_t = min(d, (1+t)/(10+t))."
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, new in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if avg.is_floating_point(): avg.lerp_(new.detach().to(avg.dtype), 1 - d)
+            else: avg.copy_(new)
+
+    def state_dict(self) -> dict: return self.module.state_dict()
+    def load_state_dict(self, state:dict, updates:int):
+        self.module.load_state_dict(state); self.updates = int(updates)
 
 # %% ../nbs/07_train.ipynb #5c2b8d65
 def _train_loader(ds, cfg:TrainConfig, epoch:int, rank:int, world:int, device) -> DataLoader:
@@ -470,14 +538,32 @@ def training_state(model:nn.Module, # the network
     if not is_native(precision, device):
         warnings.warn(f"{device} has no native {precision}: it is emulated and slower than fp32 (--precision auto picks the fast one)")
     model = model.to(device, memory_format=memory_format(precision)); loss = loss.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, cfg.backbone_lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    set_lr(optimizer, cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
     return model, loss, optimizer, scaler, precision
+
+def param_groups(model:nn.Module, # the network
+                 backbone_lr_scale:float=1.0 # learning-rate factor of the parameters under `model.backbone`
+                ) -> list[dict]:
+    "Adam parameter groups, each with its `lr_scale`: the pretrained backbone's apart where its factor is not 1."
+    backbone = getattr(model, 'backbone', None)
+    if backbone_lr_scale == 1 or not isinstance(backbone, nn.Module): return [{'params': list(model.parameters()), 'lr_scale': 1.}]
+    ids = {id(p) for p in backbone.parameters()}
+    return [{'params': [p for p in model.parameters() if id(p) not in ids], 'lr_scale': 1.},
+            {'params': list(backbone.parameters()), 'lr_scale': float(backbone_lr_scale)}]
+
+def set_lr(optimizer, # Adam from `training_state`
+           lr:float # the schedule's learning rate
+          ):
+    "Set every group's learning rate to `lr` times its `lr_scale`."
+    for g in optimizer.param_groups: g['lr'] = lr * g.get('lr_scale', 1.)
 
 # %% ../nbs/07_train.ipynb #27ffbd55
 def resume_state(cfg:TrainConfig, # `resume`: the checkpoint to continue from (None: a fresh run)
                  model:nn.Module, optimizer, scaler, # restored in place from the checkpoint
-                 rank:int=0 # only rank 0 restores the RNG states
+                 rank:int=0, # only rank 0 restores the RNG states
+                average:WeightAverage|None=None # the weight average, restored from the checkpoint's `ema`
                 ) -> dict: # `start`, `best_mae`, `best_epoch`, `history`, `spent`
     "The state a run starts from: fresh, or restored from `cfg.resume`."
     state = dict(start=0, best_mae=math.inf, best_epoch=-1, history=[], spent=0.)
@@ -485,10 +571,13 @@ def resume_state(cfg:TrainConfig, # `resume`: the checkpoint to continue from (N
     ckpt = load_checkpoint(cfg.resume)
     load_weights(model, ckpt, cfg.resume); optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'): scaler.load_state_dict(ckpt['scaler'])
+    if average is not None:
+        if 'ema' in ckpt: average.load_state_dict(ckpt['ema'], ckpt.get('ema_updates', 0))
+        else: average.module.load_state_dict(model.state_dict())  # a run saved without an average starts one here
     state.update(start=int(ckpt['epoch']), best_mae=float(ckpt['best_mae']), best_epoch=int(ckpt['best_epoch']),
                  history=list(ckpt.get('history', [])), spent=float(ckpt.get('train_time_s', 0.)))
     if rank == 0 and 'rng' in ckpt: set_rng_state(ckpt['rng'])
-    for g in optimizer.param_groups: g['lr'] = plateau_schedule(state['history'], cfg)[0]
+    set_lr(optimizer, epoch_lr(state['history'], cfg))
     return state
 
 # %% ../nbs/07_train.ipynb #6a10b247
@@ -500,7 +589,8 @@ def train_epoch(net:nn.Module, # the model (DDP-wrapped under torchrun)
                 precision:str, # resolved precision
                 device:torch.device, rank:int=0, world:int=1,
                 elapsed:Callable[[], float]=lambda: 0., # training seconds spent so far (the time budget's clock)
-                out:Path|None=None # the run's folder, named in the error message of a non-finite loss
+                out:Path|None=None, # the run's folder, named in the error message of a non-finite loss
+                average:WeightAverage|None=None # updated after every step
                ) -> tuple[dict, bool]: # log row (epoch, train_loss, train_mae, lr, time_s), whether the budget stopped it
     "Train one epoch; returns its log row and whether the time budget stopped it."
     t0 = time.perf_counter()
@@ -524,6 +614,7 @@ def train_epoch(net:nn.Module, # the model (DDP-wrapped under torchrun)
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
         scaler.step(optimizer); scaler.update()
+        if average is not None: average.update(net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net)
         with torch.no_grad():
             loss_sum += value.detach().double().cpu() * len(points); n_img += len(points)
             abs_sum += float((density.detach().float().sum((1, 2, 3)).cpu()
@@ -590,8 +681,10 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
     out = Path(cfg.out_dir)
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
     if cfg.deterministic: seed_everything(cfg.seed, deterministic=True)
+    if cfg.lr is None: cfg = replace(cfg, lr=default_lr(model))  # the network's family decides, as on the command line
     model, loss, optimizer, scaler, precision = training_state(model, loss, cfg, device)
-    st = resume_state(cfg, model, optimizer, scaler, rank)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    st = resume_state(cfg, model, optimizer, scaler, rank, average)
     if not cfg.resume and cfg.seed is not None and not cfg.deterministic: seed_everything(cfg.seed)
     if cfg.resume: _log(f"resumed from {cfg.resume} after epoch {st['start']} (best val MAE {st['best_mae']:.3f})", cfg, rank)
     best_mae, best_epoch, history = st['best_mae'], st['best_epoch'], st['history']
@@ -603,22 +696,26 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
             'world_size': world, 'torch_version': str(torch.__version__), 'precision': precision}
     show, stopped, epoch = rank == 0 and not cfg.quiet and sys.stderr.isatty(), False, st['start'] - 1
     for epoch in range(st['start'], cfg.max_epoch):
-        if plateau_schedule(history, cfg)[1]: epoch -= 1; break  # a resumed run whose patience was already spent
+        if cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1]: epoch -= 1; break  # patience already spent
+        set_lr(optimizer, epoch_lr(history, cfg))
         row, stopped = train_epoch(net, loss, optimizer, scaler, train_ds, cfg, epoch, precision, device, rank, world,
-                                   elapsed, out)
-        row.update(val_mae=None, val_rmse=None, val_nae=None)
+                                   elapsed, out, average)
+        row.update(val_mae=None, val_rmse=None, val_nae=None, val_mae_raw=None)
+        scored = average.module if average is not None else model  # the weights that are validated and evaluated
         if val_ds is not None and len(val_ds) and validation_due(cfg, epoch, stopped):
-            res = validate(model, val_ds, device, precision=precision, quiet=not show, rank=rank, world=world)
+            res = validate(scored, val_ds, device, precision=precision, quiet=not show, rank=rank, world=world)
             row.update(val_mae=res.get('mae'), val_rmse=res.get('rmse'), val_nae=res.get('nae'))
+            if average is not None and cfg.val_raw:
+                row['val_mae_raw'] = validate(model, val_ds, device, precision=precision, quiet=True, rank=rank, world=world).get('mae')
         history.append(row)
         improved = row['val_mae'] is not None and row['val_mae'] < best_mae
         if improved: best_mae, best_epoch = row['val_mae'], epoch
-        next_lr, patience_spent = plateau_schedule(history, cfg)
-        for g in optimizer.param_groups: g['lr'] = next_lr
+        patience_spent = cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1]
         if rank == 0:
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                      'epoch': epoch + 1, 'best_mae': best_mae, 'best_epoch': best_epoch, 'history': history,
                      'config': cfg.to_dict(), 'rng': rng_state(), 'train_time_s': elapsed(), **meta}
+            if average is not None: state.update(ema=average.state_dict(), ema_updates=average.updates)
             write_epoch(out, state, history, improved or (val_ds is None and not math.isfinite(best_mae)))
             _log(epoch_message(row, cfg, improved, elapsed()), cfg, rank)
         if world > 1: dist.barrier()
@@ -629,5 +726,5 @@ def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
     return {'out_dir': str(out), 'last': str(out / 'last.pt'),
             'best': str(out / 'best.pt') if (out / 'best.pt').exists() else None,
             'best_mae': best_mae, 'best_epoch': best_epoch, 'epochs': epoch + 1, 'history': history,
-            'stopped_early': stopped, 'converged': plateau_schedule(history, cfg)[1], 'time_s': elapsed(),
+            'stopped_early': stopped, 'converged': cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1], 'time_s': elapsed(),
             'rank': rank, 'world': world}

@@ -31,11 +31,11 @@ CSV=$RES/shb_mcnn.csv
 LOC_CSV=$RES/shb_mcnn_loc.csv
 LOSSES=${LOSSES:-"gl l2 bl dmcount"}
 case "$PROTOCOL" in
-  e20) EPOCHS=${EPOCHS:-20}; VAL_EPOCH=${VAL_EPOCH:-4}; sched=(); OUT=$RES/shb_mcnn;;
+  e20) EPOCHS=${EPOCHS:-20}; VAL_EPOCH=${VAL_EPOCH:-4}; sched=(--schedule constant --ema-decay 0 --val-seed -1); OUT=$RES/shb_mcnn;;
   plateau) EPOCHS=${EPOCHS:-400}; VAL_EPOCH=${VAL_EPOCH:-2}; OUT=$RES/shb_mcnn/plateau
-           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-1}" --plateau-start "${PLATEAU_START:-0}");;
+           sched=(--schedule plateau --ema-decay 0 --val-seed -1 --patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-1}" --plateau-start "${PLATEAU_START:-0}");;
   plateau5) EPOCHS=${EPOCHS:-400}; VAL_EPOCH=${VAL_EPOCH:-2}; OUT=$RES/shb_mcnn/plateau5; LR=${LR:-1e-4}
-           sched=(--patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-5}" --plateau-start "${PLATEAU_START:-0}");;
+           sched=(--schedule plateau --ema-decay 0 --val-seed -1 --patience "${PATIENCE:-40}" --lr-patience "${LR_PATIENCE:-20}" --lr-decay 0.1 --val-window "${VAL_WINDOW:-5}" --plateau-start "${PLATEAU_START:-0}");;
   *) echo "unknown PROTOCOL $PROTOCOL" >&2; exit 2;;
 esac
 CROP=${CROP:-256}
@@ -73,29 +73,7 @@ for seed in $SEEDS; do
     fi
     if [ ! -f "$run/loc_threshold.json" ]; then
       echo "$(date -u +%T) ${loss} seed ${seed}: choosing the localization threshold on the validation images"
-      python - "$run" "$DATA" "$seed" <<'PY'
-import json, sys, torch
-from pathlib import Path
-from uotcrowd.data import build_datasets
-from uotcrowd.train import load_model
-from uotcrowd.localize import localize
-from uotcrowd.metrics import localization_prf
-run, data, seed = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-model, _ = load_model(run / 'best.pt')
-_, val_ds, _ = build_datasets('shanghaitech-b', data, 256, model.stride, 0.1, seed)
-grid = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
-preds, gts = {t: [] for t in grid}, []
-with torch.no_grad():
-    for i in range(len(val_ds)):
-        image, points, _ = val_ds[i]
-        density = model(image[None])
-        for t in grid: preds[t].append(localize(density, stride=model.stride, threshold=t)[0])
-        gts.append(points)
-f1 = {t: localization_prf(preds[t], gts, 8.)['f1'] for t in grid}
-best = max(grid, key=lambda t: (round(f1[t], 6), t))
-(run / 'loc_threshold.json').write_text(json.dumps({'threshold': best, 'val_f1_8': f1}, indent=2))
-print('threshold', best, 'validation F1@8px', f1)
-PY
+      python nbs/experiments/study_steps.py threshold "$run" "$run/best.pt" "$DATA" "$seed" 0.1
     fi
     # best.pt becomes a slim checkpoint (weights, config, names) that records the threshold chosen on validation
     python -c "import json,sys; from uotcrowd.train import slim_checkpoint as s; s(sys.argv[1], loc_threshold=json.load(open(sys.argv[2]))['threshold'])" \
@@ -105,22 +83,7 @@ PY
     python -m uotcrowd eval --checkpoint "$run/best.pt" --dataset shanghaitech-b --data-dir "$DATA" --quiet \
       --out "$run/eval-test" --overwrite
     echo $(( $(date +%s) - t0 )) > "$run/eval_s.txt"
-    python - "$run" "$loss" "$seed" "$CSV" "$LOC_CSV" "$PRECISION" "$PROTOCOL" <<'PY'
-import json, sys, torch
-from pathlib import Path
-run, loss, seed, csv, loc_csv, precision, protocol = Path(sys.argv[1]), *sys.argv[2:]
-m = json.loads((run / 'eval-test' / 'metrics.json').read_text())
-sel = json.loads((run / 'loc_threshold.json').read_text())
-ckpt = torch.load(run / 'last.pt', weights_only=True)
-minutes = ckpt['train_time_s'] / 60     # training time summed over resumed segments (wall_s.txt: this machine's segments)
-row = [loss, seed, ckpt['epoch'], f'{minutes:.1f}', f"{m['mae']:.3f}", f"{m['rmse']:.3f}", f"{m['nae']:.4f}",
-       f"{m['f1@4']:.4f}", f"{m['f1@8']:.4f}", str(run / 'best.pt'), precision, protocol]
-loc = [loss, seed, sel['threshold'], f"{sel['val_f1_8'][str(sel['threshold'])]:.4f}"] + \
-      [f"{m[f'{k}@{t}']:.4f}" for t in (4, 8) for k in ('precision', 'recall', 'f1')] + [str(run / 'best.pt')]
-with open(loc_csv, 'a') as f: f.write(','.join(map(str, loc)) + '\n')
-with open(csv, 'a') as f: f.write(','.join(map(str, row)) + '\n')
-print('row:', ','.join(map(str, row)))
-PY
+    python nbs/experiments/study_steps.py row "$run" "$run/best.pt" "$CSV" "$LOC_CSV" "$loss" "$seed" "$PRECISION" "$PROTOCOL"
   done
 done
 echo "$(date -u +%T) all done"
