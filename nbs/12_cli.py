@@ -19,7 +19,7 @@ from uotcrowd.costs import COSTS
 from uotcrowd.data import DATASET_NAMES
 from uotcrowd.models import MODELS
 from uotcrowd.registry import LOSS_NAMES, LOSS_ARGS, loss_class
-from uotcrowd.train import TrainConfig, PRECISIONS
+from uotcrowd.train import TrainConfig, PRECISIONS, SCHEDULES
 from uotcrowd.evaluate import evaluate_checkpoint
 from uotcrowd.commands import train, demo
 from uotcrowd import bench as benchmarks
@@ -99,6 +99,7 @@ def _element_type(hint) -> tuple[type, bool]:
     return hint, False
 
 CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, host_memory=HOST_MEMORY, cost=tuple(COSTS),
+               schedule=SCHEDULES,
                split=('test', 'val'), out_act=('relu', 'abs'), mode=('official', 'converged'), methods=benchmarks.METHODS)
 
 def add_arguments(parser, # an `argparse` parser or argument group

@@ -14,7 +14,7 @@ from .costs import COSTS
 from .data import DATASET_NAMES
 from .models import MODELS
 from .registry import LOSS_NAMES, LOSS_ARGS, loss_class
-from .train import TrainConfig, PRECISIONS
+from .train import TrainConfig, PRECISIONS, SCHEDULES
 from .evaluate import evaluate_checkpoint
 from .commands import train, demo
 from . import bench as benchmarks
@@ -48,6 +48,7 @@ def _element_type(hint) -> tuple[type, bool]:
     return hint, False
 
 CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, host_memory=HOST_MEMORY, cost=tuple(COSTS),
+               schedule=SCHEDULES,
                split=('test', 'val'), out_act=('relu', 'abs'), mode=('official', 'converged'), methods=benchmarks.METHODS)
 
 def add_arguments(parser, # an `argparse` parser or argument group
