@@ -554,6 +554,11 @@ test_fail(lambda: imagenet_classifier(weights=dict(list(_src.items())[:-2])), co
 # The batch-norm statistics are frozen (`freeze_bn=True`, the default): `train()` leaves the backbone's batch norms
 # in evaluation mode, so their ImageNet running means are used and kept, while their scales and shifts still train.
 # With batches of four 256² crops, re-estimating them would replace ImageNet's statistics with noisy ones.
+#
+# The ImageNet features are large (mean absolute values of 2-5), so the head's activations before its last layer
+# are about 10; with the usual $\mathcal N(0, 0.01^2)$ last layer the untrained network predicts about one person
+# per density pixel, a hundred times a part B crowd (124 heads over 96×128 pixels on average). The last layer starts
+# at $\mathcal N(0, 10^{-8})$ instead, about 0.01 per pixel.
 
 # %%
 #| export
@@ -572,7 +577,7 @@ class EffNetLiteDensity(DensityModel):
         self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1))
         for part in (self.lateral, self.head): init_weights(part)
-        init_weights(self.head[-1], last=self.head[-1])
+        init_weights(self.head[-1], last=self.head[-1], last_std=1e-4)  # starts near 0.01 per pixel, see below
         # ImageNet-normalized input -> TF-Lite's (255 x - 127) / 128: x_tf = x * scale + shift per channel
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.register_buffer('in_scale', std * 255 / 128, persistent=False)
@@ -622,6 +627,11 @@ net.train()
 test_eq({m.training for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)}, {False})
 test_eq(net.head.training, True)
 test_eq(EffNetLiteDensity(freeze_bn=False).train().backbone.bn1.training, True)
+with torch.no_grad():   # ImageNet backbone, untrained head: the density of a photo-like input starts near 0.01 per pixel
+    _d = EffNetLiteDensity().eval()
+    load_weights(_d, pretrained_weights())
+    _x = (torch.rand(1, 3, 128, 128) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert 1e-3 < _d(_x).mean() < 0.1, _d(_x).mean()
 test_eq(sorted(k for k in net.state_dict() if not k.startswith('backbone.')),
         sorted(f'{p}.{i}.{w}' for p, idx in (('lateral', (0, 1, 2)), ('head', (0, 2, 4))) for i in idx for w in ('bias', 'weight')))
 

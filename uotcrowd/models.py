@@ -288,7 +288,7 @@ class EffNetLiteDensity(DensityModel):
         self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1))
         for part in (self.lateral, self.head): init_weights(part)
-        init_weights(self.head[-1], last=self.head[-1])
+        init_weights(self.head[-1], last=self.head[-1], last_std=1e-4)  # starts near 0.01 per pixel, see below
         # ImageNet-normalized input -> TF-Lite's (255 x - 127) / 128: x_tf = x * scale + shift per channel
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.register_buffer('in_scale', std * 255 / 128, persistent=False)
