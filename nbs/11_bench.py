@@ -462,10 +462,11 @@ assert float(uot_marginal_error(a1.double(), b1, C1, f2[None], g2[None], 0.2, 0.
 # * `gl_official`, `gl_converged`: `uotcrowd.losses.GeneralizedLoss` on the whole batch, in its two solver modes;
 # * `loop_official`: the same loss called on one image at a time (`uotcrowd.losses.loss_per_image`), what the
 #   official code does;
-# * `geomloss`: the official recipe, per image: the potentials from geomloss (official settings: blur = ε,
-#   reach = τ_solve, scaling 0.5, the same cost), the plan rebuilt from them and the four terms of Eq. 1-3 summed
-#   directly from that plan (`reference_terms`, written out here independently of `GeneralizedLoss.terms_from`, so
-#   that a mistake in the loss under test shows up as a loss or gradient difference);
+# * `geomloss`: the official trainer's recipe as the trainer writes it (`official_recipe_loss`, below): per image the
+#   potentials from geomloss, the plan rebuilt from them and its transport, pixel and point terms. The `gl_*` rows
+#   compute the same objective (`RECIPE_KWARGS`), so the loss difference checks the loss under test;
+#   `reference_loss(..., 'geomloss')` sums the terms of any `GeneralizedLoss` from geomloss's potentials
+#   (`reference_terms`, written out here independently of `GeneralizedLoss.terms_from`);
 # * `pot`: the same with POT's log-stabilized unbalanced Sinkhorn (`pot_iters` iterations).
 #
 # `reference_terms` builds the plan of one image from detached potentials $(f, g)$ in geomloss's convention,
@@ -620,6 +621,77 @@ test_close(reference_loss(gl_s, dens_s[1:], [torch.zeros(0, 2)], 'pot').item(), 
 
 
 # %% [markdown]
+# ## The official trainer's recipe
+#
+# The `geomloss` row of the benchmark is the loss the official trainer computes, written as it writes it and nothing
+# more, so that its time is what someone who replaces the official loss would save: per image, one
+# `SamplesLoss('sinkhorn', p=1, blur=0.01, reach=0.5, scaling=0.5, debias=False, backend='tensorized',
+# potentials=True, cost=...)` call with the fixed exponential cost $e^{d/0.6}-1$ on coordinates divided by the crop
+# size, the pixel grid at $s(j+1), s(i+1)$ (the trainer's), the plan rebuilt from the potentials,
+# $P=e^{(F\oplus G-C)/\varepsilon}\,a\,b^\top$ (detached but for the density factor), and
+# $\langle C,P\rangle+0.1\,\|P\mathbf 1-a\|_2^2+0.1\,\|P^\top\mathbf 1-b\|_1$ with $P\mathbf 1$ detached in the pixel term,
+# averaged over the batch; an image without heads adds $1.2\,|\sum a|$. It is the objective of
+# `GeneralizedLoss(**RECIPE_KWARGS)` in official mode, which the benchmark's `gl_*` rows compute
+# (`test_official_recipe_is_the_trainers` in `tests/test_bench.py` compares the value and the gradient with a
+# literal transcription of the trainer's lines on one batch, and with `GeneralizedLoss`).
+
+# %%
+#| export
+RECIPE_KWARGS = dict(cost='exp', eta=0.6, grad='official', terms=('transport', 'pixel', 'point'), grid_offset=1.0,
+                     empty='official')   # the `GeneralizedLoss` arguments of the objective `official_recipe_loss` computes
+
+def official_recipe_loss(density:torch.Tensor, # `(B, 1, h, w)` predicted density
+                         points:Sequence[torch.Tensor], # B tensors `(m_b, 2)` of head positions in input pixels
+                         crop:float=512., # crop side: coordinates are divided by it
+                         stride:int=8, # input pixels per map pixel
+                         diagnostics:dict|None=None, # if a dict: filled with iterations, marginal_error, exp_entries
+                        ) -> torch.Tensor:
+    "The official trainer's loss, literally: geomloss's potentials per image, the plan rebuilt from them, transport + 0.1 pixel L2 + 0.1 point L1."
+    from geomloss import SamplesLoss
+    cost = coordinate_cost('exp', eta=0.6)                     # exp(d / 0.6) - 1 on coordinates / crop
+    solver = SamplesLoss('sinkhorn', p=1, blur=0.01, reach=0.5, scaling=0.5, debias=False, backend='tensorized',
+                         potentials=True, cost=cost)
+    B, _, h, w = density.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=density.device) * stride + stride,
+                            torch.arange(w, device=density.device) * stride + stride, indexing='ij')
+    X = torch.stack([xs.flatten(), ys.flatten()], -1)[None].to(density.dtype) / crop
+    total, its, errs, entries = 0., [], [], 0
+    for k in range(B):
+        A = density[k].reshape(1, -1)
+        if len(points[k]) == 0:
+            total = total + 1.2 * A.sum().abs(); continue
+        Y = points[k][None].to(density.dtype) / crop
+        b = torch.ones(1, Y.shape[1], dtype=density.dtype, device=density.device)
+        counter = _CountCalls('logsumexp')
+        with counter if diagnostics is not None else contextlib.nullcontext():
+            F_, G_ = solver(A.detach(), X, b, Y)
+        C = cost(X, Y)
+        P = torch.exp((F_[:, :, None] + G_[:, None, :] - C).detach() / 0.01) * A[:, :, None] * b[:, None, :]
+        total = total + (C * P).sum() + 0.1 * ((P.sum(2).detach() - A) ** 2).sum() + 0.1 * (P.sum(1) - b).abs().sum()
+        if diagnostics is not None:
+            its.append(counter.calls // 2); entries += counter.calls // 2 * 2 * C.shape[1] * C.shape[2]
+            errs.append(float(uot_marginal_error(A.detach().double(), b, C, F_.reshape(A.shape), G_.reshape(b.shape), 0.01, 0.5)))
+    if diagnostics is not None:
+        diagnostics.update(iterations=max(its, default=0), marginal_error=max(errs, default=0.), exp_entries=entries)
+    return total / B
+
+
+# %% [markdown]
+# On a small batch with an image without heads, the recipe's value and gradient are those of `GeneralizedLoss`
+# in official mode with `RECIPE_KWARGS`, and its diagnostics count geomloss's 12 pairs.
+
+# %%
+dens_r, pts_r = make_problem(3, 20, size=12, seed=4)
+pts_r[1] = pts_r[1][:0]
+d1, d2 = dens_r.clone().requires_grad_(), dens_r.clone().requires_grad_()
+info_r = {}
+l_rec = official_recipe_loss(d1, pts_r, crop=96., diagnostics=info_r); l_rec.backward()
+l_gl = GeneralizedLoss(mode='official', scale=96., **RECIPE_KWARGS)(d2, pts_r); l_gl.backward()
+test_close(l_rec.item(), l_gl.item(), eps=1e-5 * abs(l_gl.item()))
+test_close(d1.grad, d2.grad, eps=1e-5 * d2.grad.abs().max().item())
+test_eq(info_r['iterations'], 12); assert 0 < info_r['marginal_error'] < 1
+
+# %% [markdown]
 # ## A VGG19 training step
 #
 # The loss only matters in proportion to the rest of a training step. `train_step_times` times one Adam step of the
@@ -716,6 +788,10 @@ def _machine(device:torch.device) -> dict:
     if device.type == 'cuda': out['gpu'] = torch.cuda.get_device_name(device)
     return out
 
+def _bench_kwargs(size:int, stride:int, gl_kwargs:dict|None) -> dict:
+    "`GeneralizedLoss` arguments of the benchmark's rows: the official recipe's objective on `size*stride` crops, then `gl_kwargs`."
+    return dict(dict(scale=float(size * stride), stride=stride, **RECIPE_KWARGS), **(gl_kwargs or {}))
+
 def _forward_backward(fn:Callable, density:torch.Tensor, points) -> Callable:
     def call():
         d = density.detach().clone().requires_grad_()
@@ -734,11 +810,15 @@ def _methods(gl_kwargs:dict, pot_iters:int) -> dict:
             with torch.no_grad(): loss = reference_loss(off, d, p, solver, pot_iters=pot_iters, diagnostics=info)
             return dict(loss=float(loss), **info)
         return diag
+    def recipe_diag(d, p):
+        info = {}
+        with torch.no_grad(): loss = official_recipe_loss(d, p, gl_kwargs['scale'], gl_kwargs['stride'], diagnostics=info)
+        return dict(loss=float(loss), **info)
     return dict(
         gl_official=(off, lambda d, p: gl_diagnostics(off, d, p)),
         gl_converged=(conv, lambda d, p: gl_diagnostics(conv, d, p)),
         loop_official=(lambda d, p: loss_per_image(off, d, p), lambda d, p: gl_diagnostics(off, d, p, per_image=True)),
-        geomloss=(lambda d, p: reference_loss(off, d, p, 'geomloss'), ref_diag('geomloss')),
+        geomloss=(lambda d, p: official_recipe_loss(d, p, gl_kwargs['scale'], gl_kwargs['stride']), recipe_diag),
         pot=(lambda d, p: reference_loss(off, d, p, 'pot', pot_iters=pot_iters), ref_diag('pot')),
     )
 
@@ -771,7 +851,7 @@ def bench_case(method:str, # one of `METHODS`
 def _measure_case(row, method, batch_size, n_points, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats,
                   budget, long_call, memory, seed):
     "Fill `row` with the measurements of one case (see `bench_case`)."
-    gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
+    gl_kwargs = _bench_kwargs(size, stride, gl_kwargs)
     fn, diag = _methods(gl_kwargs, pot_iters)[method]
     density, points = make_problem(batch_size, n_points, size, stride, seed, device)
     call = _forward_backward(fn, density, points)
@@ -822,7 +902,7 @@ def profile_case(method:str='gl_official', batch_size:int=8, n_points:int=500, s
     from torch.profiler import profile, ProfilerActivity
     os.environ.setdefault('KINETO_LOG_LEVEL', '6')
     device = get_device(device)
-    gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
+    gl_kwargs = _bench_kwargs(size, stride, gl_kwargs)
     fn, _ = _methods(gl_kwargs, pot_iters)[method]
     density, points = make_problem(batch_size, n_points, size, stride, seed, device)
     call = _forward_backward(fn, density, points)

@@ -210,3 +210,45 @@ def test_pot_reference_converges_to_converged_mode():
     conv = GeneralizedLoss(scale=80., mode='converged', tol=1e-6)(density, points)
     assert info['marginal_error'] < 1e-5
     assert pot.item() == pytest.approx(conv.item(), rel=1e-3)
+
+
+def test_official_recipe_is_the_trainers():
+    "The bench's geomloss baseline equals the official trainer's lines written out literally (value and gradient), and GL's official mode."
+    import geomloss
+    from uotcrowd.bench import official_recipe_loss, RECIPE_KWARGS
+    crop, stride = 256., 8
+    density, points = make_problem(3, 40, size=32, stride=stride, seed=7)
+
+    def trainer_cost(X, Y):                       # the trainer's cost: exp(d / 0.6) - 1
+        return torch.exp(((X[:, :, None] - Y[:, None]) ** 2).sum(-1).sqrt() / 0.6) - 1
+    uot = geomloss.SamplesLoss('sinkhorn', p=1, blur=0.01, reach=0.5, scaling=0.5, debias=False, backend='tensorized',
+                               potentials=True, cost=trainer_cost)
+    dens_ref = density.clone().requires_grad_()
+    ys, xs = torch.meshgrid(torch.arange(32.) * stride + stride / 2 + stride / 2,   # (j + 0.5) * 8 + 4, as the trainer
+                            torch.arange(32.) * stride + stride / 2 + stride / 2, indexing='ij')
+    X = torch.stack([xs.flatten(), ys.flatten()], -1)[None] / crop
+    ref = 0.
+    for k in range(3):
+        A = dens_ref[k].reshape(1, -1, 1)
+        Y = points[k].view(1, -1, 2) / crop
+        Bw = torch.ones(1, len(points[k]), 1)
+        F, G = uot(A.view(1, -1).detach(), X, Bw.view(1, -1), Y)
+        C = trainer_cost(X, Y)
+        PI = torch.exp((F.view(1, -1, 1) + G.view(1, 1, -1) - C).detach() / 0.01) * A * Bw.permute(0, 2, 1)
+        emd = (C * PI).sum()
+        point = (PI.sum(1).view(-1) - 1).abs().sum()
+        pixel = ((PI.sum(2).detach().view(-1) - A.view(-1)) ** 2).sum()
+        ref = ref + emd + 0.1 * (pixel + point)
+    ref = ref / 3
+    ref.backward()
+
+    dens_ours = density.clone().requires_grad_()
+    ours = official_recipe_loss(dens_ours, points, crop, stride)
+    ours.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(dens_ours.grad, dens_ref.grad, rtol=0, atol=1e-5 * dens_ref.grad.abs().max().item())
+    dens_gl = density.clone().requires_grad_()
+    gl = GeneralizedLoss(mode='official', scale=crop, stride=stride, **RECIPE_KWARGS)(dens_gl, points)
+    gl.backward()
+    assert gl.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(dens_gl.grad, dens_ref.grad, rtol=0, atol=1e-5 * dens_ref.grad.abs().max().item())

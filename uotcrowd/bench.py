@@ -16,12 +16,13 @@ from .costs import coordinate_cost
 from .sinkhorn import uot_marginal_error
 
 # %% auto #0
-__all__ = ['METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'CONFIG_GOALS', 'CONFIGS',
-           'time_call', 'peak_memory', 'cpu_counters', 'other_load', 'exp_throughput', 'make_problem', 'has_module',
-           'geomloss_potentials', 'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics',
-           'train_step_times', 'bench_case', 'profile_case', 'parse_variant', 'torch_threads', 'step_time', 'eval_time',
-           'training_throughput', 'throughput_targets', 'counting_time_target', 'throughput_markdown', 'config_targets',
-           'evaluate_targets', 'results_markdown', 'run_bench']
+__all__ = ['RECIPE_KWARGS', 'METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK',
+           'CONFIG_GOALS', 'CONFIGS', 'time_call', 'peak_memory', 'cpu_counters', 'other_load', 'exp_throughput',
+           'make_problem', 'has_module', 'geomloss_potentials', 'pot_potentials', 'reference_terms', 'reference_loss',
+           'gl_diagnostics', 'official_recipe_loss', 'train_step_times', 'bench_case', 'profile_case', 'parse_variant',
+           'torch_threads', 'step_time', 'eval_time', 'training_throughput', 'throughput_targets',
+           'counting_time_target', 'throughput_markdown', 'config_targets', 'evaluate_targets', 'results_markdown',
+           'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -309,6 +310,45 @@ def gl_diagnostics(gl, # a `GeneralizedLoss`
     return dict(loss=float(torch.cat(losses).mean()), iterations=max(its), marginal_error=max(errs, default=0.),
                 exp_entries=entries)
 
+# %% ../nbs/11_bench.ipynb #1d28dfdd
+RECIPE_KWARGS = dict(cost='exp', eta=0.6, grad='official', terms=('transport', 'pixel', 'point'), grid_offset=1.0,
+                     empty='official')   # the `GeneralizedLoss` arguments of the objective `official_recipe_loss` computes
+
+def official_recipe_loss(density:torch.Tensor, # `(B, 1, h, w)` predicted density
+                         points:Sequence[torch.Tensor], # B tensors `(m_b, 2)` of head positions in input pixels
+                         crop:float=512., # crop side: coordinates are divided by it
+                         stride:int=8, # input pixels per map pixel
+                         diagnostics:dict|None=None, # if a dict: filled with iterations, marginal_error, exp_entries
+                        ) -> torch.Tensor:
+    "The official trainer's loss, literally: geomloss's potentials per image, the plan rebuilt from them, transport + 0.1 pixel L2 + 0.1 point L1."
+    from geomloss import SamplesLoss
+    cost = coordinate_cost('exp', eta=0.6)                     # exp(d / 0.6) - 1 on coordinates / crop
+    solver = SamplesLoss('sinkhorn', p=1, blur=0.01, reach=0.5, scaling=0.5, debias=False, backend='tensorized',
+                         potentials=True, cost=cost)
+    B, _, h, w = density.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=density.device) * stride + stride,
+                            torch.arange(w, device=density.device) * stride + stride, indexing='ij')
+    X = torch.stack([xs.flatten(), ys.flatten()], -1)[None].to(density.dtype) / crop
+    total, its, errs, entries = 0., [], [], 0
+    for k in range(B):
+        A = density[k].reshape(1, -1)
+        if len(points[k]) == 0:
+            total = total + 1.2 * A.sum().abs(); continue
+        Y = points[k][None].to(density.dtype) / crop
+        b = torch.ones(1, Y.shape[1], dtype=density.dtype, device=density.device)
+        counter = _CountCalls('logsumexp')
+        with counter if diagnostics is not None else contextlib.nullcontext():
+            F_, G_ = solver(A.detach(), X, b, Y)
+        C = cost(X, Y)
+        P = torch.exp((F_[:, :, None] + G_[:, None, :] - C).detach() / 0.01) * A[:, :, None] * b[:, None, :]
+        total = total + (C * P).sum() + 0.1 * ((P.sum(2).detach() - A) ** 2).sum() + 0.1 * (P.sum(1) - b).abs().sum()
+        if diagnostics is not None:
+            its.append(counter.calls // 2); entries += counter.calls // 2 * 2 * C.shape[1] * C.shape[2]
+            errs.append(float(uot_marginal_error(A.detach().double(), b, C, F_.reshape(A.shape), G_.reshape(b.shape), 0.01, 0.5)))
+    if diagnostics is not None:
+        diagnostics.update(iterations=max(its, default=0), marginal_error=max(errs, default=0.), exp_entries=entries)
+    return total / B
+
 # %% ../nbs/11_bench.ipynb #8b165a83
 def train_step_times(loss_fn:Callable|None, # loss `(density, points) -> scalar`; None: only the step without it
                      batch_size:int=8, # images per step
@@ -378,6 +418,10 @@ def _machine(device:torch.device) -> dict:
     if device.type == 'cuda': out['gpu'] = torch.cuda.get_device_name(device)
     return out
 
+def _bench_kwargs(size:int, stride:int, gl_kwargs:dict|None) -> dict:
+    "`GeneralizedLoss` arguments of the benchmark's rows: the official recipe's objective on `size*stride` crops, then `gl_kwargs`."
+    return dict(dict(scale=float(size * stride), stride=stride, **RECIPE_KWARGS), **(gl_kwargs or {}))
+
 def _forward_backward(fn:Callable, density:torch.Tensor, points) -> Callable:
     def call():
         d = density.detach().clone().requires_grad_()
@@ -396,11 +440,15 @@ def _methods(gl_kwargs:dict, pot_iters:int) -> dict:
             with torch.no_grad(): loss = reference_loss(off, d, p, solver, pot_iters=pot_iters, diagnostics=info)
             return dict(loss=float(loss), **info)
         return diag
+    def recipe_diag(d, p):
+        info = {}
+        with torch.no_grad(): loss = official_recipe_loss(d, p, gl_kwargs['scale'], gl_kwargs['stride'], diagnostics=info)
+        return dict(loss=float(loss), **info)
     return dict(
         gl_official=(off, lambda d, p: gl_diagnostics(off, d, p)),
         gl_converged=(conv, lambda d, p: gl_diagnostics(conv, d, p)),
         loop_official=(lambda d, p: loss_per_image(off, d, p), lambda d, p: gl_diagnostics(off, d, p, per_image=True)),
-        geomloss=(lambda d, p: reference_loss(off, d, p, 'geomloss'), ref_diag('geomloss')),
+        geomloss=(lambda d, p: official_recipe_loss(d, p, gl_kwargs['scale'], gl_kwargs['stride']), recipe_diag),
         pot=(lambda d, p: reference_loss(off, d, p, 'pot', pot_iters=pot_iters), ref_diag('pot')),
     )
 
@@ -433,7 +481,7 @@ def bench_case(method:str, # one of `METHODS`
 def _measure_case(row, method, batch_size, n_points, size, stride, device, exp_rate, gl_kwargs, pot_iters, repeats,
                   budget, long_call, memory, seed):
     "Fill `row` with the measurements of one case (see `bench_case`)."
-    gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
+    gl_kwargs = _bench_kwargs(size, stride, gl_kwargs)
     fn, diag = _methods(gl_kwargs, pot_iters)[method]
     density, points = make_problem(batch_size, n_points, size, stride, seed, device)
     call = _forward_backward(fn, density, points)
@@ -458,7 +506,7 @@ def profile_case(method:str='gl_official', batch_size:int=8, n_points:int=500, s
     from torch.profiler import profile, ProfilerActivity
     os.environ.setdefault('KINETO_LOG_LEVEL', '6')
     device = get_device(device)
-    gl_kwargs = dict(dict(scale=float(size * stride), stride=stride), **(gl_kwargs or {}))
+    gl_kwargs = _bench_kwargs(size, stride, gl_kwargs)
     fn, _ = _methods(gl_kwargs, pot_iters)[method]
     density, points = make_problem(batch_size, n_points, size, stride, seed, device)
     call = _forward_backward(fn, density, points)
