@@ -16,13 +16,13 @@ from .costs import coordinate_cost
 from .sinkhorn import uot_marginal_error
 
 # %% auto #0
-__all__ = ['RECIPE_KWARGS', 'METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK',
-           'CONFIG_GOALS', 'CONFIGS', 'time_call', 'peak_memory', 'cpu_counters', 'other_load', 'exp_throughput',
-           'make_problem', 'has_module', 'geomloss_potentials', 'pot_potentials', 'reference_terms', 'reference_loss',
-           'gl_diagnostics', 'official_recipe_loss', 'train_step_times', 'bench_case', 'profile_case', 'parse_variant',
-           'torch_threads', 'step_time', 'eval_time', 'training_throughput', 'throughput_targets',
-           'counting_time_target', 'throughput_markdown', 'config_targets', 'evaluate_targets', 'results_markdown',
-           'run_bench']
+__all__ = ['RECIPE_KWARGS', 'METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'LOSS_SIZES',
+           'SIZE_GOALS', 'CONFIG_GOALS', 'CONFIGS', 'time_call', 'peak_memory', 'cpu_counters', 'other_load',
+           'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials', 'pot_potentials', 'reference_terms',
+           'reference_loss', 'gl_diagnostics', 'official_recipe_loss', 'train_step_times', 'bench_case', 'profile_case',
+           'parse_variant', 'torch_threads', 'step_time', 'eval_time', 'training_throughput', 'throughput_targets',
+           'counting_time_target', 'throughput_markdown', 'loss_sizes_markdown', 'loss_sizes', 'config_targets',
+           'evaluate_targets', 'results_markdown', 'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -706,6 +706,90 @@ def throughput_markdown(tp:dict # result of `training_throughput`
         lines += ['', f"Target: {t['name']} {t['op']} {t['target']:g}: {_num(t['value'], 2)} ({t['note']}), met: {met}."]
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/11_bench.ipynb #9ca23c35
+LOSS_SIZES = ((8, 200, 32), (8, 500, 64))  # (B, heads per image, map side) of `loss_sizes`
+SIZE_GOALS = (('official speed-up over the recipe', '>=', 5.), ('converged speed-up over the recipe', '>=', 2.),
+              ('loss difference official vs recipe', '<=', 1e-4), ('converged marginal error', '<=', 1e-3))
+
+def _size_row(B, m, size, stride, threads, device, runs, seed, gl_kwargs) -> dict:
+    "One size at one thread count: the three calls timed in turn for `runs` rounds (after a warm-up round)."
+    from uotcrowd.losses import GeneralizedLoss
+    kw = _bench_kwargs(size, stride, gl_kwargs)
+    off, conv = GeneralizedLoss(mode='official', **kw), GeneralizedLoss(mode='converged', **kw)
+    density, points = make_problem(B, m, size, stride, seed, device)
+    recipe = lambda d, p: official_recipe_loss(d, p, kw['scale'], stride)
+    calls = {name: _forward_backward(fn, density, points) for name, fn in (('official', off), ('converged', conv), ('recipe', recipe))}
+    times = {name: [] for name in calls}
+    with torch_threads(threads):
+        for r in range(runs + 1):
+            for name, call in calls.items():
+                _sync(device); t0 = time.perf_counter(); call(); _sync(device)
+                if r: times[name].append(time.perf_counter() - t0)
+        d_off, d_conv = gl_diagnostics(off, density, points), gl_diagnostics(conv, density, points)
+        with torch.no_grad(): l_rec = float(official_recipe_loss(density, points, kw['scale'], stride))
+    ratios = {k: [a / b for a, b in zip(times['recipe'], times[k])] for k in ('official', 'converged')}
+    med = lambda v: statistics.median(v)
+    row = dict(batch_size=B, n_points=m, size=size, threads=threads, runs=runs,
+               **{f'{k}_ms': 1e3 * med(v) for k, v in times.items()},
+               **{f'{k}_speedup{q}': f(ratios[k]) for k in ratios for q, f in (('', med), ('_min', min), ('_max', max))},
+               loss_official=d_off['loss'], loss_converged=d_conv['loss'], loss_recipe=l_rec,
+               loss_difference=abs(d_off['loss'] - l_rec) / abs(l_rec), converged_iterations=d_conv['iterations'],
+               converged_marginal_error=d_conv['marginal_error'])
+    values = (row['official_speedup'], row['converged_speedup'], row['loss_difference'], row['converged_marginal_error'])
+    row['targets'] = [_target(name, v, op, bound) for (name, op, bound), v in zip(SIZE_GOALS, values)]
+    return row
+
+def loss_sizes_markdown(res:dict # result of `loss_sizes`
+                       ) -> str:
+    "The table of `loss_sizes`."
+    lines = [f"**The loss at training sizes** against the official trainer's recipe (forward + backward, median of "
+             f"{res['runs']} rounds; speed-ups: median of the per-round ratios, with their min-max):", '',
+             '| B | heads | map | threads | official (ms) | converged (ms) | recipe (ms) | recipe / official | '
+             'recipe / converged | loss diff | converged error (pairs) | targets met |',
+             '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|']
+    for r in res['rows']:
+        met = all(t['met'] for t in r['targets'])
+        lines.append(f"| {r['batch_size']} | {r['n_points']} | {r['size']}×{r['size']} | {r['threads'] or '-'} | "
+                     f"{r['official_ms']:.1f} | {r['converged_ms']:.1f} | {r['recipe_ms']:.1f} | "
+                     f"{r['official_speedup']:.2f} ({r['official_speedup_min']:.2f}-{r['official_speedup_max']:.2f}) | "
+                     f"{r['converged_speedup']:.2f} ({r['converged_speedup_min']:.2f}-{r['converged_speedup_max']:.2f}) | "
+                     f"{r['loss_difference']:.1e} | {r['converged_marginal_error']:.1e} ({r['converged_iterations']}) | "
+                     f"{'yes' if met else '**no**'} |")
+    lines += ['', 'Goals: ' + '; '.join(f"{n} {op} {g:g}" for n, op, g in SIZE_GOALS) + '.']
+    return '\n'.join(lines) + '\n'
+
+def loss_sizes(out_dir:str|Path|None=None, # folder for `{stem}.json` and `{stem}.md` (None: nothing written)
+               sizes:Sequence[tuple]=LOSS_SIZES, # (B, heads, map side) per problem
+               threads:Sequence[int|None]=(1, 2), # torch thread counts (None: as set)
+               runs:int=5, # timed rounds per size and thread count
+               device:str|torch.device='cpu', # device of the loss (the recipe runs there too)
+               stride:int=8, seed:int=0,
+               gl_kwargs:dict|None=None, # extra `GeneralizedLoss` arguments
+               stem:str='loss_sizes', # file names
+               verbose:bool=True, # one line per row (to stderr)
+              ) -> dict:
+    "Official and converged mode against the official trainer's recipe at training sizes, side by side, per thread count."
+    device = get_device(device)
+    counters, rows = cpu_counters(), []
+    for B, m, size in sizes:
+        for th in threads:
+            r = _size_row(B, m, size, stride, th, device, runs, seed, gl_kwargs)
+            rows.append(r)
+            if verbose: print(f"  B={B} m={m} {size}x{size} {th} thr: official {r['official_ms']:.1f} ms, converged "
+                              f"{r['converged_ms']:.1f} ms, recipe {r['recipe_ms']:.1f} ms: x{r['official_speedup']:.2f} "
+                              f"(x{r['official_speedup_min']:.2f}-{r['official_speedup_max']:.2f}), x{r['converged_speedup']:.2f} "
+                              f"(x{r['converged_speedup_min']:.2f}-{r['converged_speedup_max']:.2f})", file=sys.stderr, flush=True)
+    machine = _machine(device); machine['load'] = other_load(counters, cpu_counters())
+    res = dict(date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), machine=machine, versions=_versions(),
+               runs=runs, rows=rows)
+    if out_dir is not None:
+        out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f'{stem}.json').write_text(json.dumps(_finite(res), indent=1, allow_nan=False))
+        (out_dir / f'{stem}.md').write_text(f"**Device** {machine.get('gpu') or machine.get('cpu_model') or machine['processor']} "
+                                            f"({machine['device']}), {res['date']}.{_load_line(machine['load'])}\n\n"
+                                            + loss_sizes_markdown(res))
+    return res
+
 # %% ../nbs/11_bench.ipynb #38016082
 def _target(name, value, op, bound, note='', method=None):
     ok = None if value is None or not math.isfinite(value) else (value >= bound if op == '>=' else value <= bound)
@@ -833,6 +917,7 @@ def results_markdown(results:dict) -> str:
                   f"{100 * v['share']:.1f} % of the step (difference of the two step times: {100 * v['share_diff']:.1f} %)."
                   if 'share' in v else '']
     if results.get('throughput'): lines += ['', throughput_markdown(results['throughput']).rstrip('\n')]
+    if results.get('loss_sizes'): lines += ['', loss_sizes_markdown(results['loss_sizes']).rstrip('\n')]
     for meth, table in (results.get('profiles') or {}).items():
         lines += ['', f"**Profile of `{meth}`** (one forward + backward at the target case, operators by self time):", '',
                   '```', table.strip('\n'), '```']
@@ -862,12 +947,14 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
               seed:int=0,
               profile:bool|None=None, # profile the solver modes that miss a speed target (default: not in quick runs)
               throughput:bool|dict=True, # time training steps and evaluation per precision; a dict: `training_throughput` arguments
+              training_sizes:bool|None=None, # the section of `loss_sizes` (default: in a run of `CONFIGS` with both modes and geomloss)
               stem:str='bench', # file names: `{stem}.json`, `{stem}.md`
               verbose:bool=True, # print one line per case (to stderr)
              ) -> dict:
     "Run the benchmark on one device, write `bench.json` and `bench.md` into `out_dir`, return the results."
     device = get_device(device)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    full = configs is None and not (quick or batch_sizes or n_points or size)    # the default configurations
     if configs is None and (quick or batch_sizes or n_points or size):
         configs = [(B, m, size or (32 if quick else 64), None) for B in (batch_sizes or ((2,) if quick else (1, 8)))
                    for m in (n_points or ((50,) if quick else (50, 500, 2000)))]
@@ -916,6 +1003,10 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         kw.update(throughput if isinstance(throughput, dict) else {})
         log("training throughput (step and evaluation time per precision):")
         results['throughput'] = training_throughput(device=device, seed=seed, log=log, **kw)
+    if training_sizes is None: training_sizes = full and {'gl_official', 'gl_converged', 'geomloss'} <= set(methods)
+    if training_sizes and has_module('geomloss'):
+        log("the loss at training sizes against the official recipe:")
+        results['loss_sizes'] = loss_sizes(None, device=device, stride=stride, seed=seed, gl_kwargs=gl_kwargs, verbose=verbose)
     results['targets'] = evaluate_targets(results)
     results['config_targets'] = config_targets(results)
     if profile is None: profile = not quick
