@@ -224,6 +224,16 @@ def _col_sums(w:torch.Tensor, # `(b, r)` row weights
     b, r, mb = K.shape; c = _chunks(K)
     return torch.bmm(w.reshape(b * c, 1, r // c), K.view(b * c, r // c, mb)).view(b, c, mb).sum(1)
 
+def _col_sums2(w:torch.Tensor, # `(b, r)` first row weights
+               w0:torch.Tensor, # `(b, r)` second row weights
+               K:torch.Tensor # `(b, r, mb)` block (contiguous)
+              ) -> tuple[torch.Tensor, torch.Tensor]: # two `(b, mb)`
+    "`_col_sums(w, K)` and `_col_sums(w0, K)` in one matrix product (one read of `K`)."
+    b, r, mb = K.shape; c = _chunks(K)
+    W = torch.stack([w, w0], 1).view(b, 2, c, r // c).transpose(1, 2).reshape(b * c, 2, r // c)
+    S2 = torch.bmm(W, K.view(b * c, r // c, mb)).view(b, c, 2, mb).sum(1)
+    return S2[:, 0], S2[:, 1]
+
 def _row_dots(K:torch.Tensor, # `(b, r, mb)` block (contiguous)
               v:torch.Tensor # `(b, mb)` column weights
              ) -> torch.Tensor: # `(b, r)`
@@ -312,20 +322,28 @@ def official_loop(pb:_Problem, schedules:list[list[float]]) -> tuple[torch.Tenso
     B, L = len(schedules), max(len(s) for s in schedules)
     C = pb.C; n, m = C.shape[1:]
     start = [L - len(s) for s in schedules]
-    eps0 = C.new_tensor([s[0] for s in schedules]); e0 = eps0[:, None]
-    row, col = pair_softmins(pb, C.new_zeros(B, n), C.new_zeros(B, m), eps0)
-    g = _damping(e0, pb.tau_b) * (e0 * pb.lb + col)          # a -> b
-    f = _damping(e0, pb.tau_a) * (e0 * pb.la + row)          # b -> a
+    # every temperature, damping and "has started" flag of the loop, as `(L + 2, B)` tensors made once
+    temps = C.new_tensor([[s[0] for s in schedules]] + [[s[max(k - st, 0)] for s, st in zip(schedules, start)]
+                         for k in range(L)] + [[s[-1] for s in schedules]])
+    lam_a, lam_b = _damping(temps, pb.tau_a), _damping(temps, pb.tau_b)
+    lam_a, lam_b = (lam if isinstance(lam, torch.Tensor) else torch.full_like(temps, lam) for lam in (lam_a, lam_b))
+    ela = None if not bool(pb.la.any()) else pb.la          # product reference: log(a/mu) = 0, no term
+    elb = None if not bool(pb.lb.any()) else pb.lb
+    def half(lam, e, l, sm): return lam[:, None] * (sm if l is None else e[:, None] * l + sm)
+    active = [None if k >= max(start) else torch.tensor([k >= st for st in start], device=C.device)[:, None]
+              for k in range(L)]                             # None: every image has started
+    row, col = pair_softmins(pb, C.new_zeros(B, n), C.new_zeros(B, m), temps[0])
+    g = half(lam_b[0], temps[0], elb, col)                   # a -> b
+    f = half(lam_a[0], temps[0], ela, row)                   # b -> a
     for k in range(L):
-        eps = C.new_tensor([s[max(k - st, 0)] for s, st in zip(schedules, start)]); e = eps[:, None]
-        row, col = pair_softmins(pb, f, g, eps)              # both from the old pair (symmetric)
-        ft, gt = _damping(e, pb.tau_a) * (e * pb.la + row), _damping(e, pb.tau_b) * (e * pb.lb + col)
-        active = torch.tensor([k >= st for st in start], device=C.device)[:, None]
-        f, g = torch.where(active, 0.5 * (f + ft), f), torch.where(active, 0.5 * (g + gt), g)
-    eps = C.new_tensor([s[-1] for s in schedules]); e = eps[:, None]
-    row, col = pair_softmins(pb, f, g, eps)                  # final extrapolation
-    f, g = _damping(e, pb.tau_a) * (e * pb.la + row), _damping(e, pb.tau_b) * (e * pb.lb + col)
-    return f, g, L + 2
+        e = temps[k + 1]
+        row, col = pair_softmins(pb, f, g, e)                # both from the old pair (symmetric)
+        ft, gt = half(lam_a[k + 1], e, ela, row), half(lam_b[k + 1], e, elb, col)
+        if active[k] is None: f, g = 0.5 * (f + ft), 0.5 * (g + gt)
+        else: f, g = torch.where(active[k], 0.5 * (f + ft), f), torch.where(active[k], 0.5 * (g + gt), g)
+    e = temps[-1]
+    row, col = pair_softmins(pb, f, g, e)                    # final extrapolation
+    return half(lam_a[-1], e, ela, row), half(lam_b[-1], e, elb, col), L + 2
 
 def _exact_relaxed(pb:_Problem, b:int, f, g, e, omega):
     "`relaxed_pair` for image `b` with `softmin` (its fallback)."
@@ -353,8 +371,8 @@ def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:t
         fb = torch.lerp(fr, lam_a * (eps * pb.la[bs, r0:r1] + fr - eps * Rb.log()), om[bs])
         w = pb.mu[bs, r0:r1] * torch.exp((fb - fr) / eps)     # rows re-weighted to the new f
         fn[bs, r0:r1], W[bs, r0:r1] = fb, w
-        S[bs, :mb] += _col_sums(w, K)
-        S0[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
+        Sw, Smu = _col_sums2(w, pb.mu[bs, r0:r1], K)         # both column sums from one read of the block
+        S[bs, :mb] += Sw; S0[bs, :mb] += Smu
     row, col0, col = f - eps * R.log(), g + eps * (pb.lnu - S0.log()), g + eps * (pb.lnu - S.log())
     if pb.padded:                                            # zero-cost padded entries: their own soft-mins
         prow, pcol0 = _padded_softmins(pb, f, g, e)
