@@ -152,16 +152,18 @@ class GeneralizedLoss(nn.Module):
         self.last_solve = dict(iterations=t.pot.iterations, marginal_error=t.pot.marginal_error)
         return t
 
-    def terms_from(self, t:Transport # a solved batch (`solve`)
+    def terms_from(self, t:Transport, # a solved batch (`solve`)
+                   all_terms:bool=True # every term; False: only those of `terms` (the others may be 0)
                   ) -> dict:
         "Per-image `(B,)` loss terms from the solved problem; differentiable in `t.a`."
         a, b, C, mask, pot = t.a, t.b, t.C, t.mask, t.pot
-        st = plan_stats(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad)    # the plan is never stored
+        entropy = all_terms or 'entropy' in self.terms                    # else its reduction is skipped
+        st = plan_stats(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad, entropy=entropy)  # the plan is never stored
         r, e, ce, elog = st.r, st.rows, st.cost, st.xlogx  # r; E 1; sum_j C_ij E_ij; sum_j E_ij log E_ij
         P1 = r * e
         Pt1 = st.cols                                      # r^T E, differentiable through r
         tiny = 1e-20
-        plogp = (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1)                # sum P log P, 0 log 0 = 0
+        plogp = (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1) if entropy else torch.zeros_like(e[:, 0])  # sum P log P, 0 log 0 = 0
         if self.entropy == 'mean':   # official: eps * mean over the n*m entries, added per image without the 1/B
             m = (mask.sum(1) if mask is not None else torch.full_like(plogp, b.shape[1])).clamp_min(1)
             plogp = plogp / (a.shape[1] * m) * a.shape[0]      # x B: the batch mean of these is the official sum
@@ -183,7 +185,7 @@ class GeneralizedLoss(nn.Module):
                ):
         "Batch mean of Eq. 1 (and, with `return_terms`, the dict transport/entropy/pixel/point/total)."
         with no_autocast(density.device):
-            t = self.terms_from(self.solve(density, points))
+            t = self.terms_from(self.solve(density, points), all_terms=return_terms)
         loss = t['total'].mean()
         if return_terms: return loss, {k: v.mean() for k, v in t.items()}
         return loss
