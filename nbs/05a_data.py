@@ -29,8 +29,7 @@ from matplotlib_inline.backend_inline import set_matplotlib_formats
 #| hide
 import shutil
 set_matplotlib_formats('jpeg')   # photos and noise textures: JPEG figures are ~10x smaller than PNG
-fixtures = Path('../../shared/fixtures')
-if not fixtures.is_dir(): fixtures = Path('../tests/fixtures')
+fixtures = Path('../tests/fixtures')   # committed copies of the shared fixtures (ShanghaiTech A and B, the formats)
 
 
 # %% [markdown]
@@ -995,12 +994,11 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
 tr, va, te = build_datasets('synthetic', n_train=6, n_val=3, n_test=3, size=96)
 test_eq((len(tr), len(va), len(te)), (6, 3, 3)); test_eq(tr[0][0].shape, (3, 96, 96))
 test_eq(va[0][0].shape, (3, 96, 96))
-if (fixtures/'ShanghaiTech/part_A').is_dir():     # the full shared fixtures (tests/fixtures holds part B only)
-    tr, va, te = build_datasets('shanghaitech-a', fixtures/'ShanghaiTech', stride=8)
-    test_eq((len(tr), len(va), len(te)), (2, 1, 3)); test_eq(tr[0][0].shape, (3, 256, 256))
-    image, points, meta = te[1]                   # test IMG_4: 500×334 -> padded to 504×336
-    test_eq((image.shape, meta['count'], meta['width'], meta['height']), ((3, 336, 504), 170, 500, 334))
-    assert not {va[0][2]['path']} & {te[i][2]['path'] for i in range(len(te))}
+tr, va, te = build_datasets('shanghaitech-a', fixtures/'ShanghaiTech', stride=8)
+test_eq((len(tr), len(va), len(te)), (2, 1, 3)); test_eq(tr[0][0].shape, (3, 256, 256))
+image, points, meta = te[1]                       # test IMG_4: 500×334 -> padded to 504×336
+test_eq((image.shape, meta['count'], meta['width'], meta['height']), ((3, 336, 504), 170, 500, 334))
+assert not {va[0][2]['path']} & {te[i][2]['path'] for i in range(len(te))}
 test_fail(lambda: build_datasets('mall'), contains='shanghaitech-a, shanghaitech-b, qnrf, jhu, nwpu, synthetic')
 # `val_seed` fixes the hold-out: runs with any seed validate on the same photo; without it the seed draws the photo
 _shb = Path(tempfile.mkdtemp()) / 'ShanghaiTech' / 'part_B'   # two training photos (and the same two as a test split)
@@ -1020,11 +1018,11 @@ test_eq((len(tr), len(va), len(te)), (2, 2, 1)); test_eq(tr[0][0].shape, (3, 64,
 test_eq(va[0][0].shape, (3, 512, 688))            # 200×150 -> 683×512, padded to a multiple of 8
 
 # %% [markdown]
-# One real image: ShanghaiTech part A test `IMG_1` (172 annotated heads; part B `IMG_9` without the shared fixtures).
+# One real image: ShanghaiTech part A test `IMG_1` (172 annotated heads).
 
 # %%
-if (fixtures/'ShanghaiTech/part_A').is_dir(): image, points, meta = ShanghaiTech(fixtures/'ShanghaiTech', 'A', 'test')[0]
-else: image, points, meta = ShanghaiTech(fixtures/'ShanghaiTech', 'B', 'train')[0]
+image, points, meta = ShanghaiTech(fixtures/'ShanghaiTech', 'A', 'test')[0]
+test_eq(meta['count'], 172)
 fig, ax = plt.subplots(figsize=(6, 4.2), dpi=60)
 ax.imshow(denormalize(image)); ax.scatter(points[:, 0], points[:, 1], s=4, c='r')
 ax.set_title(f"{meta['name']}: {meta['count']} heads", fontsize=10); ax.axis('off'); plt.tight_layout(); plt.show()

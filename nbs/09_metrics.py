@@ -331,18 +331,17 @@ def nwpu_scene_level(count:int) -> int:
 # prediction lines ending in a space, images with no people, predictions with no points).
 
 # %%
-fixtures = Path('../../shared/fixtures/nwpu_loc')
-if fixtures.is_dir():
-    gt_fix = read_nwpu_gt(fixtures/'val_gt_loc_subset.txt')
-    ids = [int(l) for l in (fixtures/'ids.txt').read_text().split()]
-    test_eq(list(gt_fix), ids)
-    assert b'\r\n' in (fixtures/'val_gt_loc_subset.txt').read_bytes()[:30000]
-    test_eq(len(gt_fix[3146]['points']), 5951); test_eq(len(gt_fix[3143]['points']), 0)
-    test_eq(sorted({int(v) for g in gt_fix.values() for v in g['level']}), [0, 1, 2, 3, 4, 5])
-    raz = read_nwpu_pred(fixtures/'Raz_loc_val_0.5_subset.txt')
-    test_eq(len(raz), 21); test_eq(raz[3122].shape, (196, 2)); test_eq(raz[3155].shape, (0, 2))
-    # sigma_s <= sigma_l for every head, as min(w,h)/2 <= sqrt(w^2+h^2)/2 requires
-    assert all((g['sigma_s'] <= g['sigma_l']).all() for g in gt_fix.values())
+fixtures = Path('../tests/fixtures/nwpu_loc')   # committed copy of the shared NWPU files
+gt_fix = read_nwpu_gt(fixtures/'val_gt_loc_subset.txt')
+ids = [int(l) for l in (fixtures/'ids.txt').read_text().split()]
+test_eq(list(gt_fix), ids)
+assert b'\r\n' in (fixtures/'val_gt_loc_subset.txt').read_bytes()[:30000]
+test_eq(len(gt_fix[3146]['points']), 5951); test_eq(len(gt_fix[3143]['points']), 0)
+test_eq(sorted({int(v) for g in gt_fix.values() for v in g['level']}), [0, 1, 2, 3, 4, 5])
+raz = read_nwpu_pred(fixtures/'Raz_loc_val_0.5_subset.txt')
+test_eq(len(raz), 21); test_eq(raz[3122].shape, (196, 2)); test_eq(raz[3155].shape, (0, 2))
+# sigma_s <= sigma_l for every head, as min(w,h)/2 <= sqrt(w^2+h^2)/2 requires
+assert all((g['sigma_s'] <= g['sigma_l']).all() for g in gt_fix.values())
 
 # %%
 #| hide
@@ -470,14 +469,13 @@ test_close(rg['scene_level_avg_mae'], (0 + 1) / 2)
 # its image list replaced by `ids.txt`; tests/test_metrics.py holds them all). Faster R-CNN at σl, for instance:
 
 # %%
-if fixtures.is_dir():
-    frcnn = nwpu_localization(fixtures/'fasterRCNN_val_0.8_0.3_subset.txt', fixtures/'val_gt_loc_subset.txt',
-                              matching='kuhn')
-    test_eq((frcnn['tp_l'], frcnn['fp_l'], frcnn['fn_l']), (130, 6, 7890))
-    test_close(frcnn['f1_l'], 0.03187837175085826, eps=1e-12)
-    test_close(frcnn['ar_level_avg_l'], 0.2748604834790999, eps=1e-12)
-    test_close(frcnn['mse'], 1312.0953072235627, eps=1e-9)
-    print({k: round(v, 4) for k, v in frcnn.items() if k in ('ap_s', 'ar_s', 'f1_s', 'ap_l', 'ar_l', 'f1_l', 'mae', 'mse')})
+frcnn = nwpu_localization(fixtures/'fasterRCNN_val_0.8_0.3_subset.txt', fixtures/'val_gt_loc_subset.txt',
+                          matching='kuhn')
+test_eq((frcnn['tp_l'], frcnn['fp_l'], frcnn['fn_l']), (130, 6, 7890))
+test_close(frcnn['f1_l'], 0.03187837175085826, eps=1e-12)
+test_close(frcnn['ar_level_avg_l'], 0.2748604834790999, eps=1e-12)
+test_close(frcnn['mse'], 1312.0953072235627, eps=1e-9)
+print({k: round(v, 4) for k, v in frcnn.items() if k in ('ap_s', 'ar_s', 'f1_s', 'ap_l', 'ar_l', 'f1_l', 'mae', 'mse')})
 
 
 # %% [markdown]

@@ -1,7 +1,7 @@
 """Tests of `uotcrowd.data` on the dataset fixtures: counts, coordinates, crops, flips, workers, broken files.
 
-The small copy in `tests/fixtures/` (ShanghaiTech part B train + the UCF-QNRF/JHU/NWPU format files) lets these
-tests run without `../shared`; tests that need part A use the `fixtures_dir` fixture and skip when it is absent.
+The copy in `tests/fixtures/` (ShanghaiTech part A and part B train, the UCF-QNRF/JHU/NWPU format files, NWPU's
+localization files) lets these tests run the same on any clone, without `../shared`.
 """
 import os, shutil, warnings
 from pathlib import Path
@@ -19,7 +19,7 @@ from uotcrowd.data import (CrowdDataset, DatasetError, DatasetWarning, EvalTrans
 LOCAL = Path(__file__).parent / 'fixtures'
 FORMATS = LOCAL / 'formats'
 
-# counts from /work/shared/fixtures/README.md
+# counts from tests/fixtures/README.md
 SHA_COUNTS = {('train', 'IMG_1.jpg'): 1546, ('train', 'IMG_4.jpg'): 413, ('train', 'IMG_51.jpg'): 569,
               ('test', 'IMG_1.jpg'): 172, ('test', 'IMG_4.jpg'): 170, ('test', 'IMG_51.jpg'): 297}
 SHB_COUNTS = {'IMG_9.jpg': 167, 'IMG_10.jpg': 229}
@@ -27,7 +27,7 @@ SHB_COUNTS = {'IMG_9.jpg': 167, 'IMG_10.jpg': 229}
 
 @pytest.fixture(scope='module')
 def local():
-    if not (LOCAL / 'ShanghaiTech').is_dir(): pytest.skip(f'{LOCAL} is absent')
+    assert (LOCAL / 'ShanghaiTech').is_dir(), f'{LOCAL} is missing: it is part of the repository'
     return LOCAL
 
 

@@ -1,5 +1,5 @@
 """Checks of uotcrowd.sinkhorn / uotcrowd.losses that do not fit a notebook: import isolation, no global state, the
-official recipe on geomloss (an optional package: skipped where absent) and autocast (the CUDA check needs a GPU)."""
+official recipe on geomloss (a dev dependency) and autocast (the CUDA check needs a GPU)."""
 import math, subprocess, sys
 import pytest
 import torch
@@ -42,7 +42,7 @@ def test_float32_matches_float64():
 
 def test_official_mode_matches_geomloss():
     "`mode='official'` reproduces the official recipe (geomloss's potentials and the plan rebuilt from them)."
-    pytest.importorskip('geomloss')
+    import geomloss  # noqa: F401  (a dev dependency: a missing one fails the test)
     from geomloss import SamplesLoss
     from uotcrowd.sinkhorn import uot_potentials, uot_plan, max_diameter
     g = torch.Generator().manual_seed(4)
@@ -210,7 +210,7 @@ def test_plan_stats_match_the_plan_written_out():
 
 def test_official_batch_matches_geomloss_per_image():
     "A padded batch (different head counts, an image without heads) in official mode gives geomloss's potentials image by image."
-    pytest.importorskip('geomloss')
+    import geomloss  # noqa: F401  (a dev dependency: a missing one fails the test)
     from geomloss import SamplesLoss
     from uotcrowd.sinkhorn import uot_potentials, max_diameter
     a, b, C, mask, X, Y, counts = _padded_problem()
