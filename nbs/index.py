@@ -207,14 +207,28 @@ print(f'loss = {loss.item():.4f}')
 
 
 # %% [markdown]
-# How fast, from the committed benchmark (`nbs/bench_results/bench_cpu.json`, written by `uotcrowd bench`; forward
-# and backward of the loss, each ratio measured side by side in one run):
+# How fast, from the committed benchmark (`nbs/bench_results/loss_sizes_cpu.json`, written by `uotcrowd.bench.loss_sizes`,
+# else `nbs/bench_results/bench_cpu.json`, written by `uotcrowd bench`; forward and backward of the loss against the
+# official trainer's recipe, each ratio measured side by side in one run):
 
 # %%
 #| echo: false
-def speed_summary(path='bench_results/bench_cpu.json'):
-    "The benchmark's per-configuration ratios as one sentence."
+def sizes_summary(d:dict) -> str:
+    "The ratios of `uotcrowd.bench.loss_sizes` (the loss at training sizes against the official trainer's recipe) as one sentence."
+    rows, m = d['rows'], d['machine']
+    so, sc = [r['official_speedup'] for r in rows], [r['converged_speedup'] for r in rows]
+    sizes = ' and '.join(dict.fromkeys(f"{r['size']}×{r['size']} maps with {r['n_points']} heads" for r in rows))
+    return (f"On a {m['cpu_count']}-core {m['cpu_model']} CPU ({d['date']}), at B={rows[0]['batch_size']} with {sizes} "
+            f"(training on 256- and 512-pixel crops), with {' and '.join(str(t) for t in dict.fromkeys(r['threads'] for r in rows))} "
+            f"torch threads, the official mode runs {min(so):.1f}-{max(so):.1f}× faster than the official trainer's recipe "
+            f"(geomloss, image by image) at the same value, and `mode='converged'` (marginal error at most "
+            f"{max(r['converged_marginal_error'] for r in rows):.1e}) {min(sc):.1f}-{max(sc):.1f}× faster.")
+
+def speed_summary(path='bench_results/bench_cpu.json', sizes='bench_results/loss_sizes_cpu.json'):
+    "The benchmark's ratios as one sentence: those at training sizes where they were measured, else the per-configuration ones."
+    if Path(sizes).exists(): return sizes_summary(json.loads(Path(sizes).read_text()))
     d = json.loads(Path(path).read_text())
+    if d.get('loss_sizes'): return sizes_summary(dict(d['loss_sizes'], machine=d['machine'], date=d['date']))
     vals = lambda name: [t['value'] for r in d['config_targets'] for t in r['targets'] if t['name'] == name]
     cfg = d['config_targets']
     sp, conv, err = (vals('official speed-up over the geomloss loop'), vals('converged time / geomloss loop'),
