@@ -1640,7 +1640,8 @@ assert '**Training throughput**' in md and '| vgg19 | 1 | 64 | 1 | bf16+cl |' in
 # ## Results
 #
 # The full benchmark (a few minutes on a CPU) is the `#| slow` cell below, or `uotcrowd bench`; it writes
-# `bench_results/bench_{device}.md` and `.json`, which are committed. The cell after it displays the committed
+# `bench_results/bench_{device}.md` and `.json`, which are committed, as are the files of `loss_sizes`
+# (`bench_results/loss_sizes_{device}.md` and `.json`). The cell after it displays the committed
 # results, so this page always shows the latest ones; numbers are only comparable within one file (one run, one
 # machine).
 
@@ -1657,7 +1658,7 @@ from IPython.display import Markdown, display
 # %%
 #| echo: false
 _res = Path('bench_results')
-for _f in sorted(_res.glob('bench_*.md')) if _res.exists() else []:
+for _f in sorted(_res.glob('bench_*.md')) + sorted(_res.glob('loss_sizes_*.md')) if _res.exists() else []:
     display(Markdown(f"### `{_f.name}`\n\n" + _f.read_text()))
 
 # %%
