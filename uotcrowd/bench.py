@@ -216,11 +216,19 @@ def pot_potentials(a:torch.Tensor, # `(n,)` masses
     return (eps * log['logu']).to(dt), (eps * log['logv']).to(dt)
 
 # %% ../nbs/11_bench.ipynb #96a4a7fb
-def _setup_image(gl, density:torch.Tensor, pts:torch.Tensor):
-    "Scaled grid, masses, cost function and cost of one image for the reference solvers (`GeneralizedLoss.problem`'s)."
-    t = gl.problem(density, [pts])
-    cfn = coordinate_cost(gl.cost, gl.scale, t.image_height, gl.eta, gl.eta_range, gl.shift)
-    return t.x[None] / gl.scale, t.y / gl.scale, t.a, t.b, t.C, cfn
+def _setup_image(gl, density:torch.Tensor, pts:torch.Tensor, cost_fn:Callable|None=None):
+    """Scaled grid, masses, cost function and cost of one image for the reference solvers, built from `gl`'s settings
+    here rather than by `GeneralizedLoss.problem`, so that a mistake there shows up as a difference from the references."""
+    _, _, h, w = density.shape
+    dt = torch.float64 if density.dtype == torch.float64 else torch.float32
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=dt, device=density.device), torch.arange(w, dtype=dt, device=density.device),
+                            indexing='ij')
+    grid = gl.stride * (torch.stack([xs.flatten(), ys.flatten()], -1) + gl.grid_offset)     # (s(j+o), s(i+o)), row-major
+    H = float(gl.image_height) if gl.image_height is not None else float(h * gl.stride)
+    cfn = cost_fn or coordinate_cost(gl.cost, gl.scale, H, gl.eta, gl.eta_range, gl.shift)
+    x, y = grid[None] / gl.scale, pts.to(dt)[None] / gl.scale
+    a, b = density.reshape(1, h * w).to(dt), torch.ones(1, len(pts), dtype=dt, device=density.device)
+    return x, y, a, b, cfn(x, y), cfn
 
 def _divergence_written_out(p:torch.Tensor, q:torch.Tensor, kind:str) -> torch.Tensor:
     "Sum over entries of $(p-q)^2$, $|p-q|$ or $p\\log(p/q)-p+q$."
@@ -261,6 +269,7 @@ def reference_loss(gl, # a `GeneralizedLoss` (reference='product') that defines 
                    pot_iters:int=100, # POT iterations
                    diagnostics:dict|None=None, # if a dict: filled with iterations, marginal_error, exp_entries
                    grad:str|None=None, # plan and gradient recipe: None (that of `gl`), 'paper' or 'official'
+                   cost_fn:Callable|None=None, # cost on scaled coordinates `(1, n, 2), (1, m, 2) -> (1, n, m)`; None: `gl`'s (`coordinate_cost`)
                   ) -> torch.Tensor:
     "Batch mean of the generalized loss with the plan of each image from geomloss or POT (per-image loop)."
     if gl.reference != 'product': raise ValueError("the reference solvers use the product reference (geomloss, POT 'kl')")
@@ -274,7 +283,7 @@ def reference_loss(gl, # a `GeneralizedLoss` (reference='product') that defines 
             terms = dict(transport=zero.sum(), entropy=zero.sum(), point=zero.sum(),
                          pixel=gl.tau * _divergence_written_out(zero, a, gl.d_pixel))
             losses.append(sum(terms[t] for t in gl.terms)); continue
-        grid, y, a, b, C, cfn = _setup_image(gl, density[k:k + 1], points[k])
+        grid, y, a, b, C, cfn = _setup_image(gl, density[k:k + 1], points[k], cost_fn)
         if solver == 'geomloss':
             stats = {} if diagnostics is not None else None
             f, g = geomloss_potentials(a, grid, b, y, cfn, blur=gl.eps, reach=gl.tau_solve, scaling=gl.scaling, stats=stats)
