@@ -404,7 +404,8 @@ test_fail(lambda: GeneralizedLoss()(torch.zeros(2, 1, 4, 4), [torch.zeros(1, 2)]
 # The paper differentiates $\boldsymbol a\mapsto\mathcal L(\mathrm{diag}(\boldsymbol u^*(\boldsymbol a))\mathbf K\mathrm{diag}(\boldsymbol v^*))$.
 # We write that function out independently (plain Eq. 6 $u$-step, terms from the full plan) and compare our gradient
 # with its central finite differences (float64). The fully re-solved loss is a different function (the plan solves a KL
-# problem, not the L2/L1 one), so its finite differences only agree in direction: we report the cosine.
+# problem, not the L2/L1 one), so its finite differences only agree in direction: we report the cosine and the norm
+# ratio, and check them against their measured values.
 
 # %%
 g = torch.Generator().manual_seed(7)
@@ -433,9 +434,10 @@ for reference in ['product', 'uniform']:
     test_close(dd.grad.flatten(), fd, eps=1e-6)
     fd_full = torch.stack([(L(d0 + step * e.reshape(1, 1, h, w), pts1) - L(d0 - step * e.reshape(1, 1, h, w), pts1)) / (2 * step) for e in basis])
     cos = torch.nn.functional.cosine_similarity(dd.grad.flatten(), fd_full, dim=0).item()
-    print(f"{reference}: cosine(paper gradient, FD of the re-solved loss) = {cos:.3f}, "
-          f"norm ratio {dd.grad.norm().item() / fd_full.norm().item():.2f}")
-    assert cos > 0.5
+    ratio = dd.grad.norm().item() / fd_full.norm().item()
+    print(f"{reference}: cosine(paper gradient, FD of the re-solved loss) = {cos:.3f}, norm ratio {ratio:.2f}")
+    # measured in float64: finite-difference steps of 1e-5 and 1e-6 give the same cosine and ratio to 3e-10
+    test_close((cos, ratio), {'product': (0.8468694, 1.3006169), 'uniform': (0.8462528, 1.2991626)}[reference], eps=2e-7)
 
 # %% [markdown]
 # ### Equality with the official recipe (geomloss)
