@@ -130,14 +130,24 @@ assert abs(tiled.count - result.count) < 0.01 * result.count
 # uotcrowd serve --checkpoint shb-mcnn-gl
 # ```
 #
-# starts a small web server on this computer only (http://127.0.0.1:8000/). Drop a photo on the page, or click to
-# choose one: the server counts it and shows the count, the density map over the photo and the located heads.
-# Uploads are limited to 20 MB (`--max-upload-mb`) and 50 megapixels; anything that is not an image is refused
-# with a message. Below, the page after uploading the photo above, as headless Chromium shows it:
+# starts a small web server on this computer only (http://127.0.0.1:8000/; `--allow-remote` with `--host` serves
+# other computers too). Drop a photo on the page, or choose one and press Count: the server counts it and shows the
+# count, the density map over the photo and the located heads. It needs the serve extra
+# (`pip install -e ".[serve]"`: FastAPI and python-multipart, served by uvicorn). Uploads are limited to 20 MB
+# (`--max-upload-mb`), 50 megapixels (`--max-megapixels`) and 30 seconds to arrive (`--upload-timeout`), so a slow
+# or stalled client never holds up the others; anything that is not an image is refused with a message. Programs
+# can post photos to `/api/count` (a form with the file field `image`, or the raw bytes) and get JSON back; the
+# OpenAPI schema of the whole server is at `/openapi.json`:
+#
+# ```sh
+# curl -F image=@photo.jpg http://127.0.0.1:8000/api/count
+# ```
+#
+# Below, the page after uploading the photo above, as headless Chromium shows it:
 
 # %%
 #| hide
-import shutil, subprocess, tempfile, threading, urllib.request, secrets
+import shutil, subprocess, tempfile, urllib.request, secrets
 from uotcrowd.serve import make_server
 from IPython.display import Image as Picture
 from PIL import Image as PILImage
@@ -147,9 +157,7 @@ from PIL import Image as PILImage
 exe = shutil.which('chromium') or shutil.which('chromium-browser')
 if exe is None: print('chromium is not installed here: no screenshot')
 else:
-    srv = make_server(counter, port=0, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with make_server(counter, port=0, quiet=True) as srv:     # serves in a thread until the block ends
         b = secrets.token_hex(8)
         body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="{photo.name}"\r\n\r\n').encode() \
             + photo.read_bytes() + f'\r\n--{b}--\r\n'.encode()
@@ -163,5 +171,3 @@ else:
                            check=True, capture_output=True, timeout=180)
             jpg = io.BytesIO(); PILImage.open(shot).convert('RGB').save(jpg, 'JPEG', quality=80)
             display(Picture(data=jpg.getvalue(), format='jpeg', width=860))
-    finally:
-        srv.shutdown(); srv.server_close()

@@ -1,4 +1,4 @@
-"""Counting people in photos and videos: tiled inference against whole-image inference, named models, the web page."""
+"""Counting people in photos and videos: tiled inference against whole-image inference, named models (the web page: test_serve.py)."""
 import io, json, re, secrets, shutil, subprocess, threading, urllib.error, urllib.request, warnings
 from pathlib import Path
 
@@ -10,7 +10,6 @@ from PIL import Image
 from uotcrowd.counter import (Counter, SquareCounter, as_rgb, measure_peak_memory, model_card, models_cmd, predict_video,
                               read_video, resolve_checkpoint, square_frames, VideoWriter)
 from uotcrowd.models import get_model
-from uotcrowd.serve import make_server
 from uotcrowd.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +22,12 @@ def _rel(a, b): return abs(a - b) / abs(b)
 @pytest.mark.parametrize('part,name', [('B', 'train_data/images/IMG_9.jpg'), ('B', 'train_data/images/IMG_10.jpg'),
                                        ('A', 'test_data/images/IMG_51.jpg')])
 def test_tiled_count_equals_whole_count_real_image(fixtures_dir, part, name):
-    "The committed model: the stitched count of a real ShanghaiTech image equals its whole-image count within 1 %."
+    "The committed model: the stitched count of a real ShanghaiTech image equals its whole-image count (float32)."
     path = fixtures_dir / 'ShanghaiTech' / f'part_{part}' / name
     c = Counter(MODEL, device='cpu', precision='fp32')    # exact agreement is a float32 property (bf16 rounds per tile)
     whole, tiled = c(path, tile=0), c(path, tile=192)
     assert whole.tiles == 1 and tiled.tiles > 4
-    assert _rel(tiled.count, whole.count) < 0.01, (tiled.count, whole.count)
+    assert _rel(tiled.count, whole.count) < 1e-6, (tiled.count, whole.count)   # measured: equal
     # MCNN's receptive field fits in the 128-px overlap: the maps agree everywhere, not only in sum
     np.testing.assert_allclose(tiled.density, whole.density, atol=1e-5 * whole.density.max())
 
@@ -126,58 +125,3 @@ def test_predict_video(tmp_path):
     assert Image.open(res['plot']).size == (700, 300)
     assert len(list(read_video(res['video']))) == len(expected)
 
-
-def _post(url, filename, data):
-    b = 'b' + secrets.token_hex(8)
-    body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n\r\n').encode() + data + \
-        f'\r\n--{b}--\r\n'.encode()
-    req = urllib.request.Request(url, data=body, headers={'Content-Type': f'multipart/form-data; boundary={b}'})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp: return resp.status, resp.geturl(), resp.read().decode()
-    except urllib.error.HTTPError as e: return e.code, url, e.read().decode()
-
-
-@pytest.fixture
-def server(fixtures_dir):
-    srv = make_server(MODEL, port=0, quiet=True, device='cpu')
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown(); srv.server_close()
-
-
-def _photo(fixtures_dir):
-    return (fixtures_dir / 'ShanghaiTech' / 'part_B' / 'train_data' / 'images' / 'IMG_9.jpg').read_bytes()
-
-
-def test_serve_counts_an_uploaded_photo(server, fixtures_dir):
-    "End to end on a free localhost port: a real photo gives the counter's count; a text file is refused."
-    expected = server.counter(Image.open(io.BytesIO(_photo(fixtures_dir))))
-    status, url, page = _post(server.url + 'count', 'IMG_9.jpg', _photo(fixtures_dir))
-    assert status == 200 and re.search(r'/result/[0-9a-f]{16}$', url)
-    assert f'data-count="{expected.count:.2f}">{expected.count:.0f} people' in page
-    assert 'IMG_9.jpg: 1024×768 px' in page and f'{len(expected.points)} located heads' in page
-    status, _, page = _post(server.url + 'count', 'list.txt', b'1. count people\n2. report\n')
-    assert status == 400 and 'list.txt is not an image' in page
-
-
-def test_serve_result_page_in_chromium(server, fixtures_dir, tmp_path):
-    "Headless Chromium renders the result page from the live server; the page shows the count (skipped without chromium)."
-    exe = shutil.which('chromium') or shutil.which('chromium-browser')
-    if not exe: pytest.skip('chromium is not installed')
-    status, url, _ = _post(server.url + 'count', 'IMG_9.jpg', _photo(fixtures_dir))
-    assert status == 200
-    count = next(iter(server.results.values()))['result'].count
-    flags = [exe, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-             '--disable-background-networking', '--disable-component-update', '--disable-sync',
-             f'--user-data-dir={tmp_path / "profile"}', '--window-size=1200,900', '--virtual-time-budget=5000']
-    dom = subprocess.run(flags + ['--dump-dom', url], check=True, capture_output=True, text=True, timeout=180).stdout
-    assert f'{count:.0f} people</div>' in dom
-    shot = tmp_path / 'result.png'
-    subprocess.run(flags + [f'--screenshot={shot}', url], check=True, capture_output=True, timeout=180)
-    img = np.asarray(Image.open(shot).convert('RGB')).astype(int)
-    assert img.shape[:2] == (900, 1200)
-    assert img.max() - img.min() > 100, 'the screenshot is blank'
-    badge = (np.abs(img - np.array([200, 30, 91])).sum(-1) < 12).sum()    # the count's box (#c81e5b) is on screen
-    assert badge > 5000, badge
-    # the rendered density picture is on screen too: many distinct colours below the badge
-    assert len(np.unique(img[300:].reshape(-1, 3), axis=0)) > 1000
