@@ -134,7 +134,7 @@ def test_predict_skips_a_corrupt_image_and_reports_it(trained, tmp_path, capsys)
     assert rows['bad']['count'] == '' and 'bad.jpg: cannot read image' in rows['bad']['error']
     model, _ = load_model(trained / 'best.pt')
     from uotcrowd.data import normalize   # the count of the PNG's own pixels, recomputed without `predict`
-    png = torch.from_numpy(np.asarray(Image.open(folder / 'good0.png').convert('RGB'))).permute(2, 0, 1)
+    png = torch.from_numpy(np.array(Image.open(folder / 'good0.png').convert('RGB'))).permute(2, 0, 1)
     with torch.no_grad(): expected = model(normalize(png)[None]).sum().item()
     # measured: equal (the same float32 forward); 1e-6 leaves room for another summation order
     assert float(rows['good0']['count']) == pytest.approx(expected, rel=1e-6) and rows['good0']['error'] == ''
@@ -263,6 +263,26 @@ def test_demo_quick(tmp_path, capsys):
     assert m['baseline_mae'] == pytest.approx(np.abs(gts - m['mean_train_count']).mean(), rel=1e-6)
     mean_count_mae = np.abs(gts - gts.mean()).mean()                # predicting the mean test count for every image
     assert m['mae'] <= 0.5 * mean_count_mae and m['mae'] <= 0.5 * m['baseline_mae'], (m['mae'], mean_count_mae, m['baseline_mae'])
+
+
+def test_demo_with_max_epoch_is_the_same_run_twice(tmp_path, capsys):
+    "`uotcrowd demo --quick --max-epoch N` twice, in this process (global RNGs disturbed) and in a fresh one: the same metrics, bit for bit."
+    import random
+    argv = ['demo', '--quick', '--max-epoch', '8', '--budget-s', '1200', '--device', 'cpu', '--threads', '1', '--quiet']
+    random.seed(99); np.random.seed(99); torch.manual_seed(99); torch.rand(5)   # the demo must seed what it uses
+    code, stdout, _ = call(argv + ['--out', str(tmp_path / 'a')], capsys)
+    assert code == 0, stdout
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'uotcrowd'] + argv + ['--out', str(tmp_path / 'b')], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / 'metrics.json').read_text()) for d in 'ab')
+    clock = {'train_time_s', 'total_time_s'}
+    assert set(a) == set(b) and a['epochs'] == 8
+    assert {k: v for k, v in a.items() if k not in clock} == {k: v for k, v in b.items() if k not in clock}
+    assert (tmp_path / 'a' / 'per_image.csv').read_text() == (tmp_path / 'b' / 'per_image.csv').read_text()
+    wa, wb = (load_checkpoint(tmp_path / d / 'best.pt')['model'] for d in 'ab')
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_bench_quick_subset(tmp_path, capsys):

@@ -75,3 +75,46 @@ def test_ci_runs_the_readme_test_command():
     assert 'python3 -m venv "$work/venv"' in ci and 'source "$work/venv/bin/activate"' in ci
     assert ci.index('source "$work/venv/bin/activate"') < ci.index(cmds[1])
     assert "grep -Eq '[0-9]+ passed'" in ci_text
+
+
+def test_readme_printed_outputs_are_what_the_code_prints(tmp_path):
+    "Every README Python example followed by an output block prints that output, exactly (e.g. `loss = 0.0762`)."
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    pairs = re.findall(r'```python\n(.*?)```\s*\n```\n(.*?)```', text, flags=re.S)
+    assert pairs, 'the README shows no printed output: this test would check nothing'
+    env = {**__import__('os').environ, 'OMP_NUM_THREADS': '1'}
+    for code, shown in pairs:
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout == shown, (code, r.stdout, shown)
+
+
+SKIP_LOGS = {   # pytest output -> whether .ci/run's skip check lets the run pass
+    'no skip': ('12 passed in 3.0s\n', True),
+    'allowed': ('=== short test summary info ===\n'
+                'SKIPPED [1] tests/test_sinkhorn.py:92: needs CUDA (CPU autocast leaves the solver alone)\n'
+                'SKIPPED [2] tests/test_counter.py:70: needs the ShanghaiTech datasets folder beside the checkout (../shared absent)\n'
+                '10 passed, 3 skipped in 2.0s\n', True),
+    'missing package': ('SKIPPED [1] tests/test_sinkhorn.py:92: needs CUDA\n'
+                        "SKIPPED [1] tests/test_bench.py:156: could not import 'geomloss': No module named 'geomloss'\n"
+                        '10 passed, 2 skipped in 2.0s\n', False),
+    'missing file': ('SKIPPED [1] tests/test_metrics.py:62: ../shared/fixtures/nwpu_loc is absent\n10 passed, 1 skipped\n', False),
+    'reasons not printed': ('10 passed, 1 skipped in 3.0s\n', False),
+}
+
+
+@pytest.mark.parametrize('case', list(SKIP_LOGS))
+def test_ci_fails_on_a_skip_outside_the_allowlist(case, tmp_path):
+    "The skip check of `.ci/run`, run on pytest logs: only the reasons of `tests/skip_allowlist.txt` pass, and they are printed."
+    ci = (ROOT / '.ci' / 'run').read_text().splitlines()
+    start = next(i for i, l in enumerate(ci) if l.startswith('# a skip is a failure'))
+    log, ok = SKIP_LOGS[case]
+    (tmp_path / 'test.log').write_text(log)
+    script = 'set -euo pipefail\nwork=' + str(tmp_path) + '\ncd ' + str(ROOT) + '\n' + '\n'.join(ci[start:]) + '\n'
+    r = subprocess.run(['bash', '-c', script], capture_output=True, text=True)
+    assert (r.returncode == 0) == ok, (case, r.stdout, r.stderr)
+    for line in log.splitlines():
+        if line.startswith('SKIPPED'): assert line.split(': ', 1)[1] in r.stdout, (line, r.stdout)   # every reason shown
+    if not ok and case != 'reasons not printed':
+        bad = [l for l in log.splitlines() if 'needs' not in l and l.startswith('SKIPPED')]
+        assert all(b.split(': ', 1)[1] in r.stderr for b in bad), r.stderr
