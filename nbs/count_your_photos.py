@@ -6,8 +6,9 @@
 # %% [markdown]
 # The repository ships trained models, each with a **card** that says what it is and how well it did. Any of them,
 # or any checkpoint you trained with `uotcrowd train`, counts people in a photo in one line. The examples below
-# use a ShanghaiTech part B test photo (a street scene, 1024×768) and the best committed model, `shb-mcnn-gl`: MCNN
-# trained on part B with the generalized loss.
+# use a ShanghaiTech part B test photo (a street scene, 1024×768) and the default committed model, `shb-effnet-gl`:
+# EfficientNet-Lite0 from ImageNet weights, trained on part B with the generalized loss (test MAE 13.0, half
+# MCNN's). `shb-mcnn-gl`, MCNN from scratch, is there too.
 
 # %%
 #| hide
@@ -41,17 +42,18 @@ from uotcrowd.counter import Counter, models_cmd, render_result
 cards = models_cmd()
 
 # %%
-cards['shb-mcnn-gl']
+cards['shb-effnet-gl']
 
 # %% [markdown]
 # ## In Python
 #
-# `Counter` loads a model once: a name from the list above, or the path of a checkpoint. It runs on the GPU when
+# `Counter` loads a model once: a name from the list above (`Counter()` is `Counter('shb-effnet-gl')`), or the path
+# of a checkpoint. It runs on the GPU when
 # there is one (`device='auto'`), in the precision the model was trained in, and locates heads with the threshold
 # stored in the model file.
 
 # %%
-counter = Counter('shb-mcnn-gl')
+counter = Counter('shb-effnet-gl')
 counter
 
 # %% [markdown]
@@ -76,11 +78,12 @@ for ax, show, title in zip(axes, ('density', 'points'), (f'density map: count {r
 fig.tight_layout()
 
 # %% [markdown]
-# The photo has 23 annotated people and the model counts 27. This MCNN was trained on one CPU core (224 epochs,
-# about three hours, with the transport of the generalized loss solved at every step); its mean absolute error over
-# the 316 part B test photos is 26 people (its card above), and at its validation-chosen threshold it locates 20 of
-# the heads here. Its errors are largest on dense crowds, which it under-counts (by 49 people on average in the
-# densest quarter of the test photos; see [the runs to convergence](experiments/shb_mcnn_convergence.ipynb)). Any
+# The photo has 23 annotated people and the model counts about 22. This EfficientNet-Lite0 started from ImageNet
+# weights and was trained for 40 epochs on one CPU core (about an hour, with the transport of the generalized loss
+# solved at every step); its mean absolute error over the 316 part B test photos is 13 people (its card above),
+# half that of MCNN trained from scratch (26). Its errors are largest on dense crowds, which it still under-counts
+# (by 15 people on average in the densest quarter of the test photos, against 48 for MCNN; see
+# [the fixed-protocol study](experiments/shb_study.ipynb)). Any
 # better checkpoint is used the same way.
 #
 # A list of photos is counted in batches (photos of the same size together) and gives a list of results:
@@ -88,7 +91,8 @@ fig.tight_layout()
 #
 # **Large photos** are counted in tiles, automatically above 2.5 megapixels, so memory stays bounded whatever the
 # photo's size: the tiles overlap by 128 pixels of context and only each tile's centre is kept, so the stitched map
-# is the whole-photo map (exactly for MCNN; within 1 % in count for VGG19, whose receptive field is wider). A 4000×3000
+# is the whole-photo map (exactly for MCNN; within about 1 % in count for VGG19 and EfficientNet-Lite0, whose
+# receptive fields are wider: 1.1 % with 256-px tiles and 0.3 % with 512-px ones on this photo). A 4000×3000
 # photo through VGG19 on the CPU peaks at a few GB tiled instead of many GB whole (see the numbers in
 # [Counter](11a_counter.ipynb#peak-memory-of-a-large-photo)). The tile side can also be set: `Counter(name, tile=512)`,
 # or per call:
@@ -96,7 +100,7 @@ fig.tight_layout()
 # %%
 tiled = counter(photo, tile=256)
 print(f'whole photo: {result.count:.2f}; in {tiled.tiles} tiles of 256 px: {tiled.count:.2f}')
-assert abs(tiled.count - result.count) < 0.01 * result.count
+assert abs(tiled.count - result.count) < 0.02 * result.count   # measured: 1.1 %
 
 # %% [markdown]
 # **Videos**: `predict_video` counts every N-th frame and writes the counts per frame (CSV), a plot of the count
@@ -105,7 +109,7 @@ assert abs(tiled.count - result.count) < 0.01 * result.count
 #
 # ```python
 # from uotcrowd.counter import predict_video
-# predict_video('clip.mp4', 'shb-mcnn-gl', out='counts', every=5, annotate=True)
+# predict_video('clip.mp4', 'shb-effnet-gl', out='counts', every=5, annotate=True)
 # # counts/clip_counts.csv, counts/clip_counts.png, counts/clip_annotated.mp4
 # ```
 
@@ -114,10 +118,10 @@ assert abs(tiled.count - result.count) < 0.01 * result.count
 #
 # ```sh
 # uotcrowd models                                                    # the committed models and their cards
-# uotcrowd predict --checkpoint shb-mcnn-gl photo.jpg --out counts   # counts/predictions.csv, points.json, photo_pred.png
-# uotcrowd predict --checkpoint shb-mcnn-gl holiday/ --out counts    # every photo in a folder
-# uotcrowd predict --checkpoint shb-mcnn-gl big.jpg --tile 1024 --out counts
-# uotcrowd predict --checkpoint shb-mcnn-gl clip.mp4 --every 5 --annotate --out counts
+# uotcrowd predict --checkpoint shb-effnet-gl photo.jpg --out counts   # counts/predictions.csv, points.json, photo_pred.png
+# uotcrowd predict --checkpoint shb-effnet-gl holiday/ --out counts    # every photo in a folder
+# uotcrowd predict --checkpoint shb-effnet-gl big.jpg --tile 1024 --out counts
+# uotcrowd predict --checkpoint shb-effnet-gl clip.mp4 --every 5 --annotate --out counts
 # ```
 #
 # `--checkpoint` takes a model name or the path of a checkpoint written by `uotcrowd train`; `--device`,
@@ -127,7 +131,7 @@ assert abs(tiled.count - result.count) < 0.01 * result.count
 # ## On a web page
 #
 # ```sh
-# uotcrowd serve --checkpoint shb-mcnn-gl
+# uotcrowd serve --checkpoint shb-effnet-gl
 # ```
 #
 # starts a small web server on this computer only (http://127.0.0.1:8000/; `--allow-remote` with `--host` serves
