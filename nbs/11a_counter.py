@@ -532,7 +532,7 @@ whole
 shb = Counter('shb-mcnn-gl', device='cpu')
 test_eq((shb.name, shb.loc_threshold, shb.precision, shb.stride), ('shb-mcnn-gl', committed['loc_threshold'], committed['precision'], 4))
 r_whole, r_tiled = shb(shb_image, tile=0), shb(shb_image, tile=256)
-test_close(r_tiled.count, r_whole.count, eps=0.01 * r_whole.count)
+test_close(r_tiled.count, r_whole.count, eps=1e-5 * r_whole.count)   # bf16 rounds each tile: measured 2.3e-6
 test_eq(r_whole.source, str(shb_image))
 print(shb, r_whole, f'tiled: {r_tiled.count:.2f}', sep='\n')
 assert 100 < r_whole.count < 250, r_whole.count      # 167 annotated heads; the model's test MAE is 30
@@ -661,7 +661,8 @@ def measure_peak_memory(model:str='vgg19', # 'vgg19', 'csrnet' or 'mcnn' (random
 # %% [markdown]
 # The 4000×3000 measurement through VGG19 is the `#| slow` cell below (a few minutes on one CPU thread); it writes
 # `bench_results/tiling_memory_cpu.json`, which is committed, and the cell after it shows the committed numbers.
-# The target is a peak under 4 GB with tiles.
+# The target is a peak under 4 GB with tiles; `test_automatic_tiling_keeps_a_12_megapixel_photo_under_4_gb` in
+# `tests/test_counter.py` (marker `slow`, which the suite and CI run) measures it again on every run.
 
 # %%
 #| slow

@@ -205,8 +205,8 @@ if len(study):
 #   0.45; the densest quarter of the test photos is under-counted by 15 people on average (MCNN: 48). One run per
 #   learning rate is not an interval: seed 1 at 1e-4 is training (resumable), seed 2 and the other arms (gl, l2, bl,
 #   dmcount-norm) are next, under the same protocol.
-# - **Against the paper's 7.3.** The validation MAE of the average was still falling in the last epochs (15.1, 14.7,
-#   14.1, 13.9 over the last eight), the schedule was 40 epochs of 256-px crops at batch 4, where the paper trains
+# - **Against the paper's 7.3.** The validation MAE of the average was still falling in the last epochs (15.1,
+#   14.9, 14.7, 14.1, 13.9 over the last ten epochs), the schedule was 40 epochs of 256-px crops at batch 4, where the paper trains
 #   VGG19 for 500 epochs of 512-px crops. What the curves suggest next, in order of cost: a longer schedule (80-120
 #   epochs, about 1.5 h per 40 epochs on one core), 512-px crops (denser crops, 4× the cost per step), and the
 #   larger `lite2` backbone.
