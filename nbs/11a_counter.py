@@ -24,6 +24,7 @@ from uotcrowd.train import (models_dir, model_names, resolve_checkpoint, MODELS_
                             save_checkpoint, write_csv, checkpoint_precision, checkpoint_loc_threshold,
                             resolve_precision, autocast, memory_format)
 from uotcrowd.localize import localize
+from uotcrowd.deploy import load_onnx
 
 # %%
 #| hide
@@ -411,7 +412,7 @@ class CountResult:
 #| export
 class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
-    def __init__(self, checkpoint:str|Path|nn.Module, # a checkpoint file, a named model (`models_cmd`), or a density network
+    def __init__(self, checkpoint:str|Path|nn.Module, # a checkpoint file, a named model (`models_cmd`), an ONNX export (`.onnx`), or a density network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
                  precision:str|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (chosen on validation)
@@ -427,7 +428,8 @@ class Counter:
             self.model = checkpoint.to(self.device).eval()
         else:
             self.path = resolve_checkpoint(checkpoint, models)
-            self.model, ckpt = load_model(self.path, self.device)
+            if self.path.suffix == '.onnx': (self.model, ckpt), self.device = load_onnx(self.path), torch.device('cpu')  # onnxruntime, float32
+            else: self.model, ckpt = load_model(self.path, self.device)
         if not hasattr(self.model, 'stride'): raise ValueError(f"{checkpoint}: the model has no `stride` attribute (input pixels per density pixel)")
         self.card = model_card(ckpt) if ckpt else None
         self.name = (self.card or {}).get('name') or (self.path.stem if self.path else type(self.model).__name__)
@@ -536,6 +538,24 @@ test_close(r_tiled.count, r_whole.count, eps=1e-5 * r_whole.count)   # bf16 roun
 test_eq(r_whole.source, str(shb_image))
 print(shb, r_whole, f'tiled: {r_tiled.count:.2f}', sep='\n')
 assert 100 < r_whole.count < 250, r_whole.count      # 167 annotated heads; the model's test MAE is 30
+
+# %% [markdown]
+# An ONNX export (`uotcrowd export`, [ONNX export](10a_deploy.ipynb)) is counted the same way, by onnxruntime on
+# the CPU in float32, with the card and threshold of the model it came from; tiles and batches work as for PyTorch.
+
+# %%
+from uotcrowd.deploy import export
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    onnx_counter = Counter(export('shb-mcnn-gl', out=f'{d}/shb.onnx', quiet=True))
+    fp32 = Counter('shb-mcnn-gl', device='cpu', precision='fp32')
+    test_eq((onnx_counter.name, onnx_counter.card, onnx_counter.loc_threshold, onnx_counter.precision, str(onnx_counter.device)),
+            ('shb-mcnn-gl', committed['card'], committed['loc_threshold'], 'fp32', 'cpu'))
+    for t in (0, 256):
+        r_onnx, r_fp32 = onnx_counter(shb_image, tile=t), fp32(shb_image, tile=t)
+        test_close(r_onnx.count, r_fp32.count, eps=1e-4 * r_fp32.count); test_eq(len(r_onnx.points), len(r_fp32.points))
+    print(onnx_counter, r_onnx, sep='\n')
 
 
 # %% [markdown]

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Command line
 #
-# > `uotcrowd train | eval | predict | models | serve | demo | bench`: the library's commands wired to the shell, their flags generated from the functions' signatures.
+# > `uotcrowd train | eval | predict | models | serve | export | demo | bench`: the library's commands wired to the shell, their flags generated from the functions' signatures.
 
 # %%
 #| default_exp cli
@@ -25,6 +25,7 @@ from uotcrowd.commands import train, demo
 from uotcrowd import bench as benchmarks
 from uotcrowd.counter import predict, models_cmd
 from uotcrowd.serve import serve
+from uotcrowd.deploy import export, EXPORT_FORMATS
 
 # %%
 #| hide
@@ -44,7 +45,8 @@ from pathlib import Path
 # | `uotcrowd eval` | MAE/RMSE/NAE and localization F1 at 4 and 8 px on the test (or validation) split | `metrics.json`, `per_image.csv` |
 # | `uotcrowd predict` | counts, density overlays and located points for photos (tiled when large), folders and videos | `predictions.csv`, `points.json`, PNGs, NWPU `.txt`; per video `NAME_counts.csv`, a plot, optionally an annotated video |
 # | `uotcrowd models` | the models committed in the repository, by name, with their cards | (prints) |
-# | `uotcrowd serve` | a local web page: drop a photo, see the count, the density and the located heads | (serves on 127.0.0.1) |
+# | `uotcrowd serve` | a local web page: drop a photo, see the count, the density and the located heads; a JSON API | (serves on 127.0.0.1) |
+# | `uotcrowd export` | a model as ONNX (any image size, its card in the metadata), for onnxruntime and other runtimes | `NAME.onnx` |
 # | `uotcrowd bench` | speed, memory and accuracy of the loss solvers; training and evaluation speed per precision | `bench.json`, `bench.md` |
 #
 # ```sh
@@ -56,11 +58,12 @@ from pathlib import Path
 # uotcrowd predict --checkpoint runs/sha/best.pt photos/ --out predictions
 # uotcrowd predict --checkpoint shb-mcnn-gl clip.mp4 --every 10 --out counts   # a named model, a video
 # uotcrowd serve --checkpoint shb-mcnn-gl                                        # http://127.0.0.1:8000
+# uotcrowd export --checkpoint shb-mcnn-gl --format onnx                         # shb-mcnn-gl.onnx
 # ```
 #
 # This module only wires: each command is a Python function of the library (`uotcrowd.commands.train`,
 # `uotcrowd.evaluate.evaluate_checkpoint`, `uotcrowd.counter.predict`, `uotcrowd.counter.models_cmd`,
-# `uotcrowd.serve.serve`, `uotcrowd.commands.demo`, and `bench` below over
+# `uotcrowd.serve.serve`, `uotcrowd.deploy.export`, `uotcrowd.commands.demo`, and `bench` below over
 # `uotcrowd.bench.run_bench`), and its flags are generated from that function's signature: the name (`data_dir` →
 # `--data-dir`), the type, the default and, as help, the comment after the parameter. The training flags come the
 # same way from the fields of `uotcrowd.train.TrainConfig`, so a default can only be set in one place.
@@ -99,7 +102,7 @@ def _element_type(hint) -> tuple[type, bool]:
     return hint, False
 
 CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, host_memory=HOST_MEMORY, cost=tuple(COSTS),
-               schedule=SCHEDULES,
+               schedule=SCHEDULES, format=EXPORT_FORMATS,
                split=('test', 'val'), out_act=('relu', 'abs'), mode=('official', 'converged'), methods=benchmarks.METHODS)
 
 def add_arguments(parser, # an `argparse` parser or argument group
@@ -215,7 +218,7 @@ def bench(out:str='bench_out', # output folder
                                 verbose=not quiet)
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `uotcrowd` argument parser with the `train`, `eval`, `predict`, `models`, `serve`, `demo` and `bench` sub-commands."
+    "The `uotcrowd` argument parser with the `train`, `eval`, `predict`, `models`, `serve`, `export`, `demo` and `bench` sub-commands."
     parser = argparse.ArgumentParser(prog='uotcrowd', formatter_class=_Fmt,
         description='Crowd counting and localization with the generalized unbalanced-OT loss (Wan, Liu, Chan, CVPR 2021).',
         epilog='Run `uotcrowd COMMAND --help` for the flags of a command. Start with `uotcrowd demo`.')
@@ -232,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(sub, predict)
     add_command(sub, models_cmd, 'models')
     add_command(sub, serve)
+    add_command(sub, export)
     add_command(sub, demo)
     add_command(sub, bench)
     return parser
@@ -278,7 +282,7 @@ test_eq(code, 2); assert "invalid choice: 'ucf'" in err and 'shanghaitech-a' in 
 code, _, err = parse(['train', '--dataset', 'qnrf', '--loss', 'mse', '--out', 'x'])
 test_eq(code, 2); assert 'dmcount' in err
 test_eq(parse(['eval', '--checkpoint', 'c.pt', '--model', 'resnet'])[0], 2)
-for cmd in ('train', 'eval', 'predict', 'models', 'serve', 'demo', 'bench'):
+for cmd in ('train', 'eval', 'predict', 'models', 'serve', 'export', 'demo', 'bench'):
     code, out, _ = parse([cmd, '--help'])
     test_eq(code, 0); assert f'usage: uotcrowd {cmd}' in out
 _, out, _ = parse(['train', '--help'])

@@ -175,3 +175,24 @@ else:
                            check=True, capture_output=True, timeout=180)
             jpg = io.BytesIO(); PILImage.open(shot).convert('RGB').save(jpg, 'JPEG', quality=80)
             display(Picture(data=jpg.getvalue(), format='jpeg', width=860))
+
+# %% [markdown]
+# ## Elsewhere: ONNX
+#
+# To count outside Python's PyTorch (a C++ or C# service, a phone, a browser), export the model to ONNX. The file
+# takes images of any size and carries the model card in its metadata; the export checks that onnxruntime's density
+# map equals PyTorch's. `Counter`, `uotcrowd predict` and `uotcrowd serve` run such a file with onnxruntime on the
+# CPU, in float32 (the onnx extra: `pip install -e ".[onnx]"`):
+#
+# ```sh
+# uotcrowd export --checkpoint shb-mcnn-gl --format onnx          # writes shb-mcnn-gl.onnx
+# uotcrowd serve --checkpoint shb-mcnn-gl.onnx
+# ```
+#
+# ```python
+# counter = Counter('shb-mcnn-gl.onnx')
+# ```
+#
+# The graph's input is a float32 batch `(B, 3, H, W)` of RGB images scaled to [0, 1] and normalized with the
+# ImageNet mean and standard deviation; its output the density map, whose sum is the count. See
+# [ONNX export](10a_deploy.ipynb) for the details and `uotcrowd bench` for its speed against PyTorch.

@@ -16,13 +16,14 @@ from .costs import coordinate_cost
 from .sinkhorn import uot_marginal_error
 
 # %% auto #0
-__all__ = ['RECIPE_KWARGS', 'METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'LOSS_SIZES',
-           'SIZE_GOALS', 'CONFIG_GOALS', 'CONFIGS', 'time_call', 'peak_memory', 'cpu_counters', 'other_load',
-           'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials', 'pot_potentials', 'reference_terms',
-           'reference_loss', 'gl_diagnostics', 'official_recipe_loss', 'train_step_times', 'bench_case', 'profile_case',
-           'parse_variant', 'torch_threads', 'step_time', 'eval_time', 'training_throughput', 'throughput_targets',
-           'counting_time_target', 'throughput_markdown', 'loss_sizes_markdown', 'loss_sizes', 'config_targets',
-           'evaluate_targets', 'results_markdown', 'run_bench']
+__all__ = ['RECIPE_KWARGS', 'METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'ONNX_MODELS',
+           'ONNX_QUICK', 'LOSS_SIZES', 'SIZE_GOALS', 'CONFIG_GOALS', 'CONFIGS', 'time_call', 'peak_memory',
+           'cpu_counters', 'other_load', 'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials',
+           'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics', 'official_recipe_loss',
+           'train_step_times', 'bench_case', 'profile_case', 'parse_variant', 'torch_threads', 'step_time', 'eval_time',
+           'training_throughput', 'throughput_targets', 'counting_time_target', 'throughput_markdown', 'onnx_inference',
+           'onnx_markdown', 'loss_sizes_markdown', 'loss_sizes', 'config_targets', 'evaluate_targets',
+           'results_markdown', 'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -715,6 +716,54 @@ def throughput_markdown(tp:dict # result of `training_throughput`
         lines += ['', f"Target: {t['name']} {t['op']} {t['target']:g}: {_num(t['value'], 2)} ({t['note']}), met: {met}."]
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/11_bench.ipynb #74eaf447
+ONNX_MODELS = ('mcnn', 'effnet-lite0')   # models of the full run
+ONNX_QUICK = dict(models=('mcnn',), size=(96, 128), threads=(1,), repeats=1, budget=0.)
+
+def onnx_inference(models:Sequence[str]=ONNX_MODELS, # model names
+                   size:tuple[int, int]=(768, 1024), # (H, W) of the image
+                   threads:Sequence[int]=(1, 2), # thread counts (torch and onnxruntime)
+                   repeats:int=5, budget:float=15., # per measurement, see `time_call`
+                   seed:int=0,
+                   log:Callable=lambda *a: None, # called with one line per measurement
+                  ) -> dict: # `config`, `rows`
+    "Evaluation time of one image in PyTorch and in onnxruntime (float32, CPU) per model and thread count, and how far apart their maps are."
+    import tempfile
+    from uotcrowd.deploy import OnnxDensity, export_onnx
+    cpu, rows = torch.device('cpu'), []
+    for name in models:
+        model = _throughput_model(name, 'fp32', cpu, seed)[0].eval()
+        image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
+        with tempfile.TemporaryDirectory() as d:
+            path = export_onnx(model, Path(d) / f'{name}.onnx')
+            for n in threads:
+                with torch_threads(n), torch.no_grad():
+                    ort = OnnxDensity(path, threads=n)
+                    ref, got = model(image), ort(image)
+                    t_torch = time_call(lambda: model(image), cpu, repeats, budget)
+                    t_onnx = time_call(lambda: ort(image), cpu, repeats, budget)
+                rows.append(dict(model=name, threads=n, size=list(size), torch_s=t_torch['median'], onnx_s=t_onnx['median'],
+                                 speedup=t_torch['median'] / t_onnx['median'], repeats=min(t_torch['repeats'], t_onnx['repeats']),
+                                 max_rel_diff=float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)),
+                                 count_torch=float(ref.sum()), count_onnx=float(got.sum())))
+                r = rows[-1]
+                log(f"  {name:12s} {n} thr: PyTorch {r['torch_s']:.3f} s, onnxruntime {r['onnx_s']:.3f} s/image "
+                    f"({r['speedup']:.2f}x), maps within {r['max_rel_diff']:.1e}")
+    return dict(config=dict(models=list(models), size=list(size), threads=list(threads), repeats=repeats, budget=budget), rows=rows)
+
+def onnx_markdown(res:dict # result of `onnx_inference`
+                 ) -> str:
+    "The ONNX rows as Markdown."
+    h, w = res['config']['size']
+    lines = [f"**ONNX Runtime against PyTorch**: evaluation of one {w}×{h} image, float32 on the CPU, random weights; "
+             "speed-up = PyTorch's time / onnxruntime's.", '',
+             '| model | threads | PyTorch (s/image) | onnxruntime (s/image) | speed-up | max map difference / map max |',
+             '|---|---:|---:|---:|---:|---:|']
+    for r in res['rows']:
+        lines.append(f"| {r['model']} | {r['threads']} | {_num(r['torch_s'])} | {_num(r['onnx_s'])} | {_num(r['speedup'], 2)} | "
+                     f"{r['max_rel_diff']:.1e} |")
+    return '\n'.join(lines) + '\n'
+
 # %% ../nbs/11_bench.ipynb #9ca23c35
 LOSS_SIZES = ((8, 200, 32), (8, 500, 64))  # (B, heads per image, map side) of `loss_sizes`
 SIZE_GOALS = (('official speed-up over the recipe', '>=', 5.), ('converged speed-up over the recipe', '>=', 2.),
@@ -926,6 +975,7 @@ def results_markdown(results:dict) -> str:
                   f"{100 * v['share']:.1f} % of the step (difference of the two step times: {100 * v['share_diff']:.1f} %)."
                   if 'share' in v else '']
     if results.get('throughput'): lines += ['', throughput_markdown(results['throughput']).rstrip('\n')]
+    if results.get('onnx'): lines += ['', onnx_markdown(results['onnx']).rstrip('\n')]
     if results.get('loss_sizes'): lines += ['', loss_sizes_markdown(results['loss_sizes']).rstrip('\n')]
     for meth, table in (results.get('profiles') or {}).items():
         lines += ['', f"**Profile of `{meth}`** (one forward + backward at the target case, operators by self time):", '',
@@ -956,6 +1006,7 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
               seed:int=0,
               profile:bool|None=None, # profile the solver modes that miss a speed target (default: not in quick runs)
               throughput:bool|dict=True, # time training steps and evaluation per precision; a dict: `training_throughput` arguments
+              onnx:bool|dict|None=None, # onnxruntime against PyTorch inference (default: on a CPU with the onnx extra); a dict: `onnx_inference` arguments
               training_sizes:bool|None=None, # the section of `loss_sizes` (default: in a run of `CONFIGS` with both modes and geomloss)
               stem:str='bench', # file names: `{stem}.json`, `{stem}.md`
               verbose:bool=True, # print one line per case (to stderr)
@@ -1012,6 +1063,12 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         kw.update(throughput if isinstance(throughput, dict) else {})
         log("training throughput (step and evaluation time per precision):")
         results['throughput'] = training_throughput(device=device, seed=seed, log=log, **kw)
+    if onnx is None: onnx = device.type == 'cpu' and has_module('onnx') and has_module('onnxruntime')
+    if onnx:
+        kw = dict(ONNX_QUICK) if quick else {}
+        kw.update(onnx if isinstance(onnx, dict) else {})
+        log("onnxruntime against PyTorch (evaluation of one image, float32, CPU):")
+        results['onnx'] = onnx_inference(seed=seed, log=log, **kw)
     if training_sizes is None: training_sizes = full and {'gl_official', 'gl_converged', 'geomloss'} <= set(methods)
     if training_sizes and has_module('geomloss'):
         log("the loss at training sizes against the official recipe:")

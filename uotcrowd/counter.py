@@ -19,6 +19,7 @@ from .train import (models_dir, model_names, resolve_checkpoint, MODELS_ENV, loa
                             save_checkpoint, write_csv, checkpoint_precision, checkpoint_loc_threshold,
                             resolve_precision, autocast, memory_format)
 from .localize import localize
+from .deploy import load_onnx
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'INPUT_NORMALIZATION', 'PUBLISHED', 'DEFAULT_TILE', 'DEFAULT_OVERLAP', 'TILE_ABOVE', 'VIDEO_EXTS',
@@ -235,7 +236,7 @@ class CountResult:
 # %% ../nbs/11a_counter.ipynb #8b8aac52
 class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
-    def __init__(self, checkpoint:str|Path|nn.Module, # a checkpoint file, a named model (`models_cmd`), or a density network
+    def __init__(self, checkpoint:str|Path|nn.Module, # a checkpoint file, a named model (`models_cmd`), an ONNX export (`.onnx`), or a density network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
                  precision:str|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (chosen on validation)
@@ -251,7 +252,8 @@ class Counter:
             self.model = checkpoint.to(self.device).eval()
         else:
             self.path = resolve_checkpoint(checkpoint, models)
-            self.model, ckpt = load_model(self.path, self.device)
+            if self.path.suffix == '.onnx': (self.model, ckpt), self.device = load_onnx(self.path), torch.device('cpu')  # onnxruntime, float32
+            else: self.model, ckpt = load_model(self.path, self.device)
         if not hasattr(self.model, 'stride'): raise ValueError(f"{checkpoint}: the model has no `stride` attribute (input pixels per density pixel)")
         self.card = model_card(ckpt) if ckpt else None
         self.name = (self.card or {}).get('name') or (self.path.stem if self.path else type(self.model).__name__)
