@@ -119,7 +119,7 @@ def test_stalled_upload_does_not_block_other_clients(server, fixtures_dir, count
     try:
         started = time.monotonic()
         times = []
-        for _ in range(3):      # the best of three: a loaded 2-core machine may pause any one request
+        for _ in range(5):      # the best of five: a loaded 2-core machine may pause any one request
             t = time.monotonic()
             status, _, page, _ = _request(server.url, timeout=20)
             times.append(time.monotonic() - t)
@@ -135,6 +135,28 @@ def test_stalled_upload_does_not_block_other_clients(server, fixtures_dir, count
     finally:
         stalled.close()
     assert _request(server.url, timeout=20)[0] == 200
+
+
+def test_uploads_beyond_the_limit_are_refused_not_queued(fixtures_dir):
+    "With `max_uploads=2` and two uploads stalled, a third is answered 503 with a message; pages still load; later uploads count."
+    srv = make_server(MODEL, port=0, quiet=True, device='cpu', upload_timeout=TIMEOUT_S, max_uploads=2)
+    with srv:
+        head = b'POST /api/count HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: 5000\r\n\r\n'
+        stalled = [_raw_connection(srv, head, b'\xff\xd8') for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 30
+            while srv.service.uploads < 2 and time.monotonic() < deadline: time.sleep(0.05)
+            assert srv.service.uploads == 2
+            answer = _request(srv.url + 'api/count', _photo(fixtures_dir), {'Content-Type': 'image/jpeg'})
+            assert answer[0] == 503 and _error(answer) == 'the server is busy with 2 uploads (at most 2 at once): try again in a moment'
+            assert _request(srv.url, timeout=20)[0] == 200
+            assert all(_read_all(s, TIMEOUT_S + 60).startswith(b'HTTP/1.1 408') for s in stalled)
+        finally:
+            for s in stalled: s.close()
+        deadline = time.monotonic() + 30
+        while srv.service.uploads and time.monotonic() < deadline: time.sleep(0.05)
+        status, _, body, _ = _request(srv.url + 'api/count', _photo(fixtures_dir), {'Content-Type': 'image/jpeg'})
+        assert status == 200 and json.loads(body)['width'] == 1024
 
 
 def test_eight_concurrent_uploads_are_all_answered_correctly(server, fixtures_dir, counter):

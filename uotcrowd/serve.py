@@ -126,12 +126,14 @@ class CountingService:
                  max_upload_mb:float=20, # larger uploads are refused (413)
                  max_megapixels:float=50, # larger images are refused (400) before they are decoded
                  keep:int=16, # results kept for their pages
-                 upload_timeout:float=30 # seconds an upload may take to arrive (then 408)
+                 upload_timeout:float=30, # seconds an upload may take to arrive (then 408)
+                 max_uploads:int=16 # uploads received or counted at once (more are answered 503)
                 ):
         if max_upload_mb <= 0: raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
         if max_megapixels <= 0: raise ValueError(f"max_megapixels must be positive, got {max_megapixels}")
         if upload_timeout <= 0: raise ValueError(f"upload_timeout must be positive, got {upload_timeout}")
         self.counter, self.max_upload_mb, self.keep, self.upload_timeout = counter, max_upload_mb, max(1, keep), upload_timeout
+        self.max_uploads, self.uploads = max(1, int(max_uploads)), 0    # `uploads` in progress: counted by the event loop only
         self.max_upload_bytes, self.max_pixels = int(max_upload_mb * 2**20), int(max_megapixels * 1e6)
         self.results:OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()   # results are written by the worker thread and read by the event loop
@@ -202,13 +204,25 @@ class UploadLimits:
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
-        import anyio
         async def send_with_headers(message):
             if message['type'] == 'http.response.start': message = {**message, 'headers': [*message.get('headers', []), *_HEADERS]}
             await send(message)
         s, headers = self.service, {k.lower(): v for k, v in scope['headers']}
-        may_drain = b'100-continue' not in headers.get(b'expect', b'').lower()    # the client waits for our go before sending
         length = headers.get(b'content-length', b'')
+        if not ((length.isdigit() and int(length) > 0) or b'transfer-encoding' in headers):      # no body to wait for
+            return await self._run(scope, receive, send_with_headers, headers, length)
+        if s.uploads >= s.max_uploads:
+            return await self._refuse(scope, receive, send_with_headers, 503, f"the server is busy with {s.uploads} uploads "
+                                      f"(at most {s.max_uploads} at once): try again in a moment")
+        s.uploads += 1
+        try: return await self._run(scope, receive, send_with_headers, headers, length)
+        finally: s.uploads -= 1
+
+    async def _run(self, scope, receive, send_with_headers, headers:dict, length:bytes):
+        "Read the body within the limits, then run the app on it."
+        import anyio
+        s = self.service
+        may_drain = b'100-continue' not in headers.get(b'expect', b'').lower()    # the client waits for our go before sending
         if length.isdigit() and int(length) > s.max_upload_bytes:
             return await self._refuse(scope, receive, send_with_headers, 413, s.too_large(int(length)), drain=may_drain)
         chunks, size, complete = [], 0, False
@@ -433,12 +447,12 @@ class CountingServer:
 
 def make_server(checkpoint:str|Counter, # checkpoint file, named model, ONNX file, or a `Counter`
                 host:str='127.0.0.1', port:int=8000, max_upload_mb:float=20, max_megapixels:float=50, keep:int=16,
-                upload_timeout:float=30, allow_remote:bool=False, max_connections:int=64, quiet:bool=False,
+                upload_timeout:float=30, max_uploads:int=16, allow_remote:bool=False, max_connections:int=64, quiet:bool=False,
                 **counter_kwargs # passed to `Counter` (`device`, `precision`, `loc_threshold`, `tile`)
                ) -> CountingServer:
     "A `CountingServer` for `checkpoint`, bound but not yet serving."
     counter = checkpoint if isinstance(checkpoint, Counter) else Counter(checkpoint, **counter_kwargs)
-    service = CountingService(counter, max_upload_mb, max_megapixels, keep, upload_timeout)
+    service = CountingService(counter, max_upload_mb, max_megapixels, keep, upload_timeout, max_uploads)
     return CountingServer(service, host, port, allow_remote, max_connections, quiet)
 
 # %% ../nbs/11b_serve.ipynb #b1c477f5
