@@ -13,7 +13,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 from uotcrowd import __version__
-from uotcrowd.counter import Counter, as_rgb, render_result
+from uotcrowd.counter import Counter, as_rgb, render_result, DEFAULT_MODEL
 
 # %%
 #| hide
@@ -577,7 +577,7 @@ def make_server(checkpoint:str|Counter, # checkpoint file, named model, ONNX fil
 
 # %%
 #| export
-def serve(checkpoint:str, # checkpoint file, named model (`uotcrowd models`) or ONNX file (`uotcrowd export`)
+def serve(checkpoint:str=DEFAULT_MODEL, # checkpoint file, named model (`uotcrowd models`) or ONNX file (`uotcrowd export`)
           host:str='127.0.0.1', # address to listen on (loopback: the page is reachable from this computer only)
           port:int=8000, # port (0: any free port)
           allow_remote:bool=False, # allow a --host that other computers reach (the page is then theirs too)

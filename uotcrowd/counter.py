@@ -22,11 +22,11 @@ from .localize import localize
 from .deploy import load_onnx
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'INPUT_NORMALIZATION', 'PUBLISHED', 'DEFAULT_TILE', 'DEFAULT_OVERLAP', 'TILE_ABOVE', 'VIDEO_EXTS',
-           'results_card', 'model_card', 'write_model', 'publish_model', 'models_cmd', 'as_rgb', 'tile_spans',
-           'tiled_density', 'localize_in_bands', 'CountResult', 'Counter', 'render_result', 'measure_peak_memory',
-           'is_video', 'video_fps', 'read_video', 'VideoWriter', 'plot_counts', 'predict_video', 'SquareCounter',
-           'square_frames', 'predict']
+__all__ = ['MODEL_KEYS', 'INPUT_NORMALIZATION', 'PUBLISHED', 'DEFAULT_MODEL', 'DEFAULT_TILE', 'DEFAULT_OVERLAP', 'TILE_ABOVE',
+           'VIDEO_EXTS', 'results_card', 'model_card', 'write_model', 'publish_model', 'models_cmd', 'as_rgb',
+           'tile_spans', 'tiled_density', 'localize_in_bands', 'CountResult', 'Counter', 'render_result',
+           'measure_peak_memory', 'is_video', 'video_fps', 'read_video', 'VideoWriter', 'plot_counts', 'predict_video',
+           'SquareCounter', 'square_frames', 'predict']
 
 # %% ../nbs/11a_counter.ipynb #77a61ba0
 MODEL_KEYS = ('model', 'model_name', 'model_kwargs', 'stride', 'precision', 'loc_threshold', 'card', 'torch_version')
@@ -99,7 +99,9 @@ def write_model(src:str|Path, # a checkpoint written by `fit` (full or slim)
     return save_checkpoint(slim, dst)
 
 # %% ../nbs/11a_counter.ipynb #87e8cec4
-PUBLISHED = {'shb-mcnn-gl': ('nbs/experiments/results/shb_mcnn.csv', 'nbs/experiments/results/shb_mcnn/plateau5/gl-converged_s0/best.pt')}
+PUBLISHED = {'shb-effnet-gl': ('nbs/experiments/results/shb_study.csv', 'nbs/experiments/results/shb_study/effnet-lite0/gl-converged_lr1e-4_s0/final.pt'),
+             'shb-mcnn-gl': ('nbs/experiments/results/shb_mcnn.csv', 'nbs/experiments/results/shb_mcnn/plateau5/gl-converged_s0/best.pt')}
+DEFAULT_MODEL = 'shb-effnet-gl'  # what `Counter()`, `uotcrowd predict` and `uotcrowd serve` count with unless told otherwise
 
 def publish_model(name:str, # a key of `PUBLISHED`
                   root:str|Path, # the repository checkout
@@ -236,7 +238,7 @@ class CountResult:
 # %% ../nbs/11a_counter.ipynb #8b8aac52
 class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
-    def __init__(self, checkpoint:str|Path|nn.Module, # a checkpoint file, a named model (`models_cmd`), an ONNX export (`.onnx`), or a density network
+    def __init__(self, checkpoint:str|Path|nn.Module=DEFAULT_MODEL, # a checkpoint file, a named model (`models_cmd`), an ONNX export (`.onnx`), or a density network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
                  precision:str|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (chosen on validation)

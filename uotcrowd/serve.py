@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 from . import __version__
-from .counter import Counter, as_rgb, render_result
+from .counter import Counter, as_rgb, render_result, DEFAULT_MODEL
 
 # %% ../nbs/11b_serve.ipynb #3ce5bb3c
 class UploadError(ValueError):
@@ -456,7 +456,7 @@ def make_server(checkpoint:str|Counter, # checkpoint file, named model, ONNX fil
     return CountingServer(service, host, port, allow_remote, max_connections, quiet)
 
 # %% ../nbs/11b_serve.ipynb #b1c477f5
-def serve(checkpoint:str, # checkpoint file, named model (`uotcrowd models`) or ONNX file (`uotcrowd export`)
+def serve(checkpoint:str=DEFAULT_MODEL, # checkpoint file, named model (`uotcrowd models`) or ONNX file (`uotcrowd export`)
           host:str='127.0.0.1', # address to listen on (loopback: the page is reachable from this computer only)
           port:int=8000, # port (0: any free port)
           allow_remote:bool=False, # allow a --host that other computers reach (the page is then theirs too)
