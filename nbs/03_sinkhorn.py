@@ -1218,9 +1218,9 @@ test_eq(few, many); assert few <= 2 * 2 * 200 * 20 * 4 + 10_000     # about one 
 # The official code calls `SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost,
 # reach=0.5, p=1)` on coordinates divided by the crop size, and rebuilds the plan as
 # $\exp((F\oplus G-C)/\varepsilon)\,a\,b^\top$. `mode='official'` with `diameter=max_diameter(x, y)` gives the same
-# potentials (12 pairs) and plan, to $10^{-4}$ relative: geomloss is an optional dependency, so this comparison is
-# `test_official_mode_matches_geomloss` in `tests/test_sinkhorn.py`, which pytest reports as skipped where geomloss is
-# absent; the GL loss built on geomloss's potentials is compared in `11_bench` and `tests/test_bench.py`.
+# potentials (12 pairs) and plan, to $10^{-4}$ relative: geomloss is not a dependency of the library (it is one of the
+# `dev` extra), so this comparison is `test_official_mode_matches_geomloss` in `tests/test_sinkhorn.py`, which fails
+# where geomloss is missing; the GL loss built on geomloss's potentials is compared in `11_bench` and `tests/test_bench.py`.
 
 # %% [markdown]
 # ### Official vs converged
