@@ -896,12 +896,17 @@ test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7]), TrainConfig(schedule='plateau',
 
 # %%
 #| export
+def warmup_factor(cfg:TrainConfig, # `warmup_epochs`
+                  epoch:int # epoch index
+                 ) -> float:
+    "Share of the learning rate reached at `epoch` by the linear warm-up (1 after it)."
+    return (epoch + 1) / cfg.warmup_epochs if epoch < cfg.warmup_epochs else 1.
+
 def scheduled_lr(cfg:TrainConfig, # `lr`, `schedule`, `warmup_epochs`, `min_lr_ratio`, `max_epoch`
                  epoch:int # epoch index
                 ) -> float:
     "Learning rate of `epoch` under the fixed part of the schedule (warm-up, then cosine or constant)."
-    if epoch < cfg.warmup_epochs: return cfg.lr * (epoch + 1) / cfg.warmup_epochs
-    if cfg.schedule != 'cosine': return cfg.lr
+    if epoch < cfg.warmup_epochs or cfg.schedule != 'cosine': return cfg.lr * warmup_factor(cfg, epoch)
     t = (epoch - cfg.warmup_epochs) / max(1, cfg.max_epoch - 1 - cfg.warmup_epochs)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.))))
 
@@ -911,8 +916,7 @@ def epoch_lr(history:Sequence[dict], # rows of `log.csv` so far: the next epoch 
     "Learning rate of the next epoch: the fixed schedule, or the plateau rules' decays."
     epoch = len(history)
     if cfg.schedule != 'plateau': return scheduled_lr(cfg, epoch)
-    warm = (epoch + 1) / cfg.warmup_epochs if epoch < cfg.warmup_epochs else 1.
-    return plateau_schedule(history, cfg)[0] * warm
+    return plateau_schedule(history, cfg)[0] * warmup_factor(cfg, epoch)
 
 # %%
 _c = TrainConfig(lr=1.0, max_epoch=12, warmup_epochs=1, min_lr_ratio=0.0)
@@ -938,13 +942,16 @@ class WeightAverage:
         self.decay, self.updates = decay, 0
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters(): p.requires_grad_(False)
+        self._pairs = None  # (average tensor, network tensor) of each state entry, paired at the first update
 
     @torch.no_grad()
     def update(self, model:nn.Module):
         "One step: average <- d_t * average + (1 - d_t) * weights, with d_t = min(d, (1+t)/(10+t))."
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, new in zip(self.module.state_dict().values(), model.state_dict().values()):
+        if self._pairs is None or self._pairs[0] is not model:  # state tensors are updated in place: pair them once
+            self._pairs = (model, list(zip(self.module.state_dict().values(), model.state_dict().values())))
+        for avg, new in self._pairs[1]:
             if avg.is_floating_point(): avg.lerp_(new.detach().to(avg.dtype), 1 - d)
             else: avg.copy_(new)
 

