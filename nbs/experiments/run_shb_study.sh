@@ -8,7 +8,7 @@
 # the raw weights (learning curves only: no validation decides anything); the average after the last epoch is the
 # result: slimmed to final.pt, its localization threshold chosen on the hold-out, evaluated once on the 316 test photos.
 # Arms: gl-converged (transport solved to 1e-3), gl (official 12 soft-min pairs), l2, bl, dmcount-norm.
-# Rows: results/shb_study.csv (+ _loc.csv). Run folders: results/shb_study/MODEL/ARM_lrLR_sSEED.
+# Rows: results/shb_study.csv (+ _loc.csv). Run folders: results/shb_study/MODEL/ARM_lrLR_sSEED (+ _eEPOCHS unless 40).
 set -euo pipefail
 cd "$(dirname "$0")/../.."                     # repo root: the package of this checkout (python -m)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -27,6 +27,7 @@ PRECISION=${PRECISION:-bf16}
 VAL_FRACTION=0.15
 VAL_SEED=0
 PROTOCOL=cosine-ema-e${EPOCHS}
+RUN_SUFFIX=""; [ "$EPOCHS" = 40 ] || RUN_SUFFIX=_e${EPOCHS}   # the study's 40 epochs unnamed; other lengths named
 CSV=$RES/shb_study.csv
 LOC_CSV=$RES/shb_study_loc.csv
 SEEDS=${*:-0}
@@ -38,7 +39,7 @@ case "$ARM" in
   *) loss_args=(--loss "$ARM");;
 esac
 for seed in $SEEDS; do
-  run=$RES/shb_study/$MODEL/${ARM}_lr${LR}_s${seed}
+  run=$RES/shb_study/$MODEL/${ARM}_lr${LR}_s${seed}${RUN_SUFFIX}
   if grep -q ",${run}/final.pt," "$CSV"; then echo "$(date -u +%T) ${run}: done, skipped"; continue; fi
   mkdir -p "$run"
   resume=(); [ -f "$run/last.pt" ] && resume=(--resume "$run/last.pt")
