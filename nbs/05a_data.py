@@ -311,6 +311,11 @@ with tempfile.TemporaryDirectory() as d:
 # crop are padded bottom/right), keeps exactly the points inside the window $[l, l+w)\times[t, t+h)$ shifted by
 # $(-l, -t)$, and with probability ½ mirrors the crop horizontally. A point at $x$ in a pixel grid of width $W$ moves
 # to $W - x$ (pixel $j$ becomes pixel $W-1-j$, and its centre $j+\tfrac12$ becomes $W-(j+\tfrac12)$).
+# With a `scale_range` $(s_{\min}, s_{\max})$ the crop is also rescaled: a factor $f$ drawn uniformly from the
+# range, a window of $\mathrm{round}(h/f)\times\mathrm{round}(w/f)$ pixels cut out and resized (bilinear, antialiased)
+# to the crop size, its points multiplied per axis by the realized ratios. Heads look $f$ times larger and the count
+# of the window is kept: the network sees crowds at other densities than the photos hold (random rescaling, as in
+# P2PNet's 0.7..1.3).
 # `EvalTransform` keeps the full image and pads it bottom/right to a multiple of the model stride, so points do not
 # move. Padding is zero in the normalized image (the ImageNet mean colour).
 #
@@ -373,28 +378,56 @@ def _finish_meta(meta:dict, points:torch.Tensor) -> dict:
     if meta.get('count', -1) >= 0: meta['count'] = len(points)
     return meta
 
+def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
+                  points:torch.Tensor, # `(N, 2)` `(x, y)`
+                  meta:dict, # sample meta (its `heads` follow the points)
+                  height:int, width:int # new size
+                 ):
+    "Resize image (bilinear, antialiased; float in [0, 1]) and scale points and heads by the realized ratios."
+    H, W = image.shape[-2:]
+    fy, fx = height / H, width / W
+    out = F.interpolate(image[None].float() / 255, size=(height, width), mode='bilinear', align_corners=False,
+                        antialias=True)[0].clamp_(0, 1)
+    meta = dict(meta)
+    if 'heads' in meta: meta['heads'] = _scale_heads(meta['heads'], fx, fy)
+    return out, points * torch.tensor([fx, fy], dtype=points.dtype), meta
+
 class TrainTransform:
-    "Random crop (padded when the image is smaller) and random horizontal flip, then ImageNet normalization."
+    "Random crop (padded when the image is smaller), optionally rescaled, random horizontal flip, ImageNet normalization."
     def __init__(self,
                  crop_size:int|tuple[int, int]=256, # crop side, or `(height, width)`
-                 flip:bool=True # random horizontal flip with probability 1/2
+                 flip:bool=True, # random horizontal flip with probability 1/2
+                 scale_range:tuple[float, float]|None=None # rescale each crop by a factor drawn uniformly from it
                 ):
         self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.flip = flip
+        if scale_range is not None:
+            scale_range = tuple(float(f) for f in scale_range)
+            if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+                raise ValueError(f"scale_range must be two factors 0 < low <= high, got {scale_range}")
+        self.scale_range = scale_range
     def __call__(self, image, points, meta, generator:torch.Generator|None=None):
         ch, cw = self.crop
+        wh, ww = ch, cw   # the window cut out of the image
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            factor = lo + (hi - lo) * float(torch.rand(1, generator=generator))
+            wh, ww = max(1, round(ch / factor)), max(1, round(cw / factor))
         H, W = image.shape[-2:]
-        top = int(torch.randint(0, H - ch + 1, (1,), generator=generator)) if H > ch else 0
-        left = int(torch.randint(0, W - cw + 1, (1,), generator=generator)) if W > cw else 0
-        image, points, meta = crop_sample(image, points, meta, top, left, ch, cw)
-        meta['crop'] = (top, left, ch, cw)
+        top = int(torch.randint(0, H - wh + 1, (1,), generator=generator)) if H > wh else 0
+        left = int(torch.randint(0, W - ww + 1, (1,), generator=generator)) if W > ww else 0
+        image, points, meta = crop_sample(image, points, meta, top, left, wh, ww)
+        meta['crop'] = (top, left, wh, ww)
+        if (wh, ww) != (ch, cw):   # the clipped window scaled by crop/window, padded to the crop below
+            h, w = image.shape[-2:]
+            image, points, meta = resize_sample(image, points, meta, max(1, round(h * ch / wh)), max(1, round(w * cw / ww)))
         image = pad_to(normalize(image), ch, cw)
         flipped = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
         if flipped: image, points, meta = hflip_sample(image, points, meta)
         meta['flipped'] = flipped
         meta['height'], meta['width'] = ch, cw
         return image, points, _finish_meta(meta, points)
-    def __repr__(self): return f"TrainTransform(crop_size={self.crop}, flip={self.flip})"
+    def __repr__(self): return f"TrainTransform(crop_size={self.crop}, flip={self.flip}, scale_range={self.scale_range})"
 
 class EvalTransform:
     "Full image, normalized and zero-padded bottom/right to a multiple of `stride` (points unchanged)."
@@ -428,6 +461,24 @@ test_eq(t_img.shape, (3, 12, 12)); test_eq(t_pts, pts); test_eq(t_meta['count'],
 a = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
 b = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
 test_eq(a[0], b[0]); test_eq(a[1], b[1])
+
+# %% [markdown]
+# Rescaling by exactly 2 cuts a 2×2 window and doubles it: the points move to $2(x - l, y - t)$, the window's heads
+# are kept, and a constant image stays constant. Resizing on its own scales each axis by its ratio.
+
+# %%
+flat = torch.full((3, 6, 10), 200, dtype=torch.uint8)
+s_img, s_pts, s_meta = TrainTransform(4, flip=False, scale_range=(2, 2))(flat, pts, meta, torch.Generator().manual_seed(3))
+top, left, wh, ww = s_meta['crop']
+test_eq((wh, ww, s_img.shape), (2, 2, (3, 4, 4)))
+inside = (pts[:, 0] >= left) & (pts[:, 0] < left + 2) & (pts[:, 1] >= top) & (pts[:, 1] < top + 2)
+test_close(s_pts.numpy(), (2 * (pts[inside] - torch.tensor([left, top]))).numpy().reshape(-1, 2))
+test_eq(s_meta['count'], int(inside.sum()))
+test_close(s_img, normalize(flat)[:, :4, :4], eps=1e-5)
+r_img, r_pts, r_meta = resize_sample(img, pts, meta, 3, 20)       # height ×0.5, width ×2
+test_eq(r_img.shape, (3, 3, 20)); test_close(r_pts.numpy(), (pts * torch.tensor([2., 0.5])).numpy())
+test_eq(r_meta['heads']['boxes'][1].tolist(), [6., 0.5, 8., 1.5])
+test_fail(lambda: TrainTransform(4, scale_range=(1.2, 0.8)), contains='scale_range')
 
 
 # %% [markdown]
@@ -955,26 +1006,26 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
                    val_fraction:float=0.1, # held-out share of train where the dataset has no val split
                    seed:int=0, # seed of the hold-out split (and of the synthetic images)
                    val_seed:int|None=None, # seed of the hold-out split alone, so runs of any `seed` validate on the same images (default: `seed`)
-                   **kwargs # short_side, cache_dir, out_of_bounds, flip, aug_seed; synthetic: n_train, n_val, n_test, size, max_count
+                   **kwargs # short_side, cache_dir, out_of_bounds, flip, scale_range, aug_seed; synthetic: n_train, n_val, n_test, size, max_count
                   ) -> tuple[CrowdDataset, CrowdDataset, CrowdDataset]:
     "Build `(train, val, test)` datasets: augmented crops for training, padded full images for evaluation."
     key = str(name).lower().replace('_', '-')
     key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu', 'nwpu-crowd': 'nwpu'}.get(key, key)
     if key not in DEFAULT_CROP: raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     root = check_data_dir(key, root)
-    flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
+    flip, aug_seed, scale_range = kwargs.pop('flip', True), kwargs.pop('aug_seed', None), kwargs.pop('scale_range', None)
     eval_tf = EvalTransform(stride)
     if key == 'synthetic':
         n_train, n_val, n_test = kwargs.pop('n_train', 200), kwargs.pop('n_val', 50), kwargs.pop('n_test', 50)
         size = kwargs.pop('size', 128)
         crop = crop_size or min(DEFAULT_CROP[key], *((size,) if isinstance(size, int) else size))
         common = dict(size=size, seed=seed, **kwargs)
-        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip), aug_seed=aug_seed, **common),
+        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip, scale_range), aug_seed=aug_seed, **common),
                 SyntheticCrowd(n_val, split='val', transform=eval_tf, **common),
                 SyntheticCrowd(n_test, split='test', transform=eval_tf, **common))
     crop = crop_size or DEFAULT_CROP[key]
     if crop % stride: _warn(name, f"crop size {crop} is not a multiple of the stride {stride}")
-    train_tf = TrainTransform(crop, flip)
+    train_tf = TrainTransform(crop, flip, scale_range)
     if key.startswith('shanghaitech') or key == 'qnrf':
         if key == 'qnrf': make = lambda split, **kw: UCFQNRF(root, split, **kw)
         else: make = lambda split, **kw: ShanghaiTech(root, key[-1].upper(), split, **kw)

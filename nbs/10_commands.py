@@ -50,6 +50,7 @@ def train(dataset:str, # dataset name
           out_act:str|None=None, # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
           val_fraction:float=0.1, # share of the training images held out for validation
           val_seed:int=0, # seed of that hold-out: fixed, so that runs with different seeds validate on the same images; -1: the run's seed
+          scale_range:tuple[float, float]|None=None, # rescale each training crop by a factor drawn from this range (e.g. 0.7 1.3); unset: none
           loss_kwargs:dict|None=None, # loss hyper-parameters (unset: the loss's defaults)
           **config # `TrainConfig` fields: `out_dir`, `max_epoch`, `lr`, `precision`, ...
          ) -> dict: # the summary of `fit`
@@ -58,6 +59,7 @@ def train(dataset:str, # dataset name
     model_kw = {} if out_act is None else {'out_act': out_act}
     data_kw = synthetic_kwargs(synthetic_n, synthetic_size)
     if val_seed >= 0: data_kw['val_seed'] = val_seed   # recorded, so that `eval --split val` rebuilds the same hold-out
+    if scale_range is not None: data_kw['scale_range'] = [float(f) for f in scale_range]
     cfg = TrainConfig(**config, model=model, model_kwargs=model_kw, loss=loss, loss_kwargs=dict(loss_kwargs or {}), dataset=dataset,
                       data_dir=str(Path(data_dir).resolve()) if data_dir else None,
                       data_kwargs={**data_kw, 'val_fraction': val_fraction})
@@ -98,6 +100,8 @@ first = train(**tiny, max_epoch=1, max_steps=1, out_dir=tmp / 'first')
 for k, v in torch.load(tmp / 'again' / 'last.pt', weights_only=True)['model'].items():
     assert torch.equal(v, torch.load(tmp / 'first' / 'last.pt', weights_only=True)['model'][k]), k
 test_fail(lambda: train('qnrf', out_dir=tmp / 'x'), contains='no --data-dir')
+train(**tiny, max_epoch=1, max_steps=1, scale_range=(0.8, 1.25), out_dir=tmp / 'scaled')   # recorded with the data
+test_eq(json.loads((tmp / 'scaled' / 'config.json').read_text())['data_kwargs']['scale_range'], [0.8, 1.25])
 
 # %% [markdown]
 # ## `demo`

@@ -30,6 +30,7 @@ def train(dataset:str, # dataset name
           out_act:str|None=None, # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
           val_fraction:float=0.1, # share of the training images held out for validation
           val_seed:int=0, # seed of that hold-out: fixed, so that runs with different seeds validate on the same images; -1: the run's seed
+          scale_range:tuple[float, float]|None=None, # rescale each training crop by a factor drawn from this range (e.g. 0.7 1.3); unset: none
           loss_kwargs:dict|None=None, # loss hyper-parameters (unset: the loss's defaults)
           **config # `TrainConfig` fields: `out_dir`, `max_epoch`, `lr`, `precision`, ...
          ) -> dict: # the summary of `fit`
@@ -38,6 +39,7 @@ def train(dataset:str, # dataset name
     model_kw = {} if out_act is None else {'out_act': out_act}
     data_kw = synthetic_kwargs(synthetic_n, synthetic_size)
     if val_seed >= 0: data_kw['val_seed'] = val_seed   # recorded, so that `eval --split val` rebuilds the same hold-out
+    if scale_range is not None: data_kw['scale_range'] = [float(f) for f in scale_range]
     cfg = TrainConfig(**config, model=model, model_kwargs=model_kw, loss=loss, loss_kwargs=dict(loss_kwargs or {}), dataset=dataset,
                       data_dir=str(Path(data_dir).resolve()) if data_dir else None,
                       data_kwargs={**data_kw, 'val_fraction': val_fraction})

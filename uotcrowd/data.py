@@ -18,9 +18,10 @@ from .synthetic import render_crowd
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTS', 'SHANGHAITECH_LAYOUT', 'QNRF_LAYOUT', 'JHU_LAYOUT', 'NWPU_LAYOUT',
            'DEFAULT_CROP', 'DATASET_NAMES', 'DATASET_LAYOUTS', 'DatasetError', 'DatasetWarning', 'open_image',
            'load_image', 'to_uint8_tensor', 'normalize', 'denormalize', 'list_images', 'read_image', 'as_points',
-           'clean_points', 'short_side_size', 'load_resized', 'pad_to', 'crop_sample', 'hflip_sample', 'TrainTransform',
-           'EvalTransform', 'CrowdDataset', 'ShanghaiTech', 'UCFQNRF', 'JHUCrowd', 'head_sigmas', 'NWPUCrowd',
-           'SyntheticCrowd', 'collate', 'check_data_dir', 'synthetic_kwargs', 'holdout_split', 'build_datasets']
+           'clean_points', 'short_side_size', 'load_resized', 'pad_to', 'crop_sample', 'hflip_sample', 'resize_sample',
+           'TrainTransform', 'EvalTransform', 'CrowdDataset', 'ShanghaiTech', 'UCFQNRF', 'JHUCrowd', 'head_sigmas',
+           'NWPUCrowd', 'SyntheticCrowd', 'collate', 'check_data_dir', 'synthetic_kwargs', 'holdout_split',
+           'build_datasets']
 
 # %% ../nbs/05a_data.ipynb #3852430f
 class DatasetError(ValueError):
@@ -238,28 +239,56 @@ def _finish_meta(meta:dict, points:torch.Tensor) -> dict:
     if meta.get('count', -1) >= 0: meta['count'] = len(points)
     return meta
 
+def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
+                  points:torch.Tensor, # `(N, 2)` `(x, y)`
+                  meta:dict, # sample meta (its `heads` follow the points)
+                  height:int, width:int # new size
+                 ):
+    "Resize image (bilinear, antialiased; float in [0, 1]) and scale points and heads by the realized ratios."
+    H, W = image.shape[-2:]
+    fy, fx = height / H, width / W
+    out = F.interpolate(image[None].float() / 255, size=(height, width), mode='bilinear', align_corners=False,
+                        antialias=True)[0].clamp_(0, 1)
+    meta = dict(meta)
+    if 'heads' in meta: meta['heads'] = _scale_heads(meta['heads'], fx, fy)
+    return out, points * torch.tensor([fx, fy], dtype=points.dtype), meta
+
 class TrainTransform:
-    "Random crop (padded when the image is smaller) and random horizontal flip, then ImageNet normalization."
+    "Random crop (padded when the image is smaller), optionally rescaled, random horizontal flip, ImageNet normalization."
     def __init__(self,
                  crop_size:int|tuple[int, int]=256, # crop side, or `(height, width)`
-                 flip:bool=True # random horizontal flip with probability 1/2
+                 flip:bool=True, # random horizontal flip with probability 1/2
+                 scale_range:tuple[float, float]|None=None # rescale each crop by a factor drawn uniformly from it
                 ):
         self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.flip = flip
+        if scale_range is not None:
+            scale_range = tuple(float(f) for f in scale_range)
+            if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+                raise ValueError(f"scale_range must be two factors 0 < low <= high, got {scale_range}")
+        self.scale_range = scale_range
     def __call__(self, image, points, meta, generator:torch.Generator|None=None):
         ch, cw = self.crop
+        wh, ww = ch, cw   # the window cut out of the image
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            factor = lo + (hi - lo) * float(torch.rand(1, generator=generator))
+            wh, ww = max(1, round(ch / factor)), max(1, round(cw / factor))
         H, W = image.shape[-2:]
-        top = int(torch.randint(0, H - ch + 1, (1,), generator=generator)) if H > ch else 0
-        left = int(torch.randint(0, W - cw + 1, (1,), generator=generator)) if W > cw else 0
-        image, points, meta = crop_sample(image, points, meta, top, left, ch, cw)
-        meta['crop'] = (top, left, ch, cw)
+        top = int(torch.randint(0, H - wh + 1, (1,), generator=generator)) if H > wh else 0
+        left = int(torch.randint(0, W - ww + 1, (1,), generator=generator)) if W > ww else 0
+        image, points, meta = crop_sample(image, points, meta, top, left, wh, ww)
+        meta['crop'] = (top, left, wh, ww)
+        if (wh, ww) != (ch, cw):   # the clipped window scaled by crop/window, padded to the crop below
+            h, w = image.shape[-2:]
+            image, points, meta = resize_sample(image, points, meta, max(1, round(h * ch / wh)), max(1, round(w * cw / ww)))
         image = pad_to(normalize(image), ch, cw)
         flipped = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
         if flipped: image, points, meta = hflip_sample(image, points, meta)
         meta['flipped'] = flipped
         meta['height'], meta['width'] = ch, cw
         return image, points, _finish_meta(meta, points)
-    def __repr__(self): return f"TrainTransform(crop_size={self.crop}, flip={self.flip})"
+    def __repr__(self): return f"TrainTransform(crop_size={self.crop}, flip={self.flip}, scale_range={self.scale_range})"
 
 class EvalTransform:
     "Full image, normalized and zero-padded bottom/right to a multiple of `stride` (points unchanged)."
@@ -635,26 +664,26 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
                    val_fraction:float=0.1, # held-out share of train where the dataset has no val split
                    seed:int=0, # seed of the hold-out split (and of the synthetic images)
                    val_seed:int|None=None, # seed of the hold-out split alone, so runs of any `seed` validate on the same images (default: `seed`)
-                   **kwargs # short_side, cache_dir, out_of_bounds, flip, aug_seed; synthetic: n_train, n_val, n_test, size, max_count
+                   **kwargs # short_side, cache_dir, out_of_bounds, flip, scale_range, aug_seed; synthetic: n_train, n_val, n_test, size, max_count
                   ) -> tuple[CrowdDataset, CrowdDataset, CrowdDataset]:
     "Build `(train, val, test)` datasets: augmented crops for training, padded full images for evaluation."
     key = str(name).lower().replace('_', '-')
     key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu', 'nwpu-crowd': 'nwpu'}.get(key, key)
     if key not in DEFAULT_CROP: raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     root = check_data_dir(key, root)
-    flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
+    flip, aug_seed, scale_range = kwargs.pop('flip', True), kwargs.pop('aug_seed', None), kwargs.pop('scale_range', None)
     eval_tf = EvalTransform(stride)
     if key == 'synthetic':
         n_train, n_val, n_test = kwargs.pop('n_train', 200), kwargs.pop('n_val', 50), kwargs.pop('n_test', 50)
         size = kwargs.pop('size', 128)
         crop = crop_size or min(DEFAULT_CROP[key], *((size,) if isinstance(size, int) else size))
         common = dict(size=size, seed=seed, **kwargs)
-        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip), aug_seed=aug_seed, **common),
+        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip, scale_range), aug_seed=aug_seed, **common),
                 SyntheticCrowd(n_val, split='val', transform=eval_tf, **common),
                 SyntheticCrowd(n_test, split='test', transform=eval_tf, **common))
     crop = crop_size or DEFAULT_CROP[key]
     if crop % stride: _warn(name, f"crop size {crop} is not a multiple of the stride {stride}")
-    train_tf = TrainTransform(crop, flip)
+    train_tf = TrainTransform(crop, flip, scale_range)
     if key.startswith('shanghaitech') or key == 'qnrf':
         if key == 'qnrf': make = lambda split, **kw: UCFQNRF(root, split, **kw)
         else: make = lambda split, **kw: ShanghaiTech(root, key[-1].upper(), split, **kw)

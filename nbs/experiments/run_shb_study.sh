@@ -8,7 +8,8 @@
 # the raw weights (learning curves only: no validation decides anything); the average after the last epoch is the
 # result: slimmed to final.pt, its localization threshold chosen on the hold-out, evaluated once on the 316 test photos.
 # Arms: gl-converged (transport solved to 1e-3), gl (official 12 soft-min pairs), l2, bl, dmcount-norm.
-# Rows: results/shb_study.csv (+ _loc.csv). Run folders: results/shb_study/MODEL/ARM_lrLR_sSEED (+ _eEPOCHS unless 40).
+# Rows: results/shb_study.csv (+ _loc.csv). Run folders: results/shb_study/MODEL/ARM_lrLR_sSEED (+ _eEPOCHS unless 40,
+# + _scLOW-HIGH with SCALE="LOW HIGH").
 set -euo pipefail
 cd "$(dirname "$0")/../.."                     # repo root: the package of this checkout (python -m)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -27,7 +28,10 @@ PRECISION=${PRECISION:-bf16}
 VAL_FRACTION=0.15
 VAL_SEED=0
 PROTOCOL=cosine-ema-e${EPOCHS}
+SCALE=${SCALE:-}                               # e.g. "0.7 1.3": rescale each training crop by a factor in this range
 RUN_SUFFIX=""; [ "$EPOCHS" = 40 ] || RUN_SUFFIX=_e${EPOCHS}   # the study's 40 epochs unnamed; other lengths named
+scale_args=()
+if [ -n "$SCALE" ]; then scale_args=(--scale-range $SCALE); RUN_SUFFIX=${RUN_SUFFIX}_sc${SCALE// /-}; PROTOCOL=${PROTOCOL}-sc${SCALE// /-}; fi
 CSV=$RES/shb_study.csv
 LOC_CSV=$RES/shb_study_loc.csv
 SEEDS=${*:-0}
@@ -50,7 +54,7 @@ for seed in $SEEDS; do
       --crop-size "$CROP" --batch-size "$BATCH" --lr "$LR" --backbone-lr-scale "$BACKBONE_LR_SCALE" \
       --schedule cosine --warmup-epochs "$WARMUP" --ema-decay "$EMA" --val-raw --max-epoch "$EPOCHS" --val-epoch 2 \
       --val-fraction "$VAL_FRACTION" --val-seed "$VAL_SEED" --seed "$seed" --device cpu --precision "$PRECISION" \
-      --out "$run" "${resume[@]}"
+      --out "$run" "${scale_args[@]}" "${resume[@]}"
     echo $(( $(date +%s) - t0 )) >> "$run/wall_s.txt"   # one line per (possibly resumed) training segment
     touch "$run/trained"
   fi
