@@ -18,6 +18,7 @@ LOSS_NAMES = tuple(LOSSES)
 LOSS_ARGS = {'gl': ('eps', 'tau', 'cost', 'mode', 'tol'), 'gl-official': ('eps', 'tau', 'cost'), 'l2': ('sigma',),
              'bl': ('sigma',), 'dmcount': ('coord_scale',)}
 
+# %% ../nbs/04b_registry.ipynb #77f12d52
 def get_loss(name:str, # one of `LOSS_NAMES` (any case)
              **kwargs # passed to the loss constructor (e.g. `stride=8`, `eps=0.01`)
             ) -> nn.Module:
@@ -26,6 +27,7 @@ def get_loss(name:str, # one of `LOSS_NAMES` (any case)
     if key not in LOSSES: raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
     return LOSSES[key](**kwargs)
 
+# %% ../nbs/04b_registry.ipynb #db5b74a6
 def loss_class(name:str # one of `LOSS_NAMES`
               ) -> type:
     "The class of a loss (`GeneralizedLoss` for its official preset), whose constructor documents its arguments."
