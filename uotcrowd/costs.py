@@ -17,6 +17,7 @@ __all__ = ['COSTS', 'COST_BLOCK', 'pairwise_distances', 'sq_distances', 'dist_co
 # %% ../nbs/02_costs.ipynb #1000f8c5
 def _needs_grad(*ts) -> bool: return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
+# %% ../nbs/02_costs.ipynb #684e9ba3
 def pairwise_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
                        y:torch.Tensor, # `(B, m, 2)` or `(m, 2)` second point set
                       ) -> torch.Tensor: # `(B, n, m)` (or `(n, m)`) Euclidean distances
@@ -40,14 +41,17 @@ def dist_cost(d:torch.Tensor, **kwargs) -> torch.Tensor:
     "Cost $L$: the (scaled) Euclidean distance itself."
     return d
 
+# %% ../nbs/02_costs.ipynb #d33b18e5
 def sqdist_cost(d:torch.Tensor, **kwargs) -> torch.Tensor:
     "Cost $L^2$: the squared (scaled) Euclidean distance."
     return d * d
 
+# %% ../nbs/02_costs.ipynb #66bfd0ab
 def _shifted(c:torch.Tensor, shift:bool) -> torch.Tensor:
-    "`c - 1` if `shift` (in place unless autograd needs `c`: torch's CPU `expm1` is not vectorized, 5x slower than `exp`)."
+    "`c - 1` if `shift`, in place unless autograd needs `c`."
     return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
 
+# %% ../nbs/02_costs.ipynb #ee89c0f5
 def exp_cost(d:torch.Tensor, # scaled distances
              eta:float=0.6, # length scale of the exponential
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
@@ -55,6 +59,7 @@ def exp_cost(d:torch.Tensor, # scaled distances
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
     return _shifted((d / eta).exp_(), shift)
 
+# %% ../nbs/02_costs.ipynb #c331b221
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
                     eta_range:tuple=(0.6, 0.8) # `eta` at height 0 and at height 1
@@ -64,6 +69,7 @@ def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the 
     k = 0.5 * (hi - lo)       # lo + (hi - lo) * (hx + hy) / 2, with a single (B, n, m) allocation
     return torch.add((lo + k * height_x).unsqueeze(-1), (k * height_y).unsqueeze(-2))
 
+# %% ../nbs/02_costs.ipynb #a4ce6a69
 def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels
                      height_y:torch.Tensor, # `(B, m)` normalized heights of the points
@@ -73,6 +79,7 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
     return _shifted(torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_(), shift)
 
+# %% ../nbs/02_costs.ipynb #f06b2980
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
 
 # %% ../nbs/02_costs.ipynb #9d6a8e31
@@ -86,6 +93,7 @@ def pixel_positions(h:int, # rows of the density map
     grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
     return grid if offset == 0.5 else grid + stride * (offset - 0.5)
 
+# %% ../nbs/02_costs.ipynb #116bdb84
 COST_BLOCK = 2 ** 18  # cost entries per row block on the CPU: the temporaries of a block stay in cache
 
 def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
@@ -104,12 +112,14 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
     def rows_cost(rows=slice(None)):
         d = pairwise_distances(xs[..., rows, :], ys)
         if cost == 'perspective':
-            return perspective_cost(d, x[..., rows, 1] / image_height, y[..., 1] / image_height, eta_range=eta_range, shift=shift)
+            return perspective_cost(d, x[..., rows, 1] / image_height, y[..., 1] / image_height,
+                                    eta_range=eta_range, shift=shift)
         return COSTS[cost](d, eta=eta, shift=shift)
     n, m = x.shape[-2], y.shape[-2]
     batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     per_row = m * math.prod(batch)
-    if block is None or x.device.type != 'cpu' or _needs_grad(x, y) or n * per_row <= block: return rows_cost()
+    if block is None or x.device.type != 'cpu' or _needs_grad(x, y) or n * per_row <= block:
+        return rows_cost()
     out = xs.new_empty(*batch, n, m, dtype=torch.result_type(xs, ys))
     step = max(1, block // per_row)
     for r0 in range(0, n, step): out[..., r0:r0 + step, :] = rows_cost(slice(r0, r0 + step))
@@ -154,5 +164,5 @@ def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspe
                    ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
     "A geomloss-style batched cost function on scaled coordinates, matching `cost_matrix`."
     if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
-    return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta, eta_range=eta_range,
-                   shift=shift)
+    return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta,
+                   eta_range=eta_range, shift=shift)
