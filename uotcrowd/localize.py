@@ -56,17 +56,20 @@ def regional_maxima(values:torch.Tensor, # `(B, H, W)` map
             for (dy, dx), e in zip(_NBRS, equal):
                 new = torch.minimum(new, torch.where(e, shifted(pl, dy, dx), big))
             flat = new.reshape(-1)
-            flat = flat[flat]; flat = flat[flat]     # pointer jumping
+            flat = flat[flat]
+            flat = flat[flat]  # pointer jumping
             new = flat.view(B, H, W)
             if torch.equal(new, label): break
             label = new
     lab, hh = label[mask], has_higher[mask]
     bad = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, lab, hh.long())
     ys, xs = (idx[mask] % (H * W)).div(W, rounding_mode='floor'), idx[mask] % W
-    sums = torch.zeros(n, 3, dtype=torch.long, device=dev).index_add_(0, lab, torch.stack([xs, ys, torch.ones_like(xs)], -1))
+    sums = torch.zeros(n, 3, dtype=torch.long, device=dev).index_add_(
+        0, lab, torch.stack([xs, ys, torch.ones_like(xs)], -1))
     roots = idx[mask][(lab == idx[mask]) & (bad[lab] == 0)]
     dt = values.dtype if values.is_floating_point() else torch.float32
-    xy = (sums[roots, :2] / sums[roots, 2:]).to(dt) + 0.5    # integer sums: exact centroids for any plateau size
+    # integer sums: exact centroids for any plateau size
+    xy = (sums[roots, :2] / sums[roots, 2:]).to(dt) + 0.5
     return roots.div(H * W, rounding_mode='floor'), xy, values.reshape(-1)[roots]
 
 # %% ../nbs/08_localize.ipynb #3fbeb182
