@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from scipy import stats
 from fastcore.test import test_eq, test_close
+import study_figures as sf   # beside this notebook: the seaborn figures of the studies
 
 # %%
 ROOT = Path('../..')
@@ -157,14 +158,38 @@ def paired(table:pd.DataFrame, a:str, b:str, metric:str='mae') -> dict|None:
     if a not in rows or b not in rows: return None
     diff = (rows[a] - rows[b]).dropna().to_numpy()
     if len(diff) < 2: return dict(n=len(diff), mean=float(diff.mean()) if len(diff) else None, low=None, high=None)
-    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-    return dict(n=len(diff), mean=float(diff.mean()), low=float(diff.mean() - half), high=float(diff.mean() + half))
+    low, high = sf.t_interval(diff)
+    return dict(n=len(diff), mean=float(diff.mean()), low=float(low), high=float(high))
 
 # the interval against SciPy's own one-sample t-interval on made-up differences
 _t = pd.DataFrame(dict(seed=[0, 1, 2] * 2, arm=['x'] * 3 + ['y'] * 3, mae=[10., 12., 11., 9., 10., 10.5]))
 _p = paired(_t, 'x', 'y'); _lo, _hi = stats.t.interval(0.95, 2, loc=np.mean([1, 2, .5]), scale=stats.sem([1, 2, .5]))
 test_close((_p['low'], _p['high']), (_lo, _hi), eps=1e-9)
 per_arm(table)
+
+# %% [markdown]
+# ## Seeds per arm and paired differences
+#
+# Each finished run is a point, its test MAE, coloured by seed; per arm and learning rate the black diamond is
+# the mean over seeds with its 95 % t-interval (an arm with one seed has no interval). Two arms are compared
+# seed by seed, at the learning rate chosen on validation (1e-4): the same seed gives both the same
+# initialization, hold-out and data order, so each seed's difference of MAEs is one draw of the effect of the
+# arm, and their mean carries the interval `paired` computes. The figures use `study_figures.py` beside this
+# notebook (seaborn); `tests/test_study_figures.py` checks them on this study's CSV and on made-up runs.
+
+# %%
+if len(table):
+    lr_name = lambda lr: f'{lr:.0e}'.replace('e-0', 'e-')   # 0.0001 -> 1e-4
+    runs_by_arm = table.assign(arm=table.arm + ', lr ' + table.lr.map(lr_name))
+    ax = sf.plot_seeds(runs_by_arm, x='arm', y='mae')
+    ax.set(xlabel='', ylabel='test MAE (316 photos)',
+           title='ShanghaiTech B, EfficientNet-Lite0: one point per seed')
+
+# %%
+CHOSEN_LR, REFERENCE = 1e-4, 'gl-converged'
+diffs = sf.seed_differences(table[table.lr == CHOSEN_LR], REFERENCE) if len(table) else pd.DataFrame()
+if len(diffs): sf.plot_differences(diffs, REFERENCE)
+else: print(f"no other arm has a seed that {REFERENCE} ran at lr {CHOSEN_LR:g}: no paired difference yet")
 
 
 # %% [markdown]
