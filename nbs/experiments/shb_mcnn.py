@@ -69,7 +69,7 @@ import torch
 import matplotlib.pyplot as plt
 from IPython.display import display
 from uotcrowd.data import ShanghaiTech, denormalize
-from uotcrowd.train import load_model
+from uotcrowd.checkpoints import load_model
 from uotcrowd.localize import localize
 
 torch.set_num_threads(1)
