@@ -228,7 +228,8 @@ def colour_table(cmap:str='jet' # a matplotlib colour map
 
 # %%
 grey = colour_table('gray')
-test_eq((grey.shape, grey.dtype), ((256, 3), np.uint8)); test_eq(grey[[0, 255]].tolist(), [[0, 0, 0], [255, 255, 255]])
+test_eq((grey.shape, grey.dtype), ((256, 3), np.uint8))
+test_eq(grey[[0, 255]].tolist(), [[0, 0, 0], [255, 255, 255]])
 test_eq(colour_table('jet')[-1].tolist(), [127, 0, 0])    # jet ends in dark red: (0.5, 0, 0)
 
 

@@ -44,7 +44,7 @@ from uotcrowd.video import SquareCounter, square_frames, VideoWriter
 
 # %%
 #| export
-def _write_photo_files(results:list[dict], # one row per photo: `name`, `path`, `count`, `n_points`, `points`, ...
+def _write_photo_files(results:list[dict], # a row per photo: `name`, `path`, `count`, `n_points`, `points`, ...
                        out:Path, # the output folder
                        nwpu:bool # also write the NWPU-Crowd submission files
                       ) -> list[Path]: # the files written
@@ -64,13 +64,16 @@ def _write_photo_files(results:list[dict], # one row per photo: `name`, `path`, 
 
 # %%
 with tempfile.TemporaryDirectory() as d:
-    rows = [{'name': '3120', 'path': 'a/3120.jpg', 'count': 2.5, 'n_points': 1, 'tiles': 1, 'points': [[4., 5.]]},
-            {'name': 'odd', 'path': 'a/odd.jpg', 'count': None, 'n_points': None, 'points': [], 'error': 'broken'}]
+    rows = [{'name': '3120', 'path': 'a/3120.jpg', 'count': 2.5, 'n_points': 1, 'tiles': 1,
+             'points': [[4., 5.]]},
+            {'name': 'odd', 'path': 'a/odd.jpg', 'count': None, 'n_points': None, 'points': [],
+             'error': 'broken'}]
     written = _write_photo_files(rows, Path(d), nwpu=True)
     test_eq([p.name for p in written], ['predictions.csv', 'points.json', 'nwpu_count.txt', 'nwpu_loc.txt'])
     test_eq(json.loads((Path(d) / 'points.json').read_text()), {'3120': {'count': 2.5, 'points': [[4., 5.]]}})
     test_eq((Path(d) / 'nwpu_count.txt').read_text(), '3120 2.5000\n')
-    with open(Path(d) / 'predictions.csv') as fh: test_eq([r['error'] for r in csv.DictReader(fh)], ['', 'broken'])
+    with open(Path(d) / 'predictions.csv') as fh:
+        test_eq([r['error'] for r in csv.DictReader(fh)], ['', 'broken'])
 
 
 # %% [markdown]
@@ -101,7 +104,7 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
     with reuse_host_memory(host_memory):
         counter = checkpoint if isinstance(checkpoint, Counter) else Counter(
             checkpoint, device=device, precision=precision, loc_threshold=loc_threshold, tile=tile)
-        files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: their images and videos
+        files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: images and videos
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         images, videos = [f for f in files if not is_video(f)], [f for f in files if is_video(f)]
         stems = [f.stem for f in images]
@@ -135,8 +138,9 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
             n_png = 0 if no_plots else len(images) - len(failed)
             pngs = f" and {n_png} PNGs (*_pred.png) in {out}" if n_png else ''
             print(f"wrote {', '.join(map(str, written))}{pngs}")
-        if failed: raise ValueError(f"{len(failed)} of {len(files)} files could not be read ({', '.join(failed)}); "
-                                    f"the others are in {out}")
+        if failed:
+            raise ValueError(f"{len(failed)} of {len(files)} files could not be read ({', '.join(failed)}); "
+                             f"the others are in {out}")
     return results
 
 

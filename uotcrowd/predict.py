@@ -21,7 +21,7 @@ from .video import VIDEO_EXTS, is_video, predict_video
 __all__ = ['predict']
 
 # %% ../nbs/11d_predict.ipynb #1e063430
-def _write_photo_files(results:list[dict], # one row per photo: `name`, `path`, `count`, `n_points`, `points`, ...
+def _write_photo_files(results:list[dict], # a row per photo: `name`, `path`, `count`, `n_points`, `points`, ...
                        out:Path, # the output folder
                        nwpu:bool # also write the NWPU-Crowd submission files
                       ) -> list[Path]: # the files written
@@ -58,7 +58,7 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
     with reuse_host_memory(host_memory):
         counter = checkpoint if isinstance(checkpoint, Counter) else Counter(
             checkpoint, device=device, precision=precision, loc_threshold=loc_threshold, tile=tile)
-        files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: their images and videos
+        files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: images and videos
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         images, videos = [f for f in files if not is_video(f)], [f for f in files if is_video(f)]
         stems = [f.stem for f in images]
@@ -92,6 +92,7 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
             n_png = 0 if no_plots else len(images) - len(failed)
             pngs = f" and {n_png} PNGs (*_pred.png) in {out}" if n_png else ''
             print(f"wrote {', '.join(map(str, written))}{pngs}")
-        if failed: raise ValueError(f"{len(failed)} of {len(files)} files could not be read ({', '.join(failed)}); "
-                                    f"the others are in {out}")
+        if failed:
+            raise ValueError(f"{len(failed)} of {len(files)} files could not be read ({', '.join(failed)}); "
+                             f"the others are in {out}")
     return results
