@@ -20,6 +20,7 @@ from .data import collate
 from .models import get_model
 from .plots import plot_curves
 from .checkpoints import save_checkpoint, load_checkpoint, config_precision
+from .checkpoints import load_model  # temporary: `uotcrowd.train.load_model` for study runs started before it moved
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'DEFAULT_LR', 'SCHEDULES', 'LOG_COLUMNS', 'is_native', 'resolve_precision', 'autocast', 'memory_format',
