@@ -361,63 +361,6 @@ assert pts.device == d.device and not pts.requires_grad and 0 < len(pts) <= 300
 print(f'{len(pts)} points from 300 heads in {1e3 * dt:.0f} ms')
 
 # %% [markdown]
-# ## Plotting points over an image
-#
-# `plot_points` draws predicted points (red crosses) and, if given, ground-truth points (hollow green circles) over
-# an image. `image` may be an `(H, W, 3)` array or PIL image, or a `(3, H, W)` tensor; tensors with values outside
-# $[0, 1]$ are taken to be ImageNet-normalized (as the datasets yield them) and de-normalized for display.
-# `uotcrowd.metrics` adds a plot that colours true/false positives and misses.
-
-# %%
-#| export
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-def _as_display_image(image):
-    if isinstance(image, torch.Tensor):
-        img = image.detach().cpu().float()
-        if img.dim() == 3 and img.shape[0] in (1, 3):
-            if img.min() < 0 or img.max() > 1:
-                img = img * torch.tensor(_IMAGENET_STD)[:, None, None] + torch.tensor(_IMAGENET_MEAN)[:, None, None]
-            img = img.permute(1, 2, 0)
-        return img.clamp(0, 1).squeeze(-1).numpy()
-    return np.asarray(image)
-
-def plot_points(image, # `(H, W, 3)` array / PIL image, or `(3, H, W)` tensor (ImageNet-normalized or in [0, 1])
-                pred_points=None, # `(K, 2)` predicted `(x, y)` points
-                gt_points=None, # `(N, 2)` ground-truth `(x, y)` points
-                ax=None, # matplotlib axes to draw on (a new figure if None)
-                pred_color:str='red', gt_color:str='lime', # marker colours
-                size:float=30, # marker size (points²)
-                title:str|None=None, # axes title (default: the counts)
-                legend:bool=True):
-    "Show `image` with predicted points (crosses) and ground-truth points (circles); returns the axes."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4.5))
-    ax.imshow(_as_display_image(image))
-    parts = []
-    for pts, kw, name in [(gt_points, dict(facecolors='none', edgecolors=gt_color, marker='o', linewidths=1.2), 'ground truth'),
-                          (pred_points, dict(c=pred_color, marker='+', linewidths=1.2), 'predicted')]:
-        if pts is None: continue
-        pts = np.asarray(pts.detach().cpu() if isinstance(pts, torch.Tensor) else pts, dtype=float).reshape(-1, 2)
-        ax.scatter(pts[:, 0], pts[:, 1], s=size, label=f'{name} ({len(pts)})', **kw)
-        parts.append(f'{name}: {len(pts)}')
-    ax.set_title(', '.join(parts) if title is None else title)
-    if legend and parts: ax.legend(loc='upper right', fontsize=8)
-    ax.set_axis_off()
-    return ax
-
-
-# %%
-import matplotlib
-import matplotlib.pyplot as plt
-
-# %%
-ax = plot_points(torch.randn(3, 32, 48), torch.tensor([[4., 4.], [20., 12.]]), torch.tensor([[5., 5.]]))
-test_eq(len(ax.collections), 2); test_eq(ax.get_title(), 'ground truth: 1, predicted: 2')
-test_eq(_as_display_image(torch.zeros(3, 4, 5)).shape, (4, 5, 3))
-plt.close('all')
-
-# %% [markdown]
 # ## Example: a ShanghaiTech image
 #
 # No trained model exists in this notebook, so we build a density map the way a good network would predict
@@ -425,6 +368,11 @@ plt.close('all')
 # pixel) on the stride-8 grid. `localize` recovers most heads; heads closer than about two map pixels merge
 # into one peak, which is the resolution limit of a stride-8 map. A trained model's map and its points are
 # shown on the home page and by `uotcrowd demo`.
+# The points are drawn by `uotcrowd.plots.plot_points` (red crosses over hollow green circles).
+
+# %%
+import matplotlib.pyplot as plt
+from uotcrowd.plots import plot_points
 
 # %%
 from PIL import Image

@@ -801,69 +801,6 @@ for k, t in enumerate(range(20, 0, -1)):
 assert (np.diff(q['curves']['recall']) <= 0).all()  # a larger radius never loses matches
 
 
-# %% [markdown]
-# ## Plotting matches
-#
-# `plot_matches` draws the located points over the image: true-positive predictions in green, false positives as
-# red crosses, missed heads (false negatives) as hollow yellow circles, with P/R/F1 in the title.
-
-# %%
-#| export
-def _image_array(image) -> np.ndarray:
-    "An `(H, W, 3)` or `(H, W)` float array in [0, 1] for `imshow` from a CHW tensor or HWC array."
-    a = to_numpy(image, np.float32)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3): a = a.transpose(1, 2, 0)
-    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
-    lo, hi = float(a.min()), float(a.max())
-    if lo < 0 or hi > 1: a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)  # e.g. normalized or 0..255
-    return a
-
-def plot_matches(image, # image: `(3, H, W)` tensor or `(H, W[, 3])` array (rescaled to [0, 1] when outside it)
-                 pred, # `(K, 2)` predicted `(x, y)`
-                 gt, # `(N, 2)` ground-truth `(x, y)`
-                 sigma, # matching radius (float or `(N,)`)
-                 ax=None, # matplotlib axes (a new figure if None)
-                 markersize:float=4., # marker size
-                ):
-    "Plot predictions and heads over `image`, coloured TP (green), FP (red ×) and FN (yellow ○); returns the axes."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(5, 4), dpi=72)
-    pred, gt = _points(pred), _points(gt)
-    tp, fp, fn, pairs = match_points(pred, gt, sigma, return_matches=True)
-    ax.imshow(_image_array(image), cmap='gray')
-    is_tp = np.zeros(len(pred), bool); is_tp[pairs[:, 0]] = True
-    found = np.zeros(len(gt), bool); found[pairs[:, 1]] = True
-    ax.plot(*pred[is_tp].T, 'o', color='lime', ms=markersize, ls='none', label=f'TP {tp}')
-    ax.plot(*pred[~is_tp].T, 'x', color='red', ms=markersize + 1, ls='none', label=f'FP {fp}')
-    ax.plot(*gt[~found].T, 'o', mfc='none', mec='yellow', ms=markersize + 2, ls='none', label=f'FN {fn}')
-    p, r, f1 = _prf(tp, fp, fn)
-    ax.set_title(f'P {p:.2f}  R {r:.2f}  F1 {f1:.2f}', fontsize=9)
-    ax.legend(loc='lower right', fontsize=7, framealpha=0.7)
-    ax.set_axis_off()
-    return ax
-
-
-# %% [markdown]
-# A synthetic example: 25 heads on a grid, predictions jittered around 20 of them plus 4 spurious points, matched
-# within 6 px.
-
-# %%
-rng = np.random.default_rng(0)
-heads = np.stack(np.meshgrid(np.arange(20, 120, 20), np.arange(20, 120, 20)), -1).reshape(-1, 2).astype(float)
-guess = np.concatenate([heads[:20] + rng.normal(0, 3, (20, 2)), rng.uniform(0, 130, (4, 2))])
-yy, xx = np.mgrid[0:130, 0:130]
-backdrop = np.exp(-((xx[..., None] - heads[:, 0])**2 + (yy[..., None] - heads[:, 1])**2) / 40).sum(-1)
-ax = plot_matches(backdrop, guess, heads, 6.)
-tp, fp, fn = match_points(guess, heads, 6.)
-test_eq(tp + fn, 25); test_eq(tp + fp, 24); assert tp >= 15
-test_eq(len(ax.lines), 3); test_eq(len(ax.lines[0].get_xdata()), tp); test_eq(len(ax.lines[2].get_xdata()), fn)
-
-# %%
-#| hide
-img = _image_array(torch.randn(3, 8, 9))  # a normalized CHW tensor becomes HWC in [0, 1]
-test_eq(img.shape, (8, 9, 3)); test_close(img.min(), 0.); test_close(img.max(), 1.)
-test_eq(_image_array(np.full((4, 5, 3), 0.5)).max(), 0.5)  # already in [0, 1]: unchanged
-
 # %%
 #| hide
 import nbdev

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from uotcrowd.core import get_device, reuse_host_memory
 from uotcrowd.data import build_datasets, synthetic_kwargs
-from uotcrowd.train import (validate, write_csv, load_model, resolve_precision, checkpoint_precision,
-                            checkpoint_loc_threshold)
+from uotcrowd.checkpoints import load_model, checkpoint_precision, checkpoint_loc_threshold
+from uotcrowd.train import validate, write_csv, resolve_precision
 from uotcrowd.localize import localize
 from uotcrowd.metrics import localization_prf
 

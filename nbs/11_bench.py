@@ -110,7 +110,7 @@ test_eq(r['repeats'], 1); test_eq(r['median'], r['first'])
 
 # %%
 #| export
-def _status_bytes(field:str) -> int:
+def status_bytes(field:str) -> int:
     "A size field of `/proc/self/status` (`VmRSS`, `VmHWM`) in bytes."
     with open('/proc/self/status') as fh:
         for line in fh:
@@ -124,10 +124,10 @@ def _rss_peak(fn:Callable) -> float|None:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
         if hasattr(libc, 'malloc_trim'): libc.malloc_trim(0)        # freed heap pages go back and count again when reused
         with open('/proc/self/clear_refs', 'w') as fh: fh.write('5')   # the high-water mark restarts at the current size
-        base = _status_bytes('VmRSS')
+        base = status_bytes('VmRSS')
     except (OSError, AttributeError): return None
     fn()
-    return float(max(0, _status_bytes('VmHWM') - base))
+    return float(max(0, status_bytes('VmHWM') - base))
 
 def peak_memory(fn:Callable, # function of no arguments
                 device:torch.device=torch.device('cpu'), # device whose allocations are measured

@@ -23,7 +23,8 @@ from uotcrowd.train import TrainConfig, PRECISIONS, SCHEDULES
 from uotcrowd.evaluate import evaluate_checkpoint
 from uotcrowd.commands import train, demo
 from uotcrowd import bench as benchmarks
-from uotcrowd.counter import predict, models_cmd
+from uotcrowd.checkpoints import models_cmd
+from uotcrowd.predict import predict
 from uotcrowd.serve import serve
 from uotcrowd.deploy import export, EXPORT_FORMATS
 
@@ -62,7 +63,7 @@ from pathlib import Path
 # ```
 #
 # This module only wires: each command is a Python function of the library (`uotcrowd.commands.train`,
-# `uotcrowd.evaluate.evaluate_checkpoint`, `uotcrowd.counter.predict`, `uotcrowd.counter.models_cmd`,
+# `uotcrowd.evaluate.evaluate_checkpoint`, `uotcrowd.predict.predict`, `uotcrowd.checkpoints.models_cmd`,
 # `uotcrowd.serve.serve`, `uotcrowd.deploy.export`, `uotcrowd.commands.demo`, and `bench` below over
 # `uotcrowd.bench.run_bench`), and its flags are generated from that function's signature: the name (`data_dir` →
 # `--data-dir`), the type, the default and, as help, the comment after the parameter. The training flags come the

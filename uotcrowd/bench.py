@@ -17,13 +17,13 @@ from .sinkhorn import uot_marginal_error
 
 # %% auto #0
 __all__ = ['RECIPE_KWARGS', 'METHODS', 'CASE_KEYS', 'THROUGHPUT_VARIANTS', 'THROUGHPUT_MODELS', 'THROUGHPUT_QUICK', 'ONNX_MODELS',
-           'ONNX_QUICK', 'LOSS_SIZES', 'SIZE_GOALS', 'CONFIG_GOALS', 'CONFIGS', 'time_call', 'peak_memory',
-           'cpu_counters', 'other_load', 'exp_throughput', 'make_problem', 'has_module', 'geomloss_potentials',
-           'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics', 'official_recipe_loss',
-           'train_step_times', 'bench_case', 'profile_case', 'parse_variant', 'torch_threads', 'step_time', 'eval_time',
-           'training_throughput', 'throughput_targets', 'counting_time_target', 'throughput_markdown', 'onnx_inference',
-           'onnx_markdown', 'loss_sizes_markdown', 'loss_sizes', 'config_targets', 'evaluate_targets',
-           'results_markdown', 'run_bench']
+           'ONNX_QUICK', 'LOSS_SIZES', 'SIZE_GOALS', 'CONFIG_GOALS', 'CONFIGS', 'time_call', 'status_bytes',
+           'peak_memory', 'cpu_counters', 'other_load', 'exp_throughput', 'make_problem', 'has_module',
+           'geomloss_potentials', 'pot_potentials', 'reference_terms', 'reference_loss', 'gl_diagnostics',
+           'official_recipe_loss', 'train_step_times', 'bench_case', 'profile_case', 'parse_variant', 'torch_threads',
+           'step_time', 'eval_time', 'training_throughput', 'throughput_targets', 'counting_time_target',
+           'throughput_markdown', 'onnx_inference', 'onnx_markdown', 'loss_sizes_markdown', 'loss_sizes',
+           'config_targets', 'evaluate_targets', 'results_markdown', 'run_bench']
 
 # %% ../nbs/11_bench.ipynb #56733616
 def _sync(device:torch.device):
@@ -49,7 +49,7 @@ def time_call(fn:Callable, # function of no arguments to time
     return dict(median=statistics.median(times), min=min(times), repeats=len(times), first=first)
 
 # %% ../nbs/11_bench.ipynb #ac8215e2
-def _status_bytes(field:str) -> int:
+def status_bytes(field:str) -> int:
     "A size field of `/proc/self/status` (`VmRSS`, `VmHWM`) in bytes."
     with open('/proc/self/status') as fh:
         for line in fh:
@@ -63,10 +63,10 @@ def _rss_peak(fn:Callable) -> float|None:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
         if hasattr(libc, 'malloc_trim'): libc.malloc_trim(0)        # freed heap pages go back and count again when reused
         with open('/proc/self/clear_refs', 'w') as fh: fh.write('5')   # the high-water mark restarts at the current size
-        base = _status_bytes('VmRSS')
+        base = status_bytes('VmRSS')
     except (OSError, AttributeError): return None
     fn()
-    return float(max(0, _status_bytes('VmHWM') - base))
+    return float(max(0, status_bytes('VmHWM') - base))
 
 def peak_memory(fn:Callable, # function of no arguments
                 device:torch.device=torch.device('cpu'), # device whose allocations are measured

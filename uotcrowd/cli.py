@@ -18,7 +18,8 @@ from .train import TrainConfig, PRECISIONS, SCHEDULES
 from .evaluate import evaluate_checkpoint
 from .commands import train, demo
 from . import bench as benchmarks
-from .counter import predict, models_cmd
+from .checkpoints import models_cmd
+from .predict import predict
 from .serve import serve
 from .deploy import export, EXPORT_FORMATS
 

@@ -13,7 +13,7 @@ from torch import nn
 from . import __version__
 from .data import normalize, IMAGENET_MEAN, IMAGENET_STD
 from .models import _OUT_ACTS
-from .train import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
+from .checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
 
 # %% auto #0
 __all__ = ['INPUT_SPEC', 'CHECK_SIZES', 'EXPORT_FORMATS', 'TraceableDensity', 'compare_onnx', 'export_onnx', 'OnnxDensity',

@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from .core import get_device, reuse_host_memory
 from .data import build_datasets, synthetic_kwargs
-from .train import (validate, write_csv, load_model, resolve_precision, checkpoint_precision,
-                            checkpoint_loc_threshold)
+from .checkpoints import load_model, checkpoint_precision, checkpoint_loc_threshold
+from .train import validate, write_csv, resolve_precision
 from .localize import localize
 from .metrics import localization_prf
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .core import check_density
 
 # %% auto #0
-__all__ = ['upsample_density', 'regional_maxima', 'localize', 'plot_points']
+__all__ = ['upsample_density', 'regional_maxima', 'localize']
 
 # %% ../nbs/08_localize.ipynb #3888588a
 def upsample_density(density:torch.Tensor, # `(B, 1, h, w)` density maps
@@ -88,40 +88,3 @@ def localize(density:torch.Tensor, # `(B, 1, h, w)` predicted density maps
     counts = torch.bincount(b, minlength=B).tolist()
     points, scores = list(xy.split(counts)), list(val.split(counts))
     return (points, scores) if return_scores else points
-
-# %% ../nbs/08_localize.ipynb #95b89527
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-def _as_display_image(image):
-    if isinstance(image, torch.Tensor):
-        img = image.detach().cpu().float()
-        if img.dim() == 3 and img.shape[0] in (1, 3):
-            if img.min() < 0 or img.max() > 1:
-                img = img * torch.tensor(_IMAGENET_STD)[:, None, None] + torch.tensor(_IMAGENET_MEAN)[:, None, None]
-            img = img.permute(1, 2, 0)
-        return img.clamp(0, 1).squeeze(-1).numpy()
-    return np.asarray(image)
-
-def plot_points(image, # `(H, W, 3)` array / PIL image, or `(3, H, W)` tensor (ImageNet-normalized or in [0, 1])
-                pred_points=None, # `(K, 2)` predicted `(x, y)` points
-                gt_points=None, # `(N, 2)` ground-truth `(x, y)` points
-                ax=None, # matplotlib axes to draw on (a new figure if None)
-                pred_color:str='red', gt_color:str='lime', # marker colours
-                size:float=30, # marker size (points²)
-                title:str|None=None, # axes title (default: the counts)
-                legend:bool=True):
-    "Show `image` with predicted points (crosses) and ground-truth points (circles); returns the axes."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4.5))
-    ax.imshow(_as_display_image(image))
-    parts = []
-    for pts, kw, name in [(gt_points, dict(facecolors='none', edgecolors=gt_color, marker='o', linewidths=1.2), 'ground truth'),
-                          (pred_points, dict(c=pred_color, marker='+', linewidths=1.2), 'predicted')]:
-        if pts is None: continue
-        pts = np.asarray(pts.detach().cpu() if isinstance(pts, torch.Tensor) else pts, dtype=float).reshape(-1, 2)
-        ax.scatter(pts[:, 0], pts[:, 1], s=size, label=f'{name} ({len(pts)})', **kw)
-        parts.append(f'{name}: {len(pts)}')
-    ax.set_title(', '.join(parts) if title is None else title)
-    if legend and parts: ax.legend(loc='upper right', fontsize=8)
-    ax.set_axis_off()
-    return ax

@@ -15,7 +15,7 @@ from .core import to_numpy, count_metrics
 
 # %% auto #0
 __all__ = ['within_sigma', 'match_points', 'localization_prf', 'read_nwpu_gt', 'read_nwpu_pred', 'write_nwpu_predictions',
-           'read_nwpu_list', 'nwpu_scene_level', 'nwpu_localization', 'qnrf_localization', 'plot_matches']
+           'read_nwpu_list', 'nwpu_scene_level', 'nwpu_localization', 'qnrf_localization']
 
 # %% ../nbs/09_metrics.ipynb #99c5b01a
 def _points(x) -> np.ndarray:
@@ -384,37 +384,3 @@ def qnrf_localization(pred_list:Sequence, # per image, `(K_b, 2)` predicted poin
     auc = float(np.sum(np.diff(r_sorted) * (p_sorted[1:] + p_sorted[:-1]) / 2))
     curves = dict(threshold=ts, precision=prec, recall=rec, tp=tp, fp=fp, fn=fn)
     return dict(precision=float(prec.mean()), recall=float(rec.mean()), auc=auc, curves=curves)
-
-# %% ../nbs/09_metrics.ipynb #d323f8f3
-def _image_array(image) -> np.ndarray:
-    "An `(H, W, 3)` or `(H, W)` float array in [0, 1] for `imshow` from a CHW tensor or HWC array."
-    a = to_numpy(image, np.float32)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3): a = a.transpose(1, 2, 0)
-    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
-    lo, hi = float(a.min()), float(a.max())
-    if lo < 0 or hi > 1: a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)  # e.g. normalized or 0..255
-    return a
-
-def plot_matches(image, # image: `(3, H, W)` tensor or `(H, W[, 3])` array (rescaled to [0, 1] when outside it)
-                 pred, # `(K, 2)` predicted `(x, y)`
-                 gt, # `(N, 2)` ground-truth `(x, y)`
-                 sigma, # matching radius (float or `(N,)`)
-                 ax=None, # matplotlib axes (a new figure if None)
-                 markersize:float=4., # marker size
-                ):
-    "Plot predictions and heads over `image`, coloured TP (green), FP (red ×) and FN (yellow ○); returns the axes."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(5, 4), dpi=72)
-    pred, gt = _points(pred), _points(gt)
-    tp, fp, fn, pairs = match_points(pred, gt, sigma, return_matches=True)
-    ax.imshow(_image_array(image), cmap='gray')
-    is_tp = np.zeros(len(pred), bool); is_tp[pairs[:, 0]] = True
-    found = np.zeros(len(gt), bool); found[pairs[:, 1]] = True
-    ax.plot(*pred[is_tp].T, 'o', color='lime', ms=markersize, ls='none', label=f'TP {tp}')
-    ax.plot(*pred[~is_tp].T, 'x', color='red', ms=markersize + 1, ls='none', label=f'FP {fp}')
-    ax.plot(*gt[~found].T, 'o', mfc='none', mec='yellow', ms=markersize + 2, ls='none', label=f'FN {fn}')
-    p, r, f1 = _prf(tp, fp, fn)
-    ax.set_title(f'P {p:.2f}  R {r:.2f}  F1 {f1:.2f}', fontsize=9)
-    ax.legend(loc='lower right', fontsize=7, framealpha=0.7)
-    ax.set_axis_off()
-    return ax

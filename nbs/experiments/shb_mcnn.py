@@ -70,7 +70,7 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 from fastcore.test import test_close
 from uotcrowd.data import ShanghaiTech, denormalize
-from uotcrowd.train import load_model
+from uotcrowd.checkpoints import load_model
 from uotcrowd.localize import localize
 import study_figures as sf   # beside this notebook: the seaborn figures of the studies
 
