@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."                     # repo root: the package of this checkout (python -m)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # every step (study_steps.py too) imports this checkout's package
 DATA=../shared/datasets/ShanghaiTech
 RES=nbs/experiments/results
 MODEL=${MODEL:-effnet-lite0}
