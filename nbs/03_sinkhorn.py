@@ -268,6 +268,11 @@ test_eq(damping(torch.tensor([0.1, 0.2]), None), torch.ones(2))
 test_eq(damping(0.1, math.inf), 1.)
 
 
+# %% [markdown]
+# For the uniform reference and a balanced problem the half-step is $\log u=\log a-\log\mathbf Kv$ in
+# potentials $\varepsilon\log u$; given in a pass's form ($f$ and $\log R$ with
+# $\mathrm{softmin}=f-\varepsilon\log R$) it is the same.
+
 # %%
 #| export
 def half_step(softmin:torch.Tensor, # `(B, k)` soft-min of the other side (`softmin`); f with `log_sums`
@@ -282,6 +287,22 @@ def half_step(softmin:torch.Tensor, # `(B, k)` soft-min of the other side (`soft
 
 
 # %%
+a_, K_ = torch.rand(1, 5, dtype=torch.float64), torch.rand(1, 5, 3, dtype=torch.float64)
+v_ = torch.rand(1, 3, dtype=torch.float64)
+eps_, ones_ = torch.full((1, 1), 0.1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+sm_ = -0.1 * torch.log((K_ * v_[:, None]).sum(2))                      # softmin with C = -ε log K, h = log v
+u_ = torch.exp(half_step(sm_, eps_, ones_, torch.log(a_)) / 0.1)
+test_close(u_, a_ / (K_ @ v_[..., None])[..., 0], eps=1e-12)
+x_ = torch.randn(1, 5, dtype=torch.float64)
+sums_ = (K_ * v_[:, None]).sum(2)
+test_close(half_step(x_, eps_, ones_, torch.log(a_), torch.log(sums_) + x_ / 0.1),
+           half_step(sm_, eps_, ones_, torch.log(a_)), eps=1e-12)
+
+
+# %% [markdown]
+# Over-relaxed, ω = 1 returns the half-step exactly and ω = 2 reflects the current potential about it:
+
+# %%
 #| export
 def relaxed_step(x:torch.Tensor, # `(B, k)` current potential
                  softmin:torch.Tensor, eps:torch.Tensor, # as for `half_step`
@@ -293,22 +314,8 @@ def relaxed_step(x:torch.Tensor, # `(B, k)` current potential
     return torch.lerp(x, half_step(softmin, eps, lam, log_ratio, log_sums), omega)
 
 
-# %% [markdown]
-# For the uniform reference and a balanced problem the half-step is $\log u=\log a-\log\mathbf Kv$ in
-# potentials $\varepsilon\log u$; ω = 1 returns it exactly and ω = 2 reflects the current potential about it.
-
 # %%
-a_, K_ = torch.rand(1, 5, dtype=torch.float64), torch.rand(1, 5, 3, dtype=torch.float64)
-v_ = torch.rand(1, 3, dtype=torch.float64)
-eps_, ones_ = torch.full((1, 1), 0.1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
-sm_ = -0.1 * torch.log((K_ * v_[:, None]).sum(2))                      # softmin with C = -ε log K, h = log v
-u_ = torch.exp(half_step(sm_, eps_, ones_, torch.log(a_)) / 0.1)
-test_close(u_, a_ / (K_ @ v_[..., None])[..., 0], eps=1e-12)
-x_ = torch.randn(1, 5, dtype=torch.float64)
 test_eq(relaxed_step(x_, sm_, eps_, ones_, torch.log(a_), ones_), half_step(sm_, eps_, ones_, torch.log(a_)))
-sums_ = (K_ * v_[:, None]).sum(2)                                       # the soft-min as a pass gives it
-test_close(half_step(x_, eps_, ones_, torch.log(a_), torch.log(sums_) + x_ / 0.1),
-           half_step(sm_, eps_, ones_, torch.log(a_)), eps=1e-12)
 reflected_ = 2 * 0.1 * torch.log(u_) - x_
 test_close(relaxed_step(x_, sm_, eps_, ones_, torch.log(a_), 2 * ones_), reflected_, eps=1e-12)
 
@@ -384,6 +391,14 @@ class Problem:
     def kernels(self): return choose_kernels(self, self.block)  # the pass strategy, chosen on first use
 
 
+# %%
+log_mu_, padded_ = torch.log(torch.tensor([[0.5, 2.]])), torch.tensor([[False, True]])
+zeros_ = torch.zeros(1, 2)
+pr0_ = Problem(torch.rand(1, 2, 2), log_mu_, zeros_, zeros_, zeros_, 0.5, 0.5, padded_)
+test_close(pr0_.mu, torch.tensor([[0.5, 2.]]))
+test_eq((pr0_.log2_nu, pr0_.no_points, pr0_.any_padding), (torch.zeros(1, 2), torch.tensor([[False]]), True))
+
+
 # %% [markdown]
 # `setup_problem` builds it from the masses of a call (the reference from `reference_weights`):
 
@@ -445,6 +460,14 @@ def image(self:Problem, b:int) -> Problem:
 
 
 # %%
+mb2_ = torch.tensor([[True] * 4, [True, False, False, False]])
+pb2_ = setup_problem(torch.rand(2, 3), mb2_.float(), torch.rand(2, 3, 4) + 1, 0.5, 0.5, mask_b=mb2_)
+one_ = pb2_.image(1)
+test_eq(one_.cost, pb2_.cost[1:])
+test_eq((one_.padded, one_.any_padding, one_.tau_a), (~mb2_[1:], True, 0.5))
+
+
+# %%
 #| export
 def masked_cost(problem:Problem) -> torch.Tensor:
     "The cost with its padded columns set to 0 (a copy only where there is padding)."
@@ -453,11 +476,6 @@ def masked_cost(problem:Problem) -> torch.Tensor:
 
 
 # %%
-mb2_ = torch.tensor([[True] * 4, [True, False, False, False]])
-pb2_ = setup_problem(torch.rand(2, 3), mb2_.float(), torch.rand(2, 3, 4) + 1, 0.5, 0.5, mask_b=mb2_)
-one_ = pb2_.image(1)
-test_eq(one_.cost, pb2_.cost[1:])
-test_eq((one_.padded, one_.any_padding), (~mb2_[1:], True))
 test_eq(masked_cost(one_)[0, :, 1:], torch.zeros(3, 3))
 p0_ = pb2_.image(0)
 assert masked_cost(p0_) is p0_.cost                                 # no padding: no copy
@@ -471,7 +489,9 @@ assert masked_cost(p0_) is p0_.cost                                 # no padding
 # at $(f, g)$, the new $f$, and the column soft-mins at the old $f$ (for the marginal error of the incoming
 # pair) and at the new one. `ExactKernels` computes them with `softmin` on the whole tensor (padded columns
 # read as zero cost with weight $\nu_j=0$): the reference the fast strategies are tested against, and their
-# fallback for one image.
+# fallback for one image. Its test compares it with the log-sum-exps written out in float64, on a padded batch
+# with an image without points (whose row soft-min is that of a zero cost,
+# $-\varepsilon\,\mathrm{LSE}_j(\log\nu_j+g_j/\varepsilon)$, since all its $\nu_j$ are 0).
 
 # %%
 #| export
@@ -491,11 +511,6 @@ class ExactKernels:
         return (row, softmin(eps, transposed, problem.log_mu + f / eps_col), f_new,
                 softmin(eps, transposed, problem.log_mu + f_new / eps_col))
 
-
-# %% [markdown]
-# Against the log-sum-exps written out in float64, on a padded batch with an image without points (its row
-# soft-min is that of a zero cost, $-\varepsilon\,\mathrm{LSE}_j(\log\nu_j+g_j/\varepsilon)$, since all its
-# $\nu_j$ are 0).
 
 # %%
 def lse_softmins(problem, f, g, eps):
@@ -647,15 +662,23 @@ class Block:
     first: bool = True  # the first row block of its images: their column sums start here
 
 
+# %%
+cost_ = torch.rand(3, 50, 9)
+block_ = Block(slice(1, 3), slice(0, 16), 4, cost_[1:3, :16, :4], None, first=True)
+test_eq(block_.cost.shape, (2, 16, 4))
+assert block_.cost.data_ptr() == cost_[1, 0, 0].data_ptr()             # a view: the cost is not copied
+
+
 # %% [markdown]
 # A pass writes its exponents, its row and column sums and (for an alternating pair) the new potential of the
-# rows. `PassBuffers` makes these tensors once per problem, with each block's views of them, so that a pass
-# allocates nothing and indexes nothing: per block it runs its few operations on views made beforehand.
+# rows. `PassBuffers` makes these tensors once per problem, and each block's views of them (`block_views`), so
+# that a pass allocates nothing and indexes nothing: per block it runs its few operations on views made
+# beforehand.
 
 # %%
 #| export
 class PassBuffers:
-    "The tensors the passes of a strategy write, made once per problem, and each block's views (`views`)."
+    "The tensors the passes of a strategy write, made once per problem."
     def __init__(self, problem:Problem, blocks:list[Block]):
         B, n, m = problem.cost.shape
         new = problem.cost.new_empty
@@ -667,12 +690,21 @@ class PassBuffers:
         self.col_sums = problem.cost.new_zeros(B, 2, m)           # weighted by the new rows' weights; by μ
         self.work = new(max(bl.cost.numel() for bl in blocks))   # a block's exponents, then its kernel
         self.kept = None                                          # a copy of the exponents, made on first use
-        self.views = [self.block_views(problem, bl) for bl in blocks]
+
+
+# %%
+pd_ = setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_, block=None)
+whole_ = Block(slice(0, 3), slice(0, 50), 9, pd_.cost, pd_.padded[:, None, :])
+buffers_ = PassBuffers(pd_, [whole_])
+test_eq((buffers_.work.numel(), buffers_.col_sums.shape, buffers_.kept), (3 * 50 * 9, (3, 2, 9), None))
 
 
 # %% [markdown]
 # The row chunks of `block_col_sums` are a layout of the row weights, made once for the weights that do not
 # change ($\mu$) and filled in place for those that do:
+#
+# The views share the buffers' memory (what a pass writes through them lands in the buffers), and the row
+# weights by chunks hold μ in both layouts:
 
 # %%
 #| export
@@ -700,12 +732,28 @@ def block_views(self:PassBuffers, problem:Problem, block:Block) -> dict:
 
 
 # %%
+views_ = buffers_.block_views(pd_, whole_)
+views_['row_sums'].fill_(2.)
+test_eq(buffers_.row_sums, torch.full((3, 50), 2.))
+test_eq(views_['pair'][:, 1], views_['mu_chunks'][:, 0])
+test_eq(views_['mu_chunks'].reshape(3, 50), pd_.mu)                     # 50 rows: one chunk
+views_['pair_weights'].fill_(3.)
+test_eq(views_['pair'][:, 0], torch.full((3, 50), 3.))
+
+
+# %%
 #| export
 @patch
 def kept_view(self:PassBuffers, work:torch.Tensor) -> torch.Tensor:
     "A view shaped as the block view `work` of a second buffer, for a copy of the exponents."
     if self.kept is None: self.kept = torch.empty_like(self.work)
     return self.kept[:work.numel()].view(work.shape)
+
+
+# %%
+kept_ = buffers_.kept_view(views_['work'])
+test_eq((kept_.shape, buffers_.kept.numel()), ((3, 50, 9), 3 * 50 * 9))
+assert kept_.data_ptr() != views_['work'].data_ptr()
 
 
 # %% [markdown]
@@ -724,7 +772,7 @@ class DenseKernels:
         self.row_floor = problem.cost.new_tensor(columns)[:, None] * self.trust   # (B, 1) least trusted rows
         self.mu_floor = problem.mu.sum(1, keepdim=True) * self.trust            # (B, 1) columns, weights μ
         self.buffers = PassBuffers(problem, self.blocks)
-        self.parts = list(zip(self.blocks, self.buffers.views))
+        self.parts = [(bl, self.buffers.block_views(problem, bl)) for bl in self.blocks]   # blocks, views
     def partition(self, problem:Problem) -> tuple[list[Block], list[int]]:
         "The blocks, and per image the number of columns they visit: one block, every column."
         B, n, m = problem.cost.shape
@@ -736,14 +784,11 @@ class DenseKernels:
 
 
 # %%
-pd_ = setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_, block=None)
 dense_ = DenseKernels(pd_)
 test_eq(len(dense_.blocks), 1)
 test_eq((dense_.blocks[0].columns, dense_.blocks[0].padded.shape), (9, (3, 1, 9)))
 test_eq(dense_.row_floor[:, 0], torch.full((3,), 9 * dense_.trust))
-views_ = dense_.buffers.views[0]
-test_eq(views_['pair'][:, 1], views_['mu_chunks'][:, 0])               # μ by chunks, in both layouts
-test_eq(views_['mu_chunks'].reshape(3, 50), pd_.mu)                     # 50 rows: one chunk
+test_eq(dense_.active_parts(torch.tensor([False, False, True])), dense_.parts)   # the whole batch, always
 
 
 # %% [markdown]
@@ -797,12 +842,24 @@ def softmin_from_sums(potential:torch.Tensor, # `(B, k)` f (rows) or g (columns)
 
 
 # %%
+x_, sums_ = torch.tensor([[1., 2.]]), torch.tensor([[math.e, 1.]])
+test_close(softmin_from_sums(x_, sums_.log(), torch.tensor([[0.5]])), torch.tensor([[0.5, 2.]]))
+test_close(softmin_from_sums(x_, sums_.log(), torch.tensor([[0.5]]), torch.tensor([[1., 0.]])),
+           torch.tensor([[1., 2.]]))
+
+
+# %%
 #| export
 def zero_cost_softmin(eps:torch.Tensor, # `(B,)` temperatures
                       h:torch.Tensor # `(B, k)` log-weights plus potentials/ε
                      ) -> torch.Tensor: # `(B, 1)`
     "The soft-min over a zero cost, $-\\varepsilon\\,\\mathrm{LSE}_jh_j$ (padded entries)."
     return softmin(eps, h.new_zeros(len(h), 1, h.shape[1]), h)
+
+
+# %%
+test_close(zero_cost_softmin(torch.tensor([0.1]), torch.tensor([[0., math.log(3.)]])),
+           -0.1 * math.log(4.) * torch.ones(1, 1))                     # LSE(0, log 3) = log 4
 
 
 # %%
@@ -818,12 +875,6 @@ def add_col_sums(col_sums:torch.Tensor, # `(b, k, c)` view of the column sums of
 
 
 # %%
-test_close(zero_cost_softmin(torch.tensor([0.1]), torch.tensor([[0., math.log(3.)]])),
-           -0.1 * math.log(4.) * torch.ones(1, 1))                     # LSE(0, log 3) = log 4
-x_, sums_ = torch.tensor([[1., 2.]]), torch.tensor([[math.e, 1.]])
-test_close(softmin_from_sums(x_, sums_.log(), torch.tensor([[0.5]])), torch.tensor([[0.5, 2.]]))
-test_close(softmin_from_sums(x_, sums_.log(), torch.tensor([[0.5]]), torch.tensor([[1., 0.]])),
-           torch.tensor([[1., 2.]]))
 sums2_, products_ = torch.zeros(2, 1, 3), torch.ones(2 * 4, 1, 3)
 block2_ = Block(slice(0, 2), slice(0, 8), 3, torch.zeros(2, 8, 3), None)
 add_col_sums(sums2_, products_, block2_)
@@ -856,7 +907,10 @@ test_eq(dense_.trusted(pd_, rs_, cs_, dense_.mu_floor), torch.tensor([False, Tru
 
 # %% [markdown]
 # The symmetric step in one pass: each block writes its row sums and adds its share of the column sums
-# weighted by $\mu$; images the check does not trust fall back to `ExactKernels`.
+# weighted by $\mu$; images the check does not trust fall back to `ExactKernels`. The test compares it with
+# `ExactKernels` on the padded batch above (an image without points), on the whole tensor; where the
+# potentials are far from stabilizing (zero potentials at a small ε: every entry of $K$ underflows), the
+# images fall back to `ExactKernels` and still agree. `with_fallbacks` counts the images that fell back.
 
 # %%
 #| export
@@ -880,11 +934,6 @@ def softmins(self:DenseKernels, problem:Problem, f, g, eps) -> tuple[torch.Tenso
         row[b], col[b] = exact_row[0], exact_col[0]
     return row, col
 
-
-# %% [markdown]
-# Against `ExactKernels` on the padded batch above (an image without points), on the whole tensor; where the
-# potentials are far from stabilizing (zero potentials at a small ε: every entry of $K$ underflows), the
-# images fall back to `ExactKernels` and still agree. `with_fallbacks` counts the images that fell back.
 
 # %%
 def with_fallbacks(fn, method='softmins'):
@@ -976,6 +1025,11 @@ for f0, g0, ee, fallbacks in [(f_, g_, eps3_, 0), (0 * f_, 0 * g_, torch.full((3
 # official mode, forward and backward): 2^19 / 2^20 / 2^21 entries gave 43 / 46 / 52 ms at 32×32 with 200
 # points with one thread, 28 / 25 / 33 ms with two; 365 / 347 / 373 and 227 / 194 / 218 ms at 64×64 with 500
 # points. A pass of the converged mode skips the blocks whose images have all converged.
+#
+# Images without padding share blocks (two in a block of 900 entries, then the third alone; a block of 100
+# entries cuts each image into rows). On every layout, with padding (the padded entries hold NaN where they
+# are never read), an image without points, padding that is not at the end, tiny blocks, the fast kernels
+# agree with the exact ones, and fall back only where every entry of $K$ underflows.
 
 # %%
 #| export
@@ -1015,12 +1069,6 @@ class BlockedKernels(DenseKernels):
         return [(bl, views) for bl, views in self.parts if any(flags[bl.images])]
 
 
-# %% [markdown]
-# Images without padding share blocks (two in a block of 900 entries, then the third alone; a block of 100
-# entries cuts each image into rows). On every layout, with padding (the padded entries hold NaN where they
-# are never read), an image without points, padding that is not at the end, tiny blocks, the fast kernels
-# agree with the exact ones, and fall back only where every entry of $K$ underflows.
-
 # %%
 full_, Cr_ = torch.ones_like(mb_), torch.rand(3, 50, 9, generator=g)
 pf_ = setup_problem(A_, full_.float(), Cr_, 0.5, 0.3, mask_b=full_)
@@ -1047,30 +1095,31 @@ for mask, cost, gm, block in layouts:
 skipped_ = BlockedKernels(pf_, 900)
 test_eq(len(skipped_.active_parts(torch.tensor([False, False, True]))), 1)   # converged images are skipped
 
+
 # %% [markdown]
 # ## Choosing the strategy
 #
 # Once per problem, from the device, the size and the padding: the blocks only pay on the CPU, where the cost
-# does not fit in cache or where skipping its padded columns saves more than the blocks cost.
+# does not fit in one block, or where skipping the padded columns of some images saves passes over them. (A
+# cost of two blocks in one, B=8 with 32×32 maps and 200 points, made the plan's statistics 10-40 % slower
+# here.)
 
 # %%
 #| export
-DENSE = 2 ** 21  # CPU: a cost of at most this many entries (8 MiB of float32) without padding is one block
-
 def choose_kernels(problem:Problem,
                    block:int|None=BLOCK # CPU: cost entries per block; None: the whole batch at once
                   ) -> DenseKernels:
-    "`DenseKernels` on accelerators, with `block=None` and for small costs without padding; else blocks."
+    "`DenseKernels` on accelerators, for `block=None` and for one unpadded block, else `BlockedKernels`."
     cost = problem.cost
-    small = cost.numel() <= DENSE and not bool(problem.padded.any())
-    if cost.device.type != 'cpu' or block is None or small: return DenseKernels(problem)
+    small = block is None or cost.numel() <= block and not bool(problem.padded.any())
+    if cost.device.type != 'cpu' or small: return DenseKernels(problem)
     return BlockedKernels(problem, block)
 
 
 # %%
 test_eq(type(choose_kernels(pf_)), DenseKernels)
 test_eq(type(choose_kernels(setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_))), BlockedKernels)
-test_eq(type(choose_kernels(pf_, 100)), DenseKernels)                  # no padding: one block still fits
+test_eq(type(choose_kernels(pf_, 100)), BlockedKernels)                # more than one block
 test_eq(type(setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_, block=None).kernels), DenseKernels)
 
 
@@ -1104,6 +1153,10 @@ test_close(relative_error(have_, want_), torch.tensor([0.5]))
 test_eq(relative_error(torch.full((1, 2), NEG), torch.full((1, 2), NEG)), torch.zeros(1))
 
 
+# %% [markdown]
+# Potentials off the fixed point: the error written out with the plan of Eq. 5 (the same for the three
+# functions below).
+
 # %%
 #| export
 def errors_from_softmins(problem:Problem, f, g, eps, # a pair and its `(B,)` temperatures
@@ -1121,11 +1174,32 @@ def errors_from_softmins(problem:Problem, f, g, eps, # a pair and its `(B,)` tem
 
 
 # %%
+g = torch.Generator().manual_seed(3)
+a_, b_ = torch.rand(2, 12, generator=g, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+C_ = torch.rand(2, 12, 3, generator=g, dtype=torch.float64)
+f_ = torch.randn(2, 12, generator=g, dtype=torch.float64) * 0.1
+g_ = torch.randn(2, 3, generator=g, dtype=torch.float64) * 0.1
+P_ = a_[:, :, None] * b_[:, None, :] * torch.exp((f_[:, :, None] + g_[:, None, :] - C_) / 0.1)
+want_a, want_b = a_ * torch.exp(-f_ / 0.5), b_ * torch.exp(-g_ / 0.5)
+rows_err = (P_.sum(2) - want_a).abs().sum(1) / want_a.sum(1)
+cols_err = (P_.sum(1) - want_b).abs().sum(1) / want_b.sum(1)
+written = torch.maximum(rows_err, cols_err)
+pr_ = setup_problem(a_, b_, C_, 0.5, 0.5)
+softmins_ = ExactKernels().softmins(pr_, f_, g_, torch.full((2,), 0.1, dtype=torch.float64))
+test_close(errors_from_softmins(pr_, f_, g_, torch.full((2,), 0.1, dtype=torch.float64), *softmins_), written,
+           eps=1e-12)
+
+
+# %%
 #| export
 def marginal_error(problem:Problem, f:torch.Tensor, g:torch.Tensor, eps) -> torch.Tensor: # `(B,)`
     "Per image, the relative error of the first-order marginal conditions at `(f, g)` (one pass)."
     eps = per_image(eps, len(f), problem.cost)
     return errors_from_softmins(problem, f, g, eps, *problem.kernels.softmins(problem, f, g, eps))
+
+
+# %%
+test_close(marginal_error(pr_, f_, g_, 0.1), written, eps=1e-12)
 
 
 # %%
@@ -1149,21 +1223,7 @@ def uot_marginal_error(a:torch.Tensor, # `(B, n)` source masses
         return marginal_error(problem, f.detach().to(dtype), g.detach().to(dtype), eps)
 
 
-# %% [markdown]
-# Potentials off the fixed point: the error written out with the plan of Eq. 5 is that of
-# `uot_marginal_error`.
-
 # %%
-g = torch.Generator().manual_seed(3)
-a_, b_ = torch.rand(2, 12, generator=g, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
-C_ = torch.rand(2, 12, 3, generator=g, dtype=torch.float64)
-f_ = torch.randn(2, 12, generator=g, dtype=torch.float64) * 0.1
-g_ = torch.randn(2, 3, generator=g, dtype=torch.float64) * 0.1
-P_ = a_[:, :, None] * b_[:, None, :] * torch.exp((f_[:, :, None] + g_[:, None, :] - C_) / 0.1)
-want_a, want_b = a_ * torch.exp(-f_ / 0.5), b_ * torch.exp(-g_ / 0.5)
-rows_err = (P_.sum(2) - want_a).abs().sum(1) / want_a.sum(1)
-cols_err = (P_.sum(1) - want_b).abs().sum(1) / want_b.sum(1)
-written = torch.maximum(rows_err, cols_err)
 test_close(uot_marginal_error(a_, b_, C_, f_, g_, 0.1, 0.5), written, eps=1e-12)
 
 
@@ -1251,7 +1311,11 @@ test_close(omegas_, torch.tensor([1.35, 1.7, 1.5]), eps=1e-6)   # halved where s
 young = 2 / (1 + (1 - 1.4 ** 2 / (.9 * 2.25)) ** .5)
 raised_ = adapt_omega(torch.tensor([1.5]), torch.ones(1), torch.tensor([.9 ** 5]), 5)
 test_close(raised_, torch.tensor([young]), eps=1e-5)
-
+#
+# The loop with the fast strategies against the same loop with `ExactKernels`, on a batch with padding, an
+# image without points and one schedule per image (official mode: no fallback); then converged solves with
+# fixed ω = 1 (plain alternating steps) and adaptive ω reach the same potentials, the latter in far fewer
+# pairs.
 
 # %%
 #| export
@@ -1299,12 +1363,6 @@ def sinkhorn_loop(kernels, # the soft-min kernels: `DenseKernels`, `BlockedKerne
             omegas = adapt_omega(omegas, history[-1 - window], err, window)
     return f, g, count + pairs, None
 
-
-# %% [markdown]
-# The loop with the fast strategies against the same loop with `ExactKernels`, on a batch with padding, an
-# image without points and one schedule per image (official mode: no fallback); then converged solves with
-# fixed ω = 1 (plain alternating steps) and adaptive ω reach the same potentials, the latter in far fewer
-# pairs.
 
 # %%
 g = torch.Generator().manual_seed(1)
@@ -1508,6 +1566,9 @@ test_fail(lambda: plan_problem(a_, torch.ones(1, 2), torch.rand(1, 3, 2), no_pot
                                None, 'exact'), contains="'paper', 'official' or 'none'")
 
 
+# %% [markdown]
+# The factors of the plan of converged potentials are Eq. 5 written out:
+
 # %%
 #| export
 def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
@@ -1536,6 +1597,21 @@ def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
 
 
 # %%
+g_ = torch.Generator().manual_seed(5)
+a_, b_ = torch.rand(2, 12, generator=g_, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+C_ = torch.rand(2, 12, 3, generator=g_, dtype=torch.float64)
+pot_ = uot_potentials(a_, b_, C_, 0.1, 0.5, mode='converged', tol=1e-12, max_iter=10000)
+eq5_ = a_[:, :, None] * b_[:, None] * torch.exp((pot_.f[:, :, None] + pot_.g[:, None] - C_) / 0.1)
+r_, E_ = plan_factors(a_, b_, C_, pot_, 0.5, grad='official')
+test_close(r_[:, :, None] * E_, eq5_, eps=1e-12)
+test_eq(r_, a_)
+
+
+# %% [markdown]
+# `uot_plan` multiplies them; a row of the plan with the paper's gradient at a fixed point sums to the
+# first-order condition $a_ie^{-f_i/\tau_a}$.
+
+# %%
 #| export
 def uot_plan(a:torch.Tensor, # `(B, n)` source masses (may require grad)
              b:torch.Tensor, # `(B, m)` target masses
@@ -1557,17 +1633,8 @@ def uot_plan(a:torch.Tensor, # `(B, n)` source masses (may require grad)
     return P[0] if squeeze else P
 
 
-# %% [markdown]
-# The plan of the potentials is Eq. 5 written out, and a row of the plan with the paper's gradient at a fixed
-# point sums to the first-order condition $a_ie^{-f_i/\tau_a}$.
-
 # %%
-g_ = torch.Generator().manual_seed(5)
-a_, b_ = torch.rand(2, 12, generator=g_, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
-C_ = torch.rand(2, 12, 3, generator=g_, dtype=torch.float64)
-pot_ = uot_potentials(a_, b_, C_, 0.1, 0.5, mode='converged', tol=1e-12, max_iter=10000)
 P_ = uot_plan(a_, b_, C_, 0.1, 0.5, potentials=pot_, grad='official')
-eq5_ = a_[:, :, None] * b_[:, None] * torch.exp((pot_.f[:, :, None] + pot_.g[:, None] - C_) / 0.1)
 test_close(P_, eq5_, eps=1e-12)
 test_close(uot_plan(a_, b_, C_, 0.1, 0.5, potentials=pot_).sum(2), a_ * torch.exp(-pot_.f / 0.5), eps=1e-10)
 one_pot_ = Potentials(pot_.f[:1], pot_.g[:1], 0.1)
@@ -1706,6 +1773,14 @@ class PlanStats:
 
 
 # %%
+stats_ = PlanStats(*(torch.ones(1, 2) for _ in range(3)), None, torch.ones(1, 3))
+test_eq((stats_.xlogx, stats_.cols.shape), (None, (1, 3)))
+
+# %% [markdown]
+# On a padded batch in blocks of 64 entries, the blocks of $E$ for the official gradient ($c_i=\mu_i/a_i$) are
+# those of the stored plan's factor of `plan_factors`:
+
+# %%
 #| export
 PLAN_CAP = math.exp(40.)  # largest entry of E: its exponent is clamped at 40, as in `plan_factors`
 
@@ -1727,6 +1802,20 @@ def plan_blocks(problem:Problem, f, g, eps, # potentials and `(B,)` temperatures
         E = K.mul_(log_factor[images, rows, None].exp()).clamp_max_(PLAN_CAP)
         if block.padded is not None: E.masked_fill_(block.padded, 0.)
         yield block, E, X
+
+
+# %%
+g = torch.Generator().manual_seed(3)
+As = torch.rand(3, 256, generator=g) * 0.05
+pot16 = uot_potentials(As, mk16.float(), C16, 0.01, 0.5, mask_b=mk16)
+pr16 = setup_problem(As, mk16.float(), C16, 0.5, 0.5, mask_b=mk16, block=64)
+log_factor16 = pr16.log_mu - log_weights(As)
+eps16 = per_image(0.01, 3, C16)
+_, E16 = plan_factors(As, mk16.float(), C16, pot16, 0.5, mask_b=mk16, grad='official')
+E_blocks = torch.zeros_like(E16)
+for block, E, _ in plan_blocks(pr16, pot16.f, pot16.g, eps16, log_factor16):
+    E_blocks[block.images, block.rows, :block.columns] = E
+test_close(E_blocks, E16, eps=1e-5 * E16.max())
 
 
 # %% [markdown]
@@ -1752,6 +1841,21 @@ class PlanColumns(torch.autograd.Function):
             for b, E in exact.items(): out[b] = E[0] @ grad[b].to(E.dtype)
         return out, None, None, None, None, None, None, None
 
+
+# %%
+r16 = As.clone().requires_grad_()
+cols16 = torch.bmm(As[:, None], E16)[:, 0]
+cols16 = PlanColumns.apply(r16, cols16, pr16, pot16.f, pot16.g, eps16, log_factor16, {})
+weights16 = torch.randn(3, 12, generator=g)
+(cols16 * weights16).sum().backward()
+test_close(r16.grad, (E16 @ weights16[..., None])[..., 0], eps=1e-5 * r16.grad.abs().max())
+
+
+# %% [markdown]
+# `plan_stats` puts the pieces together. Its test compares it with the reductions of the stored plan of
+# `plan_factors`, value and gradient, for both references and the three gradient recipes, on a padded batch
+# with an image without points, on CPU blocks and on the whole tensor; and the fallback (an image whose row
+# sums underflow) gives the same.
 
 # %%
 #| export
@@ -1801,11 +1905,6 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
     with no_autocast(C.device): P_cols = PlanColumns.apply(r, P_cols, problem, f, g, eps_t, log_factor, exact)
     return PlanStats(r, E_rows, E_cost, E_xlogx if entropy else None, P_cols)
 
-
-# %% [markdown]
-# Against the reductions of the stored plan of `plan_factors`, value and gradient, for both references and the
-# three gradient recipes, on a padded batch with an image without points, on CPU blocks and on the whole
-# tensor; and the fallback (an image whose row sums underflow) gives the same.
 
 # %%
 g = torch.Generator().manual_seed(3)

@@ -11,7 +11,7 @@ import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NEG', 'LOG2E', 'LN2', 'BLOCK', 'ROW_CHUNKS', 'DENSE', 'OMEGA', 'PLAN_CAP', 'log_weights', 'work_dtype', 'no_autocast',
+__all__ = ['NEG', 'LOG2E', 'LN2', 'BLOCK', 'ROW_CHUNKS', 'OMEGA', 'PLAN_CAP', 'log_weights', 'work_dtype', 'no_autocast',
            'epsilon_schedule', 'max_diameter', 'per_image', 'softmin', 'damping', 'half_step', 'relaxed_step',
            'reference_weights', 'Problem', 'setup_problem', 'masked_cost', 'ExactKernels', 'exponent_floor',
            'row_chunks', 'chunk_rows', 'block_col_sums', 'block_row_dots', 'Block', 'PassBuffers', 'DenseKernels',
@@ -273,7 +273,7 @@ class Block:
 
 # %% ../nbs/03_sinkhorn.ipynb #9ae6bb2a
 class PassBuffers:
-    "The tensors the passes of a strategy write, made once per problem, and each block's views (`views`)."
+    "The tensors the passes of a strategy write, made once per problem."
     def __init__(self, problem:Problem, blocks:list[Block]):
         B, n, m = problem.cost.shape
         new = problem.cost.new_empty
@@ -285,7 +285,6 @@ class PassBuffers:
         self.col_sums = problem.cost.new_zeros(B, 2, m)           # weighted by the new rows' weights; by μ
         self.work = new(max(bl.cost.numel() for bl in blocks))   # a block's exponents, then its kernel
         self.kept = None                                          # a copy of the exponents, made on first use
-        self.views = [self.block_views(problem, bl) for bl in blocks]
 
 # %% ../nbs/03_sinkhorn.ipynb #ebf9910d
 @patch
@@ -326,7 +325,7 @@ class DenseKernels:
         self.row_floor = problem.cost.new_tensor(columns)[:, None] * self.trust   # (B, 1) least trusted rows
         self.mu_floor = problem.mu.sum(1, keepdim=True) * self.trust            # (B, 1) columns, weights μ
         self.buffers = PassBuffers(problem, self.blocks)
-        self.parts = list(zip(self.blocks, self.buffers.views))
+        self.parts = [(bl, self.buffers.block_views(problem, bl)) for bl in self.blocks]   # blocks, views
     def partition(self, problem:Problem) -> tuple[list[Block], list[int]]:
         "The blocks, and per image the number of columns they visit: one block, every column."
         B, n, m = problem.cost.shape
@@ -494,15 +493,13 @@ class BlockedKernels(DenseKernels):
         return [(bl, views) for bl, views in self.parts if any(flags[bl.images])]
 
 # %% ../nbs/03_sinkhorn.ipynb #acd7a775
-DENSE = 2 ** 21  # CPU: a cost of at most this many entries (8 MiB of float32) without padding is one block
-
 def choose_kernels(problem:Problem,
                    block:int|None=BLOCK # CPU: cost entries per block; None: the whole batch at once
                   ) -> DenseKernels:
-    "`DenseKernels` on accelerators, with `block=None` and for small costs without padding; else blocks."
+    "`DenseKernels` on accelerators, for `block=None` and for one unpadded block, else `BlockedKernels`."
     cost = problem.cost
-    small = cost.numel() <= DENSE and not bool(problem.padded.any())
-    if cost.device.type != 'cpu' or block is None or small: return DenseKernels(problem)
+    small = block is None or cost.numel() <= block and not bool(problem.padded.any())
+    if cost.device.type != 'cpu' or small: return DenseKernels(problem)
     return BlockedKernels(problem, block)
 
 # %% ../nbs/03_sinkhorn.ipynb #50480dbe
