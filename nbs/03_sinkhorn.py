@@ -73,6 +73,13 @@ from unittest.mock import patch as mock_patch
 #| export
 NEG = -1e5  # log-weight of a zero or padded mass
 
+
+# %%
+test_eq((math.exp(NEG), NEG / 1e5), (0., -1.))                     # underflows to exactly 0, finite
+
+
+# %%
+#| export
 def log_weights(w:torch.Tensor, # `(B, k)` non-negative weights
                 mask:torch.Tensor|None=None # `(B, k)` bool, True for real entries
                ) -> torch.Tensor:
@@ -86,7 +93,6 @@ def log_weights(w:torch.Tensor, # `(B, k)` non-negative weights
 # %%
 test_eq(log_weights(torch.tensor([[1., 0., 2.]])), torch.tensor([[0., NEG, math.log(2.)]]))
 test_eq(log_weights(torch.tensor([[1., 1.]]), torch.tensor([[True, False]])), torch.tensor([[0., NEG]]))
-test_eq(math.exp(NEG), 0.)
 
 
 # %%
@@ -370,6 +376,12 @@ test_close(LOG2E * LN2, 1., eps=1e-15)
 #| export
 BLOCK = 2 ** 20  # cost entries per block of a CPU pass (4 MiB in float32); a problem this small is one block
 
+# %%
+test_eq(BLOCK * 4, 4 * 2 ** 20)                                      # 4 MiB of float32
+
+
+# %%
+#| export
 @dataclass
 class Problem:
     "A batch of problems of Eq. 1 (KL penalties) in the solver's working precision, as its passes read it."
@@ -584,6 +596,12 @@ test_eq(exponent_floor(torch.float64)[1] / 2. ** exponent_floor(torch.float64)[0
 #| export
 ROW_CHUNKS = 8  # row chunks of a block that its matrix products reduce separately (a multiple of the threads)
 
+# %%
+test_eq(ROW_CHUNKS % 2, 0)                                           # a multiple of two threads
+
+
+# %%
+#| export
 def row_chunks(K:torch.Tensor # `(b, r, c)` block
               ) -> int:
     "`ROW_CHUNKS` on the CPU where it divides the rows, else 1."
@@ -1291,6 +1309,12 @@ test_eq([None if s is None else s[:, 0].tolist() for s in started_], [[True, Fal
 #| export
 OMEGA = 1.7  # initial over-relaxation of the converged mode
 
+# %%
+assert 1 < OMEGA < 2                            # over-relaxation, inside SOR's range of convergence
+
+
+# %%
+#| export
 def adapt_omega(omega:torch.Tensor, # `(B,)` current over-relaxation
                 err_then:torch.Tensor, # `(B,)` marginal error `window` pairs ago
                 err_now:torch.Tensor, # `(B,)` marginal error now
@@ -1784,6 +1808,12 @@ test_eq((stats_.xlogx, stats_.cols.shape), (None, (1, 3)))
 #| export
 PLAN_CAP = math.exp(40.)  # largest entry of E: its exponent is clamped at 40, as in `plan_factors`
 
+# %%
+assert PLAN_CAP < torch.finfo(torch.float32).max / 1e20                 # a sum of 1e20 of them is finite
+
+
+# %%
+#| export
 def plan_blocks(problem:Problem, f, g, eps, # potentials and `(B,)` temperatures
                 log_factor:torch.Tensor, # `(B, n)` log c (for `lam`: written here, block by block)
                 keep:bool=False, # also yield the exponents (base 2) of K

@@ -24,6 +24,7 @@ __all__ = ['NEG', 'LOG2E', 'LN2', 'BLOCK', 'ROW_CHUNKS', 'OMEGA', 'PLAN_CAP', 'l
 # %% ../nbs/03_sinkhorn.ipynb #a4bdb1fd
 NEG = -1e5  # log-weight of a zero or padded mass
 
+# %% ../nbs/03_sinkhorn.ipynb #d00f46a5
 def log_weights(w:torch.Tensor, # `(B, k)` non-negative weights
                 mask:torch.Tensor|None=None # `(B, k)` bool, True for real entries
                ) -> torch.Tensor:
@@ -145,6 +146,7 @@ LOG2E, LN2 = 1 / math.log(2), math.log(2)  # the passes keep exponents in base 2
 # %% ../nbs/03_sinkhorn.ipynb #3ca2c285
 BLOCK = 2 ** 20  # cost entries per block of a CPU pass (4 MiB in float32); a problem this small is one block
 
+# %% ../nbs/03_sinkhorn.ipynb #0d6bf670
 @dataclass
 class Problem:
     "A batch of problems of Eq. 1 (KL penalties) in the solver's working precision, as its passes read it."
@@ -228,6 +230,7 @@ def exponent_floor(dtype:torch.dtype) -> tuple[float, float]:
 # %% ../nbs/03_sinkhorn.ipynb #d519ea37
 ROW_CHUNKS = 8  # row chunks of a block that its matrix products reduce separately (a multiple of the threads)
 
+# %% ../nbs/03_sinkhorn.ipynb #32a5c31d
 def row_chunks(K:torch.Tensor # `(b, r, c)` block
               ) -> int:
     "`ROW_CHUNKS` on the CPU where it divides the rows, else 1."
@@ -571,6 +574,7 @@ def annealing_table(problem:Problem,
 # %% ../nbs/03_sinkhorn.ipynb #ee543cde
 OMEGA = 1.7  # initial over-relaxation of the converged mode
 
+# %% ../nbs/03_sinkhorn.ipynb #80c0192a
 def adapt_omega(omega:torch.Tensor, # `(B,)` current over-relaxation
                 err_then:torch.Tensor, # `(B,)` marginal error `window` pairs ago
                 err_now:torch.Tensor, # `(B,)` marginal error now
@@ -822,6 +826,7 @@ class PlanStats:
 # %% ../nbs/03_sinkhorn.ipynb #8d4de831
 PLAN_CAP = math.exp(40.)  # largest entry of E: its exponent is clamped at 40, as in `plan_factors`
 
+# %% ../nbs/03_sinkhorn.ipynb #22c28153
 def plan_blocks(problem:Problem, f, g, eps, # potentials and `(B,)` temperatures
                 log_factor:torch.Tensor, # `(B, n)` log c (for `lam`: written here, block by block)
                 keep:bool=False, # also yield the exponents (base 2) of K
