@@ -9,69 +9,106 @@
 # %%
 #| export
 from __future__ import annotations
-import math, contextlib
+import math, contextlib, functools
 from dataclasses import dataclass
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
-from unittest.mock import patch
-import time
+from unittest.mock import patch as mock_patch
 
 # %% [markdown]
 # ## The problem and its dual
 #
-# For masses $\boldsymbol a\in\mathbb R^n_+$ (the density), $\boldsymbol b\in\mathbb R^m_+$ (one per head) and a cost
-# $\mathbf C\in\mathbb R^{n\times m}$ we solve, for every image of a batch,
-# $$\min_{\mathbf P\ge 0}\ \langle\mathbf C,\mathbf P\rangle+\varepsilon\,\mathrm{KL}(\mathbf P\,|\,\boldsymbol\mu\otimes\boldsymbol\nu)
-#   +\tau_a\,\mathrm{KL}(\mathbf P\mathbf 1\,|\,\boldsymbol a)+\tau_b\,\mathrm{KL}(\mathbf P^\top\mathbf 1\,|\,\boldsymbol b),$$
-# with $\mathrm{KL}(p|q)=\sum p\log\frac pq-p+q$. This is Eq. 1 with $D_1,D_2$ replaced by KL "for solving" (Sec. 3.3).
-# The entropic reference $\boldsymbol\mu\otimes\boldsymbol\nu$ is either
+# For masses $\boldsymbol a\in\mathbb R^n_+$ (the density), $\boldsymbol b\in\mathbb R^m_+$ (one per head) and
+# a cost $\mathbf C\in\mathbb R^{n\times m}$ we solve, for every image of a batch,
+# $$\min_{\mathbf P\ge 0}\ \langle\mathbf C,\mathbf P\rangle
+#   +\varepsilon\,\mathrm{KL}(\mathbf P\,|\,\boldsymbol\mu\otimes\boldsymbol\nu)
+#   +\tau_a\,\mathrm{KL}(\mathbf P\mathbf 1\,|\,\boldsymbol a)
+#   +\tau_b\,\mathrm{KL}(\mathbf P^\top\mathbf 1\,|\,\boldsymbol b),$$
+# with $\mathrm{KL}(p|q)=\sum p\log\frac pq-p+q$. This is Eq. 1 with $D_1,D_2$ replaced by KL "for solving"
+# (Sec. 3.3). The entropic reference $\boldsymbol\mu\otimes\boldsymbol\nu$ is either
 #
-# * `reference='product'`: $\boldsymbol\mu=\boldsymbol a,\ \boldsymbol\nu=\boldsymbol b$, the convention of geomloss (hence of the
-#   official GL code) and of POT's default `reg_type='kl'`;
-# * `reference='uniform'`: $\boldsymbol\mu=\mathbf 1,\ \boldsymbol\nu=\mathbf 1$, i.e. $-\varepsilon H(\mathbf P)$ up to the linear
-#   term $\varepsilon\sum P_{ij}$, the form of Eq. 1/5/6 and of POT's `reg_type='entropy'`.
+# * `reference='product'`: $\boldsymbol\mu=\boldsymbol a,\ \boldsymbol\nu=\boldsymbol b$, the convention of
+#   geomloss (hence of the official GL code) and of POT's default `reg_type='kl'`;
+# * `reference='uniform'`: $\boldsymbol\mu=\mathbf 1,\ \boldsymbol\nu=\mathbf 1$, i.e.
+#   $-\varepsilon H(\mathbf P)$ up to the linear term $\varepsilon\sum P_{ij}$, the form of Eq. 1/5/6 and of
+#   POT's `reg_type='entropy'`.
 #
 # The two are the same problem with different costs:
-# $\varepsilon\mathrm{KL}(\mathbf P|\boldsymbol a\otimes\boldsymbol b)=\varepsilon\mathrm{KL}(\mathbf P|\mathbf 1)-\varepsilon\sum_{ij}P_{ij}(\log a_i+\log b_j)+\text{const}$, i.e. the product
-# reference is the uniform one with cost $C_{ij}-\varepsilon\log a_i-\varepsilon\log b_j$.
+# $\varepsilon\mathrm{KL}(\mathbf P|\boldsymbol a\otimes\boldsymbol b) =\varepsilon\mathrm{KL}(\mathbf
+# P|\mathbf 1) -\varepsilon\sum_{ij}P_{ij}(\log a_i+\log b_j)+\text{const}$,
+# i.e. the product reference is the uniform one with cost $C_{ij}-\varepsilon\log a_i-\varepsilon\log b_j$.
 #
 # The optimal plan has the form (Eq. 5) $P_{ij}=\mu_i\nu_j\exp\big((f_i+g_j-C_{ij})/\varepsilon\big)$, i.e.
-# $u_i=\mu_i e^{f_i/\varepsilon}$, $v_j=\nu_j e^{g_j/\varepsilon}$, $\mathbf K=e^{-\mathbf C/\varepsilon}$. Its first-order
-# conditions are $\mathbf P\mathbf 1=\boldsymbol a\,e^{-\boldsymbol f/\tau_a}$ and $\mathbf P^\top\mathbf 1=\boldsymbol b\,e^{-\boldsymbol g/\tau_b}$.
-# Solving the first for $f$ with $g$ fixed gives the generalized Sinkhorn update (Eq. 6) in log-sum-exp form:
-# $$f_i=\lambda_a\Big(\varepsilon\log\frac{a_i}{\mu_i}-\varepsilon\,\mathrm{LSE}_j\big[\log\nu_j+(g_j-C_{ij})/\varepsilon\big]\Big),
+# $u_i=\mu_i e^{f_i/\varepsilon}$, $v_j=\nu_j e^{g_j/\varepsilon}$, $\mathbf K=e^{-\mathbf C/\varepsilon}$.
+# Its first-order conditions are $\mathbf P\mathbf 1=\boldsymbol a\,e^{-\boldsymbol f/\tau_a}$ and
+# $\mathbf P^\top\mathbf 1=\boldsymbol b\,e^{-\boldsymbol g/\tau_b}$. Solving the first for $f$ with $g$ fixed
+# gives the generalized Sinkhorn update (Eq. 6) in log-sum-exp form:
+# $$f_i=\lambda_a\Big(\varepsilon\log\frac{a_i}{\mu_i}
+#   -\varepsilon\,\mathrm{LSE}_j\big[\log\nu_j+(g_j-C_{ij})/\varepsilon\big]\Big),
 #   \qquad \lambda_a=\frac{\tau_a}{\tau_a+\varepsilon},$$
-# which for the uniform reference is exactly $u=(\boldsymbol a/\mathbf K\boldsymbol v)^{\tau/(\tau+\varepsilon)}$ (Eq. 6), and for
-# the product reference is geomloss's `dampening * softmin`. The $g$ update is symmetric.
+# which for the uniform reference is exactly
+# $u=(\boldsymbol a/\mathbf K\boldsymbol v)^{\tau/(\tau+\varepsilon)}$ (Eq. 6), and for the product reference
+# is geomloss's `dampening * softmin`. The $g$ update is symmetric.
+#
+# The solver is organized as geomloss organizes its `sinkhorn_loop`: one loop (`sinkhorn_loop`: the ε-scaling,
+# then over-relaxed alternating pairs) that takes its soft-min kernels from a *strategy* chosen once per
+# problem. The strategies differ only in how they pass over the cost: `ExactKernels` (each row's maximum
+# subtracted, the reference), `DenseKernels` (one exponential per cost entry on the whole batch: accelerators
+# and problems that fit in cache) and `BlockedKernels` (the same on cache-sized blocks: the CPU).
 
 # %% [markdown]
 # ## Log weights and working precision
 #
-# Zero or padded masses get the log-weight $-10^5$ (as geomloss does) instead of $-\infty$: every exponential of it
-# underflows to exactly 0 and no `inf - inf` can appear. Computations run in float32 (float64 inputs stay float64, for
-# tests); half-precision inputs under autocast are promoted, and autocast is switched off inside the solver.
+# Zero or padded masses get the log-weight $-10^5$ (as geomloss does) instead of $-\infty$: every exponential
+# of it underflows to exactly 0 and no `inf - inf` can appear. Computations run in float32 (float64 inputs
+# stay float64, for tests); half-precision inputs under autocast are promoted, and autocast is switched off
+# inside the solver.
 
 # %%
 #| export
 NEG = -1e5  # log-weight of a zero or padded mass
 
+
+# %%
+test_eq((math.exp(NEG), NEG / 1e5), (0., -1.))                     # underflows to exactly 0, finite
+
+
+# %%
+#| export
 def log_weights(w:torch.Tensor, # `(B, k)` non-negative weights
                 mask:torch.Tensor|None=None # `(B, k)` bool, True for real entries
                ) -> torch.Tensor:
     "`log(w)`, with `NEG` where `w <= 0` or the entry is padding."
-    lw = torch.log(w.clamp_min(0)).clamp_min(NEG)
+    logs = torch.log(w.clamp_min(0)).clamp_min(NEG)
     keep = w > 0
     if mask is not None: keep = keep & mask
-    return torch.where(keep, lw, torch.full_like(lw, NEG))
+    return torch.where(keep, logs, torch.full_like(logs, NEG))
 
+
+# %%
+test_eq(log_weights(torch.tensor([[1., 0., 2.]])), torch.tensor([[0., NEG, math.log(2.)]]))
+test_eq(log_weights(torch.tensor([[1., 1.]]), torch.tensor([[True, False]])), torch.tensor([[0., NEG]]))
+
+
+# %%
+#| export
 def work_dtype(*ts) -> torch.dtype:
     "float64 if any input is float64, float32 otherwise (half precision is promoted)."
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
+
+# %%
+test_eq(work_dtype(torch.zeros(1, dtype=torch.float16)), torch.float32)
+test_eq(work_dtype(torch.zeros(1), None, torch.zeros(1, dtype=torch.float64)), torch.float64)
+
+
+# %%
+#| export
 def no_autocast(device:torch.device):
     "A context that disables autocast on `device` (a no-op where autocast does not exist)."
     try: return torch.autocast(device_type=device.type, enabled=False)
@@ -79,23 +116,20 @@ def no_autocast(device:torch.device):
 
 
 # %%
-test_eq(log_weights(torch.tensor([[1., 0., 2.]])), torch.tensor([[0., NEG, math.log(2.)]]))
-test_eq(log_weights(torch.tensor([[1., 1.]]), torch.tensor([[True, False]])), torch.tensor([[0., NEG]]))
-test_eq(work_dtype(torch.zeros(1, dtype=torch.float16)), torch.float32)
+with torch.autocast('cpu', dtype=torch.bfloat16):
+    with no_autocast(torch.device('cpu')):
+        test_eq((torch.ones(2, 2) @ torch.ones(2, 2)).dtype, torch.float32)
 
 
 # %% [markdown]
 # ## ε-scaling schedule
 #
-# Sinkhorn converges slowly at small $\varepsilon$; ε-scaling (annealing) starts at a temperature the size of the
-# problem's diameter and divides it by `scaling` at each step until the target. This is geomloss's `epsilon_schedule`
-# for cost exponent `p`: $[D^p] + [e^{t}: t = p\log D,\ p\log D+p\log s,\ \dots > p\log\varepsilon^{1/p}] + [\varepsilon]$.
-# At the official settings ($D\approx\sqrt2$ for coordinates divided by the crop size, blur 0.01, scaling 0.5, p=1)
+# Sinkhorn converges slowly at small $\varepsilon$; ε-scaling (annealing) starts at a temperature the size of
+# the problem's diameter and divides it by `scaling` at each step until the target. This is geomloss's
+# `epsilon_schedule` for cost exponent `p`:
+# $[D^p] + [e^{t}: t = p\log D,\ p\log D+p\log s,\ \dots > p\log\varepsilon^{1/p}] + [\varepsilon]$. At the
+# official settings ($D\approx\sqrt2$ for coordinates divided by the crop size, blur 0.01, scaling 0.5, p=1)
 # it has 10 values, so the official recipe runs 1 + 10 + 1 = 12 symmetric softmin pairs.
-#
-# geomloss estimates $D$ from the *coordinates* (`max_diameter`: the diagonal of the joint bounding box), not from
-# the cost; `max_diameter` below does the same per image with masks. Without coordinates the solver uses the largest
-# cost entry.
 
 # %%
 #| export
@@ -110,387 +144,1084 @@ def epsilon_schedule(diameter:float, # upper bound on the distances (the first t
     mids = np.exp(np.arange(p * np.log(diameter), p * np.log(blur), p * np.log(scaling)))
     return [diameter ** p] + [float(e) for e in mids] + [eps]
 
+
+# %%
+sched = epsilon_schedule(math.sqrt(2), 0.01, 0.5, p=1)
+test_eq(len(sched), 10)
+test_close(sched[0], math.sqrt(2))
+test_eq(sched[-1], 0.01)
+test_close(sched[2] / sched[1], 0.5)
+
+
+# %% [markdown]
+# geomloss estimates $D$ from the *coordinates* (`max_diameter`: the diagonal of the joint bounding box), not
+# from the cost; `max_diameter` does the same per image with masks. Without coordinates the solver uses the
+# largest cost entry (`largest_cost`).
+
+# %%
+#| export
 def max_diameter(x:torch.Tensor, # `(B, n, D)` first point clouds
                  y:torch.Tensor, # `(B, m, D)` second point clouds
                  mask_x:torch.Tensor|None=None, # `(B, n)` bool, real points
                  mask_y:torch.Tensor|None=None # `(B, m)` bool, real points
                 ) -> torch.Tensor: # `(B,)`
-    "Per image, the diagonal of the bounding box of the real points of `x` and `y` (geomloss's `max_diameter`)."
-    pts = torch.cat([x, y], 1)
-    m = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask_x is None else mask_x,
-                   torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if mask_y is None else mask_y], 1)
-    big = torch.finfo(pts.dtype).max
-    lo = torch.where(m[..., None], pts, torch.full_like(pts, big)).amin(1)
-    hi = torch.where(m[..., None], pts, torch.full_like(pts, -big)).amax(1)
-    return torch.where(m.any(1)[:, None], hi - lo, torch.zeros_like(hi)).norm(dim=-1)
+    "The diagonal of the bounding box of the real points of `x` and `y` (geomloss's `max_diameter`)."
+    points = torch.cat([x, y], 1)
+    real_x = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask_x is None else mask_x
+    real_y = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if mask_y is None else mask_y
+    real = torch.cat([real_x, real_y], 1)
+    big = torch.finfo(points.dtype).max
+    low = torch.where(real[..., None], points, torch.full_like(points, big)).amin(1)
+    high = torch.where(real[..., None], points, torch.full_like(points, -big)).amax(1)
+    return torch.where(real.any(1)[:, None], high - low, torch.zeros_like(high)).norm(dim=-1)
 
 
 # %%
-sched = epsilon_schedule(math.sqrt(2), 0.01, 0.5, p=1)
-test_eq(len(sched), 10); test_close(sched[0], math.sqrt(2)); test_eq(sched[-1], 0.01)
-test_close(sched[2] / sched[1], 0.5)
-x = torch.tensor([[[0., 0.], [1., 0.]]]); y = torch.tensor([[[0., 2.], [9., 9.]]])
+x = torch.tensor([[[0., 0.], [1., 0.]]])
+y = torch.tensor([[[0., 2.], [9., 9.]]])
 test_close(max_diameter(x, y, mask_y=torch.tensor([[True, False]])), torch.tensor([math.sqrt(5)]))
+none_ = torch.zeros(1, 2, dtype=torch.bool)
+test_eq(max_diameter(x, y, none_, none_), torch.zeros(1))
 
 
 # %% [markdown]
-# ## Soft-min (the soft C-transform)
+# ## One value per image
 #
-# The core operation is $\mathrm{softmin}_\varepsilon(\mathbf C,\boldsymbol h)_i=-\varepsilon\log\sum_j\exp(h_j-C_{ij}/\varepsilon)$,
-# batched over images. The naive version is `-(eps * torch.logsumexp(h[:, None] - C / eps, -1))`. On the CPU it is
-# slow for two reasons (DESIGN.md, "Facts"): `exp` of arguments below about $-87$ takes torch's underflow path,
-# 22-70× slower, and with $\varepsilon=0.01$ most of the log-kernel lies there; and the full `(B, n, m)` temporary
-# does not fit in cache. So we subtract the row maximum, clamp the exponent at $-80$ ($e^{-80}\approx 2\cdot10^{-35}$,
-# negligible next to the maximum term 1, so float32 values are unchanged), and work in place on row blocks of about
-# $2^{17}$ entries. On other devices the same formula runs on the whole tensor at once. `eps` may be one value per image.
-# The solver's loops use the faster one-pass soft-mins of `pair_softmins` below; `softmin` is their reference and fallback.
+# Each image of a batch anneals from its own diameter, so inside the solver a temperature is a `(B,)` tensor;
+# so is the over-relaxation ω of the converged mode.
 
 # %%
 #| export
-def _eps_list(eps, B:int) -> list[float]:
-    if isinstance(eps, torch.Tensor): return [float(e) for e in eps.reshape(-1).expand(B).tolist()]
-    return [float(eps)] * B
+def per_image(value, # a float, or a tensor with one value per image (or one for all)
+              batch_size:int, # B
+              like:torch.Tensor # a tensor of the dtype and device wanted
+             ) -> torch.Tensor: # `(B,)`
+    "A per-image parameter (a temperature ε, an over-relaxation ω) as a `(B,)` tensor."
+    if isinstance(value, torch.Tensor): return value.to(like).reshape(-1).expand(batch_size)
+    return torch.full((batch_size,), float(value), dtype=like.dtype, device=like.device)
 
-def softmin(eps, # temperature: float or `(B,)` tensor
+
+# %%
+test_eq(per_image(0.5, 3, torch.zeros(1, dtype=torch.float64)), torch.full((3,), 0.5, dtype=torch.float64))
+test_eq(per_image(torch.tensor([1., 2.]), 2, torch.zeros(1)), torch.tensor([1., 2.]))
+test_eq(per_image(torch.tensor(3.), 2, torch.zeros(1)), torch.tensor([3., 3.]))
+
+
+# %% [markdown]
+# ## The soft-min (the soft C-transform)
+#
+# The core operation is
+# $\mathrm{softmin}_\varepsilon(\mathbf C,\boldsymbol h)_i
+# =-\varepsilon\log\sum_j\exp(h_j-C_{ij}/\varepsilon)$,
+# batched over images. The naive version is `-(eps * torch.logsumexp(h[:, None] - C / eps, -1))`. `softmin`
+# subtracts each row's maximum and clamps the exponent at $-80$ ($e^{-80}\approx 2\cdot10^{-35}$, negligible
+# next to the maximum term 1, so float32 values are unchanged): on the CPU `exp` of arguments below about
+# $-87$ takes torch's underflow path, 22-70× slower (DESIGN.md, "Facts"), and with $\varepsilon=0.01$ most of
+# the log-kernel lies there. It works in one buffer, in place. It is the *exact* soft-min: the reference of
+# the faster passes below, their fallback for an image they cannot trust, and the soft-min of the plans that
+# are stored (`plan_factors`).
+
+# %%
+#| export
+def softmin(eps, # temperature: a float or a `(B,)` tensor
             C:torch.Tensor, # `(B, n, m)` cost
-            h:torch.Tensor, # `(B, m)` log-weights plus potentials/eps
-            block:int|None=2**17 # entries per block on the CPU; None: the whole tensor at once (other devices)
+            h:torch.Tensor # `(B, m)` log-weights plus potentials/ε
            ) -> torch.Tensor: # `(B, n)`
-    "Soft C-transform $-\\varepsilon\\,\\mathrm{LSE}_j(h_j - C_{ij}/\\varepsilon)$, stable and cache-friendly."
+    "Soft C-transform $-\\varepsilon\\,\\mathrm{LSE}_j(h_j - C_{ij}/\\varepsilon)$, row maxima subtracted."
     B, n, m = C.shape
-    epss = _eps_list(eps, B)
-    if m == 0: return C.new_full((B, n), -NEG) * C.new_tensor(epss)[:, None]
-    if C.device.type != 'cpu' or block is None:
-        e = C.new_tensor(epss)[:, None, None]
-        T = h[:, None, :] - C / e
-        mx = T.amax(-1, keepdim=True)
-        lse = mx.squeeze(-1) + (T - mx).clamp_min_(-80).exp_().sum(-1).log()
-        return -e[:, :, 0] * lse
-    out = C.new_empty(B, n)
-    rows = max(1, block // m)
-    buf = C.new_empty(min(rows, n) * m)
-    for b in range(B):
-        inv, hb = -1. / epss[b], h[b]
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            T = buf[:(r1 - r0) * m].view(r1 - r0, m)
-            torch.add(hb, C[b, r0:r1], alpha=inv, out=T)               # h_j - C_ij / eps
-            mx = T.amax(1, keepdim=True)
-            T.sub_(mx).clamp_(min=-80.).exp_()                         # no underflow path
-            out[b, r0:r1] = (mx.squeeze(1) + T.sum(1).log()) * (-epss[b])
-    return out
+    eps = per_image(eps, B, C)[:, None]
+    if m == 0: return C.new_full((B, n), -NEG) * eps
+    exponents = torch.addcmul(h[:, None, :], C, (-1 / eps)[:, :, None])        # h_j - C_ij / ε
+    top = exponents.amax(2, keepdim=True)
+    exponents.sub_(top).clamp_(min=-80.).exp_()                                  # no underflow path
+    return -eps * (top[:, :, 0] + exponents.sum(2).log())
 
 
 # %%
 g = torch.Generator().manual_seed(0)
-C = torch.rand(3, 300, 40, generator=g); h = torch.randn(3, 40, generator=g)
-naive = -(0.01 * torch.logsumexp(h[:, None] - C.double() / 0.01, -1))
+C = torch.rand(3, 300, 40, generator=g)
+h = torch.randn(3, 40, generator=g)
+naive = -(0.01 * torch.logsumexp(h[:, None].double() - C.double() / 0.01, -1))
 test_close(softmin(0.01, C, h), naive.float(), eps=1e-5)
-test_close(softmin(0.01, C, h, block=64), naive.float(), eps=1e-5)                # many small blocks
-test_close(softmin(0.01, C, h, block=None), naive.float(), eps=1e-5)              # the whole-tensor path of GPUs
 e3 = torch.tensor([0.01, 0.1, 1.])
-test_close(softmin(e3, C, h), -(e3[:, None] * torch.logsumexp(h[:, None] - C / e3[:, None, None], -1)), eps=1e-5)
-test_eq(softmin(0.1, torch.zeros(2, 4, 0), torch.zeros(2, 0)).shape, (2, 4))
+lse3 = -(e3[:, None] * torch.logsumexp(h[:, None] - C / e3[:, None, None], -1))
+test_close(softmin(e3, C, h), lse3, eps=1e-5)
+test_eq(softmin(0.1, torch.zeros(2, 4, 0), torch.zeros(2, 0)), torch.full((2, 4), 1e4))
+
 
 # %% [markdown]
-# ## Problem setup and the half-steps
+# ## The half-step (Eq. 6) and its over-relaxation
 #
-# `_Problem` holds, per batch, the cost, the log reference weights $\log\mu,\log\nu$ (and $\mu$), the log ratios
-# $\log(a/\mu),\log(b/\nu)$, $\tau_a,\tau_b$, and how a pass walks through the batch: on the CPU in blocks of
-# about `block` cost entries (4 MiB of float32), each image only over its real columns when its padded points come
-# last (as `pad_points` puts them). Consecutive images with the same number of columns share a block (B=8, 32×32
-# map, 200 points: two images per block), so small images do not pay one set of operations each; an image larger
-# than a block is cut into row blocks. On other devices (or `block=None`) the whole tensor at once. Measured here
-# (B=8, official mode, forward and backward): 2^19 / 2^20 / 2^21 entries gave 43 / 46 / 52 ms at 32×32 with one
-# thread, 28 / 25 / 33 ms with two; 365 / 347 / 373 and 227 / 194 / 218 ms at 64×64 with 500 points. The cost is
-# not copied: padded entries are skipped or weighted out rather than overwritten.
-# `update_f` / `update_g` are the two half-steps of Eq. 6 written with `softmin`: the reference that the faster passes
-# below are tested against, and their fallback.
+# With the soft-min of the other side, the update of Eq. 6 is
+# $f=\lambda_a\big(\varepsilon\log(a/\mu)+\mathrm{softmin}_\varepsilon(\mathbf C,\log\nu+g/\varepsilon)\big)$
+# with the damping $\lambda_a=\tau_a/(\tau_a+\varepsilon)$ (1 for a balanced side). The converged mode
+# over-relaxes it, $f\leftarrow f+\omega(\hat f-f)$; ω = 1 is the plain half-step (exactly: `torch.lerp`
+# returns its end at weight 1).
 
 # %%
 #| export
-BLOCK = 2 ** 20  # cost entries per block on the CPU (4 MiB in float32)
-
-def _damping(eps, tau):
-    "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$ (geomloss's `dampening`); 1 when `tau` is None/inf."
+def damping(eps, # temperature(s)
+            tau:float|None # KL penalty of the side (None or inf: balanced)
+           ):
+    "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$, the exponent of Eq. 6."
     if tau is None or math.isinf(tau): return torch.ones_like(eps) if isinstance(eps, torch.Tensor) else 1.
     return 1. / (1. + eps / tau)
 
-@dataclass
-class _Problem:
-    C: torch.Tensor; lmu: torch.Tensor; lnu: torch.Tensor; la: torch.Tensor; lb: torch.Tensor
-    tau_a: float|None; tau_b: float|None
-    mu: torch.Tensor  # (B, n) exp(lmu): 0 for zero or padded masses
-    pad: torch.Tensor  # (B, m) bool, padded columns
-    cols: list  # per image, the leading columns a pass visits
-    real: list  # per image, the number of real columns
-    block: int|None  # cost entries per block (whole images or rows of one); None: the whole tensor at once
-    empty: torch.Tensor  # (B, 1) bool, images without points
-    cols_t: torch.Tensor  # (B, 1) `cols` as a tensor of the cost's dtype
-    padded: bool  # any padded column or image without points (else the padded soft-mins are skipped)
-    CT: torch.Tensor|None = None  # transposed cost with padding zeroed, made by `update_g` on first use
-    work: dict|None = None  # the block buffers of `_kernel_blocks`, made on first use and reused by every pass
 
-def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, block=BLOCK):
-    dt = work_dtype(a, b, C)
-    a, b, C = a.to(dt), b.to(dt), C.detach().to(dt)
+# %%
+test_close(damping(0.01, 0.5), 0.5 / 0.51)
+test_eq(damping(torch.tensor([0.1, 0.2]), None), torch.ones(2))
+test_eq(damping(0.1, math.inf), 1.)
+
+
+# %% [markdown]
+# For the uniform reference and a balanced problem the half-step is $\log u=\log a-\log\mathbf Kv$ in
+# potentials $\varepsilon\log u$; given in a pass's form ($f$ and $\log R$ with
+# $\mathrm{softmin}=f-\varepsilon\log R$) it is the same.
+
+# %%
+#| export
+def half_step(softmin:torch.Tensor, # `(B, k)` soft-min of the other side (`softmin`); f with `log_sums`
+              eps:torch.Tensor, # `(B, 1)` temperatures
+              lam:torch.Tensor, # `(B, 1)` dampings (`damping`)
+              log_ratio:torch.Tensor, # `(B, k)` $\log(a/\mu)$ (or $\log(b/\nu)$): 0 for the product ref.
+              log_sums:torch.Tensor|None=None # `(B, k)` log R of a soft-min written $f-\varepsilon\log R$
+             ) -> torch.Tensor:
+    "Eq. 6 in the log domain: $f=\\lambda(\\varepsilon\\log(a/\\mu)+\\mathrm{softmin})$."
+    total = eps * log_ratio + softmin
+    return lam * (total if log_sums is None else total - eps * log_sums)
+
+
+# %%
+a_, K_ = torch.rand(1, 5, dtype=torch.float64), torch.rand(1, 5, 3, dtype=torch.float64)
+v_ = torch.rand(1, 3, dtype=torch.float64)
+eps_, ones_ = torch.full((1, 1), 0.1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+sm_ = -0.1 * torch.log((K_ * v_[:, None]).sum(2))                      # softmin with C = -ε log K, h = log v
+u_ = torch.exp(half_step(sm_, eps_, ones_, torch.log(a_)) / 0.1)
+test_close(u_, a_ / (K_ @ v_[..., None])[..., 0], eps=1e-12)
+x_ = torch.randn(1, 5, dtype=torch.float64)
+sums_ = (K_ * v_[:, None]).sum(2)
+test_close(half_step(x_, eps_, ones_, torch.log(a_), torch.log(sums_) + x_ / 0.1),
+           half_step(sm_, eps_, ones_, torch.log(a_)), eps=1e-12)
+
+
+# %% [markdown]
+# Over-relaxed, ω = 1 returns the half-step exactly and ω = 2 reflects the current potential about it:
+
+# %%
+#| export
+def relaxed_step(x:torch.Tensor, # `(B, k)` current potential
+                 softmin:torch.Tensor, eps:torch.Tensor, # as for `half_step`
+                 lam:torch.Tensor, log_ratio:torch.Tensor, # as for `half_step`
+                 omega:torch.Tensor, # `(B, 1)` over-relaxation ω
+                 log_sums:torch.Tensor|None=None # as for `half_step`
+                ) -> torch.Tensor:
+    "The over-relaxed half-step $x+\\omega(\\hat x-x)$, $\\hat x$ from `half_step`."
+    return torch.lerp(x, half_step(softmin, eps, lam, log_ratio, log_sums), omega)
+
+
+# %%
+test_eq(relaxed_step(x_, sm_, eps_, ones_, torch.log(a_), ones_), half_step(sm_, eps_, ones_, torch.log(a_)))
+reflected_ = 2 * 0.1 * torch.log(u_) - x_
+test_close(relaxed_step(x_, sm_, eps_, ones_, torch.log(a_), 2 * ones_), reflected_, eps=1e-12)
+
+
+# %% [markdown]
+# ## The entropic reference
+#
+# `reference_weights` is the one place where the reference of Eq. 1 is spelled out: the masses $(\mu,\nu)$, 0
+# on padding. The solver keeps their logs and, for the half-step, the log ratios $\log(a/\mu)$, $\log(b/\nu)$.
+
+# %%
+#| export
+def reference_weights(a:torch.Tensor, # `(B, n)` source masses
+                      b:torch.Tensor, # `(B, m)` target masses
+                      mask_a:torch.Tensor|None=None, # `(B, n)` bool, real sources
+                      mask_b:torch.Tensor|None=None, # `(B, m)` bool, real targets
+                      reference:str='product' # 'product' ($\mu=a$, $\nu=b$) or 'uniform' ($\mu=\nu=1$)
+                     ) -> tuple[torch.Tensor, torch.Tensor]: # `(mu, nu)`
+    "The masses $(\\mu, \\nu)$ of the entropic reference $\\mu\\otimes\\nu$ of Eq. 1, 0 on padding."
+    if reference == 'product':
+        return (a if mask_a is None else a * mask_a), (b if mask_b is None else b * mask_b)
+    if reference == 'uniform':
+        return (torch.ones_like(a) if mask_a is None else mask_a.to(a.dtype),
+                torch.ones_like(b) if mask_b is None else mask_b.to(b.dtype))
+    raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
+
+
+# %%
+a_, b_, mb_ = torch.tensor([[0.5, 2.]]), torch.tensor([[1., 3.]]), torch.tensor([[True, False]])
+test_eq(reference_weights(a_, b_, mask_b=mb_), (a_, torch.tensor([[1., 0.]])))
+uniform_ = reference_weights(a_, b_, mask_b=mb_, reference='uniform')
+test_eq(uniform_, (torch.ones(1, 2), torch.tensor([[1., 0.]])))
+test_fail(lambda: reference_weights(a_, b_, reference='kl'), contains="'product' or 'uniform'")
+
+# %% [markdown]
+# ## The problem
+#
+# `Problem` holds a batch in the form the passes read: the cost (its padded source rows set to 0), the log
+# reference weights $\log\mu,\log\nu$, the log ratios of the half-step, $\tau_a,\tau_b$, the padded columns,
+# and the pass strategy (`kernels`, chosen on first use by `choose_kernels` from the device and the size: see
+# below). Padded columns are not overwritten in the cost: the passes skip them or weight them out.
+
+# %%
+#| export
+LOG2E, LN2 = 1 / math.log(2), math.log(2)  # the passes keep exponents in base 2 (CPU `exp2` beats `exp`)
+
+# %%
+test_close(2 ** LOG2E, math.e, eps=1e-12)
+test_close(LOG2E * LN2, 1., eps=1e-15)
+
+# %%
+#| export
+BLOCK = 2 ** 20  # cost entries per block of a CPU pass (4 MiB in float32); a problem this small is one block
+
+# %%
+test_eq(BLOCK * 4, 4 * 2 ** 20)                                      # 4 MiB of float32
+
+
+# %%
+#| export
+@dataclass
+class Problem:
+    "A batch of problems of Eq. 1 (KL penalties) in the solver's working precision, as its passes read it."
+    cost: torch.Tensor  # (B, n, m) C, rows of padded sources set to 0
+    log_mu: torch.Tensor  # (B, n) log μ (NEG on zero or padded masses)
+    log_nu: torch.Tensor  # (B, m) log ν
+    log_a_ratio: torch.Tensor  # (B, n) log(a/μ) of the half-step (Eq. 6): 0 for the product reference
+    log_b_ratio: torch.Tensor  # (B, m) log(b/ν)
+    tau_a: float|None  # KL penalty on the rows (None: balanced)
+    tau_b: float|None  # KL penalty on the columns
+    padded: torch.Tensor  # (B, m) bool, padded columns
+    block: int|None = BLOCK  # CPU: cost entries per block of a pass; None: the whole batch at once
+    def __post_init__(self):
+        self.mu = self.log_mu.exp()  # (B, n) μ: 0 for zero or padded masses
+        self.log2_nu = self.log_nu * LOG2E  # (B, m) log ν in base 2, for the passes' exponents
+        self.no_points = ~(~self.padded).any(1, keepdim=True)  # (B, 1) bool, images without a real column
+        self.any_padding = bool(self.padded.any()) or bool(self.no_points.any())  # else no padded soft-min
+    @functools.cached_property
+    def kernels(self): return choose_kernels(self, self.block)  # the pass strategy, chosen on first use
+
+
+# %%
+log_mu_, padded_ = torch.log(torch.tensor([[0.5, 2.]])), torch.tensor([[False, True]])
+zeros_ = torch.zeros(1, 2)
+pr0_ = Problem(torch.rand(1, 2, 2), log_mu_, zeros_, zeros_, zeros_, 0.5, 0.5, padded_)
+test_close(pr0_.mu, torch.tensor([[0.5, 2.]]))
+test_eq((pr0_.log2_nu, pr0_.no_points, pr0_.any_padding), (torch.zeros(1, 2), torch.tensor([[False]]), True))
+
+
+# %% [markdown]
+# `setup_problem` builds it from the masses of a call (the reference from `reference_weights`):
+
+# %%
+#| export
+def setup_problem(a:torch.Tensor, # `(B, n)` source masses
+                  b:torch.Tensor, # `(B, m)` target masses
+                  C:torch.Tensor, # `(B, n, m)` cost
+                  tau_a:float|None, tau_b:float|None, # KL penalties (None: balanced)
+                  mask_a:torch.Tensor|None=None, mask_b:torch.Tensor|None=None, # bool masks of real entries
+                  reference:str='product', # entropic reference (`reference_weights`)
+                  block:int|None=BLOCK # CPU: cost entries per block of a pass; None: the whole batch at once
+                 ) -> Problem:
+    "The `Problem` of `a`, `b`, `C` in the working precision (`work_dtype`); padded sources: zero cost rows."
+    dtype = work_dtype(a, b, C)
+    a, b, C = a.to(dtype), b.to(dtype), C.detach().to(dtype)
     B, n, m = C.shape
     if a.shape != (B, n) or b.shape != (B, m):
         raise ValueError(f"shapes do not match: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}")
     if mask_a is not None and not bool(mask_a.all()): C = C.masked_fill(~mask_a[:, :, None], 0.)
-    loga, logb = log_weights(a, mask_a), log_weights(b, mask_b)
-    if reference == 'product':
-        lmu, lnu, la, lb = loga, logb, torch.zeros_like(loga), torch.zeros_like(logb)
-    elif reference == 'uniform':
-        ones_a = torch.ones_like(a) if mask_a is None else mask_a.to(dt)
-        ones_b = torch.ones_like(b) if mask_b is None else mask_b.to(dt)
-        lmu, lnu, la, lb = log_weights(ones_a), log_weights(ones_b), loga, logb
-    else: raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
-    pad = torch.zeros(B, m, dtype=torch.bool, device=C.device) if mask_b is None else ~mask_b.to(torch.bool)
-    real = (~pad).sum(1).tolist()
-    if block is None or C.device.type != 'cpu': block, cols = None, [m] * B
-    else:
-        first = torch.arange(m, device=C.device)[None] < torch.tensor(real, device=C.device)[:, None]
-        cols = [k if p else m for k, p in zip(real, (first == ~pad).all(1).tolist())]
-    empty = torch.tensor([k == 0 for k in real], device=C.device)[:, None]
-    return _Problem(C, lmu, lnu, la, lb, tau_a, tau_b, lmu.exp(), pad, cols, real, block, empty,
-                    C.new_tensor(cols)[:, None], bool(pad.any()) or 0 in real)
+    mu, nu = reference_weights(a, b, mask_a, mask_b, reference)
+    log_mu, log_nu = log_weights(mu, mask_a), log_weights(nu, mask_b)
+    if reference == 'uniform': log_a_ratio, log_b_ratio = log_weights(a, mask_a), log_weights(b, mask_b)
+    else: log_a_ratio, log_b_ratio = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    no_padding = torch.zeros(B, m, dtype=torch.bool, device=C.device)
+    padded = no_padding if mask_b is None else ~mask_b.to(torch.bool)
+    return Problem(C, log_mu, log_nu, log_a_ratio, log_b_ratio, tau_a, tau_b, padded, block)
 
-def _col(e): return e[:, None] if isinstance(e, torch.Tensor) else e
 
-def _masked_cost(pb:_Problem, images=slice(None)) -> torch.Tensor:
-    "The cost of `images` with padded columns set to 0 (a copy only where there is padding)."
-    C, pad = pb.C[images], pb.pad[images]
-    return C.masked_fill(pad[:, None, :], 0.) if bool(pad.any()) else C
+# %%
+a_, mb_ = torch.tensor([[0.5, 0., 2.]]), torch.tensor([[True, True, False, False]])
+pr_ = setup_problem(a_, mb_.float(), torch.rand(1, 3, 4), 0.5, 0.3, mask_b=mb_)
+test_eq(pr_.mu, torch.tensor([[0.5, 0., 2.]]))
+test_eq(pr_.log_a_ratio, torch.zeros(1, 3))
+test_eq((pr_.no_points, pr_.any_padding), (torch.tensor([[False]]), True))
+pu_ = setup_problem(a_, mb_.float(), torch.rand(1, 3, 4), None, None, mask_b=mb_, reference='uniform')
+test_eq(pu_.mu, torch.ones(1, 3))
+test_eq(pu_.log_nu, torch.tensor([[0., 0., NEG, NEG]]))
+test_eq(pu_.log_a_ratio, log_weights(a_))
+mask_a_ = torch.tensor([[True, True, False]])
+pa_ = setup_problem(a_, torch.ones(1, 4), torch.rand(1, 3, 4), 0.5, 0.5, mask_a=mask_a_)
+test_eq(pa_.cost[0, 2], torch.zeros(4))
+test_fail(lambda: setup_problem(a_, torch.ones(1, 2), torch.rand(1, 3, 4), 0.5, 0.5),
+          contains='shapes do not match')
 
-def update_f(pb:_Problem, g:torch.Tensor, eps) -> torch.Tensor:
-    "Half-step of Eq. 6 for $f$ (rows) with $g$ fixed: $f=\\lambda_a(\\varepsilon\\log(a/\\mu)+\\mathrm{softmin}_\\varepsilon(C,\\log\\nu+g/\\varepsilon))$."
-    e = _col(eps)
-    return _damping(e, pb.tau_a) * (e * pb.la + softmin(eps, _masked_cost(pb), pb.lnu + g / e))
 
-def update_g(pb:_Problem, f:torch.Tensor, eps) -> torch.Tensor:
-    "Half-step of Eq. 6 for $g$ (points) with $f$ fixed."
-    e = _col(eps)
-    if pb.CT is None: pb.CT = _masked_cost(pb).transpose(1, 2).contiguous()    # once per problem
-    return _damping(e, pb.tau_b) * (e * pb.lb + softmin(eps, pb.CT, pb.lmu + f / e))
+# %% [markdown]
+# An image on its own, for the exact soft-mins of an image that a fast pass does not trust, and the cost with
+# its padded columns set to 0, which the exact soft-mins read:
+
+# %%
+#| export
+@patch
+def image(self:Problem, b:int) -> Problem:
+    "Image `b` alone, as a batch of one."
+    one = slice(b, b + 1)
+    return Problem(self.cost[one], self.log_mu[one], self.log_nu[one], self.log_a_ratio[one],
+                   self.log_b_ratio[one], self.tau_a, self.tau_b, self.padded[one], self.block)
+
+
+# %%
+mb2_ = torch.tensor([[True] * 4, [True, False, False, False]])
+pb2_ = setup_problem(torch.rand(2, 3), mb2_.float(), torch.rand(2, 3, 4) + 1, 0.5, 0.5, mask_b=mb2_)
+one_ = pb2_.image(1)
+test_eq(one_.cost, pb2_.cost[1:])
+test_eq((one_.padded, one_.any_padding, one_.tau_a), (~mb2_[1:], True, 0.5))
+
+
+# %%
+#| export
+def masked_cost(problem:Problem) -> torch.Tensor:
+    "The cost with its padded columns set to 0 (a copy only where there is padding)."
+    padded = problem.padded
+    return problem.cost.masked_fill(padded[:, None, :], 0.) if bool(padded.any()) else problem.cost
+
+
+# %%
+test_eq(masked_cost(one_)[0, :, 1:], torch.zeros(3, 3))
+p0_ = pb2_.image(0)
+assert masked_cost(p0_) is p0_.cost                                 # no padding: no copy
+
+
+# %% [markdown]
+# ## The exact kernels
+#
+# A strategy supplies the loop with two kernels: `softmins`, both soft-mins of a symmetric (Jacobi) step from
+# the same pair $(f, g)$, and `gauss_seidel`, the kernel of an over-relaxed alternating pair: the row soft-min
+# at $(f, g)$, the new $f$, and the column soft-mins at the old $f$ (for the marginal error of the incoming
+# pair) and at the new one. `ExactKernels` computes them with `softmin` on the whole tensor (padded columns
+# read as zero cost with weight $\nu_j=0$): the reference the fast strategies are tested against, and their
+# fallback for one image. Its test compares it with the log-sum-exps written out in float64, on a padded batch
+# with an image without points (whose row soft-min is that of a zero cost,
+# $-\varepsilon\,\mathrm{LSE}_j(\log\nu_j+g_j/\varepsilon)$, since all its $\nu_j$ are 0).
+
+# %%
+#| export
+class ExactKernels:
+    "The soft-min kernels with `softmin` (row maxima subtracted): the reference, and the fallback."
+    def softmins(self, problem:Problem, f, g, eps) -> tuple[torch.Tensor, torch.Tensor]:
+        "Both soft-mins of a symmetric step: over the columns at `g` `(B, n)`, over the rows at `f` `(B, m)`."
+        cost, eps_col = masked_cost(problem), eps[:, None]
+        return (softmin(eps, cost, problem.log_nu + g / eps_col),
+                softmin(eps, cost.transpose(1, 2), problem.log_mu + f / eps_col))
+    def gauss_seidel(self, problem:Problem, f, g, eps, lam, omega, active=None) -> tuple:
+        "`(row soft-min, column soft-min at f, new f, column soft-min at the new f)`; `lam`: `(B,)` dampings."
+        cost, eps_col = masked_cost(problem), eps[:, None]
+        row = softmin(eps, cost, problem.log_nu + g / eps_col)
+        f_new = relaxed_step(f, row, eps_col, lam[:, None], problem.log_a_ratio, omega[:, None])
+        transposed = cost.transpose(1, 2)
+        return (row, softmin(eps, transposed, problem.log_mu + f / eps_col), f_new,
+                softmin(eps, transposed, problem.log_mu + f_new / eps_col))
+
+
+# %%
+def lse_softmins(problem, f, g, eps):
+    "Both soft-mins in float64 with `torch.logsumexp`, padded columns at zero cost."
+    e = eps.double()[:, None, None]
+    cost = problem.cost.double().masked_fill(problem.padded[:, None, :], 0.)
+    h_rows = (problem.log_nu.double() + g.double() / e[:, 0])[:, None, :] - cost / e
+    h_cols = (problem.log_mu.double() + f.double() / e[:, 0])[:, :, None] - cost / e
+    return -e[:, 0] * torch.logsumexp(h_rows, 2), -e[:, 0] * torch.logsumexp(h_cols, 1)
+
+g = torch.Generator().manual_seed(0)
+A_ = torch.rand(3, 50, generator=g) * 0.1
+mb_ = torch.tensor([[1] * 7 + [0] * 2, [0] * 9, [1] * 4 + [0] * 5]).bool()
+C_ = torch.rand(3, 50, 9, generator=g)
+f_, g_ = torch.randn(3, 50, generator=g) * 0.05, torch.randn(3, 9, generator=g) * 0.05
+eps3_ = torch.tensor([0.05, 0.1, 0.02])
+pb_ = setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_)
+row_, col_ = ExactKernels().softmins(pb_, f_, g_, eps3_)
+for x, y in zip((row_, col_), lse_softmins(pb_, f_, g_, eps3_)): test_close(x, y.float(), eps=1e-5)
+om_ = torch.tensor([1.7, 1., 1.3])
+lam3_ = damping(eps3_, 0.5)
+r2_, c0_, fn_, c2_ = ExactKernels().gauss_seidel(pb_, f_, g_, eps3_, lam3_, om_)
+test_eq((r2_, c0_), (row_, col_))
+test_close(fn_, torch.lerp(f_, damping(eps3_[:, None], 0.5) * row_, om_[:, None]), eps=1e-6)
+test_close(c2_, lse_softmins(pb_, fn_, g_, eps3_)[1].float(), eps=1e-5)
 
 
 # %% [markdown]
 # ## One exponential per cost entry
 #
-# `softmin` subtracts each row's maximum before exponentiating: two soft-mins, two passes over every cost entry, each
-# of about six elementwise operations. A pass can do with one exponential per entry for *both* directions when the
-# current potentials serve as the stabilizer (the "absorption" of Schmitzer's stabilized scaling algorithm): with
-# $X_{ij}=(f_i+g_j-C_{ij})/\varepsilon+\log\nu_j$ and $K_{ij}=e^{X_{ij}}$,
-# $$\mathrm{softmin}_\varepsilon(\mathbf C,\log\nu+g/\varepsilon)_i=f_i-\varepsilon\log\textstyle\sum_jK_{ij},\qquad
-#   \mathrm{softmin}_\varepsilon(\mathbf C^\top,\log\mu+f/\varepsilon)_j=g_j+\varepsilon\log\nu_j-\varepsilon\log\sum_i\mu_iK_{ij},$$
-# so one block of $K$ gives its row sums and its contribution to the column sums (no transposed copy of the cost).
-# The block buffer is allocated once per problem (`_buffer`) and reused by every pass of the solve.
-# With two threads each elementwise operation on a block is split between them by rows; a matrix-vector product
-# over the whole block (the column sums) would then read half of the block from the other core's cache. On this
-# machine that made a 1024×200 block's `exp2` + column sum take 270 µs with two threads against 90 µs with one.
-# `_col_sums` and `_row_dots` therefore reduce `ROW_CHUNKS` row chunks separately (one `bmm` over the chunks, then
-# a sum of 8 partial rows): 17 µs.
-# Near the fixed point the row sums are $\approx e^{-f_i/\tau}$ and stay far from float32's limits; the exponent is
-# clamped at $2^{-120}$ from below (the underflow path of `exp` is slow) and the result of every image is checked:
-# an image whose row or column sums are not finite or fall below $2^{24}\times$ the most the clamped entries can add
-# (their error would then exceed one float32 rounding) is recomputed with `softmin`. Columns beyond an image's real
-# points have zero cost, so their soft-min is one number per image; so are the rows of an image without points.
-#
-# The exponential is `exp2` on base-2 exponents (the factor $\log_2 e$ folds into $1/\varepsilon$): torch's CPU `exp2`
-# runs about 3× faster than its `exp` (3.3 against 1.2 G/s in cache measured here, one thread, same accuracy: 1 ulp).
+# `softmin` subtracts each row's maximum before exponentiating: two soft-mins, two passes over every cost
+# entry, each of about six elementwise operations. A pass can do with one exponential per entry for *both*
+# directions when the current potentials serve as the stabilizer (the "absorption" of Schmitzer's stabilized
+# scaling algorithm): with $X_{ij}=(f_i+g_j-C_{ij})/\varepsilon+\log\nu_j$ and $K_{ij}=e^{X_{ij}}$ (the plan
+# of Eq. 5 without $\mu_i$),
+# $$\mathrm{softmin}_\varepsilon(\mathbf C,\log\nu+g/\varepsilon)_i
+#   =f_i-\varepsilon\log\textstyle\sum_jK_{ij},\qquad
+#   \mathrm{softmin}_\varepsilon(\mathbf C^\top,\log\mu+f/\varepsilon)_j=g_j+\varepsilon\log\nu_j
+#   -\varepsilon\log\sum_i\mu_iK_{ij},$$
+# so one block of $K$ gives its row sums and its contribution to the column sums (no transposed copy of the
+# cost). Near the fixed point the row sums are $\approx e^{-f_i/\tau}$ and stay far from float32's limits. The
+# exponential is `exp2` on base-2 exponents (the factor $\log_2 e$ folds into $1/\varepsilon$): torch's CPU
+# `exp2` runs about 3× faster than its `exp` (3.3 against 1.2 G/s in cache measured here, one thread, same
+# accuracy: 1 ulp), and 2.2× slower on arguments below its underflow threshold, so the exponent is clamped at
+# $-120$ from below. Then the result of every image is checked: an image whose row or column sums are not
+# finite or fall below $2^{24}\times$ the most the clamped entries can add (their error would then exceed one
+# float32 rounding) is recomputed by `ExactKernels`.
 
 # %%
 #| export
-LOG2E, LN2 = 1 / math.log(2), math.log(2)
+def exponent_floor(dtype:torch.dtype) -> tuple[float, float]:
+    "Floor of the base-2 exponents, and the trust factor: a sum of `k` terms >= `k * trust` is not spoiled."
+    return (-1000., 2. ** -947) if dtype == torch.float64 else (-120., 2. ** -96)
 
-def _floor(dt:torch.dtype) -> tuple[float, float]:
-    "Floor of the base-2 exponent, and the trust factor: a sum of `k` terms >= `k * trust` is not spoiled by the floor."
-    return (-1000., 2. ** -947) if dt == torch.float64 else (-120., 2. ** -96)
 
-def _temps(eps, B:int, like:torch.Tensor) -> torch.Tensor:
-    "`eps` (float or tensor) as a `(B,)` tensor."
-    if isinstance(eps, torch.Tensor): return eps.to(like).reshape(-1).expand(B)
-    return torch.full((B,), float(eps), dtype=like.dtype, device=like.device)
+# %%
+floor_, trust_ = exponent_floor(torch.float32)
+test_eq(torch.exp2(torch.tensor(floor_)) > 0, True)                      # a normal float32, no underflow path
+test_eq(trust_ / 2. ** floor_, 2. ** 24)                                # 2^24 times what a clamped entry adds
+test_eq(exponent_floor(torch.float64)[1] / 2. ** exponent_floor(torch.float64)[0], 2. ** 53)
 
-ROW_CHUNKS = 8  # row chunks of a block that matrix-vector products reduce separately (a multiple of the threads)
+# %% [markdown]
+# With two threads each elementwise operation on a block is split between them by rows; a matrix-vector
+# product over the whole block (the column sums) would then read half of the block from the other core's
+# cache. On this machine that made a 1024×200 block's `exp2` + column sum take 270 µs with two threads against
+# 90 µs with one. `block_col_sums` and `block_row_dots` therefore reduce `ROW_CHUNKS` row chunks separately
+# (one `bmm` over the chunks, then a sum of 8 partial rows): 17 µs. `block_col_sums` takes several row
+# weightings at once, so that two column sums of a block cost one read of it.
 
-def _image_groups(pb:_Problem, images=None) -> list[tuple[int, int, int, int]]:
-    "Runs `(b0, b1, mb, rows)` of consecutive images with the same leading columns `mb`, at most `pb.block` entries together; an image larger than a block alone, by `rows` rows."
-    n, groups = pb.C.shape[1], []
-    for b in range(len(pb.cols)) if images is None else images:
-        mb = pb.cols[b]
-        if mb == 0: continue
-        if groups and groups[-1][1] == b and groups[-1][2] == mb and (b + 1 - groups[-1][0]) * n * mb <= pb.block:
-            groups[-1][1] = b + 1; continue
-        rows = max(1, pb.block // mb)
-        if rows > ROW_CHUNKS: rows -= rows % ROW_CHUNKS         # whole row chunks (`_col_sums`)
-        groups.append([b, b + 1, mb, min(rows, n)])
-    return [tuple(gr) for gr in groups]
+# %%
+#| export
+ROW_CHUNKS = 8  # row chunks of a block that its matrix products reduce separately (a multiple of the threads)
 
-def _buffer(pb:_Problem, name:str, size:int) -> torch.Tensor:
-    "A flat work buffer of at least `size` entries kept on `pb`: the passes of a solve allocate it once."
-    if pb.work is None: pb.work = {}
-    buf = pb.work.get(name)
-    if buf is None or buf.numel() < size: buf = pb.work[name] = pb.C.new_empty(size)
-    return buf
+# %%
+test_eq(ROW_CHUNKS % 2, 0)                                           # a multiple of two threads
 
-def _kernel_blocks(pb:_Problem, f, g, e, keep:bool=False, images=None):
-    "Yield `(images, r0, r1, mb, K, X)`: `K = 2**max(X, floor)` on rows `r0:r1` and the first `mb` columns, `X` (base 2) if `keep`."
-    C = pb.C; B, n, m = C.shape
-    lo = _floor(C.dtype)[0]
-    s = LOG2E / e
-    fp, h = f * s[:, None], g * s[:, None] + pb.lnu * LOG2E
-    if pb.block is None:
-        X = torch.addcmul(h[:, None, :], C, -s[:, None, None]).add_(fp[:, :, None])
-        Xk = X.clone() if keep else None
-        yield slice(0, B), 0, n, m, X.clamp_min_(lo).exp2_(), Xk
-        return
-    groups = _image_groups(pb, images)
-    size = max([(b1 - b0) * rows * mb for b0, b1, mb, rows in groups], default=0)
-    buf, kbuf = _buffer(pb, 'buf', size), (_buffer(pb, 'kbuf', size) if keep else None)
-    for b0, b1, mb, rows in groups:
-        ims = slice(b0, b1)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            X = buf[:(b1 - b0) * (r1 - r0) * mb].view(b1 - b0, r1 - r0, mb)
-            if b1 - b0 == 1: torch.add(h[b0, None, None, :mb], C[ims, r0:r1, :mb], alpha=-float(s[b0]), out=X)
-            else: torch.addcmul(h[ims, None, :mb], C[ims, r0:r1, :mb], -s[ims, None, None], out=X)
-            X.add_(fp[ims, r0:r1, None])
-            Xk = kbuf[:X.numel()].view_as(X).copy_(X) if keep else None
-            yield ims, r0, r1, mb, X.clamp_min_(lo).exp2_(), Xk
 
-def _chunks(K:torch.Tensor) -> int:
-    r = K.shape[1]
-    return ROW_CHUNKS if K.device.type == 'cpu' and r % ROW_CHUNKS == 0 else 1
+# %%
+#| export
+def row_chunks(K:torch.Tensor # `(b, r, c)` block
+              ) -> int:
+    "`ROW_CHUNKS` on the CPU where it divides the rows, else 1."
+    return ROW_CHUNKS if K.device.type == 'cpu' and K.shape[1] % ROW_CHUNKS == 0 else 1
 
-def _col_sums(w:torch.Tensor, # `(b, r)` row weights
-              K:torch.Tensor # `(b, r, mb)` block (contiguous)
-             ) -> torch.Tensor: # `(b, mb)`
-    "$w^\\top K$ per image, summed over `ROW_CHUNKS` row chunks so each CPU thread reads the rows it has just written."
-    b, r, mb = K.shape; c = _chunks(K)
-    return torch.bmm(w.reshape(b * c, 1, r // c), K.view(b * c, r // c, mb)).view(b, c, mb).sum(1)
 
-def _col_sums2(w:torch.Tensor, # `(b, r)` first row weights
-               w0:torch.Tensor, # `(b, r)` second row weights
-               K:torch.Tensor # `(b, r, mb)` block (contiguous)
-              ) -> tuple[torch.Tensor, torch.Tensor]: # two `(b, mb)`
-    "`_col_sums(w, K)` and `_col_sums(w0, K)` in one matrix product (one read of `K`)."
-    b, r, mb = K.shape; c = _chunks(K)
-    W = torch.stack([w, w0], 1).view(b, 2, c, r // c).transpose(1, 2).reshape(b * c, 2, r // c)
-    S2 = torch.bmm(W, K.view(b * c, r // c, mb)).view(b, c, 2, mb).sum(1)
-    return S2[:, 0], S2[:, 1]
+# %%
+test_eq((row_chunks(torch.zeros(2, 16, 3)), row_chunks(torch.zeros(2, 15, 3))), (8, 1))
 
-def _row_dots(K:torch.Tensor, # `(b, r, mb)` block (contiguous)
-              v:torch.Tensor # `(b, mb)` column weights
-             ) -> torch.Tensor: # `(b, r)`
-    "$Kv$ per image, by the row chunks of `_col_sums`."
-    b, r, mb = K.shape; c = _chunks(K)
-    vc = v.reshape(b, 1, mb, 1).expand(b, c, mb, 1).reshape(b * c, mb, 1)
-    return torch.bmm(K.view(b * c, r // c, mb), vc).view(b, r)
 
-def _sums_ok(pb:_Problem, R, S, w) -> torch.Tensor:
-    "Per image: row sums `R` and column sums `S` (with row weights `w`) finite and well above the floor's error."
-    trust = _floor(R.dtype)[1]
-    if pb.work is None: pb.work = {}
-    if 'row_floor' not in pb.work:                          # the floors of the fixed weights, once per problem
-        pb.work['row_floor'], pb.work['mu_floor'] = pb.cols_t.to(R.dtype) * trust, pb.mu.sum(1, keepdim=True) * trust
-    rows = (R >= pb.work['row_floor']) & (R < math.inf)
-    floor = pb.work['mu_floor'] if w is pb.mu else w.sum(1, keepdim=True) * trust
-    cols = ((S >= floor) & (S > 0) & (S < math.inf)) | pb.pad
-    return rows.all(1) & cols.all(1) | pb.empty[:, 0]
+# %%
+#| export
+def chunk_rows(weights:torch.Tensor, # `(b, k, r)`: `k` row weightings per image
+               chunks:int # row chunks (`row_chunks`)
+              ) -> torch.Tensor: # `(b·chunks, k, r/chunks)`
+    "Row weightings as the left factors of a block's matrix product by row chunks."
+    b, k, r = weights.shape
+    return weights.reshape(b, k, chunks, r // chunks).transpose(1, 2).reshape(b * chunks, k, r // chunks)
 
-def _padded_softmins(pb:_Problem, f, g, e):
-    "Soft-mins over zero-cost padded entries: `(B, 1)` for the rows of an image without points, `(B, 1)` for its padded columns."
-    ec = e[:, None]
-    return -ec * torch.logsumexp(pb.lnu + g / ec, 1, keepdim=True), -ec * torch.logsumexp(pb.lmu + f / ec, 1, keepdim=True)
 
-def _exact_softmins(pb:_Problem, b:int, f, g, e):
-    "Row and column soft-mins of image `b` with `softmin` (the fallback of the passes)."
-    Cb, eb = _masked_cost(pb, slice(b, b + 1)), e[b:b + 1]
-    row = softmin(eb, Cb, pb.lnu[b:b + 1] + g[b:b + 1] / eb[:, None])[0]
-    col = softmin(eb, Cb.transpose(1, 2).contiguous(), pb.lmu[b:b + 1] + f[b:b + 1] / eb[:, None])[0]
-    return row, col
+# %%
+w_ = torch.arange(16.).reshape(1, 2, 8)                                 # two weightings of 8 rows
+test_eq(chunk_rows(w_, 4)[1], torch.tensor([[2., 3.], [10., 11.]]))     # chunk 1: rows 2-3 of both
 
-def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    "Both soft-mins of a symmetric step, $\\mathrm{softmin}(C,\\log\\nu+g/\\varepsilon)$ `(B, n)` and $\\mathrm{softmin}(C^\\top,\\log\\mu+f/\\varepsilon)$ `(B, m)`, in one pass."
-    C = pb.C; B, n, m = C.shape
-    e = _temps(eps, B, C)
-    R, S = C.new_zeros(B, n), C.new_zeros(B, m)
-    for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e):
-        R[bs, r0:r1] = K.sum(2)
-        S[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
-    row, col = f - e[:, None] * R.log(), g + e[:, None] * (pb.lnu - S.log())
-    if pb.padded:
-        prow, pcol = _padded_softmins(pb, f, g, e)
-        row, col = torch.where(pb.empty, prow, row), torch.where(pb.pad, pcol, col)
-    for b in (~_sums_ok(pb, R, S, pb.mu)).nonzero()[:, 0].tolist():
-        row[b], col[b] = _exact_softmins(pb, b, f, g, e)
-    return row, col
+
+# %%
+#| export
+def block_col_sums(weights:torch.Tensor, # `(b, k, r)`: `k` row weightings per image
+                   K:torch.Tensor # `(b, r, c)` block (contiguous)
+                  ) -> torch.Tensor: # `(b, k, c)`
+    "$w^\\top K$ per image for `k` weightings in one read of `K`, reduced by row chunks (`row_chunks`)."
+    (b, r, c), chunks = K.shape, row_chunks(K)
+    products = torch.bmm(chunk_rows(weights, chunks), K.view(b * chunks, r // chunks, c))
+    return products.view(b, chunks, weights.shape[1], c).sum(1)
+
+
+# %%
+K_, w_ = torch.rand(3, 16, 5, dtype=torch.float64), torch.rand(3, 2, 16, dtype=torch.float64)
+test_close(block_col_sums(w_, K_), w_ @ K_, eps=1e-12)
+test_close(block_col_sums(w_[:, :, :15], K_[:, :15].contiguous()), w_[:, :, :15] @ K_[:, :15], eps=1e-12)
+test_eq(block_col_sums(w_, K_[:, :, :0]).shape, (3, 2, 0))              # no columns
+
+
+# %%
+#| export
+def block_row_dots(K:torch.Tensor, # `(b, r, c)` block (contiguous)
+                   v:torch.Tensor # `(b, c)` column weights
+                  ) -> torch.Tensor: # `(b, r)`
+    "$Kv$ per image, by the row chunks of `block_col_sums`."
+    b, r, c = K.shape
+    chunks = row_chunks(K)
+    columns = v.reshape(b, 1, c, 1).expand(b, chunks, c, 1).reshape(b * chunks, c, 1)
+    return torch.bmm(K.view(b * chunks, r // chunks, c), columns).view(b, r)
+
+
+# %%
+v_ = torch.rand(3, 5, dtype=torch.float64)
+test_close(block_row_dots(K_, v_), (K_ @ v_[..., None])[..., 0], eps=1e-12)
 
 
 # %% [markdown]
-# Against the half-steps written with `softmin`, on a padded batch with an image without points, on the blocks
-# of the CPU (also tiny ones), on the whole tensor (the path of other devices) and with a layout whose padding is not
-# at the end; images without padding share blocks (two in a block of 900 entries, then the third alone; a block of 100
-# entries cuts each image into rows); and where the potentials are far from stabilizing (zero potentials at a small ε: every entry of $K$
-# underflows), the images fall back to `softmin` and still agree.
+# ## The dense strategy
+#
+# A strategy cuts the cost into `Block`s, the parts one pass handles at once.
 
 # %%
-g = torch.Generator().manual_seed(0)
-A_ = torch.rand(3, 50, generator=g) * 0.1; mb_ = torch.tensor([[1] * 7 + [0] * 2, [0] * 9, [1] * 4 + [0] * 5]).bool()
-C_ = torch.rand(3, 50, 9, generator=g); C_[~mb_[:, None, :].expand(-1, 50, -1)] = float('nan')   # never read where skipped
-Cf_, perm = C_.nan_to_num(7.), [8, 0, 1, 2, 3, 4, 5, 6, 7]                                     # padding visited: finite
-f_, g_ = torch.randn(3, 50, generator=g) * 0.05, torch.randn(3, 9, generator=g) * 0.05
-def with_fallbacks(fn, name='_exact_softmins'):
-    "Run `fn()` and list the images that fell back to the exact soft-mins."
-    calls, exact = [], globals()[name]
-    def counting(pb, b, *args): calls.append(b); return exact(pb, b, *args)
-    with patch.dict(globals(), {name: counting}): out = fn()
-    return out, calls
-full_, Cr_ = torch.ones_like(mb_), torch.rand(3, 50, 9, generator=g)   # no padding: images share blocks (900 entries: two, then one)
-test_eq([gr[:2] for gr in _image_groups(_setup(A_, full_.float(), Cr_, 0.5, 0.3, None, full_, 'product', block=900))],
-        [(0, 2), (2, 3)])
-for mask, Cm, gm, block in [(mb_, C_, g_, BLOCK), (mb_, C_, g_, 64), (mb_, Cf_, g_, None), (mb_[:, perm], Cf_[:, :, perm], g_[:, perm], BLOCK),
-                            (full_, Cr_, g_, BLOCK), (full_, Cr_, g_, 900), (full_, Cr_, g_, 100)]:
-    pb_ = _setup(A_, mask.float(), Cm, 0.5, 0.3, None, mask, 'product', block=block)
-    for f0, g0, ee, fallbacks in [(f_, gm, torch.tensor([0.05, 0.1, 0.02]), []), (0 * f_, 0 * gm, 1e-3, [b for b in range(3) if mask[b].any()])]:
-        (row, col), calls = with_fallbacks(lambda: pair_softmins(pb_, f0, g0, ee))
-        test_eq(calls, fallbacks)                        # zero potentials at a tiny eps: every K underflows
-        et = _temps(ee, 3, A_)
-        test_close(_damping(et[:, None], 0.5) * row, update_f(pb_, g0, et), eps=1e-5)
-        test_close(_damping(et[:, None], 0.3) * col, update_g(pb_, f0, et), eps=1e-5)
+#| export
+@dataclass
+class Block:
+    "Rows `rows` of the images `images` over their first `columns` columns: what a pass handles at once."
+    images: slice
+    rows: slice
+    columns: int
+    cost: torch.Tensor  # (b, r, columns) view of the cost
+    padded: torch.Tensor|None  # (b, 1, columns) bool, the padded columns among these (None: there are none)
+    first: bool = True  # the first row block of its images: their column sums start here
+
+
+# %%
+cost_ = torch.rand(3, 50, 9)
+block_ = Block(slice(1, 3), slice(0, 16), 4, cost_[1:3, :16, :4], None, first=True)
+test_eq(block_.cost.shape, (2, 16, 4))
+assert block_.cost.data_ptr() == cost_[1, 0, 0].data_ptr()             # a view: the cost is not copied
+
+
+# %% [markdown]
+# A pass writes its exponents, its row and column sums and (for an alternating pair) the new potential of the
+# rows. `PassBuffers` makes these tensors once per problem, and each block's views of them (`block_views`), so
+# that a pass allocates nothing and indexes nothing: per block it runs its few operations on views made
+# beforehand.
+
+# %%
+#| export
+class PassBuffers:
+    "The tensors the passes of a strategy write, made once per problem."
+    def __init__(self, problem:Problem, blocks:list[Block]):
+        B, n, m = problem.cost.shape
+        new = problem.cost.new_empty
+        self.neg_scale = new(B, 1, 1)                            # -1/ε in base 2
+        self.row_part, self.col_part = new(B, n, 1), new(B, 1, m)   # f_i/ε and g_j/ε + log ν_j in base 2
+        self.f, self.f_new, self.weights = new(B, n), new(B, n), new(B, n)   # the rows of an alternating pair
+        self.eps, self.lam, self.omega = new(B, 1), new(B, 1), new(B, 1)    # per image
+        self.row_sums = problem.cost.new_zeros(B, n)
+        self.col_sums = problem.cost.new_zeros(B, 2, m)           # weighted by the new rows' weights; by μ
+        self.work = new(max(bl.cost.numel() for bl in blocks))   # a block's exponents, then its kernel
+        self.kept = None                                          # a copy of the exponents, made on first use
+
+
+# %%
+pd_ = setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_, block=None)
+whole_ = Block(slice(0, 3), slice(0, 50), 9, pd_.cost, pd_.padded[:, None, :])
+buffers_ = PassBuffers(pd_, [whole_])
+test_eq((buffers_.work.numel(), buffers_.col_sums.shape, buffers_.kept), (3 * 50 * 9, (3, 2, 9), None))
+
+
+# %% [markdown]
+# The row chunks of `block_col_sums` are a layout of the row weights, made once for the weights that do not
+# change ($\mu$) and filled in place for those that do:
+#
+# The views share the buffers' memory (what a pass writes through them lands in the buffers), and the row
+# weights by chunks hold μ in both layouts:
+
+# %%
+#| export
+@patch
+def block_views(self:PassBuffers, problem:Problem, block:Block) -> dict:
+    "The views of `block` into the buffers, and its row weights by chunks (`chunk_rows`)."
+    images, rows, columns = block.images, block.rows, block.columns
+    b, r = block.cost.shape[:2]
+    chunks = row_chunks(block.cost)
+    work = self.work[:block.cost.numel()].view(block.cost.shape)
+    mu = problem.mu[images, rows]
+    pair = chunk_rows(torch.stack([torch.zeros_like(mu), mu], 1), chunks)   # [new weights; μ], by chunks
+    partial = block.cost.new_empty(b * chunks * 2 * columns)                  # the products, by chunks
+    return dict(work=work, chunks=work.view(b * chunks, r // chunks, columns), mu=mu,
+                mu_chunks=chunk_rows(mu[:, None], chunks).contiguous(), pair=pair,
+                pair_weights=pair.view(b, chunks, 2, r // chunks)[:, :, 0],
+                mu_products=partial[:b * chunks * columns].view(b * chunks, 1, columns),
+                pair_products=partial.view(b * chunks, 2, columns),
+                row_part=self.row_part[images, rows], col_part=self.col_part[images, :, :columns],
+                neg_scale=self.neg_scale[images], row_sums=self.row_sums[images, rows],
+                col_sums=self.col_sums[images, :, :columns], mu_col_sums=self.col_sums[images, 1:, :columns],
+                f=self.f[images, rows], f_new=self.f_new[images, rows], weights=self.weights[images, rows],
+                eps=self.eps[images], lam=self.lam[images], omega=self.omega[images],
+                log_a_ratio=problem.log_a_ratio[images, rows])
+
+
+# %%
+views_ = buffers_.block_views(pd_, whole_)
+views_['row_sums'].fill_(2.)
+test_eq(buffers_.row_sums, torch.full((3, 50), 2.))
+test_eq(views_['pair'][:, 1], views_['mu_chunks'][:, 0])
+test_eq(views_['mu_chunks'].reshape(3, 50), pd_.mu)                     # 50 rows: one chunk
+views_['pair_weights'].fill_(3.)
+test_eq(views_['pair'][:, 0], torch.full((3, 50), 3.))
+
+
+# %%
+#| export
+@patch
+def kept_view(self:PassBuffers, work:torch.Tensor) -> torch.Tensor:
+    "A view shaped as the block view `work` of a second buffer, for a copy of the exponents."
+    if self.kept is None: self.kept = torch.empty_like(self.work)
+    return self.kept[:work.numel()].view(work.shape)
+
+
+# %%
+kept_ = buffers_.kept_view(views_['work'])
+test_eq((kept_.shape, buffers_.kept.numel()), ((3, 50, 9), 3 * 50 * 9))
+assert kept_.data_ptr() != views_['work'].data_ptr()
+
+
+# %% [markdown]
+# `DenseKernels` makes the whole batch one block: on accelerators, and on the CPU where the whole cost fits in
+# cache. Its methods, below, are those of every fast strategy; `BlockedKernels` only cuts the cost
+# differently. It keeps what the checks of its passes compare with (the floors of the row sums and of the
+# column sums weighted by $\mu$), computed once.
+
+# %%
+#| export
+class DenseKernels:
+    "The soft-min kernels with one exponential per cost entry, on the whole batch at once."
+    def __init__(self, problem:Problem):
+        self.blocks, columns = self.partition(problem)
+        self.floor, self.trust = exponent_floor(problem.cost.dtype)
+        self.row_floor = problem.cost.new_tensor(columns)[:, None] * self.trust   # (B, 1) least trusted rows
+        self.mu_floor = problem.mu.sum(1, keepdim=True) * self.trust            # (B, 1) columns, weights μ
+        self.buffers = PassBuffers(problem, self.blocks)
+        self.parts = [(bl, self.buffers.block_views(problem, bl)) for bl in self.blocks]   # blocks, views
+    def partition(self, problem:Problem) -> tuple[list[Block], list[int]]:
+        "The blocks, and per image the number of columns they visit: one block, every column."
+        B, n, m = problem.cost.shape
+        padded = problem.padded[:, None, :] if bool(problem.padded.any()) else None
+        return [Block(slice(0, B), slice(0, n), m, problem.cost, padded)], [m] * B
+    def active_parts(self, active:torch.Tensor|None) -> list[tuple[Block, dict]]:
+        "The blocks (with their views) a pass computes when only the images `active` need it: all of them."
+        return self.parts
+
+
+# %%
+dense_ = DenseKernels(pd_)
+test_eq(len(dense_.blocks), 1)
+test_eq((dense_.blocks[0].columns, dense_.blocks[0].padded.shape), (9, (3, 1, 9)))
+test_eq(dense_.row_floor[:, 0], torch.full((3,), 9 * dense_.trust))
+test_eq(dense_.active_parts(torch.tensor([False, False, True])), dense_.parts)   # the whole batch, always
+
+
+# %% [markdown]
+# `exponentials` yields the kernel of each block, $K=2^{\max(X,\text{floor})}$ with the base-2 exponent
+# $X_{ij}=\big((f_i+g_j-C_{ij})/\varepsilon+\log\nu_j\big)\log_2e$, in the block's view of the work buffer;
+# with `keep` also a copy of $X$ (for the entropy of a plan).
+
+# %%
+#| export
+@patch
+def exponentials(self:DenseKernels, problem:Problem, f, g, eps, # the pair and its `(B,)` temperatures
+                 keep:bool=False, # also yield a copy of the exponents
+                 active:torch.Tensor|None=None): # `(B,)` bool, the images that need the pass (None: all)
+    "Yield `(block, views, K, X)`: $K=2^{\\max(X,\\text{floor})}$, its exponents `X` if `keep` (else None)."
+    buffers = self.buffers
+    scale = (LOG2E / eps)[:, None]                                        # 1/ε in base 2
+    torch.neg(scale, out=buffers.neg_scale[:, :, 0])
+    torch.mul(f, scale, out=buffers.row_part[:, :, 0])                  # f_i/ε
+    torch.mul(g, scale, out=buffers.col_part[:, 0]).add_(problem.log2_nu)   # g_j/ε + log ν_j
+    for block, views in self.active_parts(active):
+        X = torch.addcmul(views['col_part'], block.cost, views['neg_scale'], out=views['work'])
+        X.add_(views['row_part'])
+        kept = buffers.kept_view(X).copy_(X) if keep else None
+        yield block, views, X.clamp_min_(self.floor).exp2_(), kept
+
+
+# %%
+for block_, views_, K_, X_ in dense_.exponentials(pd_, f_, g_, eps3_, keep=True):
+    X64_ = (f_[:, :, None] + g_[:, None, :] - C_) / eps3_[:, None, None] + pd_.log_nu[:, None, :]
+    real_ = ~pd_.padded[:, None, :].expand_as(X_)
+    test_close(X_[real_], X64_[real_] * LOG2E, eps=1e-4)
+    test_eq(K_, torch.exp2(X_.clamp_min(-120.)))
+
+
+# %% [markdown]
+# The soft-mins from the sums of a pass, and the check of the sums; columns beyond an image's real points have
+# zero cost, so their soft-min is one number per image (`zero_cost_softmin`), and so is the row soft-min of an
+# image without points. A block's column sums start at its images' first row block and accumulate over the
+# others.
+
+# %%
+#| export
+def softmin_from_sums(potential:torch.Tensor, # `(B, k)` f (rows) or g (columns) of the pass
+                      log_sums:torch.Tensor, # `(B, k)` log of the row sums of K, or column sums of μ_i K_ij
+                      eps:torch.Tensor, # `(B, 1)` temperatures
+                      log_nu:torch.Tensor|None=None # `(B, m)` for the columns: log ν
+                     ) -> torch.Tensor:
+    "A soft-min from a pass's sums: $f_i-\\varepsilon\\log R_i$, $g_j+\\varepsilon(\\log\\nu_j-\\log S_j)$."
+    if log_nu is None: return potential - eps * log_sums
+    return potential + eps * (log_nu - log_sums)
+
+
+# %%
+x_, sums_ = torch.tensor([[1., 2.]]), torch.tensor([[math.e, 1.]])
+test_close(softmin_from_sums(x_, sums_.log(), torch.tensor([[0.5]])), torch.tensor([[0.5, 2.]]))
+test_close(softmin_from_sums(x_, sums_.log(), torch.tensor([[0.5]]), torch.tensor([[1., 0.]])),
+           torch.tensor([[1., 2.]]))
+
+
+# %%
+#| export
+def zero_cost_softmin(eps:torch.Tensor, # `(B,)` temperatures
+                      h:torch.Tensor # `(B, k)` log-weights plus potentials/ε
+                     ) -> torch.Tensor: # `(B, 1)`
+    "The soft-min over a zero cost, $-\\varepsilon\\,\\mathrm{LSE}_jh_j$ (padded entries)."
+    return softmin(eps, h.new_zeros(len(h), 1, h.shape[1]), h)
+
+
+# %%
+test_close(zero_cost_softmin(torch.tensor([0.1]), torch.tensor([[0., math.log(3.)]])),
+           -0.1 * math.log(4.) * torch.ones(1, 1))                     # LSE(0, log 3) = log 4
+
+
+# %%
+#| export
+def add_col_sums(col_sums:torch.Tensor, # `(b, k, c)` view of the column sums of a block's images
+                 products:torch.Tensor, # `(b·chunks, k, c)` the block's products by row chunks
+                 block:Block):
+    "Add a block's share to the column sums of its images (the first row block writes them)."
+    b = block.cost.shape[0]
+    share = products.view(b, len(products) // b, *products.shape[1:]).sum(1)
+    if block.first: col_sums.copy_(share)
+    else: col_sums.add_(share)
+
+
+# %%
+sums2_, products_ = torch.zeros(2, 1, 3), torch.ones(2 * 4, 1, 3)
+block2_ = Block(slice(0, 2), slice(0, 8), 3, torch.zeros(2, 8, 3), None)
+add_col_sums(sums2_, products_, block2_)
+add_col_sums(sums2_, products_, Block(slice(0, 2), slice(8, 16), 3, torch.zeros(2, 8, 3), None, first=False))
+test_eq(sums2_, torch.full((2, 1, 3), 8.))                              # 4 chunks, then 4 more
+
+
+# %%
+#| export
+@patch
+def trusted(self:DenseKernels, problem:Problem,
+            row_sums:torch.Tensor, # `(B, n)` row sums of K
+            col_sums:torch.Tensor, # `(B, m)` column sums of w_i K_ij
+            col_floor # `(B, 1)` least trusted column sums: `trust` × the sum of the weights w
+           ) -> torch.Tensor: # `(B,)` bool
+    "Per image: its sums finite and above what the clamped entries can add (`exponent_floor`), or no points."
+    rows = (row_sums >= self.row_floor) & (row_sums < math.inf)
+    cols = (col_sums >= col_floor) & (col_sums > 0) & (col_sums < math.inf) | problem.padded
+    return rows.all(1) & cols.all(1) | problem.no_points[:, 0]
+
+
+# %%
+rs_, cs_ = torch.ones(3, 50), torch.ones(3, 9)
+test_eq(dense_.trusted(pd_, rs_, cs_, dense_.mu_floor), torch.ones(3, dtype=torch.bool))
+rs_[0, 3], cs_[2, 6] = 1e-38, 0.                        # image 2: a padded column does not count
+test_eq(dense_.trusted(pd_, rs_, cs_, dense_.mu_floor), torch.tensor([False, True, True]))
+cs_[2, 1] = math.inf
+test_eq(dense_.trusted(pd_, rs_, cs_, dense_.mu_floor), torch.tensor([False, True, False]))
+
+
+# %% [markdown]
+# The symmetric step in one pass: each block writes its row sums and adds its share of the column sums
+# weighted by $\mu$; images the check does not trust fall back to `ExactKernels`. The test compares it with
+# `ExactKernels` on the padded batch above (an image without points), on the whole tensor; where the
+# potentials are far from stabilizing (zero potentials at a small ε: every entry of $K$ underflows), the
+# images fall back to `ExactKernels` and still agree. `with_fallbacks` counts the images that fell back.
+
+# %%
+#| export
+@patch
+def softmins(self:DenseKernels, problem:Problem, f, g, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    "Both soft-mins of a symmetric step: over the columns at `g` `(B, n)`, over the rows at `f` `(B, m)`."
+    buffers = self.buffers
+    for block, views, K, _ in self.exponentials(problem, f, g, eps):
+        torch.sum(K, 2, out=views['row_sums'])
+        torch.bmm(views['mu_chunks'], views['chunks'], out=views['mu_products'])
+        add_col_sums(views['mu_col_sums'], views['mu_products'], block)
+    row_sums, col_sums, eps_col = buffers.row_sums, buffers.col_sums[:, 1], eps[:, None]
+    row = softmin_from_sums(f, row_sums.log(), eps_col)
+    col = softmin_from_sums(g, col_sums.log(), eps_col, problem.log_nu)
+    if problem.any_padding:
+        row = torch.where(problem.no_points, zero_cost_softmin(eps, problem.log_nu + g / eps_col), row)
+        col = torch.where(problem.padded, zero_cost_softmin(eps, problem.log_mu + f / eps_col), col)
+    for b in (~self.trusted(problem, row_sums, col_sums, self.mu_floor)).nonzero()[:, 0].tolist():
+        one = slice(b, b + 1)
+        exact_row, exact_col = ExactKernels().softmins(problem.image(b), f[one], g[one], eps[one])
+        row[b], col[b] = exact_row[0], exact_col[0]
+    return row, col
+
+
+# %%
+def with_fallbacks(fn, method='softmins'):
+    "Run `fn()` and count the images whose kernel `method` fell back to `ExactKernels` (batches of one)."
+    calls, exact = [], getattr(ExactKernels, method)
+    def counting(self, problem, f, *args):
+        calls.append(len(calls))
+        return exact(self, problem, f, *args)
+    with mock_patch.object(ExactKernels, method, counting): out = fn()
+    return out, len(calls)
+
+for f0, g0, ee, fallbacks in [(f_, g_, eps3_, 0), (0 * f_, 0 * g_, torch.full((3,), 1e-3), 2)]:
+    (row, col), calls = with_fallbacks(lambda: dense_.softmins(pd_, f0, g0, ee))
+    test_eq(calls, fallbacks)                        # image 1 has no points: nothing to fall back
+    exact_row, exact_col = ExactKernels().softmins(pd_, f0, g0, ee)
+    test_close(row, exact_row, eps=1e-5)
+    test_close(col, exact_col, eps=1e-5)
+
+
+# %% [markdown]
+# The alternating pair in one pass: a block of rows gives its row sums, hence the new $f$ of those rows
+# (over-relaxed), and then, weighted by $\mu_ie^{(f^{new}_i-f_i)/\varepsilon}$, its share of the column sums
+# for the column soft-min at the new $f$; weighted by $\mu_i$ (in the same matrix product), its share of the
+# column soft-min at the old $f$, which the marginal error of the incoming pair needs.
+
+# %%
+#| export
+@patch
+def gauss_seidel(self:DenseKernels, problem:Problem, f, g, eps, # the pair and its `(B,)` temperatures
+                 lam:torch.Tensor, # `(B,)` dampings of the rows (`damping`)
+                 omega:torch.Tensor, # `(B,)` over-relaxation
+                 active:torch.Tensor|None=None # `(B,)` bool, the images that need the pair (None: all)
+                ) -> tuple:
+    "`(row soft-min, column soft-min at f, new f, column soft-min at the new f)` of an over-relaxed pair."
+    buffers = self.buffers
+    buffers.f.copy_(f)
+    for per_image, value in ((buffers.eps, eps), (buffers.lam, lam), (buffers.omega, omega)):
+        per_image.copy_(value[:, None])
+    for block, views, K, _ in self.exponentials(problem, f, g, eps, active=active):
+        log_sums = torch.sum(K, 2, out=views['row_sums']).log()
+        f_rows, eps_rows = views['f'], views['eps']
+        f_block = relaxed_step(f_rows, f_rows, eps_rows, views['lam'], views['log_a_ratio'], views['omega'],
+                               log_sums)                                 # Eq. 6 with softmin = f - ε log R
+        views['f_new'].copy_(f_block)
+        weights = torch.mul(views['mu'], torch.exp((f_block - f_rows) / eps_rows), out=views['weights'])
+        views['pair_weights'].copy_(weights.view(views['pair_weights'].shape))   # the rows at the new f
+        torch.bmm(views['pair'], views['chunks'], out=views['pair_products'])      # both column sums at once
+        add_col_sums(views['col_sums'], views['pair_products'], block)
+    eps_col, row_sums = eps[:, None], buffers.row_sums
+    row = softmin_from_sums(f, row_sums.log(), eps_col)
+    col = softmin_from_sums(g, buffers.col_sums[:, 0].log(), eps_col, problem.log_nu)
+    col_at_f = softmin_from_sums(g, buffers.col_sums[:, 1].log(), eps_col, problem.log_nu)
+    f_new = buffers.f_new.clone()
+    if problem.any_padding:                                   # zero-cost padded entries: their own soft-mins
+        padded_row = zero_cost_softmin(eps, problem.log_nu + g / eps_col)
+        row = torch.where(problem.no_points, padded_row, row)
+        f_padded = relaxed_step(f, padded_row, eps_col, lam[:, None], problem.log_a_ratio, omega[:, None])
+        f_new = torch.where(problem.no_points, f_padded, f_new)
+        col_at_f = torch.where(problem.padded, zero_cost_softmin(eps, problem.log_mu + f / eps_col), col_at_f)
+        col = torch.where(problem.padded, zero_cost_softmin(eps, problem.log_mu + f_new / eps_col), col)
+    weights_floor = buffers.weights.sum(1, keepdim=True) * self.trust
+    ok = self.trusted(problem, row_sums, buffers.col_sums[:, 0], weights_floor)
+    ok &= self.trusted(problem, row_sums, buffers.col_sums[:, 1], self.mu_floor)
+    if active is not None: ok |= ~active
+    for b in (~ok).nonzero()[:, 0].tolist():
+        one = slice(b, b + 1)
+        exact = ExactKernels().gauss_seidel(problem.image(b), f[one], g[one], eps[one], lam[one], omega[one])
+        row[b], col_at_f[b], f_new[b], col[b] = (x[0] for x in exact)
+    return row, col_at_f, f_new, col
+
+
+# %%
+for f0, g0, ee, fallbacks in [(f_, g_, eps3_, 0), (0 * f_, 0 * g_, torch.full((3,), 1e-3), 2)]:
+    lam_ = damping(ee, 0.5)
+    fast, calls = with_fallbacks(lambda: dense_.gauss_seidel(pd_, f0, g0, ee, lam_, om_), 'gauss_seidel')
+    test_eq(calls, fallbacks)
+    exact = ExactKernels().gauss_seidel(pd_, f0, g0, ee, lam_, om_)
+    for x, y in zip(fast, exact): test_close(x, y, eps=1e-4 * y.abs().max())
+
+
+# %% [markdown]
+# ## The blocked strategy
+#
+# On the CPU a pass over a large cost is faster in blocks of about `block` cost entries (4 MiB of float32),
+# whose exponents stay in cache from one elementwise operation to the next: each image only over its real
+# columns when its padded points come last (as `pad_points` puts them). Consecutive images with the same
+# number of columns share a block, so small images do not pay one set of operations each; an image larger than
+# a block is cut into row blocks (whole row chunks). Measured before this strategy was split off (B=8,
+# official mode, forward and backward): 2^19 / 2^20 / 2^21 entries gave 43 / 46 / 52 ms at 32×32 with 200
+# points with one thread, 28 / 25 / 33 ms with two; 365 / 347 / 373 and 227 / 194 / 218 ms at 64×64 with 500
+# points. A pass of the converged mode skips the blocks whose images have all converged.
+#
+# Images without padding share blocks (two in a block of 900 entries, then the third alone; a block of 100
+# entries cuts each image into rows). On every layout, with padding (the padded entries hold NaN where they
+# are never read), an image without points, padding that is not at the end, tiny blocks, the fast kernels
+# agree with the exact ones, and fall back only where every entry of $K$ underflows.
+
+# %%
+#| export
+class BlockedKernels(DenseKernels):
+    "The soft-min kernels of `DenseKernels` on cache-sized blocks of the cost (the CPU, large costs)."
+    def __init__(self, problem:Problem, block:int=BLOCK):
+        self.block = block  # cost entries per block
+        super().__init__(problem)
+    def partition(self, problem:Problem) -> tuple[list[Block], list[int]]:
+        "Runs of images with the same leading real columns, `block` entries at most; large images by rows."
+        B, n, m = problem.cost.shape
+        real = (~problem.padded).sum(1)
+        leading = ((torch.arange(m, device=real.device) < real[:, None]) == ~problem.padded).all(1)
+        columns = [k if first else m for k, first in zip(real.tolist(), leading.tolist())]
+        runs = []                                           # [first image, end, columns, rows per block]
+        for b, visited in enumerate(columns):
+            if visited == 0: continue
+            fits = (b + 1 - runs[-1][0]) * n * visited <= self.block if runs else False
+            if runs and runs[-1][1] == b and runs[-1][2] == visited and fits:
+                runs[-1][1] = b + 1
+                continue
+            rows = max(1, self.block // visited)
+            if rows > ROW_CHUNKS: rows -= rows % ROW_CHUNKS                # whole row chunks (`row_chunks`)
+            runs.append([b, b + 1, visited, min(rows, n)])
+        blocks = []
+        for first, end, visited, rows in runs:
+            padded = problem.padded[first:end, None, :visited]
+            for r0 in range(0, n, rows):
+                cost = problem.cost[first:end, r0:r0 + rows, :visited]
+                blocks.append(Block(slice(first, end), slice(r0, min(n, r0 + rows)), visited, cost,
+                                    padded if bool(padded.any()) else None, r0 == 0))
+        return blocks, columns
+    def active_parts(self, active:torch.Tensor|None) -> list[tuple[Block, dict]]:
+        "The blocks (with their views) with at least one image in `active` (None: all)."
+        if active is None: return self.parts
+        flags = active.tolist()
+        return [(bl, views) for bl, views in self.parts if any(flags[bl.images])]
+
+
+# %%
+full_, Cr_ = torch.ones_like(mb_), torch.rand(3, 50, 9, generator=g)
+pf_ = setup_problem(A_, full_.float(), Cr_, 0.5, 0.3, mask_b=full_)
+test_eq([(bl.images.start, bl.images.stop) for bl in BlockedKernels(pf_, 900).blocks], [(0, 2), (2, 3)])
+rows_ = [(bl.images.start, bl.rows.start, bl.first) for bl in BlockedKernels(pf_, 100).blocks]
+test_eq(rows_[:3], [(0, 0, True), (0, 8, False), (0, 16, False)])
+C_nan = C_.masked_fill(~mb_[:, None, :], math.nan)                     # never read where it is skipped
+perm = [8, 0, 1, 2, 3, 4, 5, 6, 7]                                     # padding first: visited, finite
+layouts = [(mb_, C_nan, g_, 64), (mb_, C_nan, g_, 1000), (mb_[:, perm], C_[:, :, perm], g_[:, perm], 100),
+           (full_, Cr_, g_, 900), (full_, Cr_, g_, 100)]
+for mask, cost, gm, block in layouts:
+    pr = setup_problem(A_, mask.float(), cost, 0.5, 0.3, mask_b=mask)
+    kernels = BlockedKernels(pr, block)
+    underflow = (0 * f_, 0 * gm, torch.full((3,), 1e-3), int(mask.any(1).sum()))
+    for f0, g0, ee, fallbacks in [(f_, gm, eps3_, 0), underflow]:
+        (row, col), calls = with_fallbacks(lambda: kernels.softmins(pr, f0, g0, ee))
+        test_eq(calls, fallbacks)
+        for x, y in zip((row, col), ExactKernels().softmins(pr, f0, g0, ee)): test_close(x, y, eps=1e-5)
+        lam_ = damping(ee, 0.5)
+        fast, calls = with_fallbacks(lambda: kernels.gauss_seidel(pr, f0, g0, ee, lam_, om_), 'gauss_seidel')
+        test_eq(calls, fallbacks)
+        for x, y in zip(fast, ExactKernels().gauss_seidel(pr, f0, g0, ee, lam_, om_)):
+            test_close(x, y, eps=1e-4 * y.abs().max())
+skipped_ = BlockedKernels(pf_, 900)
+test_eq(len(skipped_.active_parts(torch.tensor([False, False, True]))), 1)   # converged images are skipped
+
+
+# %% [markdown]
+# ## Choosing the strategy
+#
+# Once per problem, from the device, the size and the padding: the blocks only pay on the CPU, where the cost
+# does not fit in one block, or where skipping the padded columns of some images saves passes over them. (A
+# cost of two blocks in one, B=8 with 32×32 maps and 200 points, made the plan's statistics 10-40 % slower
+# here.)
+
+# %%
+#| export
+def choose_kernels(problem:Problem,
+                   block:int|None=BLOCK # CPU: cost entries per block; None: the whole batch at once
+                  ) -> DenseKernels:
+    "`DenseKernels` on accelerators, for `block=None` and for one unpadded block, else `BlockedKernels`."
+    cost = problem.cost
+    small = block is None or cost.numel() <= block and not bool(problem.padded.any())
+    if cost.device.type != 'cpu' or small: return DenseKernels(problem)
+    return BlockedKernels(problem, block)
+
+
+# %%
+test_eq(type(choose_kernels(pf_)), DenseKernels)
+test_eq(type(choose_kernels(setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_))), BlockedKernels)
+test_eq(type(choose_kernels(pf_, 100)), BlockedKernels)                # more than one block
+test_eq(type(setup_problem(A_, mb_.float(), C_, 0.5, 0.3, mask_b=mb_, block=None).kernels), DenseKernels)
 
 
 # %% [markdown]
 # ## Marginal error
 #
-# At the optimum $\mathbf P\mathbf 1=\boldsymbol a e^{-\boldsymbol f/\tau_a}$ and $\mathbf P^\top\mathbf 1=\boldsymbol b e^{-\boldsymbol g/\tau_b}$.
-# The relative marginal error of a pair $(f, g)$ is the larger of $\|\mathbf P\mathbf 1-\boldsymbol a e^{-f/\tau_a}\|_1/\|\boldsymbol a e^{-f/\tau_a}\|_1$
-# and the same for the columns, per image (0 for an image without mass). It needs one row and one column soft-min,
-# i.e. one pass: $\log(\mathbf P\mathbf 1)_i=\log\mu_i+f_i/\varepsilon-\mathrm{softmin}_\varepsilon(C,\log\nu+g/\varepsilon)_i/\varepsilon$.
+# At the optimum $\mathbf P\mathbf 1=\boldsymbol a e^{-\boldsymbol f/\tau_a}$ and
+# $\mathbf P^\top\mathbf 1=\boldsymbol b e^{-\boldsymbol g/\tau_b}$. The relative marginal error of a pair
+# $(f, g)$ is the larger of
+# $\|\mathbf P\mathbf 1-\boldsymbol a e^{-f/\tau_a}\|_1/\|\boldsymbol a e^{-f/\tau_a}\|_1$ and the same for
+# the columns, per image (0 for an image without mass). It needs one row and one column soft-min, i.e. one
+# pass:
+# $\log(\mathbf P\mathbf 1)_i=\log\mu_i+f_i/\varepsilon
+# -\mathrm{softmin}_\varepsilon(C,\log\nu+g/\varepsilon)_i/\varepsilon$.
 
 # %%
 #| export
-def _rel_err(log_have, log_want):
+def relative_error(log_have:torch.Tensor, # `(B, k)` log of a marginal
+                   log_want:torch.Tensor # `(B, k)` log of what it should be
+                  ) -> torch.Tensor: # `(B,)`
+    "$\\|e^{\\text{have}}-e^{\\text{want}}\\|_1/\\|e^{\\text{want}}\\|_1$ per image (0 without mass)."
     have, want = log_have.exp(), log_want.exp()
-    den = want.sum(-1)
-    return torch.where(den > 0, (have - want).abs().sum(-1) / den.clamp_min(1e-30), torch.zeros_like(den))
+    total = want.sum(-1)
+    error = (have - want).abs().sum(-1) / total.clamp_min(1e-30)
+    return torch.where(total > 0, error, torch.zeros_like(total))
 
-def _inv_tau(tau): return 0. if tau is None or math.isinf(tau) else 1. / tau
 
-def _errors(pb:_Problem, f, g, e, row, col) -> torch.Tensor:
-    "Marginal errors of `(f, g)` from their soft-mins `row`, `col`."
-    ec = e[:, None]
-    rows = _rel_err(pb.lmu + (f - row) / ec, pb.lmu + pb.la - f * _inv_tau(pb.tau_a))
-    cols = _rel_err(pb.lnu + (g - col) / ec, pb.lnu + pb.lb - g * _inv_tau(pb.tau_b))
+# %%
+have_, want_ = torch.log(torch.tensor([[1., 3.]])), torch.log(torch.tensor([[2., 2.]]))
+test_close(relative_error(have_, want_), torch.tensor([0.5]))
+test_eq(relative_error(torch.full((1, 2), NEG), torch.full((1, 2), NEG)), torch.zeros(1))
+
+
+# %% [markdown]
+# Potentials off the fixed point: the error written out with the plan of Eq. 5 (the same for the three
+# functions below).
+
+# %%
+#| export
+def errors_from_softmins(problem:Problem, f, g, eps, # a pair and its `(B,)` temperatures
+                         row:torch.Tensor, # `(B, n)` row soft-min at `(f, g)`
+                         col:torch.Tensor # `(B, m)` column soft-min at `(f, g)`
+                        ) -> torch.Tensor: # `(B,)`
+    "The relative marginal error of `(f, g)` per image, from its soft-mins."
+    def inverse(tau): return 0. if tau is None or math.isinf(tau) else 1. / tau
+    eps_col = eps[:, None]
+    rows = relative_error(problem.log_mu + (f - row) / eps_col,
+                          problem.log_mu + problem.log_a_ratio - f * inverse(problem.tau_a))
+    cols = relative_error(problem.log_nu + (g - col) / eps_col,
+                          problem.log_nu + problem.log_b_ratio - g * inverse(problem.tau_b))
     return torch.maximum(rows, cols)
 
-def marginal_error(pb:_Problem, f, g, eps) -> torch.Tensor:
-    "Per image, the relative error of the first-order marginal conditions at `(f, g)`."
-    e = _temps(eps, len(f), pb.C)
-    return _errors(pb, f, g, e, *pair_softmins(pb, f, g, e))
 
+# %%
+g = torch.Generator().manual_seed(3)
+a_, b_ = torch.rand(2, 12, generator=g, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+C_ = torch.rand(2, 12, 3, generator=g, dtype=torch.float64)
+f_ = torch.randn(2, 12, generator=g, dtype=torch.float64) * 0.1
+g_ = torch.randn(2, 3, generator=g, dtype=torch.float64) * 0.1
+P_ = a_[:, :, None] * b_[:, None, :] * torch.exp((f_[:, :, None] + g_[:, None, :] - C_) / 0.1)
+want_a, want_b = a_ * torch.exp(-f_ / 0.5), b_ * torch.exp(-g_ / 0.5)
+rows_err = (P_.sum(2) - want_a).abs().sum(1) / want_a.sum(1)
+cols_err = (P_.sum(1) - want_b).abs().sum(1) / want_b.sum(1)
+written = torch.maximum(rows_err, cols_err)
+pr_ = setup_problem(a_, b_, C_, 0.5, 0.5)
+softmins_ = ExactKernels().softmins(pr_, f_, g_, torch.full((2,), 0.1, dtype=torch.float64))
+test_close(errors_from_softmins(pr_, f_, g_, torch.full((2,), 0.1, dtype=torch.float64), *softmins_), written,
+           eps=1e-12)
+
+
+# %%
+#| export
+def marginal_error(problem:Problem, f:torch.Tensor, g:torch.Tensor, eps) -> torch.Tensor: # `(B,)`
+    "Per image, the relative error of the first-order marginal conditions at `(f, g)` (one pass)."
+    eps = per_image(eps, len(f), problem.cost)
+    return errors_from_softmins(problem, f, g, eps, *problem.kernels.softmins(problem, f, g, eps))
+
+
+# %%
+test_close(marginal_error(pr_, f_, g_, 0.1), written, eps=1e-12)
+
+
+# %%
+#| export
 def uot_marginal_error(a:torch.Tensor, # `(B, n)` source masses
                        b:torch.Tensor, # `(B, m)` target masses
                        C:torch.Tensor, # `(B, n, m)` cost
@@ -505,117 +1236,91 @@ def uot_marginal_error(a:torch.Tensor, # `(B, n)` source masses
     "`marginal_error` of potentials `(f, g)` from any solver, per image."
     tau_b = tau_a if tau_b is None else tau_b
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
-        return marginal_error(pb, f.detach().to(pb.C.dtype), g.detach().to(pb.C.dtype), eps)
+        problem = setup_problem(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
+        dtype = problem.cost.dtype
+        return marginal_error(problem, f.detach().to(dtype), g.detach().to(dtype), eps)
+
+
+# %%
+test_close(uot_marginal_error(a_, b_, C_, f_, g_, 0.1, 0.5), written, eps=1e-12)
 
 
 # %% [markdown]
-# ## The loops
+# ## The loop
 #
-# **`official`** reproduces geomloss's `sinkhorn_loop` at `debias=False` (the official GL recipe): initialise both
-# potentials from the other side's weights at the first temperature, then for each temperature take a *symmetric*
-# (Jacobi) step, averaging the old and new potentials, and finish with one full symmetric extrapolation at the target
-# $\varepsilon$. With one schedule per image (each image has its own diameter) the schedules are aligned on their last
-# step and an image simply waits, unchanged, until its schedule starts. Each step is one `pair_softmins` pass.
+# `sinkhorn_loop` is the solver; the strategy only supplies its soft-mins.
 #
-# **`converged`** starts from the official annealing and then iterates at the target $\varepsilon$ with alternating
-# (Gauss-Seidel) half-steps, *over-relaxed*: $f\leftarrow f+\omega(\hat f-f)$, $g\leftarrow g+\omega(\hat g-g)$ with
-# $\hat f,\hat g$ the half-steps of Eq. 6, until the relative marginal error is below `tol` (or `max_iter` pairs in all).
-# One pair is one pass over the cost: a block of rows gives its row sums, hence the new $f$ of those rows, and then,
-# weighted by $\mu_ie^{(f^{new}_i-f_i)/\varepsilon}$, its share of the column sums for the $g$ step; the unweighted
-# column sums give the marginal error of the incoming pair, so the check costs no soft-min.
+# **Annealing** reproduces geomloss's `sinkhorn_loop` at `debias=False` (the official GL recipe): initialise
+# both potentials from the other side's weights at the first temperature, then for each temperature take a
+# *symmetric* (Jacobi) step, averaging the old and new potentials, and finish with one full symmetric
+# extrapolation at the target $\varepsilon$. With one schedule per image (each image has its own diameter) the
+# schedules are aligned on their last step and an image simply waits, unchanged, until its schedule starts.
+# Each step is one `softmins` pass; the temperatures and dampings of every step are made once
+# (`annealing_table`). This is `mode='official'`.
 #
-# **ω.** For an iteration that converges like Gauss-Seidel at rate $\theta$ per pair, Young's theory of successive
-# over-relaxation gives the best $\omega^*=2/(1+\sqrt{1-\theta})$, and for $\omega\ge\omega^*$ a rate of $\omega-1$ (the
-# Sinkhorn literature uses the same rule: Thibault et al. 2017, Lehmann et al. 2021). From the official warm start on
-# 64×64 maps with 50-500 heads (ε = 0.01, τ = 0.5) plain iterations need 66-85 pairs to reach $10^{-3}$, fixed ω = 1.5 /
-# 1.6 / 1.7 / 1.8 need 41-52 / 20-24 / 15-16 / 23-35 (the last overshoots). So ω starts at 1.7 and is adapted per image
-# every `window` = 5 pairs (after the first two windows, whose error still rises as the averaged official pair is left):
-# where the error fell more slowly than $\omega-1$ per pair (so $\omega<\omega^*$), the rate $\lambda$ measured over the
-# window gives $\theta$ through Young's relation $(\lambda+\omega-1)^2=\lambda\omega^2\theta$ and ω rises to $\omega^*(\theta)$
-# (at most 1.9); where the error did not fall over a window, $\omega-1$ is halved (the guard against divergence, which
-# leads back towards plain iterations). Measured: 14-16 pairs at ε = 0.01, 26-29 at ε = 0.005 (plain: 135-169), 12-15 at
-# ε = 0.02, 10-13 at ε = 0.05 (plain: 13-16). `omega=` a number fixes ω instead (`omega=1`: plain alternating steps).
+# **Relaxation** then iterates at the target $\varepsilon$ with alternating (Gauss-Seidel) half-steps,
+# *over-relaxed*: $f\leftarrow f+\omega(\hat f-f)$, $g\leftarrow g+\omega(\hat g-g)$ with $\hat f,\hat g$ the
+# half-steps of Eq. 6, until the relative marginal error is below `tol` (or the pairs run out): one
+# `gauss_seidel` pass per pair, whose column soft-min at the old $f$ gives the marginal error of the incoming
+# pair, so the check costs no pass. This is `mode='converged'`; without annealing and with ω = 1 it is plain
+# alternating Sinkhorn (`plain_sinkhorn`).
+#
+# **ω.** For an iteration that converges like Gauss-Seidel at rate $\theta$ per pair, Young's theory of
+# successive over-relaxation gives the best $\omega^*=2/(1+\sqrt{1-\theta})$, and for $\omega\ge\omega^*$ a
+# rate of $\omega-1$ (the Sinkhorn literature uses the same rule: Thibault et al. 2017, Lehmann et al. 2021).
+# From the official warm start on 64×64 maps with 50-500 heads (ε = 0.01, τ = 0.5) plain iterations need 66-85
+# pairs to reach $10^{-3}$, fixed ω = 1.5 / 1.6 / 1.7 / 1.8 need 41-52 / 20-24 / 15-16 / 23-35 (the last
+# overshoots). So ω starts at 1.7 and is adapted per image every `window` = 5 pairs (after the first two
+# windows, whose error still rises as the averaged official pair is left): where the error fell more slowly
+# than $\omega-1$ per pair (so $\omega<\omega^*$), the rate $\lambda$ measured over the window gives $\theta$
+# through Young's relation $(\lambda+\omega-1)^2=\lambda\omega^2\theta$ and ω rises to $\omega^*(\theta)$ (at
+# most 1.9); where the error did not fall over a window, $\omega-1$ is halved (the guard against divergence,
+# which leads back towards plain iterations). Measured: 14-16 pairs at ε = 0.01, 26-29 at ε = 0.005 (plain:
+# 135-169), 12-15 at ε = 0.02, 10-13 at ε = 0.05 (plain: 13-16). `omega=` a number fixes ω instead.
+
+# %%
+#| export
+def annealing_table(problem:Problem,
+                    schedules:list[list[float]] # per image its temperatures (`epsilon_schedule`)
+                   ) -> tuple:
+    "`(eps, lam_a, lam_b, started)`: per step `(L + 2, B)` temperatures, `(L + 2, B, 1)` dampings, flags."
+    L = max(len(s) for s in schedules)
+    start = [L - len(s) for s in schedules]                            # aligned on the last step
+    steps = [[s[0] for s in schedules]] + [[s[max(k - first, 0)] for s, first in zip(schedules, start)]
+                                           for k in range(L)] + [[s[-1] for s in schedules]]
+    eps = problem.cost.new_tensor(steps)
+    lam_a, lam_b = (damping(eps, tau)[:, :, None] for tau in (problem.tau_a, problem.tau_b))
+    device = problem.cost.device
+    started = [None if k >= max(start) else
+               torch.tensor([k >= first for first in start], device=device)[:, None]
+               for k in range(L)]                                      # None: every image has started
+    return eps, lam_a, lam_b, started
+
+
+# %%
+pa_ = setup_problem(torch.ones(2, 3), torch.ones(2, 2), torch.rand(2, 3, 2), 0.5, None)
+temps_, la_, lb_, started_ = annealing_table(pa_, [[4., 2., 1.], [2., 1.]])
+test_eq(temps_, torch.tensor([[4., 2.], [4., 2.], [2., 2.], [1., 1.], [1., 1.]]))
+test_close(la_[:, :, 0], 1 / (1 + temps_ / 0.5))
+test_eq(lb_, torch.ones(5, 2, 1))
+test_eq([None if s is None else s[:, 0].tolist() for s in started_], [[True, False], None, None])
 
 # %%
 #| export
 OMEGA = 1.7  # initial over-relaxation of the converged mode
 
-def official_loop(pb:_Problem, schedules:list[list[float]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    "geomloss's symmetric annealed loop (debias=False) with one schedule per image; returns `(f, g, softmin pairs)`."
-    B, L = len(schedules), max(len(s) for s in schedules)
-    C = pb.C; n, m = C.shape[1:]
-    start = [L - len(s) for s in schedules]
-    # every temperature, damping and "has started" flag of the loop, as `(L + 2, B)` tensors made once
-    temps = C.new_tensor([[s[0] for s in schedules]] + [[s[max(k - st, 0)] for s, st in zip(schedules, start)]
-                         for k in range(L)] + [[s[-1] for s in schedules]])
-    lam_a, lam_b = _damping(temps, pb.tau_a), _damping(temps, pb.tau_b)
-    lam_a, lam_b = (lam if isinstance(lam, torch.Tensor) else torch.full_like(temps, lam) for lam in (lam_a, lam_b))
-    ela = None if not bool(pb.la.any()) else pb.la          # product reference: log(a/mu) = 0, no term
-    elb = None if not bool(pb.lb.any()) else pb.lb
-    def half(lam, e, l, sm): return lam[:, None] * (sm if l is None else e[:, None] * l + sm)
-    active = [None if k >= max(start) else torch.tensor([k >= st for st in start], device=C.device)[:, None]
-              for k in range(L)]                             # None: every image has started
-    row, col = pair_softmins(pb, C.new_zeros(B, n), C.new_zeros(B, m), temps[0])
-    g = half(lam_b[0], temps[0], elb, col)                   # a -> b
-    f = half(lam_a[0], temps[0], ela, row)                   # b -> a
-    for k in range(L):
-        e = temps[k + 1]
-        row, col = pair_softmins(pb, f, g, e)                # both from the old pair (symmetric)
-        ft, gt = half(lam_a[k + 1], e, ela, row), half(lam_b[k + 1], e, elb, col)
-        if active[k] is None: f, g = 0.5 * (f + ft), 0.5 * (g + gt)
-        else: f, g = torch.where(active[k], 0.5 * (f + ft), f), torch.where(active[k], 0.5 * (g + gt), g)
-    e = temps[-1]
-    row, col = pair_softmins(pb, f, g, e)                    # final extrapolation
-    return half(lam_a[-1], e, ela, row), half(lam_b[-1], e, elb, col), L + 2
+# %%
+assert 1 < OMEGA < 2                            # over-relaxation, inside SOR's range of convergence
 
-def _exact_relaxed(pb:_Problem, b:int, f, g, e, omega):
-    "`relaxed_pair` for image `b` with `softmin` (its fallback)."
-    Cb, eb, ec = _masked_cost(pb, slice(b, b + 1)), e[b:b + 1], e[b]
-    CTb = Cb.transpose(1, 2).contiguous()
-    row = softmin(eb, Cb, pb.lnu[b:b + 1] + g[b:b + 1] / ec)[0]
-    col0 = softmin(eb, CTb, pb.lmu[b:b + 1] + f[b:b + 1] / ec)[0]
-    fb = torch.lerp(f[b], _damping(ec, pb.tau_a) * (ec * pb.la[b] + row), omega[b])
-    col = softmin(eb, CTb, pb.lmu[b:b + 1] + fb[None] / ec)[0]
-    gb = torch.lerp(g[b], _damping(ec, pb.tau_b) * (ec * pb.lb[b] + col), omega[b])
-    rows = _rel_err(pb.lmu[b] + (f[b] - row) / ec, pb.lmu[b] + pb.la[b] - f[b] * _inv_tau(pb.tau_a))
-    cols = _rel_err(pb.lnu[b] + (g[b] - col0) / ec, pb.lnu[b] + pb.lb[b] - g[b] * _inv_tau(pb.tau_b))
-    return fb, gb, torch.maximum(rows, cols)
 
-def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:torch.Tensor, active=None):
-    "One over-relaxed alternating pair ($f$, then $g$ from the new $f$) in one pass; returns `(f, g, marginal error of the incoming pair)`."
-    C = pb.C; B, n, m = C.shape
-    active = torch.ones(B, dtype=torch.bool, device=C.device) if active is None else active   # others: skipped on the CPU
-    e = _temps(eps, B, C)
-    lam_a, lam_b, om = _damping(eps, pb.tau_a), _damping(eps, pb.tau_b), omega[:, None]
-    R, W, S, S0, fn = C.new_zeros(B, n), C.new_zeros(B, n), C.new_zeros(B, m), C.new_zeros(B, m), f.clone()
-    for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e, images=active.nonzero()[:, 0].tolist()):
-        Rb = K.sum(2); R[bs, r0:r1] = Rb
-        fr = f[bs, r0:r1]
-        fb = torch.lerp(fr, lam_a * (eps * pb.la[bs, r0:r1] + fr - eps * Rb.log()), om[bs])
-        w = pb.mu[bs, r0:r1] * torch.exp((fb - fr) / eps)     # rows re-weighted to the new f
-        fn[bs, r0:r1], W[bs, r0:r1] = fb, w
-        Sw, Smu = _col_sums2(w, pb.mu[bs, r0:r1], K)         # both column sums from one read of the block
-        S[bs, :mb] += Sw; S0[bs, :mb] += Smu
-    row, col0, col = f - eps * R.log(), g + eps * (pb.lnu - S0.log()), g + eps * (pb.lnu - S.log())
-    if pb.padded:                                            # zero-cost padded entries: their own soft-mins
-        prow, pcol0 = _padded_softmins(pb, f, g, e)
-        fn = torch.where(pb.empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
-        pcol = _padded_softmins(pb, fn, g, e)[1]
-        row, col0, col = torch.where(pb.empty, prow, row), torch.where(pb.pad, pcol0, col0), torch.where(pb.pad, pcol, col)
-    gn = torch.lerp(g, lam_b * (eps * pb.lb + col), om)
-    err = _errors(pb, f, g, e, row, col0)
-    ok = _sums_ok(pb, R, S, W) & _sums_ok(pb, R, S0, pb.mu) | ~active
-    for b in (~ok).nonzero()[:, 0].tolist():
-        fn[b], gn[b], err[b] = _exact_relaxed(pb, b, f, g, e, omega)
-    return fn, gn, err
-
+# %%
+#| export
 def adapt_omega(omega:torch.Tensor, # `(B,)` current over-relaxation
                 err_then:torch.Tensor, # `(B,)` marginal error `window` pairs ago
                 err_now:torch.Tensor, # `(B,)` marginal error now
                 window:int # pairs between the two errors
                ) -> torch.Tensor:
-    "Raise ω towards Young's optimum where the error falls slower than ω - 1 per pair; halve ω - 1 where it did not fall."
+    "Raise ω towards Young's optimum where the error falls slower than ω - 1 a pair; halve ω - 1 on a stall."
     rate = (err_now / err_then.clamp_min(1e-30)).clamp_min(1e-12) ** (1 / window)
     stalled = err_now >= err_then
     theta = ((rate + omega - 1) ** 2 / (rate * omega ** 2)).clamp(0, 0.995)
@@ -623,73 +1328,92 @@ def adapt_omega(omega:torch.Tensor, # `(B,)` current over-relaxation
     omega = torch.where((rate < 1) & (rate > omega - 1 + 0.05) & ~stalled, best, omega)
     return torch.where(stalled, 1 + (omega - 1) / 2, omega)
 
-def converged_loop(pb:_Problem, schedules:list[list[float]], eps:float, tol:float=1e-3, max_iter:int=1000,
-                   omega:float|None=None, window:int=5) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor|None]:
-    "The official annealing, then over-relaxed alternating pairs at `eps` until the marginal error is below `tol`; returns `(f, g, pairs, error or None)`."
-    f, g, its = official_loop(pb, schedules)
-    om = _temps(OMEGA if omega is None else omega, len(f), pb.C).clone()
-    done, hist = torch.zeros(len(f), dtype=torch.bool, device=f.device), []
-    while its < max_iter:
-        fn, gn, err = relaxed_pair(pb, f, g, eps, om, active=~done); its += 1
-        err = torch.where(done, hist[-1], err) if hist else err
-        hist.append(err)
-        done = done | (err < tol)                       # an image keeps its first pair below tol: batches do not matter
-        f, g = torch.where(done[:, None], f, fn), torch.where(done[:, None], g, gn)
-        if bool(done.all()): return f, g, its, err
-        k = len(hist) - 1
-        if omega is None and k >= 2 * window and k % window == 0: om = adapt_omega(om, hist[-1 - window], err, window)
-    return f, g, its, None
-
-
-# %% [markdown]
-# The fast official loop against the same loop written with the `softmin` half-steps (the implementation before the
-# one-pass soft-mins), and the over-relaxed pair against its `softmin` fallback, on a batch with padding and an image
-# without points; then ω: converged solves with fixed ω = 1 (plain alternating steps) and adaptive ω reach the same
-# potentials, the latter in far fewer pairs.
 
 # %%
-def official_loop_reference(pb, schedules):
-    "`official_loop` written with `update_f` / `update_g`."
-    B, L = len(schedules), max(len(s) for s in schedules)
-    start = [L - len(s) for s in schedules]
-    eps0 = pb.C.new_tensor([s[0] for s in schedules])
-    g = update_g(pb, pb.C.new_zeros(B, pb.C.shape[1]), eps0); f = update_f(pb, pb.C.new_zeros(B, pb.C.shape[2]), eps0)
-    for k in range(L):
-        eps = pb.C.new_tensor([s[max(k - st, 0)] for s, st in zip(schedules, start)])
-        ft, gt = update_f(pb, g, eps), update_g(pb, f, eps)
-        active = torch.tensor([k >= st for st in start])[:, None]
-        f, g = torch.where(active, 0.5 * (f + ft), f), torch.where(active, 0.5 * (g + gt), g)
-    eps = pb.C.new_tensor([s[-1] for s in schedules])
-    return update_f(pb, g, eps), update_g(pb, f, eps)
+omegas_ = adapt_omega(torch.tensor([1.7, 1.7, 1.5]), torch.ones(3), torch.tensor([1.2, .7 ** 5, .5 ** 5]), 5)
+test_close(omegas_, torch.tensor([1.35, 1.7, 1.5]), eps=1e-6)   # halved where stalled; kept at rate ω - 1
+young = 2 / (1 + (1 - 1.4 ** 2 / (.9 * 2.25)) ** .5)
+raised_ = adapt_omega(torch.tensor([1.5]), torch.ones(1), torch.tensor([.9 ** 5]), 5)
+test_close(raised_, torch.tensor([young]), eps=1e-5)
+#
+# The loop with the fast strategies against the same loop with `ExactKernels`, on a batch with padding, an
+# image without points and one schedule per image (official mode: no fallback); then converged solves with
+# fixed ω = 1 (plain alternating steps) and adaptive ω reach the same potentials, the latter in far fewer
+# pairs.
 
+# %%
+#| export
+def sinkhorn_loop(kernels, # the soft-min kernels: `DenseKernels`, `BlockedKernels` or `ExactKernels`
+                  problem:Problem,
+                  eps:float, # target temperature
+                  schedules:list[list[float]]|None=None, # per image the annealing's temperatures (None: none)
+                  pairs:int=0, # over-relaxed alternating pairs at `eps` after the annealing, at most
+                  tol:float|None=None, # an image stops at its first pair with a marginal error below this
+                  omega:float|None=None, # over-relaxation; None adapts it from `OMEGA` (`adapt_omega`)
+                  window:int=5, # pairs between two adaptations of ω
+                  start:tuple|None=None # `(f, g)` to relax from without annealing (default zeros)
+                 ) -> tuple: # `(f, g, soft-min pairs, marginal error where all images reached tol or None)`
+    "The ε-scaling (geomloss's symmetric annealing), then over-relaxed alternating pairs of Eq. 6 at `eps`."
+    B, n, m = problem.cost.shape
+    f, g = start if start is not None else (problem.cost.new_zeros(B, n), problem.cost.new_zeros(B, m))
+    log_a_ratio, log_b_ratio, count = problem.log_a_ratio, problem.log_b_ratio, 0
+    if schedules is not None:
+        temps, lam_a, lam_b, started = annealing_table(problem, schedules)
+        for k in range(len(temps)):
+            row, col = kernels.softmins(problem, f, g, temps[k])                # both from the same pair
+            f_half = half_step(row, temps[k, :, None], lam_a[k], log_a_ratio)
+            g_half = half_step(col, temps[k, :, None], lam_b[k], log_b_ratio)
+            if k == 0 or k == len(temps) - 1: f, g = f_half, g_half     # first step, final extrapolation
+            elif started[k - 1] is None: f, g = 0.5 * (f + f_half), 0.5 * (g + g_half)
+            else:
+                f = torch.where(started[k - 1], 0.5 * (f + f_half), f)
+                g = torch.where(started[k - 1], 0.5 * (g + g_half), g)
+        count = len(temps)
+    if pairs == 0: return f, g, count, None
+    eps_t = per_image(eps, B, problem.cost)
+    lam_a, lam_b = (per_image(damping(eps, tau), B, problem.cost) for tau in (problem.tau_a, problem.tau_b))
+    omegas = per_image(OMEGA if omega is None else omega, B, problem.cost).clone()
+    done, history = torch.zeros(B, dtype=torch.bool, device=f.device), []
+    for k in range(pairs):
+        row, col_at_f, f_new, col = kernels.gauss_seidel(problem, f, g, eps_t, lam_a, omegas, ~done)
+        g_new = relaxed_step(g, col, eps_t[:, None], lam_b[:, None], log_b_ratio, omegas[:, None])
+        err = errors_from_softmins(problem, f, g, eps_t, row, col_at_f)         # of the incoming pair
+        if history: err = torch.where(done, history[-1], err)
+        history.append(err)
+        if tol is not None: done = done | (err < tol)          # an image keeps its first pair below tol
+        f, g = torch.where(done[:, None], f, f_new), torch.where(done[:, None], g, g_new)
+        if tol is not None and bool(done.all()): return f, g, count + k + 1, err
+        if omega is None and k >= 2 * window and k % window == 0:
+            omegas = adapt_omega(omegas, history[-1 - window], err, window)
+    return f, g, count + pairs, None
+
+
+# %%
 g = torch.Generator().manual_seed(1)
-grid16 = torch.stack(torch.meshgrid(torch.arange(16.), torch.arange(16.), indexing='xy'), -1).reshape(1, -1, 2) / 16
-pts16 = torch.rand(3, 12, 2, generator=g); mk16 = torch.tensor([[1] * 12, [0] * 12, [1] * 5 + [0] * 7]).bool()
+ticks16 = torch.arange(16.)
+grid16 = torch.stack(torch.meshgrid(ticks16, ticks16, indexing='xy'), -1).reshape(1, -1, 2) / 16
+pts16 = torch.rand(3, 12, 2, generator=g)
+mk16 = torch.tensor([[1] * 12, [0] * 12, [1] * 5 + [0] * 7]).bool()
 C16 = torch.exp(torch.cdist(grid16.expand(3, -1, -1), pts16) / 0.6) - 1
 A16 = torch.rand(3, 256, generator=g) * 0.05
-pb16 = _setup(A16, mk16.float(), C16, 0.5, 0.5, None, mk16, 'product')
 scheds = [epsilon_schedule(d, 0.01) for d in (1.4, 1.0, 0.5)]
-(f1, g1, its), calls = with_fallbacks(lambda: official_loop(pb16, scheds))
-f0, g0 = official_loop_reference(pb16, scheds)
-test_eq(its, len(scheds[0]) + 2); test_eq(calls, [])
-test_close(f1, f0, eps=1e-5); test_close(g1[mk16], g0[mk16], eps=1e-5); test_close(g1, g0, eps=1e-4 * g0.abs().max())
-om_ = torch.tensor([1.7, 1., 1.3])
-fn_, gn_, err_ = relaxed_pair(pb16, f1, g1, 0.01, om_)
-for b in range(3):
-    fx, gx, ex = _exact_relaxed(pb16, b, f1, g1, _temps(0.01, 3, C16), om_)
-    test_close(fn_[b], fx, eps=1e-5); test_close(gn_[b], gx, eps=1e-4 * gx.abs().max()); test_close(err_[b], ex, eps=1e-5)
-test_close(err_, marginal_error(pb16, f1, g1, 0.01), eps=1e-6)
-pb1 = _setup(A16[:1], mk16[:1].float(), C16[:1], 0.5, 0.5, None, mk16[:1], 'product'); assert not pb1.padded
-fx, gx, ex = _exact_relaxed(pb1, 0, f1[:1], g1[:1], _temps(0.01, 1, C16), om_[:1])   # no padding: padded soft-mins skipped
-fn1, gn1, err1 = relaxed_pair(pb1, f1[:1], g1[:1], 0.01, om_[:1])
-test_close(fn1[0], fx, eps=1e-5); test_close(gn1[0], gx, eps=1e-4 * gx.abs().max()); test_close(err1[0], ex, eps=1e-5)
-pp, pa = (converged_loop(pb16, scheds, 0.01, tol=1e-5, omega=om) for om in (1., None))    # float32 bottoms out near 1e-6
+reference16 = setup_problem(A16, mk16.float(), C16, 0.5, 0.5, mask_b=mk16)
+f0, g0, its, _ = sinkhorn_loop(ExactKernels(), reference16, 0.01, scheds)
+test_eq(its, len(scheds[0]) + 2)
+for block in (BLOCK, 512, None):
+    pr = setup_problem(A16, mk16.float(), C16, 0.5, 0.5, mask_b=mk16, block=block)
+    (f1, g1, its, _), calls = with_fallbacks(lambda: sinkhorn_loop(pr.kernels, pr, 0.01, scheds))
+    test_eq((its, calls), (len(scheds[0]) + 2, 0))
+    test_close(f1, f0, eps=1e-5)
+    test_close(g1[mk16], g0[mk16], eps=1e-5)
+pp, pa = (sinkhorn_loop(pr.kernels, pr, 0.01, scheds, 1000, 1e-5, omega) for omega in (1., None))
 print(f"pairs to 1e-5: plain {pp[2]}, adaptive over-relaxation {pa[2]}")
 assert pa[2] < pp[2] / 2 and (pp[3] < 1e-5).all() and (pa[3] < 1e-5).all()
-test_close(pa[0][[0, 2]], pp[0][[0, 2]], eps=1e-4); test_close(pa[1][mk16], pp[1][mk16], eps=1e-4)   # (image 1 has no points)
-test_close(adapt_omega(torch.tensor([1.7, 1.7, 1.5]), torch.ones(3), torch.tensor([1.2, .7 ** 5, .5 ** 5]), 5),
-           torch.tensor([1.35, 1.7, 1.5]), eps=1e-6)   # halved where stalled; kept where the rate is omega - 1
-test_close(adapt_omega(torch.tensor([1.5]), torch.ones(1), torch.tensor([.9 ** 5]), 5), torch.tensor([2 / (1 + (1 - 1.4 ** 2 / (.9 * 2.25)) ** .5)]), eps=1e-5)  # raised to Young's optimum
+test_close(pa[0][[0, 2]], pp[0][[0, 2]], eps=1e-4)
+test_close(pa[1][mk16], pp[1][mk16], eps=1e-4)                      # (image 1 has no points)
+fe, ge, _, erre = sinkhorn_loop(ExactKernels(), reference16, 0.01, scheds, 1000, 1e-5)   # exact kernels
+assert (erre < 1e-5).all()
+test_close(fe[[0, 2]], pa[0][[0, 2]], eps=1e-4)
 
 
 # %% [markdown]
@@ -697,8 +1421,8 @@ test_close(adapt_omega(torch.tensor([1.5]), torch.ones(1), torch.tensor([.9 ** 5
 #
 # The POT-style entry point. `a` `(B, n)`, `b` `(B, m)`, `C` `(B, n, m)`; masks mark real entries of padded
 # batches (padded entries get zero mass and never appear in a plan). It runs without autograd and returns a
-# `Potentials` object, which unpacks as `f, g` and also carries the temperature, the reference, the number of soft-min
-# pairs (`iterations`, one pass over the cost each) and the achieved per-image `marginal_error` (with
+# `Potentials` object, which unpacks as `f, g` and also carries the temperature, the reference, the number of
+# soft-min pairs (`iterations`, one pass over the cost each) and the achieved per-image `marginal_error` (with
 # `compute_error=True`; in converged mode it comes with the last pair).
 
 # %%
@@ -712,15 +1436,31 @@ class Potentials:
     reference: str = 'product'
     iterations: int = 0  # soft-min pairs (one f and one g update each)
     marginal_error: torch.Tensor|None = None  # (B,) relative marginal error
-    def __iter__(self): yield self.f; yield self.g
+    def __iter__(self):
+        yield self.f
+        yield self.g
 
-def _largest_cost(pb:_Problem) -> torch.Tensor:
-    "Per image, the largest cost over real entries (0 without any)."
-    out = pb.C.new_zeros(len(pb.real))
-    for b, (k, mb) in enumerate(zip(pb.real, pb.cols)):
-        if k and pb.C.shape[1]: out[b] = (pb.C[b, :, :k] if mb == k else _masked_cost(pb, slice(b, b + 1))).amax()
-    return out
 
+# %%
+f_, g_ = Potentials(torch.zeros(1, 2), torch.ones(1, 3), 0.1)
+test_eq((f_.shape, g_.shape), ((1, 2), (1, 3)))
+
+
+# %%
+#| export
+def largest_cost(problem:Problem) -> torch.Tensor: # `(B,)`
+    "Per image, the largest cost over real entries (0 without any): the first temperature without a diameter."
+    largest = problem.cost.amax(1).masked_fill(problem.padded, -math.inf).amax(1)
+    return torch.where(problem.no_points[:, 0], torch.zeros_like(largest), largest)
+
+
+# %%
+largest_ = torch.stack([C_nan[0, :, :7].max(), torch.tensor(0.), C_nan[2, :, :4].max()])
+test_eq(largest_cost(setup_problem(A_, mb_.float(), C_nan, 0.5, 0.3, mask_b=mb_)), largest_)
+
+
+# %%
+#| export
 def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
                    b:torch.Tensor, # `(B, m)` target masses (1 per head)
                    C:torch.Tensor, # `(B, n, m)` cost
@@ -742,63 +1482,119 @@ def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
                   ) -> Potentials:
     "Solve entropic unbalanced OT with KL marginal penalties for a batch; returns the dual potentials."
     if C.dim() == 2: a, b, C = a[None], b[None], C[None]
-    if mode not in ('official', 'converged'): raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
+    if mode not in ('official', 'converged'):
+        raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
     tau_b = tau_a if tau_b is None else tau_b
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference, block)
-        B, n, m = pb.C.shape
-        if diameter is None: diameter = _largest_cost(pb) if n * m else torch.ones(B)
-        diams = _eps_list(torch.as_tensor(diameter, dtype=torch.float64), B)
-        schedules = [epsilon_schedule(max(d, eps ** (1 / p)), eps, scaling, p) for d in diams]
-        err = None
-        if m == 0 or n == 0:
-            f, g, its = pb.C.new_zeros(B, n), pb.C.new_zeros(B, m), 0
-        elif mode == 'official':
-            f, g, its = official_loop(pb, schedules)
-        else:
-            f, g, its, err = converged_loop(pb, schedules, eps, tol=tol, max_iter=max_iter, omega=omega)
-        if compute_error and n * m and err is None: err = marginal_error(pb, f, g, eps)
+        problem = setup_problem(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference, block)
+        B, n, m = problem.cost.shape
+        if n * m == 0:
+            return Potentials(problem.cost.new_zeros(B, n), problem.cost.new_zeros(B, m), eps, reference)
+        if diameter is None: diameter = largest_cost(problem)
+        diameters = torch.as_tensor(diameter, dtype=torch.float64).reshape(-1).expand(B).tolist()
+        schedules = [epsilon_schedule(max(d, eps ** (1 / p)), eps, scaling, p) for d in diameters]
+        pairs = 0 if mode == 'official' else max(max_iter - max(len(s) for s in schedules) - 2, 0)
+        f, g, its, err = sinkhorn_loop(problem.kernels, problem, eps, schedules, pairs, tol, omega)
+        if compute_error and err is None: err = marginal_error(problem, f, g, eps)
     return Potentials(f, g, eps, reference, its, err if compute_error else None)
+
+
+# %%
+g_ = torch.Generator().manual_seed(5)
+a_, b_ = torch.rand(2, 12, generator=g_, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+C_ = torch.rand(2, 12, 3, generator=g_, dtype=torch.float64)
+pot_ = uot_potentials(a_, b_, C_, 0.1, 0.5, mode='converged', tol=1e-12, max_iter=10000)
+err_ = uot_marginal_error(a_, b_, C_, pot_.f, pot_.g, 0.1, 0.5)    # any solver's potentials, the same way
+test_close(err_, pot_.marginal_error, eps=1e-15)
+assert (err_ < 1e-11).all(), err_
+test_eq(uot_potentials(a_, b_[:, :0], C_[:, :, :0]).iterations, 0)
+test_fail(lambda: uot_potentials(a_, b_, C_, mode='fast'), contains="'official' or 'converged'")
 
 
 # %% [markdown]
 # ## Plans, and the gradient of the paper
 #
-# The plan is rebuilt from the potentials: $\log P_{ij}=\log\mu_i+\log\nu_j+(f_i+g_j-C_{ij})/\varepsilon$.
+# The plan is rebuilt from the potentials: $\log P_{ij}=\log\mu_i+\log\nu_j+(f_i+g_j-C_{ij})/\varepsilon$ (Eq.
+# 5).
 #
-# **Gradient (Sec. 3.3).** The paper holds $\boldsymbol v^*$ fixed and treats $\boldsymbol u^*(\boldsymbol a)$ as a function of
-# the density: $\mathbf P(\boldsymbol a)=\mathrm{diag}(\boldsymbol u^*(\boldsymbol a))\mathbf K\mathrm{diag}(\boldsymbol v^*)$. So we iterate
-# without autograd and take *one* differentiable $u$-half-step,
-# $f_i(\boldsymbol a)=\lambda_a\big(\varepsilon\log\frac{a_i}{\mu_i}+\mathrm{softmin}_\varepsilon(\mathbf C,\log\nu+g^*/\varepsilon)_i\big)$.
-# Then $P_{ij}(\boldsymbol a)=r_i(\boldsymbol a)\,E_{ij}$ with a row factor $r_i=\mu_i\,(a_i/\mu_i)^{\lambda_a}$ and a constant
+# **Gradient (Sec. 3.3).** The paper holds $\boldsymbol v^*$ fixed and treats $\boldsymbol u^*(\boldsymbol a)$
+# as a function of the density:
+# $\mathbf P(\boldsymbol a)=\mathrm{diag}(\boldsymbol u^*(\boldsymbol a))\mathbf K \mathrm{diag}(\boldsymbol
+# v^*)$.
+# So we So we iterate without autograd and take *one* differentiable $u$-half-step (Eq. 6),
+# $f_i(\boldsymbol a)=\lambda_a\big(\varepsilon\log\frac{a_i}{\mu_i} +\mathrm{softmin}_\varepsilon(\mathbf
+# C,\log\nu+g^*/\varepsilon)_i\big)$.
+# Then $P_{ij}(\boldsymbol a)=r_i(\boldsymbol a)\,E_{ij}$ with a row factor
+# $r_i=\mu_i\,(a_i/\mu_i)^{\lambda_a}$ and a constant
 # $E_{ij}=\nu_j\exp\big((g^*_j-C_{ij})/\varepsilon-\lambda_a S_i\big)$, $S_i=-\mathrm{softmin}_i/\varepsilon$:
 #
-# * product reference ($\mu=a$): $r_i=a_i$. The $u$-step does not depend on $\boldsymbol a$ at all, the plan is linear in the
-#   density, and the paper's gradient coincides with the official code's;
+# * product reference ($\mu=a$): $r_i=a_i$. The $u$-step does not depend on $\boldsymbol a$ at all, the plan
+#   is linear in the density, and the paper's gradient coincides with the official code's;
 # * uniform reference ($\mu=1$, Eq. 6 literally): $r_i=a_i^{\lambda_a}$.
 #
 # `grad='official'`: potentials detached, the gradient flows only through the density factor of the plan,
 # $P_{ij}=a_i\cdot\big(P^*_{ij}/a^*_i\big)$, as the official code builds `PI = exp((F+G-C)/eps) * A * b`.
-# `grad='none'` returns a detached plan. Memory does not grow with the iterations: the autograd graph holds one row
-# factor and one constant `(B, n, m)` factor. (The gradient with respect to the cost is not propagated.)
-# Since the constant factor can in degenerate cases (zero density under the uniform reference) have a large exponent,
-# its exponent is clamped at 40 (this only happens where the density vanishes on a whole neighbourhood of a head: the
-# true derivative of the plan is then infinite, since the KL solve makes $P\propto\sqrt{a}$ there; the clamp keeps values
-# and gradients finite in float32 even after summing over thousands of entries); it is also clamped at $-80$ (entries below $e^{-80}\approx 2\cdot 10^{-35}$ are
+# `grad='none'` returns a detached plan. Memory does not grow with the iterations: the autograd graph holds
+# one row factor and one constant `(B, n, m)` factor. (The gradient with respect to the cost is not
+# propagated.) Since the constant factor can in degenerate cases (zero density under the uniform reference)
+# have a large exponent, its exponent is clamped at 40 (this only happens where the density vanishes on a
+# whole neighbourhood of a head: the true derivative of the plan is then infinite, since the KL solve makes
+# $P\propto\sqrt{a}$ there; the clamp keeps values and gradients finite in float32 even after summing over
+# thousands of entries); it is also clamped at $-80$ (entries below $e^{-80}\approx 2\cdot 10^{-35}$ are
 # negligible, and CPU `exp` is much faster above the underflow range); padded entries are set to exactly 0.
-# With `grad='paper'` the plan is the one after the extra $u$-half-step, $\mathrm{diag}(\boldsymbol u(\boldsymbol a; v^*))\mathbf K\mathrm{diag}(v^*)$;
-# at a fixed point this is the plan of $(f^*, g^*)$, after the official 12-pair schedule it is one half-step further.
+# With `grad='paper'` the plan is the one after the extra $u$-half-step,
+# $\mathrm{diag}(\boldsymbol u(\boldsymbol a; v^*))\mathbf K\mathrm{diag}(v^*)$; at a fixed point this is the
+# plan of $(f^*, g^*)$, after the official 12-pair schedule it is one half-step further.
 
 # %%
 #| export
-def _plan_problem(a, b, C, pot:Potentials, tau_a, mask_a, mask_b, grad:str, block=BLOCK):
-    "Check `grad`; `a` in the working precision and the problem (`_setup`) a plan is rebuilt from."
+def plan_row_factor(a:torch.Tensor, # `(B, n)` masses (may require grad)
+                    mask_a:torch.Tensor|None, # `(B, n)` bool, real sources
+                    eps:float, tau_a:float|None, # temperature and row KL penalty of the solve
+                    grad:str, # 'paper', 'official' or 'none'
+                    reference:str # 'product' or 'uniform'
+                   ) -> torch.Tensor: # `(B, n)`
+    "The row factor $r$ of $P_{ij}=r_iE_{ij}$: $a$, or $a^{\\lambda_a}$ (paper's gradient, uniform ref.)."
+    masses = a.clamp_min(0) if mask_a is None else a.clamp_min(0) * mask_a
+    r = (masses + 1e-30) ** damping(eps, tau_a) if grad == 'paper' and reference == 'uniform' else masses
+    return r.detach() if grad == 'none' else r
+
+
+# %%
+a_ = torch.tensor([[0.25, -1., 4.]], requires_grad=True)
+test_eq(plan_row_factor(a_, None, 0.1, 0.5, 'official', 'uniform').detach(), torch.tensor([[0.25, 0., 4.]]))
+r_ = plan_row_factor(a_, None, 0.5, 0.5, 'paper', 'uniform').detach()
+test_close(r_, torch.tensor([[0.5, 1e-15, 2.]]), eps=1e-6)
+r_ = plan_row_factor(a_, torch.tensor([[True, True, False]]), 0.1, 0.5, 'paper', 'product').detach()
+test_eq(r_[0, 2].item(), 0.)
+assert plan_row_factor(a_, None, 0.1, 0.5, 'official', 'product').requires_grad
+assert not plan_row_factor(a_, None, 0.1, 0.5, 'none', 'product').requires_grad
+
+
+# %%
+#| export
+def plan_problem(a, b, C, # the masses (`a` may require grad) and the cost
+                 pot:Potentials, tau_a, mask_a, mask_b, # as for `plan_factors`
+                 grad:str, block=BLOCK):
+    "Check `grad`; `a` in the working precision and the `Problem` a plan is rebuilt from."
     if grad not in ('paper', 'official', 'none'):
         raise ValueError(f"grad must be 'paper', 'official' or 'none', got {grad!r}")
     a = a.to(work_dtype(a, b, C))
     with torch.no_grad(), no_autocast(C.device):
-        return a, _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, pot.reference, block)
+        return a, setup_problem(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, pot.reference, block)
 
+
+# %%
+no_pot_ = Potentials(None, None, 0.1)
+test_fail(lambda: plan_problem(a_, torch.ones(1, 2), torch.rand(1, 3, 2), no_pot_, 0.5, None,
+                               None, 'exact'), contains="'paper', 'official' or 'none'")
+
+
+# %% [markdown]
+# The factors of the plan of converged potentials are Eq. 5 written out:
+
+# %%
+#| export
 def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
                  b:torch.Tensor, # `(B, m)`
                  C:torch.Tensor, # `(B, n, m)`
@@ -808,30 +1604,39 @@ def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
                  grad:str='paper' # 'paper' (v* fixed, u*(a)), 'official' (density factor only) or 'none'
                 ) -> tuple[torch.Tensor, torch.Tensor]: # row factor `r` `(B, n)` and constant `E` `(B, n, m)`
     "Factor the plan as `P = r[..., None] * E` where only `r` depends (differentiably) on `a`."
-    a, pb = _plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad)
-    eps, ref, dt = pot.eps, pot.reference, pb.C.dtype
-    B, n, m = C.shape
+    a, problem = plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad)
+    eps, dtype = pot.eps, problem.cost.dtype
     with torch.no_grad(), no_autocast(C.device):
-        Cm = _masked_cost(pb)
-        f, g = pot.f.to(dt), pot.g.to(dt)
-        if grad == 'paper':
-            lam = _damping(eps, tau_a)
-            S = -softmin(eps, Cm, pb.lnu + g / eps) / eps                 # the u-half-step with v* fixed
-            row = -lam * S
-        else:
-            row = pb.lmu + f / eps - log_weights(a.detach(), mask_a)
-        logE = torch.mul(Cm, -1. / eps)                                   # one (B, n, m) buffer, in place
-        logE.add_((pb.lnu + g / eps)[:, None, :]).add_(row[:, :, None])
-        E = logE.clamp_(min=-80., max=40.).exp_()                         # no underflow path; see `softmin`
+        cost = masked_cost(problem)
+        f, g = pot.f.to(dtype), pot.g.to(dtype)
+        if grad == 'paper': log_row = damping(eps, tau_a) * softmin(eps, cost, problem.log_nu + g / eps) / eps
+        else: log_row = problem.log_mu + f / eps - log_weights(a.detach(), mask_a)
+        log_E = torch.mul(cost, -1. / eps)                                # one (B, n, m) buffer, in place
+        log_E.add_((problem.log_nu + g / eps)[:, None, :]).add_(log_row[:, :, None])
+        E = log_E.clamp_(min=-80., max=40.).exp_()                        # no underflow path; see `softmin`
         if mask_b is not None: E.masked_fill_(~mask_b[:, None, :], 0.)
         if mask_a is not None: E.masked_fill_(~mask_a[:, :, None], 0.)
-    with no_autocast(C.device):
-        ap = a.clamp_min(0) if mask_a is None else a.clamp_min(0) * mask_a
-        if grad == 'paper' and ref == 'uniform': r = (ap + 1e-30) ** _damping(eps, tau_a)
-        else: r = ap
-        if grad == 'none': r = r.detach()
+    with no_autocast(C.device): r = plan_row_factor(a, mask_a, eps, tau_a, grad, pot.reference)
     return r, E
 
+
+# %%
+g_ = torch.Generator().manual_seed(5)
+a_, b_ = torch.rand(2, 12, generator=g_, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+C_ = torch.rand(2, 12, 3, generator=g_, dtype=torch.float64)
+pot_ = uot_potentials(a_, b_, C_, 0.1, 0.5, mode='converged', tol=1e-12, max_iter=10000)
+eq5_ = a_[:, :, None] * b_[:, None] * torch.exp((pot_.f[:, :, None] + pot_.g[:, None] - C_) / 0.1)
+r_, E_ = plan_factors(a_, b_, C_, pot_, 0.5, grad='official')
+test_close(r_[:, :, None] * E_, eq5_, eps=1e-12)
+test_eq(r_, a_)
+
+
+# %% [markdown]
+# `uot_plan` multiplies them; a row of the plan with the paper's gradient at a fixed point sums to the
+# first-order condition $a_ie^{-f_i/\tau_a}$.
+
+# %%
+#| export
 def uot_plan(a:torch.Tensor, # `(B, n)` source masses (may require grad)
              b:torch.Tensor, # `(B, m)` target masses
              C:torch.Tensor, # `(B, n, m)` cost
@@ -851,50 +1656,76 @@ def uot_plan(a:torch.Tensor, # `(B, n)` source masses (may require grad)
     P = r[:, :, None] * E
     return P[0] if squeeze else P
 
+
+# %%
+P_ = uot_plan(a_, b_, C_, 0.1, 0.5, potentials=pot_, grad='official')
+test_close(P_, eq5_, eps=1e-12)
+test_close(uot_plan(a_, b_, C_, 0.1, 0.5, potentials=pot_).sum(2), a_ * torch.exp(-pot_.f / 0.5), eps=1e-10)
+one_pot_ = Potentials(pot_.f[:1], pot_.g[:1], 0.1)
+test_eq(uot_plan(a_[0], b_[0], C_[0], 0.1, 0.5, potentials=one_pot_).shape, (12, 3))
+
+
+# %% [markdown]
+# The primal objective of Eq. 1 (with KL for $D_1$, $D_2$), for checks against other solvers:
+
+# %%
+#| export
 def generalized_kl(p:torch.Tensor, # non-negative
                    q:torch.Tensor # non-negative reference, same shape as `p`
                   ) -> torch.Tensor: # entry-wise terms: sum them for $KL(p|q)$
     "Entries $p\\log(p/q)-p+q$ of the generalized KL divergence (0·log 0 = 0)."
     return torch.xlogy(p, p) - torch.xlogy(p, q) - p + q
 
-def _kl(p, q):
-    "Generalized KL over the last dim, `q` floored at the dtype's smallest normal number."
+
+# %%
+test_close(generalized_kl(torch.tensor([0., 1., 2.]), torch.ones(3)).sum(), 2 * math.log(2), eps=1e-6)
+
+
+# %%
+#| export
+def kl_sum(p:torch.Tensor, q:torch.Tensor) -> torch.Tensor:
+    "$\\mathrm{KL}(p|q)$ over the last dim, `q` floored at the dtype's smallest normal number."
     return generalized_kl(p, q.clamp_min(1e-300 if q.dtype == torch.float64 else 1e-38)).sum(-1)
 
+
+# %%
+kl_ = kl_sum(torch.tensor([[1., 0.]]), torch.tensor([[0., 1.]]))      # q = 0 floored at 1e-38
+test_close(kl_, torch.tensor([38 * math.log(10)]), eps=1e-3)
+
+
+# %%
+#| export
 def uot_value(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `uot_plan`
               eps:float=0.01, tau_a:float|None=0.5, tau_b:float|None=None,
               mask_a=None, mask_b=None, plan:torch.Tensor|None=None, reference:str='product',
               **kwargs) -> torch.Tensor: # `(B,)` primal objectives
-    "Primal objective $\\langle C,P\\rangle+\\varepsilon KL(P|\\mu\\otimes\\nu)+\\tau_a KL(P1|a)+\\tau_b KL(P^T1|b)$ at the optimal plan."
+    "The primal objective of Eq. 1 with KL penalties and $\\varepsilon\\mathrm{KL}(P|\\mu\\otimes\\nu)$."
     tau_b = tau_a if tau_b is None else tau_b
-    if plan is None: plan = uot_plan(a, b, C, eps, tau_a, tau_b, mask_a, mask_b, reference=reference, **kwargs)
+    if plan is None:
+        plan = uot_plan(a, b, C, eps, tau_a, tau_b, mask_a, mask_b, reference=reference, **kwargs)
+    mu, nu = reference_weights(a, b, mask_a, mask_b, reference)
     a = a if mask_a is None else a * mask_a
     b = b if mask_b is None else b * mask_b
-    Cm = C if mask_b is None else C.masked_fill(~mask_b[:, None], 0.)
-    mu, nu = (a, b) if reference == 'product' else (torch.ones_like(a) if mask_a is None else mask_a.to(a.dtype),
-                                                   torch.ones_like(b) if mask_b is None else mask_b.to(b.dtype))
-    val = (Cm * plan).flatten(1).sum(1) + eps * _kl(plan.flatten(1), (mu[:, :, None] * nu[:, None, :]).flatten(1))
-    if tau_a is not None and not math.isinf(tau_a): val = val + tau_a * _kl(plan.sum(2), a)
-    if tau_b is not None and not math.isinf(tau_b): val = val + tau_b * _kl(plan.sum(1), b)
-    return val
+    cost = C if mask_b is None else C.masked_fill(~mask_b[:, None], 0.)
+    reference_plan = (mu[:, :, None] * nu[:, None, :]).flatten(1)
+    value = (cost * plan).flatten(1).sum(1) + eps * kl_sum(plan.flatten(1), reference_plan)
+    if tau_a is not None and not math.isinf(tau_a): value = value + tau_a * kl_sum(plan.sum(2), a)
+    if tau_b is not None and not math.isinf(tau_b): value = value + tau_b * kl_sum(plan.sum(1), b)
+    return value
 
 
 # %%
-g_ = torch.Generator().manual_seed(5)
-a_, b_ = torch.rand(2, 12, generator=g_, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
-C_ = torch.rand(2, 12, 3, generator=g_, dtype=torch.float64)
-pot_ = uot_potentials(a_, b_, C_, 0.1, 0.5, mode='converged', tol=1e-12, max_iter=10000)
-err_ = uot_marginal_error(a_, b_, C_, pot_.f, pot_.g, 0.1, 0.5)    # any solver's potentials, checked the same way
-test_close(err_, pot_.marginal_error, eps=1e-15); assert (err_ < 1e-11).all(), err_
-test_close(generalized_kl(torch.tensor([0., 1., 2.]), torch.ones(3)).sum(), 2 * math.log(2), eps=1e-6)
+v0_ = uot_value(a_, b_, C_, 0.1, 0.5, plan=uot_plan(a_, b_, C_, 0.1, 0.5, potentials=pot_, grad='none'))
+for scale_ in (0.99, 1.01): assert (uot_value(a_, b_, C_, 0.1, 0.5, plan=scale_ * P_) > v0_).all()
 
 
 # %% [markdown]
 # ### Plain iterations
 #
-# A loss that prescribes its own solver (DM-Count: balanced OT, a fixed number of alternating updates from a given
-# start) uses `plain_sinkhorn`: exactly `n_iter` pairs of the half-steps of Eq. 6 at `eps`, rows first, from the
-# column potential `g` (0 by default), without annealing or over-relaxation.
+# A loss that prescribes its own solver (DM-Count: balanced OT, a fixed number of alternating updates from a
+# given start) uses `plain_sinkhorn`: exactly `n_iter` pairs of the half-steps of Eq. 6 at `eps`, rows first,
+# from the column potential `g` (0 by default), without annealing or over-relaxation: the relaxation of
+# `sinkhorn_loop` at ω = 1, without a tolerance.
 
 # %%
 #| export
@@ -913,35 +1744,45 @@ def plain_sinkhorn(a:torch.Tensor, # `(B, n)` source masses
     if C.dim() == 2: a, b, C = a[None], b[None], C[None]
     tau_b = tau_a if tau_b is None else tau_b
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
-        g = pb.C.new_zeros(pb.C.shape[0], pb.C.shape[2]) if g is None else g.detach().to(pb.C.dtype).reshape(len(pb.C), -1)
-        f = pb.C.new_zeros(pb.C.shape[:2])
-        for _ in range(n_iter): f = update_f(pb, g, eps); g = update_g(pb, f, eps)
+        problem = setup_problem(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
+        B, n, m = problem.cost.shape
+        g = problem.cost.new_zeros(B, m) if g is None else g.detach().to(problem.cost.dtype).reshape(B, -1)
+        start = problem.cost.new_zeros(B, n), g
+        f, g, _, _ = sinkhorn_loop(problem.kernels, problem, eps, pairs=n_iter, omega=1., start=start)
     return Potentials(f, g, eps, reference, n_iter)
 
 
 # %%
-K_ = torch.exp(-C_[0] / 0.2); u_ = torch.full((3,), 1 / 3, dtype=torch.float64)   # balanced, kernels, from u = 1/m
-for _ in range(7): v_ = a_[0] / (K_ @ u_); u_ = b_[0] / 3 / (K_.T @ v_)
-pp_ = plain_sinkhorn(a_[0], b_[0] / 3, C_[0], 0.2, 7, g=0.2 * torch.log(torch.full((3,), 1 / 3, dtype=torch.float64)))
-test_close(pp_.f[0], 0.2 * v_.log(), eps=1e-12); test_close(pp_.g[0], 0.2 * u_.log(), eps=1e-12); test_eq(pp_.iterations, 7)
-pu_ = plain_sinkhorn(a_, b_, C_, 0.1, 3000, tau_a=0.5, reference='product')        # unbalanced: the same fixed point
-test_close(pu_.f, pot_.f, eps=1e-9); test_close(pu_.g, pot_.g, eps=1e-9)
+K_ = torch.exp(-C_[0] / 0.2)                                       # balanced, kernels, from u = 1/m
+u_ = torch.full((3,), 1 / 3, dtype=torch.float64)
+for _ in range(7):
+    v_ = a_[0] / (K_ @ u_)
+    u_ = b_[0] / 3 / (K_.T @ v_)
+start_ = 0.2 * torch.log(torch.full((3,), 1 / 3, dtype=torch.float64))
+pp_ = plain_sinkhorn(a_[0], b_[0] / 3, C_[0], 0.2, 7, g=start_)
+test_close(pp_.f[0], 0.2 * v_.log(), eps=1e-12)
+test_close(pp_.g[0], 0.2 * u_.log(), eps=1e-12)
+test_eq(pp_.iterations, 7)
+pu_ = plain_sinkhorn(a_, b_, C_, 0.1, 3000, tau_a=0.5, reference='product')   # unbalanced: the fixed point
+test_close(pu_.f, pot_.f, eps=1e-9)
+test_close(pu_.g, pot_.g, eps=1e-9)
 
 
 # %% [markdown]
 # ## The plan's statistics without the plan
 #
-# A loss rarely needs the plan itself: Eq. 1 needs $\langle\mathbf C,\mathbf P\rangle$, $\sum P\log P$, $\mathbf P\mathbf 1$ and
-# $\mathbf P^\top\mathbf 1$. With $P_{ij}=r_iE_{ij}$ (`plan_factors`) all of them follow from $r$ and four reductions of
-# $E$: per row $\sum_jE_{ij}$, $\sum_jC_{ij}E_{ij}$ and $\sum_jE_{ij}\log E_{ij}$ (constants), and per column
-# $\sum_ir_iE_{ij}=(\mathbf P^\top\mathbf1)_j$, differentiable in $r$ with the derivative $E\,\bar{\boldsymbol c}$ for an incoming
-# gradient $\bar{\boldsymbol c}$. `plan_stats` computes them in one pass over the cost (the pass of `pair_softmins`, with
-# $E_{ij}=K_{ij}\,c_i$: the row factor $c_i$ comes from the same block's row sums for `grad='paper'`) and the backward
-# recomputes $E$ block by block, so no `(B, n, m)` tensor is stored besides the cost, which autograd keeps until the
-# backward. The clamps are those of `plan_factors` (at $e^{40}$ above; below, entries under $c_i2^{-120}$ are that
-# small number instead of $c_ie^{-80}$: both negligible); images whose sums fail the checks of the passes, or are not
-# finite, are computed from `plan_factors` instead.
+# A loss rarely needs the plan itself: Eq. 1 needs $\langle\mathbf C,\mathbf P\rangle$, $\sum P\log P$,
+# $\mathbf P\mathbf 1$ and $\mathbf P^\top\mathbf 1$. With $P_{ij}=r_iE_{ij}$ (`plan_factors`) all of them
+# follow from $r$ and four reductions of $E$: per row $\sum_jE_{ij}$, $\sum_jC_{ij}E_{ij}$ and
+# $\sum_jE_{ij}\log E_{ij}$ (constants), and per column $\sum_ir_iE_{ij}=(\mathbf P^\top\mathbf1)_j$,
+# differentiable in $r$ with the derivative $E\,\bar{\boldsymbol c}$ for an incoming gradient
+# $\bar{\boldsymbol c}$. `plan_stats` computes them in one pass over the cost (the pass of the problem's
+# strategy, with $E_{ij}=K_{ij}\,c_i$: the row factor $c_i$ comes from the same block's row sums for
+# `grad='paper'`) and the backward recomputes $E$ block by block, so no `(B, n, m)` tensor is stored besides
+# the cost, which autograd keeps until the backward. The clamps are those of `plan_factors` (at $e^{40}$
+# above; below, entries under $c_i2^{-120}$ are that small number instead of $c_ie^{-80}$: both negligible);
+# images whose sums fail the checks of the passes, or are not finite, are computed from `plan_factors`
+# instead.
 
 # %%
 #| export
@@ -954,31 +1795,100 @@ class PlanStats:
     xlogx: torch.Tensor|None  # (B, n) sum_j E_ij log E_ij (None when not asked for)
     cols: torch.Tensor  # (B, m) sum_i r_i E_ij (the plan's column sums), differentiable through `r`
 
-_CAP = math.exp(40.)
 
-def _plan_blocks(pb:_Problem, f, g, e, logc, keep=False):
-    "Blocks of $E=K\\,c$ (clamped at $e^{40}$, zero on padded columns): `(images, r0, r1, mb, E, X)`."
-    for bs, r0, r1, mb, K, X in _kernel_blocks(pb, f, g, e, keep):
-        if logc is not None: K.mul_(logc[bs, r0:r1, None].exp()).clamp_max_(_CAP)
-        if bool(pb.pad[bs, :mb].any()): K.masked_fill_(pb.pad[bs, None, :mb], 0.)
-        yield bs, r0, r1, mb, K, X
+# %%
+stats_ = PlanStats(*(torch.ones(1, 2) for _ in range(3)), None, torch.ones(1, 3))
+test_eq((stats_.xlogx, stats_.cols.shape), (None, (1, 3)))
 
-class _PlanColumns(torch.autograd.Function):
-    "Column sums $\\sum_ir_iE_{ij}$ (computed in the forward pass of `plan_stats`); the backward recomputes $E$ by blocks."
+# %% [markdown]
+# On a padded batch in blocks of 64 entries, the blocks of $E$ for the official gradient ($c_i=\mu_i/a_i$) are
+# those of the stored plan's factor of `plan_factors`:
+
+# %%
+#| export
+PLAN_CAP = math.exp(40.)  # largest entry of E: its exponent is clamped at 40, as in `plan_factors`
+
+# %%
+assert PLAN_CAP < torch.finfo(torch.float32).max / 1e20                 # a sum of 1e20 of them is finite
+
+
+# %%
+#| export
+def plan_blocks(problem:Problem, f, g, eps, # potentials and `(B,)` temperatures
+                log_factor:torch.Tensor, # `(B, n)` log c (for `lam`: written here, block by block)
+                keep:bool=False, # also yield the exponents (base 2) of K
+                lam:float|None=None, # the paper's gradient: c_i = exp(-λ LSE_i - f_i/ε) from the row sums
+                row_sums:torch.Tensor|None=None, # `(B, n)`, with `lam`: receives the row sums of K
+                mask_a:torch.Tensor|None=None): # `(B, n)` bool, real sources (with `lam`: others get c = 0)
+    "Yield `(block, E, X)`: the blocks of $E_{ij}=K_{ij}c_i$, clamped at `PLAN_CAP`, 0 on padded columns."
+    for block, _, K, X in problem.kernels.exponentials(problem, f, g, eps, keep):
+        images, rows = block.images, block.rows
+        if lam is not None:                          # LSE_i = log sum_j K_ij - f_i/ε
+            sums, f_eps = K.sum(2), f[images, rows] / eps[images, None]
+            row_sums[images, rows] = sums
+            log_c = -lam * (sums.log() - f_eps) - f_eps
+            if mask_a is not None: log_c = torch.where(mask_a[images, rows], log_c, -1e30)
+            log_factor[images, rows] = log_c
+        E = K.mul_(log_factor[images, rows, None].exp()).clamp_max_(PLAN_CAP)
+        if block.padded is not None: E.masked_fill_(block.padded, 0.)
+        yield block, E, X
+
+
+# %%
+g = torch.Generator().manual_seed(3)
+As = torch.rand(3, 256, generator=g) * 0.05
+pot16 = uot_potentials(As, mk16.float(), C16, 0.01, 0.5, mask_b=mk16)
+pr16 = setup_problem(As, mk16.float(), C16, 0.5, 0.5, mask_b=mk16, block=64)
+log_factor16 = pr16.log_mu - log_weights(As)
+eps16 = per_image(0.01, 3, C16)
+_, E16 = plan_factors(As, mk16.float(), C16, pot16, 0.5, mask_b=mk16, grad='official')
+E_blocks = torch.zeros_like(E16)
+for block, E, _ in plan_blocks(pr16, pot16.f, pot16.g, eps16, log_factor16):
+    E_blocks[block.images, block.rows, :block.columns] = E
+test_close(E_blocks, E16, eps=1e-5 * E16.max())
+
+
+# %% [markdown]
+# The column sums are an autograd function of $r$ whose backward recomputes $E$ by the blocks of `plan_blocks`
+# (and uses the stored $E$ of the images computed by `plan_factors`):
+
+# %%
+#| export
+class PlanColumns(torch.autograd.Function):
+    "Column sums $\\sum_ir_iE_{ij}$ (computed by `plan_stats`); the backward recomputes $E$ by blocks."
     @staticmethod
-    def forward(ctx, r, cols, pb, f, g, e, logc, exact):
-        ctx.args = pb, f, g, e, logc, exact
+    def forward(ctx, r, cols, problem, f, g, eps, log_factor, exact):
+        ctx.args = problem, f, g, eps, log_factor, exact
         return cols.clone()
     @staticmethod
     def backward(ctx, grad):
-        pb, f, g, e, logc, exact = ctx.args
+        problem, f, g, eps, log_factor, exact = ctx.args
         out = torch.zeros_like(f)
         with torch.no_grad():
-            for bs, r0, r1, mb, E, _ in _plan_blocks(pb, f, g, e, logc):
-                out[bs, r0:r1] = _row_dots(E, grad[bs, :mb].to(E.dtype))
+            for block, E, _ in plan_blocks(problem, f, g, eps, log_factor):
+                dots = block_row_dots(E, grad[block.images, :block.columns].to(E.dtype))
+                out[block.images, block.rows] = dots
             for b, E in exact.items(): out[b] = E[0] @ grad[b].to(E.dtype)
         return out, None, None, None, None, None, None, None
 
+
+# %%
+r16 = As.clone().requires_grad_()
+cols16 = torch.bmm(As[:, None], E16)[:, 0]
+cols16 = PlanColumns.apply(r16, cols16, pr16, pot16.f, pot16.g, eps16, log_factor16, {})
+weights16 = torch.randn(3, 12, generator=g)
+(cols16 * weights16).sum().backward()
+test_close(r16.grad, (E16 @ weights16[..., None])[..., 0], eps=1e-5 * r16.grad.abs().max())
+
+
+# %% [markdown]
+# `plan_stats` puts the pieces together. Its test compares it with the reductions of the stored plan of
+# `plan_factors`, value and gradient, for both references and the three gradient recipes, on a padded batch
+# with an image without points, on CPU blocks and on the whole tensor; and the fallback (an image whose row
+# sums underflow) gives the same.
+
+# %%
+#| export
 def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
                b:torch.Tensor, # `(B, m)`
                C:torch.Tensor, # `(B, n, m)`
@@ -987,86 +1897,81 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
                mask_a=None, mask_b=None,
                grad:str='paper', # 'paper', 'official' or 'none', as for `plan_factors`
                block:int|None=BLOCK, # CPU: cost entries per block; None: the whole tensor at once
-               entropy:bool=True, # also $(E\log E)\mathbf1$ (False: `xlogx` is None, two passes over each block fewer)
+               entropy:bool=True, # also $(E\log E)\mathbf1$ (False: `xlogx` is None, two passes fewer)
               ) -> PlanStats:
-    "$r$, $E\\mathbf1$, $(C\\odot E)\\mathbf1$, $(E\\log E)\\mathbf1$ and $r^\\top E$ of the plan `plan_factors` would build, in one pass."
-    a, pb = _plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad, block)
-    eps, ref, dt = pot.eps, pot.reference, pb.C.dtype
+    "$r$, $E\\mathbf1$, $(C\\odot E)\\mathbf1$, $(E\\log E)\\mathbf1$, $r^\\top E$ of the plan, in one pass."
+    a, problem = plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad, block)
+    eps, dtype = pot.eps, problem.cost.dtype
     B, n, m = C.shape
+    with no_autocast(C.device): r = plan_row_factor(a, mask_a, eps, tau_a, grad, pot.reference)
     with torch.no_grad(), no_autocast(C.device):
-        f, g, e = pot.f.to(dt), pot.g.to(dt), _temps(eps, B, pb.C)
-        ap = a.detach().clamp_min(0) if mask_a is None else a.detach().clamp_min(0) * mask_a
-        r = (ap + 1e-30) ** _damping(eps, tau_a) if grad == 'paper' and ref == 'uniform' else ap
-        logc = pb.C.new_zeros(B, n) if grad == 'paper' else pb.lmu - log_weights(a.detach(), mask_a)
-        if mask_a is not None: logc = logc.masked_fill(~mask_a, -1e30)      # padded rows: E = 0
-        R, rows, cost, xlogx, cols = (pb.C.new_zeros(B, k) for k in (n, n, n, n, m))
-        lam = _damping(eps, tau_a)
-        for bs, r0, r1, mb, K, X in _kernel_blocks(pb, f, g, e, keep=entropy):
-            if grad == 'paper':                  # c_i = exp(-lam LSE_i - f_i/eps), LSE_i = log R_i - f_i/eps
-                Rb = K.sum(2); R[bs, r0:r1] = Rb
-                fe = f[bs, r0:r1] / eps
-                logc[bs, r0:r1] = torch.where(mask_a[bs, r0:r1], -lam * (Rb.log() - fe) - fe, -1e30) if mask_a is not None \
-                                  else -lam * (Rb.log() - fe) - fe
-            lc = logc[bs, r0:r1, None]
-            E = K.mul_(lc.exp()).clamp_max_(_CAP)
-            Cb = pb.C[bs, r0:r1, :mb]
-            if bool(pb.pad[bs, :mb].any()):
-                E.masked_fill_(pb.pad[bs, None, :mb], 0.); Cb = Cb.masked_fill(pb.pad[bs, None, :mb], 0.)
-            rows[bs, r0:r1] = E.sum(2)
-            cost[bs, r0:r1] = torch.linalg.vecdot(Cb, E)
-            if entropy: xlogx[bs, r0:r1] = torch.linalg.vecdot(X.mul_(LN2).add_(lc).clamp_max_(40.), E)   # log E, as clamped
-            cols[bs, :mb] += _col_sums(r[bs, r0:r1], E)
-        ok = torch.isfinite(torch.cat([rows, cost, xlogx, cols], 1)).all(1)
-        if grad == 'paper': ok &= _sums_ok(pb, R, torch.ones_like(cols), torch.zeros_like(r))
+        f, g, eps_t, weights = pot.f.to(dtype), pot.g.to(dtype), per_image(eps, B, problem.cost), r.detach()
+        paper = grad == 'paper'
+        if paper: log_factor = problem.cost.new_zeros(B, n)
+        else: log_factor = problem.log_mu - log_weights(a.detach(), mask_a)
+        if mask_a is not None: log_factor = log_factor.masked_fill(~mask_a, -1e30)        # padded rows: E = 0
+        row_sums, E_rows, E_cost, E_xlogx, P_cols = (problem.cost.new_zeros(B, k) for k in (n, n, n, n, m))
+        lam = damping(eps, tau_a) if paper else None
+        for part, E, X in plan_blocks(problem, f, g, eps_t, log_factor, entropy, lam, row_sums, mask_a):
+            images, rows, columns = part.images, part.rows, part.columns
+            part_cost = part.cost if part.padded is None else part.cost.masked_fill(part.padded, 0.)
+            E_rows[images, rows] = E.sum(2)
+            E_cost[images, rows] = torch.linalg.vecdot(part_cost, E)
+            if entropy:                                                       # log E, as clamped
+                log_E = X.mul_(LN2).add_(log_factor[images, rows, None]).clamp_max_(40.)
+                E_xlogx[images, rows] = torch.linalg.vecdot(log_E, E)
+            P_cols[images, :columns] += block_col_sums(weights[images, None, rows], E)[:, 0]
+        ok = torch.isfinite(torch.cat([E_rows, E_cost, E_xlogx, P_cols], 1)).all(1)
+        if paper: ok &= problem.kernels.trusted(problem, row_sums, torch.ones_like(P_cols), 0.)
         exact = {}
-        for k in (~ok).nonzero()[:, 0].tolist():
-            ik = slice(k, k + 1)
-            _, E = plan_factors(a[ik].detach(), b[ik], C[ik], Potentials(f[ik], g[ik], eps, ref), tau_a,
-                                None if mask_a is None else mask_a[ik], None if mask_b is None else mask_b[ik], grad)
+        for k in (~ok).nonzero()[:, 0].tolist():                              # from the stored plan
+            one = slice(k, k + 1)
+            masks = (None if mask_a is None else mask_a[one]), (None if mask_b is None else mask_b[one])
+            one_pot = Potentials(f[one], g[one], eps, pot.reference)
+            _, E = plan_factors(a[one].detach(), b[one], C[one], one_pot, tau_a, *masks, grad)
             exact[k] = E
-            rows[k], cost[k], xlogx[k] = E[0].sum(1), (_masked_cost(pb, ik)[0] * E[0]).sum(1), torch.xlogy(E[0], E[0]).sum(1)
-            cols[k] = r[k] @ E[0]
-    with no_autocast(C.device):
-        ap = a.clamp_min(0) if mask_a is None else a.clamp_min(0) * mask_a
-        rr = (ap + 1e-30) ** _damping(eps, tau_a) if grad == 'paper' and ref == 'uniform' else ap
-        if grad == 'none': rr = rr.detach()
-        cols = _PlanColumns.apply(rr, cols, pb, f, g, e, logc, exact)
-    return PlanStats(rr, rows, cost, xlogx if entropy else None, cols)
+            E_rows[k], E_cost[k] = E[0].sum(1), (masked_cost(problem.image(k))[0] * E[0]).sum(1)
+            E_xlogx[k], P_cols[k] = torch.xlogy(E[0], E[0]).sum(1), weights[k] @ E[0]
+    with no_autocast(C.device): P_cols = PlanColumns.apply(r, P_cols, problem, f, g, eps_t, log_factor, exact)
+    return PlanStats(r, E_rows, E_cost, E_xlogx if entropy else None, P_cols)
 
-
-# %% [markdown]
-# Against the reductions of the stored plan of `plan_factors`, value and gradient, for both references and the three
-# gradient recipes, on a padded batch with an image without points, on CPU blocks and on the whole tensor; and the
-# fallback (an image whose row sums underflow) gives the same.
 
 # %%
 g = torch.Generator().manual_seed(3)
-As = torch.rand(3, 256, generator=g) * 0.05; As[0, :40] = 0.          # zero density on some pixels
+As = torch.rand(3, 256, generator=g) * 0.05
+As[0, :40] = 0.                                                       # zero density on some pixels
 Ws = torch.randn(3, 12, generator=g)
 for ref, grad, block in [('product', 'paper', BLOCK), ('product', 'official', 64), ('uniform', 'paper', None),
-                         ('uniform', 'official', BLOCK), ('product', 'none', BLOCK)]:
+                         ('uniform', 'official', 100), ('product', 'none', BLOCK)]:
     pot = uot_potentials(As, mk16.float(), C16, 0.01, 0.5, mask_b=mk16, reference=ref)
-    a1, a2 = As.double().requires_grad_(), As.clone().requires_grad_()    # the stored plan in float64 as reference
+    a1, a2 = As.double().requires_grad_(), As.clone().requires_grad_()    # the stored plan in float64
     pot64 = Potentials(pot.f.double(), pot.g.double(), pot.eps, ref)
     r, E = plan_factors(a1, mk16.double(), C16.double(), pot64, 0.5, mask_b=mk16, grad=grad)
     st = plan_stats(a2, mk16.float(), C16, pot, 0.5, mask_b=mk16, grad=grad, block=block)
-    test_close(st.r, r, eps=1e-6); test_close(st.rows, E.sum(2), eps=1e-5 * E.sum(2).max())
-    test_close(st.cost, (C16.double().masked_fill(~mk16[:, None], 0) * E).sum(2), eps=1e-5 * st.cost.abs().max())
+    test_close(st.r, r, eps=1e-6)
+    test_close(st.rows, E.sum(2), eps=1e-5 * E.sum(2).max())
+    stored_cost = (C16.double().masked_fill(~mk16[:, None], 0) * E).sum(2)
+    test_close(st.cost, stored_cost, eps=1e-5 * st.cost.abs().max())
     test_close(st.xlogx, torch.xlogy(E, E).sum(2), eps=1e-5 * st.xlogx.abs().max())
     cols = torch.bmm(r[:, None], E)[:, 0]
     test_close(st.cols, cols, eps=1e-5 * cols.abs().max())
     if grad != 'none':
-        ((cols * Ws).sum() + (r * E.sum(2)).sum()).backward(); ((st.cols * Ws).sum() + (st.r * st.rows).sum()).backward()
+        ((cols * Ws).sum() + (r * E.sum(2)).sum()).backward()
+        ((st.cols * Ws).sum() + (st.r * st.rows).sum()).backward()
         test_close(a2.grad, a1.grad.float(), eps=1e-5 * a1.grad.abs().max())
 pot = uot_potentials(As, mk16.float(), C16, 0.01, 0.5, mask_b=mk16)
-st, st0 = (plan_stats(As, mk16.float(), C16, pot, 0.5, mask_b=mk16, grad='official', entropy=h) for h in (True, False))
-test_eq(st0.xlogx, None); test_eq((st0.rows, st0.cost, st0.cols), (st.rows, st.cost, st.cols))   # the rest unchanged
-far = Potentials(pot.f + 5., pot.g, 0.01)                              # stabilizer off by 500 eps: every K overflows
+st, st0 = (plan_stats(As, mk16.float(), C16, pot, 0.5, mask_b=mk16, grad='official', entropy=h)
+           for h in (True, False))
+test_eq(st0.xlogx, None)
+test_eq((st0.rows, st0.cost, st0.cols), (st.rows, st.cost, st.cols))   # the rest unchanged
+far = Potentials(pot.f + 5., pot.g, 0.01)                 # stabilizer off by 500 eps: every K overflows
 a1, a2 = As.clone().requires_grad_(), As.clone().requires_grad_()
 r, E = plan_factors(a1, mk16.float(), C16, far, 0.5, mask_b=mk16)
 st = plan_stats(a2, mk16.float(), C16, far, 0.5, mask_b=mk16)
-test_close(st.cols, torch.bmm(r[:, None], E)[:, 0], eps=1e-5 * st.cols.abs().max()); test_close(st.rows, E.sum(2), eps=1e-5 * E.sum(2).max())
-(st.cols * Ws).sum().backward(); (torch.bmm(r[:, None], E)[:, 0] * Ws).sum().backward()
+test_close(st.cols, torch.bmm(r[:, None], E)[:, 0], eps=1e-5 * st.cols.abs().max())
+test_close(st.rows, E.sum(2), eps=1e-5 * E.sum(2).max())
+(st.cols * Ws).sum().backward()
+(torch.bmm(r[:, None], E)[:, 0] * Ws).sum().backward()
 test_close(a2.grad, a1.grad, eps=1e-5 * a1.grad.abs().max())
 
 # %% [markdown]
@@ -1075,11 +1980,13 @@ test_close(a2.grad, a1.grad, eps=1e-5 * a1.grad.abs().max())
 # ### (a) Against POT
 #
 # POT's `ot.unbalanced.sinkhorn_unbalanced(a, b, M, reg, reg_m, reg_type=...)` minimizes
-# $\langle M,\gamma\rangle+\mathrm{reg}\,\Omega(\gamma)+\mathrm{reg}_{m,1}\mathrm{KL}(\gamma\mathbf1|a)+\mathrm{reg}_{m,2}\mathrm{KL}(\gamma^\top\mathbf1|b)$
-# with $\Omega=\mathrm{KL}(\gamma|ab^\top)$ for `reg_type='kl'` (the default since POT 0.9.5) and $\Omega=\sum\gamma\log\gamma-\gamma$
-# for `reg_type='entropy'`. So the mapping is `reg=eps`, `reg_m=(tau_a, tau_b)`, and `reg_type='kl'` ⇔
-# `reference='product'`, `reg_type='entropy'` ⇔ `reference='uniform'` (the constant $\sum\gamma$ vs KL's $+\sum 1$ does
-# not change the plan). We solve random problems to convergence in float64 and compare plans.
+# $\langle M,\gamma\rangle+\mathrm{reg}\,\Omega(\gamma)+\mathrm{reg}_{m,1}\mathrm{KL}(\gamma\mathbf1|a)
+# +\mathrm{reg}_{m,2}\mathrm{KL}(\gamma^\top\mathbf1|b)$
+# with $\Omega=\mathrm{KL}(\gamma|ab^\top)$ for `reg_type='kl'` (the default since POT 0.9.5) and
+# $\Omega=\sum\gamma\log\gamma-\gamma$ for `reg_type='entropy'`. So the mapping is `reg=eps`,
+# `reg_m=(tau_a, tau_b)`, and `reg_type='kl'` ⇔ `reference='product'`, `reg_type='entropy'` ⇔
+# `reference='uniform'` (the constant $\sum\gamma$ vs KL's $+\sum 1$ does not change the plan). We solve
+# random problems to convergence in float64 and compare plans.
 
 # %%
 import ot, warnings
@@ -1088,14 +1995,16 @@ import ot, warnings
 rng = np.random.default_rng(0)
 for trial in range(4):
     n, m = rng.integers(5, 15), rng.integers(2, 7)
-    a = rng.uniform(0, 0.3, n); b = np.ones(m); M = rng.uniform(0, 1, (n, m))
+    a, b, M = rng.uniform(0, 0.3, n), np.ones(m), rng.uniform(0, 1, (n, m))
     eps, ta, tb = [0.05, 0.1][trial % 2], [0.5, 1.][trial % 2], [0.5, 0.3][trial // 2]
     for ref, rt in [('product', 'kl'), ('uniform', 'entropy')]:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            P_pot = ot.unbalanced.sinkhorn_unbalanced(a, b, M, eps, (ta, tb), reg_type=rt, numItermax=200000, stopThr=1e-15)
+            P_pot = ot.unbalanced.sinkhorn_unbalanced(a, b, M, eps, (ta, tb), reg_type=rt, numItermax=200000,
+                                                      stopThr=1e-15)
         T = lambda z: torch.tensor(z)[None]
-        P = uot_plan(T(a), T(b), T(M), eps, ta, tb, mode='converged', reference=ref, tol=1e-12, max_iter=100000, grad='none')[0]
+        P = uot_plan(T(a), T(b), T(M), eps, ta, tb, mode='converged', reference=ref, tol=1e-12,
+                     max_iter=100000, grad='none')[0]
         test_close(P.numpy(), P_pot, eps=1e-4 * P_pot.max())
         rel = np.abs(P.numpy() - P_pot).max() / P_pot.max()
 print(f"max relative deviation from POT (last problem): {rel:.1e}")
@@ -1104,19 +2013,22 @@ print(f"max relative deviation from POT (last problem): {rel:.1e}")
 # ### (e) First-order conditions at the fixed point
 #
 # Independently of the potentials: for every $P_{ij}>0$ the gradient of the primal objective vanishes,
-# $C_{ij}+\varepsilon\log\frac{P_{ij}}{\mu_i\nu_j}+\tau_a\log\frac{(\mathbf P\mathbf1)_i}{a_i}+\tau_b\log\frac{(\mathbf P^\top\mathbf1)_j}{b_j}=0$,
+# $C_{ij}+\varepsilon\log\frac{P_{ij}}{\mu_i\nu_j}+\tau_a\log\frac{(\mathbf P\mathbf1)_i}{a_i}
+# +\tau_b\log\frac{(\mathbf P^\top\mathbf1)_j}{b_j}=0$,
 # and the value is below that of perturbed plans.
 
 # %%
 g = torch.Generator().manual_seed(1)
-a = torch.rand(2, 30, generator=g, dtype=torch.float64) * 0.2; b = torch.ones(2, 6, dtype=torch.float64)
+a = torch.rand(2, 30, generator=g, dtype=torch.float64) * 0.2
+b = torch.ones(2, 6, dtype=torch.float64)
 C = torch.rand(2, 30, 6, generator=g, dtype=torch.float64)
 for ref in ['product', 'uniform']:
     pot = uot_potentials(a, b, C, 0.05, 0.5, 0.3, mode='converged', reference=ref, tol=1e-10, max_iter=20000)
     assert pot.marginal_error.max() < 1e-10
     P = uot_plan(a, b, C, 0.05, 0.5, 0.3, potentials=pot, grad='none')
-    mu, nu = (a, b) if ref == 'product' else (torch.ones_like(a), torch.ones_like(b))
-    foc = C + 0.05 * torch.log(P / (mu[:, :, None] * nu[:, None])) + 0.5 * torch.log(P.sum(2) / a)[:, :, None] \
+    mu, nu = reference_weights(a, b, reference=ref)
+    foc = C + 0.05 * torch.log(P / (mu[:, :, None] * nu[:, None])) \
+          + 0.5 * torch.log(P.sum(2) / a)[:, :, None] \
           + 0.3 * torch.log(P.sum(1) / b)[:, None, :]
     test_close(foc, torch.zeros_like(foc), eps=1e-7)
     v0 = uot_value(a, b, C, 0.05, 0.5, 0.3, plan=P, reference=ref)
@@ -1140,20 +2052,23 @@ xs = torch.rand(n, 2, generator=g)
 def cost(x, y): return torch.cdist(x, y) if len(y) else x.new_zeros(len(x), 0)
 for mode in ['official', 'converged']:
     for pad in [5, 9]:
-        Y = torch.zeros(3, pad, 2); mb = torch.zeros(3, pad, dtype=torch.bool)
-        for k, p in enumerate(pts): Y[k, :len(p)] = p; mb[k, :len(p)] = True
+        Y, mb = torch.zeros(3, pad, 2), torch.zeros(3, pad, dtype=torch.bool)
+        for k, p in enumerate(pts):
+            Y[k, :len(p)] = p
+            mb[k, :len(p)] = True
         Y[~mb] = 7.   # padding far away must not matter
         Cb = torch.cdist(xs[None].expand(3, -1, -1), Y)
         pot = uot_potentials(a, mb.float(), Cb, 0.05, 0.5, mask_b=mb, mode=mode, diameter=1.5)
         Pb = uot_plan(a, mb.float(), Cb, 0.05, 0.5, mask_b=mb, potentials=pot)
         assert torch.isfinite(pot.f).all() and torch.isfinite(Pb).all()
         for k, p in enumerate(pts):
-            P1 = uot_plan(a[k:k+1], torch.ones(1, len(p)), cost(xs, p)[None], 0.05, 0.5, mode=mode, diameter=1.5)
+            P1 = uot_plan(a[k:k+1], torch.ones(1, len(p)), cost(xs, p)[None], 0.05, 0.5, mode=mode,
+                          diameter=1.5)
             test_close(Pb[k, :, :len(p)], P1[0], eps=1e-5)
             test_eq(Pb[k, :, len(p):].abs().sum(), 0.)
         test_eq(Pb[1].sum(), 0.)
         vals = uot_value(a, mb.float(), Cb, 0.05, 0.5, mask_b=mb, plan=Pb)
-        test_close(vals[1], 0.5 * a[1].sum(), eps=1e-5)     # no points: all mass pays the KL penalty tau * sum(a)
+        test_close(vals[1], 0.5 * a[1].sum(), eps=1e-5)     # no points: all mass pays tau * sum(a)
 # all-zero density, and a batch with no points at all
 P0 = uot_plan(torch.zeros(1, n), torch.ones(1, 3), torch.rand(1, n, 3), 0.05, 0.5)
 assert torch.isfinite(P0).all() and P0.sum() == 0
@@ -1162,15 +2077,17 @@ test_eq(uot_plan(a, torch.zeros(3, 0), torch.zeros(3, n, 0), 0.05, 0.5).shape, (
 # %% [markdown]
 # ### (d) Gradient with $v^*$ fixed
 #
-# The gradient of any function of the plan is that of $\boldsymbol a\mapsto F(\mathrm{diag}(\boldsymbol u^*(\boldsymbol a))\mathbf K\mathrm{diag}(\boldsymbol v^*))$.
+# The gradient of any function of the plan is that of
+# $\boldsymbol a\mapsto F(\mathrm{diag}(\boldsymbol u^*(\boldsymbol a))\mathbf K \mathrm{diag}(\boldsymbol
+# v^*))$.
 # We check it against central finite differences of that function written out independently from the
-# potentials ($u$-half-step from Eq. 6 in the plain, non-log form), for both references, and against the official
-# gradient (only the density factor), which agrees for the product reference.
+# potentials ($u$-half-step from Eq. 6 in the plain, non-log form), for both references, and against the
+# official gradient (only the density factor), which agrees for the product reference.
 
 # %%
 g = torch.Generator().manual_seed(3)
 a0 = (torch.rand(1, 25, generator=g, dtype=torch.float64) * 0.3 + 0.01)
-b = torch.ones(1, 4, dtype=torch.float64); C = torch.rand(1, 25, 4, generator=g, dtype=torch.float64)
+b, C = torch.ones(1, 4, dtype=torch.float64), torch.rand(1, 25, 4, generator=g, dtype=torch.float64)
 W = torch.randn(1, 25, 4, generator=g, dtype=torch.float64)
 def F(P): return (W * P).sum() + (P.sum(2) ** 2).sum() + (P.sum(1) - 1).abs().sum()
 eps, tau = 0.1, 0.5
@@ -1178,7 +2095,7 @@ for ref in ['product', 'uniform']:
     pot = uot_potentials(a0, b, C, eps, tau, mode='converged', reference=ref, tol=1e-12, max_iter=10000)
     a = a0.clone().requires_grad_()
     F(uot_plan(a, b, C, eps, tau, potentials=pot, grad='paper')).backward()
-    K, v = torch.exp(-C / eps), (b if ref == 'product' else 1) * torch.exp(pot.g / eps)    # v* = nu * e^{g/eps}
+    K, v = torch.exp(-C / eps), (b if ref == 'product' else 1) * torch.exp(pot.g / eps)    # v* = ν e^{g/ε}
     lam = tau / (tau + eps)
     def P_of(a_):      # u*(a) = mu * (a/mu)^lam / (K v)^lam  (Eq. 6 with the reference weights)
         mu = a_ if ref == 'product' else torch.ones_like(a_)
@@ -1186,7 +2103,8 @@ for ref in ['product', 'uniform']:
         return u[:, :, None] * K * v[:, None, :]
     test_close(P_of(a0), uot_plan(a0, b, C, eps, tau, potentials=pot, grad='none'), eps=1e-10)
     h = 1e-6
-    fd = torch.stack([(F(P_of(a0 + h * e)) - F(P_of(a0 - h * e))) / (2 * h) for e in torch.eye(25, dtype=torch.float64)[:, None]])
+    fd = torch.stack([(F(P_of(a0 + h * e)) - F(P_of(a0 - h * e))) / (2 * h)
+                      for e in torch.eye(25, dtype=torch.float64)[:, None]])
     test_close(a.grad[0], fd[:, ], eps=1e-6)
     a2 = a0.clone().requires_grad_()
     F(uot_plan(a2, b, C, eps, tau, potentials=pot, grad='official')).backward()
@@ -1197,48 +2115,56 @@ for ref in ['product', 'uniform']:
 # %% [markdown]
 # ### Memory does not grow with the iterations
 #
-# The autograd graph of a plan holds the same tensors whether the solver ran 12 or 500 soft-min pairs: we count the
-# bytes autograd saves for backward.
+# The autograd graph of a plan holds the same tensors whether the solver ran 12 or 500 soft-min pairs: we
+# count the bytes autograd saves for backward.
 
 # %%
 def saved_bytes(**kw):
     total = [0]
-    def pack(t): total[0] += t.numel() * t.element_size(); return t
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         a_ = (torch.rand(2, 200, generator=torch.Generator().manual_seed(0)) * 0.1).requires_grad_()
-        P = uot_plan(a_, torch.ones(2, 20), torch.rand(2, 200, 20, generator=torch.Generator().manual_seed(1)), 0.01, 0.5, **kw)
+        C_ = torch.rand(2, 200, 20, generator=torch.Generator().manual_seed(1))
+        P = uot_plan(a_, torch.ones(2, 20), C_, 0.01, 0.5, **kw)
         P.sum().backward()
     return total[0]
 few, many = saved_bytes(mode='official'), saved_bytes(mode='converged', tol=1e-9, max_iter=500)
-test_eq(few, many); assert few <= 2 * 2 * 200 * 20 * 4 + 10_000     # about one (B, n, m) float32 factor
+test_eq(few, many)
+assert few <= 2 * 2 * 200 * 20 * 4 + 10_000     # about one (B, n, m) float32 factor
 
 # %% [markdown]
 # ### geomloss's official recipe
 #
-# The official code calls `SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost,
-# reach=0.5, p=1)` on coordinates divided by the crop size, and rebuilds the plan as
-# $\exp((F\oplus G-C)/\varepsilon)\,a\,b^\top$. `mode='official'` with `diameter=max_diameter(x, y)` gives the same
-# potentials (12 pairs) and plan, to $10^{-4}$ relative: geomloss is not a dependency of the library (it is one of the
-# `dev` extra), so this comparison is `test_official_mode_matches_geomloss` in `tests/test_sinkhorn.py`, which fails
-# where geomloss is missing; the GL loss built on geomloss's potentials is compared in `11_bench` and `tests/test_bench.py`.
+# The official code calls
+# `SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1)` on
+# coordinates divided by the crop size, and rebuilds the plan as $\exp((F\oplus G-C)/\varepsilon)\,a\,b^\top$.
+# `mode='official'` with `diameter=max_diameter(x, y)` gives the same potentials (12 pairs) and plan, to
+# $10^{-4}$ relative: geomloss is not a dependency of the library (it is one of the `dev` extra), so this
+# comparison is `test_official_mode_matches_geomloss` in `tests/test_sinkhorn.py`, which fails where geomloss
+# is missing; the GL loss built on geomloss's potentials is compared in `11_bench` and `tests/test_bench.py`.
 
 # %% [markdown]
 # ### Official vs converged
 #
-# The official schedule stops after 12 pairs, far from the fixed point; the converged mode iterates to the tolerance
-# and reports how many pairs it needed. Our `marginal_error` is the entry-wise relative ℓ1 error, which is larger than
-# the error on the total mass: at B=2, a 64×64 map and 500 points we measured 11-12 % entry-wise but 2.4-2.5 % on the row
-# mass (DESIGN.md's "1-3 %") after the official 12 pairs. `tol=1e-3` then takes 28-31 pairs in all with the adaptive
-# over-relaxation (B = 1-8, 50-2000 points, 32×32 and 64×64 maps), 73-98 with plain alternating steps from the same
-# start (`omega=1`), and took 174-199 with the alternating annealing this mode used before.
+# The official schedule stops after 12 pairs, far from the fixed point; the converged mode iterates to the
+# tolerance and reports how many pairs it needed. Our `marginal_error` is the entry-wise relative ℓ1 error,
+# which is larger than the error on the total mass: at B=2, a 64×64 map and 500 points we measured 11-12 %
+# entry-wise but 2.4-2.5 % on the row mass (DESIGN.md's "1-3 %") after the official 12 pairs. `tol=1e-3` then
+# takes 28-31 pairs in all with the adaptive over-relaxation (B = 1-8, 50-2000 points, 32×32 and 64×64 maps),
+# 73-98 with plain alternating steps from the same start (`omega=1`), and took 174-199 with the alternating
+# annealing this mode used before.
 
 # %%
 g = torch.Generator().manual_seed(5)
 pts_ = torch.rand(2, 30, 2, generator=g) * 256 / 512
-grid = torch.stack(torch.meshgrid(torch.arange(32) * 8 + 4., torch.arange(32) * 8 + 4., indexing='xy'), -1).reshape(1, -1, 2) / 512
+grid = torch.stack(torch.meshgrid(torch.arange(32) * 8 + 4., torch.arange(32) * 8 + 4., indexing='xy'), -1)
+grid = grid.reshape(1, -1, 2) / 512
 C = torch.exp(torch.cdist(grid.expand(2, -1, -1), pts_) / 0.6) - 1
 A = torch.rand(2, 1024, generator=g) * 60 / 1024
-po = uot_potentials(A, torch.ones(2, 30), C, 0.01, 0.5, mode='official', diameter=max_diameter(grid.expand(2, -1, -1), pts_))
+po = uot_potentials(A, torch.ones(2, 30), C, 0.01, 0.5, mode='official',
+                    diameter=max_diameter(grid.expand(2, -1, -1), pts_))
 pc = uot_potentials(A, torch.ones(2, 30), C, 0.01, 0.5, mode='converged', tol=1e-3)
 print(f"official: {po.iterations} pairs, marginal error {po.marginal_error.tolist()}")
 print(f"converged: {pc.iterations} pairs, marginal error {pc.marginal_error.tolist()}")
@@ -1247,11 +2173,11 @@ assert (pc.marginal_error < 1e-3).all() and pc.iterations > po.iterations
 # %% [markdown]
 # ### Half precision and devices
 #
-# Half-precision inputs (float16 from a network under autocast, or bfloat16) are promoted: the solver works in float32
-# and returns the float32 answer for the same (rounded) inputs (to 1e-6), not the visibly different one that float16
-# arithmetic would give. Autocast itself is switched off inside the solver; on the CPU autocast leaves these
-# operations alone, so that is checked on CUDA (`test_cuda_autocast_keeps_float32` in `tests/test_sinkhorn.py`).
-# The code uses only the tensors' own devices.
+# Half-precision inputs (float16 from a network under autocast, or bfloat16) are promoted: the solver works in
+# float32 and returns the float32 answer for the same (rounded) inputs (to 1e-6), not the visibly different
+# one that float16 arithmetic would give. Autocast itself is switched off inside the solver; on the CPU
+# autocast leaves these operations alone, so that is checked on CUDA (`test_cuda_autocast_keeps_float32` in
+# `tests/test_sinkhorn.py`). The code uses only the tensors' own devices.
 
 # %%
 for half in (torch.float16, torch.bfloat16):
@@ -1259,11 +2185,15 @@ for half in (torch.float16, torch.bfloat16):
     ph = uot_potentials(Ah, bh, Ch, 0.01, 0.5)
     p32 = uot_potentials(Ah.float(), bh.float(), Ch.float(), 0.01, 0.5)
     test_eq((ph.f.dtype, ph.g.dtype), (torch.float32, torch.float32))
-    test_close(ph.f, p32.f, eps=1e-6); test_close(ph.g, p32.g, eps=1e-6); test_eq(ph.iterations, p32.iterations)
+    test_close(ph.f, p32.f, eps=1e-6)
+    test_close(ph.g, p32.g, eps=1e-6)
+    test_eq(ph.iterations, p32.iterations)
     Ph = uot_plan(Ah.requires_grad_(), bh, Ch, 0.01, 0.5, potentials=ph)
     P32 = uot_plan(Ah.detach().float(), bh.float(), Ch.float(), 0.01, 0.5, potentials=p32)
-    test_eq(Ph.dtype, torch.float32); test_close(Ph.detach(), P32.detach(), eps=1e-6 * P32.max())
-    Ph.sum().backward(); test_eq(Ah.grad.dtype, half)                  # the gradient returns in the input's dtype
+    test_eq(Ph.dtype, torch.float32)
+    test_close(Ph.detach(), P32.detach(), eps=1e-6 * P32.max())
+    Ph.sum().backward()
+    test_eq(Ah.grad.dtype, half)                            # the gradient returns in the input's dtype
 if torch.cuda.is_available():
     pg = uot_potentials(A.cuda(), torch.ones(2, 30).cuda(), C.cuda(), 0.01, 0.5)
     test_close(pg.f.cpu(), uot_potentials(A, torch.ones(2, 30), C, 0.01, 0.5).f, eps=1e-3)
@@ -1271,13 +2201,14 @@ if torch.cuda.is_available():
 # %% [markdown]
 # ## Convergence of the two modes
 #
-# The marginal error and the primal objective (`uot_value`) against the number of soft-min pairs, on one 64×64 map of a
-# 512×512 crop with 300 heads (perspective cost, ε = 0.01, τ = 0.5, the product reference, the diameter of the point
-# clouds as the loss uses). `official` runs geomloss's fixed annealed schedule, whose number of pairs is set by the
-# ε-scaling ratio, one point per ratio (0.5, the default, gives 12 pairs). `converged` continues from the official 12
-# pairs at ε (here with `tol=0`, so that each `max_iter` is run to the end), with the adaptive over-relaxation and, for
-# comparison, with plain alternating steps (`omega=1`). The objective settles long before the marginal error reaches
-# the 10⁻³ of `converged`; over-relaxation gets there in a fraction of the plain iterations.
+# The marginal error and the primal objective (`uot_value`) against the number of soft-min pairs, on one 64×64
+# map of a 512×512 crop with 300 heads (perspective cost, ε = 0.01, τ = 0.5, the product reference, the
+# diameter of the point clouds as the loss uses). `official` runs geomloss's fixed annealed schedule, whose
+# number of pairs is set by the ε-scaling ratio, one point per ratio (0.5, the default, gives 12 pairs).
+# `converged` continues from the official 12 pairs at ε (here with `tol=0`, so that each `max_iter` is run to
+# the end), with the adaptive over-relaxation and, for comparison, with plain alternating steps (`omega=1`).
+# The objective settles long before the marginal error reaches the 10⁻³ of `converged`; over-relaxation gets
+# there in a fraction of the plain iterations.
 
 # %%
 import matplotlib.pyplot as plt
@@ -1294,30 +2225,40 @@ a[0].index_add_(0, ij[:, 1] * 64 + ij[:, 0], torch.full((300,), 0.9))
 b, diam = torch.ones(1, 300), max_diameter(pixel_centres(64, 64, 8)[None] / 512, pts / 512)
 def run(**kw):
     pot = uot_potentials(a, b, C, 0.01, 0.5, diameter=diam, **kw)
-    return pot.iterations, pot.marginal_error.item(), uot_value(a, b, C, 0.01, 0.5, potentials=pot, grad='none').item()
+    value = uot_value(a, b, C, 0.01, 0.5, potentials=pot, grad='none').item()
+    return pot.iterations, pot.marginal_error.item(), value
 pairs = (12, 14, 16, 20, 24, 32, 48, 64, 96, 128)
 conv = {name: [run(mode='converged', tol=0., max_iter=k, omega=om) for k in pairs]
         for name, om in (('converged, adaptive ω (tol = 0)', None), ('converged, ω = 1 (tol = 0)', 1.))}
 off = {s: run(mode='official', scaling=s) for s in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
 best = run(mode='converged', tol=1e-5, max_iter=2000)[2]
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=70)
-for name, rows, style in [(k, v, 'o-') for k, v in conv.items()] + [('official (one ε-scaling ratio each)', list(off.values()), 's--')]:
+curves = [(k, v, 'o-') for k, v in conv.items()]
+curves += [('official (one ε-scaling ratio each)', list(off.values()), 's--')]
+for name, rows, style in curves:
     its, err, val = zip(*rows)
     ax1.loglog(its, err, style, ms=4, label=name)
     ax2.loglog(its, [max(abs(v - best) / best, 1e-7) for v in val], style, ms=4, label=name)
-ax1.axhline(1e-3, c='gray', lw=0.8, ls=':'); ax1.set(xlabel='soft-min pairs', ylabel='relative marginal error')
-ax2.set(xlabel='soft-min pairs', ylabel='relative gap to the converged objective'); ax1.legend(fontsize=8)
+ax1.axhline(1e-3, c='gray', lw=0.8, ls=':')
+ax1.set(xlabel='soft-min pairs', ylabel='relative marginal error')
+ax2.set(xlabel='soft-min pairs', ylabel='relative gap to the converged objective')
+ax1.legend(fontsize=8)
 for ax in (ax1, ax2): ax.grid(alpha=0.3, which='both')
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %%
 adaptive, plain = conv.values()
-test_eq(off[0.5][0], 12); test_eq(adaptive[0], off[0.5]); test_eq(plain[0], off[0.5])     # both continue from the official pairs
-first = lambda rows: min(k for k, e, _ in rows if e < 1e-3)                                  # pairs to reach 1e-3
+test_eq(off[0.5][0], 12)
+test_eq(adaptive[0], off[0.5])                                      # both continue from the official pairs
+test_eq(plain[0], off[0.5])
+first = lambda rows: min(k for k, e, _ in rows if e < 1e-3)          # pairs to reach 1e-3
 print(f"pairs to a marginal error below 1e-3: adaptive ω {first(adaptive)}, plain {first(plain)}")
 assert first(adaptive) <= 32 and first(plain) >= 2 * first(adaptive) and plain[-1][1] < 1e-3
-assert all(e1 > e2 for (_, e1, _), (_, e2, _) in zip(plain[1:], plain[2:]))               # plain steps: steadily down once the official pair is left
+# plain steps: steadily down once the official pair is left
+assert all(e1 > e2 for (_, e1, _), (_, e2, _) in zip(plain[1:], plain[2:]))
 
 # %%
 #| hide
-import nbdev; nbdev.nbdev_export()
+import nbdev
+nbdev.nbdev_export()

@@ -279,3 +279,24 @@ def test_cuda_vgg19_amp_step_with_the_loss(dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     scaler.step(opt); scaler.update()
     assert any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+
+
+def test_one_loop_with_each_strategy():
+    """`sinkhorn_loop` gives the same potentials with the dense, the blocked and the exact soft-min kernels (official
+    and converged), and the CPU picks the dense strategy only for one unpadded block."""
+    from uotcrowd.sinkhorn import (setup_problem, sinkhorn_loop, epsilon_schedule, DenseKernels, BlockedKernels,
+                                   ExactKernels, max_diameter)
+    a, b, C, mask, X, Y, _ = _padded_problem()
+    real = mask.bool()
+    schedules = [epsilon_schedule(float(d), 0.01) for d in max_diameter(X[None].expand(4, -1, -1), Y, mask_y=real)]
+    problem = setup_problem(a, b, C, 0.5, 0.5, mask_b=real)
+    assert type(problem.kernels) is BlockedKernels                          # padded: the blocks skip the padding
+    assert type(setup_problem(a, b, C, 0.5, 0.5).kernels) is DenseKernels   # 4 x 576 x 40 entries: one block
+    for pairs, tol in ((0, None), (300, 1e-4)):
+        runs = [sinkhorn_loop(kernels, problem, 0.01, schedules, pairs, tol)
+                for kernels in (DenseKernels(problem), BlockedKernels(problem, 512), ExactKernels())]
+        (f0, g0, n0, _), others = runs[0], runs[1:]
+        for f, g, n, _ in others:
+            assert abs(n - n0) <= 2, (n, n0)
+            assert torch.allclose(f[[0, 2, 3]], f0[[0, 2, 3]], rtol=0, atol=1e-4)
+            assert torch.allclose(g[real], g0[real], rtol=0, atol=1e-4)

@@ -4,33 +4,42 @@
 
 # %% ../nbs/03_sinkhorn.ipynb #3e8063e8
 from __future__ import annotations
-import math, contextlib
+import math, contextlib, functools
 from dataclasses import dataclass
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NEG', 'BLOCK', 'LOG2E', 'LN2', 'ROW_CHUNKS', 'OMEGA', 'log_weights', 'work_dtype', 'no_autocast', 'epsilon_schedule',
-           'max_diameter', 'softmin', 'update_f', 'update_g', 'pair_softmins', 'marginal_error', 'uot_marginal_error',
-           'official_loop', 'relaxed_pair', 'adapt_omega', 'converged_loop', 'Potentials', 'uot_potentials',
-           'plan_factors', 'uot_plan', 'generalized_kl', 'uot_value', 'plain_sinkhorn', 'PlanStats', 'plan_stats']
+__all__ = ['NEG', 'LOG2E', 'LN2', 'BLOCK', 'ROW_CHUNKS', 'OMEGA', 'PLAN_CAP', 'log_weights', 'work_dtype', 'no_autocast',
+           'epsilon_schedule', 'max_diameter', 'per_image', 'softmin', 'damping', 'half_step', 'relaxed_step',
+           'reference_weights', 'Problem', 'setup_problem', 'masked_cost', 'ExactKernels', 'exponent_floor',
+           'row_chunks', 'chunk_rows', 'block_col_sums', 'block_row_dots', 'Block', 'PassBuffers', 'DenseKernels',
+           'softmin_from_sums', 'zero_cost_softmin', 'add_col_sums', 'BlockedKernels', 'choose_kernels',
+           'relative_error', 'errors_from_softmins', 'marginal_error', 'uot_marginal_error', 'annealing_table',
+           'adapt_omega', 'sinkhorn_loop', 'Potentials', 'largest_cost', 'uot_potentials', 'plan_row_factor',
+           'plan_problem', 'plan_factors', 'uot_plan', 'generalized_kl', 'kl_sum', 'uot_value', 'plain_sinkhorn',
+           'PlanStats', 'plan_blocks', 'PlanColumns', 'plan_stats']
 
 # %% ../nbs/03_sinkhorn.ipynb #a4bdb1fd
 NEG = -1e5  # log-weight of a zero or padded mass
 
+# %% ../nbs/03_sinkhorn.ipynb #d00f46a5
 def log_weights(w:torch.Tensor, # `(B, k)` non-negative weights
                 mask:torch.Tensor|None=None # `(B, k)` bool, True for real entries
                ) -> torch.Tensor:
     "`log(w)`, with `NEG` where `w <= 0` or the entry is padding."
-    lw = torch.log(w.clamp_min(0)).clamp_min(NEG)
+    logs = torch.log(w.clamp_min(0)).clamp_min(NEG)
     keep = w > 0
     if mask is not None: keep = keep & mask
-    return torch.where(keep, lw, torch.full_like(lw, NEG))
+    return torch.where(keep, logs, torch.full_like(logs, NEG))
 
+# %% ../nbs/03_sinkhorn.ipynb #1c4879e2
 def work_dtype(*ts) -> torch.dtype:
     "float64 if any input is float64, float32 otherwise (half precision is promoted)."
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
+# %% ../nbs/03_sinkhorn.ipynb #0fbea0d7
 def no_autocast(device:torch.device):
     "A context that disables autocast on `device` (a no-op where autocast does not exist)."
     try: return torch.autocast(device_type=device.type, enabled=False)
@@ -48,267 +57,485 @@ def epsilon_schedule(diameter:float, # upper bound on the distances (the first t
     mids = np.exp(np.arange(p * np.log(diameter), p * np.log(blur), p * np.log(scaling)))
     return [diameter ** p] + [float(e) for e in mids] + [eps]
 
+# %% ../nbs/03_sinkhorn.ipynb #b2e364ef
 def max_diameter(x:torch.Tensor, # `(B, n, D)` first point clouds
                  y:torch.Tensor, # `(B, m, D)` second point clouds
                  mask_x:torch.Tensor|None=None, # `(B, n)` bool, real points
                  mask_y:torch.Tensor|None=None # `(B, m)` bool, real points
                 ) -> torch.Tensor: # `(B,)`
-    "Per image, the diagonal of the bounding box of the real points of `x` and `y` (geomloss's `max_diameter`)."
-    pts = torch.cat([x, y], 1)
-    m = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask_x is None else mask_x,
-                   torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if mask_y is None else mask_y], 1)
-    big = torch.finfo(pts.dtype).max
-    lo = torch.where(m[..., None], pts, torch.full_like(pts, big)).amin(1)
-    hi = torch.where(m[..., None], pts, torch.full_like(pts, -big)).amax(1)
-    return torch.where(m.any(1)[:, None], hi - lo, torch.zeros_like(hi)).norm(dim=-1)
-
-# %% ../nbs/03_sinkhorn.ipynb #b2e364ef
-def _eps_list(eps, B:int) -> list[float]:
-    if isinstance(eps, torch.Tensor): return [float(e) for e in eps.reshape(-1).expand(B).tolist()]
-    return [float(eps)] * B
-
-def softmin(eps, # temperature: float or `(B,)` tensor
-            C:torch.Tensor, # `(B, n, m)` cost
-            h:torch.Tensor, # `(B, m)` log-weights plus potentials/eps
-            block:int|None=2**17 # entries per block on the CPU; None: the whole tensor at once (other devices)
-           ) -> torch.Tensor: # `(B, n)`
-    "Soft C-transform $-\\varepsilon\\,\\mathrm{LSE}_j(h_j - C_{ij}/\\varepsilon)$, stable and cache-friendly."
-    B, n, m = C.shape
-    epss = _eps_list(eps, B)
-    if m == 0: return C.new_full((B, n), -NEG) * C.new_tensor(epss)[:, None]
-    if C.device.type != 'cpu' or block is None:
-        e = C.new_tensor(epss)[:, None, None]
-        T = h[:, None, :] - C / e
-        mx = T.amax(-1, keepdim=True)
-        lse = mx.squeeze(-1) + (T - mx).clamp_min_(-80).exp_().sum(-1).log()
-        return -e[:, :, 0] * lse
-    out = C.new_empty(B, n)
-    rows = max(1, block // m)
-    buf = C.new_empty(min(rows, n) * m)
-    for b in range(B):
-        inv, hb = -1. / epss[b], h[b]
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            T = buf[:(r1 - r0) * m].view(r1 - r0, m)
-            torch.add(hb, C[b, r0:r1], alpha=inv, out=T)               # h_j - C_ij / eps
-            mx = T.amax(1, keepdim=True)
-            T.sub_(mx).clamp_(min=-80.).exp_()                         # no underflow path
-            out[b, r0:r1] = (mx.squeeze(1) + T.sum(1).log()) * (-epss[b])
-    return out
+    "The diagonal of the bounding box of the real points of `x` and `y` (geomloss's `max_diameter`)."
+    points = torch.cat([x, y], 1)
+    real_x = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask_x is None else mask_x
+    real_y = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if mask_y is None else mask_y
+    real = torch.cat([real_x, real_y], 1)
+    big = torch.finfo(points.dtype).max
+    low = torch.where(real[..., None], points, torch.full_like(points, big)).amin(1)
+    high = torch.where(real[..., None], points, torch.full_like(points, -big)).amax(1)
+    return torch.where(real.any(1)[:, None], high - low, torch.zeros_like(high)).norm(dim=-1)
 
 # %% ../nbs/03_sinkhorn.ipynb #dd327207
-BLOCK = 2 ** 20  # cost entries per block on the CPU (4 MiB in float32)
+def per_image(value, # a float, or a tensor with one value per image (or one for all)
+              batch_size:int, # B
+              like:torch.Tensor # a tensor of the dtype and device wanted
+             ) -> torch.Tensor: # `(B,)`
+    "A per-image parameter (a temperature ε, an over-relaxation ω) as a `(B,)` tensor."
+    if isinstance(value, torch.Tensor): return value.to(like).reshape(-1).expand(batch_size)
+    return torch.full((batch_size,), float(value), dtype=like.dtype, device=like.device)
 
-def _damping(eps, tau):
-    "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$ (geomloss's `dampening`); 1 when `tau` is None/inf."
+# %% ../nbs/03_sinkhorn.ipynb #8f2cda56
+def softmin(eps, # temperature: a float or a `(B,)` tensor
+            C:torch.Tensor, # `(B, n, m)` cost
+            h:torch.Tensor # `(B, m)` log-weights plus potentials/ε
+           ) -> torch.Tensor: # `(B, n)`
+    "Soft C-transform $-\\varepsilon\\,\\mathrm{LSE}_j(h_j - C_{ij}/\\varepsilon)$, row maxima subtracted."
+    B, n, m = C.shape
+    eps = per_image(eps, B, C)[:, None]
+    if m == 0: return C.new_full((B, n), -NEG) * eps
+    exponents = torch.addcmul(h[:, None, :], C, (-1 / eps)[:, :, None])        # h_j - C_ij / ε
+    top = exponents.amax(2, keepdim=True)
+    exponents.sub_(top).clamp_(min=-80.).exp_()                                  # no underflow path
+    return -eps * (top[:, :, 0] + exponents.sum(2).log())
+
+# %% ../nbs/03_sinkhorn.ipynb #75ecfbb1
+def damping(eps, # temperature(s)
+            tau:float|None # KL penalty of the side (None or inf: balanced)
+           ):
+    "$\\lambda=\\tau/(\\tau+\\varepsilon)=1/(1+\\varepsilon/\\tau)$, the exponent of Eq. 6."
     if tau is None or math.isinf(tau): return torch.ones_like(eps) if isinstance(eps, torch.Tensor) else 1.
     return 1. / (1. + eps / tau)
 
-@dataclass
-class _Problem:
-    C: torch.Tensor; lmu: torch.Tensor; lnu: torch.Tensor; la: torch.Tensor; lb: torch.Tensor
-    tau_a: float|None; tau_b: float|None
-    mu: torch.Tensor  # (B, n) exp(lmu): 0 for zero or padded masses
-    pad: torch.Tensor  # (B, m) bool, padded columns
-    cols: list  # per image, the leading columns a pass visits
-    real: list  # per image, the number of real columns
-    block: int|None  # cost entries per block (whole images or rows of one); None: the whole tensor at once
-    empty: torch.Tensor  # (B, 1) bool, images without points
-    cols_t: torch.Tensor  # (B, 1) `cols` as a tensor of the cost's dtype
-    padded: bool  # any padded column or image without points (else the padded soft-mins are skipped)
-    CT: torch.Tensor|None = None  # transposed cost with padding zeroed, made by `update_g` on first use
-    work: dict|None = None  # the block buffers of `_kernel_blocks`, made on first use and reused by every pass
+# %% ../nbs/03_sinkhorn.ipynb #3631d9ae
+def half_step(softmin:torch.Tensor, # `(B, k)` soft-min of the other side (`softmin`); f with `log_sums`
+              eps:torch.Tensor, # `(B, 1)` temperatures
+              lam:torch.Tensor, # `(B, 1)` dampings (`damping`)
+              log_ratio:torch.Tensor, # `(B, k)` $\log(a/\mu)$ (or $\log(b/\nu)$): 0 for the product ref.
+              log_sums:torch.Tensor|None=None # `(B, k)` log R of a soft-min written $f-\varepsilon\log R$
+             ) -> torch.Tensor:
+    "Eq. 6 in the log domain: $f=\\lambda(\\varepsilon\\log(a/\\mu)+\\mathrm{softmin})$."
+    total = eps * log_ratio + softmin
+    return lam * (total if log_sums is None else total - eps * log_sums)
 
-def _setup(a, b, C, tau_a, tau_b, mask_a, mask_b, reference, block=BLOCK):
-    dt = work_dtype(a, b, C)
-    a, b, C = a.to(dt), b.to(dt), C.detach().to(dt)
+# %% ../nbs/03_sinkhorn.ipynb #611ac983
+def relaxed_step(x:torch.Tensor, # `(B, k)` current potential
+                 softmin:torch.Tensor, eps:torch.Tensor, # as for `half_step`
+                 lam:torch.Tensor, log_ratio:torch.Tensor, # as for `half_step`
+                 omega:torch.Tensor, # `(B, 1)` over-relaxation ω
+                 log_sums:torch.Tensor|None=None # as for `half_step`
+                ) -> torch.Tensor:
+    "The over-relaxed half-step $x+\\omega(\\hat x-x)$, $\\hat x$ from `half_step`."
+    return torch.lerp(x, half_step(softmin, eps, lam, log_ratio, log_sums), omega)
+
+# %% ../nbs/03_sinkhorn.ipynb #23a36379
+def reference_weights(a:torch.Tensor, # `(B, n)` source masses
+                      b:torch.Tensor, # `(B, m)` target masses
+                      mask_a:torch.Tensor|None=None, # `(B, n)` bool, real sources
+                      mask_b:torch.Tensor|None=None, # `(B, m)` bool, real targets
+                      reference:str='product' # 'product' ($\mu=a$, $\nu=b$) or 'uniform' ($\mu=\nu=1$)
+                     ) -> tuple[torch.Tensor, torch.Tensor]: # `(mu, nu)`
+    "The masses $(\\mu, \\nu)$ of the entropic reference $\\mu\\otimes\\nu$ of Eq. 1, 0 on padding."
+    if reference == 'product':
+        return (a if mask_a is None else a * mask_a), (b if mask_b is None else b * mask_b)
+    if reference == 'uniform':
+        return (torch.ones_like(a) if mask_a is None else mask_a.to(a.dtype),
+                torch.ones_like(b) if mask_b is None else mask_b.to(b.dtype))
+    raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
+
+# %% ../nbs/03_sinkhorn.ipynb #29443920
+LOG2E, LN2 = 1 / math.log(2), math.log(2)  # the passes keep exponents in base 2 (CPU `exp2` beats `exp`)
+
+# %% ../nbs/03_sinkhorn.ipynb #3ca2c285
+BLOCK = 2 ** 20  # cost entries per block of a CPU pass (4 MiB in float32); a problem this small is one block
+
+# %% ../nbs/03_sinkhorn.ipynb #0d6bf670
+@dataclass
+class Problem:
+    "A batch of problems of Eq. 1 (KL penalties) in the solver's working precision, as its passes read it."
+    cost: torch.Tensor  # (B, n, m) C, rows of padded sources set to 0
+    log_mu: torch.Tensor  # (B, n) log μ (NEG on zero or padded masses)
+    log_nu: torch.Tensor  # (B, m) log ν
+    log_a_ratio: torch.Tensor  # (B, n) log(a/μ) of the half-step (Eq. 6): 0 for the product reference
+    log_b_ratio: torch.Tensor  # (B, m) log(b/ν)
+    tau_a: float|None  # KL penalty on the rows (None: balanced)
+    tau_b: float|None  # KL penalty on the columns
+    padded: torch.Tensor  # (B, m) bool, padded columns
+    block: int|None = BLOCK  # CPU: cost entries per block of a pass; None: the whole batch at once
+    def __post_init__(self):
+        self.mu = self.log_mu.exp()  # (B, n) μ: 0 for zero or padded masses
+        self.log2_nu = self.log_nu * LOG2E  # (B, m) log ν in base 2, for the passes' exponents
+        self.no_points = ~(~self.padded).any(1, keepdim=True)  # (B, 1) bool, images without a real column
+        self.any_padding = bool(self.padded.any()) or bool(self.no_points.any())  # else no padded soft-min
+    @functools.cached_property
+    def kernels(self): return choose_kernels(self, self.block)  # the pass strategy, chosen on first use
+
+# %% ../nbs/03_sinkhorn.ipynb #e0e2dcab
+def setup_problem(a:torch.Tensor, # `(B, n)` source masses
+                  b:torch.Tensor, # `(B, m)` target masses
+                  C:torch.Tensor, # `(B, n, m)` cost
+                  tau_a:float|None, tau_b:float|None, # KL penalties (None: balanced)
+                  mask_a:torch.Tensor|None=None, mask_b:torch.Tensor|None=None, # bool masks of real entries
+                  reference:str='product', # entropic reference (`reference_weights`)
+                  block:int|None=BLOCK # CPU: cost entries per block of a pass; None: the whole batch at once
+                 ) -> Problem:
+    "The `Problem` of `a`, `b`, `C` in the working precision (`work_dtype`); padded sources: zero cost rows."
+    dtype = work_dtype(a, b, C)
+    a, b, C = a.to(dtype), b.to(dtype), C.detach().to(dtype)
     B, n, m = C.shape
     if a.shape != (B, n) or b.shape != (B, m):
         raise ValueError(f"shapes do not match: a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}")
     if mask_a is not None and not bool(mask_a.all()): C = C.masked_fill(~mask_a[:, :, None], 0.)
-    loga, logb = log_weights(a, mask_a), log_weights(b, mask_b)
-    if reference == 'product':
-        lmu, lnu, la, lb = loga, logb, torch.zeros_like(loga), torch.zeros_like(logb)
-    elif reference == 'uniform':
-        ones_a = torch.ones_like(a) if mask_a is None else mask_a.to(dt)
-        ones_b = torch.ones_like(b) if mask_b is None else mask_b.to(dt)
-        lmu, lnu, la, lb = log_weights(ones_a), log_weights(ones_b), loga, logb
-    else: raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
-    pad = torch.zeros(B, m, dtype=torch.bool, device=C.device) if mask_b is None else ~mask_b.to(torch.bool)
-    real = (~pad).sum(1).tolist()
-    if block is None or C.device.type != 'cpu': block, cols = None, [m] * B
-    else:
-        first = torch.arange(m, device=C.device)[None] < torch.tensor(real, device=C.device)[:, None]
-        cols = [k if p else m for k, p in zip(real, (first == ~pad).all(1).tolist())]
-    empty = torch.tensor([k == 0 for k in real], device=C.device)[:, None]
-    return _Problem(C, lmu, lnu, la, lb, tau_a, tau_b, lmu.exp(), pad, cols, real, block, empty,
-                    C.new_tensor(cols)[:, None], bool(pad.any()) or 0 in real)
+    mu, nu = reference_weights(a, b, mask_a, mask_b, reference)
+    log_mu, log_nu = log_weights(mu, mask_a), log_weights(nu, mask_b)
+    if reference == 'uniform': log_a_ratio, log_b_ratio = log_weights(a, mask_a), log_weights(b, mask_b)
+    else: log_a_ratio, log_b_ratio = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    no_padding = torch.zeros(B, m, dtype=torch.bool, device=C.device)
+    padded = no_padding if mask_b is None else ~mask_b.to(torch.bool)
+    return Problem(C, log_mu, log_nu, log_a_ratio, log_b_ratio, tau_a, tau_b, padded, block)
 
-def _col(e): return e[:, None] if isinstance(e, torch.Tensor) else e
+# %% ../nbs/03_sinkhorn.ipynb #a137c484
+@patch
+def image(self:Problem, b:int) -> Problem:
+    "Image `b` alone, as a batch of one."
+    one = slice(b, b + 1)
+    return Problem(self.cost[one], self.log_mu[one], self.log_nu[one], self.log_a_ratio[one],
+                   self.log_b_ratio[one], self.tau_a, self.tau_b, self.padded[one], self.block)
 
-def _masked_cost(pb:_Problem, images=slice(None)) -> torch.Tensor:
-    "The cost of `images` with padded columns set to 0 (a copy only where there is padding)."
-    C, pad = pb.C[images], pb.pad[images]
-    return C.masked_fill(pad[:, None, :], 0.) if bool(pad.any()) else C
+# %% ../nbs/03_sinkhorn.ipynb #7edeea7d
+def masked_cost(problem:Problem) -> torch.Tensor:
+    "The cost with its padded columns set to 0 (a copy only where there is padding)."
+    padded = problem.padded
+    return problem.cost.masked_fill(padded[:, None, :], 0.) if bool(padded.any()) else problem.cost
 
-def update_f(pb:_Problem, g:torch.Tensor, eps) -> torch.Tensor:
-    "Half-step of Eq. 6 for $f$ (rows) with $g$ fixed: $f=\\lambda_a(\\varepsilon\\log(a/\\mu)+\\mathrm{softmin}_\\varepsilon(C,\\log\\nu+g/\\varepsilon))$."
-    e = _col(eps)
-    return _damping(e, pb.tau_a) * (e * pb.la + softmin(eps, _masked_cost(pb), pb.lnu + g / e))
+# %% ../nbs/03_sinkhorn.ipynb #d00d7ddd
+class ExactKernels:
+    "The soft-min kernels with `softmin` (row maxima subtracted): the reference, and the fallback."
+    def softmins(self, problem:Problem, f, g, eps) -> tuple[torch.Tensor, torch.Tensor]:
+        "Both soft-mins of a symmetric step: over the columns at `g` `(B, n)`, over the rows at `f` `(B, m)`."
+        cost, eps_col = masked_cost(problem), eps[:, None]
+        return (softmin(eps, cost, problem.log_nu + g / eps_col),
+                softmin(eps, cost.transpose(1, 2), problem.log_mu + f / eps_col))
+    def gauss_seidel(self, problem:Problem, f, g, eps, lam, omega, active=None) -> tuple:
+        "`(row soft-min, column soft-min at f, new f, column soft-min at the new f)`; `lam`: `(B,)` dampings."
+        cost, eps_col = masked_cost(problem), eps[:, None]
+        row = softmin(eps, cost, problem.log_nu + g / eps_col)
+        f_new = relaxed_step(f, row, eps_col, lam[:, None], problem.log_a_ratio, omega[:, None])
+        transposed = cost.transpose(1, 2)
+        return (row, softmin(eps, transposed, problem.log_mu + f / eps_col), f_new,
+                softmin(eps, transposed, problem.log_mu + f_new / eps_col))
 
-def update_g(pb:_Problem, f:torch.Tensor, eps) -> torch.Tensor:
-    "Half-step of Eq. 6 for $g$ (points) with $f$ fixed."
-    e = _col(eps)
-    if pb.CT is None: pb.CT = _masked_cost(pb).transpose(1, 2).contiguous()    # once per problem
-    return _damping(e, pb.tau_b) * (e * pb.lb + softmin(eps, pb.CT, pb.lmu + f / e))
+# %% ../nbs/03_sinkhorn.ipynb #98a7aeb5
+def exponent_floor(dtype:torch.dtype) -> tuple[float, float]:
+    "Floor of the base-2 exponents, and the trust factor: a sum of `k` terms >= `k * trust` is not spoiled."
+    return (-1000., 2. ** -947) if dtype == torch.float64 else (-120., 2. ** -96)
 
-# %% ../nbs/03_sinkhorn.ipynb #8f2cda56
-LOG2E, LN2 = 1 / math.log(2), math.log(2)
+# %% ../nbs/03_sinkhorn.ipynb #d519ea37
+ROW_CHUNKS = 8  # row chunks of a block that its matrix products reduce separately (a multiple of the threads)
 
-def _floor(dt:torch.dtype) -> tuple[float, float]:
-    "Floor of the base-2 exponent, and the trust factor: a sum of `k` terms >= `k * trust` is not spoiled by the floor."
-    return (-1000., 2. ** -947) if dt == torch.float64 else (-120., 2. ** -96)
+# %% ../nbs/03_sinkhorn.ipynb #32a5c31d
+def row_chunks(K:torch.Tensor # `(b, r, c)` block
+              ) -> int:
+    "`ROW_CHUNKS` on the CPU where it divides the rows, else 1."
+    return ROW_CHUNKS if K.device.type == 'cpu' and K.shape[1] % ROW_CHUNKS == 0 else 1
 
-def _temps(eps, B:int, like:torch.Tensor) -> torch.Tensor:
-    "`eps` (float or tensor) as a `(B,)` tensor."
-    if isinstance(eps, torch.Tensor): return eps.to(like).reshape(-1).expand(B)
-    return torch.full((B,), float(eps), dtype=like.dtype, device=like.device)
+# %% ../nbs/03_sinkhorn.ipynb #38647ac6
+def chunk_rows(weights:torch.Tensor, # `(b, k, r)`: `k` row weightings per image
+               chunks:int # row chunks (`row_chunks`)
+              ) -> torch.Tensor: # `(b·chunks, k, r/chunks)`
+    "Row weightings as the left factors of a block's matrix product by row chunks."
+    b, k, r = weights.shape
+    return weights.reshape(b, k, chunks, r // chunks).transpose(1, 2).reshape(b * chunks, k, r // chunks)
 
-ROW_CHUNKS = 8  # row chunks of a block that matrix-vector products reduce separately (a multiple of the threads)
+# %% ../nbs/03_sinkhorn.ipynb #9782207c
+def block_col_sums(weights:torch.Tensor, # `(b, k, r)`: `k` row weightings per image
+                   K:torch.Tensor # `(b, r, c)` block (contiguous)
+                  ) -> torch.Tensor: # `(b, k, c)`
+    "$w^\\top K$ per image for `k` weightings in one read of `K`, reduced by row chunks (`row_chunks`)."
+    (b, r, c), chunks = K.shape, row_chunks(K)
+    products = torch.bmm(chunk_rows(weights, chunks), K.view(b * chunks, r // chunks, c))
+    return products.view(b, chunks, weights.shape[1], c).sum(1)
 
-def _image_groups(pb:_Problem, images=None) -> list[tuple[int, int, int, int]]:
-    "Runs `(b0, b1, mb, rows)` of consecutive images with the same leading columns `mb`, at most `pb.block` entries together; an image larger than a block alone, by `rows` rows."
-    n, groups = pb.C.shape[1], []
-    for b in range(len(pb.cols)) if images is None else images:
-        mb = pb.cols[b]
-        if mb == 0: continue
-        if groups and groups[-1][1] == b and groups[-1][2] == mb and (b + 1 - groups[-1][0]) * n * mb <= pb.block:
-            groups[-1][1] = b + 1; continue
-        rows = max(1, pb.block // mb)
-        if rows > ROW_CHUNKS: rows -= rows % ROW_CHUNKS         # whole row chunks (`_col_sums`)
-        groups.append([b, b + 1, mb, min(rows, n)])
-    return [tuple(gr) for gr in groups]
+# %% ../nbs/03_sinkhorn.ipynb #a87941af
+def block_row_dots(K:torch.Tensor, # `(b, r, c)` block (contiguous)
+                   v:torch.Tensor # `(b, c)` column weights
+                  ) -> torch.Tensor: # `(b, r)`
+    "$Kv$ per image, by the row chunks of `block_col_sums`."
+    b, r, c = K.shape
+    chunks = row_chunks(K)
+    columns = v.reshape(b, 1, c, 1).expand(b, chunks, c, 1).reshape(b * chunks, c, 1)
+    return torch.bmm(K.view(b * chunks, r // chunks, c), columns).view(b, r)
 
-def _buffer(pb:_Problem, name:str, size:int) -> torch.Tensor:
-    "A flat work buffer of at least `size` entries kept on `pb`: the passes of a solve allocate it once."
-    if pb.work is None: pb.work = {}
-    buf = pb.work.get(name)
-    if buf is None or buf.numel() < size: buf = pb.work[name] = pb.C.new_empty(size)
-    return buf
+# %% ../nbs/03_sinkhorn.ipynb #a23e7a9e
+@dataclass
+class Block:
+    "Rows `rows` of the images `images` over their first `columns` columns: what a pass handles at once."
+    images: slice
+    rows: slice
+    columns: int
+    cost: torch.Tensor  # (b, r, columns) view of the cost
+    padded: torch.Tensor|None  # (b, 1, columns) bool, the padded columns among these (None: there are none)
+    first: bool = True  # the first row block of its images: their column sums start here
 
-def _kernel_blocks(pb:_Problem, f, g, e, keep:bool=False, images=None):
-    "Yield `(images, r0, r1, mb, K, X)`: `K = 2**max(X, floor)` on rows `r0:r1` and the first `mb` columns, `X` (base 2) if `keep`."
-    C = pb.C; B, n, m = C.shape
-    lo = _floor(C.dtype)[0]
-    s = LOG2E / e
-    fp, h = f * s[:, None], g * s[:, None] + pb.lnu * LOG2E
-    if pb.block is None:
-        X = torch.addcmul(h[:, None, :], C, -s[:, None, None]).add_(fp[:, :, None])
-        Xk = X.clone() if keep else None
-        yield slice(0, B), 0, n, m, X.clamp_min_(lo).exp2_(), Xk
-        return
-    groups = _image_groups(pb, images)
-    size = max([(b1 - b0) * rows * mb for b0, b1, mb, rows in groups], default=0)
-    buf, kbuf = _buffer(pb, 'buf', size), (_buffer(pb, 'kbuf', size) if keep else None)
-    for b0, b1, mb, rows in groups:
-        ims = slice(b0, b1)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            X = buf[:(b1 - b0) * (r1 - r0) * mb].view(b1 - b0, r1 - r0, mb)
-            if b1 - b0 == 1: torch.add(h[b0, None, None, :mb], C[ims, r0:r1, :mb], alpha=-float(s[b0]), out=X)
-            else: torch.addcmul(h[ims, None, :mb], C[ims, r0:r1, :mb], -s[ims, None, None], out=X)
-            X.add_(fp[ims, r0:r1, None])
-            Xk = kbuf[:X.numel()].view_as(X).copy_(X) if keep else None
-            yield ims, r0, r1, mb, X.clamp_min_(lo).exp2_(), Xk
+# %% ../nbs/03_sinkhorn.ipynb #9ae6bb2a
+class PassBuffers:
+    "The tensors the passes of a strategy write, made once per problem."
+    def __init__(self, problem:Problem, blocks:list[Block]):
+        B, n, m = problem.cost.shape
+        new = problem.cost.new_empty
+        self.neg_scale = new(B, 1, 1)                            # -1/ε in base 2
+        self.row_part, self.col_part = new(B, n, 1), new(B, 1, m)   # f_i/ε and g_j/ε + log ν_j in base 2
+        self.f, self.f_new, self.weights = new(B, n), new(B, n), new(B, n)   # the rows of an alternating pair
+        self.eps, self.lam, self.omega = new(B, 1), new(B, 1), new(B, 1)    # per image
+        self.row_sums = problem.cost.new_zeros(B, n)
+        self.col_sums = problem.cost.new_zeros(B, 2, m)           # weighted by the new rows' weights; by μ
+        self.work = new(max(bl.cost.numel() for bl in blocks))   # a block's exponents, then its kernel
+        self.kept = None                                          # a copy of the exponents, made on first use
 
-def _chunks(K:torch.Tensor) -> int:
-    r = K.shape[1]
-    return ROW_CHUNKS if K.device.type == 'cpu' and r % ROW_CHUNKS == 0 else 1
+# %% ../nbs/03_sinkhorn.ipynb #ebf9910d
+@patch
+def block_views(self:PassBuffers, problem:Problem, block:Block) -> dict:
+    "The views of `block` into the buffers, and its row weights by chunks (`chunk_rows`)."
+    images, rows, columns = block.images, block.rows, block.columns
+    b, r = block.cost.shape[:2]
+    chunks = row_chunks(block.cost)
+    work = self.work[:block.cost.numel()].view(block.cost.shape)
+    mu = problem.mu[images, rows]
+    pair = chunk_rows(torch.stack([torch.zeros_like(mu), mu], 1), chunks)   # [new weights; μ], by chunks
+    partial = block.cost.new_empty(b * chunks * 2 * columns)                  # the products, by chunks
+    return dict(work=work, chunks=work.view(b * chunks, r // chunks, columns), mu=mu,
+                mu_chunks=chunk_rows(mu[:, None], chunks).contiguous(), pair=pair,
+                pair_weights=pair.view(b, chunks, 2, r // chunks)[:, :, 0],
+                mu_products=partial[:b * chunks * columns].view(b * chunks, 1, columns),
+                pair_products=partial.view(b * chunks, 2, columns),
+                row_part=self.row_part[images, rows], col_part=self.col_part[images, :, :columns],
+                neg_scale=self.neg_scale[images], row_sums=self.row_sums[images, rows],
+                col_sums=self.col_sums[images, :, :columns], mu_col_sums=self.col_sums[images, 1:, :columns],
+                f=self.f[images, rows], f_new=self.f_new[images, rows], weights=self.weights[images, rows],
+                eps=self.eps[images], lam=self.lam[images], omega=self.omega[images],
+                log_a_ratio=problem.log_a_ratio[images, rows])
 
-def _col_sums(w:torch.Tensor, # `(b, r)` row weights
-              K:torch.Tensor # `(b, r, mb)` block (contiguous)
-             ) -> torch.Tensor: # `(b, mb)`
-    "$w^\\top K$ per image, summed over `ROW_CHUNKS` row chunks so each CPU thread reads the rows it has just written."
-    b, r, mb = K.shape; c = _chunks(K)
-    return torch.bmm(w.reshape(b * c, 1, r // c), K.view(b * c, r // c, mb)).view(b, c, mb).sum(1)
+# %% ../nbs/03_sinkhorn.ipynb #f38f06af
+@patch
+def kept_view(self:PassBuffers, work:torch.Tensor) -> torch.Tensor:
+    "A view shaped as the block view `work` of a second buffer, for a copy of the exponents."
+    if self.kept is None: self.kept = torch.empty_like(self.work)
+    return self.kept[:work.numel()].view(work.shape)
 
-def _col_sums2(w:torch.Tensor, # `(b, r)` first row weights
-               w0:torch.Tensor, # `(b, r)` second row weights
-               K:torch.Tensor # `(b, r, mb)` block (contiguous)
-              ) -> tuple[torch.Tensor, torch.Tensor]: # two `(b, mb)`
-    "`_col_sums(w, K)` and `_col_sums(w0, K)` in one matrix product (one read of `K`)."
-    b, r, mb = K.shape; c = _chunks(K)
-    W = torch.stack([w, w0], 1).view(b, 2, c, r // c).transpose(1, 2).reshape(b * c, 2, r // c)
-    S2 = torch.bmm(W, K.view(b * c, r // c, mb)).view(b, c, 2, mb).sum(1)
-    return S2[:, 0], S2[:, 1]
+# %% ../nbs/03_sinkhorn.ipynb #f6f9fabc
+class DenseKernels:
+    "The soft-min kernels with one exponential per cost entry, on the whole batch at once."
+    def __init__(self, problem:Problem):
+        self.blocks, columns = self.partition(problem)
+        self.floor, self.trust = exponent_floor(problem.cost.dtype)
+        self.row_floor = problem.cost.new_tensor(columns)[:, None] * self.trust   # (B, 1) least trusted rows
+        self.mu_floor = problem.mu.sum(1, keepdim=True) * self.trust            # (B, 1) columns, weights μ
+        self.buffers = PassBuffers(problem, self.blocks)
+        self.parts = [(bl, self.buffers.block_views(problem, bl)) for bl in self.blocks]   # blocks, views
+    def partition(self, problem:Problem) -> tuple[list[Block], list[int]]:
+        "The blocks, and per image the number of columns they visit: one block, every column."
+        B, n, m = problem.cost.shape
+        padded = problem.padded[:, None, :] if bool(problem.padded.any()) else None
+        return [Block(slice(0, B), slice(0, n), m, problem.cost, padded)], [m] * B
+    def active_parts(self, active:torch.Tensor|None) -> list[tuple[Block, dict]]:
+        "The blocks (with their views) a pass computes when only the images `active` need it: all of them."
+        return self.parts
 
-def _row_dots(K:torch.Tensor, # `(b, r, mb)` block (contiguous)
-              v:torch.Tensor # `(b, mb)` column weights
-             ) -> torch.Tensor: # `(b, r)`
-    "$Kv$ per image, by the row chunks of `_col_sums`."
-    b, r, mb = K.shape; c = _chunks(K)
-    vc = v.reshape(b, 1, mb, 1).expand(b, c, mb, 1).reshape(b * c, mb, 1)
-    return torch.bmm(K.view(b * c, r // c, mb), vc).view(b, r)
+# %% ../nbs/03_sinkhorn.ipynb #0e65c2f8
+@patch
+def exponentials(self:DenseKernels, problem:Problem, f, g, eps, # the pair and its `(B,)` temperatures
+                 keep:bool=False, # also yield a copy of the exponents
+                 active:torch.Tensor|None=None): # `(B,)` bool, the images that need the pass (None: all)
+    "Yield `(block, views, K, X)`: $K=2^{\\max(X,\\text{floor})}$, its exponents `X` if `keep` (else None)."
+    buffers = self.buffers
+    scale = (LOG2E / eps)[:, None]                                        # 1/ε in base 2
+    torch.neg(scale, out=buffers.neg_scale[:, :, 0])
+    torch.mul(f, scale, out=buffers.row_part[:, :, 0])                  # f_i/ε
+    torch.mul(g, scale, out=buffers.col_part[:, 0]).add_(problem.log2_nu)   # g_j/ε + log ν_j
+    for block, views in self.active_parts(active):
+        X = torch.addcmul(views['col_part'], block.cost, views['neg_scale'], out=views['work'])
+        X.add_(views['row_part'])
+        kept = buffers.kept_view(X).copy_(X) if keep else None
+        yield block, views, X.clamp_min_(self.floor).exp2_(), kept
 
-def _sums_ok(pb:_Problem, R, S, w) -> torch.Tensor:
-    "Per image: row sums `R` and column sums `S` (with row weights `w`) finite and well above the floor's error."
-    trust = _floor(R.dtype)[1]
-    if pb.work is None: pb.work = {}
-    if 'row_floor' not in pb.work:                          # the floors of the fixed weights, once per problem
-        pb.work['row_floor'], pb.work['mu_floor'] = pb.cols_t.to(R.dtype) * trust, pb.mu.sum(1, keepdim=True) * trust
-    rows = (R >= pb.work['row_floor']) & (R < math.inf)
-    floor = pb.work['mu_floor'] if w is pb.mu else w.sum(1, keepdim=True) * trust
-    cols = ((S >= floor) & (S > 0) & (S < math.inf)) | pb.pad
-    return rows.all(1) & cols.all(1) | pb.empty[:, 0]
+# %% ../nbs/03_sinkhorn.ipynb #0a8121e0
+def softmin_from_sums(potential:torch.Tensor, # `(B, k)` f (rows) or g (columns) of the pass
+                      log_sums:torch.Tensor, # `(B, k)` log of the row sums of K, or column sums of μ_i K_ij
+                      eps:torch.Tensor, # `(B, 1)` temperatures
+                      log_nu:torch.Tensor|None=None # `(B, m)` for the columns: log ν
+                     ) -> torch.Tensor:
+    "A soft-min from a pass's sums: $f_i-\\varepsilon\\log R_i$, $g_j+\\varepsilon(\\log\\nu_j-\\log S_j)$."
+    if log_nu is None: return potential - eps * log_sums
+    return potential + eps * (log_nu - log_sums)
 
-def _padded_softmins(pb:_Problem, f, g, e):
-    "Soft-mins over zero-cost padded entries: `(B, 1)` for the rows of an image without points, `(B, 1)` for its padded columns."
-    ec = e[:, None]
-    return -ec * torch.logsumexp(pb.lnu + g / ec, 1, keepdim=True), -ec * torch.logsumexp(pb.lmu + f / ec, 1, keepdim=True)
+# %% ../nbs/03_sinkhorn.ipynb #02264834
+def zero_cost_softmin(eps:torch.Tensor, # `(B,)` temperatures
+                      h:torch.Tensor # `(B, k)` log-weights plus potentials/ε
+                     ) -> torch.Tensor: # `(B, 1)`
+    "The soft-min over a zero cost, $-\\varepsilon\\,\\mathrm{LSE}_jh_j$ (padded entries)."
+    return softmin(eps, h.new_zeros(len(h), 1, h.shape[1]), h)
 
-def _exact_softmins(pb:_Problem, b:int, f, g, e):
-    "Row and column soft-mins of image `b` with `softmin` (the fallback of the passes)."
-    Cb, eb = _masked_cost(pb, slice(b, b + 1)), e[b:b + 1]
-    row = softmin(eb, Cb, pb.lnu[b:b + 1] + g[b:b + 1] / eb[:, None])[0]
-    col = softmin(eb, Cb.transpose(1, 2).contiguous(), pb.lmu[b:b + 1] + f[b:b + 1] / eb[:, None])[0]
+# %% ../nbs/03_sinkhorn.ipynb #3d8befb5
+def add_col_sums(col_sums:torch.Tensor, # `(b, k, c)` view of the column sums of a block's images
+                 products:torch.Tensor, # `(b·chunks, k, c)` the block's products by row chunks
+                 block:Block):
+    "Add a block's share to the column sums of its images (the first row block writes them)."
+    b = block.cost.shape[0]
+    share = products.view(b, len(products) // b, *products.shape[1:]).sum(1)
+    if block.first: col_sums.copy_(share)
+    else: col_sums.add_(share)
+
+# %% ../nbs/03_sinkhorn.ipynb #7f0c152e
+@patch
+def trusted(self:DenseKernels, problem:Problem,
+            row_sums:torch.Tensor, # `(B, n)` row sums of K
+            col_sums:torch.Tensor, # `(B, m)` column sums of w_i K_ij
+            col_floor # `(B, 1)` least trusted column sums: `trust` × the sum of the weights w
+           ) -> torch.Tensor: # `(B,)` bool
+    "Per image: its sums finite and above what the clamped entries can add (`exponent_floor`), or no points."
+    rows = (row_sums >= self.row_floor) & (row_sums < math.inf)
+    cols = (col_sums >= col_floor) & (col_sums > 0) & (col_sums < math.inf) | problem.padded
+    return rows.all(1) & cols.all(1) | problem.no_points[:, 0]
+
+# %% ../nbs/03_sinkhorn.ipynb #291831b4
+@patch
+def softmins(self:DenseKernels, problem:Problem, f, g, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    "Both soft-mins of a symmetric step: over the columns at `g` `(B, n)`, over the rows at `f` `(B, m)`."
+    buffers = self.buffers
+    for block, views, K, _ in self.exponentials(problem, f, g, eps):
+        torch.sum(K, 2, out=views['row_sums'])
+        torch.bmm(views['mu_chunks'], views['chunks'], out=views['mu_products'])
+        add_col_sums(views['mu_col_sums'], views['mu_products'], block)
+    row_sums, col_sums, eps_col = buffers.row_sums, buffers.col_sums[:, 1], eps[:, None]
+    row = softmin_from_sums(f, row_sums.log(), eps_col)
+    col = softmin_from_sums(g, col_sums.log(), eps_col, problem.log_nu)
+    if problem.any_padding:
+        row = torch.where(problem.no_points, zero_cost_softmin(eps, problem.log_nu + g / eps_col), row)
+        col = torch.where(problem.padded, zero_cost_softmin(eps, problem.log_mu + f / eps_col), col)
+    for b in (~self.trusted(problem, row_sums, col_sums, self.mu_floor)).nonzero()[:, 0].tolist():
+        one = slice(b, b + 1)
+        exact_row, exact_col = ExactKernels().softmins(problem.image(b), f[one], g[one], eps[one])
+        row[b], col[b] = exact_row[0], exact_col[0]
     return row, col
 
-def pair_softmins(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    "Both soft-mins of a symmetric step, $\\mathrm{softmin}(C,\\log\\nu+g/\\varepsilon)$ `(B, n)` and $\\mathrm{softmin}(C^\\top,\\log\\mu+f/\\varepsilon)$ `(B, m)`, in one pass."
-    C = pb.C; B, n, m = C.shape
-    e = _temps(eps, B, C)
-    R, S = C.new_zeros(B, n), C.new_zeros(B, m)
-    for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e):
-        R[bs, r0:r1] = K.sum(2)
-        S[bs, :mb] += _col_sums(pb.mu[bs, r0:r1], K)
-    row, col = f - e[:, None] * R.log(), g + e[:, None] * (pb.lnu - S.log())
-    if pb.padded:
-        prow, pcol = _padded_softmins(pb, f, g, e)
-        row, col = torch.where(pb.empty, prow, row), torch.where(pb.pad, pcol, col)
-    for b in (~_sums_ok(pb, R, S, pb.mu)).nonzero()[:, 0].tolist():
-        row[b], col[b] = _exact_softmins(pb, b, f, g, e)
-    return row, col
+# %% ../nbs/03_sinkhorn.ipynb #ac3d058b
+@patch
+def gauss_seidel(self:DenseKernels, problem:Problem, f, g, eps, # the pair and its `(B,)` temperatures
+                 lam:torch.Tensor, # `(B,)` dampings of the rows (`damping`)
+                 omega:torch.Tensor, # `(B,)` over-relaxation
+                 active:torch.Tensor|None=None # `(B,)` bool, the images that need the pair (None: all)
+                ) -> tuple:
+    "`(row soft-min, column soft-min at f, new f, column soft-min at the new f)` of an over-relaxed pair."
+    buffers = self.buffers
+    buffers.f.copy_(f)
+    for per_image, value in ((buffers.eps, eps), (buffers.lam, lam), (buffers.omega, omega)):
+        per_image.copy_(value[:, None])
+    for block, views, K, _ in self.exponentials(problem, f, g, eps, active=active):
+        log_sums = torch.sum(K, 2, out=views['row_sums']).log()
+        f_rows, eps_rows = views['f'], views['eps']
+        f_block = relaxed_step(f_rows, f_rows, eps_rows, views['lam'], views['log_a_ratio'], views['omega'],
+                               log_sums)                                 # Eq. 6 with softmin = f - ε log R
+        views['f_new'].copy_(f_block)
+        weights = torch.mul(views['mu'], torch.exp((f_block - f_rows) / eps_rows), out=views['weights'])
+        views['pair_weights'].copy_(weights.view(views['pair_weights'].shape))   # the rows at the new f
+        torch.bmm(views['pair'], views['chunks'], out=views['pair_products'])      # both column sums at once
+        add_col_sums(views['col_sums'], views['pair_products'], block)
+    eps_col, row_sums = eps[:, None], buffers.row_sums
+    row = softmin_from_sums(f, row_sums.log(), eps_col)
+    col = softmin_from_sums(g, buffers.col_sums[:, 0].log(), eps_col, problem.log_nu)
+    col_at_f = softmin_from_sums(g, buffers.col_sums[:, 1].log(), eps_col, problem.log_nu)
+    f_new = buffers.f_new.clone()
+    if problem.any_padding:                                   # zero-cost padded entries: their own soft-mins
+        padded_row = zero_cost_softmin(eps, problem.log_nu + g / eps_col)
+        row = torch.where(problem.no_points, padded_row, row)
+        f_padded = relaxed_step(f, padded_row, eps_col, lam[:, None], problem.log_a_ratio, omega[:, None])
+        f_new = torch.where(problem.no_points, f_padded, f_new)
+        col_at_f = torch.where(problem.padded, zero_cost_softmin(eps, problem.log_mu + f / eps_col), col_at_f)
+        col = torch.where(problem.padded, zero_cost_softmin(eps, problem.log_mu + f_new / eps_col), col)
+    weights_floor = buffers.weights.sum(1, keepdim=True) * self.trust
+    ok = self.trusted(problem, row_sums, buffers.col_sums[:, 0], weights_floor)
+    ok &= self.trusted(problem, row_sums, buffers.col_sums[:, 1], self.mu_floor)
+    if active is not None: ok |= ~active
+    for b in (~ok).nonzero()[:, 0].tolist():
+        one = slice(b, b + 1)
+        exact = ExactKernels().gauss_seidel(problem.image(b), f[one], g[one], eps[one], lam[one], omega[one])
+        row[b], col_at_f[b], f_new[b], col[b] = (x[0] for x in exact)
+    return row, col_at_f, f_new, col
+
+# %% ../nbs/03_sinkhorn.ipynb #886f992c
+class BlockedKernels(DenseKernels):
+    "The soft-min kernels of `DenseKernels` on cache-sized blocks of the cost (the CPU, large costs)."
+    def __init__(self, problem:Problem, block:int=BLOCK):
+        self.block = block  # cost entries per block
+        super().__init__(problem)
+    def partition(self, problem:Problem) -> tuple[list[Block], list[int]]:
+        "Runs of images with the same leading real columns, `block` entries at most; large images by rows."
+        B, n, m = problem.cost.shape
+        real = (~problem.padded).sum(1)
+        leading = ((torch.arange(m, device=real.device) < real[:, None]) == ~problem.padded).all(1)
+        columns = [k if first else m for k, first in zip(real.tolist(), leading.tolist())]
+        runs = []                                           # [first image, end, columns, rows per block]
+        for b, visited in enumerate(columns):
+            if visited == 0: continue
+            fits = (b + 1 - runs[-1][0]) * n * visited <= self.block if runs else False
+            if runs and runs[-1][1] == b and runs[-1][2] == visited and fits:
+                runs[-1][1] = b + 1
+                continue
+            rows = max(1, self.block // visited)
+            if rows > ROW_CHUNKS: rows -= rows % ROW_CHUNKS                # whole row chunks (`row_chunks`)
+            runs.append([b, b + 1, visited, min(rows, n)])
+        blocks = []
+        for first, end, visited, rows in runs:
+            padded = problem.padded[first:end, None, :visited]
+            for r0 in range(0, n, rows):
+                cost = problem.cost[first:end, r0:r0 + rows, :visited]
+                blocks.append(Block(slice(first, end), slice(r0, min(n, r0 + rows)), visited, cost,
+                                    padded if bool(padded.any()) else None, r0 == 0))
+        return blocks, columns
+    def active_parts(self, active:torch.Tensor|None) -> list[tuple[Block, dict]]:
+        "The blocks (with their views) with at least one image in `active` (None: all)."
+        if active is None: return self.parts
+        flags = active.tolist()
+        return [(bl, views) for bl, views in self.parts if any(flags[bl.images])]
+
+# %% ../nbs/03_sinkhorn.ipynb #acd7a775
+def choose_kernels(problem:Problem,
+                   block:int|None=BLOCK # CPU: cost entries per block; None: the whole batch at once
+                  ) -> DenseKernels:
+    "`DenseKernels` on accelerators, for `block=None` and for one unpadded block, else `BlockedKernels`."
+    cost = problem.cost
+    small = block is None or cost.numel() <= block and not bool(problem.padded.any())
+    if cost.device.type != 'cpu' or small: return DenseKernels(problem)
+    return BlockedKernels(problem, block)
 
 # %% ../nbs/03_sinkhorn.ipynb #50480dbe
-def _rel_err(log_have, log_want):
+def relative_error(log_have:torch.Tensor, # `(B, k)` log of a marginal
+                   log_want:torch.Tensor # `(B, k)` log of what it should be
+                  ) -> torch.Tensor: # `(B,)`
+    "$\\|e^{\\text{have}}-e^{\\text{want}}\\|_1/\\|e^{\\text{want}}\\|_1$ per image (0 without mass)."
     have, want = log_have.exp(), log_want.exp()
-    den = want.sum(-1)
-    return torch.where(den > 0, (have - want).abs().sum(-1) / den.clamp_min(1e-30), torch.zeros_like(den))
+    total = want.sum(-1)
+    error = (have - want).abs().sum(-1) / total.clamp_min(1e-30)
+    return torch.where(total > 0, error, torch.zeros_like(total))
 
-def _inv_tau(tau): return 0. if tau is None or math.isinf(tau) else 1. / tau
-
-def _errors(pb:_Problem, f, g, e, row, col) -> torch.Tensor:
-    "Marginal errors of `(f, g)` from their soft-mins `row`, `col`."
-    ec = e[:, None]
-    rows = _rel_err(pb.lmu + (f - row) / ec, pb.lmu + pb.la - f * _inv_tau(pb.tau_a))
-    cols = _rel_err(pb.lnu + (g - col) / ec, pb.lnu + pb.lb - g * _inv_tau(pb.tau_b))
+# %% ../nbs/03_sinkhorn.ipynb #8138c9e2
+def errors_from_softmins(problem:Problem, f, g, eps, # a pair and its `(B,)` temperatures
+                         row:torch.Tensor, # `(B, n)` row soft-min at `(f, g)`
+                         col:torch.Tensor # `(B, m)` column soft-min at `(f, g)`
+                        ) -> torch.Tensor: # `(B,)`
+    "The relative marginal error of `(f, g)` per image, from its soft-mins."
+    def inverse(tau): return 0. if tau is None or math.isinf(tau) else 1. / tau
+    eps_col = eps[:, None]
+    rows = relative_error(problem.log_mu + (f - row) / eps_col,
+                          problem.log_mu + problem.log_a_ratio - f * inverse(problem.tau_a))
+    cols = relative_error(problem.log_nu + (g - col) / eps_col,
+                          problem.log_nu + problem.log_b_ratio - g * inverse(problem.tau_b))
     return torch.maximum(rows, cols)
 
-def marginal_error(pb:_Problem, f, g, eps) -> torch.Tensor:
-    "Per image, the relative error of the first-order marginal conditions at `(f, g)`."
-    e = _temps(eps, len(f), pb.C)
-    return _errors(pb, f, g, e, *pair_softmins(pb, f, g, e))
+# %% ../nbs/03_sinkhorn.ipynb #f5d20c6c
+def marginal_error(problem:Problem, f:torch.Tensor, g:torch.Tensor, eps) -> torch.Tensor: # `(B,)`
+    "Per image, the relative error of the first-order marginal conditions at `(f, g)` (one pass)."
+    eps = per_image(eps, len(f), problem.cost)
+    return errors_from_softmins(problem, f, g, eps, *problem.kernels.softmins(problem, f, g, eps))
 
+# %% ../nbs/03_sinkhorn.ipynb #38ecbc4e
 def uot_marginal_error(a:torch.Tensor, # `(B, n)` source masses
                        b:torch.Tensor, # `(B, m)` target masses
                        C:torch.Tensor, # `(B, n, m)` cost
@@ -323,87 +550,37 @@ def uot_marginal_error(a:torch.Tensor, # `(B, n)` source masses
     "`marginal_error` of potentials `(f, g)` from any solver, per image."
     tau_b = tau_a if tau_b is None else tau_b
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
-        return marginal_error(pb, f.detach().to(pb.C.dtype), g.detach().to(pb.C.dtype), eps)
+        problem = setup_problem(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
+        dtype = problem.cost.dtype
+        return marginal_error(problem, f.detach().to(dtype), g.detach().to(dtype), eps)
 
-# %% ../nbs/03_sinkhorn.ipynb #857ea9e8
+# %% ../nbs/03_sinkhorn.ipynb #cfffa939
+def annealing_table(problem:Problem,
+                    schedules:list[list[float]] # per image its temperatures (`epsilon_schedule`)
+                   ) -> tuple:
+    "`(eps, lam_a, lam_b, started)`: per step `(L + 2, B)` temperatures, `(L + 2, B, 1)` dampings, flags."
+    L = max(len(s) for s in schedules)
+    start = [L - len(s) for s in schedules]                            # aligned on the last step
+    steps = [[s[0] for s in schedules]] + [[s[max(k - first, 0)] for s, first in zip(schedules, start)]
+                                           for k in range(L)] + [[s[-1] for s in schedules]]
+    eps = problem.cost.new_tensor(steps)
+    lam_a, lam_b = (damping(eps, tau)[:, :, None] for tau in (problem.tau_a, problem.tau_b))
+    device = problem.cost.device
+    started = [None if k >= max(start) else
+               torch.tensor([k >= first for first in start], device=device)[:, None]
+               for k in range(L)]                                      # None: every image has started
+    return eps, lam_a, lam_b, started
+
+# %% ../nbs/03_sinkhorn.ipynb #ee543cde
 OMEGA = 1.7  # initial over-relaxation of the converged mode
 
-def official_loop(pb:_Problem, schedules:list[list[float]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    "geomloss's symmetric annealed loop (debias=False) with one schedule per image; returns `(f, g, softmin pairs)`."
-    B, L = len(schedules), max(len(s) for s in schedules)
-    C = pb.C; n, m = C.shape[1:]
-    start = [L - len(s) for s in schedules]
-    # every temperature, damping and "has started" flag of the loop, as `(L + 2, B)` tensors made once
-    temps = C.new_tensor([[s[0] for s in schedules]] + [[s[max(k - st, 0)] for s, st in zip(schedules, start)]
-                         for k in range(L)] + [[s[-1] for s in schedules]])
-    lam_a, lam_b = _damping(temps, pb.tau_a), _damping(temps, pb.tau_b)
-    lam_a, lam_b = (lam if isinstance(lam, torch.Tensor) else torch.full_like(temps, lam) for lam in (lam_a, lam_b))
-    ela = None if not bool(pb.la.any()) else pb.la          # product reference: log(a/mu) = 0, no term
-    elb = None if not bool(pb.lb.any()) else pb.lb
-    def half(lam, e, l, sm): return lam[:, None] * (sm if l is None else e[:, None] * l + sm)
-    active = [None if k >= max(start) else torch.tensor([k >= st for st in start], device=C.device)[:, None]
-              for k in range(L)]                             # None: every image has started
-    row, col = pair_softmins(pb, C.new_zeros(B, n), C.new_zeros(B, m), temps[0])
-    g = half(lam_b[0], temps[0], elb, col)                   # a -> b
-    f = half(lam_a[0], temps[0], ela, row)                   # b -> a
-    for k in range(L):
-        e = temps[k + 1]
-        row, col = pair_softmins(pb, f, g, e)                # both from the old pair (symmetric)
-        ft, gt = half(lam_a[k + 1], e, ela, row), half(lam_b[k + 1], e, elb, col)
-        if active[k] is None: f, g = 0.5 * (f + ft), 0.5 * (g + gt)
-        else: f, g = torch.where(active[k], 0.5 * (f + ft), f), torch.where(active[k], 0.5 * (g + gt), g)
-    e = temps[-1]
-    row, col = pair_softmins(pb, f, g, e)                    # final extrapolation
-    return half(lam_a[-1], e, ela, row), half(lam_b[-1], e, elb, col), L + 2
-
-def _exact_relaxed(pb:_Problem, b:int, f, g, e, omega):
-    "`relaxed_pair` for image `b` with `softmin` (its fallback)."
-    Cb, eb, ec = _masked_cost(pb, slice(b, b + 1)), e[b:b + 1], e[b]
-    CTb = Cb.transpose(1, 2).contiguous()
-    row = softmin(eb, Cb, pb.lnu[b:b + 1] + g[b:b + 1] / ec)[0]
-    col0 = softmin(eb, CTb, pb.lmu[b:b + 1] + f[b:b + 1] / ec)[0]
-    fb = torch.lerp(f[b], _damping(ec, pb.tau_a) * (ec * pb.la[b] + row), omega[b])
-    col = softmin(eb, CTb, pb.lmu[b:b + 1] + fb[None] / ec)[0]
-    gb = torch.lerp(g[b], _damping(ec, pb.tau_b) * (ec * pb.lb[b] + col), omega[b])
-    rows = _rel_err(pb.lmu[b] + (f[b] - row) / ec, pb.lmu[b] + pb.la[b] - f[b] * _inv_tau(pb.tau_a))
-    cols = _rel_err(pb.lnu[b] + (g[b] - col0) / ec, pb.lnu[b] + pb.lb[b] - g[b] * _inv_tau(pb.tau_b))
-    return fb, gb, torch.maximum(rows, cols)
-
-def relaxed_pair(pb:_Problem, f:torch.Tensor, g:torch.Tensor, eps:float, omega:torch.Tensor, active=None):
-    "One over-relaxed alternating pair ($f$, then $g$ from the new $f$) in one pass; returns `(f, g, marginal error of the incoming pair)`."
-    C = pb.C; B, n, m = C.shape
-    active = torch.ones(B, dtype=torch.bool, device=C.device) if active is None else active   # others: skipped on the CPU
-    e = _temps(eps, B, C)
-    lam_a, lam_b, om = _damping(eps, pb.tau_a), _damping(eps, pb.tau_b), omega[:, None]
-    R, W, S, S0, fn = C.new_zeros(B, n), C.new_zeros(B, n), C.new_zeros(B, m), C.new_zeros(B, m), f.clone()
-    for bs, r0, r1, mb, K, _ in _kernel_blocks(pb, f, g, e, images=active.nonzero()[:, 0].tolist()):
-        Rb = K.sum(2); R[bs, r0:r1] = Rb
-        fr = f[bs, r0:r1]
-        fb = torch.lerp(fr, lam_a * (eps * pb.la[bs, r0:r1] + fr - eps * Rb.log()), om[bs])
-        w = pb.mu[bs, r0:r1] * torch.exp((fb - fr) / eps)     # rows re-weighted to the new f
-        fn[bs, r0:r1], W[bs, r0:r1] = fb, w
-        Sw, Smu = _col_sums2(w, pb.mu[bs, r0:r1], K)         # both column sums from one read of the block
-        S[bs, :mb] += Sw; S0[bs, :mb] += Smu
-    row, col0, col = f - eps * R.log(), g + eps * (pb.lnu - S0.log()), g + eps * (pb.lnu - S.log())
-    if pb.padded:                                            # zero-cost padded entries: their own soft-mins
-        prow, pcol0 = _padded_softmins(pb, f, g, e)
-        fn = torch.where(pb.empty, torch.lerp(f, lam_a * (eps * pb.la + prow), om), fn)
-        pcol = _padded_softmins(pb, fn, g, e)[1]
-        row, col0, col = torch.where(pb.empty, prow, row), torch.where(pb.pad, pcol0, col0), torch.where(pb.pad, pcol, col)
-    gn = torch.lerp(g, lam_b * (eps * pb.lb + col), om)
-    err = _errors(pb, f, g, e, row, col0)
-    ok = _sums_ok(pb, R, S, W) & _sums_ok(pb, R, S0, pb.mu) | ~active
-    for b in (~ok).nonzero()[:, 0].tolist():
-        fn[b], gn[b], err[b] = _exact_relaxed(pb, b, f, g, e, omega)
-    return fn, gn, err
-
+# %% ../nbs/03_sinkhorn.ipynb #80c0192a
 def adapt_omega(omega:torch.Tensor, # `(B,)` current over-relaxation
                 err_then:torch.Tensor, # `(B,)` marginal error `window` pairs ago
                 err_now:torch.Tensor, # `(B,)` marginal error now
                 window:int # pairs between the two errors
                ) -> torch.Tensor:
-    "Raise ω towards Young's optimum where the error falls slower than ω - 1 per pair; halve ω - 1 where it did not fall."
+    "Raise ω towards Young's optimum where the error falls slower than ω - 1 a pair; halve ω - 1 on a stall."
     rate = (err_now / err_then.clamp_min(1e-30)).clamp_min(1e-12) ** (1 / window)
     stalled = err_now >= err_then
     theta = ((rate + omega - 1) ** 2 / (rate * omega ** 2)).clamp(0, 0.995)
@@ -411,22 +588,50 @@ def adapt_omega(omega:torch.Tensor, # `(B,)` current over-relaxation
     omega = torch.where((rate < 1) & (rate > omega - 1 + 0.05) & ~stalled, best, omega)
     return torch.where(stalled, 1 + (omega - 1) / 2, omega)
 
-def converged_loop(pb:_Problem, schedules:list[list[float]], eps:float, tol:float=1e-3, max_iter:int=1000,
-                   omega:float|None=None, window:int=5) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor|None]:
-    "The official annealing, then over-relaxed alternating pairs at `eps` until the marginal error is below `tol`; returns `(f, g, pairs, error or None)`."
-    f, g, its = official_loop(pb, schedules)
-    om = _temps(OMEGA if omega is None else omega, len(f), pb.C).clone()
-    done, hist = torch.zeros(len(f), dtype=torch.bool, device=f.device), []
-    while its < max_iter:
-        fn, gn, err = relaxed_pair(pb, f, g, eps, om, active=~done); its += 1
-        err = torch.where(done, hist[-1], err) if hist else err
-        hist.append(err)
-        done = done | (err < tol)                       # an image keeps its first pair below tol: batches do not matter
-        f, g = torch.where(done[:, None], f, fn), torch.where(done[:, None], g, gn)
-        if bool(done.all()): return f, g, its, err
-        k = len(hist) - 1
-        if omega is None and k >= 2 * window and k % window == 0: om = adapt_omega(om, hist[-1 - window], err, window)
-    return f, g, its, None
+# %% ../nbs/03_sinkhorn.ipynb #654fce76
+def sinkhorn_loop(kernels, # the soft-min kernels: `DenseKernels`, `BlockedKernels` or `ExactKernels`
+                  problem:Problem,
+                  eps:float, # target temperature
+                  schedules:list[list[float]]|None=None, # per image the annealing's temperatures (None: none)
+                  pairs:int=0, # over-relaxed alternating pairs at `eps` after the annealing, at most
+                  tol:float|None=None, # an image stops at its first pair with a marginal error below this
+                  omega:float|None=None, # over-relaxation; None adapts it from `OMEGA` (`adapt_omega`)
+                  window:int=5, # pairs between two adaptations of ω
+                  start:tuple|None=None # `(f, g)` to relax from without annealing (default zeros)
+                 ) -> tuple: # `(f, g, soft-min pairs, marginal error where all images reached tol or None)`
+    "The ε-scaling (geomloss's symmetric annealing), then over-relaxed alternating pairs of Eq. 6 at `eps`."
+    B, n, m = problem.cost.shape
+    f, g = start if start is not None else (problem.cost.new_zeros(B, n), problem.cost.new_zeros(B, m))
+    log_a_ratio, log_b_ratio, count = problem.log_a_ratio, problem.log_b_ratio, 0
+    if schedules is not None:
+        temps, lam_a, lam_b, started = annealing_table(problem, schedules)
+        for k in range(len(temps)):
+            row, col = kernels.softmins(problem, f, g, temps[k])                # both from the same pair
+            f_half = half_step(row, temps[k, :, None], lam_a[k], log_a_ratio)
+            g_half = half_step(col, temps[k, :, None], lam_b[k], log_b_ratio)
+            if k == 0 or k == len(temps) - 1: f, g = f_half, g_half     # first step, final extrapolation
+            elif started[k - 1] is None: f, g = 0.5 * (f + f_half), 0.5 * (g + g_half)
+            else:
+                f = torch.where(started[k - 1], 0.5 * (f + f_half), f)
+                g = torch.where(started[k - 1], 0.5 * (g + g_half), g)
+        count = len(temps)
+    if pairs == 0: return f, g, count, None
+    eps_t = per_image(eps, B, problem.cost)
+    lam_a, lam_b = (per_image(damping(eps, tau), B, problem.cost) for tau in (problem.tau_a, problem.tau_b))
+    omegas = per_image(OMEGA if omega is None else omega, B, problem.cost).clone()
+    done, history = torch.zeros(B, dtype=torch.bool, device=f.device), []
+    for k in range(pairs):
+        row, col_at_f, f_new, col = kernels.gauss_seidel(problem, f, g, eps_t, lam_a, omegas, ~done)
+        g_new = relaxed_step(g, col, eps_t[:, None], lam_b[:, None], log_b_ratio, omegas[:, None])
+        err = errors_from_softmins(problem, f, g, eps_t, row, col_at_f)         # of the incoming pair
+        if history: err = torch.where(done, history[-1], err)
+        history.append(err)
+        if tol is not None: done = done | (err < tol)          # an image keeps its first pair below tol
+        f, g = torch.where(done[:, None], f, f_new), torch.where(done[:, None], g, g_new)
+        if tol is not None and bool(done.all()): return f, g, count + k + 1, err
+        if omega is None and k >= 2 * window and k % window == 0:
+            omegas = adapt_omega(omegas, history[-1 - window], err, window)
+    return f, g, count + pairs, None
 
 # %% ../nbs/03_sinkhorn.ipynb #c44caa0e
 @dataclass
@@ -438,15 +643,17 @@ class Potentials:
     reference: str = 'product'
     iterations: int = 0  # soft-min pairs (one f and one g update each)
     marginal_error: torch.Tensor|None = None  # (B,) relative marginal error
-    def __iter__(self): yield self.f; yield self.g
+    def __iter__(self):
+        yield self.f
+        yield self.g
 
-def _largest_cost(pb:_Problem) -> torch.Tensor:
-    "Per image, the largest cost over real entries (0 without any)."
-    out = pb.C.new_zeros(len(pb.real))
-    for b, (k, mb) in enumerate(zip(pb.real, pb.cols)):
-        if k and pb.C.shape[1]: out[b] = (pb.C[b, :, :k] if mb == k else _masked_cost(pb, slice(b, b + 1))).amax()
-    return out
+# %% ../nbs/03_sinkhorn.ipynb #f03203c2
+def largest_cost(problem:Problem) -> torch.Tensor: # `(B,)`
+    "Per image, the largest cost over real entries (0 without any): the first temperature without a diameter."
+    largest = problem.cost.amax(1).masked_fill(problem.padded, -math.inf).amax(1)
+    return torch.where(problem.no_points[:, 0], torch.zeros_like(largest), largest)
 
+# %% ../nbs/03_sinkhorn.ipynb #34d9b05a
 def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
                    b:torch.Tensor, # `(B, m)` target masses (1 per head)
                    C:torch.Tensor, # `(B, n, m)` cost
@@ -468,33 +675,46 @@ def uot_potentials(a:torch.Tensor, # `(B, n)` source masses (the density)
                   ) -> Potentials:
     "Solve entropic unbalanced OT with KL marginal penalties for a batch; returns the dual potentials."
     if C.dim() == 2: a, b, C = a[None], b[None], C[None]
-    if mode not in ('official', 'converged'): raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
+    if mode not in ('official', 'converged'):
+        raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
     tau_b = tau_a if tau_b is None else tau_b
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference, block)
-        B, n, m = pb.C.shape
-        if diameter is None: diameter = _largest_cost(pb) if n * m else torch.ones(B)
-        diams = _eps_list(torch.as_tensor(diameter, dtype=torch.float64), B)
-        schedules = [epsilon_schedule(max(d, eps ** (1 / p)), eps, scaling, p) for d in diams]
-        err = None
-        if m == 0 or n == 0:
-            f, g, its = pb.C.new_zeros(B, n), pb.C.new_zeros(B, m), 0
-        elif mode == 'official':
-            f, g, its = official_loop(pb, schedules)
-        else:
-            f, g, its, err = converged_loop(pb, schedules, eps, tol=tol, max_iter=max_iter, omega=omega)
-        if compute_error and n * m and err is None: err = marginal_error(pb, f, g, eps)
+        problem = setup_problem(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference, block)
+        B, n, m = problem.cost.shape
+        if n * m == 0:
+            return Potentials(problem.cost.new_zeros(B, n), problem.cost.new_zeros(B, m), eps, reference)
+        if diameter is None: diameter = largest_cost(problem)
+        diameters = torch.as_tensor(diameter, dtype=torch.float64).reshape(-1).expand(B).tolist()
+        schedules = [epsilon_schedule(max(d, eps ** (1 / p)), eps, scaling, p) for d in diameters]
+        pairs = 0 if mode == 'official' else max(max_iter - max(len(s) for s in schedules) - 2, 0)
+        f, g, its, err = sinkhorn_loop(problem.kernels, problem, eps, schedules, pairs, tol, omega)
+        if compute_error and err is None: err = marginal_error(problem, f, g, eps)
     return Potentials(f, g, eps, reference, its, err if compute_error else None)
 
 # %% ../nbs/03_sinkhorn.ipynb #57104909
-def _plan_problem(a, b, C, pot:Potentials, tau_a, mask_a, mask_b, grad:str, block=BLOCK):
-    "Check `grad`; `a` in the working precision and the problem (`_setup`) a plan is rebuilt from."
+def plan_row_factor(a:torch.Tensor, # `(B, n)` masses (may require grad)
+                    mask_a:torch.Tensor|None, # `(B, n)` bool, real sources
+                    eps:float, tau_a:float|None, # temperature and row KL penalty of the solve
+                    grad:str, # 'paper', 'official' or 'none'
+                    reference:str # 'product' or 'uniform'
+                   ) -> torch.Tensor: # `(B, n)`
+    "The row factor $r$ of $P_{ij}=r_iE_{ij}$: $a$, or $a^{\\lambda_a}$ (paper's gradient, uniform ref.)."
+    masses = a.clamp_min(0) if mask_a is None else a.clamp_min(0) * mask_a
+    r = (masses + 1e-30) ** damping(eps, tau_a) if grad == 'paper' and reference == 'uniform' else masses
+    return r.detach() if grad == 'none' else r
+
+# %% ../nbs/03_sinkhorn.ipynb #cc1014fd
+def plan_problem(a, b, C, # the masses (`a` may require grad) and the cost
+                 pot:Potentials, tau_a, mask_a, mask_b, # as for `plan_factors`
+                 grad:str, block=BLOCK):
+    "Check `grad`; `a` in the working precision and the `Problem` a plan is rebuilt from."
     if grad not in ('paper', 'official', 'none'):
         raise ValueError(f"grad must be 'paper', 'official' or 'none', got {grad!r}")
     a = a.to(work_dtype(a, b, C))
     with torch.no_grad(), no_autocast(C.device):
-        return a, _setup(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, pot.reference, block)
+        return a, setup_problem(a.detach(), b.detach(), C, tau_a, tau_a, mask_a, mask_b, pot.reference, block)
 
+# %% ../nbs/03_sinkhorn.ipynb #5372962f
 def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
                  b:torch.Tensor, # `(B, m)`
                  C:torch.Tensor, # `(B, n, m)`
@@ -504,30 +724,22 @@ def plan_factors(a:torch.Tensor, # `(B, n)` masses (may require grad)
                  grad:str='paper' # 'paper' (v* fixed, u*(a)), 'official' (density factor only) or 'none'
                 ) -> tuple[torch.Tensor, torch.Tensor]: # row factor `r` `(B, n)` and constant `E` `(B, n, m)`
     "Factor the plan as `P = r[..., None] * E` where only `r` depends (differentiably) on `a`."
-    a, pb = _plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad)
-    eps, ref, dt = pot.eps, pot.reference, pb.C.dtype
-    B, n, m = C.shape
+    a, problem = plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad)
+    eps, dtype = pot.eps, problem.cost.dtype
     with torch.no_grad(), no_autocast(C.device):
-        Cm = _masked_cost(pb)
-        f, g = pot.f.to(dt), pot.g.to(dt)
-        if grad == 'paper':
-            lam = _damping(eps, tau_a)
-            S = -softmin(eps, Cm, pb.lnu + g / eps) / eps                 # the u-half-step with v* fixed
-            row = -lam * S
-        else:
-            row = pb.lmu + f / eps - log_weights(a.detach(), mask_a)
-        logE = torch.mul(Cm, -1. / eps)                                   # one (B, n, m) buffer, in place
-        logE.add_((pb.lnu + g / eps)[:, None, :]).add_(row[:, :, None])
-        E = logE.clamp_(min=-80., max=40.).exp_()                         # no underflow path; see `softmin`
+        cost = masked_cost(problem)
+        f, g = pot.f.to(dtype), pot.g.to(dtype)
+        if grad == 'paper': log_row = damping(eps, tau_a) * softmin(eps, cost, problem.log_nu + g / eps) / eps
+        else: log_row = problem.log_mu + f / eps - log_weights(a.detach(), mask_a)
+        log_E = torch.mul(cost, -1. / eps)                                # one (B, n, m) buffer, in place
+        log_E.add_((problem.log_nu + g / eps)[:, None, :]).add_(log_row[:, :, None])
+        E = log_E.clamp_(min=-80., max=40.).exp_()                        # no underflow path; see `softmin`
         if mask_b is not None: E.masked_fill_(~mask_b[:, None, :], 0.)
         if mask_a is not None: E.masked_fill_(~mask_a[:, :, None], 0.)
-    with no_autocast(C.device):
-        ap = a.clamp_min(0) if mask_a is None else a.clamp_min(0) * mask_a
-        if grad == 'paper' and ref == 'uniform': r = (ap + 1e-30) ** _damping(eps, tau_a)
-        else: r = ap
-        if grad == 'none': r = r.detach()
+    with no_autocast(C.device): r = plan_row_factor(a, mask_a, eps, tau_a, grad, pot.reference)
     return r, E
 
+# %% ../nbs/03_sinkhorn.ipynb #82eab55c
 def uot_plan(a:torch.Tensor, # `(B, n)` source masses (may require grad)
              b:torch.Tensor, # `(B, m)` target masses
              C:torch.Tensor, # `(B, n, m)` cost
@@ -547,32 +759,36 @@ def uot_plan(a:torch.Tensor, # `(B, n)` source masses (may require grad)
     P = r[:, :, None] * E
     return P[0] if squeeze else P
 
+# %% ../nbs/03_sinkhorn.ipynb #c65a5d6e
 def generalized_kl(p:torch.Tensor, # non-negative
                    q:torch.Tensor # non-negative reference, same shape as `p`
                   ) -> torch.Tensor: # entry-wise terms: sum them for $KL(p|q)$
     "Entries $p\\log(p/q)-p+q$ of the generalized KL divergence (0·log 0 = 0)."
     return torch.xlogy(p, p) - torch.xlogy(p, q) - p + q
 
-def _kl(p, q):
-    "Generalized KL over the last dim, `q` floored at the dtype's smallest normal number."
+# %% ../nbs/03_sinkhorn.ipynb #22f1596e
+def kl_sum(p:torch.Tensor, q:torch.Tensor) -> torch.Tensor:
+    "$\\mathrm{KL}(p|q)$ over the last dim, `q` floored at the dtype's smallest normal number."
     return generalized_kl(p, q.clamp_min(1e-300 if q.dtype == torch.float64 else 1e-38)).sum(-1)
 
+# %% ../nbs/03_sinkhorn.ipynb #312fab93
 def uot_value(a:torch.Tensor, b:torch.Tensor, C:torch.Tensor, # as for `uot_plan`
               eps:float=0.01, tau_a:float|None=0.5, tau_b:float|None=None,
               mask_a=None, mask_b=None, plan:torch.Tensor|None=None, reference:str='product',
               **kwargs) -> torch.Tensor: # `(B,)` primal objectives
-    "Primal objective $\\langle C,P\\rangle+\\varepsilon KL(P|\\mu\\otimes\\nu)+\\tau_a KL(P1|a)+\\tau_b KL(P^T1|b)$ at the optimal plan."
+    "The primal objective of Eq. 1 with KL penalties and $\\varepsilon\\mathrm{KL}(P|\\mu\\otimes\\nu)$."
     tau_b = tau_a if tau_b is None else tau_b
-    if plan is None: plan = uot_plan(a, b, C, eps, tau_a, tau_b, mask_a, mask_b, reference=reference, **kwargs)
+    if plan is None:
+        plan = uot_plan(a, b, C, eps, tau_a, tau_b, mask_a, mask_b, reference=reference, **kwargs)
+    mu, nu = reference_weights(a, b, mask_a, mask_b, reference)
     a = a if mask_a is None else a * mask_a
     b = b if mask_b is None else b * mask_b
-    Cm = C if mask_b is None else C.masked_fill(~mask_b[:, None], 0.)
-    mu, nu = (a, b) if reference == 'product' else (torch.ones_like(a) if mask_a is None else mask_a.to(a.dtype),
-                                                   torch.ones_like(b) if mask_b is None else mask_b.to(b.dtype))
-    val = (Cm * plan).flatten(1).sum(1) + eps * _kl(plan.flatten(1), (mu[:, :, None] * nu[:, None, :]).flatten(1))
-    if tau_a is not None and not math.isinf(tau_a): val = val + tau_a * _kl(plan.sum(2), a)
-    if tau_b is not None and not math.isinf(tau_b): val = val + tau_b * _kl(plan.sum(1), b)
-    return val
+    cost = C if mask_b is None else C.masked_fill(~mask_b[:, None], 0.)
+    reference_plan = (mu[:, :, None] * nu[:, None, :]).flatten(1)
+    value = (cost * plan).flatten(1).sum(1) + eps * kl_sum(plan.flatten(1), reference_plan)
+    if tau_a is not None and not math.isinf(tau_a): value = value + tau_a * kl_sum(plan.sum(2), a)
+    if tau_b is not None and not math.isinf(tau_b): value = value + tau_b * kl_sum(plan.sum(1), b)
+    return value
 
 # %% ../nbs/03_sinkhorn.ipynb #e282e3b7
 def plain_sinkhorn(a:torch.Tensor, # `(B, n)` source masses
@@ -590,10 +806,11 @@ def plain_sinkhorn(a:torch.Tensor, # `(B, n)` source masses
     if C.dim() == 2: a, b, C = a[None], b[None], C[None]
     tau_b = tau_a if tau_b is None else tau_b
     with torch.no_grad(), no_autocast(C.device):
-        pb = _setup(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
-        g = pb.C.new_zeros(pb.C.shape[0], pb.C.shape[2]) if g is None else g.detach().to(pb.C.dtype).reshape(len(pb.C), -1)
-        f = pb.C.new_zeros(pb.C.shape[:2])
-        for _ in range(n_iter): f = update_f(pb, g, eps); g = update_g(pb, f, eps)
+        problem = setup_problem(a.detach(), b.detach(), C, tau_a, tau_b, mask_a, mask_b, reference)
+        B, n, m = problem.cost.shape
+        g = problem.cost.new_zeros(B, m) if g is None else g.detach().to(problem.cost.dtype).reshape(B, -1)
+        start = problem.cost.new_zeros(B, n), g
+        f, g, _, _ = sinkhorn_loop(problem.kernels, problem, eps, pairs=n_iter, omega=1., start=start)
     return Potentials(f, g, eps, reference, n_iter)
 
 # %% ../nbs/03_sinkhorn.ipynb #b4f00ac3
@@ -606,31 +823,48 @@ class PlanStats:
     xlogx: torch.Tensor|None  # (B, n) sum_j E_ij log E_ij (None when not asked for)
     cols: torch.Tensor  # (B, m) sum_i r_i E_ij (the plan's column sums), differentiable through `r`
 
-_CAP = math.exp(40.)
+# %% ../nbs/03_sinkhorn.ipynb #8d4de831
+PLAN_CAP = math.exp(40.)  # largest entry of E: its exponent is clamped at 40, as in `plan_factors`
 
-def _plan_blocks(pb:_Problem, f, g, e, logc, keep=False):
-    "Blocks of $E=K\\,c$ (clamped at $e^{40}$, zero on padded columns): `(images, r0, r1, mb, E, X)`."
-    for bs, r0, r1, mb, K, X in _kernel_blocks(pb, f, g, e, keep):
-        if logc is not None: K.mul_(logc[bs, r0:r1, None].exp()).clamp_max_(_CAP)
-        if bool(pb.pad[bs, :mb].any()): K.masked_fill_(pb.pad[bs, None, :mb], 0.)
-        yield bs, r0, r1, mb, K, X
+# %% ../nbs/03_sinkhorn.ipynb #22c28153
+def plan_blocks(problem:Problem, f, g, eps, # potentials and `(B,)` temperatures
+                log_factor:torch.Tensor, # `(B, n)` log c (for `lam`: written here, block by block)
+                keep:bool=False, # also yield the exponents (base 2) of K
+                lam:float|None=None, # the paper's gradient: c_i = exp(-λ LSE_i - f_i/ε) from the row sums
+                row_sums:torch.Tensor|None=None, # `(B, n)`, with `lam`: receives the row sums of K
+                mask_a:torch.Tensor|None=None): # `(B, n)` bool, real sources (with `lam`: others get c = 0)
+    "Yield `(block, E, X)`: the blocks of $E_{ij}=K_{ij}c_i$, clamped at `PLAN_CAP`, 0 on padded columns."
+    for block, _, K, X in problem.kernels.exponentials(problem, f, g, eps, keep):
+        images, rows = block.images, block.rows
+        if lam is not None:                          # LSE_i = log sum_j K_ij - f_i/ε
+            sums, f_eps = K.sum(2), f[images, rows] / eps[images, None]
+            row_sums[images, rows] = sums
+            log_c = -lam * (sums.log() - f_eps) - f_eps
+            if mask_a is not None: log_c = torch.where(mask_a[images, rows], log_c, -1e30)
+            log_factor[images, rows] = log_c
+        E = K.mul_(log_factor[images, rows, None].exp()).clamp_max_(PLAN_CAP)
+        if block.padded is not None: E.masked_fill_(block.padded, 0.)
+        yield block, E, X
 
-class _PlanColumns(torch.autograd.Function):
-    "Column sums $\\sum_ir_iE_{ij}$ (computed in the forward pass of `plan_stats`); the backward recomputes $E$ by blocks."
+# %% ../nbs/03_sinkhorn.ipynb #3002a3e7
+class PlanColumns(torch.autograd.Function):
+    "Column sums $\\sum_ir_iE_{ij}$ (computed by `plan_stats`); the backward recomputes $E$ by blocks."
     @staticmethod
-    def forward(ctx, r, cols, pb, f, g, e, logc, exact):
-        ctx.args = pb, f, g, e, logc, exact
+    def forward(ctx, r, cols, problem, f, g, eps, log_factor, exact):
+        ctx.args = problem, f, g, eps, log_factor, exact
         return cols.clone()
     @staticmethod
     def backward(ctx, grad):
-        pb, f, g, e, logc, exact = ctx.args
+        problem, f, g, eps, log_factor, exact = ctx.args
         out = torch.zeros_like(f)
         with torch.no_grad():
-            for bs, r0, r1, mb, E, _ in _plan_blocks(pb, f, g, e, logc):
-                out[bs, r0:r1] = _row_dots(E, grad[bs, :mb].to(E.dtype))
+            for block, E, _ in plan_blocks(problem, f, g, eps, log_factor):
+                dots = block_row_dots(E, grad[block.images, :block.columns].to(E.dtype))
+                out[block.images, block.rows] = dots
             for b, E in exact.items(): out[b] = E[0] @ grad[b].to(E.dtype)
         return out, None, None, None, None, None, None, None
 
+# %% ../nbs/03_sinkhorn.ipynb #d816dbfe
 def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
                b:torch.Tensor, # `(B, m)`
                C:torch.Tensor, # `(B, n, m)`
@@ -639,48 +873,40 @@ def plan_stats(a:torch.Tensor, # `(B, n)` masses (may require grad)
                mask_a=None, mask_b=None,
                grad:str='paper', # 'paper', 'official' or 'none', as for `plan_factors`
                block:int|None=BLOCK, # CPU: cost entries per block; None: the whole tensor at once
-               entropy:bool=True, # also $(E\log E)\mathbf1$ (False: `xlogx` is None, two passes over each block fewer)
+               entropy:bool=True, # also $(E\log E)\mathbf1$ (False: `xlogx` is None, two passes fewer)
               ) -> PlanStats:
-    "$r$, $E\\mathbf1$, $(C\\odot E)\\mathbf1$, $(E\\log E)\\mathbf1$ and $r^\\top E$ of the plan `plan_factors` would build, in one pass."
-    a, pb = _plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad, block)
-    eps, ref, dt = pot.eps, pot.reference, pb.C.dtype
+    "$r$, $E\\mathbf1$, $(C\\odot E)\\mathbf1$, $(E\\log E)\\mathbf1$, $r^\\top E$ of the plan, in one pass."
+    a, problem = plan_problem(a, b, C, pot, tau_a, mask_a, mask_b, grad, block)
+    eps, dtype = pot.eps, problem.cost.dtype
     B, n, m = C.shape
+    with no_autocast(C.device): r = plan_row_factor(a, mask_a, eps, tau_a, grad, pot.reference)
     with torch.no_grad(), no_autocast(C.device):
-        f, g, e = pot.f.to(dt), pot.g.to(dt), _temps(eps, B, pb.C)
-        ap = a.detach().clamp_min(0) if mask_a is None else a.detach().clamp_min(0) * mask_a
-        r = (ap + 1e-30) ** _damping(eps, tau_a) if grad == 'paper' and ref == 'uniform' else ap
-        logc = pb.C.new_zeros(B, n) if grad == 'paper' else pb.lmu - log_weights(a.detach(), mask_a)
-        if mask_a is not None: logc = logc.masked_fill(~mask_a, -1e30)      # padded rows: E = 0
-        R, rows, cost, xlogx, cols = (pb.C.new_zeros(B, k) for k in (n, n, n, n, m))
-        lam = _damping(eps, tau_a)
-        for bs, r0, r1, mb, K, X in _kernel_blocks(pb, f, g, e, keep=entropy):
-            if grad == 'paper':                  # c_i = exp(-lam LSE_i - f_i/eps), LSE_i = log R_i - f_i/eps
-                Rb = K.sum(2); R[bs, r0:r1] = Rb
-                fe = f[bs, r0:r1] / eps
-                logc[bs, r0:r1] = torch.where(mask_a[bs, r0:r1], -lam * (Rb.log() - fe) - fe, -1e30) if mask_a is not None \
-                                  else -lam * (Rb.log() - fe) - fe
-            lc = logc[bs, r0:r1, None]
-            E = K.mul_(lc.exp()).clamp_max_(_CAP)
-            Cb = pb.C[bs, r0:r1, :mb]
-            if bool(pb.pad[bs, :mb].any()):
-                E.masked_fill_(pb.pad[bs, None, :mb], 0.); Cb = Cb.masked_fill(pb.pad[bs, None, :mb], 0.)
-            rows[bs, r0:r1] = E.sum(2)
-            cost[bs, r0:r1] = torch.linalg.vecdot(Cb, E)
-            if entropy: xlogx[bs, r0:r1] = torch.linalg.vecdot(X.mul_(LN2).add_(lc).clamp_max_(40.), E)   # log E, as clamped
-            cols[bs, :mb] += _col_sums(r[bs, r0:r1], E)
-        ok = torch.isfinite(torch.cat([rows, cost, xlogx, cols], 1)).all(1)
-        if grad == 'paper': ok &= _sums_ok(pb, R, torch.ones_like(cols), torch.zeros_like(r))
+        f, g, eps_t, weights = pot.f.to(dtype), pot.g.to(dtype), per_image(eps, B, problem.cost), r.detach()
+        paper = grad == 'paper'
+        if paper: log_factor = problem.cost.new_zeros(B, n)
+        else: log_factor = problem.log_mu - log_weights(a.detach(), mask_a)
+        if mask_a is not None: log_factor = log_factor.masked_fill(~mask_a, -1e30)        # padded rows: E = 0
+        row_sums, E_rows, E_cost, E_xlogx, P_cols = (problem.cost.new_zeros(B, k) for k in (n, n, n, n, m))
+        lam = damping(eps, tau_a) if paper else None
+        for part, E, X in plan_blocks(problem, f, g, eps_t, log_factor, entropy, lam, row_sums, mask_a):
+            images, rows, columns = part.images, part.rows, part.columns
+            part_cost = part.cost if part.padded is None else part.cost.masked_fill(part.padded, 0.)
+            E_rows[images, rows] = E.sum(2)
+            E_cost[images, rows] = torch.linalg.vecdot(part_cost, E)
+            if entropy:                                                       # log E, as clamped
+                log_E = X.mul_(LN2).add_(log_factor[images, rows, None]).clamp_max_(40.)
+                E_xlogx[images, rows] = torch.linalg.vecdot(log_E, E)
+            P_cols[images, :columns] += block_col_sums(weights[images, None, rows], E)[:, 0]
+        ok = torch.isfinite(torch.cat([E_rows, E_cost, E_xlogx, P_cols], 1)).all(1)
+        if paper: ok &= problem.kernels.trusted(problem, row_sums, torch.ones_like(P_cols), 0.)
         exact = {}
-        for k in (~ok).nonzero()[:, 0].tolist():
-            ik = slice(k, k + 1)
-            _, E = plan_factors(a[ik].detach(), b[ik], C[ik], Potentials(f[ik], g[ik], eps, ref), tau_a,
-                                None if mask_a is None else mask_a[ik], None if mask_b is None else mask_b[ik], grad)
+        for k in (~ok).nonzero()[:, 0].tolist():                              # from the stored plan
+            one = slice(k, k + 1)
+            masks = (None if mask_a is None else mask_a[one]), (None if mask_b is None else mask_b[one])
+            one_pot = Potentials(f[one], g[one], eps, pot.reference)
+            _, E = plan_factors(a[one].detach(), b[one], C[one], one_pot, tau_a, *masks, grad)
             exact[k] = E
-            rows[k], cost[k], xlogx[k] = E[0].sum(1), (_masked_cost(pb, ik)[0] * E[0]).sum(1), torch.xlogy(E[0], E[0]).sum(1)
-            cols[k] = r[k] @ E[0]
-    with no_autocast(C.device):
-        ap = a.clamp_min(0) if mask_a is None else a.clamp_min(0) * mask_a
-        rr = (ap + 1e-30) ** _damping(eps, tau_a) if grad == 'paper' and ref == 'uniform' else ap
-        if grad == 'none': rr = rr.detach()
-        cols = _PlanColumns.apply(rr, cols, pb, f, g, e, logc, exact)
-    return PlanStats(rr, rows, cost, xlogx if entropy else None, cols)
+            E_rows[k], E_cost[k] = E[0].sum(1), (masked_cost(problem.image(k))[0] * E[0]).sum(1)
+            E_xlogx[k], P_cols[k] = torch.xlogy(E[0], E[0]).sum(1), weights[k] @ E[0]
+    with no_autocast(C.device): P_cols = PlanColumns.apply(r, P_cols, problem, f, g, eps_t, log_factor, exact)
+    return PlanStats(r, E_rows, E_cost, E_xlogx if entropy else None, P_cols)
