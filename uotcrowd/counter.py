@@ -8,22 +8,22 @@ import csv, json, math, os, subprocess, sys, textwrap
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
-from .core import get_device, reuse_host_memory
+from .core import get_device, reuse_host_memory, HostMemory, check_choice
 from .data import load_image, normalize, list_images, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD
 from .train import (models_dir, model_names, resolve_checkpoint, MODELS_ENV, load_model, load_checkpoint,
                             save_checkpoint, write_csv, checkpoint_precision, checkpoint_loc_threshold,
-                            resolve_precision, autocast, memory_format)
+                            resolve_precision, autocast, memory_format, Precision)
 from .localize import localize
 from .deploy import load_onnx
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'INPUT_NORMALIZATION', 'PUBLISHED', 'DEFAULT_MODEL', 'DEFAULT_TILE', 'DEFAULT_OVERLAP', 'TILE_ABOVE',
-           'VIDEO_EXTS', 'results_card', 'model_card', 'write_model', 'publish_model', 'models_cmd', 'as_rgb',
+           'Shown', 'VIDEO_EXTS', 'results_card', 'model_card', 'write_model', 'publish_model', 'models_cmd', 'as_rgb',
            'tile_spans', 'tiled_density', 'localize_in_bands', 'CountResult', 'Counter', 'render_result',
            'measure_peak_memory', 'is_video', 'video_fps', 'read_video', 'VideoWriter', 'plot_counts', 'predict_video',
            'SquareCounter', 'square_frames', 'predict']
@@ -240,7 +240,7 @@ class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
     def __init__(self, checkpoint:str|Path|nn.Module=DEFAULT_MODEL, # a checkpoint file, a named model (`models_cmd`), an ONNX export (`.onnx`), or a density network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
-                 precision:str|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
+                 precision:Precision|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (chosen on validation)
                  tile:int|None=None, # tile side in pixels; None: tile images above `tile_above` pixels; 0: never tile
                  overlap:int=DEFAULT_OVERLAP, # context pixels read around each tile (rounded up to the model's size multiple)
@@ -325,16 +325,18 @@ def _font(size:int):
     try: return ImageFont.load_default(size=size)
     except TypeError: return ImageFont.load_default()   # Pillow < 10.1: one fixed size
 
+Shown = Literal['density', 'points', 'both']   # what `render_result` draws over the image
+
 def render_result(image, # the image the result was computed on (path, PIL image or uint8 array)
                   result:CountResult, # what `Counter` found in it
-                  show:str='both', # 'density' (heat-map overlay), 'points' (located heads) or 'both'
+                  show:Shown='both', # 'density' (heat-map overlay), 'points' (located heads) or 'both'
                   max_side:int|None=1280, # downscale so that the longer side is at most this many pixels
                   label:bool=False, # write the count in the top-left corner
                   alpha:float=0.7, # opacity of the heat map from half its maximum up (it fades as √density to 0)
                   cmap:str='jet' # matplotlib colour map of the heat map
                  ) -> Image.Image:
     "The image with the density overlaid and/or the located heads marked, as a PIL RGB image."
-    if show not in ('density', 'points', 'both'): raise ValueError(f"show must be 'density', 'points' or 'both', got {show!r}")
+    check_choice(show, Shown, 'show')
     im = Image.fromarray(as_rgb(image))
     if im.size != result.size: raise ValueError(f"the image is {im.size[0]}×{im.size[1]} but the result is for {result.width}×{result.height}")
     scale = min(1.0, max_side / max(im.size)) if max_side else 1.0
@@ -378,9 +380,9 @@ _MEMORY_SCRIPT = textwrap.dedent('''
         warnings.simplefilter('ignore'); model = get_model(a['model'], out_act='abs')
     photo = np.random.default_rng(a['seed']).integers(0, 256, (a['height'], a['width'], 3), dtype=np.uint8)
     counter = Counter(model, device='cpu', precision=a['precision'], tile=a['tile'])
-    # the high-water mark is reset before counting (`uotcrowd.bench.peak_memory`): the process's lifetime maximum
+    # the high-water mark is reset before counting (`uotcrowd.measure.peak_memory`): the process's lifetime maximum
     # (`ru_maxrss`) would include the parent's size, which Linux carries over a fork and exec
-    from uotcrowd.bench import peak_memory, _status_bytes
+    from uotcrowd.measure import peak_memory, _status_bytes
     before, res = _status_bytes('VmRSS'), {}
     t = time.perf_counter(); extra = peak_memory(lambda: res.update(r=counter(photo)), method='rss'); secs = time.perf_counter() - t
     r = res['r']
@@ -510,7 +512,7 @@ def predict_video(video:str, # video file (whatever FFmpeg reads: mp4, mov, avi,
                   annotate:bool=False, # also write NAME_annotated.mp4: the counted frames with density, heads and count
                   max_frames:int|None=None, # stop after this many counted frames
                   device:str='auto', # 'auto', 'cpu', 'cuda', 'mps'
-                  precision:str|None=None, # default: the checkpoint's
+                  precision:Precision|None=None, # default: the checkpoint's
                   loc_threshold:float|None=None, # default: the checkpoint's
                   tile:int|None=None, # tile side for large frames (None automatic, 0 never)
                   batch_size:int=4, # frames counted together
@@ -574,9 +576,9 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
             nwpu:bool=False, # also write the NWPU-Crowd counting and localization submission files
             no_plots:bool=False, # skip the PNGs
             dpi:int=80, # resolution of the PNGs
-            precision:str|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the precision the checkpoint was trained in)
+            precision:Precision|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the precision the checkpoint was trained in)
             device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-            host_memory:str='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
+            host_memory:HostMemory='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
             quiet:bool=False # no per-file lines
            ) -> list[dict]: # one dict per image (name, path, count, n_points, points, tiles, error) and per video (name, path, frames, csv)
     "Count the people in images and videos; writes `predictions.csv`, `points.json` and a PNG per image, counts per frame per video."

