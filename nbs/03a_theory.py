@@ -336,7 +336,7 @@ kcode = torch.exp(-(d_**2/(r_**2 + 1e-5))/eps_)
 test_close(bl_omega_bar(centres_, pts_, eps_, d_, form='code'), kcode/(kcode + K_.sum(1)), eps=1e-12)
 test_close(bl_omega(centres_, pts_, eps_), (plan_u_update(sq_distances(centres_, pts_), torch.ones(h_*w_, dtype=torch.float64), eps_)
                                             *sq_distances(centres_, pts_)).sum(1))
-test_fail(lambda: bl_background_logit(centres_, pts_, eps_, d_, form='x'), contains="'paper' or 'code'")
+test_fail(lambda: bl_background_logit(centres_, pts_, eps_, d_, form='x'), contains="form must be one of paper, code, got 'x'")
 
 
 # %% [markdown]

@@ -637,7 +637,7 @@ test_eq(counts, {'IMG_9.jpg': 167, 'IMG_10.jpg': 229})
 image, points, meta = sha[0]
 test_eq(image.shape, (3, 768, 1024)); test_eq(points.shape, (167, 2)); assert image.dtype == torch.float32
 test_fail(lambda: ShanghaiTech(fixtures/'formats', 'A'), contains='expected layout')
-test_fail(lambda: ShanghaiTech(fixtures/'ShanghaiTech', 'C'), contains="'A' or 'B'")
+test_fail(lambda: ShanghaiTech(fixtures/'ShanghaiTech', 'C'), contains="ShanghaiTech part must be one of A, B, got 'C'")
 
 # %% [markdown]
 # ## UCF-QNRF

@@ -62,7 +62,7 @@ from pathlib import Path
 # uotcrowd predict --checkpoint shb-mcnn-gl clip.mp4 --every 10 --out counts   # a named model, a video
 # uotcrowd serve --checkpoint shb-mcnn-gl                                        # http://127.0.0.1:8000
 # uotcrowd export --checkpoint shb-mcnn-gl --format onnx                         # shb-mcnn-gl.onnx
-# uotcrowd bench --loss-sizes-only --out bench_out             # the loss at training sizes against the recipe
+# uotcrowd bench --loss-sizes-only --out bench_out                              # the loss at training sizes
 # ```
 #
 # This module only wires: each command is a Python function of the library (`uotcrowd.commands.train`,
@@ -93,7 +93,9 @@ def _element_type(hint # a parameter's type hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType): return _element_type(args[0])
-    if origin in (list, tuple, AbcSequence): return _element_type(args[0])[0], True, _element_type(args[0])[2]
+    if origin in (list, tuple, AbcSequence):
+        typ, _, choices = _element_type(args[0])
+        return typ, True, choices
     if origin is typing.Literal: return type(args[0]), False, literal_values(hint)
     return hint, False, None
 
@@ -117,7 +119,8 @@ def add_arguments(parser, # an `argparse` parser or argument group
                  ):
     "A flag for each parameter of `fn`, with the type, choices, default and comment of its signature."
     docs = docments(fn)
-    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) and not dataclasses.is_dataclass(fn) else fn)
+    plain_class = inspect.isclass(fn) and not dataclasses.is_dataclass(fn)
+    hints = typing.get_type_hints(fn.__init__ if plain_class else fn)
     for name, prm in inspect.signature(fn).parameters.items():
         if name in skip or (only is not None and name not in only): continue
         if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD): continue
@@ -212,7 +215,7 @@ test_eq(a.run(a), 3)
 
 # %%
 #| export
-_RECORD = ('model', 'model_kwargs', 'loss', 'loss_kwargs', 'dataset', 'data_dir', 'data_kwargs')  # set by `train`
+_RECORD = ('model', 'model_kwargs', 'loss', 'loss_kwargs', 'dataset', 'data_dir', 'data_kwargs')  # `train` sets
 _LOSS_FLAGS = tuple(dict.fromkeys(k for ks in LOSS_ARGS.values() for k in ks))
 
 def loss_kwargs(args # the parsed flags of `train`
@@ -274,26 +277,28 @@ def bench(out:str='bench_out', # output folder
           quiet:bool=False, # no per-case lines
          ) -> dict: # the results of `uotcrowd.bench.run_bench`
     "Benchmark the generalized loss against the official recipe, POT and a training step; writes bench.json and bench.md."
-    if no_throughput and throughput_only: raise ValueError("--no-throughput and --throughput-only exclude each other")
+    if no_throughput and throughput_only:
+        raise ValueError("--no-throughput and --throughput-only exclude each other")
     if throughput_only and loss_sizes_only:
         raise ValueError("--throughput-only and --loss-sizes-only exclude each other")
     common = dict(device=device, quick=quick, verbose=not quiet)
     if loss_sizes_only:
         if not has_module('geomloss'):
-            raise ValueError("--loss-sizes-only times the official recipe, which needs geomloss: pip install geomloss")
+            raise ValueError("--loss-sizes-only times the official recipe, which needs geomloss (bench extra)")
         sizes = dict(LOSS_SIZES_QUICK) if quick else {}
         if batch_sizes or points or size:
             sizes['sizes'] = [(B, m, size or 32) for B in batch_sizes or (8,) for m in points or (200,)]
-        return run_bench(out, methods=(), vgg=False, throughput=False, onnx=False, training_sizes=sizes or True,
-                         **common)
+        return run_bench(out, methods=(), vgg=False, throughput=False, onnx=False,
+                         training_sizes=sizes or True, **common)
     throughput = False if no_throughput else {}  # a dict: arguments of `training_throughput`
     if throughput is not False and throughput_threads: throughput['threads'] = tuple(throughput_threads)
     if throughput_only:  # no loss cases and no loss-share step, but VGG19 stays in the throughput rows
         methods = ()
         if not no_vgg: throughput['models'] = THROUGHPUT_QUICK['models'] if quick else THROUGHPUT_MODELS
     return run_bench(out, batch_sizes=batch_sizes, n_points=points, size=size,
-                     methods=METHODS if methods is None else tuple(methods), vgg=not no_vgg and not throughput_only,
-                     throughput=throughput or not no_throughput, **common)
+                     methods=METHODS if methods is None else tuple(methods),
+                     vgg=not no_vgg and not throughput_only, throughput=throughput or not no_throughput,
+                     **common)
 
 # %% [markdown]
 # What each choice of flags asks `run_bench` for (the runs themselves are tested in `tests/test_cli.py`):
@@ -319,12 +324,14 @@ test_fail(lambda: bench_call(throughput_only=True, no_throughput=True), contains
 def build_parser() -> argparse.ArgumentParser:
     "The `uotcrowd` parser: `train`, `eval`, `predict`, `models`, `serve`, `export`, `demo` and `bench`."
     parser = argparse.ArgumentParser(prog='uotcrowd', formatter_class=_Fmt,
-        description='Crowd counting and localization with the generalized unbalanced-OT loss (Wan, Liu, Chan, CVPR 2021).',
+        description='Crowd counting and localization with the generalized unbalanced-OT loss '
+                    '(Wan, Liu, Chan, CVPR 2021).',
         epilog='Run `uotcrowd COMMAND --help` for the flags of a command. Start with `uotcrowd demo`.')
     parser.add_argument('--version', action='version', version=f'uotcrowd {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     t = add_command(sub, train, skip=('loss_kwargs',))
-    add_arguments(t, TrainConfig, skip=_RECORD, flags={'out_dir': ['--out'], 'time_budget_s': ['--time-budget']})
+    renamed = {'out_dir': ['--out'], 'time_budget_s': ['--time-budget']}   # the names the flags have always had
+    add_arguments(t, TrainConfig, skip=_RECORD, flags=renamed)
     g = t.add_argument_group('loss hyper-parameters (unset: the defaults of each loss)')
     for k in _LOSS_FLAGS:
         losses = [n for n, ks in LOSS_ARGS.items() if k in ks]
@@ -346,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 # %%
 parser = build_parser()
 a = parser.parse_args(['train', '--dataset', 'synthetic', '--model', 'mcnn', '--out', 'x', '--eps', '0.01'])
-test_eq((a.dataset, a.model, a.loss, a.eps, a.tau, a.lr, a.out_dir), ('synthetic', 'mcnn', 'gl', 0.01, None, None, 'x'))
+test_eq((a.dataset, a.model, a.loss, a.eps, a.tau, a.lr, a.out_dir),
+        ('synthetic', 'mcnn', 'gl', 0.01, None, None, 'x'))
 test_eq((a.max_epoch, a.val_epoch, a.crop_size, a.time_budget_s),
         (TrainConfig.max_epoch, TrainConfig.val_epoch, 512, None))
 def parse(args):
@@ -370,11 +378,12 @@ for cmd in ('train', 'eval', 'predict', 'models', 'serve', 'export', 'demo', 'be
     test_eq(code, 0)
     assert f'usage: uotcrowd {cmd}' in out
 _, out, _ = parse(['train', '--help'])
-for flag in ('--data-dir', '--synthetic-n', '--weights', '--out-act', '--resume', '--crop-size', '--batch-size',
-             '--lr', '--weight-decay', '--max-epoch', '--val-epoch', '--val-start', '--val-fraction', '--clip-grad',
-             '--precision', '--seed', '--deterministic', '--num-workers', '--host-memory', '--time-budget',
-             '--patience', '--lr-patience', '--lr-decay', '--val-window', '--max-steps', '--eps', '--tau', '--cost',
-             '--mode', '--tol', '--sigma', '--coord-scale', '--device', '--quiet'):
+for flag in ('--data-dir', '--synthetic-n', '--weights', '--out-act', '--resume', '--crop-size',
+             '--batch-size', '--lr', '--weight-decay', '--max-epoch', '--val-epoch', '--val-start',
+             '--val-fraction', '--clip-grad', '--precision', '--seed', '--deterministic', '--num-workers',
+             '--host-memory', '--time-budget', '--patience', '--lr-patience', '--lr-decay', '--val-window',
+             '--max-steps', '--eps', '--tau', '--cost', '--mode', '--tol', '--sigma', '--coord-scale',
+             '--device', '--quiet'):
     assert flag in out, flag
 a = parser.parse_args(['predict', '--checkpoint', 'c.pt', 'a.jpg', 'photos', '--out', 'o'])
 test_eq((a.inputs, a.precision, a.dpi), (['a.jpg', 'photos'], None, 80))
@@ -418,15 +427,16 @@ test_eq(choices_of(export, 'format'), ('onnx',))
 test_eq(choices_of(bench, 'methods'), METHODS)
 
 # %%
-test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--tau', '0.5', '--cost', 'exp'])),
+synthetic = ['train', '--dataset', 'synthetic']
+test_eq(loss_kwargs(parser.parse_args(synthetic + ['--tau', '0.5', '--cost', 'exp'])),
         {'tau': 0.5, 'cost': 'exp'})
-test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--mode', 'converged', '--tol', '1e-3'])),
+test_eq(loss_kwargs(parser.parse_args(synthetic + ['--mode', 'converged', '--tol', '1e-3'])),
         {'mode': 'converged', 'tol': 1e-3})
-test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--loss', 'dmcount', '--coord-scale',
-                                       '128'])), {'coord_scale': 128.})
+test_eq(loss_kwargs(parser.parse_args(synthetic + ['--loss', 'dmcount', '--coord-scale', '128'])),
+        {'coord_scale': 128.})
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
-    test_eq(loss_kwargs(parser.parse_args(['train', '--dataset', 'synthetic', '--loss', 'l2', '--eps', '1'])), {})
+    test_eq(loss_kwargs(parser.parse_args(synthetic + ['--loss', 'l2', '--eps', '1'])), {})
 assert 'not used' in str(w[0].message)
 
 # %% [markdown]
@@ -439,7 +449,8 @@ assert 'not used' in str(w[0].message)
 # %%
 def source_comment(obj, name):
     "The comment after parameter (or field) `name` in the source of `obj`, read line by line."
-    src = inspect.getsource(obj.__init__ if inspect.isclass(obj) and not dataclasses.is_dataclass(obj) else obj)
+    plain_class = inspect.isclass(obj) and not dataclasses.is_dataclass(obj)
+    src = inspect.getsource(obj.__init__ if plain_class else obj)
     line = next(l for l in src.splitlines() if re.match(rf'\s*(def \w+\(|\w+\()?{name}\s*:', l))
     return line.split(' # ', 1)[1].strip()
 def flag_help(command, flag):
@@ -448,8 +459,8 @@ def flag_help(command, flag):
     options = text[text.index('options:'):]
     return options[re.search(re.escape(flag) + '(?=[ ,])', options).start():]
 flags_of = (('bench', bench, 'quick'), ('bench', bench, 'no_throughput'), ('bench', bench, 'out'),
-            ('eval', evaluate_checkpoint, 'split'), ('train', TrainConfig, 'max_epoch'), ('train', TrainConfig, 'lr'),
-            ('train', train, 'val_seed'))
+            ('eval', evaluate_checkpoint, 'split'), ('train', TrainConfig, 'max_epoch'),
+            ('train', TrainConfig, 'lr'), ('train', train, 'val_seed'))
 for command, obj, name in flags_of:
     comment, entry = source_comment(obj, name), flag_help(command, '--' + name.replace('_', '-'))
     assert entry.split(' (default')[0].endswith(comment), (name, comment, entry[:200])
@@ -490,7 +501,8 @@ if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # `pyth
 tmp = Path(tempfile.mkdtemp())
 tiny = ['--dataset', 'synthetic', '--synthetic-n', '16', '--synthetic-size', '48']
 test_eq(main(['train', *tiny, '--model', 'mcnn', '--loss', 'gl', '--crop-size', '32', '--batch-size', '4',
-              '--max-epoch', '2', '--val-epoch', '1', '--lr', '1e-3', '--device', 'cpu', '--out', str(tmp/'run')]), 0)
+              '--max-epoch', '2', '--val-epoch', '1', '--lr', '1e-3', '--device', 'cpu',
+              '--out', str(tmp/'run')]), 0)
 with contextlib.redirect_stdout(io.StringIO()):
     test_eq(main(['eval', '--checkpoint', str(tmp/'run'/'best.pt'), '--quiet']), 0)
 metrics = json.loads((tmp/'run'/'eval-test'/'metrics.json').read_text())

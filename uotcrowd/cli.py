@@ -48,7 +48,8 @@ def add_arguments(parser, # an `argparse` parser or argument group
                  ):
     "A flag for each parameter of `fn`, with the type, choices, default and comment of its signature."
     docs = docments(fn)
-    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) and not dataclasses.is_dataclass(fn) else fn)
+    plain_class = inspect.isclass(fn) and not dataclasses.is_dataclass(fn)
+    hints = typing.get_type_hints(fn.__init__ if plain_class else fn)
     for name, prm in inspect.signature(fn).parameters.items():
         if name in skip or (only is not None and name not in only): continue
         if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD): continue
@@ -89,7 +90,7 @@ def add_command(sub, # the sub-parsers of the main parser
     return p
 
 # %% ../nbs/12_cli.ipynb #3c39ac2d
-_RECORD = ('model', 'model_kwargs', 'loss', 'loss_kwargs', 'dataset', 'data_dir', 'data_kwargs')  # set by `train`
+_RECORD = ('model', 'model_kwargs', 'loss', 'loss_kwargs', 'dataset', 'data_dir', 'data_kwargs')  # `train` sets
 _LOSS_FLAGS = tuple(dict.fromkeys(k for ks in LOSS_ARGS.values() for k in ks))
 
 def loss_kwargs(args # the parsed flags of `train`
@@ -125,37 +126,41 @@ def bench(out:str='bench_out', # output folder
           quiet:bool=False, # no per-case lines
          ) -> dict: # the results of `uotcrowd.bench.run_bench`
     "Benchmark the generalized loss against the official recipe, POT and a training step; writes bench.json and bench.md."
-    if no_throughput and throughput_only: raise ValueError("--no-throughput and --throughput-only exclude each other")
+    if no_throughput and throughput_only:
+        raise ValueError("--no-throughput and --throughput-only exclude each other")
     if throughput_only and loss_sizes_only:
         raise ValueError("--throughput-only and --loss-sizes-only exclude each other")
     common = dict(device=device, quick=quick, verbose=not quiet)
     if loss_sizes_only:
         if not has_module('geomloss'):
-            raise ValueError("--loss-sizes-only times the official recipe, which needs geomloss: pip install geomloss")
+            raise ValueError("--loss-sizes-only times the official recipe, which needs geomloss (bench extra)")
         sizes = dict(LOSS_SIZES_QUICK) if quick else {}
         if batch_sizes or points or size:
             sizes['sizes'] = [(B, m, size or 32) for B in batch_sizes or (8,) for m in points or (200,)]
-        return run_bench(out, methods=(), vgg=False, throughput=False, onnx=False, training_sizes=sizes or True,
-                         **common)
+        return run_bench(out, methods=(), vgg=False, throughput=False, onnx=False,
+                         training_sizes=sizes or True, **common)
     throughput = False if no_throughput else {}  # a dict: arguments of `training_throughput`
     if throughput is not False and throughput_threads: throughput['threads'] = tuple(throughput_threads)
     if throughput_only:  # no loss cases and no loss-share step, but VGG19 stays in the throughput rows
         methods = ()
         if not no_vgg: throughput['models'] = THROUGHPUT_QUICK['models'] if quick else THROUGHPUT_MODELS
     return run_bench(out, batch_sizes=batch_sizes, n_points=points, size=size,
-                     methods=METHODS if methods is None else tuple(methods), vgg=not no_vgg and not throughput_only,
-                     throughput=throughput or not no_throughput, **common)
+                     methods=METHODS if methods is None else tuple(methods),
+                     vgg=not no_vgg and not throughput_only, throughput=throughput or not no_throughput,
+                     **common)
 
 # %% ../nbs/12_cli.ipynb #f8ef2d7c
 def build_parser() -> argparse.ArgumentParser:
     "The `uotcrowd` parser: `train`, `eval`, `predict`, `models`, `serve`, `export`, `demo` and `bench`."
     parser = argparse.ArgumentParser(prog='uotcrowd', formatter_class=_Fmt,
-        description='Crowd counting and localization with the generalized unbalanced-OT loss (Wan, Liu, Chan, CVPR 2021).',
+        description='Crowd counting and localization with the generalized unbalanced-OT loss '
+                    '(Wan, Liu, Chan, CVPR 2021).',
         epilog='Run `uotcrowd COMMAND --help` for the flags of a command. Start with `uotcrowd demo`.')
     parser.add_argument('--version', action='version', version=f'uotcrowd {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     t = add_command(sub, train, skip=('loss_kwargs',))
-    add_arguments(t, TrainConfig, skip=_RECORD, flags={'out_dir': ['--out'], 'time_budget_s': ['--time-budget']})
+    renamed = {'out_dir': ['--out'], 'time_budget_s': ['--time-budget']}   # the names the flags have always had
+    add_arguments(t, TrainConfig, skip=_RECORD, flags=renamed)
     g = t.add_argument_group('loss hyper-parameters (unset: the defaults of each loss)')
     for k in _LOSS_FLAGS:
         losses = [n for n, ks in LOSS_ARGS.items() if k in ks]
