@@ -45,6 +45,7 @@ def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda'
         raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
     return dev
 
+
 # %%
 test_eq(get_device('cpu'), torch.device('cpu'))
 test_eq(get_device(torch.device('cuda', 1)), torch.device('cuda', 1))   # a torch.device is returned as it is
@@ -78,11 +79,13 @@ def literal_values(hint # a `Literal[...]` alias, or a type holding some (`Liter
     if typing.get_origin(hint) is Literal: return typing.get_args(hint)
     return tuple(v for arg in typing.get_args(hint) for v in literal_values(arg))
 
+
 # %%
 test_eq(literal_values(Literal['a', 'b']), ('a', 'b'))
 test_eq(literal_values(Literal['a', 'b'] | None), ('a', 'b'))
 test_eq(literal_values(list[Literal[1, 2]]), (1, 2))
 test_eq(literal_values(int | None), ())
+
 
 # %%
 #| export
@@ -95,6 +98,7 @@ def check_choice(value, # the value given
     values = tuple(allowed) if isinstance(allowed, Collection) else literal_values(allowed)
     if value not in values: raise error(f"{name} must be one of {', '.join(map(str, values))}, got {value!r}")
     return value
+
 
 # %%
 Shade = Literal['dark', 'light']
@@ -128,6 +132,7 @@ def _glibc():
     try: libc = ctypes.CDLL(None)
     except OSError: return None
     return libc if all(hasattr(libc, f) for f in ('gnu_get_libc_version', 'mallopt', 'malloc_trim')) else None
+
 
 # %%
 has_name = 'CS_GNU_LIBC_VERSION' in getattr(os, 'confstr_names', {})
@@ -231,6 +236,7 @@ def seed_everything(seed:int=0, # the seed for `random`, NumPy and torch
         if hasattr(torch.backends, 'cudnn'): torch.backends.cudnn.benchmark = False
     return seed
 
+
 # %%
 def draws(seed):   # one number from each generator after seeding
     seed_everything(seed)
@@ -262,6 +268,7 @@ def pixel_centres(h:int, # rows of the density map
     xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) * stride
     gy, gx = torch.meshgrid(ys, xs, indexing='ij')
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
+
 
 # %%
 c = pixel_centres(2, 3, stride=8)
@@ -302,6 +309,7 @@ def check_points(points:Sequence[torch.Tensor], # one `(N_b, 2)` tensor of `(x, 
         out.append(p if p.is_floating_point() else p.float())
     return out
 
+
 # %%
 #| export
 def pad_points(points:Sequence[torch.Tensor], # one `(N_b, 2)` tensor per image
@@ -318,6 +326,7 @@ def pad_points(points:Sequence[torch.Tensor], # one `(N_b, 2)` tensor per image
         coords[k, :len(p)] = p.to(device=device, dtype=dtype)
         mask[k, :len(p)] = True
     return coords, mask
+
 
 # %%
 pts = [torch.tensor([[1., 2.], [3., 4.]]), torch.zeros(0, 2), torch.tensor([[5, 6]])]
@@ -345,6 +354,7 @@ def check_density(density:torch.Tensor # predicted density maps, `(B, 1, h, w)`
         raise ValueError(f"density must be a (B, 1, h, w) tensor, got {shape}")
     if not density.is_floating_point(): raise TypeError(f"density must be floating point, got {density.dtype}")
     return density
+
 
 # %%
 check_density(torch.zeros(2, 1, 4, 4))
@@ -386,7 +396,6 @@ def count_metrics(pred_counts, # predicted count per image (sequence, array or t
     nae = float(np.mean(np.abs(err[people]) / gt[people])) if people.any() else float('nan')
     return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae, n=int(pred.size))
 
-
 # %% [markdown]
 # Worked example: errors 1, −2, 0, 3 (the last image is empty), so MAE = 6/4, RMSE = √(14/4), and NAE averages
 # 1/10, 2/4 and 0/5 only.
@@ -397,7 +406,6 @@ test_close([m['mae'], m['rmse'], m['nae']], [1.5, math.sqrt(3.5), (0.1 + 0.5 + 0
 test_eq(m['n'], 4)
 assert math.isnan(count_metrics([1, 2], [0, 0])['nae'])
 test_fail(lambda: count_metrics([1, 2], [1]), contains='2 predicted counts for 1')
-
 
 # %%
 #| hide

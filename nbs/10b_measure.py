@@ -44,11 +44,13 @@ def torch_threads(n:int|None # intra-op threads for the block; None: leave as is
     try: yield
     finally: torch.set_num_threads(before)
 
+
 # %%
 _before = torch.get_num_threads()
 with torch_threads(1): test_eq(torch.get_num_threads(), 1)
 test_eq(torch.get_num_threads(), _before)
 with torch_threads(None): test_eq(torch.get_num_threads(), _before)
+
 
 # %%
 #| export
@@ -57,6 +59,7 @@ def has_module(name:str # a top-level package name
     "Whether `name` can be imported (optional dependencies of the benchmarks)."
     try: return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError): return False
+
 
 # %%
 test_eq([has_module('math'), has_module('no_such_package_here')], [True, False])
@@ -82,8 +85,10 @@ def synchronize(device:torch.device|str # the device whose queued work to wait f
     device = torch.device(device)
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
+
 # %%
 synchronize('cpu')
+
 
 # %%
 #| export
@@ -146,10 +151,12 @@ def _status_bytes(field:str # a size field of `/proc/self/status`: 'VmRSS', 'VmH
             if line.startswith(field + ':'): return 1024 * int(line.split()[1])
     raise OSError(f"/proc/self/status has no {field}")
 
+
 # %%
 if os.path.exists('/proc/self/status'):
     assert _status_bytes('VmHWM') >= _status_bytes('VmRSS') > 0
     test_fail(lambda: _status_bytes('VmNothing'), contains='has no VmNothing')
+
 
 # %%
 #| export
@@ -166,8 +173,10 @@ def _rss_peak(fn:Callable # function of no arguments
     fn()
     return float(max(0, _status_bytes('VmHWM') - base))
 
+
 # %%
 assert _rss_peak(lambda: None) is None or _rss_peak(lambda: None) >= 0
+
 
 # %%
 #| export
@@ -182,6 +191,7 @@ def _profiler_peak(fn:Callable # function of no arguments
     events.sort(key=lambda e: e.start_ns())
     running = itertools.accumulate(e.nbytes() for e in events)
     return float(max(0, max(running, default=0)))
+
 
 # %%
 test_close(_profiler_peak(lambda: torch.zeros(250, 1000).sum()), 1e6, eps=1e3)
@@ -258,9 +268,11 @@ def cpu_counters() -> dict|None:
                 own_s=t.user + t.system + t.children_user + t.children_system, wall_s=time.perf_counter(),
                 cpus=os.cpu_count() or 1)
 
+
 # %%
 c0 = cpu_counters()
 assert c0 is None or (c0['busy_s'] > 0 and c0['cpus'] >= 1 and c0['own_s'] > 0), c0
+
 
 # %%
 #| export
@@ -300,6 +312,7 @@ test_eq(sorted(r), ['other', 'steal'])
 test_close([r['other'], r['steal']], [0.35, 0.05])
 test_eq(other_load(None, cpu_counters()), None)
 
+
 # %%
 #| export
 def load_sentence(load:dict|None # `other_load` over a run
@@ -310,6 +323,7 @@ def load_sentence(load:dict|None # `other_load` over a run
     end = '.' if quiet else ': **not a quiet machine**, timings are pessimistic.'
     return (f" Other processes used {100 * load['other']:.0f} % of the CPUs during the run, the host stole "
             f"{100 * load['steal']:.0f} %" + end)
+
 
 # %%
 test_eq(load_sentence(None), '')
@@ -377,9 +391,11 @@ def machine_info(device:torch.device|str # the device measured
     if device.type == 'cuda': out['gpu'] = torch.cuda.get_device_name(device)
     return out
 
+
 # %%
 m = machine_info('cpu')
 test_eq((m['device'], m['cpu_count'], m['torch_threads']), ('cpu', os.cpu_count(), torch.get_num_threads()))
+
 
 # %%
 #| export
@@ -391,6 +407,7 @@ def versions() -> dict:
             try: out[mod] = getattr(__import__(mod), '__version__', '?')
             except Exception: out[mod] = '?'
     return out
+
 
 # %%
 test_eq((versions()['torch'], versions()['python']), (torch.__version__, platform.python_version()))
@@ -416,10 +433,12 @@ def target(name:str, # what is measured
     ok = (value >= bound if op == '>=' else value <= bound) if measured else None
     return dict(name=name, value=value, op=op, target=bound, met=ok, note=note, method=method)
 
+
 # %%
 test_eq([target('x', v, '>=', 5.)['met'] for v in (6., 4., None, float('nan'))], [True, False, None, None])
 test_eq(target('y', 1e-5, '<=', 1e-4, method='m'),
         dict(name='y', value=1e-5, op='<=', target=1e-4, met=True, note='', method='m'))
+
 
 # %%
 #| export
@@ -433,9 +452,11 @@ def strict_json(obj # nested dicts, lists, tuples, numbers, tensors
     if isinstance(obj, float) and not math.isfinite(obj): return None
     return obj
 
+
 # %%
 test_eq(strict_json({'a': [float('nan'), torch.tensor(2.)], 'b': float('inf'), 1: (3,)}),
         {'a': [None, 2.0], 'b': None, '1': [3]})
+
 
 # %%
 #| export
@@ -448,9 +469,11 @@ def markdown_table(header:Sequence[str], # column titles
     line = lambda cells: '|' + '|'.join(f' {c} ' if str(c) else ' ' for c in cells) + '|'
     return [line(header), '|' + '|'.join(rule[a] for a in align) + '|', *(line(r) for r in rows)]
 
+
 # %%
 test_eq(markdown_table(['a', 'b', 'ok'], [[1, 'x', 'yes'], ['skipped', '', '']], 'lrc'),
         ['| a | b | ok |', '|---|---:|:---:|', '| 1 | x | yes |', '| skipped | | |'])
+
 
 # %%
 #| export
@@ -459,6 +482,7 @@ def fixed(v:float|None, # a number, or None where it was not measured
          ) -> str:
     "`v` with `digits` decimals, '-' for None (a table cell)."
     return '-' if v is None else f"{v:.{digits}f}"
+
 
 # %%
 test_eq([fixed(0.12345), fixed(2, 2), fixed(None)], ['0.123', '2.00', '-'])

@@ -69,6 +69,7 @@ def make_problem(batch_size:int=8, # images B
     density = torch.stack(maps).to(device)
     return density, [p.to(device) for p in points]
 
+
 # %%
 density, points = make_problem(3, 40, size=16, seed=1)
 test_eq(density.shape, (3, 1, 16, 16))
@@ -155,6 +156,7 @@ class _CountCalls(TorchFunctionMode):
         if getattr(func, '__name__', None) == self.name: self.calls += 1
         return func(*args, **(kwargs or {}))
 
+
 # %%
 with _CountCalls('logsumexp') as counted:
     x_ = torch.rand(3, 4)
@@ -162,6 +164,7 @@ with _CountCalls('logsumexp') as counted:
     x_.logsumexp(1)
     x_.exp()
 test_eq(counted.calls, 2)
+
 
 # %%
 #| export
@@ -201,6 +204,7 @@ C1 = coordinate_cost('exp')(x1, y1)
 stats = {}
 f1, g1 = geomloss_potentials(a1, x1, b1, y1, coordinate_cost('exp'), blur=2., reach=0.5, stats=stats)
 test_eq((f1.shape, g1.shape, stats['iterations']), ((1, 40), (1, 6), 4))
+
 
 # %%
 #| export
@@ -279,6 +283,7 @@ def _setup_image(gl:GeneralizedLoss, # the loss whose problem is set up (grid, s
     a, b = density.reshape(1, h * w).to(dt), torch.ones(1, len(pts), dtype=dt, device=density.device)
     return x, y, a, b, cfn(x, y), cfn
 
+
 # %%
 dens_1, pts_1 = make_problem(1, 5, size=6, stride=4, seed=2)
 gl_1 = GeneralizedLoss(scale=24., stride=4)
@@ -287,6 +292,7 @@ test_close(x_[0] * 24., pixel_centres(6, 6, stride=4))            # pixel centre
 test_eq(a_[0], dens_1.flatten())
 test_eq(b_, torch.ones(1, 5))
 test_close(C_, cost_matrix(6, 6, pts_1[0][None], stride=4, scale=24.), eps=1e-5)
+
 
 # %%
 #| export
@@ -299,11 +305,13 @@ def _divergence_written_out(p:torch.Tensor, # reconstructed marginal
     if kind == 'l1': return (p - q).abs().sum()
     return (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log()) - p + q).sum()
 
+
 # %%
 p_, q_ = torch.tensor([1., 2., 0.5]), torch.tensor([0.5, 2., 1.])
 for kind in ('l2', 'l1', 'kl'):
     test_close(_divergence_written_out(p_, q_, kind), divergence(p_[None], q_[None], kind)[0], eps=1e-6)
 test_fail(lambda: _divergence_written_out(p_, q_, 'tv'), contains="kind must be one of l2, l1, kl")
+
 
 # %%
 #| export
@@ -450,6 +458,7 @@ def gl_diagnostics(gl:GeneralizedLoss, # the loss evaluated
                                                               reference=gl.reference).max()))
     return dict(loss=float(torch.cat(losses).mean()), iterations=max(its),
                 marginal_error=max(errs, default=0.), exp_entries=entries)
+
 
 # %%
 dg, dl = gl_diagnostics(gl_s, dens_s, pts_s), gl_diagnostics(gl_s, dens_s, pts_s, per_image=True)

@@ -90,6 +90,7 @@ CASE_KEYS = ('method', 'batch_size', 'n_points', 'size', 'stride', 'threads', 's
 test_eq(METHODS, ('gl_official', 'gl_converged', 'loop_official', 'geomloss', 'pot'))
 assert set(_NEEDS) <= set(METHODS) and len(set(CASE_KEYS)) == len(CASE_KEYS)
 
+
 # %%
 #| export
 def _bench_kwargs(size:int, # density map side
@@ -99,9 +100,11 @@ def _bench_kwargs(size:int, # density map side
     "`GeneralizedLoss` arguments of the rows: the official recipe on `size*stride` crops, then `gl_kwargs`."
     return dict(dict(scale=float(size * stride), stride=stride, **RECIPE_KWARGS), **(gl_kwargs or {}))
 
+
 # %%
 test_eq(_bench_kwargs(16, 8, dict(eps=0.02, cost='dist')), {**RECIPE_KWARGS, 'scale': 128., 'stride': 8,
                                                            'eps': 0.02, 'cost': 'dist'})
+
 
 # %%
 #| export
@@ -117,10 +120,12 @@ def _forward_backward(fn:Callable, # loss `(density, points) -> scalar`
         return loss
     return call
 
+
 # %%
 dens0 = torch.ones(1, 1, 2, 2)
 test_eq([_forward_backward(lambda d, p: (d ** 2).sum(), dens0, None)().item() for _ in range(2)], [4., 4.])
 test_eq(dens0.grad, None)
+
 
 # %%
 #| export
@@ -145,6 +150,7 @@ def _methods(gl_kwargs:dict, # `GeneralizedLoss` arguments (`_bench_kwargs`)
                 loop_official=(lambda d, p: loss_per_image(off, d, p),
                                lambda d, p: gl_diagnostics(off, d, p, per_image=True)),
                 geomloss=(recipe, recipe_diag), pot=(pot, pot_diag))
+
 
 # %%
 meths = _methods(_bench_kwargs(8, 8, None), 50)
@@ -189,11 +195,13 @@ def _measure_case(row:dict, # the case's row (`CASE_KEYS`), filled here
         row['floor_s'] = row['exp_entries'] / exp_rate
         row['time_over_floor'] = row['time_s'] / row['floor_s'] if row['floor_s'] > 0 else float('nan')
 
+
 # %%
 row0 = dict.fromkeys(CASE_KEYS)
 _measure_case(row0, 'gl_official', 2, 20, 16, 8, torch.device('cpu'), None, None, 10, 1, 0., 10., False, 0)
 test_eq((row0['iterations'], row0['floor_s']), (12, None))         # the official schedule; no exp rate: no floor
 assert row0['time_s'] > 0 and math.isnan(row0['peak_mem_mib']), row0
+
 
 # %%
 #| export
@@ -221,6 +229,7 @@ def bench_case(method:BenchMethod, # one of `METHODS`
         _measure_case(row, method, batch_size, n_points, size, stride, device, exp_rate, gl_kwargs, pot_iters,
                       repeats, budget, long_call, memory, seed)
     return row
+
 
 # %%
 rate = exp_throughput(min_time=0.05)
@@ -274,6 +283,7 @@ def profile_case(method:BenchMethod='gl_official', # one of `METHODS`
         synchronize(device)
     key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
 
 # %%
 assert 'exp2' in profile_case('gl_official', 2, 10, size=8, device='cpu', row_limit=200)   # all operators
@@ -339,6 +349,7 @@ def train_step_times(loss_fn:Callable|None, # loss `(density, points) -> scalar`
         out['share_diff'] = (out['with_loss'] - out['without_loss']) / out['with_loss']
     return out
 
+
 # %%
 r = train_step_times(lambda d, p: (d - 1).pow(2).sum(), batch_size=1, n_points=5, crop=32, repeats=1, budget=0.)
 assert r['without_loss'] > 0 and r['with_loss'] > r['loss_in_step'] > 0 and 0 < r['share'] < 1
@@ -398,12 +409,14 @@ def _size_row(B:int, m:int, size:int, stride:int, # the problem (`make_problem`)
     row['targets'] = [target(name, v, op, bound) for (name, op, bound), v in zip(SIZE_GOALS, values)]
     return row
 
+
 # %%
 row_s = _size_row(2, 20, 8, 8, 1, torch.device('cpu'), 2, 0, None)
 test_eq((row_s['batch_size'], row_s['size'], row_s['threads'], row_s['runs']), (2, 8, 1, 2))
 assert row_s['official_speedup_min'] <= row_s['official_speedup'] <= row_s['official_speedup_max'], row_s
 test_close(row_s['loss_difference'], abs(row_s['loss_official'] - row_s['loss_recipe']) / row_s['loss_recipe'])
 test_eq([t['name'] for t in row_s['targets']], [n for n, _, _ in SIZE_GOALS])
+
 
 # %%
 #| export
@@ -424,10 +437,12 @@ def loss_sizes_markdown(res:dict # result of `loss_sizes`
              '', 'Goals: ' + '; '.join(f"{n} {op} {g:g}" for n, op, g in SIZE_GOALS) + '.']
     return '\n'.join(lines) + '\n'
 
+
 # %%
 md_s = loss_sizes_markdown(dict(runs=2, rows=[row_s]))
 assert md_s.startswith('**The loss at training sizes**') and '| 2 | 20 | 8×8 | 1 |' in md_s, md_s
 assert '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|' in md_s
+
 
 # %%
 #| export

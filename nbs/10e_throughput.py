@@ -57,6 +57,7 @@ def parse_variant(variant:str # 'fp32', 'bf16', 'fp16', then optionally '+cl', t
                          "followed by '+cl', then '+reuse'")
     return precision, 'cl' in suffixes, 'reuse' in suffixes
 
+
 # %%
 test_eq(parse_variant('bf16+cl'), ('bf16', True, False))
 test_eq(parse_variant('fp32'), ('fp32', False, False))
@@ -65,6 +66,7 @@ test_eq(parse_variant('fp32+reuse'), ('fp32', False, True))
 for bad in ('int8', 'fp32+reuse+cl', 'bf16+cl+cl'):
     test_fail(lambda: parse_variant(bad), contains='unknown variant')
 test_eq([parse_variant(v)[0] for v in THROUGHPUT_VARIANTS], ['fp32', 'fp32', 'bf16', 'fp32', 'bf16'])
+
 
 # %%
 #| export
@@ -81,6 +83,7 @@ def variant_model(name:ModelName, # the model (random weights: nothing is downlo
         model = get_model(name, out_act='abs')
     fmt = torch.channels_last if cl else torch.contiguous_format
     return model.to(device, memory_format=fmt), precision, fmt, 'reuse' if reuse else 'release'
+
 
 # %%
 m_, prec_, fmt_, mem_ = variant_model('mcnn', 'bf16+cl+reuse', 'cpu', 0)
@@ -123,9 +126,11 @@ def step_time(model_name:ModelName='mcnn', # the model
         t = time_call(step, repeats, budget, long_call)
     return dict(time_s=t['median'], repeats=t['repeats'], loss=losses[0])
 
+
 # %%
 r = step_time('mcnn', 2, 32, 'bf16+cl', repeats=1, budget=0., n_points=5)
 assert r['time_s'] > 0 and r['repeats'] >= 1 and r['loss'] > 0, r
+
 
 # %%
 #| export
@@ -149,6 +154,7 @@ def eval_time(model_name:ModelName='mcnn', # the model
     with reuse_host_memory(host_memory):
         t = time_call(forward, repeats, budget, long_call)
     return dict(time_s=t['median'], repeats=t['repeats'], count=counts[0])
+
 
 # %%
 r = eval_time('mcnn', 'fp32+cl', size=(32, 48), repeats=1, budget=0.)
@@ -176,10 +182,12 @@ def _case(name:ModelName, B:int, crop:int, variant:str, device:str, threads:int|
                     step_s=step['time_s'], step_repeats=step['repeats'],
                     eval_s=ev['time_s'] if ev else None, eval_repeats=ev['repeats'] if ev else None)
 
+
 # %%
 _row = _case('mcnn', 1, 32, 'fp32', 'cpu', 1, 5, 1, 0., 0, (32, 32))
 test_eq((_row['model'], _row['variant'], _row['threads']), ('mcnn', 'fp32', 1))
 assert _row['step_s'] > 0 and _row['eval_s'] > 0
+
 
 # %%
 #| export
@@ -228,6 +236,7 @@ def counting_time_target(tp:dict, # result of `training_throughput`
     note = f"{variant}, {n} thread(s): {effnet:.3f} s against {mcnn:.3f} s"
     return target(name, effnet / mcnn, '<=', 1.5, note=note)
 
+
 # %%
 evals = (('mcnn', 1, 0.4), ('effnet-lite0', 1, 0.5), ('effnet-lite0', 2, 0.1))
 tp2 = dict(native_bf16=True, rows=[dict(model=m, threads=n, variant='bf16+cl+reuse', step_s=1., eval_s=t)
@@ -235,6 +244,7 @@ tp2 = dict(native_bf16=True, rows=[dict(model=m, threads=n, variant='bf16+cl+reu
 _t = counting_time_target(tp2)
 test_close(_t['value'], 1.25, eps=1e-12)
 assert _t['met'] and '1 thread(s)' in _t['note']
+
 
 # %%
 #| export
@@ -343,6 +353,7 @@ note = tp['targets'][0]['note']
 assert f"precision alone (bf16+cl over fp32) {_step['fp32'] / _step['bf16+cl']:.2f}×" in note
 assert f"(bf16+cl+reuse over fp32+reuse) {_step['fp32+reuse'] / _step['bf16+cl+reuse']:.2f}×" in note
 
+
 # %%
 #| export
 def throughput_markdown(tp:dict # result of `training_throughput`
@@ -365,6 +376,7 @@ def throughput_markdown(tp:dict # result of `training_throughput`
         lines += ['', f"Target: {t['name']} {t['op']} {t['target']:g}: {fixed(t['value'], 2)} ({t['note']}), "
                       f"met: {met}."]
     return '\n'.join(lines) + '\n'
+
 
 # %%
 md = throughput_markdown(tp)

@@ -67,6 +67,7 @@ def onnx_inference(models:Sequence[str]=ONNX_MODELS, # model names
     config = dict(models=list(models), size=list(size), threads=list(threads), repeats=repeats, budget=budget)
     return dict(config=config, rows=rows)
 
+
 # %%
 ox = onnx_inference(models=('mcnn',), size=(32, 48), threads=(1,), repeats=1, budget=0.)
 test_eq([(r['model'], r['threads'], r['size']) for r in ox['rows']], [('mcnn', 1, [32, 48])])
@@ -74,6 +75,7 @@ r = ox['rows'][0]
 test_close(r['speedup'], r['torch_s'] / r['onnx_s'], eps=1e-12)
 assert r['max_rel_diff'] < 1e-4, r
 test_close(r['count_onnx'], r['count_torch'], eps=1e-4 * r['count_torch'])
+
 
 # %%
 #| export
@@ -89,6 +91,7 @@ def onnx_markdown(res:dict # result of `onnx_inference`
              "weights; speed-up = PyTorch's time / onnxruntime's.", '',
              *markdown_table(header, rows, 'lrrrrr')]
     return '\n'.join(lines) + '\n'
+
 
 # %%
 md = onnx_markdown(ox)

@@ -88,10 +88,12 @@ def _same_config(row:dict, # a case row (`CASE_KEYS`)
     "Whether a case row belongs to a configuration (B, points and, where it names them, map and threads)."
     return all(row.get(k) == cfg[k] for k in ('batch_size', 'n_points', 'size', 'threads') if k in cfg)
 
+
 # %%
 row_a = dict(batch_size=8, n_points=500, size=64, threads=1)
 test_eq([_same_config(row_a, c) for c in (dict(batch_size=8, n_points=500), dict(batch_size=8, n_points=500,
                                                                                 threads=2))], [True, False])
+
 
 # %%
 #| export
@@ -104,6 +106,7 @@ def _rows_of(results:dict, # the results of `run_bench` so far (`cases`)
 def _ratio(x:float|None, y:float|None) -> float|None:
     "x / y, None where either is missing or y is not positive."
     return x / y if x is not None and y is not None and y > 0 else None
+
 
 # %%
 test_eq([_ratio(6., 2.), _ratio(None, 2.), _ratio(1., 0.)], [3., None, None])
@@ -155,6 +158,7 @@ test_close([t['value'] for t in ct[0]['targets']], [6., 2e-5 / 1.00002, 0.5, 5e-
 test_eq([t['met'] for t in ct[0]['targets']], [True, True, True, True, True])
 test_eq((ct[1]['targets'][0]['value'], ct[1]['targets'][0]['met']), (2., False))
 
+
 # %%
 #| export
 def evaluate_targets(results:dict # the results of `run_bench` so far (`config`, `cases`, `vgg19`)
@@ -184,6 +188,7 @@ def evaluate_targets(results:dict # the results of `run_bench` so far (`config`,
             target('loss share of a VGG19 training step', vgg.get('share'), '<=', 0.15,
                    note='time of the loss inside the step / step time')]
 
+
 # %%
 tg = {t['name']: t for t in evaluate_targets(made_up)}
 test_close(tg['speed-up of official over the geomloss loop']['value'], 6.)
@@ -211,9 +216,11 @@ def _fmt(v, # a number, a string, or None
     if kind in ('x', 'mib'): return f"{v:.1f}" if kind == 'mib' else f"{v:.2f}"
     return f"{v:.5g}" if isinstance(v, float) else str(v)
 
+
 # %%
 test_eq([_fmt(None), _fmt(float('nan')), _fmt(0.01234, 'ms'), _fmt(3e-5, 'e'), _fmt(2., 'x'),
          _fmt(1.25, 'mib'), _fmt(3), _fmt(1 / 3)], ['-', '-', '12.3', '3.0e-05', '2.00', '1.2', '3', '0.33333'])
+
 
 # %%
 #| export
@@ -250,6 +257,7 @@ test_eq([l for l in case_lines if l.startswith('*Map')],
 assert '| pot | 8 | 500 | skipped: ot not installed | | | | | |' in case_lines, case_lines
 assert '| gl_official | 8 | 500 | 100.0 | 10.0 | 1 | 12 | - | - |' in case_lines, case_lines
 
+
 # %%
 #| export
 def _target_tables(results:dict # the results of `run_bench`
@@ -271,10 +279,12 @@ def _target_tables(results:dict # the results of `run_bench`
     return lines + ['', '**Targets per configuration** (value, and whether the goal is met):', '',
                     *markdown_table(header, rows, 'r' * len(header))]
 
+
 # %%
 target_lines = _target_tables(report)
 assert '| speed-up of official over the geomloss loop | 6.00 | >= 5 | yes |' in target_lines, target_lines
 assert '| 8 | 500 | 64×64 | 2 | 2.00 **no** | 0.0e+00 yes | - | - | - |' in target_lines, target_lines
+
 
 # %%
 #| export
@@ -303,6 +313,7 @@ def results_markdown(results:dict # the results of `run_bench`
         what = "one forward + backward at the target case, operators by self time"
         lines += ['', f"**Profile of `{meth}`** ({what}):", '', '```', table.strip('\n'), '```']
     return '\n'.join(lines) + '\n'
+
 
 # %%
 md_r = results_markdown(report)
@@ -354,9 +365,9 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
     configs = [dict(batch_size=B, n_points=m, size=sz, threads=th) for B, m, sz, th in (configs or CONFIGS)]
     pairs = [(c['batch_size'], c['n_points']) for c in configs]
     if target_case is None: target_case = (8, 500) if (8, 500) in pairs else max(pairs)
-    target = next((c for c in configs if (c['batch_size'], c['n_points']) == tuple(target_case)),
+    target_cfg = next((c for c in configs if (c['batch_size'], c['n_points']) == tuple(target_case)),
                   dict(batch_size=target_case[0], n_points=target_case[1]))
-    size = target.get('size', configs[0]['size'])
+    size = target_cfg.get('size', configs[0]['size'])
     repeats = repeats or (2 if quick else 5)
     budget = budget if budget is not None else (0.3 if quick else 3.)
     vgg_crop = vgg_crop or (128 if quick else size * stride)
@@ -369,7 +380,7 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
                   n_points=sorted({c['n_points'] for c in configs}), size=size, stride=stride,
                   configs=configs, methods=list(methods), pot_iters=pot_iters, repeats=repeats, budget=budget,
                   seed=seed,
-                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop, target_case=target)
+                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop, target_case=target_cfg)
     cases = []
     for cfg in configs:
         B, m, sz, th = cfg['batch_size'], cfg['n_points'], cfg['size'], cfg['threads']
@@ -419,7 +430,7 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         results['profiles'] = {}
         for meth in sorted(missed & set(methods)):
             log(f"  profiling {meth} (a speed target is missed)")
-            with torch_threads(target.get('threads')):
+            with torch_threads(target_cfg.get('threads')):
                 results['profiles'][meth] = profile_case(meth, *target_case, size, stride, device, row_limit=12,
                                                          gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
     results['total_time_s'] = time.perf_counter() - t_start

@@ -99,6 +99,7 @@ def _element_type(hint # a parameter's type hint
     if origin is typing.Literal: return type(args[0]), False, literal_values(hint)
     return hint, False, None
 
+
 # %%
 test_eq(_element_type(Sequence[int]), (int, True, None))
 test_eq(_element_type(float|None), (float, False, None))
@@ -106,6 +107,7 @@ test_eq(_element_type(tuple[float, float]|None), (float, True, None))
 test_eq(_element_type(Literal['a', 'b']|None), (str, False, ('a', 'b')))
 test_eq(_element_type(list[Literal['x', 'y']]|None), (str, True, ('x', 'y')))
 test_eq(_element_type(Literal[1, 2]), (int, False, (1, 2)))
+
 
 # %%
 #| export
@@ -136,6 +138,7 @@ def add_arguments(parser, # an `argparse` parser or argument group
         kw.update(required=True) if dflt is prm.empty else kw.update(default=dflt)
         parser.add_argument(*(flags or {}).get(name, [f"--{name.replace('_', '-')}"]), dest=name, **kw)
 
+
 # %%
 def f(a:int, # the first
       b:list[float]|None=None, c:bool=False, # two on one line
@@ -156,15 +159,18 @@ add_arguments(p_e, f, only=['e'], default=None, prefix='of f: ')
 test_eq((p_e.parse_args([]).e, p_e.parse_args(['--e', 'q', 'p']).e), (None, ['q', 'p']))
 assert 'of f:' in p_e.format_help()
 
+
 # %%
 #| export
 class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     "Help with each flag's default, and descriptions printed as they are written."
 
+
 # %%
 p_fmt = argparse.ArgumentParser(formatter_class=_Fmt, description='one\n  two')
 p_fmt.add_argument('--n', type=int, default=3, help='how many')
 assert 'how many (default: 3)' in p_fmt.format_help() and 'one\n  two' in p_fmt.format_help()
+
 
 # %%
 #| export
@@ -174,8 +180,10 @@ def _call(fn:Callable, # the command
     "`fn` called with the parsed flags that are its parameters."
     return fn(**{k: getattr(args, k) for k in inspect.signature(fn).parameters if hasattr(args, k)})
 
+
 # %%
 test_eq(_call(lambda a, d='x': (a, d), argparse.Namespace(a=1, b=2)), (1, 'x'))
+
 
 # %%
 #| export
@@ -190,6 +198,7 @@ def add_command(sub, # the sub-parsers of the main parser
     add_arguments(p, fn, **kwargs)
     p.set_defaults(run=lambda args: _call(fn, args))
     return p
+
 
 # %%
 parser = argparse.ArgumentParser()
@@ -228,12 +237,14 @@ def loss_kwargs(args # the parsed flags of `train`
         warnings.warn(f"--{flags} not used by the {args.loss!r} loss")
     return kw
 
+
 # %%
 test_eq(loss_kwargs(argparse.Namespace(loss='gl', eps=0.02, tau=None, sigma=None)), {'eps': 0.02})
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
     test_eq(loss_kwargs(argparse.Namespace(loss='l2', eps=1., sigma=4.)), {'sigma': 4.})
 test_eq(str(w[0].message), "--eps not used by the 'l2' loss")
+
 
 # %%
 #| export
@@ -242,6 +253,7 @@ def _train(args # the parsed flags of `train`
     "`train` with the parsed flags: its own, the `TrainConfig` fields and the loss hyper-parameters."
     config = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _RECORD}
     return _call(partial(train, loss_kwargs=loss_kwargs(args), **config), args)
+
 
 # %%
 defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
@@ -318,6 +330,7 @@ test_eq(only['training_sizes'], dict(LOSS_SIZES_QUICK, sizes=[(2, 10, 8), (2, 20
 test_eq(bench_call(loss_sizes_only=True)['training_sizes'], True)       # the sizes of `loss_sizes`
 test_fail(lambda: bench_call(throughput_only=True, loss_sizes_only=True), contains='exclude each other')
 test_fail(lambda: bench_call(throughput_only=True, no_throughput=True), contains='exclude each other')
+
 
 # %%
 #| export
@@ -406,6 +419,7 @@ from uotcrowd.data import DATASET_NAMES
 from uotcrowd.models import MODELS
 from uotcrowd.registry import LOSS_NAMES
 from uotcrowd.train import PRECISIONS
+
 
 # %%
 def choices_of(command, dest):

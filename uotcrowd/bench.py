@@ -210,9 +210,9 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
     configs = [dict(batch_size=B, n_points=m, size=sz, threads=th) for B, m, sz, th in (configs or CONFIGS)]
     pairs = [(c['batch_size'], c['n_points']) for c in configs]
     if target_case is None: target_case = (8, 500) if (8, 500) in pairs else max(pairs)
-    target = next((c for c in configs if (c['batch_size'], c['n_points']) == tuple(target_case)),
+    target_cfg = next((c for c in configs if (c['batch_size'], c['n_points']) == tuple(target_case)),
                   dict(batch_size=target_case[0], n_points=target_case[1]))
-    size = target.get('size', configs[0]['size'])
+    size = target_cfg.get('size', configs[0]['size'])
     repeats = repeats or (2 if quick else 5)
     budget = budget if budget is not None else (0.3 if quick else 3.)
     vgg_crop = vgg_crop or (128 if quick else size * stride)
@@ -225,7 +225,7 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
                   n_points=sorted({c['n_points'] for c in configs}), size=size, stride=stride,
                   configs=configs, methods=list(methods), pot_iters=pot_iters, repeats=repeats, budget=budget,
                   seed=seed,
-                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop, target_case=target)
+                  gl_kwargs=dict(gl_kwargs or {}), vgg_crop=vgg_crop, target_case=target_cfg)
     cases = []
     for cfg in configs:
         B, m, sz, th = cfg['batch_size'], cfg['n_points'], cfg['size'], cfg['threads']
@@ -275,7 +275,7 @@ def run_bench(out_dir:str|Path, # folder for bench.json and bench.md (created)
         results['profiles'] = {}
         for meth in sorted(missed & set(methods)):
             log(f"  profiling {meth} (a speed target is missed)")
-            with torch_threads(target.get('threads')):
+            with torch_threads(target_cfg.get('threads')):
                 results['profiles'][meth] = profile_case(meth, *target_case, size, stride, device, row_limit=12,
                                                          gl_kwargs=gl_kwargs, pot_iters=pot_iters, seed=seed)
     results['total_time_s'] = time.perf_counter() - t_start

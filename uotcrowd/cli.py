@@ -33,7 +33,9 @@ def _element_type(hint # a parameter's type hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType): return _element_type(args[0])
-    if origin in (list, tuple, AbcSequence): return _element_type(args[0])[0], True, _element_type(args[0])[2]
+    if origin in (list, tuple, AbcSequence):
+        typ, _, choices = _element_type(args[0])
+        return typ, True, choices
     if origin is typing.Literal: return type(args[0]), False, literal_values(hint)
     return hint, False, None
 
