@@ -26,12 +26,12 @@ import math
 # %% [markdown]
 # ## Devices
 #
-# Every module takes a `device` argument and never assumes CUDA. `get_device` resolves `'auto'` (or `None`)
-# to the best available backend: CUDA, then Apple's MPS, then the CPU.
+# Every module takes a `device` argument and never assumes CUDA. `get_device` resolves `'auto'` (or `None`) to
+# the best available backend: CUDA, then Apple's MPS, then the CPU.
 
 # %%
 #| export
-def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda', 'cuda:1', 'mps' or a `torch.device`
+def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda', 'cuda:1', 'mps' or a device
               ) -> torch.device:
     "Resolve `device` to a `torch.device`; `'auto'`/`None` picks CUDA, then MPS, then CPU."
     if isinstance(device, torch.device): return device
@@ -67,14 +67,15 @@ with c, m:
 # ## Allowed values
 #
 # A parameter that takes one of a few names (a loss, a precision, a solver mode) declares them once, as a
-# `typing.Literal` alias in its signature (`host_memory:HostMemory='reuse'`). `literal_values` reads the names back
-# from the alias, so that the command line offers them as its choices, and `check_choice` checks a value against
-# them (or against a registry's names) with one message that names the parameter, the value and what is allowed.
+# `typing.Literal` alias in its signature (`host_memory:HostMemory='reuse'`). `literal_values` reads the names
+# back from the alias, so that the command line offers them as its choices, and `check_choice` checks a value
+# against them (or against a registry's names) with one message that names the parameter, the value and what
+# is allowed.
 
 # %%
 #| export
-def literal_values(hint # a `Literal[...]` alias, or a type holding some (`Literal[...]|None`, `list[Literal[...]]`)
-                  ) -> tuple: # the allowed values in their declared order (none where `hint` holds no `Literal`)
+def literal_values(hint # a `Literal[...]` alias, or a type holding some (`Literal[...]|None`, `list[...]`)
+                  ) -> tuple: # the allowed values in their declared order (none without a `Literal`)
     "The values a `Literal` type hint allows."
     if typing.get_origin(hint) is Literal: return typing.get_args(hint)
     return tuple(v for arg in typing.get_args(hint) for v in literal_values(arg))
@@ -103,7 +104,8 @@ def check_choice(value, # the value given
 # %%
 Shade = Literal['dark', 'light']
 test_eq(check_choice('dark', Shade, 'shade'), 'dark')
-test_fail(lambda: check_choice('grey', Shade, 'shade'), contains="shade must be one of dark, light, got 'grey'")
+test_fail(lambda: check_choice('grey', Shade, 'shade'),
+          contains="shade must be one of dark, light, got 'grey'")
 test_fail(lambda: check_choice('c', {'a': 1, 'b': 2}, 'key'), contains="key must be one of a, b, got 'c'")
 class SizeError(ValueError): pass
 with contextlib.suppress(SizeError):   # the exception asked for, with the same message
@@ -114,15 +116,15 @@ test_fail(lambda: check_choice(3, (1, 2), 'n', error=SizeError), contains='n mus
 # %% [markdown]
 # ## Host memory between steps
 #
-# A training step on the CPU allocates the same large activations again and again. glibc's `malloc` serves blocks
-# above a threshold (at most 32 MB) with fresh `mmap` pages and gives them back on `free`, and trims the top of its
-# heap, so every step touches new pages: an MCNN step at B=4, 256² took 61,600 page faults (0.11 s of system time
-# out of 0.8 s) in float32 and 27,300 in bfloat16. `reuse_host_memory` asks `malloc` (through `mallopt`) to keep
-# freed memory in the process for the next allocation instead, as a caching allocator does on a GPU; resident
-# memory then stays at its peak until the block ends, when glibc's default settings come back (its thresholds
-# no longer adapt by themselves) and the cached memory is returned (`malloc_trim`). It acts only where the C
-# library is glibc (Linux); elsewhere it does nothing and yields `False`. `uotcrowd train`, `eval` and `predict`
-# run inside it (`host_memory='reuse'`, the default).
+# A training step on the CPU allocates the same large activations again and again. glibc's `malloc` serves
+# blocks above a threshold (at most 32 MB) with fresh `mmap` pages and gives them back on `free`, and trims
+# the top of its heap, so every step touches new pages: an MCNN step at B=4, 256² took 61,600 page faults
+# (0.11 s of system time out of 0.8 s) in float32 and 27,300 in bfloat16. `reuse_host_memory` asks `malloc`
+# (through `mallopt`) to keep freed memory in the process for the next allocation instead, as a caching
+# allocator does on a GPU; resident memory then stays at its peak until the block ends, when glibc's default
+# settings come back (its thresholds no longer adapt by themselves) and the cached memory is returned
+# (`malloc_trim`). It acts only where the C library is glibc (Linux); elsewhere it does nothing and yields
+# `False`. `uotcrowd train`, `eval` and `predict` run inside it (`host_memory='reuse'`, the default).
 
 # %%
 #| export
@@ -136,7 +138,7 @@ def _glibc():
 
 # %%
 has_name = 'CS_GNU_LIBC_VERSION' in getattr(os, 'confstr_names', {})
-libc_name = os.confstr('CS_GNU_LIBC_VERSION') if has_name else None   # 'glibc 2.36' where the C library is glibc
+libc_name = os.confstr('CS_GNU_LIBC_VERSION') if has_name else None   # 'glibc 2.36' where it is glibc
 test_eq(_glibc() is not None, sys.platform.startswith('linux') and str(libc_name).startswith('glibc'))
 
 # %%
@@ -146,7 +148,7 @@ _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 HostMemory = Literal['reuse', 'release']   # the host-memory policies of `reuse_host_memory`
 
 @contextlib.contextmanager
-def reuse_host_memory(policy:HostMemory='reuse' # 'reuse': keep freed memory for the next allocation; 'release': glibc's
+def reuse_host_memory(policy:HostMemory='reuse' # 'reuse': freed memory serves the next allocation; 'release'
                      ):
     "Within the block, freed host memory stays in the process (glibc); yields whether the policy was applied."
     check_choice(policy, HostMemory, 'host_memory')
@@ -163,9 +165,9 @@ def reuse_host_memory(policy:HostMemory='reuse' # 'reuse': keep freed memory for
 
 # %% [markdown]
 # The effect is counted in page faults, not seconds: a 64 MB block from `malloc`, filled, first touches
-# $64\,\text{MB}/\text{page size}$ pages when its memory is new, and none when it reuses a freed block. (Torch asks
-# for 64-byte aligned blocks, which settle into reuse after a few steps: the MCNN step above then takes about one
-# page fault instead of tens of thousands.)
+# $64\,\text{MB}/\text{page size}$ pages when its memory is new, and none when it reuses a freed block. (Torch
+# asks for 64-byte aligned blocks, which settle into reuse after a few steps: the MCNN step above then takes
+# about one page fault instead of tens of thousands.)
 
 # %%
 FAULTS_SCRIPT = """
@@ -175,8 +177,8 @@ from uotcrowd.core import reuse_host_memory
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-# 4 KB pages whatever /sys/kernel/mm/transparent_hugepage says (PR_SET_THP_DISABLE = 41, Linux >= 3.15): with 2 MB
-# pages a fresh 64 MB block takes only 32 faults, and fresh and reused memory could not be told apart
+# 4 KB pages whatever /sys/kernel/mm/transparent_hugepage says (PR_SET_THP_DISABLE = 41, Linux >= 3.15):
+# with 2 MB pages a fresh 64 MB block takes only 32 faults, and fresh and reused memory could not be told apart
 thp_off = libc.prctl(41, 1, 0, 0, 0) == 0 and libc.prctl(42, 0, 0, 0, 0) == 1
 def touch_block(nbytes=64 * 2**20):   # malloc, fill, free: a block used as a step's activation would be
     block = libc.malloc(nbytes)
@@ -197,7 +199,8 @@ print(applied, resource.getpagesize(), default, reused, kept - resident_mb(), th
 """
 
 # %% [markdown]
-# The counts come from a fresh interpreter, so that what earlier code did to this process's heap cannot change them:
+# The counts come from a fresh interpreter, so that what earlier code did to this process's heap cannot change
+# them:
 
 # %%
 if _glibc() is None:   # the policy acts on glibc only
@@ -247,13 +250,13 @@ assert draws(3) != draws(4)
 # %% [markdown]
 # ## Pixel centres of a density map
 #
-# A network with output stride $s$ predicts one value per $s\times s$ cell of the input image.
-# Pixel $(i, j)$ (row $i$, column $j$) of that map stands for the cell centred at
+# A network with output stride $s$ predicts one value per $s\times s$ cell of the input image. Pixel $(i, j)$
+# (row $i$, column $j$) of that map stands for the cell centred at
 # $$\boldsymbol{x}_{ij} = \big(s\,(j+\tfrac12),\; s\,(i+\tfrac12)\big)$$
-# in input-image pixels, written as $(x, y)$ like the annotations. The official GL code places the
-# centres at $s j + s/2$ in one place and $s j$ in another (a 4 px offset at $s=8$); we use the cell centre
-# everywhere, so a head annotated exactly at a cell centre has distance zero to that pixel.
-# Pixels are flattened row-major, matching `density.flatten(-2)`.
+# in input-image pixels, written as $(x, y)$ like the annotations. The official GL code places the centres at
+# $s j + s/2$ in one place and $s j$ in another (a 4 px offset at $s=8$); we use the cell centre everywhere,
+# so a head annotated exactly at a cell centre has distance zero to that pixel. Pixels are flattened
+# row-major, matching `density.flatten(-2)`.
 
 # %%
 #| export
@@ -283,9 +286,9 @@ test_eq(pixel_centres(4, 4, stride=1)[5].tolist(), [1.5, 1.5])
 # %% [markdown]
 # ## Batches of points
 #
-# Images in a batch have different numbers of heads. Losses receive `points` as a list of `(N_b, 2)`
-# tensors; batched solvers need one `(B, M, 2)` tensor padded to the largest `N_b` with a boolean mask
-# of the real points. `check_points` validates user input with messages that say what is wrong.
+# Images in a batch have different numbers of heads. Losses receive `points` as a list of `(N_b, 2)` tensors;
+# batched solvers need one `(B, M, 2)` tensor padded to the largest `N_b` with a boolean mask of the real
+# points. `check_points` validates user input with messages that say what is wrong.
 
 # %%
 #| export
@@ -308,6 +311,15 @@ def check_points(points:Sequence[torch.Tensor], # one `(N_b, 2)` tensor of `(x, 
             raise ValueError(f"points[{k}] contains NaN or infinite coordinates")
         out.append(p if p.is_floating_point() else p.float())
     return out
+
+
+# %%
+test_fail(lambda: check_points([torch.tensor([[float('nan'), 1.]])]), contains='NaN')
+test_fail(lambda: check_points([torch.zeros(3)]), contains='shape (N, 2)')
+test_fail(lambda: check_points([torch.zeros(1, 2)], batch_size=2), contains='batch of 2')
+test_fail(lambda: check_points(torch.zeros(4, 2)), contains='a list of (N, 2) tensors')
+test_eq([p.dtype for p in check_points([torch.tensor([[1, 2]]), torch.zeros(0)])], [torch.float32] * 2)
+test_eq(check_points(torch.zeros(2, 3, 2))[1].shape, (3, 2))     # a (B, M, 2) tensor: one entry per image
 
 
 # %%
@@ -335,9 +347,6 @@ test_eq(coords.shape, (3, 2, 2))
 test_eq(mask.tolist(), [[True, True], [False, False], [True, False]])
 test_eq(coords[2, 0].tolist(), [5., 6.])
 test_eq(pad_points([torch.zeros(0, 2)])[0].shape, (1, 0, 2))
-test_fail(lambda: check_points([torch.tensor([[float('nan'), 1.]])]), contains='NaN')
-test_fail(lambda: check_points([torch.zeros(3)]), contains='shape (N, 2)')
-test_fail(lambda: check_points([torch.zeros(1, 2)], batch_size=2), contains='batch of 2')
 
 # %% [markdown]
 # ## Density maps
@@ -363,13 +372,13 @@ test_fail(lambda: check_density(torch.zeros(2, 4, 4)), contains='(B, 1, h, w)')
 # %% [markdown]
 # ## Counting errors
 #
-# Training validates by counts, evaluation adds localization; both measure counts the same way.
-# With predicted counts $\hat y_i$ and ground-truth counts $y_i$ over $n$ images,
+# Training validates by counts, evaluation adds localization; both measure counts the same way. With predicted
+# counts $\hat y_i$ and ground-truth counts $y_i$ over $n$ images,
 # $$\mathrm{MAE}=\frac1n\sum_i|\hat y_i-y_i|,\qquad \mathrm{RMSE}=\sqrt{\frac1n\sum_i(\hat y_i-y_i)^2},\qquad
-# \mathrm{NAE}=\frac1{|\{i:y_i>0\}|}\sum_{i:\,y_i>0}\frac{|\hat y_i-y_i|}{y_i}.$$
-# Crowd-counting papers (the GL paper included) call the RMSE "MSE": the figure in their "MSE" columns is the
-# square root of the mean squared error. We name it `rmse`. NAE skips images with no people, as NWPU-Crowd's
-# evaluation does (the ratio is undefined there); with no such image it is `nan`.
+# \mathrm{NAE}=\frac1{|\{i:y_i>0\}|}\sum_{i:\,y_i>0}\frac{|\hat y_i-y_i|}{y_i}.$$ Crowd-counting papers (the
+# GL paper included) call the RMSE "MSE": the figure in their "MSE" columns is the square root of the mean
+# squared error. We name it `rmse`. NAE skips images with no people, as NWPU-Crowd's evaluation does (the
+# ratio is undefined there); with no such image it is `nan`.
 
 # %%
 #| export
@@ -379,6 +388,11 @@ def to_numpy(x, # array-like or torch tensor on any device
     "A NumPy copy of an array-like or (any-device) torch tensor."
     if hasattr(x, 'detach'): x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)
+
+
+# %%
+test_eq(to_numpy(torch.tensor([1, 2], requires_grad=False)), np.array([1., 2.]))
+test_eq(to_numpy([3], dtype=np.int64).dtype, np.int64)
 
 
 # %%
@@ -394,7 +408,8 @@ def count_metrics(pred_counts, # predicted count per image (sequence, array or t
     err = pred - gt
     people = gt > 0
     nae = float(np.mean(np.abs(err[people]) / gt[people])) if people.any() else float('nan')
-    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae, n=int(pred.size))
+    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae,
+                n=int(pred.size))
 
 # %% [markdown]
 # Worked example: errors 1, −2, 0, 3 (the last image is empty), so MAE = 6/4, RMSE = √(14/4), and NAE averages

@@ -103,6 +103,14 @@ def _rows_of(results:dict, # the results of `run_bench` so far (`cases`)
     "The measured (not skipped) rows of one configuration, by method."
     return {r['method']: r for r in results['cases'] if _same_config(r, cfg) and not r.get('skipped')}
 
+
+# %%
+two_rows = [dict(row_a, method='pot', skipped=None), dict(row_a, method='geomloss', skipped='x')]
+test_eq(list(_rows_of(dict(cases=two_rows), row_a)), ['pot'])
+
+
+# %%
+#| export
 def _ratio(x:float|None, y:float|None) -> float|None:
     "x / y, None where either is missing or y is not positive."
     return x / y if x is not None and y is not None and y > 0 else None
@@ -110,8 +118,6 @@ def _ratio(x:float|None, y:float|None) -> float|None:
 
 # %%
 test_eq([_ratio(6., 2.), _ratio(None, 2.), _ratio(1., 0.)], [3., None, None])
-two_rows = [dict(row_a, method='pot', skipped=None), dict(row_a, method='geomloss', skipped='x')]
-test_eq(list(_rows_of(dict(cases=two_rows), row_a)), ['pot'])
 
 # %%
 #| export

@@ -35,6 +35,7 @@ def _rows_of(results:dict, # the results of `run_bench` so far (`cases`)
     "The measured (not skipped) rows of one configuration, by method."
     return {r['method']: r for r in results['cases'] if _same_config(r, cfg) and not r.get('skipped')}
 
+# %% ../nbs/11_bench.ipynb #02ea1781
 def _ratio(x:float|None, y:float|None) -> float|None:
     "x / y, None where either is missing or y is not positive."
     return x / y if x is not None and y is not None and y > 0 else None

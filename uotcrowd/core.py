@@ -15,7 +15,7 @@ __all__ = ['HostMemory', 'get_device', 'literal_values', 'check_choice', 'reuse_
            'check_points', 'pad_points', 'check_density', 'to_numpy', 'count_metrics']
 
 # %% ../nbs/00_core.ipynb #fe96145e
-def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda', 'cuda:1', 'mps' or a `torch.device`
+def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda', 'cuda:1', 'mps' or a device
               ) -> torch.device:
     "Resolve `device` to a `torch.device`; `'auto'`/`None` picks CUDA, then MPS, then CPU."
     if isinstance(device, torch.device): return device
@@ -30,8 +30,8 @@ def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda'
     return dev
 
 # %% ../nbs/00_core.ipynb #ae9f6e6e
-def literal_values(hint # a `Literal[...]` alias, or a type holding some (`Literal[...]|None`, `list[Literal[...]]`)
-                  ) -> tuple: # the allowed values in their declared order (none where `hint` holds no `Literal`)
+def literal_values(hint # a `Literal[...]` alias, or a type holding some (`Literal[...]|None`, `list[...]`)
+                  ) -> tuple: # the allowed values in their declared order (none without a `Literal`)
     "The values a `Literal` type hint allows."
     if typing.get_origin(hint) is Literal: return typing.get_args(hint)
     return tuple(v for arg in typing.get_args(hint) for v in literal_values(arg))
@@ -61,7 +61,7 @@ _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 HostMemory = Literal['reuse', 'release']   # the host-memory policies of `reuse_host_memory`
 
 @contextlib.contextmanager
-def reuse_host_memory(policy:HostMemory='reuse' # 'reuse': keep freed memory for the next allocation; 'release': glibc's
+def reuse_host_memory(policy:HostMemory='reuse' # 'reuse': freed memory serves the next allocation; 'release'
                      ):
     "Within the block, freed host memory stays in the process (glibc); yields whether the policy was applied."
     check_choice(policy, HostMemory, 'host_memory')
@@ -171,4 +171,5 @@ def count_metrics(pred_counts, # predicted count per image (sequence, array or t
     err = pred - gt
     people = gt > 0
     nae = float(np.mean(np.abs(err[people]) / gt[people])) if people.any() else float('nan')
-    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae, n=int(pred.size))
+    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae,
+                n=int(pred.size))
