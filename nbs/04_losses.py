@@ -13,10 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 import torch
+from fastcore.basics import patch
 from torch import nn
 from uotcrowd.core import check_points, pad_points, check_density, check_choice, literal_values
 from uotcrowd.costs import COSTS, CostName, pixel_positions, points_cost
-from uotcrowd.sinkhorn import uot_potentials, plan_stats, max_diameter, no_autocast, Potentials, generalized_kl
+from uotcrowd.sinkhorn import (uot_potentials, plan_stats, max_diameter, no_autocast, Potentials,
+                               generalized_kl)
 
 # %%
 #| hide
@@ -29,20 +31,24 @@ import time
 # %% [markdown]
 # ## The generalized loss
 #
-# For a predicted density $\boldsymbol a$ (the `(h, w)` map flattened row-major) and head points $\boldsymbol b=\mathbf 1_m$,
-# the loss (Eq. 1) is
+# For a predicted density $\boldsymbol a$ (the `(h, w)` map flattened row-major) and head points
+# $\boldsymbol b=\mathbf 1_m$, the loss (Eq. 1) is
 # $$\mathcal L(\boldsymbol a,\boldsymbol b)=\langle\mathbf C,\mathbf P\rangle-\varepsilon H(\mathbf P)+\tau D_1(\mathbf P\mathbf 1_m|\boldsymbol a)+\tau D_2(\mathbf P^\top\mathbf 1_n|\boldsymbol b),$$
-# with $H(\mathbf P)=-\sum P_{ij}\log P_{ij}$, $D_1$ the squared L2 norm (Eq. 2, pixel-wise) and $D_2$ the L1 norm (Eq. 3,
-# point-wise) by default, each selectable among `'l2'`, `'l1'` and `'kl'` for the paper's ablation. The plan $\mathbf P$ is the
-# solution of the same problem with both divergences replaced by KL (Sec. 3.3), computed by `uotcrowd.sinkhorn`; the
-# gradient is the paper's (iterations without autograd, $\boldsymbol v^*$ fixed, $\boldsymbol u^*(\boldsymbol a)$ differentiable).
+# with $H(\mathbf P)=-\sum P_{ij}\log P_{ij}$, $D_1$ the squared L2 norm (Eq. 2, pixel-wise) and $D_2$ the L1
+# norm (Eq. 3, point-wise) by default, each selectable among `'l2'`, `'l1'` and `'kl'` for the paper's
+# ablation. The plan $\mathbf P$ is the solution of the same problem with both divergences replaced by KL
+# (Sec. 3.3), computed by `uotcrowd.sinkhorn`; the gradient is the paper's (iterations without autograd,
+# $\boldsymbol v^*$ fixed, $\boldsymbol u^*(\boldsymbol a)$ differentiable).
 #
-# Because the plan factors as $P_{ij}=r_i(\boldsymbol a)E_{ij}$ with only the row factor $r$ depending on $\boldsymbol a$
-# (`uotcrowd.sinkhorn.plan_factors`), every term is a function of $r$ and a few row/column statistics of the constant
-# $\mathbf E$: $\mathbf P\mathbf 1=r\odot\mathbf E\mathbf 1$, $\mathbf P^\top\mathbf 1=\mathbf E^\top r$, $\langle\mathbf C,\mathbf P\rangle=\sum_i r_i\sum_j C_{ij}E_{ij}$,
-# $\sum P\log P=\sum_i r_i\log r_i\,(\mathbf E\mathbf 1)_i+\sum_i r_i\sum_j E_{ij}\log E_{ij}$. `uotcrowd.sinkhorn.plan_stats`
-# computes these reductions in one pass over the cost without storing $\mathbf E$ (its backward recomputes it block by
-# block), so the autograd graph holds nothing bigger than the cost, whatever the number of Sinkhorn iterations.
+# Because the plan factors as $P_{ij}=r_i(\boldsymbol a)E_{ij}$ with only the row factor $r$ depending on
+# $\boldsymbol a$ (`uotcrowd.sinkhorn.plan_factors`), every term is a function of $r$ and a few row/column
+# statistics of the constant $\mathbf E$: $\mathbf P\mathbf 1=r\odot\mathbf E\mathbf 1$,
+# $\mathbf P^\top\mathbf 1=\mathbf E^\top r$,
+# $\langle\mathbf C,\mathbf P\rangle=\sum_i r_i\sum_j C_{ij}E_{ij}$,
+# $\sum P\log P=\sum_i r_i\log r_i\,(\mathbf E\mathbf 1)_i+\sum_i r_i\sum_j E_{ij}\log E_{ij}$.
+# `uotcrowd.sinkhorn.plan_stats` computes these reductions in one pass over the cost without storing
+# $\mathbf E$ (its backward recomputes it block by block), so the autograd graph holds nothing bigger than the
+# cost, whatever the number of Sinkhorn iterations.
 #
 # ### Where the paper and the official code differ, and what we chose
 #
@@ -60,12 +66,13 @@ import time
 # | image with no points | (undefined) | $|\sum\boldsymbol a|/B$ in each of transport, pixel and point: $1.2\,|\sum\boldsymbol a|/B$ in the total | **the pixel term alone**, $\tau D_1(\mathbf 0|\boldsymbol a)$; `empty='official'` gives the code's |
 # | pixel positions | - | $8j+8$ (the trainer's grid, $s(j+1)$) | cell centres $s(j+\frac12)$; `grid_offset=1.0` gives the code's |
 #
-# With the product reference the $u$-half-step does not depend on $\boldsymbol a$, so the plan is linear in the density and
-# the paper's gradient of the plan equals the official one; the two `grad` settings then differ only in the pixel term.
+# With the product reference the $u$-half-step does not depend on $\boldsymbol a$, so the plan is linear in
+# the density and the paper's gradient of the plan equals the official one; the two `grad` settings then
+# differ only in the pixel term.
 #
-# `GeneralizedLoss.official()` (registry name `'gl-official'`) sets every column to the official code's, so that it
-# reproduces the objective the published models were trained with, value and gradient (section *The official
-# objective* below, where the paper's, the official and the converged objectives are compared).
+# `GeneralizedLoss.official()` (registry name `'gl-official'`) sets every column to the official code's, so
+# that it reproduces the objective the published models were trained with, value and gradient (section *The
+# official objective* below, where the paper's, the official and the converged objectives are compared).
 
 # %%
 #| export
@@ -73,6 +80,9 @@ Term = Literal['transport', 'entropy', 'pixel', 'point']   # the terms of Eq. 1
 Divergence = Literal['l2', 'l1', 'kl']   # D1 and D2: squared L2, L1 or generalized KL
 TERMS, DIVERGENCES = literal_values(Term), literal_values(Divergence)
 
+
+# %%
+#| export
 def divergence(p:torch.Tensor, # `(B, k)` reconstructed marginal
                q:torch.Tensor, # `(B, k)` reference marginal
                kind:Divergence='l2', # 'l2' (squared L2), 'l1' or 'kl' (generalized KL)
@@ -90,7 +100,8 @@ def divergence(p:torch.Tensor, # `(B, k)` reconstructed marginal
 
 # %%
 p, q = torch.tensor([[1., 2., 0.]]), torch.tensor([[0.5, 2., 1.]])
-test_close(divergence(p, q, 'l2'), torch.tensor([1.25])); test_close(divergence(p, q, 'l1'), torch.tensor([1.5]))
+test_close(divergence(p, q, 'l2'), torch.tensor([1.25]))
+test_close(divergence(p, q, 'l1'), torch.tensor([1.5]))
 test_close(divergence(p, q, 'kl'), torch.tensor([math.log(2) - 0.5 + 1.]), eps=1e-6)
 test_close(divergence(p, q, 'l1', mask=torch.tensor([[True, True, False]])), torch.tensor([0.5]))
 test_fail(lambda: divergence(p, q, 'tv'), contains="kind must be one of l2, l1, kl, got 'tv'")
@@ -99,24 +110,28 @@ test_fail(lambda: divergence(p, q, 'tv'), contains="kind must be one of l2, l1, 
 # %% [markdown]
 # ### The transport value of geomloss, from our potentials
 #
-# The official trainer does not use $\langle\mathbf C,\mathbf P\rangle$ as its transport term but geomloss's *value* of the
-# unbalanced entropic problem (`debias=False`), a dual formula in the potentials $(\boldsymbol f,\boldsymbol g)$ of the last
-# (extrapolation) step: with $\rho$ = `tau_solve` (geomloss's `reach**p`),
+# The official trainer does not use $\langle\mathbf C,\mathbf P\rangle$ as its transport term but geomloss's
+# *value* of the unbalanced entropic problem (`debias=False`), a dual formula in the potentials
+# $(\boldsymbol f,\boldsymbol g)$ of the last (extrapolation) step: with $\rho$ = `tau_solve` (geomloss's
+# `reach**p`),
 # $$\mathrm{OT}_{\varepsilon,\rho}(\boldsymbol a,\boldsymbol b)\approx\langle\boldsymbol a,\varphi(\boldsymbol f)\rangle+\langle\boldsymbol b,\varphi(\boldsymbol g)\rangle,
 #   \qquad\varphi(x)=\big(\rho+\tfrac\varepsilon2\big)\big(1-e^{-x/\rho}\big).$$
-# geomloss differentiates it with the potentials held at their last update (the last extrapolation is computed from
-# detached log-weights), so its gradient with respect to the density is exactly $\varphi(\boldsymbol f)$: the value is
-# linear in $\boldsymbol a$ once the potentials are fixed, which is how we compute it. One deviation: where the density
-# vanishes around a head, $f\to-\infty$ and geomloss returns NaN ($0\cdot(-\infty)$, the whole official loss then is NaN);
-# we clamp the exponent $-f/\rho$ at 40, as `plan_factors` clamps the plan's, so values and gradients stay finite.
+# geomloss differentiates it with the potentials held at their last update (the last extrapolation is computed
+# from detached log-weights), so its gradient with respect to the density is exactly $\varphi(\boldsymbol f)$:
+# the value is linear in $\boldsymbol a$ once the potentials are fixed, which is how we compute it. One
+# deviation: where the density vanishes around a head, $f\to-\infty$ and geomloss returns NaN
+# ($0\cdot(-\infty)$, the whole official loss then is NaN); we clamp the exponent $-f/\rho$ at 40, as
+# `plan_factors` clamps the plan's, so values and gradients stay finite.
 #
 # **Check (closed form).** At the fixed point $\mathbf P\mathbf 1=\boldsymbol a e^{-\boldsymbol f/\rho}$ and
 # $\mathbf P^\top\mathbf 1=\boldsymbol b e^{-\boldsymbol g/\rho}$, and the true dual objective
 # $\rho\langle\boldsymbol a,1-e^{-f/\rho}\rangle+\rho\langle\boldsymbol b,1-e^{-g/\rho}\rangle-\varepsilon\langle\boldsymbol a\otimes\boldsymbol b,e^{(f\oplus g-C)/\varepsilon}-1\rangle$
-# equals the primal optimum (`uot_value`). Substituting $\sum\mathbf P=\tfrac12(\langle\boldsymbol a,e^{-f/\rho}\rangle+\langle\boldsymbol b,e^{-g/\rho}\rangle)$
-# gives $\langle\boldsymbol a,\varphi(f)\rangle+\langle\boldsymbol b,\varphi(g)\rangle=\mathrm{primal}+\tfrac\varepsilon2(m_a+m_b)-\varepsilon m_am_b$
-# with $m_a=\sum\boldsymbol a$, $m_b=\sum\boldsymbol b$; we check that identity on converged float64 potentials. The check
-# against geomloss itself (value and gradient) is in `tests/test_official_loss.py`.
+# equals the primal optimum (`uot_value`). Substituting
+# $\sum\mathbf P=\tfrac12(\langle\boldsymbol a,e^{-f/\rho}\rangle+\langle\boldsymbol b,e^{-g/\rho}\rangle)$
+# gives
+# $\langle\boldsymbol a,\varphi(f)\rangle+\langle\boldsymbol b,\varphi(g)\rangle=\mathrm{primal}+\tfrac\varepsilon2(m_a+m_b)-\varepsilon m_am_b$
+# with $m_a=\sum\boldsymbol a$, $m_b=\sum\boldsymbol b$; we check that identity on converged float64
+# potentials. The check against geomloss itself (value and gradient) is in `tests/test_official_loss.py`.
 
 # %%
 #| export
@@ -127,20 +142,24 @@ def unbalanced_dual_value(a:torch.Tensor, # `(B, n)` source masses (may require 
                           eps:float, # entropic temperature
                           tau:float # strength ρ of the KL marginal penalties (geomloss `reach**p`)
                          ) -> torch.Tensor: # `(B,)`
-    "geomloss's `debias=False` unbalanced value $\\langle a,\\varphi(f)\\rangle+\\langle b,\\varphi(g)\\rangle$, $\\varphi(x)=(\\rho+\\varepsilon/2)(1-e^{-x/\\rho})$."
-    phi = lambda x: (tau + eps / 2) * -torch.expm1((-x.detach().to(a.dtype) / tau).clamp(max=40.))   # see the note above
-    bg = torch.where(b > 0, b.to(a.dtype) * phi(g), torch.zeros_like(g, dtype=a.dtype))   # padded g may be huge
+    "geomloss's `debias=False` unbalanced value $\\langle a,\\varphi(f)\\rangle+\\langle b,\\varphi(g)\\rangle$."
+    # see the note above
+    phi = lambda x: (tau + eps / 2) * -torch.expm1((-x.detach().to(a.dtype) / tau).clamp(max=40.))
+    # padded g may be huge
+    bg = torch.where(b > 0, b.to(a.dtype) * phi(g), torch.zeros_like(g, dtype=a.dtype))
     return (a * phi(f)).sum(-1) + bg.sum(-1)
 
 
 # %%
 g_ = torch.Generator().manual_seed(11)
 a_ = torch.rand(2, 30, generator=g_, dtype=torch.float64) * 0.2
-b_ = torch.ones(2, 5, dtype=torch.float64); C_ = torch.rand(2, 30, 5, generator=g_, dtype=torch.float64)
+b_ = torch.ones(2, 5, dtype=torch.float64)
+C_ = torch.rand(2, 30, 5, generator=g_, dtype=torch.float64)
 pot_ = uot_potentials(a_, b_, C_, 0.05, 0.5, mode='converged', tol=1e-13, max_iter=100000)
 primal = uot_value(a_, b_, C_, 0.05, 0.5, potentials=pot_, grad='none')
 ma, mb = a_.sum(1), b_.sum(1)
-test_close(unbalanced_dual_value(a_, b_, pot_.f, pot_.g, 0.05, 0.5), primal + 0.05 / 2 * (ma + mb) - 0.05 * ma * mb, eps=1e-10)
+test_close(unbalanced_dual_value(a_, b_, pot_.f, pot_.g, 0.05, 0.5),
+           primal + 0.05 / 2 * (ma + mb) - 0.05 * ma * mb, eps=1e-10)
 aa = a_.clone().requires_grad_()     # gradient: phi(f), the potentials held fixed
 unbalanced_dual_value(aa, b_, pot_.f, pot_.g, 0.05, 0.5).sum().backward()
 test_close(aa.grad, (0.5 + 0.025) * (1 - torch.exp(-pot_.f / 0.5)), eps=1e-12)
@@ -150,7 +169,7 @@ test_close(aa.grad, (0.5 + 0.025) * (1 - torch.exp(-pot_.f / 0.5)), eps=1e-12)
 #| export
 @dataclass
 class Transport:
-    "A batch of the generalized loss's transport problems: masses, positions, cost and, once solved, potentials."
+    "The generalized loss's problems of a batch: masses, positions, cost and, once solved, potentials."
     a: torch.Tensor # `(B, n)` density (differentiable)
     b: torch.Tensor # `(B, m)` 1 per real head, 0 on padding
     C: torch.Tensor # `(B, n, m)` cost
@@ -160,6 +179,22 @@ class Transport:
     image_height: float # perspective heights are y / image_height
     pot: Potentials|None = None # potentials, set by `GeneralizedLoss.solve`
 
+
+# %%
+t_ = Transport(torch.ones(1, 4), torch.ones(1, 2), torch.zeros(1, 4, 2), torch.ones(1, 2, dtype=torch.bool),
+               torch.zeros(4, 2), torch.zeros(1, 2, 2), 16.)
+test_eq((t_.pot, t_.image_height), (None, 16.))
+
+# %% [markdown]
+# ## The loss module
+#
+# `GeneralizedLoss` holds the settings of the table above; its methods, each with its check below it, build
+# the batch's transport problems (`problem`), solve them (`solve`), form the terms from the solved problems
+# (`terms_from`) and average them over the batch (`forward`). The values its string settings allow are
+# declared once, as `Literal` aliases on its signature:
+
+# %%
+#| export
 SolverMode = Literal['official', 'converged']   # the annealed schedule of the official code, or run to tolerance
 GradRecipe = Literal['paper', 'official']       # the paper's gradient or the official code's
 Reference = Literal['product', 'uniform']       # entropic reference of the solve
@@ -167,6 +202,9 @@ TransportTerm = Literal['primal', 'dual']       # <C,P> (Eq. 1) or geomloss's du
 EntropyForm = Literal['sum', 'mean']            # the entropy term summed (Eq. 1) or averaged (official)
 EmptyImage = Literal['pixel', 'official']       # the loss of an image without heads
 
+
+# %%
+#| export
 class GeneralizedLoss(nn.Module):
     "The generalized UOT loss of Wan, Liu & Chan (CVPR 2021), Eq. 1, batched; `forward(density, points)`."
     def __init__(self,
@@ -216,101 +254,187 @@ class GeneralizedLoss(nn.Module):
         self.transport, self.entropy, self.empty, self.grid_offset = transport, entropy, empty, grid_offset
         self.last_solve = {}
 
-    @classmethod
-    def official(cls, **overrides):
-        "The objective the published models were trained with (the official trainer's), any argument overridden."
-        kw = dict(cost='perspective', eps=0.01, tau=0.1, tau_solve=0.5, scale=512., stride=8, d_pixel='l2', d_point='l1',
-                  mode='official', grad='official', reference='product', eta_range=(0.5, 0.7), shift=True, scaling=0.5,
-                  transport='dual', entropy='mean', empty='official', grid_offset=1.0)
-        kw.update(overrides)
-        kw.setdefault('image_height', kw['scale'])     # the official heights are y / crop size
-        return cls(**kw)
-
     def extra_repr(self):
-        return (f"cost={self.cost!r}, eps={self.eps}, tau={self.tau}, tau_solve={self.tau_solve}, scale={self.scale}, "
-                f"stride={self.stride}, d_pixel={self.d_pixel!r}, d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}, "
-                f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, grid_offset={self.grid_offset}")
+        return (f"cost={self.cost!r}, eps={self.eps}, tau={self.tau}, tau_solve={self.tau_solve}, "
+                f"scale={self.scale}, stride={self.stride}, d_pixel={self.d_pixel!r}, "
+                f"d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}, "
+                f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, "
+                f"grid_offset={self.grid_offset}")
 
-    def problem(self, density:torch.Tensor, # `(B, 1, h, w)` predicted density
-                points # list of B `(N_b, 2)` head positions in input pixels
-               ) -> Transport:
-        "The batch as transport problems: masses, pixel and head positions, cost (not yet solved)."
-        density = check_density(density)
-        if not torch.isfinite(density).all():
-            raise ValueError("density contains NaN or infinite values; check the model output (learning rate, AMP overflow)")
-        B, _, h, w = density.shape
-        points = check_points(points, batch_size=B)
-        dt = torch.float64 if density.dtype == torch.float64 else torch.float32
-        coords, mask = pad_points(points, device=density.device, dtype=dt)
-        a = density.reshape(B, h * w).to(dt)
-        grid = pixel_positions(h, w, self.stride, self.grid_offset, device=density.device, dtype=dt)
-        H = float(self.image_height) if self.image_height is not None else float(h * self.stride)
-        C = points_cost(grid.expand(B, -1, -1), coords, self.cost, self.scale, H, self.eta, self.eta_range, self.shift)
-        return Transport(a, mask.to(dt), C, mask, grid, coords, H)
 
-    def solve(self, density:torch.Tensor, points) -> Transport:
-        "`problem` with its potentials filled in (no autograd through the iterations)."
-        t = self.problem(density, points)
-        x = t.x.expand(len(t.a), -1, -1)
-        diam = max_diameter(x / self.scale, t.y / self.scale, mask_y=t.mask) if self.mode == 'official' else None
-        t.pot = uot_potentials(t.a.detach(), t.b, t.C, self.eps, self.tau_solve, self.tau_solve, mask_b=t.mask,
-                               mode=self.mode, reference=self.reference, diameter=diam, scaling=self.scaling, tol=self.tol,
-                               max_iter=self.max_iter, compute_error=self.report_error)
-        self.last_solve = dict(iterations=t.pot.iterations, marginal_error=t.pot.marginal_error)
-        return t
-
-    def terms_from(self, t:Transport, # a solved batch (`solve`)
-                   all_terms:bool=True # every term; False: only those of `terms` (the others may be 0)
-                  ) -> dict:
-        "Per-image `(B,)` loss terms from the solved problem; differentiable in `t.a`."
-        a, b, C, mask, pot = t.a, t.b, t.C, t.mask, t.pot
-        entropy = all_terms or 'entropy' in self.terms                    # else its reduction is skipped
-        st = plan_stats(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad, entropy=entropy)  # the plan is never stored
-        r, e, ce, elog = st.r, st.rows, st.cost, st.xlogx  # r; E 1; sum_j C_ij E_ij; sum_j E_ij log E_ij
-        P1 = r * e
-        Pt1 = st.cols                                      # r^T E, differentiable through r
-        tiny = 1e-20
-        plogp = (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1) if entropy else torch.zeros_like(e[:, 0])  # sum P log P, 0 log 0 = 0
-        if self.entropy == 'mean':   # official: eps * mean over the n*m entries, added per image without the 1/B
-            m = (mask.sum(1) if mask is not None else torch.full_like(plogp, b.shape[1])).clamp_min(1)
-            plogp = plogp / (a.shape[1] * m) * a.shape[0]      # x B: the batch mean of these is the official sum
-        out = dict(transport=(r * ce).sum(1) if self.transport == 'primal' else
-                             unbalanced_dual_value(a, b if mask is None else b * mask, pot.f, pot.g, self.eps, self.tau_solve),
-                   entropy=self.eps * plogp,
-                   pixel=self.tau * divergence(P1.detach() if self.grad == 'official' else P1, a, self.d_pixel),
-                   point=self.tau * divergence(Pt1, b, self.d_point, mask=mask))
-        if self.empty == 'official' and mask is not None:   # |sum a| added to transport, pixel and point (before tau)
-            has, mass = mask.any(1), a.sum(1).abs()
-            for name, wgt in (('transport', 1.), ('pixel', self.tau), ('point', self.tau), ('entropy', 0.)):
-                out[name] = torch.where(has, out[name], wgt * mass)
-        out['total'] = sum(out[t] for t in self.terms)
-        return out
-
-    def forward(self, density:torch.Tensor, # `(B, 1, h, w)` predicted density (per-pixel counts)
-                points, # list of B `(N_b, 2)` tensors of `(x, y)` head positions in input pixels
-                return_terms:bool=False # also return a dict of the batch-mean terms
-               ):
-        "Batch mean of Eq. 1 (and, with `return_terms`, the dict transport/entropy/pixel/point/total)."
-        with no_autocast(density.device):
-            t = self.terms_from(self.solve(density, points), all_terms=return_terms)
-        loss = t['total'].mean()
-        if return_terms: return loss, {k: v.mean() for k, v in t.items()}
-        return loss
-
+# %%
+L_ = GeneralizedLoss(eps=0.02, terms=['transport', 'pixel'])
+test_eq((L_.eps, L_.terms, L_.tau_solve, L_.mode, L_.last_solve),
+        (0.02, ('transport', 'pixel'), 0.5, 'official', {}))
+assert repr(L_).startswith("GeneralizedLoss(cost='perspective', eps=0.02, tau=0.1, tau_solve=0.5, scale=512.0")
+test_fail(lambda: GeneralizedLoss(cost='manhattan'),
+          contains="cost must be one of dist, sqdist, exp, perspective, got 'manhattan'")
 
 # %% [markdown]
-# `problem` places density pixel $(i, j)$ at $(s(j+o), s(i+o))$ with $o$ = `grid_offset` (`uotcrowd.costs.pixel_positions`):
-# by default at its cell centre, $o=\frac12$; the official trainer builds its grid as `(arange + 0.5) * stride + stride / 2`,
-# i.e. at $s(j+1)$, $8j+8$ at stride 8 (`grid_offset=1.0`). On the cell centres its cost is `cost_matrix`, bit for bit,
-# and `solve` returns the same `Transport` with its potentials.
+# `GeneralizedLoss.official(**overrides)` sets every column of the table to the official code's (the section
+# *The official objective* below checks it against the trainer's formulas).
+
+# %%
+#| export
+@patch(cls_method=True)
+def official(cls:GeneralizedLoss, **overrides):
+    "The objective the published models were trained with (the official trainer's), any argument overridden."
+    kw = dict(cost='perspective', eps=0.01, tau=0.1, tau_solve=0.5, scale=512., stride=8, d_pixel='l2',
+              d_point='l1', mode='official', grad='official', reference='product', eta_range=(0.5, 0.7),
+              shift=True, scaling=0.5, transport='dual', entropy='mean', empty='official', grid_offset=1.0)
+    kw.update(overrides)
+    kw.setdefault('image_height', kw['scale'])     # the official heights are y / crop size
+    return cls(**kw)
+
+
+# %%
+L_ = GeneralizedLoss.official(scale=128.)
+test_eq((L_.transport, L_.entropy, L_.empty, L_.grid_offset, L_.eta_range, L_.image_height, L_.grad),
+        ('dual', 'mean', 'official', 1.0, (0.5, 0.7), 128., 'official'))
+test_eq(GeneralizedLoss.official(image_height=300.).image_height, 300.)
+
+# %% [markdown]
+# `problem` places density pixel $(i, j)$ at $(s(j+o), s(i+o))$ with $o$ = `grid_offset`
+# (`uotcrowd.costs.pixel_positions`): by default at its cell centre, $o=\frac12$; the official trainer builds
+# its grid as `(arange + 0.5) * stride + stride / 2`, i.e. at $s(j+1)$, $8j+8$ at stride 8
+# (`grid_offset=1.0`). On the cell centres its cost is `cost_matrix`, bit for bit.
+
+# %%
+#| export
+@patch
+def problem(self:GeneralizedLoss, density:torch.Tensor, # `(B, 1, h, w)` predicted density
+            points # list of B `(N_b, 2)` head positions in input pixels
+           ) -> Transport:
+    "The batch as transport problems: masses, pixel and head positions, cost (not yet solved)."
+    density = check_density(density)
+    if not torch.isfinite(density).all():
+        raise ValueError("density contains NaN or infinite values; check the model output (learning rate, "
+                         "AMP overflow)")
+    B, _, h, w = density.shape
+    points = check_points(points, batch_size=B)
+    dt = torch.float64 if density.dtype == torch.float64 else torch.float32
+    coords, mask = pad_points(points, device=density.device, dtype=dt)
+    a = density.reshape(B, h * w).to(dt)
+    grid = pixel_positions(h, w, self.stride, self.grid_offset, device=density.device, dtype=dt)
+    H = float(self.image_height) if self.image_height is not None else float(h * self.stride)
+    C = points_cost(grid.expand(B, -1, -1), coords, self.cost, self.scale, H, self.eta, self.eta_range,
+                    self.shift)
+    return Transport(a, mask.to(dt), C, mask, grid, coords, H)
+
 
 # %%
 pts_ = [torch.tensor([[4., 4.], [20., 12.]]), torch.tensor([[12., 4.], [0., 0.]])]
 for name in COSTS:
     t_ = GeneralizedLoss(cost=name, scale=16.).problem(torch.rand(2, 1, 2, 3), pts_)
-    test_eq(t_.C, cost_matrix(2, 3, torch.stack(pts_), cost=name, stride=8, scale=16.)); test_eq(t_.pot, None)
-t_ = GeneralizedLoss.official(scale=16.).solve(torch.rand(2, 1, 2, 3), pts_)
+    test_eq(t_.C, cost_matrix(2, 3, torch.stack(pts_), cost=name, stride=8, scale=16.))
+    test_eq(t_.pot, None)
+t_ = GeneralizedLoss.official(scale=16.).problem(torch.rand(2, 1, 2, 3), pts_)
+test_eq((t_.x[0].tolist(), t_.image_height), ([8., 8.], 16.))
+
+# %% [markdown]
+# `solve` fills in the potentials, without autograd through the iterations; in the official mode the
+# annealing starts at the largest distance between real points of each image (geomloss's diameter).
+
+# %%
+#| export
+@patch
+def solve(self:GeneralizedLoss, density:torch.Tensor, points) -> Transport:
+    "`problem` with its potentials filled in (no autograd through the iterations)."
+    t = self.problem(density, points)
+    x = t.x.expand(len(t.a), -1, -1)
+    diam = max_diameter(x / self.scale, t.y / self.scale, mask_y=t.mask) if self.mode == 'official' else None
+    t.pot = uot_potentials(t.a.detach(), t.b, t.C, self.eps, self.tau_solve, self.tau_solve, mask_b=t.mask,
+                           mode=self.mode, reference=self.reference, diameter=diam, scaling=self.scaling,
+                           tol=self.tol, max_iter=self.max_iter, compute_error=self.report_error)
+    self.last_solve = dict(iterations=t.pot.iterations, marginal_error=t.pot.marginal_error)
+    return t
+
+
+# %%
+dens_ = torch.rand(2, 1, 2, 3)
+L_ = GeneralizedLoss.official(scale=16.)
+t_ = L_.solve(dens_, pts_)
 test_eq((t_.x[0].tolist(), t_.image_height, t_.pot.f.shape), ([8., 8.], 16., (2, 6)))
+grid_ = pixel_positions(2, 3, 8, 1.0)[None] / 16.
+for k in range(2):   # the same potentials, image by image
+    pk = uot_potentials(dens_[k].reshape(1, -1), torch.ones(1, 2), t_.C[k:k + 1], 0.01, 0.5,
+                        diameter=max_diameter(grid_, pts_[k][None] / 16.))
+    test_close(t_.pot.f[k], pk.f[0], eps=1e-5)
+test_eq(set(L_.last_solve), {'iterations', 'marginal_error'})
+
+# %% [markdown]
+# `terms_from` forms the four terms of every image from its solved problem, through the row factor and the
+# row and column statistics of `plan_stats` (the plan itself is never stored); checked here against the terms
+# written out from the full plan of `uot_plan`.
+
+# %%
+#| export
+@patch
+def terms_from(self:GeneralizedLoss, t:Transport, # a solved batch (`solve`)
+               all_terms:bool=True # every term; False: only those of `terms` (the others may be 0)
+              ) -> dict:
+    "Per-image `(B,)` loss terms from the solved problem; differentiable in `t.a`."
+    a, b, C, mask, pot = t.a, t.b, t.C, t.mask, t.pot
+    entropy = all_terms or 'entropy' in self.terms                    # else its reduction is skipped
+    # the plan is never stored
+    st = plan_stats(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad, entropy=entropy)
+    r, e, ce, elog = st.r, st.rows, st.cost, st.xlogx  # r; E 1; sum_j C_ij E_ij; sum_j E_ij log E_ij
+    P1 = r * e
+    Pt1 = st.cols                                      # r^T E, differentiable through r
+    tiny = 1e-20
+    # sum P log P, 0 log 0 = 0
+    plogp = ((e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1) if entropy
+             else torch.zeros_like(e[:, 0]))
+    # official: eps * mean over the n*m entries, added per image without the 1/B
+    if self.entropy == 'mean':
+        m = (mask.sum(1) if mask is not None else torch.full_like(plogp, b.shape[1])).clamp_min(1)
+        # x B: the batch mean of these is the official sum
+        plogp = plogp / (a.shape[1] * m) * a.shape[0]
+    out = dict(transport=(r * ce).sum(1) if self.transport == 'primal' else
+                         unbalanced_dual_value(a, b if mask is None else b * mask, pot.f, pot.g, self.eps,
+                                               self.tau_solve),
+               entropy=self.eps * plogp,
+               pixel=self.tau * divergence(P1.detach() if self.grad == 'official' else P1, a, self.d_pixel),
+               point=self.tau * divergence(Pt1, b, self.d_point, mask=mask))
+    # |sum a| added to transport, pixel and point (before tau)
+    if self.empty == 'official' and mask is not None:
+        has, mass = mask.any(1), a.sum(1).abs()
+        for name, wgt in (('transport', 1.), ('pixel', self.tau), ('point', self.tau), ('entropy', 0.)):
+            out[name] = torch.where(has, out[name], wgt * mass)
+    out['total'] = sum(out[t] for t in self.terms)
+    return out
+
+
+# %%
+L_ = GeneralizedLoss(scale=16., grad='official')
+t_ = L_.solve(dens_, pts_)
+terms_ = L_.terms_from(t_)
+P_ = uot_plan(t_.a, t_.b, t_.C, 0.01, 0.5, mask_b=t_.mask, potentials=t_.pot, grad='official')
+test_close(terms_['transport'], (t_.C * P_).sum((1, 2)), eps=1e-5)
+test_close(terms_['entropy'], 0.01 * torch.xlogy(P_, P_).sum((1, 2)), eps=1e-5)
+test_close(terms_['pixel'], 0.1 * ((P_.sum(2) - t_.a) ** 2).sum(1), eps=1e-5)
+test_close(terms_['point'], 0.1 * (P_.sum(1) - 1).abs().sum(1), eps=1e-5)
+test_close(terms_['total'], sum(terms_[k] for k in TERMS), eps=1e-6)
+test_eq(terms_['total'].shape, (2,))
+
+# %% [markdown]
+# `forward` solves and forms the terms outside autocast (the solver needs float32 at least) and returns their
+# batch mean.
+
+# %%
+#| export
+@patch
+def forward(self:GeneralizedLoss, density:torch.Tensor, # `(B, 1, h, w)` predicted density (per-pixel counts)
+            points, # list of B `(N_b, 2)` tensors of `(x, y)` head positions in input pixels
+            return_terms:bool=False # also return a dict of the batch-mean terms
+           ):
+    "Batch mean of Eq. 1 (and, with `return_terms`, the dict transport/entropy/pixel/point/total)."
+    with no_autocast(density.device):
+        t = self.terms_from(self.solve(density, points), all_terms=return_terms)
+    loss = t['total'].mean()
+    if return_terms: return loss, {k: v.mean() for k, v in t.items()}
+    return loss
+
 
 # %% [markdown]
 # ### The terms, checked against a direct computation from the plan
@@ -328,9 +452,11 @@ for k in range(2):   # one image at a time, terms written out from the plan
     C = cost_matrix(8, 8, pts[k][None], stride=8, scale=64.)
     a = dens[k].reshape(1, -1)
     gridk = pixel_centres(8, 8, 8)[None] / 64.
-    pot = uot_potentials(a, torch.ones(1, len(pts[k])), C, 0.01, 0.5, diameter=max_diameter(gridk, pts[k][None] / 64.))
+    pot = uot_potentials(a, torch.ones(1, len(pts[k])), C, 0.01, 0.5,
+                         diameter=max_diameter(gridk, pts[k][None] / 64.))
     P = uot_plan(a, torch.ones(1, len(pts[k])), C, 0.01, 0.5, potentials=pot)[0]
-    ref = (C[0] * P).sum() + 0.01 * torch.xlogy(P, P).sum() + 0.1 * ((P.sum(1) - a[0]) ** 2).sum() + 0.1 * (P.sum(0) - 1).abs().sum()
+    ref = ((C[0] * P).sum() + 0.01 * torch.xlogy(P, P).sum() + 0.1 * ((P.sum(1) - a[0]) ** 2).sum()
+           + 0.1 * (P.sum(0) - 1).abs().sum())
     one = gl(dens[k:k+1], pts[k:k+1])
     test_close(one, ref, eps=1e-5)
 # the batch loss is the mean of the per-image losses
@@ -345,26 +471,30 @@ test_close(loss, (gl(dens[:1], pts[:1]) + gl(dens[1:], pts[1:])) / 2, eps=1e-6)
 for terms in [('transport',), ('transport', 'pixel'), ('pixel', 'point'), ('transport', 'entropy', 'point')]:
     l, Tt = GeneralizedLoss(scale=64., terms=terms)(dens, pts, return_terms=True)
     test_close(l, sum(T[t] for t in terms), eps=1e-6)
-    test_close(GeneralizedLoss(scale=64., terms=terms)(dens, pts), l, eps=1e-6)    # without the terms: unused ones skipped
+    # without the terms: unused ones skipped
+    test_close(GeneralizedLoss(scale=64., terms=terms)(dens, pts), l, eps=1e-6)
 for dp in DIVERGENCES:
     for dq in DIVERGENCES:
         l, Tt = GeneralizedLoss(scale=64., d_pixel=dp, d_point=dq)(dens, pts, return_terms=True)
         test_close(Tt['transport'], T['transport'], eps=1e-6)          # the plan does not depend on D1, D2
         assert torch.isfinite(l)
-test_fail(lambda: GeneralizedLoss(terms=('transport', 'count')), contains="terms must be one of transport, entropy,")
-test_fail(lambda: GeneralizedLoss(mode='fast'), contains="mode must be one of official, converged, got 'fast'")
+test_fail(lambda: GeneralizedLoss(terms=('transport', 'count')),
+          contains="terms must be one of transport, entropy,")
+test_fail(lambda: GeneralizedLoss(mode='fast'),
+          contains="mode must be one of official, converged, got 'fast'")
 test_fail(lambda: GeneralizedLoss(d_pixel='tv'), contains="d_pixel")
 test_fail(lambda: GeneralizedLoss(terms=()), contains="choose one or more")
 
 # %% [markdown]
 # ### The exact density wins (why the exponential costs are shifted)
 #
-# One person on each head's pixel must score lower than the same count spread uniformly, and lower than twice the
-# right density. With the unshifted cost $e^{L/\eta}\ge1$, every unit of transported mass costs at least 1, more than the
-# unbalanced penalty for leaving it, and the uniform map wins instead.
+# One person on each head's pixel must score lower than the same count spread uniformly, and lower than twice
+# the right density. With the unshifted cost $e^{L/\eta}\ge1$, every unit of transported mass costs at least
+# 1, more than the unbalanced penalty for leaving it, and the uniform map wins instead.
 
 # %%
-heads = torch.tensor([[12., 20.], [44., 36.], [100., 84.], [68., 116.], [20., 108.]])   # pixel centres of a 16x16 map
+# pixel centres of a 16x16 map
+heads = torch.tensor([[12., 20.], [44., 36.], [100., 84.], [68., 116.], [20., 108.]])
 exact = torch.zeros(1, 1, 16, 16)
 for x, y in heads: exact[0, 0, int(y // 8), int(x // 8)] = 1.
 uniform = torch.full_like(exact, 5. / 256)
@@ -375,7 +505,8 @@ for cost in ['perspective', 'exp']:
             le, lu, ld = L(exact, [heads]), L(uniform, [heads]), L(2 * exact, [heads])
             assert le < lu and le < ld, (cost, mode, le, lu, ld)
 L = GeneralizedLoss(cost='perspective')
-test_close(L(exact, [heads], return_terms=True)[1]['point'], torch.tensor(0.), eps=0.05)   # every head is covered
+# every head is covered
+test_close(L(exact, [heads], return_terms=True)[1]['point'], torch.tensor(0.), eps=0.05)
 for shift in [True, False]:
     print(f"shift={shift}: exact / uniform / doubled =",
           [round(GeneralizedLoss(shift=shift)(dm, [heads]).item(), 4) for dm in (exact, uniform, 2 * exact)])
@@ -385,8 +516,9 @@ assert Lu(uniform, [heads]) < Lu(exact, [heads])      # unshifted: the uniform m
 # %% [markdown]
 # ### Empty images, zero densities, NaN
 #
-# An image without points has the pixel term alone, $\tau D_1(\mathbf 0|\boldsymbol a)=\tau\|\boldsymbol a\|^2$, with a finite
-# gradient; an all-zero density has a finite value and gradient; a NaN density raises.
+# An image without points has the pixel term alone,
+# $\tau D_1(\mathbf 0|\boldsymbol a)=\tau\|\boldsymbol a\|^2$, with a finite gradient; an all-zero density has
+# a finite value and gradient; a NaN density raises.
 
 # %%
 d = (torch.rand(3, 1, 8, 8, generator=g) * 0.1).requires_grad_()
@@ -395,26 +527,31 @@ l, T3 = GeneralizedLoss(scale=64.)(d, pts3, return_terms=True)
 l.backward()
 assert torch.isfinite(l) and torch.isfinite(d.grad).all()
 test_close(GeneralizedLoss(scale=64.)(d[1:2], pts3[1:2]), 0.1 * (d[1] ** 2).sum(), eps=1e-6)
-test_close(d.grad[1], 2 * 0.1 * d[1].detach() / 3, eps=1e-6)       # gradient of the pixel term, batch mean of 3
+# gradient of the pixel term, batch mean of 3
+test_close(d.grad[1], 2 * 0.1 * d[1].detach() / 3, eps=1e-6)
 for grad in ['paper', 'official']:
     for mode in ['official', 'converged']:
         z = torch.zeros(2, 1, 8, 8, requires_grad=True)
         lz = GeneralizedLoss(scale=64., grad=grad, mode=mode)(z, [pts3[0], torch.zeros(0, 2)])
         lz.backward()
         assert torch.isfinite(lz) and torch.isfinite(z.grad).all()
-        test_close(lz, 0.1 * 4 / 2, eps=1e-5)                          # only the 4 uncovered heads of image 0 count
-        assert (z.grad[0] <= 0).any()                                   # some pixel is pushed up towards the heads
-test_fail(lambda: GeneralizedLoss()(torch.full((1, 1, 4, 4), float('nan')), [torch.zeros(1, 2)]), contains='NaN')
+        # only the 4 uncovered heads of image 0 count
+        test_close(lz, 0.1 * 4 / 2, eps=1e-5)
+        # some pixel is pushed up towards the heads
+        assert (z.grad[0] <= 0).any()
+test_fail(lambda: GeneralizedLoss()(torch.full((1, 1, 4, 4), float('nan')), [torch.zeros(1, 2)]),
+          contains='NaN')
 test_fail(lambda: GeneralizedLoss()(torch.zeros(2, 1, 4, 4), [torch.zeros(1, 2)]), contains='batch of 2')
 
 # %% [markdown]
 # ### Gradient: finite differences with $v^*$ fixed, and the re-solved loss
 #
-# The paper differentiates $\boldsymbol a\mapsto\mathcal L(\mathrm{diag}(\boldsymbol u^*(\boldsymbol a))\mathbf K\mathrm{diag}(\boldsymbol v^*))$.
-# We write that function out independently (plain Eq. 6 $u$-step, terms from the full plan) and compare our gradient
-# with its central finite differences (float64). The fully re-solved loss is a different function (the plan solves a KL
-# problem, not the L2/L1 one), so its finite differences only agree in direction: we report the cosine and the norm
-# ratio, and check them against their measured values.
+# The paper differentiates
+# $\boldsymbol a\mapsto\mathcal L(\mathrm{diag}(\boldsymbol u^*(\boldsymbol a))\mathbf K\mathrm{diag}(\boldsymbol v^*))$.
+# We write that function out independently (plain Eq. 6 $u$-step, terms from the full plan) and compare our
+# gradient with its central finite differences (float64). The fully re-solved loss is a different function
+# (the plan solves a KL problem, not the L2/L1 one), so its finite differences only agree in direction: we
+# report the cosine and the norm ratio, and check them against their measured values.
 
 # %%
 g = torch.Generator().manual_seed(7)
@@ -426,7 +563,8 @@ for reference in ['product', 'uniform']:
     s = L.solve(d0, pts1)
     a0, C, pot = s.a, s.C, s.pot
     eps, lam = 0.01, 0.5 / 0.51
-    v = (1. if reference == 'uniform' else s.b) * torch.exp(pot.g / eps)       # v* = nu e^{g*/eps}, held fixed
+    # v* = nu e^{g*/eps}, held fixed
+    v = (1. if reference == 'uniform' else s.b) * torch.exp(pot.g / eps)
     K = torch.exp(-C / eps)
     def L_fixed(a):
         mu = a if reference == 'product' else torch.ones_like(a)
@@ -441,21 +579,25 @@ for reference in ['product', 'uniform']:
     basis = torch.eye(h * w, dtype=torch.float64)[:, None]
     fd = torch.stack([(L_fixed(a0 + step * e) - L_fixed(a0 - step * e)) / (2 * step) for e in basis])
     test_close(dd.grad.flatten(), fd, eps=1e-6)
-    fd_full = torch.stack([(L(d0 + step * e.reshape(1, 1, h, w), pts1) - L(d0 - step * e.reshape(1, 1, h, w), pts1)) / (2 * step) for e in basis])
+    shifted = lambda e: d0 + step * e.reshape(1, 1, h, w)
+    fd_full = torch.stack([(L(shifted(e), pts1) - L(shifted(-e), pts1)) / (2 * step) for e in basis])
     cos = torch.nn.functional.cosine_similarity(dd.grad.flatten(), fd_full, dim=0).item()
     ratio = dd.grad.norm().item() / fd_full.norm().item()
-    print(f"{reference}: cosine(paper gradient, FD of the re-solved loss) = {cos:.3f}, norm ratio {ratio:.2f}")
+    print(f"{reference}: cosine(paper gradient, FD of the re-solved loss) = {cos:.3f}, "
+          f"norm ratio {ratio:.2f}")
     # measured in float64: finite-difference steps of 1e-5 and 1e-6 give the same cosine and ratio to 3e-10
-    test_close((cos, ratio), {'product': (0.8468694, 1.3006169), 'uniform': (0.8462528, 1.2991626)}[reference], eps=2e-7)
+    test_close((cos, ratio),
+               {'product': (0.8468694, 1.3006169), 'uniform': (0.8462528, 1.2991626)}[reference], eps=2e-7)
 
 # %% [markdown]
 # ### Equality with the official recipe (geomloss)
 #
 # The official trainer solves with `SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized',
-# cost=per_cost, reach=0.5, p=1)` on coordinates divided by the crop size, rebuilds the plan from the potentials, and
-# forms the terms from it. Our loss with `mode='official'`, `grad='official'`, `eta_range=(0.5, 0.7)` and `scale` = the
-# crop size must give the same plan, hence the same terms and gradient, to $10^{-4}$ relative (terms written here as
-# in our definition: $\langle C,P\rangle$, $\varepsilon\sum P\log P$, $\tau\|P1-a\|^2$, $\tau\|P^\top1-1\|_1$).
+# cost=per_cost, reach=0.5, p=1)` on coordinates divided by the crop size, rebuilds the plan from the
+# potentials, and forms the terms from it. Our loss with `mode='official'`, `grad='official'`,
+# `eta_range=(0.5, 0.7)` and `scale` = the crop size must give the same plan, hence the same terms and
+# gradient, to $10^{-4}$ relative (terms written here as in our definition: $\langle C,P\rangle$,
+# $\varepsilon\sum P\log P$, $\tau\|P1-a\|^2$, $\tau\|P^\top1-1\|_1$).
 
 # %%
 from geomloss import SamplesLoss  # a dev dependency: these checks always run in the test suite
@@ -468,7 +610,8 @@ pts2 = [torch.rand(9, 2, generator=g) * crop, torch.rand(4, 2, generator=g) * cr
 def per_cost(x, y):
     dist = torch.cdist(x, y, compute_mode='donot_use_mm_for_euclid_dist')
     return torch.exp(dist / ((x[:, :, None, 1] + y[:, None, :, 1]) / 2 * 0.2 + 0.5)) - 1
-crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1, potentials=True)
+crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1,
+                   potentials=True)
 X = pixel_centres(side, side, 8)[None] / crop
 ref_terms, ref_grads = [], []
 for k in range(2):
@@ -477,10 +620,12 @@ for k in range(2):
     Fg, Gg = crit(A.detach(), X, torch.ones(1, len(pts2[k])), Y)
     C = per_cost(X, Y)
     PI = torch.exp((Fg[:, :, None] + Gg[:, None, :] - C).detach() / 0.01) * A[:, :, None]
-    t = dict(transport=(C * PI).sum(), entropy=0.01 * ((PI + 1e-20) * torch.log(PI + 1e-20)).sum(),  # official form
+    # official form
+    t = dict(transport=(C * PI).sum(), entropy=0.01 * ((PI + 1e-20) * torch.log(PI + 1e-20)).sum(),
              pixel=0.1 * ((PI.sum(2).detach() - A) ** 2).sum(), point=0.1 * (PI.sum(1) - 1).abs().sum())
     sum(t.values()).backward()
-    ref_terms.append({k_: v.item() for k_, v in t.items()}); ref_grads.append(A.grad.reshape(side, side))
+    ref_terms.append({k_: v.item() for k_, v in t.items()})
+    ref_grads.append(A.grad.reshape(side, side))
 L = GeneralizedLoss(mode='official', grad='official', eta_range=(0.5, 0.7), scale=crop)
 dd = dens.clone().requires_grad_()
 loss, T = L(dd, pts2, return_terms=True)
@@ -497,27 +642,34 @@ print('geomloss recipe vs ours: max rel. term deviation',
 # %% [markdown]
 # ## The official objective: `GeneralizedLoss.official()`
 #
-# The plan above is the official one, but the official trainer's *loss* is not Eq. 1. Per image it adds, from that plan
-# (potentials detached, $\mathbf P=e^{(\boldsymbol f\oplus\boldsymbol g-\mathbf C)/\varepsilon}\,\boldsymbol a\,\boldsymbol b^\top$):
+# The plan above is the official one, but the official trainer's *loss* is not Eq. 1. Per image it adds, from
+# that plan (potentials detached,
+# $\mathbf P=e^{(\boldsymbol f\oplus\boldsymbol g-\mathbf C)/\varepsilon}\,\boldsymbol a\,\boldsymbol b^\top$):
 #
-# * transport: geomloss's *value* $\langle\boldsymbol a,\varphi(\boldsymbol f)\rangle+\langle\boldsymbol b,\varphi(\boldsymbol g)\rangle$
-#   (above), whose gradient $\varphi(\boldsymbol f)\ge0$ lowers the density everywhere the potential is positive;
-# * pixel $\sum_i((\mathbf P\mathbf 1)_i^{\text{detached}}-a_i)^2$ and point $\sum_j|(\mathbf P^\top\mathbf 1)_j-1|$, weighted by $\tau=0.1$;
+# * transport: geomloss's *value*
+#   $\langle\boldsymbol a,\varphi(\boldsymbol f)\rangle+\langle\boldsymbol b,\varphi(\boldsymbol g)\rangle$
+#   (above), whose gradient $\varphi(\boldsymbol f)\ge0$ lowers the density everywhere the potential is
+#   positive;
+# * pixel $\sum_i((\mathbf P\mathbf 1)_i^{\text{detached}}-a_i)^2$ and point
+#   $\sum_j|(\mathbf P^\top\mathbf 1)_j-1|$, weighted by $\tau=0.1$;
 # * entropy $\varepsilon\cdot\mathrm{mean}_{ij}(P_{ij}\log P_{ij})$, a mean over the $n m$ entries;
-# * for an image without points, $|\sum\boldsymbol a|$ in each of transport, pixel and point, i.e. $1.2\,|\sum\boldsymbol a|$;
+# * for an image without points, $|\sum\boldsymbol a|$ in each of transport, pixel and point, i.e.
+#   $1.2\,|\sum\boldsymbol a|$;
 #
-# and the total is $\frac1B\sum_k(\text{transport}_k+\tau(\text{pixel}_k+\text{point}_k))+\varepsilon\sum_k\mathrm{mean}(\mathbf P_k\log\mathbf P_k)$
-# (the entropy is not divided by the batch size). Its cost is the perspective one with $\eta\in[0.5,0.7]$, heights
-# and coordinates divided by the crop size, and pixels at $8j+8$. `GeneralizedLoss.official(**overrides)` sets all of it
-# (`transport='dual'`, `entropy='mean'`, `empty='official'`, `grid_offset=1.0`, `eta_range=(0.5, 0.7)`,
-# `image_height=scale`, `mode='official'`, `grad='official'`); `get_loss('gl-official')` builds it and `uotcrowd train
-# --loss gl-official` trains with it. `grid_offset=0.5` keeps the official formulas on the cell centres. The batch is
-# solved at once; `tests/test_official_loss.py` compares value and gradient with the trainer's formulas evaluated
-# with geomloss image by image: equal to $10^{-15}$ in float64; in float32 the values agree to rounding and the
+# and the total is
+# $\frac1B\sum_k(\text{transport}_k+\tau(\text{pixel}_k+\text{point}_k))+\varepsilon\sum_k\mathrm{mean}(\mathbf P_k\log\mathbf P_k)$
+# (the entropy is not divided by the batch size). Its cost is the perspective one with $\eta\in[0.5,0.7]$,
+# heights and coordinates divided by the crop size, and pixels at $8j+8$.
+# `GeneralizedLoss.official(**overrides)` sets all of it (`transport='dual'`, `entropy='mean'`,
+# `empty='official'`, `grid_offset=1.0`, `eta_range=(0.5, 0.7)`, `image_height=scale`, `mode='official'`,
+# `grad='official'`); `get_loss('gl-official')` builds it and `uotcrowd train --loss gl-official` trains with
+# it. `grid_offset=0.5` keeps the official formulas on the cell centres. The batch is solved at once;
+# `tests/test_official_loss.py` compares value and gradient with the trainer's formulas evaluated with
+# geomloss image by image: equal to $10^{-15}$ in float64; in float32 the values agree to rounding and the
 # gradients to $2\cdot10^{-6}$ of their largest entry.
 #
-# Below, the same total written out image by image from the plan of `uot_plan` (a second assembly of the terms), on a
-# batch with an empty image.
+# Below, the same total written out image by image from the plan of `uot_plan` (a second assembly of the
+# terms), on a batch with an empty image.
 
 # %%
 g = torch.Generator().manual_seed(12)
@@ -540,25 +692,29 @@ for k in range(3):
     else:
         Ck = points_cost(X[None], pts3[k][None], scale=crop, image_height=crop, eta_range=(0.5, 0.7))
         ones = torch.ones(1, len(pts3[k]), dtype=torch.float64)
-        pot = uot_potentials(A.detach(), ones, Ck, 0.01, 0.5, diameter=max_diameter(X[None] / crop, pts3[k][None] / crop))
+        pot = uot_potentials(A.detach(), ones, Ck, 0.01, 0.5,
+                             diameter=max_diameter(X[None] / crop, pts3[k][None] / crop))
         P = uot_plan(A, ones, Ck, 0.01, 0.5, potentials=pot, grad='official')[0]
         phi = lambda x: 0.505 * (1 - torch.exp(-x / 0.5))
         lk = ((A[0] * phi(pot.f[0])).sum() + phi(pot.g[0]).sum()
               + 0.1 * (((P.sum(1).detach() - A[0]) ** 2).sum() + (P.sum(0) - 1).abs().sum())) / 3 \
              + 0.01 * torch.xlogy(P, P).mean()
-    lk.backward(); ref = ref + lk.item(); gref.append(A.grad.reshape(1, side, side))
+    lk.backward()
+    ref = ref + lk.item()
+    gref.append(A.grad.reshape(1, side, side))
 test_close(loss.item(), ref, eps=1e-10 * abs(ref))
 test_close(dd.grad, torch.stack(gref), eps=1e-10)
-test_close(dd.grad[1], torch.full((1, side, side), 1.2 / 3, dtype=torch.float64), eps=1e-12)   # empty image: 1.2 sign(sum a) / B
+# empty image: 1.2 sign(sum a) / B
+test_close(dd.grad[1], torch.full((1, side, side), 1.2 / 3, dtype=torch.float64), eps=1e-12)
 test_fail(lambda: GeneralizedLoss(transport='dual', reference='uniform'), contains="reference='product'")
 test_fail(lambda: GeneralizedLoss(entropy='avg'), contains="entropy")
 
 # %% [markdown]
 # ### Paper, official and converged objectives side by side
 #
-# On a random batch (B=2, 64×64 maps of 512×512 crops, 300 points per image), the value of each objective and the cosine
-# of its gradient with the official one: our default (Eq. 1, `GeneralizedLoss()`), the official trainer's, the
-# converged solve (`mode='converged'`), and two intermediate settings.
+# On a random batch (B=2, 64×64 maps of 512×512 crops, 300 points per image), the value of each objective and
+# the cosine of its gradient with the official one: our default (Eq. 1, `GeneralizedLoss()`), the official
+# trainer's, the converged solve (`mode='converged'`), and two intermediate settings.
 
 # %%
 g = torch.Generator().manual_seed(0)
@@ -572,29 +728,33 @@ objectives = {'paper (default)': GeneralizedLoss(), 'official': GeneralizedLoss.
 vals, grads = {}, {}
 for name, L in objectives.items():
     dd = dens.clone().requires_grad_()
-    l, T = L(dd, ptsR, return_terms=True); l.backward()
+    l, T = L(dd, ptsR, return_terms=True)
+    l.backward()
     vals[name], grads[name] = {k: v.item() for k, v in T.items()}, dd.grad.flatten()
 for name in objectives:
     cos = torch.nn.functional.cosine_similarity(grads[name], grads['official'], dim=0).item()
     ratio = (grads[name].norm() / grads['official'].norm()).item()
-    print(f"{name:32s} total {vals[name]['total']:8.3f} (transport {vals[name]['transport']:7.3f}, pixel {vals[name]['pixel']:6.3f}, "
-          f"point {vals[name]['point']:6.3f}, entropy {vals[name]['entropy']:8.5f}); gradient cosine with official {cos:.3f}, norm ratio {ratio:.2f}")
+    v = vals[name]
+    print(f"{name:32s} total {v['total']:8.3f} (transport {v['transport']:7.3f}, pixel {v['pixel']:6.3f}, "
+          f"point {v['point']:6.3f}, entropy {v['entropy']:8.5f}); gradient cosine with official {cos:.3f}, "
+          f"norm ratio {ratio:.2f}")
 
 # %%
-test_close(vals['official']['total'], 21.9647, eps=1e-3)   # the official trainer's formulas give 21.9647 (geomloss 0.3.1, float32)
+# the official trainer's formulas give 21.9647 (geomloss 0.3.1, float32)
+test_close(vals['official']['total'], 21.9647, eps=1e-3)
 assert vals['official']['total'] > 1.5 * vals["grad='official', eta (0.5, 0.7)"]['total']
 
 # %% [markdown]
 # ### Where each objective moves the density
 #
-# One image (512×512, 26 heads in perspective rows) and a blurry prediction of the right count, 70 % of it around the
-# heads and 30 % spread uniformly; each panel shows $-\partial\mathcal L/\partial\boldsymbol a$ (red: a gradient step
-# adds density, blue: it removes it). All three pull density onto the crowded upper rows and remove the uniform
-# background, most of all around the sparse lower heads, whose point terms are already met by the background mass
-# the plan sends them. The official objective removes about twice as much: its transport term, geomloss's dual value,
-# has the gradient $\varphi(\boldsymbol f)$, positive wherever the potential is, so on top of the pull of the plan it
-# lowers the density almost everywhere, a count penalty spread over the map. The paper's and the converged objectives
-# differ little from each other on this image.
+# One image (512×512, 26 heads in perspective rows) and a blurry prediction of the right count, 70 % of it
+# around the heads and 30 % spread uniformly; each panel shows $-\partial\mathcal L/\partial\boldsymbol a$
+# (red: a gradient step adds density, blue: it removes it). All three pull density onto the crowded upper rows
+# and remove the uniform background, most of all around the sparse lower heads, whose point terms are already
+# met by the background mass the plan sends them. The official objective removes about twice as much: its
+# transport term, geomloss's dual value, has the gradient $\varphi(\boldsymbol f)$, positive wherever the
+# potential is, so on top of the pull of the plan it lowers the density almost everywhere, a count penalty
+# spread over the map. The paper's and the converged objectives differ little from each other on this image.
 
 # %%
 import matplotlib.pyplot as plt
@@ -607,9 +767,12 @@ headsP = torch.cat([torch.stack([torch.linspace(60, 452, k) + torch.rand(k, gene
 side = 64
 exactP = torch.zeros(1, 1, side, side)
 for x, y in headsP: exactP[0, 0, int(y // 8), int(x // 8)] += 1.
-blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(exactP, (3, 3, 3, 3), mode='replicate'), 7, stride=1)
-pred = (0.7 * blur / blur.sum() + 0.3 / side ** 2) * len(headsP)     # 70 % near the heads, 30 % spread uniformly
-shown = {'paper (default)': GeneralizedLoss(), 'official': GeneralizedLoss.official(), 'converged': GeneralizedLoss(mode='converged')}
+blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(exactP, (3, 3, 3, 3), mode='replicate'),
+                                      7, stride=1)
+# 70 % near the heads, 30 % spread uniformly
+pred = (0.7 * blur / blur.sum() + 0.3 / side ** 2) * len(headsP)
+shown = {'paper (default)': GeneralizedLoss(), 'official': GeneralizedLoss.official(),
+         'converged': GeneralizedLoss(mode='converged')}
 fig, axes = plt.subplots(1, 3, figsize=(12, 4.3), dpi=60)
 pushes = {}
 for ax, (name, L) in zip(axes, shown.items()):
@@ -620,24 +783,30 @@ for ax, (name, L) in zip(axes, shown.items()):
     lim = push.abs().max().item()
     im = ax.imshow(push, cmap='RdBu_r', vmin=-lim, vmax=lim, extent=(0, 512, 512, 0))
     ax.scatter(headsP[:, 0], headsP[:, 1], s=10, c='k', marker='+')
-    ax.set_title(f'{name}', fontsize=10); ax.axis('off'); fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(f'{name}', fontsize=10)
+    ax.axis('off')
+    fig.colorbar(im, ax=ax, fraction=0.046)
 fig.suptitle('−∂L/∂a on one image (red: density added, blue: removed; heads: +)', fontsize=10)
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %%
 on_heads = exactP[0, 0] > 0
 stats = {k: dict(background=v[~on_heads].mean().item(), heads=v[on_heads].mean().item(), total=v.sum().item())
          for k, v in pushes.items()}
-for k, v in stats.items(): print(f"{k:16s} mean push on the background {v['background']:+.4f}, on the heads {v['heads']:+.4f}, sum {v['total']:+.1f}")
-for v in stats.values(): assert v['heads'] > 0 > v['background']        # every objective moves density onto the heads
+for k, v in stats.items(): print(f"{k:16s} mean push on the background {v['background']:+.4f}, on the heads "
+                                 f"{v['heads']:+.4f}, sum {v['total']:+.1f}")
+# every objective moves density onto the heads
+for v in stats.values(): assert v['heads'] > 0 > v['background']
 assert stats['official']['background'] < 1.5 * stats['paper (default)']['background']
 
 
 # %% [markdown]
 # ## Per-image loop (the official way)
 #
-# The official trainer solves one image at a time. `loss_per_image` does the same with any loss, so the speed-up of
-# the batched solver can be measured (`uotcrowd.bench`); it must give the same value as the batched call.
+# The official trainer solves one image at a time. `loss_per_image` does the same with any loss, so the
+# speed-up of the batched solver can be measured (`uotcrowd.bench`); it must give the same value as the
+# batched call.
 
 # %%
 #| export
@@ -651,26 +820,31 @@ def loss_per_image(loss:nn.Module, # a loss with the `loss(density, points)` con
 
 
 # %%
-test_close(loss_per_image(gl, d.detach()[:, :, :8, :8], pts3), GeneralizedLoss(scale=64.)(d.detach(), pts3), eps=1e-6)
+test_close(loss_per_image(gl, d.detach()[:, :, :8, :8], pts3),
+           GeneralizedLoss(scale=64.)(d.detach(), pts3), eps=1e-6)
 
 # %% [markdown]
 # ## What the cost and ε do to the training signal
 #
-# The paper's Figs. 5-6 show that the exponential and perspective costs give more compact density maps than the
-# squared Euclidean one, and that a larger ε gives blurrier maps. The reason is visible in a single gradient step.
-# Below, a blurry prediction (a uniform map holding 30 % of the count) meets 26 annotated heads laid out with
-# perspective (rows of heads denser towards the top); each panel shows where one step of gradient descent on
-# `GeneralizedLoss` *adds* density, $\max(-\partial\mathcal L/\partial a, 0)$, and the peaks `localize` finds in it.
+# The paper's Figs. 5-6 show that the exponential and perspective costs give more compact density maps than
+# the squared Euclidean one, and that a larger ε gives blurrier maps. The reason is visible in a single
+# gradient step. Below, a blurry prediction (a uniform map holding 30 % of the count) meets 26 annotated heads
+# laid out with perspective (rows of heads denser towards the top); each panel shows where one step of
+# gradient descent on `GeneralizedLoss` *adds* density, $\max(-\partial\mathcal L/\partial a, 0)$, and the
+# peaks `localize` finds in it.
 #
-# - With $e^{L}$ and the perspective cost the loss pulls density into one compact blob per head at the paper's ε,
-#   so the peaks are the heads; the perspective cost makes the blobs tighter at the top, where people are small.
-# - With $L^2$ at the same ε (coordinates divided by 512, so squared distances are tiny) the pull is one wide blob:
-#   the transport cost cannot separate neighbouring heads, which is why the cost must be paired with a much smaller
-#   ε (the L2 and BL losses use a fixed Gaussian bandwidth instead, see [the theory](03a_theory.ipynb)).
+# - With $e^{L}$ and the perspective cost the loss pulls density into one compact blob per head at the paper's
+#   ε, so the peaks are the heads; the perspective cost makes the blobs tighter at the top, where people are
+#   small.
+# - With $L^2$ at the same ε (coordinates divided by 512, so squared distances are tiny) the pull is one wide
+#   blob: the transport cost cannot separate neighbouring heads, which is why the cost must be paired with a
+#   much smaller ε (the L2 and BL losses use a fixed Gaussian bandwidth instead, see
+#   [the theory](03a_theory.ipynb)).
 # - Raising ε to 0.05 blurs every cost.
 # - The head in the middle of the lower rows gets no pull: it is the nearest head to a large empty area whose
-#   (wrong) density the plan already assigns to it, so its point term is satisfied, and the pixel term pushes that
-#   stray density down instead. Transport is global: what a pixel is pulled towards depends on all the heads.
+#   (wrong) density the plan already assigns to it, so its point term is satisfied, and the pixel term pushes
+#   that stray density down instead. Transport is global: what a pixel is pulled towards depends on all the
+#   heads.
 
 # %%
 import matplotlib.pyplot as plt
@@ -696,9 +870,11 @@ for r, cost in enumerate(costs):
         ax.imshow(push[0, 0], cmap='magma', extent=(0, side * stride, side * stride, 0))
         ax.scatter(heads[:, 0], heads[:, 1], s=8, c='cyan', marker='+')
         ax.scatter(found[:, 0], found[:, 1], s=12, facecolors='none', edgecolors='lime')
-        ax.set_title(f'{cost}, ε={eps}: {len(found)} peaks', fontsize=9); ax.axis('off')
+        ax.set_title(f'{cost}, ε={eps}: {len(found)} peaks', fontsize=9)
+        ax.axis('off')
 fig.suptitle(f'Where one gradient step adds density ({len(heads)} heads: cyan; peaks: green)', fontsize=10)
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %%
 # the exponential costs separate (almost) every head at the paper's ε; L² at the same ε cannot
@@ -718,17 +894,23 @@ dens = (torch.rand(B, 1, side, side, generator=g) * 500 / side ** 2)
 ptsB = [torch.rand(m, 2, generator=g) * 512 for _ in range(B)]
 L = GeneralizedLoss()
 def run(fn):
-    dd = dens.clone().requires_grad_(); t0 = time.perf_counter(); fn(dd).backward(); return time.perf_counter() - t0
+    dd = dens.clone().requires_grad_()
+    t0 = time.perf_counter()
+    fn(dd).backward()
+    return time.perf_counter() - t0
 run(lambda dd: L(dd[:1], ptsB[:1]))
 t_batch = min(run(lambda dd: L(dd, ptsB)) for _ in range(2))
 t_loop = min(run(lambda dd: loss_per_image(L, dd, ptsB)) for _ in range(2))
-print(f"ours batched {t_batch:.2f} s, ours per-image loop {t_loop:.2f} s, ratio loop/batched {t_loop / t_batch:.2f}")
-crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1, potentials=True)
+print(f"ours batched {t_batch:.2f} s, ours per-image loop {t_loop:.2f} s, ratio loop/batched "
+      f"{t_loop / t_batch:.2f}")
+crit = SamplesLoss(blur=0.01, scaling=0.5, debias=False, backend='tensorized', cost=per_cost, reach=0.5, p=1,
+                   potentials=True)
 X = pixel_centres(side, side, 8)[None] / 512.
 def official(dd):
     tot = 0.
     for k in range(B):
-        A = dd[k].reshape(1, -1); Y = ptsB[k][None] / 512.
+        A = dd[k].reshape(1, -1)
+        Y = ptsB[k][None] / 512.
         Fg, Gg = crit(A, X, torch.ones(1, m), Y)
         C = per_cost(X, Y)
         PI = torch.exp((Fg[:, :, None] + Gg[:, None, :] - C).detach() / 0.01) * A[:, :, None]
@@ -740,4 +922,5 @@ print(f"official geomloss loop {t_off:.2f} s, ratio official/ours batched {t_off
 
 # %%
 #| hide
-import nbdev; nbdev.nbdev_export()
+import nbdev
+nbdev.nbdev_export()

@@ -22,7 +22,7 @@ from uotcrowd.synthetic import render_crowd
 
 # %%
 #| hide
-from fastcore.test import test_eq, test_close, test_fail
+from fastcore.test import test_eq, test_close, test_fail, test_is
 from uotcrowd.core import literal_values
 import matplotlib.pyplot as plt
 from matplotlib_inline.backend_inline import set_matplotlib_formats
@@ -31,15 +31,17 @@ from matplotlib_inline.backend_inline import set_matplotlib_formats
 #| hide
 import shutil
 set_matplotlib_formats('jpeg')   # photos and noise textures: JPEG figures are ~10x smaller than PNG
-fixtures = Path('../tests/fixtures')   # committed copies of the shared fixtures (ShanghaiTech A and B, the formats)
+# committed copies of the shared fixtures (ShanghaiTech A and B, the formats)
+fixtures = Path('../tests/fixtures')
 
 
 # %% [markdown]
 # Every dataset yields `(image, points, meta)`:
 #
 # - `image`: float `(3, H, W)`, ImageNet-normalized (grayscale images are repeated to three channels);
-# - `points`: float `(N, 2)` head positions `(x, y)` in pixels of `image` ($N$ may be 0). Pixel $(i, j)$ covers
-#   $[j, j+1)\times[i, i+1)$, so its centre is $(j+\tfrac12, i+\tfrac12)$, the convention of `pixel_centres`;
+# - `points`: float `(N, 2)` head positions `(x, y)` in pixels of `image` ($N$ may be 0). Pixel $(i, j)$
+#   covers $[j, j+1)\times[i, i+1)$, so its centre is $(j+\tfrac12, i+\tfrac12)$, the convention of
+#   `pixel_centres`;
 # - `meta`: a dict with at least `name`, `path` and `count` (the number of points returned, $-1$ for
 #   unlabelled images such as NWPU-Crowd's test split), plus `height`/`width` of the image before padding,
 #   `image_count` (the heads of the whole image), `scale` (the resize factors) and dataset-specific fields.
@@ -58,10 +60,32 @@ fixtures = Path('../tests/fixtures')   # committed copies of the shared fixtures
 class DatasetError(ValueError):
     "A dataset file or folder is missing or malformed; the message names it."
 
+
+# %%
+assert issubclass(DatasetError, ValueError)
+test_eq(str(DatasetError('a.mat: broken')), 'a.mat: broken')
+
+
+# %%
+#| export
 class DatasetWarning(UserWarning):
     "A recoverable problem in a dataset file (points outside the image, NaN coordinates, count mismatches)."
 
+
+# %%
+assert issubclass(DatasetWarning, UserWarning)
+
+
+# %%
+#| export
 def _warn(path, msg): warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
+
+
+# %%
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    _warn('a.mat', '3 points outside the image')
+test_eq((w[0].category, str(w[0].message)), (DatasetWarning, 'a.mat: 3 points outside the image'))
 
 
 # %% [markdown]
@@ -84,6 +108,18 @@ def open_image(path:str|Path # image file
     try: return Image.open(path)
     except Exception as e: raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(Path(d) / 'a.png')
+    with open_image(Path(d) / 'a.png') as im: test_eq(im.size, (6, 4))
+    (Path(d) / 'b.png').write_bytes(b'not an image')
+    test_fail(lambda: open_image(Path(d) / 'b.png'), contains='b.png: cannot read image')
+    test_fail(lambda: open_image(Path(d) / 'c.png'), contains='c.png: image file not found')
+
+
+# %%
+#| export
 def load_image(path:str|Path # image file (any mode: L, RGB, RGBA, P, CMYK)
               ) -> Image.Image: # decoded RGB image
     "Decode `path` fully to an RGB PIL image; corrupt or truncated files raise `DatasetError`."
@@ -91,8 +127,24 @@ def load_image(path:str|Path # image file (any mode: L, RGB, RGBA, P, CMYK)
     try:
         im.load()
         return im.convert('RGB')
-    except Exception as e: raise DatasetError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise DatasetError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
 
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    Image.fromarray(np.full((4, 6), 9, np.uint8), mode='L').save(Path(d) / 'grey.png')
+    im = load_image(Path(d) / 'grey.png')
+    test_eq((im.mode, im.size, im.getpixel((0, 0))), ('RGB', (6, 4), (9, 9, 9)))
+    noise = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(Path(d) / 'cut.jpg')
+    whole = (Path(d) / 'cut.jpg').read_bytes()
+    (Path(d) / 'cut.jpg').write_bytes(whole[:len(whole) // 2])   # the second half of the file lost
+    test_fail(lambda: load_image(Path(d) / 'cut.jpg'), contains='cut.jpg: corrupt or truncated')
+
+
+# %%
+#| export
 def to_uint8_tensor(image:Image.Image|np.ndarray # PIL image or `(H, W)`/`(H, W, C)` uint8 array
                    ) -> torch.Tensor: # `(3, H, W)` uint8
     "Convert an image to a `(3, H, W)` uint8 tensor (grayscale repeated, alpha dropped)."
@@ -101,6 +153,15 @@ def to_uint8_tensor(image:Image.Image|np.ndarray # PIL image or `(H, W)`/`(H, W,
     if arr.shape[-1] == 1: arr = np.repeat(arr, 3, axis=-1)
     return torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1).contiguous()
 
+
+# %%
+rgba = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+test_eq(to_uint8_tensor(rgba), torch.from_numpy(rgba[..., :3]).permute(2, 0, 1))   # alpha dropped
+test_eq(to_uint8_tensor(np.full((2, 3), 7, np.uint8)).unique().tolist(), [7])        # grey repeated
+
+
+# %%
+#| export
 def normalize(image:torch.Tensor # `(3, H, W)` or `(B, 3, H, W)` uint8 (0..255) or float in [0, 1]
              ) -> torch.Tensor: # ImageNet-normalized float32
     "Scale to [0, 1] (if uint8) and normalize with the ImageNet mean and standard deviation."
@@ -109,6 +170,16 @@ def normalize(image:torch.Tensor # `(3, H, W)` or `(B, 3, H, W)` uint8 (0..255) 
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
+
+# %%
+# floats are taken as [0, 1]
+test_close(normalize(torch.ones(2, 3, 1, 1)).flatten(1)[0].numpy(),
+           [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], eps=1e-5)
+test_eq(normalize(torch.zeros(3, 2, 2, dtype=torch.uint8)).dtype, torch.float32)
+
+
+# %%
+#| export
 def denormalize(image:torch.Tensor # normalized `(3, H, W)` or `(B, 3, H, W)` tensor
                ) -> np.ndarray: # `(H, W, 3)` or `(B, H, W, 3)` float array in [0, 1], ready for `plt.imshow`
     "Undo `normalize` and return channels-last numpy image(s) clipped to [0, 1] for plotting."
@@ -127,8 +198,8 @@ test_eq(to_uint8_tensor(np.zeros((4, 6), np.uint8)).shape, (3, 4, 6))
 test_fail(lambda: load_image('/nonexistent/IMG_0.jpg'), contains='IMG_0.jpg')
 
 # %% [markdown]
-# Image files outside a dataset (what `uotcrowd predict` counts) are read the same way: `read_image` returns the
-# normalized tensor a dataset would, and `list_images` expands folders into their image files.
+# Image files outside a dataset (what `uotcrowd predict` counts) are read the same way: `read_image` returns
+# the normalized tensor a dataset would, and `list_images` expands folders into their image files.
 
 # %%
 #| export
@@ -144,13 +215,27 @@ def list_images(inputs:Sequence[str|Path], # image files or folders
         if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in exts)
         elif item.is_file(): files.append(item)
         else: raise FileNotFoundError(f"{item} is neither an {kind} file nor a folder")
-    if not files: raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) in {', '.join(map(str, inputs))}")
+    if not files: raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) in "
+                                          f"{', '.join(map(str, inputs))}")
     return files
 
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    for n in ('x.tif', 'y.txt'): (Path(d) / n).write_bytes(b'')
+    # files are taken as given
+    test_eq([p.name for p in list_images([d, Path(d) / 'y.txt'])], ['x.tif', 'y.txt'])
+    (Path(d) / 'empty').mkdir()
+    test_fail(lambda: list_images([Path(d) / 'empty'], kind='video'), contains='no video files')
+
+
+# %%
+#| export
 def read_image(path:str|Path # image file
               ) -> torch.Tensor: # ImageNet-normalized `(3, H, W)` float32
     "An image file as the datasets return their images; a corrupt file raises `DatasetError` naming it."
     return normalize(to_uint8_tensor(load_image(path)))
+
 
 # %%
 with tempfile.TemporaryDirectory() as d:
@@ -160,7 +245,8 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: list_images([d / 'missing.png']), contains='neither an image file nor a folder')
     Image.fromarray(np.full((5, 7, 3), 255, np.uint8)).save(d / 'white.png')
     x = read_image(d / 'white.png')
-    test_eq(x.shape, (3, 5, 7)); test_close(x[:, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
+    test_eq(x.shape, (3, 5, 7))
+    test_close(x[:, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
     test_fail(lambda: read_image(d / 'b.png'), contains='b.png')
 
 
@@ -169,8 +255,8 @@ with tempfile.TemporaryDirectory() as d:
 #
 # Annotations are checked when read: NaN or infinite coordinates are dropped, and points outside the image
 # $[0, W]\times[0, H]$ are clipped to it (`out_of_bounds='clip'`), dropped (`'drop'`) or refused (`'raise'`);
-# every case warns naming the file. Points within one pixel outside the border (1-based MATLAB annotations) are
-# clipped silently. Clipped points land just inside the last pixel, so every point belongs to a pixel.
+# every case warns naming the file. Points within one pixel outside the border (1-based MATLAB annotations)
+# are clipped silently. Clipped points land just inside the last pixel, so every point belongs to a pixel.
 
 # %%
 #| export
@@ -179,15 +265,28 @@ def as_points(array, # anything `np.asarray` accepts: `(N, >=2)`, or empty
              ) -> np.ndarray: # `(N, 2)` float64 `(x, y)`
     "Turn an annotation array into `(N, 2)` float64 `(x, y)` points, raising `DatasetError` naming `path`."
     try: arr = np.asarray(array, dtype=np.float64)
-    except (TypeError, ValueError) as e: raise DatasetError(f"{path}: point coordinates are not numeric ({e})") from e
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: point coordinates are not numeric ({e})") from e
     if arr.size == 0: return np.zeros((0, 2))
     if arr.ndim == 1 and arr.shape[0] == 2: arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] < 2:
         raise DatasetError(f"{path}: expected an N×2 array of (x, y) points, got shape {arr.shape}")
     return arr[:, :2].copy()
 
+
+# %%
+test_eq(as_points([[1, 2, 9], [3, 4, 9]]).tolist(), [[1., 2.], [3., 4.]])   # extra columns dropped
+test_eq(as_points([5, 6]).tolist(), [[5., 6.]])
+test_fail(lambda: as_points([['a', 'b']], 'p.mat'), contains='p.mat: point coordinates are not numeric')
+
+
+# %%
+#| export
 OutOfBounds = Literal['clip', 'drop', 'raise']   # what becomes of points outside the image
 
+
+# %%
+#| export
 def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
                  width:int, # image width W
                  height:int, # image height H
@@ -202,15 +301,19 @@ def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
     if not keep.all(): _warn(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
     x, y = points[:, 0], points[:, 1]
     with np.errstate(invalid='ignore'):
-        far = keep & ((x < -tolerance) | (x > width + tolerance) | (y < -tolerance) | (y > height + tolerance))
+        far = keep & ((x < -tolerance) | (x > width + tolerance)
+                      | (y < -tolerance) | (y > height + tolerance))
     if far.any():
         msg = f"{int(far.sum())} point(s) outside the {width}×{height} image"
         if out_of_bounds == 'raise': raise DatasetError(f"{path}: {msg}")
-        if out_of_bounds == 'drop': keep &= ~far; _warn(path, msg + ' dropped')
+        if out_of_bounds == 'drop':
+            keep &= ~far
+            _warn(path, msg + ' dropped')
         else: _warn(path, msg + ' clipped to the border')
     points = points[keep]
     eps = 1e-3
-    points = np.stack([points[:, 0].clip(0, width - eps), points[:, 1].clip(0, height - eps)], 1) if len(points) else np.zeros((0, 2))
+    points = (np.stack([points[:, 0].clip(0, width - eps), points[:, 1].clip(0, height - eps)], 1)
+              if len(points) else np.zeros((0, 2)))
     return points, keep
 
 
@@ -220,11 +323,14 @@ with warnings.catch_warnings(record=True) as w:
     p, keep = clean_points(np.array([[1., 2.], [np.nan, 3.], [50., 5.], [10.4, 8.]]), 10, 8, path='x.mat')
 test_eq(keep.tolist(), [True, False, True, True])
 test_close(p, [[1, 2], [10 - 1e-3, 5], [10 - 1e-3, 8 - 1e-3]])
-test_eq(len(w), 2); assert all('x.mat' in str(m.message) for m in w)
+test_eq(len(w), 2)
+assert all('x.mat' in str(m.message) for m in w)
 with warnings.catch_warnings(record=True):
     warnings.simplefilter('always')
-    test_eq(clean_points(np.array([[50., 5.], [1., 1.]]), 10, 8, out_of_bounds='drop')[0].tolist(), [[1., 1.]])
-test_fail(lambda: clean_points(np.array([[50., 5.]]), 10, 8, path='y.mat', out_of_bounds='raise'), contains='y.mat')
+    dropped = clean_points(np.array([[50., 5.], [1., 1.]]), 10, 8, out_of_bounds='drop')[0]
+    test_eq(dropped.tolist(), [[1., 1.]])
+test_fail(lambda: clean_points(np.array([[50., 5.]]), 10, 8, path='y.mat', out_of_bounds='raise'),
+          contains='y.mat')
 test_eq(as_points([]).shape, (0, 2))
 test_fail(lambda: as_points(np.zeros((3, 1)), 'z.mat'), contains='z.mat')
 
@@ -252,21 +358,63 @@ def short_side_size(width:int, height:int, # original size
     if f == 1.: return width, height
     return max(1, round(width * f)), max(1, round(height * f))
 
+
+# %%
+test_eq(short_side_size(300, 400, (512, 2048)), (512, 683))
+test_eq(short_side_size(3000, 2000, (512, 1000)), (1500, 1000))
+
+
+# %%
+#| export
 _CACHE_VERSION = 1
 
 def _cache_key(path:Path, short_side) -> str:
     st = path.stat()
-    text = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{tuple(short_side) if short_side else None}|v{_CACHE_VERSION}"
+    text = (f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{tuple(short_side) if short_side else None}"
+            f"|v{_CACHE_VERSION}")
     return hashlib.sha1(text.encode()).hexdigest()
 
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    f = Path(d) / 'a.jpg'
+    f.write_bytes(b'abc')
+    key = _cache_key(f, (512, 2048))
+    test_eq((len(key), key == _cache_key(f, (512, 2048)), key == _cache_key(f, (256, 2048))),
+            (40, True, False))
+    f.write_bytes(b'abcd')
+    assert _cache_key(f, (512, 2048)) != key   # another size: another key
+
+
+# %%
+#| export
 def _atomic_write(target:Path, write:Callable[[Path], None]):
     "Write via a temporary file in the same folder and rename, so parallel workers never read half a file."
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=target.suffix + '.tmp'); os.close(fd)
-    try: write(Path(tmp)); os.replace(tmp, target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=target.suffix + '.tmp')
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    target = Path(d) / 'sub' / 'out.txt'
+    _atomic_write(target, lambda p: p.write_text('done'))
+    test_eq((target.read_text(), sorted(os.listdir(target.parent))), ('done', ['out.txt']))
+    def broken(p):
+        p.write_text('half')
+        raise OSError('disk full')
+    test_fail(lambda: _atomic_write(target, broken), contains='disk full')
+    # no half file left
+    test_eq((target.read_text(), sorted(os.listdir(target.parent))), ('done', ['out.txt']))
+
+
+# %%
+#| export
 def load_resized(path:str|Path, # image file
                  short_side:tuple[int, int]|None=(512, 2048), # shorter-side range, None: original size
                  cache_dir:str|Path|None=None # folder for resized copies (created if needed); None: no cache
@@ -285,7 +433,8 @@ def load_resized(path:str|Path, # image file
                 if im.size == new: return im, size
             except DatasetError: pass   # a broken cache entry is rebuilt below
     im = load_image(path).resize(new, Image.BICUBIC)
-    if cached is not None:   # return the cached copy itself, so the first and later epochs see the same pixels
+    # return the cached copy itself, so the first and later epochs see the same pixels
+    if cached is not None:
         _atomic_write(cached, lambda p: im.save(p, format='JPEG', quality=95))
         im = load_image(cached)
     return im, size
@@ -304,51 +453,86 @@ with tempfile.TemporaryDirectory() as d:
     b, _ = load_resized(_img, (96, 128), cache_dir=d)     # second call reads the cache
     test_eq(np.asarray(b), np.asarray(load_image(next(Path(d).iterdir()))))   # the cached copy
     test_eq(np.asarray(a), np.asarray(b))                                       # first and later calls agree
-    load_resized(_img, (64, 100), cache_dir=d); test_eq(len(os.listdir(d)), 2)   # other settings: other key
+    load_resized(_img, (64, 100), cache_dir=d)
+    test_eq(len(os.listdir(d)), 2)  # other settings: other key
 
 
 # %% [markdown]
 # ## Transforms
 #
-# A transform maps a raw sample — `uint8` image `(3, H, W)`, float points `(N, 2)` and `meta` — to the network's
-# input. `TrainTransform` takes a random `crop_size` window (uniform over valid positions; images smaller than the
-# crop are padded bottom/right), keeps exactly the points inside the window $[l, l+w)\times[t, t+h)$ shifted by
-# $(-l, -t)$, and with probability ½ mirrors the crop horizontally. A point at $x$ in a pixel grid of width $W$ moves
-# to $W - x$ (pixel $j$ becomes pixel $W-1-j$, and its centre $j+\tfrac12$ becomes $W-(j+\tfrac12)$).
-# With a `scale_range` $(s_{\min}, s_{\max})$ the crop is also rescaled: a factor $f$ drawn uniformly from the
-# range, a window of $\mathrm{round}(h/f)\times\mathrm{round}(w/f)$ pixels cut out and resized (bilinear, antialiased)
-# to the crop size, its points multiplied per axis by the realized ratios. Heads look $f$ times larger and the count
-# of the window is kept: the network sees crowds at other densities than the photos hold (random rescaling, as in
-# P2PNet's 0.7..1.3).
-# `EvalTransform` keeps the full image and pads it bottom/right to a multiple of the model stride, so points do not
-# move. Padding is zero in the normalized image (the ImageNet mean colour).
+# A transform maps a raw sample — `uint8` image `(3, H, W)`, float points `(N, 2)` and `meta` — to the
+# network's input. `TrainTransform` takes a random `crop_size` window (uniform over valid positions; images
+# smaller than the crop are padded bottom/right), keeps exactly the points inside the window
+# $[l, l+w)\times[t, t+h)$ shifted by $(-l, -t)$, and with probability ½ mirrors the crop horizontally. A
+# point at $x$ in a pixel grid of width $W$ moves to $W - x$ (pixel $j$ becomes pixel $W-1-j$, and its centre
+# $j+\tfrac12$ becomes $W-(j+\tfrac12)$). With a `scale_range` $(s_{\min}, s_{\max})$ the crop is also
+# rescaled: a factor $f$ drawn uniformly from the range, a window of
+# $\mathrm{round}(h/f)\times\mathrm{round}(w/f)$ pixels cut out and resized (bilinear, antialiased) to the
+# crop size, its points multiplied per axis by the realized ratios. Heads look $f$ times larger and the count
+# of the window is kept: the network sees crowds at other densities than the photos hold (random rescaling, as
+# in P2PNet's 0.7..1.3).
+# `EvalTransform` keeps the full image and pads it bottom/right to a multiple of the model stride, so points
+# do not move. Padding is zero in the normalized image (the ImageNet mean colour).
 #
-# Randomness comes from torch's RNG: the global generator by default (which `DataLoader` seeds per worker from the
-# main process), or a `torch.Generator` the dataset derives from `(aug_seed, epoch, index)` when it has an
-# `aug_seed`, so the augmentations of an epoch are identical whatever the number of workers and after a resume.
+# Randomness comes from torch's RNG: the global generator by default (which `DataLoader` seeds per worker from
+# the main process), or a `torch.Generator` the dataset derives from `(aug_seed, epoch, index)` when it has an
+# `aug_seed`, so the augmentations of an epoch are identical whatever the number of workers and after a
+# resume.
 
 # %%
 #| export
 def _select_heads(heads:dict, keep:torch.Tensor) -> dict:
     return {k: v[keep] for k, v in heads.items()}
 
+
+# %%
+heads = {'boxes': torch.tensor([[0., 0, 2, 2], [4, 4, 6, 8]]), 'sizes': torch.tensor([[2., 2], [2, 4]])}
+test_eq(_select_heads(heads, torch.tensor([False, True]))['sizes'].tolist(), [[2., 4.]])
+
+
+# %%
+#| export
 def _shift_heads(heads:dict, dx:float, dy:float) -> dict:
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] + torch.tensor([dx, dy, dx, dy], dtype=out['boxes'].dtype)
     return out
 
+
+# %%
+test_eq(_shift_heads(heads, -1., 2.)['boxes'].tolist(), [[-1., 2, 1, 4], [3, 6, 5, 10]])
+test_eq(_shift_heads(heads, -1., 2.)['sizes'], heads['sizes'])   # sizes do not move
+
+
+# %%
+#| export
 def _flip_heads(heads:dict, width:float) -> dict:
     out = dict(heads)
     if 'boxes' in out:
-        b = out['boxes']; out['boxes'] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+        b = out['boxes']
+        out['boxes'] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
     return out
 
+
+# %%
+test_eq(_flip_heads(heads, 10.)['boxes'].tolist(), [[8., 0, 10, 2], [4, 4, 6, 8]])
+
+
+# %%
+#| export
 def _scale_heads(heads:dict, fx:float, fy:float) -> dict:
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] * torch.tensor([fx, fy, fx, fy], dtype=out['boxes'].dtype)
     if 'sizes' in out: out['sizes'] = out['sizes'] * torch.tensor([fx, fy], dtype=out['sizes'].dtype)
     return out
 
+
+# %%
+scaled = _scale_heads(heads, 2., 0.5)
+test_eq((scaled['boxes'][1].tolist(), scaled['sizes'][1].tolist()), ([8., 2, 12, 4], [4., 2.]))
+
+
+# %%
+#| export
 def pad_to(image:torch.Tensor, # `(C, H, W)`
            height:int, width:int # target size (>= current)
           ) -> torch.Tensor:
@@ -357,6 +541,17 @@ def pad_to(image:torch.Tensor, # `(C, H, W)`
     if dh < 0 or dw < 0: raise ValueError(f"cannot pad {tuple(image.shape[-2:])} to smaller {(height, width)}")
     return F.pad(image, (0, dw, 0, dh)) if dh or dw else image
 
+
+# %%
+x = torch.ones(3, 2, 3)
+test_eq(pad_to(x, 4, 5)[:, :2, :3], x)
+test_eq(pad_to(x, 4, 5).sum(), x.sum())
+test_is(pad_to(x, 2, 3), x)
+test_fail(lambda: pad_to(x, 1, 5), contains='to smaller (1, 5)')
+
+
+# %%
+#| export
 def crop_sample(image:torch.Tensor, # `(C, H, W)`
                 points:torch.Tensor, # `(N, 2)` `(x, y)`
                 meta:dict, # sample meta (its `heads` follow the points)
@@ -370,6 +565,22 @@ def crop_sample(image:torch.Tensor, # `(C, H, W)`
     if 'heads' in meta: meta['heads'] = _shift_heads(_select_heads(meta['heads'], keep), -left, -top)
     return img, points[keep] - torch.tensor([left, top], dtype=points.dtype), meta
 
+
+# %%
+img = torch.arange(3 * 6 * 10, dtype=torch.uint8).view(3, 6, 10)
+pts = torch.tensor([[0.5, 0.5], [3.2, 2.0], [9.9, 5.9], [4.0, 4.0]])
+meta = {'count': 4,
+        'heads': {'boxes': torch.tensor([[0., 0, 1, 1], [3, 1, 4, 3], [9, 5, 10, 6], [3, 3, 5, 5]])}}
+c_img, c_pts, c_meta = crop_sample(img, pts, meta, top=1, left=3, height=4, width=5)
+test_eq(c_img, img[:, 1:5, 3:8])
+# (3.2, 2) and (4, 4) are inside, shifted by (-3, -1)
+test_close(c_pts.numpy(), [[0.2, 1.0], [1.0, 3.0]])
+test_eq(c_meta['heads']['boxes'].tolist(), [[0., 0, 1, 2], [0, 2, 2, 4]])
+test_eq(meta['heads']['boxes'].shape, (4, 4))   # the input meta is left as it was
+
+
+# %%
+#| export
 def hflip_sample(image:torch.Tensor, points:torch.Tensor, meta:dict):
     "Mirror image, points (`x -> W - x`) and head boxes horizontally."
     width = image.shape[-1]
@@ -378,10 +589,29 @@ def hflip_sample(image:torch.Tensor, points:torch.Tensor, meta:dict):
     if 'heads' in meta: meta['heads'] = _flip_heads(meta['heads'], width)
     return image.flip(-1), points, meta
 
+
+# %%
+f_img, f_pts, f_meta = hflip_sample(c_img, c_pts, c_meta)
+test_eq(f_img[..., 0], c_img[..., -1])
+test_close(f_pts.numpy(), [[4.8, 1.0], [4.0, 3.0]])  # x -> 5 - x
+test_eq(f_meta['heads']['boxes'].tolist(), [[4., 0, 5, 2], [3, 2, 5, 4]])
+test_eq(hflip_sample(c_img, torch.zeros(0, 2), {})[1].shape, (0, 2))
+
+
+# %%
+#| export
 def _finish_meta(meta:dict, points:torch.Tensor) -> dict:
     if meta.get('count', -1) >= 0: meta['count'] = len(points)
     return meta
 
+
+# %%
+test_eq(_finish_meta({'count': 4}, torch.zeros(2, 2)), {'count': 2})
+test_eq(_finish_meta({'count': -1}, torch.zeros(0, 2)), {'count': -1})   # unlabelled stays unlabelled
+
+
+# %%
+#| export
 def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
                   points:torch.Tensor, # `(N, 2)` `(x, y)`
                   meta:dict, # sample meta (its `heads` follow the points)
@@ -396,8 +626,19 @@ def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
     if 'heads' in meta: meta['heads'] = _scale_heads(meta['heads'], fx, fy)
     return out, points * torch.tensor([fx, fy], dtype=points.dtype), meta
 
+
+# %%
+r_img, r_pts, r_meta = resize_sample(img, pts, meta, 3, 20)       # height ×0.5, width ×2
+test_eq(r_img.shape, (3, 3, 20))
+test_close(r_pts.numpy(), (pts * torch.tensor([2., 0.5])).numpy())
+test_eq(r_meta['heads']['boxes'][1].tolist(), [6., 0.5, 8., 1.5])
+assert r_img.dtype == torch.float32 and 0 <= r_img.min() and r_img.max() <= 1
+
+
+# %%
+#| export
 class TrainTransform:
-    "Random crop (padded when the image is smaller), optionally rescaled, random horizontal flip, ImageNet normalization."
+    "Random crop (padded when the image is smaller), optionally rescaled, random h-flip, ImageNet normalization."
     def __init__(self,
                  crop_size:int|tuple[int, int]=256, # crop side, or `(height, width)`
                  flip:bool=True, # random horizontal flip with probability 1/2
@@ -424,15 +665,48 @@ class TrainTransform:
         meta['crop'] = (top, left, wh, ww)
         if (wh, ww) != (ch, cw):   # the clipped window scaled by crop/window, padded to the crop below
             h, w = image.shape[-2:]
-            image, points, meta = resize_sample(image, points, meta, max(1, round(h * ch / wh)), max(1, round(w * cw / ww)))
+            image, points, meta = resize_sample(image, points, meta, max(1, round(h * ch / wh)),
+                                                max(1, round(w * cw / ww)))
         image = pad_to(normalize(image), ch, cw)
         flipped = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
         if flipped: image, points, meta = hflip_sample(image, points, meta)
         meta['flipped'] = flipped
         meta['height'], meta['width'] = ch, cw
         return image, points, _finish_meta(meta, points)
-    def __repr__(self): return f"TrainTransform(crop_size={self.crop}, flip={self.flip}, scale_range={self.scale_range})"
+    def __repr__(self):
+        return f"TrainTransform(crop_size={self.crop}, flip={self.flip}, scale_range={self.scale_range})"
 
+
+# %%
+# a crop larger than the image pads bottom/right; same generator seed, same crop
+t_img, t_pts, t_meta = TrainTransform(12, flip=False)(img, pts, meta)
+test_eq(t_img.shape, (3, 12, 12))
+test_eq(t_pts, pts)
+test_eq(t_meta['count'], 4)
+a = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
+b = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
+test_eq(a[0], b[0])
+test_eq(a[1], b[1])
+
+# %% [markdown]
+# Rescaling by exactly 2 cuts a 2×2 window and doubles it: the points move to $2(x - l, y - t)$, the window's
+# heads are kept, and a constant image stays constant.
+
+# %%
+flat = torch.full((3, 6, 10), 200, dtype=torch.uint8)
+s_img, s_pts, s_meta = TrainTransform(4, flip=False, scale_range=(2, 2))(flat, pts, meta,
+                                                                         torch.Generator().manual_seed(3))
+top, left, wh, ww = s_meta['crop']
+test_eq((wh, ww, s_img.shape), (2, 2, (3, 4, 4)))
+inside = (pts[:, 0] >= left) & (pts[:, 0] < left + 2) & (pts[:, 1] >= top) & (pts[:, 1] < top + 2)
+test_close(s_pts.numpy(), (2 * (pts[inside] - torch.tensor([left, top]))).numpy().reshape(-1, 2))
+test_eq(s_meta['count'], int(inside.sum()))
+test_close(s_img, normalize(flat)[:, :4, :4], eps=1e-5)
+test_fail(lambda: TrainTransform(4, scale_range=(1.2, 0.8)), contains='scale_range')
+
+
+# %%
+#| export
 class EvalTransform:
     "Full image, normalized and zero-padded bottom/right to a multiple of `stride` (points unchanged)."
     def __init__(self, stride:int=8): self.stride = int(stride)
@@ -440,63 +714,44 @@ class EvalTransform:
         H, W = image.shape[-2:]
         s = self.stride
         image = pad_to(normalize(image), -(-H // s) * s, -(-W // s) * s)
-        meta = dict(meta); meta['height'], meta['width'] = H, W
+        meta = dict(meta)
+        meta['height'], meta['width'] = H, W
         return image, points, _finish_meta(meta, points)
     def __repr__(self): return f"EvalTransform(stride={self.stride})"
 
 
 # %%
-img = torch.arange(3 * 6 * 10, dtype=torch.uint8).view(3, 6, 10)
-pts = torch.tensor([[0.5, 0.5], [3.2, 2.0], [9.9, 5.9], [4.0, 4.0]])
-meta = {'count': 4, 'heads': {'boxes': torch.tensor([[0., 0, 1, 1], [3, 1, 4, 3], [9, 5, 10, 6], [3, 3, 5, 5]])}}
-c_img, c_pts, c_meta = crop_sample(img, pts, meta, top=1, left=3, height=4, width=5)
-test_eq(c_img, img[:, 1:5, 3:8])
-test_close(c_pts.numpy(), [[0.2, 1.0], [1.0, 3.0]])                 # (3.2, 2) and (4, 4) are inside, shifted by (-3, -1)
-test_eq(c_meta['heads']['boxes'].tolist(), [[0., 0, 1, 2], [0, 2, 2, 4]])
-f_img, f_pts, f_meta = hflip_sample(c_img, c_pts, c_meta)
-test_eq(f_img[..., 0], c_img[..., -1]); test_close(f_pts.numpy(), [[4.8, 1.0], [4.0, 3.0]])   # x -> 5 - x
-test_eq(f_meta['heads']['boxes'].tolist(), [[4., 0, 5, 2], [3, 2, 5, 4]])
 # eval: pad to a multiple of 8, points unchanged
 e_img, e_pts, e_meta = EvalTransform(8)(img, pts, meta)
-test_eq(e_img.shape, (3, 8, 16)); test_eq(e_img[:, 6:].abs().sum(), 0); test_eq(e_pts, pts); test_eq(e_meta['width'], 10)
-# train: a crop larger than the image pads bottom/right; same generator seed, same crop
-t_img, t_pts, t_meta = TrainTransform(12, flip=False)(img, pts, meta)
-test_eq(t_img.shape, (3, 12, 12)); test_eq(t_pts, pts); test_eq(t_meta['count'], 4)
-a = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
-b = TrainTransform(4)(img, pts, meta, torch.Generator().manual_seed(1))
-test_eq(a[0], b[0]); test_eq(a[1], b[1])
-
-# %% [markdown]
-# Rescaling by exactly 2 cuts a 2×2 window and doubles it: the points move to $2(x - l, y - t)$, the window's heads
-# are kept, and a constant image stays constant. Resizing on its own scales each axis by its ratio.
-
-# %%
-flat = torch.full((3, 6, 10), 200, dtype=torch.uint8)
-s_img, s_pts, s_meta = TrainTransform(4, flip=False, scale_range=(2, 2))(flat, pts, meta, torch.Generator().manual_seed(3))
-top, left, wh, ww = s_meta['crop']
-test_eq((wh, ww, s_img.shape), (2, 2, (3, 4, 4)))
-inside = (pts[:, 0] >= left) & (pts[:, 0] < left + 2) & (pts[:, 1] >= top) & (pts[:, 1] < top + 2)
-test_close(s_pts.numpy(), (2 * (pts[inside] - torch.tensor([left, top]))).numpy().reshape(-1, 2))
-test_eq(s_meta['count'], int(inside.sum()))
-test_close(s_img, normalize(flat)[:, :4, :4], eps=1e-5)
-r_img, r_pts, r_meta = resize_sample(img, pts, meta, 3, 20)       # height ×0.5, width ×2
-test_eq(r_img.shape, (3, 3, 20)); test_close(r_pts.numpy(), (pts * torch.tensor([2., 0.5])).numpy())
-test_eq(r_meta['heads']['boxes'][1].tolist(), [6., 0.5, 8., 1.5])
-test_fail(lambda: TrainTransform(4, scale_range=(1.2, 0.8)), contains='scale_range')
+test_eq(e_img.shape, (3, 8, 16))
+test_eq(e_img[:, 6:].abs().sum(), 0)
+test_eq(e_pts, pts)
+test_eq(e_meta['width'], 10)
+test_eq(repr(EvalTransform(4)), 'EvalTransform(stride=4)')
 
 
 # %% [markdown]
 # ## The dataset base class
 #
 # `CrowdDataset` holds a list of records (one per image) and reads annotations lazily. Subclasses list the
-# records from the official layout and implement `read_annotation`. `subset(indices, transform)` gives a view with
-# other images and another transform; `build_datasets` uses it to hold out a validation set from a training split.
+# records from the official layout and implement `read_annotation`. `subset(indices, transform)` gives a view
+# with other images and another transform; `build_datasets` uses it to hold out a validation set from a
+# training split.
 
 # %%
 #| export
 def _seed_from(*ints) -> int:
     return int(np.random.SeedSequence([int(i) % 2**63 for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
+
+# %%
+test_eq(_seed_from(0, 1, 2), _seed_from(0, 1, 2))
+assert len({_seed_from(0, e, i) for e in range(3) for i in range(3)}) == 9
+assert 0 <= _seed_from(-5, 2**70) < 2**63
+
+
+# %%
+#| export
 class CrowdDataset(Dataset):
     "Base class: records -> `(image, points, meta)` with short-side resizing, point checks and a transform."
     name = 'crowd'
@@ -520,7 +775,7 @@ class CrowdDataset(Dataset):
         raise NotImplementedError
 
     def set_epoch(self, epoch:int):
-        "Select the augmentation stream of `epoch` (used when `aug_seed` is set; call before creating the iterator)."
+        "Select the augmentation stream of `epoch` (with `aug_seed`; call it before creating the iterator)."
         self.epoch = int(epoch)
 
     def subset(self, indices:Sequence[int], transform:Callable|None=None) -> 'CrowdDataset':
@@ -543,7 +798,8 @@ class CrowdDataset(Dataset):
             points, keep = clean_points(points, w0, h0, rec.get('ann', path), self.out_of_bounds)
             heads = {k: v[keep] for k, v in heads.items()}
             points = points * np.array([fx, fy])
-            points[:, 0] = points[:, 0].clip(0, w1 - 1e-3); points[:, 1] = points[:, 1].clip(0, h1 - 1e-3)
+            points[:, 0] = points[:, 0].clip(0, w1 - 1e-3)
+            points[:, 1] = points[:, 1].clip(0, h1 - 1e-3)
         else: points = np.zeros((0, 2))
         heads = _scale_heads({k: torch.as_tensor(v, dtype=torch.float32) for k, v in heads.items()}, fx, fy)
         meta = {'name': rec['id'], 'path': str(path), 'count': len(points) if labelled else -1,
@@ -557,26 +813,85 @@ class CrowdDataset(Dataset):
         if not 0 <= index < len(self): raise IndexError(f"index {index} out of range for {len(self)} images")
         image, points, meta = self.load(index)
         gen = None
-        if self.aug_seed is not None: gen = torch.Generator().manual_seed(_seed_from(self.aug_seed, self.epoch, index))
+        if self.aug_seed is not None:
+            gen = torch.Generator().manual_seed(_seed_from(self.aug_seed, self.epoch, index))
         return self.transform(image, points, meta, gen)
 
+
+# %%
+class PointsInRecords(CrowdDataset):
+    "Records that carry their points, for the checks."
+    def read_annotation(self, record): return record['points'], {}, {}
+
+_d = Path(tempfile.mkdtemp())
+Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(_d / 'a.png')
+recs = [{'image': _d / 'a.png', 'id': 'a', 'points': np.array([[5., 5.], [29.9, 19.9], [32., 5.]])}]
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    image, points, meta = PointsInRecords(recs, transform=EvalTransform(8))[0]
+test_eq((image.shape, meta['count'], meta['height'], meta['width'], meta['name']),
+        ((3, 24, 32), 3, 20, 30, 'a'))
+test_eq(len(w), 1)   # the point beyond the border is clipped with a warning
+test_close(points[2, 0].item(), 30 - 1e-3, eps=1e-5)
+ds = PointsInRecords(recs, transform=TrainTransform(8), aug_seed=0)
+test_eq(ds[0][0], ds[0][0])               # seeded augmentations: the same crop for the same epoch
+crops = set()
+for e in range(4):
+    ds.set_epoch(e)
+    crops.add(ds[0][2]['crop'])
+assert len(crops) > 1                      # and other crops in other epochs
+test_eq((len(ds.subset([0, 0])), ds.subset([0], EvalTransform(4)).transform.stride), (2, 4))
+test_fail(lambda: ds[1], contains='index 1 out of range for 1 images')
+
+
+# %%
+#| export
 def _find_root(root, marker:Callable[[Path], bool], below:Sequence[str], what:str, layout:str) -> Path:
     "`root` itself or one of the folders `below` it for which `marker` holds; else a `DatasetError`."
     if root is None: raise DatasetError(f"{what}: no data folder given; expected layout:\n{layout}")
     root = Path(root).expanduser()
-    if not root.is_dir(): raise DatasetError(f"{what}: data folder {root} does not exist; expected layout:\n{layout}")
+    if not root.is_dir(): raise DatasetError(f"{what}: data folder {root} does not exist; expected "
+                                             f"layout:\n{layout}")
     for cand in [root, *[root / b for b in below]]:
         if cand.is_dir() and marker(cand): return cand
     raise DatasetError(f"{what}: {root} does not have the expected layout:\n{layout}")
 
+
+# %%
+_r = Path(tempfile.mkdtemp())
+(_r / 'inner' / 'part_A').mkdir(parents=True)
+has_a = lambda p: (p / 'part_A').is_dir()
+test_eq(_find_root(_r, has_a, ['inner'], 'X', 'LAYOUT'), _r / 'inner')
+test_fail(lambda: _find_root(_r, has_a, [], 'X', 'LAYOUT'),
+          contains='does not have the expected layout:\nLAYOUT')
+test_fail(lambda: _find_root(None, has_a, [], 'X', 'LAYOUT'), contains='X: no data folder given')
+
+
+# %%
+#| export
 def _loadmat(path:Path) -> dict:
     import scipy.io
     if not path.is_file(): raise DatasetError(f"{path}: annotation file not found")
     try: return scipy.io.loadmat(str(path))
-    except Exception as e: raise DatasetError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise DatasetError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
 
+
+# %%
+test_fail(lambda: _loadmat(_r / 'GT_IMG_1.mat'), contains='GT_IMG_1.mat: annotation file not found')
+(_r / 'bad.mat').write_bytes(b'not a mat file')
+test_fail(lambda: _loadmat(_r / 'bad.mat'), contains='bad.mat: cannot read .mat file')
+
+
+# %%
+#| export
 def _natural_key(p:Path):
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.name)]
+
+
+# %%
+test_eq([p.name for p in sorted([Path('IMG_10.jpg'), Path('IMG_9.jpg')], key=_natural_key)],
+        ['IMG_9.jpg', 'IMG_10.jpg'])
 
 
 # %% [markdown]
@@ -595,6 +910,9 @@ ShanghaiTechPart = Literal['A', 'B']
 TrainTest = Literal['train', 'test']        # the splits of ShanghaiTech and UCF-QNRF
 TrainValTest = Literal['train', 'val', 'test']   # the splits of JHU-Crowd++ and NWPU-Crowd
 
+
+# %%
+#| export
 class ShanghaiTech(CrowdDataset):
     "ShanghaiTech part A or B, train or test split, in the official layout."
     def __init__(self, root:str|Path, # folder containing part_A/part_B (or ShanghaiTech/part_A ...)
@@ -608,11 +926,12 @@ class ShanghaiTech(CrowdDataset):
         self.part, self.split = part, split
         self.name = f'shanghaitech-{part.lower()}'
         sub = f'part_{part}'
-        base = _find_root(root, lambda p: (p / sub).is_dir(), ['ShanghaiTech', 'shanghaitech'], f'ShanghaiTech part {part}',
-                          SHANGHAITECH_LAYOUT)
+        base = _find_root(root, lambda p: (p / sub).is_dir(), ['ShanghaiTech', 'shanghaitech'],
+                          f'ShanghaiTech part {part}', SHANGHAITECH_LAYOUT)
         folder = base / sub / f'{split}_data'
         images = sorted((folder / 'images').glob('*.jpg'), key=_natural_key)
-        if not images: raise DatasetError(f"ShanghaiTech: no images in {folder / 'images'}; expected layout:\n{SHANGHAITECH_LAYOUT}")
+        if not images: raise DatasetError(f"ShanghaiTech: no images in {folder / 'images'}; expected "
+                                          f"layout:\n{SHANGHAITECH_LAYOUT}")
         records = []
         for im in images:
             ann = folder / 'ground-truth' / f'GT_{im.stem}.mat'
@@ -625,7 +944,8 @@ class ShanghaiTech(CrowdDataset):
         mat = _loadmat(path)
         try: loc = mat['image_info'][0, 0][0, 0][0]
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise DatasetError(f"{path}: expected image_info[0,0][0,0][0] to hold the N×2 (x, y) points ({type(e).__name__}: {e})") from e
+            raise DatasetError(f"{path}: expected image_info[0,0][0,0][0] to hold the N×2 (x, y) points "
+                               f"({type(e).__name__}: {e})") from e
         return as_points(loc, path), {}, {'part': self.part, 'split': self.split}
 
 
@@ -635,15 +955,19 @@ test_eq(len(sha), 2)
 counts = {Path(sha[i][2]['path']).name: sha[i][2]['count'] for i in range(len(sha))}
 test_eq(counts, {'IMG_9.jpg': 167, 'IMG_10.jpg': 229})
 image, points, meta = sha[0]
-test_eq(image.shape, (3, 768, 1024)); test_eq(points.shape, (167, 2)); assert image.dtype == torch.float32
+test_eq(image.shape, (3, 768, 1024))
+test_eq(points.shape, (167, 2))
+assert image.dtype == torch.float32
 test_fail(lambda: ShanghaiTech(fixtures/'formats', 'A'), contains='expected layout')
-test_fail(lambda: ShanghaiTech(fixtures/'ShanghaiTech', 'C'), contains="ShanghaiTech part must be one of A, B, got 'C'")
+test_fail(lambda: ShanghaiTech(fixtures/'ShanghaiTech', 'C'),
+          contains="ShanghaiTech part must be one of A, B, got 'C'")
 
 # %% [markdown]
 # ## UCF-QNRF
 #
 # `Train|Test/img_XXXX.jpg` with `img_XXXX_ann.mat` holding `annPoints` (N×2 `x, y`). `root` is the folder
-# holding `Train`/`Test` or its parent containing `UCF-QNRF_ECCV18`. Resized to a 512..2048 short side by default.
+# holding `Train`/`Test` or its parent containing `UCF-QNRF_ECCV18`. Resized to a 512..2048 short side by
+# default.
 
 # %%
 #| export
@@ -674,7 +998,9 @@ class UCFQNRF(CrowdDataset):
     def read_annotation(self, record):
         path = record['ann']
         mat = _loadmat(path)
-        if 'annPoints' not in mat: raise DatasetError(f"{path}: no 'annPoints' variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+        if 'annPoints' not in mat:
+            found = sorted(k for k in mat if not k.startswith('__'))
+            raise DatasetError(f"{path}: no 'annPoints' variable (found {found})")
         return as_points(mat['annPoints'], path), {}, {'split': self.split}
 
 
@@ -686,15 +1012,17 @@ q = UCFQNRF(fixtures/'formats/UCF-QNRF', 'train')
 test_eq([q[i][2]['count'] for i in range(2)], [7, 12])
 raw = scipy.io.loadmat(str(fixtures/'formats/UCF-QNRF/UCF-QNRF_ECCV18/Train/img_0002_ann.mat'))['annPoints']
 image, points, meta = q[1]                   # 256×192 -> shorter side 192 scaled up to 512
-test_eq(image.shape[-2:], (512, 683)); test_close(points.numpy(), raw * np.array([683 / 256, 512 / 192]), eps=1e-3)
+test_eq(image.shape[-2:], (512, 683))
+test_close(points.numpy(), raw * np.array([683 / 256, 512 / 192]), eps=1e-3)
 test_eq(len(UCFQNRF(fixtures/'formats/UCF-QNRF/UCF-QNRF_ECCV18', 'test', short_side=None)), 2)
 
 # %% [markdown]
 # ## JHU-Crowd++
 #
 # `split/images/*.jpg`, `split/gt/*.txt` with one `x y w h o b` line per head (position, head-box width and
-# height, occlusion level, blur flag) and `split/image_labels.txt` (`name,count,scene,weather,distractor`). An empty
-# gt file is an image with no people. Sizes, occlusion and blur go to `meta['heads']`; the image labels to `meta`.
+# height, occlusion level, blur flag) and `split/image_labels.txt` (`name,count,scene,weather,distractor`). An
+# empty gt file is an image with no people. Sizes, occlusion and blur go to `meta['heads']`; the image labels
+# to `meta`.
 
 # %%
 #| export
@@ -703,19 +1031,40 @@ JHU_LAYOUT = """  ROOT/{train,val,test}/images/0001.jpg, ROOT/{train,val,test}/g
 
 def _read_table(path:Path, min_cols:int, sep=None) -> list[list[str]]:
     try: text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e: raise DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         cols = [c.strip() for c in line.split(sep)] if sep else line.split()
-        if len(cols) < min_cols: raise DatasetError(f"{path}, line {n}: expected at least {min_cols} fields, got {line!r}")
+        if len(cols) < min_cols: raise DatasetError(f"{path}, line {n}: expected at least {min_cols} fields, "
+                                                    f"got {line!r}")
         rows.append(cols)
     return rows
 
+
+# %%
+_t = Path(tempfile.mkdtemp()) / 't.txt'
+_t.write_text('1 2 3\n\n4 5 6\n')
+test_eq(_read_table(_t, 3), [['1', '2', '3'], ['4', '5', '6']])
+_t.write_text('a, b\nc\n')
+test_fail(lambda: _read_table(_t, 2, sep=','), contains="t.txt, line 2: expected at least 2 fields, got 'c'")
+
+
+# %%
+#| export
 def _floats(rows, path:Path) -> np.ndarray:
     try: return np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
     except ValueError as e: raise DatasetError(f"{path}: non-numeric value ({e})") from e
 
+
+# %%
+test_eq(_floats([['1', '2.5']], _t).tolist(), [[1., 2.5]])
+test_fail(lambda: _floats([['1', 'x']], _t), contains='t.txt: non-numeric value')
+
+
+# %%
+#| export
 class JHUCrowd(CrowdDataset):
     "JHU-Crowd++ (v2.0), train/val/test split, in the official layout."
     name = 'jhu'
@@ -728,7 +1077,8 @@ class JHUCrowd(CrowdDataset):
                           ['jhu_crowd_v2.0', 'jhu_crowd'], 'JHU-Crowd++', JHU_LAYOUT)
         folder = base / split
         images = sorted((folder / 'images').glob('*.jpg'), key=_natural_key)
-        if not images: raise DatasetError(f"JHU-Crowd++: no images in {folder / 'images'}; expected layout:\n{JHU_LAYOUT}")
+        if not images: raise DatasetError(f"JHU-Crowd++: no images in {folder / 'images'}; expected "
+                                          f"layout:\n{JHU_LAYOUT}")
         labels = {}
         if (folder / 'image_labels.txt').is_file():
             for r in _read_table(folder / 'image_labels.txt', 2, sep=','):
@@ -737,7 +1087,8 @@ class JHUCrowd(CrowdDataset):
         for im in images:
             ann = folder / 'gt' / f'{im.stem}.txt'
             if not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
-            records.append({'image': im, 'ann': ann, 'id': f'{split}/{im.stem}', 'labels': labels.get(im.stem)})
+            records.append({'image': im, 'ann': ann, 'id': f'{split}/{im.stem}',
+                            'labels': labels.get(im.stem)})
         super().__init__(records, short_side=short_side, **kwargs)
 
     def read_annotation(self, record):
@@ -751,7 +1102,8 @@ class JHUCrowd(CrowdDataset):
             keys = ['count', 'scene', 'weather', 'distractor']
             extra['labels'] = dict(zip(keys, lab[1:]))
             try:
-                if int(float(lab[1])) != len(arr): _warn(path, f"{len(arr)} heads but image_labels.txt says {lab[1]}")
+                if int(float(lab[1])) != len(arr):
+                    _warn(path, f"{len(arr)} heads but image_labels.txt says {lab[1]}")
             except ValueError: _warn(path, f"image_labels.txt count {lab[1]!r} is not a number")
         heads = {'sizes': arr[:, 2:4], 'occlusion': arr[:, 4], 'blur': arr[:, 5]}
         return arr[:, :2], heads, extra
@@ -761,17 +1113,20 @@ class JHUCrowd(CrowdDataset):
 j = JHUCrowd(fixtures/'formats/JHU-Crowd', 'val', short_side=None)
 image, points, meta = j[0]
 raw = np.loadtxt(fixtures/'formats/JHU-Crowd/jhu_crowd_v2.0/val/gt/0001.txt')
-test_eq(meta['count'], 5); test_close(points.numpy(), raw[:, :2]); test_close(meta['heads']['sizes'].numpy(), raw[:, 2:4])
-test_eq(j[1][2]['count'], 0); test_eq(j[1][1].shape, (0, 2))
+test_eq(meta['count'], 5)
+test_close(points.numpy(), raw[:, :2])
+test_close(meta['heads']['sizes'].numpy(), raw[:, 2:4])
+test_eq(j[1][2]['count'], 0)
+test_eq(j[1][1].shape, (0, 2))
 test_eq(meta['labels']['scene'], 'stadium')
 
 # %% [markdown]
 # ## NWPU-Crowd
 #
 # `images/XXXX.jpg`, `jsons/XXXX.json` (`points`, `boxes` as `x1, y1, x2, y2`, `human_num`) and split lists
-# `train.txt`/`val.txt`/`test.txt` with `id luminance level` per line. The test split has no labels: it loads with
-# no points and `count = -1`, for prediction. Boxes, their sizes $(w, h)$, the luminance class and the scene level go
-# to `meta`; the localization metric derives per-head radii from the sizes (`head_sigmas`):
+# `train.txt`/`val.txt`/`test.txt` with `id luminance level` per line. The test split has no labels: it loads
+# with no points and `count = -1`, for prediction. Boxes, their sizes $(w, h)$, the luminance class and the
+# scene level go to `meta`; the localization metric derives per-head radii from the sizes (`head_sigmas`):
 # $\sigma_s = \min(w, h)/2$ and $\sigma_l = \sqrt{w^2+h^2}/2$.
 
 # %%
@@ -785,6 +1140,15 @@ def head_sigmas(sizes:torch.Tensor # `(N, 2)` head-box `(w, h)`
     sizes = torch.as_tensor(sizes, dtype=torch.float32).reshape(-1, 2)
     return sizes.min(1).values / 2, sizes.norm(dim=1) / 2
 
+
+# %%
+s_small, s_large = head_sigmas(torch.tensor([[6., 8.], [2., 2.]]))
+test_close(s_small, torch.tensor([3., 1.]))
+test_close(s_large, torch.tensor([5., 2 ** 0.5]))
+
+
+# %%
+#| export
 class NWPUCrowd(CrowdDataset):
     "NWPU-Crowd, train/val/test split (test: unlabelled), in the official layout."
     name = 'nwpu'
@@ -800,12 +1164,16 @@ class NWPUCrowd(CrowdDataset):
         for r in _read_table(base / f'{split}.txt', 1):
             iid = r[0]
             im = next((f / f'{iid}.jpg' for f in folders if (f / f'{iid}.jpg').is_file()), None)
-            if im is None: raise DatasetError(f"{base / f'{split}.txt'}: image {iid}.jpg not found in {base / 'images'}")
+            if im is None: raise DatasetError(f"{base / f'{split}.txt'}: image {iid}.jpg not found in "
+                                              f"{base / 'images'}")
             try: lum, level = (int(r[1]) if len(r) > 1 else -1), (int(r[2]) if len(r) > 2 else -1)
-            except ValueError: raise DatasetError(f"{base / f'{split}.txt'}: malformed line {' '.join(r)!r} (expected 'id luminance level')") from None
+            except ValueError: raise DatasetError(f"{base / f'{split}.txt'}: malformed line {' '.join(r)!r} "
+                                                  "(expected 'id luminance level')") from None
             ann = base / 'jsons' / f'{iid}.json'
-            if split != 'test' and not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
-            records.append({'image': im, 'ann': ann if ann.is_file() else None, 'id': iid, 'luminance': lum, 'level': level})
+            if split != 'test' and not ann.is_file():
+                raise DatasetError(f"{im}: its annotation {ann} is missing")
+            records.append({'image': im, 'ann': ann if ann.is_file() else None, 'id': iid, 'luminance': lum,
+                            'level': level})
         if not records: raise DatasetError(f"NWPU-Crowd: {base / f'{split}.txt'} lists no images")
         super().__init__(records, short_side=short_side, **kwargs)
 
@@ -825,7 +1193,8 @@ class NWPUCrowd(CrowdDataset):
             except (TypeError, ValueError) as e: raise DatasetError(f"{path}: malformed 'boxes' ({e})") from e
             heads = {'boxes': b, 'sizes': np.abs(b[:, 2:] - b[:, :2])}
         elif boxes is not None: _warn(path, f"{len(boxes)} boxes for {len(points)} points; boxes ignored")
-        if 'human_num' in d and d['human_num'] != len(points): _warn(path, f"human_num={d['human_num']} but {len(points)} points")
+        if 'human_num' in d and d['human_num'] != len(points):
+            _warn(path, f"human_num={d['human_num']} but {len(points)} points")
         return points, heads, extra
 
 
@@ -834,10 +1203,13 @@ nw = NWPUCrowd(fixtures/'formats/NWPU-Crowd', 'train', short_side=None)
 test_eq([nw[i][2]['count'] for i in range(2)], [9, 4])
 d = json.loads((fixtures/'formats/NWPU-Crowd/jsons/0001.json').read_text())
 image, points, meta = nw[0]
-test_close(points.numpy(), np.array(d['points']), eps=1e-4); test_close(meta['heads']['boxes'].numpy(), np.array(d['boxes']), eps=1e-4)
+test_close(points.numpy(), np.array(d['points']), eps=1e-4)
+test_close(meta['heads']['boxes'].numpy(), np.array(d['boxes']), eps=1e-4)
 s_s, s_l = head_sigmas(meta['heads']['sizes'])
-b = np.array(d['boxes']); w_, h_ = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-test_close(s_s.numpy(), np.minimum(w_, h_) / 2, eps=1e-4); test_close(s_l.numpy(), np.hypot(w_, h_) / 2, eps=1e-4)
+b = np.array(d['boxes'])
+w_, h_ = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+test_close(s_s.numpy(), np.minimum(w_, h_) / 2, eps=1e-4)
+test_close(s_l.numpy(), np.hypot(w_, h_) / 2, eps=1e-4)
 test_eq((meta['luminance'], meta['level']), (0, 1))
 t = NWPUCrowd(fixtures/'formats/NWPU-Crowd', 'test', short_side=None)
 test_eq((len(t), t[0][2]['count'], t[0][1].shape), (1, -1, (0, 2)))
@@ -847,10 +1219,10 @@ test_eq((len(t), t[0][2]['count'], t[0][1].shape), (1, -1, (0, 2)))
 # ## SyntheticCrowd
 #
 # The synthetic crowds of `uotcrowd.synthetic.render_crowd` as a dataset.
-# Each image depends only on `(seed, split, index)` (NumPy's `SeedSequence`), so any subset is reproducible in any
-# order and in any worker. Images are cached in memory after the first draw. Counts are drawn as
-# $N = \lfloor N_{\max}\,u^{1.5}\rceil$ with $u \sim U(0, 1)$, plus 8 % empty images; when the scene is too crowded to
-# place all heads at the minimal distance, fewer are drawn and the points say how many.
+# Each image depends only on `(seed, split, index)` (NumPy's `SeedSequence`), so any subset is reproducible in
+# any order and in any worker. Images are cached in memory after the first draw. Counts are drawn as
+# $N = \lfloor N_{\max}\,u^{1.5}\rceil$ with $u \sim U(0, 1)$, plus 8 % empty images; when the scene is too
+# crowded to place all heads at the minimal distance, fewer are drawn and the points say how many.
 
 # %%
 #| export
@@ -871,12 +1243,15 @@ class SyntheticCrowd(CrowdDataset):
                  **kwargs # other `CrowdDataset` options (aug_seed)
                 ):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.seed, self.max_count, self.min_count, self.empty_fraction = seed, max_count, min_count, empty_fraction
+        self.seed, self.max_count = seed, max_count
+        self.min_count, self.empty_fraction = min_count, empty_fraction
         self.split = split
         self._stream = _SPLIT_CODES.get(split, split) if isinstance(split, str) else int(split)
-        if not isinstance(self._stream, int): raise ValueError(f"split must be 'train', 'val', 'test' or an int, got {split!r}")
+        if not isinstance(self._stream, int): raise ValueError("split must be 'train', 'val', 'test' or an "
+                                                               f"int, got {split!r}")
         self.cache, self._memory = cache, {}
-        super().__init__([{'index': i, 'id': f'synthetic-{split}-{i:05d}'} for i in range(n)], transform=transform, **kwargs)
+        super().__init__([{'index': i, 'id': f'synthetic-{split}-{i:05d}'} for i in range(n)],
+                         transform=transform, **kwargs)
 
     def generate(self, index:int) -> tuple[np.ndarray, np.ndarray]:
         "Draw image `index`: `(H, W, 3)` uint8 and `(N, 2)` points, from its own random stream."
@@ -892,11 +1267,13 @@ class SyntheticCrowd(CrowdDataset):
             image, points = self.generate(i)
             if self.cache: self._memory[i] = (image, points)
         meta = {'name': self.records[index]['id'], 'path': f'synthetic://seed={self.seed}/{self.split}/{i}',
-                'count': len(points), 'image_count': len(points), 'labelled': True, 'orig_size': self.size, 'scale': (1., 1.)}
+                'count': len(points), 'image_count': len(points), 'labelled': True, 'orig_size': self.size,
+                'scale': (1., 1.)}
         return to_uint8_tensor(image), torch.as_tensor(points, dtype=torch.float32), meta
 
     def subset(self, indices, transform=None):
-        out = super().subset(indices, transform); out._memory = self._memory   # share the drawn images
+        out = super().subset(indices, transform)
+        out._memory = self._memory  # share the drawn images
         return out
 
 
@@ -904,8 +1281,12 @@ class SyntheticCrowd(CrowdDataset):
 syn = SyntheticCrowd(8, size=96, seed=1)
 a, pa, ma = syn[3]
 b, pb, mb = SyntheticCrowd(8, size=96, seed=1)[3]
-test_eq(a, b); test_eq(pa, pb); test_eq(a.shape, (3, 96, 96)); test_eq(ma['count'], len(pa))
-assert not torch.equal(SyntheticCrowd(8, size=96, seed=1, split='val')[3][0], a)   # splits are disjoint streams
+test_eq(a, b)
+test_eq(pa, pb)
+test_eq(a.shape, (3, 96, 96))
+test_eq(ma['count'], len(pa))
+# splits are disjoint streams
+assert not torch.equal(SyntheticCrowd(8, size=96, seed=1, split='val')[3][0], a)
 assert not torch.equal(SyntheticCrowd(8, size=96, seed=2)[3][0], a)
 test_eq(SyntheticCrowd(4, size=(64, 80), max_count=0)[0][1].shape, (0, 2))
 test_eq(SyntheticCrowd(4, size=(64, 80))[0][0].shape, (3, 64, 80))
@@ -923,7 +1304,8 @@ counts = np.array([len(ds.generate(i)[1]) for i in range(len(ds))])
 elapsed = time.perf_counter() - t0
 print(f"200 images of 128×128 in {elapsed:.2f} s; counts: min {counts.min()}, median {np.median(counts):.0f}, "
       f"mean {counts.mean():.1f}, max {counts.max()}, empty {(counts == 0).sum()}")
-assert counts.max() > 80 and (counts == 0).any()  # the time is printed, not asserted: it depends on the machine's load
+# the time is printed, not asserted: it depends on the machine's load
+assert counts.max() > 80 and (counts == 0).any()
 
 # %% [markdown]
 # Eight synthetic images with their head points (red):
@@ -932,16 +1314,19 @@ assert counts.max() > 80 and (counts == 0).any()  # the time is printed, not ass
 fig, axs = plt.subplots(2, 4, figsize=(8, 4.3), dpi=72)
 for ax, i in zip(axs.flat, range(8)):
     image, points, meta = SyntheticCrowd(8, size=128, seed=0)[i]
-    ax.imshow(denormalize(image)); ax.scatter(points[:, 0], points[:, 1], s=2, c='r')
-    ax.set_title(f"N = {meta['count']}", fontsize=9); ax.axis('off')
-plt.tight_layout(); plt.show()
+    ax.imshow(denormalize(image))
+    ax.scatter(points[:, 0], points[:, 1], s=2, c='r')
+    ax.set_title(f"N = {meta['count']}", fontsize=9)
+    ax.axis('off')
+plt.tight_layout()
+plt.show()
 
 
 # %% [markdown]
 # ## Collating batches
 #
-# Images of a batch share one size (crops, or images of one size); points and metas stay lists because each image
-# has its own number of heads.
+# Images of a batch share one size (crops, or images of one size); points and metas stay lists because each
+# image has its own number of heads.
 
 # %%
 #| export
@@ -951,34 +1336,41 @@ def collate(batch:Sequence[tuple[torch.Tensor, torch.Tensor, dict]] # `(image, p
     images, points, metas = zip(*batch)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"cannot batch images of different sizes {sorted(shapes)}: use batch_size=1 for full-image evaluation, or crops")
+        raise ValueError(f"cannot batch images of different sizes {sorted(shapes)}: use batch_size=1 for "
+                         "full-image evaluation, or crops")
     return torch.stack(images), list(points), list(metas)
 
 
 # %%
 imgs, pts, metas = collate([syn[0], syn[1]])
-test_eq(imgs.shape, (2, 3, 96, 96)); test_eq(len(pts), 2); test_eq(pts[1], syn[1][1])
+test_eq(imgs.shape, (2, 3, 96, 96))
+test_eq(len(pts), 2)
+test_eq(pts[1], syn[1][1])
 test_fail(lambda: collate([syn[0], SyntheticCrowd(1, size=64)[0]]), contains='batch_size=1')
 
 # %% [markdown]
 # ## Building the train / validation / test sets
 #
-# `build_datasets(name, ...)` returns `(train, val, test)` for `shanghaitech-a`, `shanghaitech-b`, `qnrf`, `jhu`,
-# `nwpu` and `synthetic`. The training set augments (random crop and flip); validation and test give full images
-# padded to a multiple of `stride`. Datasets without a validation split (ShanghaiTech, UCF-QNRF) hold out a fixed,
-# seeded `val_fraction` of the training images, so the test split is never used to choose a model. Default crops:
-# 256 (ShanghaiTech A), 512 (B, UCF-QNRF, JHU, NWPU), 128 for synthetic images (at most the image size).
-# Extra keywords: `short_side`, `cache_dir`, `out_of_bounds`, `flip`, `aug_seed`, and for `synthetic`
-# `n_train` (200), `n_val` (50), `n_test` (50), `size` (128), `max_count` (150).
+# `build_datasets(name, ...)` returns `(train, val, test)` for `shanghaitech-a`, `shanghaitech-b`, `qnrf`,
+# `jhu`, `nwpu` and `synthetic`. The training set augments (random crop and flip); validation and test give
+# full images padded to a multiple of `stride`. Datasets without a validation split (ShanghaiTech, UCF-QNRF)
+# hold out a fixed, seeded `val_fraction` of the training images, so the test split is never used to choose a
+# model. Default crops: 256 (ShanghaiTech A), 512 (B, UCF-QNRF, JHU, NWPU), 128 for synthetic images (at most
+# the image size). Extra keywords: `short_side`, `cache_dir`, `out_of_bounds`, `flip`, `aug_seed`, and for
+# `synthetic` `n_train` (200), `n_val` (50), `n_test` (50), `size` (128), `max_count` (150).
 
 # %%
 #| export
-DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512, 'synthetic': 128}
+DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512,
+                'synthetic': 128}
 DATASET_NAMES = tuple(DEFAULT_CROP)
 DatasetName = Literal['shanghaitech-a', 'shanghaitech-b', 'qnrf', 'jhu', 'nwpu', 'synthetic']   # `DATASET_NAMES`
-DATASET_LAYOUTS = {'shanghaitech-a': SHANGHAITECH_LAYOUT, 'shanghaitech-b': SHANGHAITECH_LAYOUT, 'qnrf': QNRF_LAYOUT,
-                   'jhu': JHU_LAYOUT, 'nwpu': NWPU_LAYOUT}
+DATASET_LAYOUTS = {'shanghaitech-a': SHANGHAITECH_LAYOUT, 'shanghaitech-b': SHANGHAITECH_LAYOUT,
+                   'qnrf': QNRF_LAYOUT, 'jhu': JHU_LAYOUT, 'nwpu': NWPU_LAYOUT}
 
+
+# %%
+#| export
 def check_data_dir(dataset:DatasetName, # one of `DATASET_NAMES`
                    data_dir:str|Path|None # the dataset's folder
                   ) -> Path|None:
@@ -989,24 +1381,57 @@ def check_data_dir(dataset:DatasetName, # one of `DATASET_NAMES`
         raise DatasetError(f"{what} for dataset {dataset!r}; expected layout:\n{DATASET_LAYOUTS[dataset]}")
     return Path(data_dir).expanduser()
 
+
+# %%
+test_fail(lambda: check_data_dir('qnrf', '/nonexistent/qnrf'), contains='ROOT/Train/img_0001_ann.mat')
+test_fail(lambda: check_data_dir('shanghaitech-a', None), contains='no --data-dir')
+test_eq(check_data_dir('synthetic', None), None)
+test_eq(check_data_dir('jhu', str(fixtures)), fixtures)
+test_eq(set(DATASET_LAYOUTS) | {'synthetic'}, set(DATASET_NAMES))
+test_eq(literal_values(DatasetName), DATASET_NAMES)   # the hint and the registry name the same datasets
+
+
+# %%
+#| export
 def synthetic_kwargs(n:int|None=None, # training images (validation and test get a quarter each, at least 2)
                      size:int|None=None # image side in pixels
                     ) -> dict:
-    "The `build_datasets` arguments of a synthetic set of `n` training images of side `size` (unset: the defaults)."
+    "`build_datasets` arguments for `n` synthetic training images of side `size` (unset: the defaults)."
     kw = {} if n is None else dict(n_train=n, n_val=max(n // 4, 2), n_test=max(n // 4, 2))
     return kw if size is None else {**kw, 'size': size}
 
+
+# %%
+test_eq(synthetic_kwargs(16, 48), dict(n_train=16, n_val=4, n_test=4, size=48))
+test_eq(synthetic_kwargs(), {})
+test_eq(synthetic_kwargs(4), dict(n_train=4, n_val=2, n_test=2))
+
+
+# %%
+#| export
 def holdout_split(n:int, # number of training images
                   val_fraction:float=0.1, # share held out for validation
                   seed:int=0 # seed of the permutation
                  ) -> tuple[list[int], list[int]]: # sorted train and validation indices
-    "A fixed, seeded split of `range(n)` into train and validation indices (at least one of each when n >= 2)."
+    "A fixed, seeded split of `range(n)` into train and validation indices (one of each at least, n >= 2)."
     if not 0 <= val_fraction < 1: raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(n * val_fraction))
     if val_fraction > 0 and n >= 2: n_val = min(max(n_val, 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
+
+# %%
+tr_i, va_i = holdout_split(10, 0.3, seed=1)
+test_eq((len(tr_i), len(va_i), sorted(tr_i + va_i)), (7, 3, list(range(10))))
+test_eq(holdout_split(10, 0.3, seed=1), (tr_i, va_i))
+test_eq([len(s) for s in holdout_split(2, 0.1)], [1, 1])   # at least one image on each side
+test_eq(holdout_split(5, 0.), ([0, 1, 2, 3, 4], []))
+test_fail(lambda: holdout_split(5, 1.), contains='val_fraction')
+
+
+# %%
+#| export
 def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha', 'ucf-qnrf', ...)
                    root:str|Path|None=None, # data folder (not needed for 'synthetic')
                    crop_size:int|None=None, # training crop (default per dataset, `DEFAULT_CROP`)
@@ -1018,17 +1443,20 @@ def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha
                   ) -> tuple[CrowdDataset, CrowdDataset, CrowdDataset]:
     "Build `(train, val, test)` datasets: augmented crops for training, padded full images for evaluation."
     key = str(name).lower().replace('_', '-')
-    key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu', 'nwpu-crowd': 'nwpu'}.get(key, key)
+    key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu',
+           'nwpu-crowd': 'nwpu'}.get(key, key)
     check_choice(key, DEFAULT_CROP, 'dataset', DatasetError)
     root = check_data_dir(key, root)
-    flip, aug_seed, scale_range = kwargs.pop('flip', True), kwargs.pop('aug_seed', None), kwargs.pop('scale_range', None)
+    flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
+    scale_range = kwargs.pop('scale_range', None)
     eval_tf = EvalTransform(stride)
     if key == 'synthetic':
         n_train, n_val, n_test = kwargs.pop('n_train', 200), kwargs.pop('n_val', 50), kwargs.pop('n_test', 50)
         size = kwargs.pop('size', 128)
         crop = crop_size or min(DEFAULT_CROP[key], *((size,) if isinstance(size, int) else size))
         common = dict(size=size, seed=seed, **kwargs)
-        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip, scale_range), aug_seed=aug_seed, **common),
+        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip, scale_range),
+                               aug_seed=aug_seed, **common),
                 SyntheticCrowd(n_val, split='val', transform=eval_tf, **common),
                 SyntheticCrowd(n_test, split='test', transform=eval_tf, **common))
     crop = crop_size or DEFAULT_CROP[key]
@@ -1044,37 +1472,38 @@ def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha
     else:
         cls = JHUCrowd if key == 'jhu' else NWPUCrowd
         train = cls(root, 'train', transform=train_tf, **kwargs)
-        val, test = cls(root, 'val', transform=eval_tf, **kwargs), cls(root, 'test', transform=eval_tf, **kwargs)
+        val, test = (cls(root, 'val', transform=eval_tf, **kwargs),
+                     cls(root, 'test', transform=eval_tf, **kwargs))
     train.aug_seed = aug_seed
     return train, val, test
 
 
 # %%
 tr, va, te = build_datasets('synthetic', n_train=6, n_val=3, n_test=3, size=96)
-test_eq((len(tr), len(va), len(te)), (6, 3, 3)); test_eq(tr[0][0].shape, (3, 96, 96))
+test_eq((len(tr), len(va), len(te)), (6, 3, 3))
+test_eq(tr[0][0].shape, (3, 96, 96))
 test_eq(va[0][0].shape, (3, 96, 96))
 tr, va, te = build_datasets('shanghaitech-a', fixtures/'ShanghaiTech', stride=8)
-test_eq((len(tr), len(va), len(te)), (2, 1, 3)); test_eq(tr[0][0].shape, (3, 256, 256))
+test_eq((len(tr), len(va), len(te)), (2, 1, 3))
+test_eq(tr[0][0].shape, (3, 256, 256))
 image, points, meta = te[1]                       # test IMG_4: 500×334 -> padded to 504×336
 test_eq((image.shape, meta['count'], meta['width'], meta['height']), ((3, 336, 504), 170, 500, 334))
 assert not {va[0][2]['path']} & {te[i][2]['path'] for i in range(len(te))}
-test_fail(lambda: build_datasets('mall'), contains='shanghaitech-a, shanghaitech-b, qnrf, jhu, nwpu, synthetic')
-# `val_seed` fixes the hold-out: runs with any seed validate on the same photo; without it the seed draws the photo
-_shb = Path(tempfile.mkdtemp()) / 'ShanghaiTech' / 'part_B'   # two training photos (and the same two as a test split)
+test_fail(lambda: build_datasets('mall'),
+          contains='shanghaitech-a, shanghaitech-b, qnrf, jhu, nwpu, synthetic')
+# `val_seed` fixes the hold-out: runs with any seed validate on the same photo; without it the seed draws
+# the photo
+# two training photos (and the same two as a test split)
+_shb = Path(tempfile.mkdtemp()) / 'ShanghaiTech' / 'part_B'
 _src = Path('../tests/fixtures/ShanghaiTech/part_B/train_data')
 for _split in ('train_data', 'test_data'): shutil.copytree(_src, _shb / _split)
 held_out = lambda **kw: build_datasets('shanghaitech-b', _shb.parent, val_fraction=0.5, **kw)[1][0][2]['name']
 test_eq({held_out(seed=s, val_seed=0) for s in range(6)}, {held_out(seed=0)})
 test_eq(len({held_out(seed=s) for s in range(6)}), 2)
-test_eq(synthetic_kwargs(16, 48), dict(n_train=16, n_val=4, n_test=4, size=48)); test_eq(synthetic_kwargs(), {})
-test_eq(set(DATASET_LAYOUTS) | {'synthetic'}, set(DATASET_NAMES))
-test_eq(literal_values(DatasetName), DATASET_NAMES)   # the hint and the registry name the same datasets
-test_fail(lambda: check_data_dir('qnrf', '/nonexistent/qnrf'), contains='ROOT/Train/img_0001_ann.mat')
-test_fail(lambda: check_data_dir('shanghaitech-a', None), contains='no --data-dir')
-test_eq(check_data_dir('synthetic', None), None)
 test_fail(lambda: build_datasets('qnrf'), contains='expected layout')
 tr, va, te = build_datasets('nwpu', fixtures/'formats/NWPU-Crowd', crop_size=64)
-test_eq((len(tr), len(va), len(te)), (2, 2, 1)); test_eq(tr[0][0].shape, (3, 64, 64))
+test_eq((len(tr), len(va), len(te)), (2, 2, 1))
+test_eq(tr[0][0].shape, (3, 64, 64))
 test_eq(va[0][0].shape, (3, 512, 688))            # 200×150 -> 683×512, padded to a multiple of 8
 
 # %% [markdown]
@@ -1084,9 +1513,14 @@ test_eq(va[0][0].shape, (3, 512, 688))            # 200×150 -> 683×512, padded
 image, points, meta = ShanghaiTech(fixtures/'ShanghaiTech', 'A', 'test')[0]
 test_eq(meta['count'], 172)
 fig, ax = plt.subplots(figsize=(6, 4.2), dpi=60)
-ax.imshow(denormalize(image)); ax.scatter(points[:, 0], points[:, 1], s=4, c='r')
-ax.set_title(f"{meta['name']}: {meta['count']} heads", fontsize=10); ax.axis('off'); plt.tight_layout(); plt.show()
+ax.imshow(denormalize(image))
+ax.scatter(points[:, 0], points[:, 1], s=4, c='r')
+ax.set_title(f"{meta['name']}: {meta['count']} heads", fontsize=10)
+ax.axis('off')
+plt.tight_layout()
+plt.show()
 
 # %%
 #| hide
-import nbdev; nbdev.nbdev_export()
+import nbdev
+nbdev.nbdev_export()

@@ -24,11 +24,15 @@ from uotcrowd.core import (get_device, seed_everything, count_metrics, reuse_hos
                            literal_values)
 from uotcrowd.data import collate
 from uotcrowd.models import get_model
+from uotcrowd.plots import plot_curves
+from uotcrowd.checkpoints import save_checkpoint, load_checkpoint, config_precision
+from uotcrowd.checkpoints import load_model  # temporary: `uotcrowd.train.load_model` for study runs started before it moved
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
 import tempfile
+from uotcrowd.checkpoints import load_model
 
 
 # %% [markdown]
@@ -234,7 +238,7 @@ class TrainConfig:
         "Rebuild a config from `to_dict()`, ignoring unknown keys (configs from newer versions)."
         names = {f.name for f in fields(cls)}
         d = dict(d)
-        if 'precision' not in d: d['precision'] = 'fp16' if d.get('amp') else 'fp32'  # older configs: `amp` flag
+        d['precision'] = config_precision(d)  # older configs: the `amp` flag
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -266,10 +270,9 @@ test_fail(lambda: TrainConfig(host_memory='cache'), contains='host_memory must b
 # ## Checkpoints
 #
 # A checkpoint is a plain dict: model and optimizer state, the number of finished epochs, the best validation MAE,
-# the RNG states, the config as a dict and the history of logged metrics. Only tensors, numbers, strings, lists,
-# tuples and dicts go in, so it loads with `torch.load(..., weights_only=True)` (no pickled code runs when a
-# downloaded checkpoint is opened). Writes are atomic: the file is written next to its destination and moved
-# with `os.replace`, so a run killed while saving leaves the previous checkpoint intact.
+# the RNG states, the config as a dict and the history of logged metrics. It is written and read by
+# `uotcrowd.checkpoints` (atomic writes, `weights_only` loading: only tensors, numbers, strings, lists, tuples and
+# dicts go in), so the generator states are stored as tensors and plain numbers.
 
 # %%
 #| export
@@ -302,191 +305,6 @@ a = (random.random(), np.random.rand(), torch.rand(1).item())
 random.seed(1); np.random.seed(1); torch.manual_seed(1)
 set_rng_state(saved)
 test_eq((random.random(), np.random.rand(), torch.rand(1).item()), a)
-
-
-# %% [markdown]
-# ## Named models
-#
-# Models committed in the repository live in its `models/` folder, one `NAME.pt` each (see `uotcrowd.counter` for
-# their cards). Wherever a checkpoint path is taken, such a name is accepted too. The folder is found beside the
-# package (an install from a checkout: `pip install -e .`), or where the environment variable `UOTCROWD_MODELS` points.
-
-# %%
-#| export
-MODELS_ENV = 'UOTCROWD_MODELS'
-
-def models_dir(folder:str|Path|None=None # a folder of `NAME.pt` model files (default: `$UOTCROWD_MODELS`, else the checkout's `models/`)
-              ) -> Path:
-    "The folder of named models: `folder`, else `$UOTCROWD_MODELS`, else `models/` of the repository checkout holding this package."
-    if folder is None: folder = os.environ.get(MODELS_ENV) or None
-    if folder is None:
-        import uotcrowd
-        folder = Path(uotcrowd.__file__).resolve().parent.parent / 'models'
-    return Path(folder)
-
-def model_names(folder:str|Path|None=None # see `models_dir`
-               ) -> list[str]:
-    "Names of the models in `models_dir(folder)`; a clear error when that folder is absent."
-    d = models_dir(folder)
-    if not d.is_dir():
-        raise FileNotFoundError(f"no models folder at {d}: named models are committed in the repository's models/ folder, "
-                                f"found when uotcrowd is installed from a checkout (pip install -e .); set {MODELS_ENV} to "
-                                f"such a folder, or pass the path of a checkpoint file")
-    return sorted(p.stem for p in d.glob('*.pt'))
-
-def resolve_checkpoint(checkpoint:str|Path, # a checkpoint file, or the name of a model in `models_dir(folder)`
-                       folder:str|Path|None=None # see `models_dir`
-                      ) -> Path:
-    "The checkpoint file that `checkpoint` names: a path (with a folder or a suffix), else a named model."
-    p = Path(checkpoint)
-    if p.is_file() or len(p.parts) != 1 or p.suffix: return p  # a path: `load_checkpoint` reports it if missing
-    d = models_dir(folder)
-    if len(p.parts) == 1 and (d / f'{p.name}.pt').is_file(): return d / f'{p.name}.pt'
-    names = ', '.join(model_names(folder)) if d.is_dir() else f'none, {d} is absent'
-    raise FileNotFoundError(f"{checkpoint} is neither a checkpoint file nor a named model (named models: {names})")
-
-
-# %%
-with tempfile.TemporaryDirectory() as d:
-    d = Path(d); (d / 'a-model.pt').write_bytes(b''); (d / 'notes.txt').write_bytes(b'')
-    test_eq(model_names(d), ['a-model'])
-    test_eq(resolve_checkpoint('a-model', d), d / 'a-model.pt')
-    test_eq(resolve_checkpoint(d / 'notes.txt', d), d / 'notes.txt')      # an existing file is taken as it is
-    test_eq(resolve_checkpoint(d / 'missing.pt', d), d / 'missing.pt')    # so is any path with a folder or suffix
-    test_fail(lambda: resolve_checkpoint('b-model', d), contains='named models: a-model')
-    test_fail(lambda: model_names(d / 'absent'), contains='no models folder at')
-    test_fail(lambda: resolve_checkpoint('b-model', d / 'absent'), contains='is absent')
-    old = os.environ.get(MODELS_ENV); os.environ[MODELS_ENV] = str(d)
-    try: test_eq(models_dir(), d)
-    finally:
-        if old is None: del os.environ[MODELS_ENV]
-        else: os.environ[MODELS_ENV] = old
-test_eq(models_dir(), Path('../models').resolve())     # the checkout this notebook belongs to
-
-
-# %%
-#| export
-def save_checkpoint(state:dict, # plain dict of tensors, numbers, strings, lists and dicts
-                    path:str|Path # destination file
-                   ) -> Path:
-    "Write `state` to `path` atomically (temporary file in the same folder, fsync, `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
-def load_checkpoint(path:str|Path, # a checkpoint written by `fit`
-                    map_location='cpu' # where to put its tensors
-                   ) -> dict:
-    "Load a checkpoint (a file or a named model) with `weights_only=True`; the error names the file when it is missing or not a checkpoint."
-    path = resolve_checkpoint(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise ValueError(f"{path} is not a readable uotcrowd checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or 'model' not in ckpt:
-        raise ValueError(f"{path} is not a uotcrowd checkpoint (no 'model' entry)")
-    return ckpt
-
-
-# %%
-with tempfile.TemporaryDirectory() as d:
-    p = save_checkpoint({'model': {'w': torch.arange(3.)}, 'config': TrainConfig().to_dict(), 'rng': rng_state()}, Path(d)/'a.pt')
-    ck = load_checkpoint(p)
-    test_eq(ck['model']['w'], torch.arange(3.)); test_eq(TrainConfig.from_dict(ck['config']), TrainConfig())
-    test_eq(sorted(os.listdir(d)), ['a.pt'])  # no temporary file left behind
-    test_fail(lambda: load_checkpoint(Path(d)/'missing.pt'), contains='does not exist')
-
-
-# %% [markdown]
-# `load_model` rebuilds the network from the names stored in the checkpoint (`uotcrowd.models.get_model`)
-# and loads its weights, so evaluation and prediction need nothing but the checkpoint file.
-
-# %%
-#| export
-def load_model(path:str|Path, # checkpoint written by `fit` (`best.pt` or `last.pt`)
-               device='cpu' # device of the returned model
-              ) -> tuple[nn.Module, dict]:
-    "Rebuild the model stored in a checkpoint; returns `(model in eval mode, checkpoint dict)`."
-    ckpt = load_checkpoint(path)
-    name = ckpt.get('model_name') or ckpt.get('config', {}).get('model')
-    if not name: raise ValueError(f"{path} does not record its model name; it was not written by uotcrowd's `fit`")
-    weights = ckpt['ema'] if 'ema' in ckpt else ckpt['model']  # the weight average is what was validated
-    model = get_model(name, weights=weights, **ckpt.get('model_kwargs', {}))
-    return model.to(get_device(device)).eval(), ckpt
-
-
-# %% [markdown]
-# A checkpoint records the precision it was trained in (`'precision'`, resolved: `fp32`, `bf16` or `fp16`);
-# checkpoints written before that field existed trained in float32, or float16 when their config set `amp`.
-
-# %%
-#| export
-def checkpoint_precision(ckpt:dict # a checkpoint dict (`load_checkpoint`)
-                        ) -> str: # one of `PRECISIONS`
-    "The precision a checkpoint was trained in (what `eval` and `predict` use unless told otherwise)."
-    if ckpt.get('precision') in PRECISIONS: return ckpt['precision']
-    return TrainConfig.from_dict(ckpt.get('config', {})).precision
-
-
-# %%
-test_eq(checkpoint_precision({'precision': 'bf16', 'config': {'precision': 'auto'}}), 'bf16')
-test_eq(checkpoint_precision({'config': {'amp': True}}), 'fp16')
-test_eq(checkpoint_precision({'config': {'amp': False}}), 'fp32')
-test_eq(checkpoint_precision({}), 'fp32')
-
-
-# %% [markdown]
-# ## Slim checkpoints for evaluation
-#
-# `last.pt` holds everything a resumed run needs (optimizer moments, RNG states). A model that is evaluated,
-# shared or committed needs only its weights, how to rebuild it (names, keyword arguments, stride), its
-# precision, its training record, and the localization threshold chosen on the validation images, which
-# `uotcrowd eval` and `uotcrowd predict` then use unless told otherwise.
-
-# %%
-#| export
-SLIM_KEYS = ('model', 'model_name', 'model_kwargs', 'loss_name', 'loss_kwargs', 'stride', 'dataset', 'precision',
-             'config', 'epoch', 'best_mae', 'best_epoch', 'history', 'train_time_s', 'world_size', 'torch_version',
-             'loc_threshold', 'weights')
-DEFAULT_LOC_THRESHOLD = 0.05
-
-def slim_checkpoint(src:str|Path, # a checkpoint written by `fit`
-                    dst:str|Path|None=None, # where to write the slim copy (default: over `src`)
-                    loc_threshold:float|None=None # localization threshold chosen on validation, stored with it
-                   ) -> Path:
-    "A copy of `src` without optimizer, scaler and RNG state, optionally recording its localization threshold."
-    ckpt = load_checkpoint(src)
-    slim = {k: ckpt[k] for k in SLIM_KEYS if k in ckpt}
-    if 'ema' in ckpt: slim.update(model=ckpt['ema'], weights='ema')  # the scored weights: the average
-    if loc_threshold is not None: slim['loc_threshold'] = float(loc_threshold)
-    return save_checkpoint(slim, dst or src)
-
-def checkpoint_loc_threshold(ckpt:dict # a checkpoint dict (`load_checkpoint`)
-                            ) -> float:
-    "The localization threshold stored in a checkpoint, or the library default."
-    return float(ckpt.get('loc_threshold', DEFAULT_LOC_THRESHOLD))
-
-
-# %%
-with tempfile.TemporaryDirectory() as d:
-    full = {'model': {'w': torch.ones(2)}, 'model_name': 'mcnn', 'optimizer': {'state': {0: torch.zeros(2)}},
-            'rng': rng_state(), 'scaler': {}, 'epoch': 7, 'config': TrainConfig().to_dict()}
-    src = save_checkpoint(full, Path(d) / 'best.pt')
-    out = slim_checkpoint(src, Path(d) / 'slim.pt', loc_threshold=0.02)
-    slim = load_checkpoint(out)
-    test_eq(sorted(slim), ['config', 'epoch', 'loc_threshold', 'model', 'model_name'])
-    test_eq((checkpoint_loc_threshold(slim), checkpoint_loc_threshold(full)), (0.02, 0.05))
-    assert out.stat().st_size < src.stat().st_size
-    slim_checkpoint(out)  # slimming a slim checkpoint keeps its threshold
-    # a run with a weight average: the slim copy's weights are the average, and says so
-    averaged = slim_checkpoint(save_checkpoint({**full, 'ema': {'w': torch.full((2,), 3.)}}, Path(d) / 'last.pt'), Path(d) / 'avg.pt')
-    test_eq((load_checkpoint(averaged)['model']['w'].tolist(), load_checkpoint(averaged)['weights']), ([3., 3.], 'ema'))
-    test_eq(load_checkpoint(out)['loc_threshold'], 0.02)
 
 
 # %% [markdown]
@@ -693,35 +511,12 @@ assert ((c16 - c32).abs() / c32).max() < 0.01, (c32, c16)
 # ## Logs and curves
 #
 # After every epoch, rank 0 rewrites `log.csv` (one line per epoch: training loss and MAE, learning rate,
-# seconds, and the validation metrics when they were computed) and `curves.png`. The figure is drawn on an Agg
-# canvas created for it, so it works on headless machines and does not touch the global matplotlib backend.
+# seconds, and the validation metrics when they were computed) and `curves.png`, the figure of
+# `uotcrowd.plots.plot_curves` (drawn on an Agg canvas of its own: headless machines are fine).
 
 # %%
 #| export
 LOG_COLUMNS = ['epoch', 'train_loss', 'train_mae', 'lr', 'time_s', 'val_mae', 'val_rmse', 'val_nae', 'val_mae_raw']
-
-def plot_curves(history:Sequence[dict], # rows of `log.csv`
-                path:str|Path|None=None, # write a PNG here
-                dpi:int=80 # resolution of the PNG
-               ):
-    "Training loss and train/validation MAE against the epoch; returns the matplotlib `Figure`."
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    fig = Figure(figsize=(8, 3)); FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ep = [h['epoch'] + 1 for h in history]
-    ax1.plot(ep, [h['train_loss'] for h in history], marker='.', color='C0')
-    ax1.set(xlabel='epoch', ylabel='training loss', title='loss')
-    ax2.plot(ep, [h['train_mae'] for h in history], marker='.', color='C0', label='train (crops)')
-    val = [(h['epoch'] + 1, h['val_mae']) for h in history if h.get('val_mae') is not None]
-    if val: ax2.plot(*zip(*val), marker='o', color='C3', label='validation')
-    raw = [(h['epoch'] + 1, h['val_mae_raw']) for h in history if h.get('val_mae_raw') not in (None, '')]
-    if raw: ax2.plot(*zip(*raw), marker='.', color='C1', alpha=0.6, label='validation (raw weights)')
-    ax2.set(xlabel='epoch', ylabel='MAE', title='count MAE'); ax2.legend()
-    for ax in (ax1, ax2): ax.grid(alpha=0.3)
-    fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=dpi)
-    return fig
 
 
 # %% [markdown]

@@ -25,32 +25,34 @@ from uotcrowd.core import pixel_centres
 
 
 # %% [markdown]
-# Because the generalized loss pushes the predicted density toward the annotations, its maps are compact enough
-# to read head positions off them directly. The paper does it with simple post-processing (Sec. 3.4): the stride-8
-# density map $a$ is upsampled to the image size, a pixel is a candidate if it is the maximum of the $3\times3$
-# window centred on it, and candidates with density above $0.05$ are the predicted locations.
+# Because the generalized loss pushes the predicted density toward the annotations, its maps are compact
+# enough to read head positions off them directly. The paper does it with simple post-processing (Sec. 3.4):
+# the stride-8 density map $a$ is upsampled to the image size, a pixel is a candidate if it is the maximum of
+# the $3\times3$ window centred on it, and candidates with density above $0.05$ are the predicted locations.
 #
 # Three details the paper leaves open are fixed here:
 #
 # * **What upsampling does to values.** We *interpolate* the density values (no division by $s^2$), so the
-#   threshold $0.05$ applies to the per-map-pixel density $a$ as predicted, whatever the stride. The default is
-#   bilinear interpolation with `align_corners=False`, which samples map pixel $(i,j)$ exactly at image position
-#   $(s(j+\frac12), s(i+\frac12))$: the convention of `uotcrowd.core.pixel_centres` and of the losses. The map is
-#   zero-padded by one pixel before interpolating, so beyond the outer pixel centres values fall toward zero (the
-#   image holds no density outside itself) instead of being clamped flat.
-# * **Plateaus.** Ties are unavoidable: bilinear upsampling by an even factor gives the two image pixels around each
-#   cell centre the same weight, so an isolated peak becomes a $2\times2$ plateau, and nearest upsampling turns
-#   every map pixel into an $s\times s$ plateau. A plain "equal to the 3×3 maximum" test would report every pixel of
-#   a plateau. We detect **regional maxima**: connected sets of equal values (8-connectivity) with no strictly
-#   higher neighbour, and return **one point per plateau, at its centroid**. An isolated peak at map pixel $(i,j)$
-#   then localizes at exactly $(s(j+\frac12), s(i+\frac12))$ for any interpolation mode.
+#   threshold $0.05$ applies to the per-map-pixel density $a$ as predicted, whatever the stride. The default
+#   is bilinear interpolation with `align_corners=False`, which samples map pixel $(i,j)$ exactly at image
+#   position $(s(j+\frac12), s(i+\frac12))$: the convention of `uotcrowd.core.pixel_centres` and of the
+#   losses. The map is zero-padded by one pixel before interpolating, so beyond the outer pixel centres values
+#   fall toward zero (the image holds no density outside itself) instead of being clamped flat.
+# * **Plateaus.** Ties are unavoidable: bilinear upsampling by an even factor gives the two image pixels
+#   around each cell centre the same weight, so an isolated peak becomes a $2\times2$ plateau, and nearest
+#   upsampling turns every map pixel into an $s\times s$ plateau. A plain "equal to the 3×3 maximum" test
+#   would report every pixel of a plateau. We detect **regional maxima**: connected sets of equal values
+#   (8-connectivity) with no strictly higher neighbour, and return **one point per plateau, at its centroid**.
+#   An isolated peak at map pixel $(i,j)$ then localizes at exactly $(s(j+\frac12), s(i+\frac12))$ for any
+#   interpolation mode.
 # * **Coordinates.** Pixel $(v, u)$ of the upsampled map covers input pixel $(v, u)$, whose centre is at
 #   $(u+\frac12, v+\frac12)$ in the `(x, y)` convention of the annotations.
 #
 # A consequence worth knowing: bilinear interpolation cannot create a maximum between sample points, so with
-# `mode='bilinear'` (the paper's setting) predicted points lie within half a pixel of the stride-$s$ grid of cell
-# centres (or midway between equal neighbours). `mode='bicubic'` can place a peak between cell centres (sub-cell positions for smooth
-# bumps); `mode='nearest'` gives the same points as bilinear for isolated peaks.
+# `mode='bilinear'` (the paper's setting) predicted points lie within half a pixel of the stride-$s$ grid of
+# cell centres (or midway between equal neighbours). `mode='bicubic'` can place a peak between cell centres
+# (sub-cell positions for smooth bumps); `mode='nearest'` gives the same points as bilinear for isolated
+# peaks.
 
 # %% [markdown]
 # ## Upsampling the density map
@@ -59,6 +61,9 @@ from uotcrowd.core import pixel_centres
 #| export
 UpsampleMode = Literal['bilinear', 'bicubic', 'nearest']   # how a density map is interpolated to image pixels
 
+
+# %%
+#| export
 def upsample_density(density:torch.Tensor, # `(B, 1, h, w)` density maps
                      stride:int=8, # input pixels per density pixel
                      mode:UpsampleMode='bilinear' # 'bilinear', 'bicubic' (both align_corners=False, zero outside) or 'nearest'
@@ -77,10 +82,10 @@ def upsample_density(density:torch.Tensor, # `(B, 1, h, w)` density maps
 
 
 # %% [markdown]
-# For an odd stride the cell centres fall on image pixel $s j + \lfloor s/2\rfloor$, which reproduces the map values
-# exactly; with $s=8$ they lie between pixels $8j+3$ and $8j+4$. A constant map stays constant up to the outer cell
-# centres and then falls linearly to zero at half a cell beyond the image edge. Away from the border, bilinear
-# upsampling agrees with `torch`'s own unpadded upsampling.
+# For an odd stride the cell centres fall on image pixel $s j + \lfloor s/2\rfloor$, which reproduces the map
+# values exactly; with $s=8$ they lie between pixels $8j+3$ and $8j+4$. A constant map stays constant up to
+# the outer cell centres and then falls linearly to zero at half a cell beyond the image edge. Away from the
+# border, bilinear upsampling agrees with `torch`'s own unpadded upsampling.
 
 # %%
 d = torch.rand(2, 1, 5, 6)
@@ -88,7 +93,8 @@ up = upsample_density(d, 8)
 test_eq(up.shape, (2, 1, 40, 48))
 flat = upsample_density(torch.full((1, 1, 4, 4), 0.2), 8)[0, 0]
 test_close(flat[4:-4, 4:-4], torch.full((24, 24), 0.2), eps=1e-6)    # constant between the outer cell centres
-test_close(flat[0, 16], 0.2 * 4.5 / 8, eps=1e-6)                        # then falling linearly toward zero outside
+# then falling linearly toward zero outside
+test_close(flat[0, 16], 0.2 * 4.5 / 8, eps=1e-6)
 test_close(upsample_density(d, 3)[..., 1::3, 1::3], d, eps=1e-6)
 ref = F.interpolate(d, scale_factor=8, mode='bilinear', align_corners=False)
 test_close(up[..., 4:-4, 4:-4], ref[..., 4:-4, 4:-4], eps=1e-6)
@@ -99,8 +105,9 @@ test_fail(lambda: upsample_density(d, 8, mode='area'), contains='mode')
 # %% [markdown]
 # ## Regional maxima, one point per plateau
 #
-# The naive definition, written for clarity: flood-fill each connected set of equal values above the threshold and
-# keep it if no member has a strictly larger 8-neighbour. It loops over pixels, so it only serves as a reference.
+# The naive definition, written for clarity: flood-fill each connected set of equal values above the threshold
+# and keep it if no member has a strictly larger 8-neighbour. It loops over pixels, so it only serves as a
+# reference.
 
 # %%
 def regional_maxima_naive(img:np.ndarray, threshold:float) -> list[tuple[float, float, float]]:
@@ -114,12 +121,15 @@ def regional_maxima_naive(img:np.ndarray, threshold:float) -> list[tuple[float, 
             comp, queue, is_max = [], deque([(i, j)]), True
             seen[i, j] = True
             while queue:
-                y, x = queue.popleft(); comp.append((y, x))
+                y, x = queue.popleft()
+                comp.append((y, x))
                 for dy, dx in nbrs:
                     v, u = y + dy, x + dx
                     if not (0 <= v < H and 0 <= u < W): continue
                     if img[v, u] > img[y, x]: is_max = False
-                    elif img[v, u] == img[y, x] and not seen[v, u]: seen[v, u] = True; queue.append((v, u))
+                    elif img[v, u] == img[y, x] and not seen[v, u]:
+                        seen[v, u] = True
+                        queue.append((v, u))
             if is_max:
                 ys, xs = zip(*comp)
                 out.append((np.mean(xs) + 0.5, np.mean(ys) + 0.5, float(img[i, j])))
@@ -127,12 +137,13 @@ def regional_maxima_naive(img:np.ndarray, threshold:float) -> list[tuple[float, 
 
 
 # %% [markdown]
-# The batched version works on whole tensors. Each pixel above the threshold starts with its own flat index as a
-# label; repeatedly, it takes the smallest label among its 8 neighbours of *equal value*, followed by a
-# pointer-jumping step (`label = label[label]`) that makes long plateaus converge in a few rounds. At the fixed
-# point each plateau carries the index of its first pixel. A plateau is dropped if any member has a strictly higher
-# neighbour (one 3×3 max-pool), and surviving plateaus give the centroid of their members (`index_add_`). The only
-# Python loop is over propagation rounds (one round when there are no ties), never over pixels.
+# The batched version works on whole tensors. Each pixel above the threshold starts with its own flat index as
+# a label; repeatedly, it takes the smallest label among its 8 neighbours of *equal value*, followed by a
+# pointer-jumping step (`label = label[label]`) that makes long plateaus converge in a few rounds. At the
+# fixed point each plateau carries the index of its first pixel. A plateau is dropped if any member has a
+# strictly higher neighbour (one 3×3 max-pool), and surviving plateaus give the centroid of their members
+# (`index_add_`). The only Python loop is over propagation rounds (one round when there are no ties), never
+# over pixels.
 
 # %%
 #| export
@@ -161,23 +172,26 @@ def regional_maxima(values:torch.Tensor, # `(B, H, W)` map
             for (dy, dx), e in zip(_NBRS, equal):
                 new = torch.minimum(new, torch.where(e, shifted(pl, dy, dx), big))
             flat = new.reshape(-1)
-            flat = flat[flat]; flat = flat[flat]     # pointer jumping
+            flat = flat[flat]
+            flat = flat[flat]  # pointer jumping
             new = flat.view(B, H, W)
             if torch.equal(new, label): break
             label = new
     lab, hh = label[mask], has_higher[mask]
     bad = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, lab, hh.long())
     ys, xs = (idx[mask] % (H * W)).div(W, rounding_mode='floor'), idx[mask] % W
-    sums = torch.zeros(n, 3, dtype=torch.long, device=dev).index_add_(0, lab, torch.stack([xs, ys, torch.ones_like(xs)], -1))
+    sums = torch.zeros(n, 3, dtype=torch.long, device=dev).index_add_(
+        0, lab, torch.stack([xs, ys, torch.ones_like(xs)], -1))
     roots = idx[mask][(lab == idx[mask]) & (bad[lab] == 0)]
     dt = values.dtype if values.is_floating_point() else torch.float32
-    xy = (sums[roots, :2] / sums[roots, 2:]).to(dt) + 0.5    # integer sums: exact centroids for any plateau size
+    # integer sums: exact centroids for any plateau size
+    xy = (sums[roots, :2] / sums[roots, 2:]).to(dt) + 0.5
     return roots.div(H * W, rounding_mode='floor'), xy, values.reshape(-1)[roots]
 
 
 # %% [markdown]
-# The fast version agrees with the naive one on random maps with many ties (small integers: plateaus, shoulders,
-# touching maxima, maxima at the border), and, without ties, with SciPy's maximum filter.
+# The fast version agrees with the naive one on random maps with many ties (small integers: plateaus,
+# shoulders, touching maxima, maxima at the border), and, without ties, with SciPy's maximum filter.
 
 # %%
 from scipy import ndimage
@@ -193,9 +207,11 @@ for trial in range(40):
     test_close(np.array(got).reshape(-1, 3), np.array(ref).reshape(-1, 3), eps=1e-5)
 img = torch.rand(3, 20, 30, generator=g)
 b, xy, val = regional_maxima(img, 0.3)
-peaks = (ndimage.maximum_filter(img.numpy(), size=(1, 3, 3), mode='constant', cval=-np.inf) == img.numpy()) & (img.numpy() > 0.3)
+peaks = ((ndimage.maximum_filter(img.numpy(), size=(1, 3, 3), mode='constant', cval=-np.inf) == img.numpy())
+         & (img.numpy() > 0.3))
 bb, yy, xx = np.nonzero(peaks)
-test_eq(b.tolist(), bb.tolist()); test_eq(xy.tolist(), np.stack([xx + .5, yy + .5], 1).tolist())
+test_eq(b.tolist(), bb.tolist())
+test_eq(xy.tolist(), np.stack([xx + .5, yy + .5], 1).tolist())
 
 
 # %% [markdown]
@@ -233,7 +249,8 @@ h, w = 6, 7
 for s in (8, 4, 3, 1):
     for mode in ('bilinear', 'bicubic', 'nearest'):
         for i, j in [(2, 3), (0, 0), (5, 6), (0, 4)]:
-            d = torch.zeros(1, 1, h, w); d[0, 0, i, j] = 0.7
+            d = torch.zeros(1, 1, h, w)
+            d[0, 0, i, j] = 0.7
             pts, sc = localize(d, s, return_scores=True, mode=mode)
             test_eq(pts[0].tolist(), [[s * (j + .5), s * (i + .5)]])
             assert sc[0].item() > 0.05
@@ -241,15 +258,15 @@ test_eq(localize(d, 8)[0].tolist(), pixel_centres(h, w, 8)[d.flatten().argmax()]
 
 
 # %% [markdown]
-# **Gaussian bumps.** A density made of isolated Gaussian bumps ($\sigma$ = 1 map pixel, each summing to one head)
-# centred on cell centres localizes at those centres within a pixel (the neighbouring bumps' tails break the exact
-# tie of the $2\times2$ peak, so the maximum is one of the four pixels around the centre: at most $\sqrt{1/2}$ px off). With bumps centred anywhere,
-# bilinear points are the nearest cell centre (error at most $s/2$ per axis), and bicubic interpolation recovers
-# the sub-cell position to about a pixel.
+# **Gaussian bumps.** A density made of isolated Gaussian bumps ($\sigma$ = 1 map pixel, each summing to one
+# head) centred on cell centres localizes at those centres within a pixel (the neighbouring bumps' tails break
+# the exact tie of the $2\times2$ peak, so the maximum is one of the four pixels around the centre: at most
+# $\sqrt{1/2}$ px off). With bumps centred anywhere, bilinear points are the nearest cell centre (error at
+# most $s/2$ per axis), and bicubic interpolation recovers the sub-cell position to about a pixel.
 
 # %%
 def gaussian_density(points, h, w, stride=8, sigma=1.0):
-    "Sum of unit-mass Gaussians (std `sigma` map pixels) rendered at the centres of an `h`×`w` stride-`stride` map."
+    "Unit-mass Gaussians (std `sigma` map pixels) summed at the centres of an `h`×`w` stride-`stride` map."
     c = pixel_centres(h, w, stride)
     d2 = ((c[:, None] - points[None]) ** 2).sum(-1) / stride ** 2
     k = torch.exp(-d2 / (2 * sigma ** 2))
@@ -259,25 +276,31 @@ def nearest_error(pred, gt):
     "Largest distance from a ground-truth point to its nearest prediction, and the count difference."
     return torch.cdist(gt, pred).min(1).values.max().item(), len(pred) - len(gt)
 
-centred = torch.tensor([[3, 3], [12, 4], [5, 10], [14, 13]]).float().mul(8).add(4)   # cell centres of a 16×18 map
+# cell centres of a 16×18 map
+centred = torch.tensor([[3, 3], [12, 4], [5, 10], [14, 13]]).float().mul(8).add(4)
 pts = localize(gaussian_density(centred, 16, 18), 8)[0]
-test_eq(len(pts), 4); assert nearest_error(pts, centred)[0] <= math.sqrt(0.5)
+test_eq(len(pts), 4)
+assert nearest_error(pts, centred)[0] <= math.sqrt(0.5)
 
 anywhere = torch.tensor([[27.3, 30.8], [101.1, 35.6], [45.9, 86.2], [117.4, 110.5]])
 d = gaussian_density(anywhere, 16, 18)
-err, dn = nearest_error(localize(d, 8)[0], anywhere); test_eq(dn, 0); assert err <= 4 * math.sqrt(2)
-err_cubic, dn = nearest_error(localize(d, 8, mode='bicubic')[0], anywhere); test_eq(dn, 0); assert err_cubic < 1.5
+err, dn = nearest_error(localize(d, 8)[0], anywhere)
+test_eq(dn, 0)
+assert err <= 4 * math.sqrt(2)
+err_cubic, dn = nearest_error(localize(d, 8, mode='bicubic')[0], anywhere)
+test_eq(dn, 0)
+assert err_cubic < 1.5
 err, err_cubic
 
 # %% [markdown]
-# **What the 3×3 window sees.** With `mode='nearest'` every map pixel is an $s\times s$ plateau, so the points are
-# exactly the map pixels larger than all 8 neighbours, at their cell centres (checked against SciPy's maximum
-# filter). Bilinear interpolation is different near a map pixel: the image-resolution 3×3 window reaches only $1/s$
-# of a cell, where a diagonal neighbour enters with weight $\approx 1/s^2$, so a map pixel that beats its four direct
-# neighbours is usually a peak even when a diagonal neighbour is larger. On noisy maps bilinear therefore reports
-# more peaks than nearest, close to the count of map pixels that beat their 4 direct neighbours (cross footprint).
-# Trained GL maps are compact, so the difference matters little in practice. A constant map is a single plateau
-# with one point at the image centre.
+# **What the 3×3 window sees.** With `mode='nearest'` every map pixel is an $s\times s$ plateau, so the points
+# are exactly the map pixels larger than all 8 neighbours, at their cell centres (checked against SciPy's
+# maximum filter). Bilinear interpolation is different near a map pixel: the image-resolution 3×3 window
+# reaches only $1/s$ of a cell, where a diagonal neighbour enters with weight $\approx 1/s^2$, so a map pixel
+# that beats its four direct neighbours is usually a peak even when a diagonal neighbour is larger. On noisy
+# maps bilinear therefore reports more peaks than nearest, close to the count of map pixels that beat their 4
+# direct neighbours (cross footprint). Trained GL maps are compact, so the difference matters little in
+# practice. A constant map is a single plateau with one point at the image centre.
 
 # %%
 d = torch.rand(2, 1, 20, 30, generator=g)
@@ -295,28 +318,38 @@ test_eq(localize(torch.full((1, 1, 96, 128), 0.1), 8)[0].tolist(), [[512., 384.]
 # **Threshold, empty maps, batches, plateaus.**
 
 # %%
-d = torch.zeros(1, 1, 8, 8); d[0, 0, 2, 2] = 0.06; d[0, 0, 5, 5] = 0.04
+d = torch.zeros(1, 1, 8, 8)
+d[0, 0, 2, 2] = 0.06
+d[0, 0, 5, 5] = 0.04
 pts, sc = localize(d, 8, threshold=0.05, return_scores=True)
-test_eq(pts[0].tolist(), [[20., 20.]]); assert (sc[0] > 0.05).all()
+test_eq(pts[0].tolist(), [[20., 20.]])
+assert (sc[0] > 0.05).all()
 test_eq(len(localize(d, 8, threshold=0.03)[0]), 2)
 test_eq(len(localize(d, 8, threshold=0.07)[0]), 0)
 
 empty = localize(torch.zeros(2, 1, 8, 8), 8, return_scores=True)
-test_eq([p.shape for p in empty[0]], [(0, 2), (0, 2)]); test_eq([s.shape for s in empty[1]], [(0,), (0,)])
+test_eq([p.shape for p in empty[0]], [(0, 2), (0, 2)])
+test_eq([s.shape for s in empty[1]], [(0,), (0,)])
 test_eq(localize(torch.zeros(0, 1, 4, 4), 8), [])
 
-batch = torch.cat([gaussian_density(anywhere, 16, 18), torch.zeros(1, 1, 16, 18), gaussian_density(centred, 16, 18)])
+batch = torch.cat([gaussian_density(anywhere, 16, 18), torch.zeros(1, 1, 16, 18),
+                   gaussian_density(centred, 16, 18)])
 together = localize(batch, 8, return_scores=True)
 for k in range(3):
     alone = localize(batch[k:k + 1], 8, return_scores=True)
-    test_eq(together[0][k], alone[0][0]); test_eq(together[1][k], alone[1][0])
+    test_eq(together[0][k], alone[0][0])
+    test_eq(together[1][k], alone[1][0])
 
-plateau = torch.zeros(1, 1, 8, 8); plateau[0, 0, 2:4, 4:6] = 0.3    # four equal map pixels: one head, one point
+plateau = torch.zeros(1, 1, 8, 8)
+plateau[0, 0, 2:4, 4:6] = 0.3  # four equal map pixels: one head, one point
 test_eq(localize(plateau, 8)[0].tolist(), [[40., 24.]])
 test_eq(localize(plateau, 8, mode='nearest')[0].tolist(), [[40., 24.]])
-shoulder = plateau.clone(); shoulder[0, 0, 2, 3] = 0.5               # a flat shoulder beside a higher peak is no peak
+shoulder = plateau.clone()
+shoulder[0, 0, 2, 3] = 0.5  # a flat shoulder beside a higher peak is no peak
 test_eq(localize(shoulder, 1)[0].tolist(), [[3.5, 2.5]])
-pts = localize(shoulder, 8)[0]; test_eq(len(pts), 1); assert (pts - torch.tensor([28., 20.])).norm() <= math.sqrt(0.5)
+pts = localize(shoulder, 8)[0]
+test_eq(len(pts), 1)
+assert (pts - torch.tensor([28., 20.])).norm() <= math.sqrt(0.5)
 test_fail(lambda: localize(torch.zeros(8, 8), 8), contains='(B, 1, h, w)')
 
 # %% [markdown]
@@ -326,75 +359,25 @@ test_fail(lambda: localize(torch.zeros(8, 8), 8), contains='(B, 1, h, w)')
 # %%
 heads = torch.rand(300, 2, generator=g) * torch.tensor([1024., 768.])
 d = gaussian_density(heads, 96, 128).requires_grad_()
-t0 = time.perf_counter(); pts = localize(d, 8)[0]; dt = time.perf_counter() - t0
+t0 = time.perf_counter()
+pts = localize(d, 8)[0]
+dt = time.perf_counter() - t0
 assert pts.device == d.device and not pts.requires_grad and 0 < len(pts) <= 300
 print(f'{len(pts)} points from 300 heads in {1e3 * dt:.0f} ms')
 
 # %% [markdown]
-# ## Plotting points over an image
-#
-# `plot_points` draws predicted points (red crosses) and, if given, ground-truth points (hollow green circles) over
-# an image. `image` may be an `(H, W, 3)` array or PIL image, or a `(3, H, W)` tensor; tensors with values outside
-# $[0, 1]$ are taken to be ImageNet-normalized (as the datasets yield them) and de-normalized for display.
-# `uotcrowd.metrics` adds a plot that colours true/false positives and misses.
-
-# %%
-#| export
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-def _as_display_image(image):
-    if isinstance(image, torch.Tensor):
-        img = image.detach().cpu().float()
-        if img.dim() == 3 and img.shape[0] in (1, 3):
-            if img.min() < 0 or img.max() > 1:
-                img = img * torch.tensor(_IMAGENET_STD)[:, None, None] + torch.tensor(_IMAGENET_MEAN)[:, None, None]
-            img = img.permute(1, 2, 0)
-        return img.clamp(0, 1).squeeze(-1).numpy()
-    return np.asarray(image)
-
-def plot_points(image, # `(H, W, 3)` array / PIL image, or `(3, H, W)` tensor (ImageNet-normalized or in [0, 1])
-                pred_points=None, # `(K, 2)` predicted `(x, y)` points
-                gt_points=None, # `(N, 2)` ground-truth `(x, y)` points
-                ax=None, # matplotlib axes to draw on (a new figure if None)
-                pred_color:str='red', gt_color:str='lime', # marker colours
-                size:float=30, # marker size (points²)
-                title:str|None=None, # axes title (default: the counts)
-                legend:bool=True):
-    "Show `image` with predicted points (crosses) and ground-truth points (circles); returns the axes."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4.5))
-    ax.imshow(_as_display_image(image))
-    parts = []
-    for pts, kw, name in [(gt_points, dict(facecolors='none', edgecolors=gt_color, marker='o', linewidths=1.2), 'ground truth'),
-                          (pred_points, dict(c=pred_color, marker='+', linewidths=1.2), 'predicted')]:
-        if pts is None: continue
-        pts = np.asarray(pts.detach().cpu() if isinstance(pts, torch.Tensor) else pts, dtype=float).reshape(-1, 2)
-        ax.scatter(pts[:, 0], pts[:, 1], s=size, label=f'{name} ({len(pts)})', **kw)
-        parts.append(f'{name}: {len(pts)}')
-    ax.set_title(', '.join(parts) if title is None else title)
-    if legend and parts: ax.legend(loc='upper right', fontsize=8)
-    ax.set_axis_off()
-    return ax
-
-
-# %%
-import matplotlib
-import matplotlib.pyplot as plt
-
-# %%
-ax = plot_points(torch.randn(3, 32, 48), torch.tensor([[4., 4.], [20., 12.]]), torch.tensor([[5., 5.]]))
-test_eq(len(ax.collections), 2); test_eq(ax.get_title(), 'ground truth: 1, predicted: 2')
-test_eq(_as_display_image(torch.zeros(3, 4, 5)).shape, (4, 5, 3))
-plt.close('all')
-
-# %% [markdown]
 # ## Example: a ShanghaiTech image
 #
-# No trained model exists in this notebook, so we build a density map the way a good network would predict one:
-# the ground-truth heads of a ShanghaiTech Part B image rendered as unit-mass Gaussians ($\sigma$ = 1 map pixel)
-# on the stride-8 grid. `localize` recovers most heads; heads closer than about two map pixels merge into one peak,
-# which is the resolution limit of a stride-8 map. A trained model's map and its points are shown on the home page
-# and by `uotcrowd demo`.
+# No trained model exists in this notebook, so we build a density map the way a good network would predict
+# one: the ground-truth heads of a ShanghaiTech Part B image rendered as unit-mass Gaussians ($\sigma$ = 1 map
+# pixel) on the stride-8 grid. `localize` recovers most heads; heads closer than about two map pixels merge
+# into one peak, which is the resolution limit of a stride-8 map. A trained model's map and its points are
+# shown on the home page and by `uotcrowd demo`.
+# The points are drawn by `uotcrowd.plots.plot_points` (red crosses over hollow green circles).
+
+# %%
+import matplotlib.pyplot as plt
+from uotcrowd.plots import plot_points
 
 # %%
 from PIL import Image
@@ -419,4 +402,5 @@ else: print(f'fixture {img_path} not found; figure skipped')
 
 # %%
 #| hide
-import nbdev; nbdev.nbdev_export()
+import nbdev
+nbdev.nbdev_export()

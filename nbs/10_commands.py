@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Commands
 #
-# > `train` and `demo` as Python functions with typed, documented arguments: what `uotcrowd train` and `uotcrowd demo` run (`uotcrowd predict` is `uotcrowd.counter.predict`).
+# > `train` and `demo` as Python functions with typed, documented arguments: what `uotcrowd train` and `uotcrowd demo` run (`uotcrowd predict` is `uotcrowd.predict.predict`).
 
 # %%
 #| default_exp commands
@@ -13,11 +13,15 @@ import json, os, time
 from pathlib import Path
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 from uotcrowd.core import get_device, seed_everything
 from uotcrowd.data import build_datasets, check_data_dir, synthetic_kwargs, DatasetName
 from uotcrowd.models import get_model, ModelName, OutAct
 from uotcrowd.registry import get_loss, LossName
-from uotcrowd.train import TrainConfig, fit, load_model
+from uotcrowd.checkpoints import load_model
+from uotcrowd.train import TrainConfig, fit
+from uotcrowd.localize import localize
 from uotcrowd.evaluate import evaluate, format_metrics
 from uotcrowd.plots import plot_examples
 
@@ -104,6 +108,46 @@ train(**tiny, max_epoch=1, max_steps=1, scale_range=(0.8, 1.25), out_dir=tmp / '
 test_eq(json.loads((tmp / 'scaled' / 'config.json').read_text())['data_kwargs']['scale_range'], [0.8, 1.25])
 
 # %% [markdown]
+# ## Examples of a model
+#
+# `example_predictions` runs a model on `k` evenly spaced images of a dataset and locates the heads in each
+# density map (`uotcrowd.localize.localize`, default threshold): what `uotcrowd.plots.plot_examples` draws.
+
+# %%
+#| export
+@torch.no_grad()
+def example_predictions(model:nn.Module, # density model with a `stride` attribute
+                        ds:Dataset, # full-image `(image, points, meta)` items
+                        k:int=3 # number of images, evenly spaced over `ds`
+                       ) -> list[dict]: # per image: `name`, `image`, `gt_points`, `density`, `points`
+    "The model's density map and located heads on `k` images of `ds`, for `uotcrowd.plots.plot_examples`."
+    device = next(model.parameters()).device
+    examples = []
+    for i in np.linspace(0, len(ds) - 1, k).astype(int):
+        image, gt, meta = ds[int(i)]
+        density = model(image.unsqueeze(0).to(device)).float()
+        examples.append({'name': meta['name'], 'image': image, 'gt_points': gt, 'density': density.cpu(),
+                         'points': localize(density, stride=model.stride)[0].cpu()})
+    return examples
+
+# %% [markdown]
+# A model whose density is 0.01 everywhere on 5 images: the first and the last are shown, each with a count of
+# 0.01 per density pixel (16 of them: 0.16) and no point above the localization threshold.
+
+# %%
+class _Ones(nn.Module):
+    stride = 4
+    def __init__(self): super().__init__(); self.w = nn.Parameter(torch.ones(()))
+    def forward(self, x): return self.w * torch.full((x.shape[0], 1, x.shape[2] // 4, x.shape[3] // 4), 0.01)
+_ds = [(torch.zeros(3, 16, 16), torch.tensor([[4., 4.]]), {'name': f'im{i}'}) for i in range(5)]
+_ex = example_predictions(_Ones(), _ds, k=2)
+test_eq([e['name'] for e in _ex], ['im0', 'im4'])
+test_close([float(e['density'].sum()) for e in _ex], [0.16, 0.16], eps=1e-6)
+test_eq([e['points'].shape for e in _ex], [(0, 2), (0, 2)]); test_eq(_ex[1]['gt_points'], torch.tensor([[4., 4.]]))
+test_eq([ax.get_title() for ax in plot_examples(_ex).axes][:2],
+        ['im0: 1 annotated (green), 0 located (red)', 'density: count 0.2'])
+
+# %% [markdown]
 # ## `demo`
 #
 # The README's command. With no data and no weights it
@@ -170,7 +214,7 @@ def demo(out:str='demo_out', # output folder
     metrics.update(dataset='synthetic', split='test', model='mcnn', loss='gl', epochs=res['epochs'],
                    best_epoch=res['best_epoch'] + 1, best_val_mae=res['best_mae'], mean_train_count=mean_count,
                    baseline_mae=baseline_mae, train_time_s=t_train)
-    plot_examples(model, test_ds, path=out / 'examples.png')
+    plot_examples(example_predictions(model, test_ds), path=out / 'examples.png')
     metrics['total_time_s'] = time.perf_counter() - t0
     (out / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     say(format_metrics(metrics))

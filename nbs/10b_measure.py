@@ -143,7 +143,7 @@ test_eq(set(threads_seen), {2})
 
 # %%
 #| export
-def _status_bytes(field:str # a size field of `/proc/self/status`: 'VmRSS', 'VmHWM', ...
+def status_bytes(field:str # a size field of `/proc/self/status`: 'VmRSS', 'VmHWM', ...
                  ) -> int:
     "A size field of `/proc/self/status` in bytes."
     with open('/proc/self/status') as fh:
@@ -154,8 +154,8 @@ def _status_bytes(field:str # a size field of `/proc/self/status`: 'VmRSS', 'VmH
 
 # %%
 if os.path.exists('/proc/self/status'):
-    assert _status_bytes('VmHWM') >= _status_bytes('VmRSS') > 0
-    test_fail(lambda: _status_bytes('VmNothing'), contains='has no VmNothing')
+    assert status_bytes('VmHWM') >= status_bytes('VmRSS') > 0
+    test_fail(lambda: status_bytes('VmNothing'), contains='has no VmNothing')
 
 
 # %%
@@ -168,10 +168,10 @@ def _rss_peak(fn:Callable # function of no arguments
         if hasattr(libc, 'malloc_trim'): libc.malloc_trim(0)   # freed heap goes back (and counts when reused)
         with open('/proc/self/clear_refs', 'w') as fh:
             fh.write('5')                                    # the high-water mark restarts at the size now
-        base = _status_bytes('VmRSS')
+        base = status_bytes('VmRSS')
     except (OSError, AttributeError): return None
     fn()
-    return float(max(0, _status_bytes('VmHWM') - base))
+    return float(max(0, status_bytes('VmHWM') - base))
 
 
 # %%

@@ -24,7 +24,8 @@ from uotcrowd.measure import has_module
 from uotcrowd.loss_bench import METHODS, BenchMethod, LOSS_SIZES_QUICK
 from uotcrowd.throughput import THROUGHPUT_MODELS, THROUGHPUT_QUICK
 from uotcrowd.bench import run_bench
-from uotcrowd.counter import predict, models_cmd
+from uotcrowd.checkpoints import models_cmd
+from uotcrowd.predict import predict
 from uotcrowd.serve import serve
 from uotcrowd.deploy import export
 
@@ -66,7 +67,7 @@ from pathlib import Path
 # ```
 #
 # This module only wires: each command is a Python function of the library (`uotcrowd.commands.train`,
-# `uotcrowd.evaluate.evaluate_checkpoint`, `uotcrowd.counter.predict`, `uotcrowd.counter.models_cmd`,
+# `uotcrowd.evaluate.evaluate_checkpoint`, `uotcrowd.predict.predict`, `uotcrowd.checkpoints.models_cmd`,
 # `uotcrowd.serve.serve`, `uotcrowd.deploy.export`, `uotcrowd.commands.demo`, and `bench` below over
 # `uotcrowd.bench.run_bench`), and its flags are generated from that function's signature: the name
 # (`data_dir` → `--data-dir`), the type, the default and, as help, the comment after the parameter. The

@@ -36,7 +36,8 @@ annotated = len(loadmat(str(photo.parent.parent / 'ground-truth' / f'GT_{photo.s
 # prints the full cards.
 
 # %%
-from uotcrowd.counter import Counter, models_cmd, render_result
+from uotcrowd.checkpoints import models_cmd
+from uotcrowd.counter import Counter, render_result
 
 # %%
 cards = models_cmd()
@@ -108,7 +109,7 @@ assert abs(tiled.count - result.count) < 0.02 * result.count   # measured: 1.1 %
 # video extra (`pip install -e ".[video]"`: PyAV, which brings its own FFmpeg).
 #
 # ```python
-# from uotcrowd.counter import predict_video
+# from uotcrowd.video import predict_video
 # predict_video('clip.mp4', 'shb-effnet-gl', out='counts', every=5, annotate=True)
 # # counts/clip_counts.csv, counts/clip_counts.png, counts/clip_annotated.mp4
 # ```

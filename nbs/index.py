@@ -221,9 +221,12 @@ Markdown('\n'.join(f'- {model_summary(f"../models/{name}.pt")}' for name in ('sh
 # | [Losses](04_losses.ipynb) | `GeneralizedLoss`, the official objective, what the cost and ε do to the training signal |
 # | [Baseline losses](04a_baselines.ipynb), [Loss registry](04b_registry.ipynb) | L2 density maps, Bayesian loss (+ background), DM-Count on the same costs and solver; `get_loss` by name |
 # | [Synthetic crowds](05_synthetic.ipynb), [Data](05a_data.ipynb) and [Models](06_models.ipynb) | procedurally drawn crowds, the datasets in their official layouts, VGG19 / CSRNet / MCNN and the ImageNet-pretrained EfficientNet-Lite0 |
+# | [Plots](05b_plots.ipynb) | every figure of the package: points and matches over a photo, a prediction with its density map, examples of a model, training curves, counts over time |
+# | [Checkpoints and model cards](06a_checkpoints.ipynb) | checkpoint files, named models, slim model files and the cards they carry (`uotcrowd models`) |
 # | [Training](07_train.ipynb) | `fit`: the fixed cosine schedule and weight average, validation, checkpoints and exact resume, DDP under `torchrun` |
-# | [Localization](08_localize.ipynb), [Metrics](09_metrics.ipynb), [Evaluation](09a_evaluate.ipynb), [Plots](09b_plots.ipynb) | density map → head positions; NWPU P/R/F1 (σs, σl), UCF-QNRF P/R over 1..100 px; counting and localization of a model or checkpoint; shared figures |
+# | [Localization](08_localize.ipynb), [Metrics](09_metrics.ipynb), [Evaluation](09a_evaluate.ipynb) | density map → head positions; NWPU P/R/F1 (σs, σl), UCF-QNRF P/R over 1..100 px; counting and localization of a model or checkpoint |
 # | [Commands](10_commands.ipynb), [Command line](12_cli.ipynb) | `train`, `predict`, `demo` as functions, and `uotcrowd train / eval / predict / demo / bench` wired from their signatures |
+# | [Counter](11a_counter.ipynb), [Video](11c_video.ipynb) and [Predict](11d_predict.ipynb) | `Counter`: photos of any size in bounded memory; counts per video frame; `uotcrowd predict` over photos, folders and videos |
 # | [Measurements](10b_measure.ipynb), [Reference losses](10c_references.ipynb), [Loss benchmark](10d_loss_bench.ipynb), [Training throughput](10e_throughput.ipynb), [ONNX Runtime](10f_onnx_bench.ipynb), [Benchmarks](11_bench.ipynb) | timings with `torch.utils.benchmark`; the loss against the official geomloss recipe and POT, its share of a VGG19 step and at training sizes; training speed per precision; `uotcrowd bench` |
 # | [Experiments](experiments/synthetic_ablations.ipynb) | the paper's Tables 1-2 and ablations on synthetic crowds, [MCNN on ShanghaiTech B](experiments/shb_mcnn.ipynb), and [the commands for the paper's tables](experiments/real_data.ipynb) |
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from uotcrowd.cli import main
 from uotcrowd.data import build_datasets, denormalize
-from uotcrowd.train import load_checkpoint, load_model
+from uotcrowd.checkpoints import load_checkpoint, load_model
 
 TINY = ['--dataset', 'synthetic', '--synthetic-n', '16', '--synthetic-size', '48']
 
@@ -224,7 +224,7 @@ def test_precision_is_recorded_and_reused(trained, tmp_path, capsys):
 
 def test_slim_checkpoint_threshold_is_used_by_eval_and_predict(trained, tmp_path, capsys):
     "A slim checkpoint carries the threshold chosen on validation; eval and predict use it unless told otherwise."
-    from uotcrowd.train import slim_checkpoint
+    from uotcrowd.checkpoints import slim_checkpoint
     from uotcrowd.localize import localize
     from uotcrowd.data import load_image, to_uint8_tensor, normalize
     _, _, test_ds = build_datasets('synthetic', crop_size=32, stride=4, n_train=16, n_val=4, n_test=4, size=48)

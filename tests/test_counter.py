@@ -1,4 +1,5 @@
-"""Counting people in photos and videos: tiled inference against whole-image inference, named models (the web page: test_serve.py)."""
+"""Counting people in photos: tiled inference against whole-image inference, named models and their cards (the web page:
+test_serve.py, videos: test_video.py)."""
 import io, json, re, secrets, shutil, subprocess, threading, urllib.error, urllib.request, warnings
 from pathlib import Path
 
@@ -7,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from uotcrowd.counter import (Counter, SquareCounter, as_rgb, measure_peak_memory, model_card, models_cmd, predict_video,
-                              read_video, resolve_checkpoint, square_frames, VideoWriter)
+from uotcrowd.checkpoints import PUBLISHED, load_checkpoint, model_card, models_cmd, resolve_checkpoint, results_card
+from uotcrowd.counter import Counter, as_rgb, measure_peak_memory
 from uotcrowd.models import get_model
-from uotcrowd.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'shb-mcnn-gl'
@@ -69,10 +69,12 @@ def test_named_model_and_card():
     assert path == ROOT / 'models' / f'{MODEL}.pt'
     ck = load_checkpoint(path)
     card = model_card(ck)
-    run = card['source']['checkpoint']
+    results_csv, run = PUBLISHED[MODEL]               # the experiment run it was published from (developers' records)
+    assert card == results_card(ROOT / results_csv, run, MODEL, ROOT)
     assert card['training']['precision'] == ck['precision']
     assert card['localization']['threshold'] == ck['loc_threshold'] == json.loads(
         (ROOT / run).with_name('loc_threshold.json').read_text())['threshold']
+    assert 'source' not in card and 'experiments' not in json.dumps(card)    # the card names no file of the checkout
     assert set(ck) == {'model', 'model_name', 'model_kwargs', 'stride', 'precision', 'loc_threshold', 'card', 'torch_version'}
     assert MODEL in models_cmd(quiet=True)
     with pytest.raises(FileNotFoundError, match=f'named models: .*{MODEL}'):
@@ -86,7 +88,7 @@ def test_published_model_card_is_what_the_model_does(shanghaitech_dir, model_fil
     import scipy.io
     from uotcrowd.data import ShanghaiTech
     from uotcrowd.evaluate import evaluate
-    from uotcrowd.train import load_model
+    from uotcrowd.checkpoints import load_model
     model, ck = load_model(ROOT / 'models' / model_file, 'cpu')
     card = model_card(ck)
     part = {'shanghaitech-a': 'A', 'shanghaitech-b': 'B'}.get(card['dataset'])
@@ -118,20 +120,3 @@ def test_counter_errors_name_the_file(tmp_path):
         c([np.zeros((8, 8, 3), np.uint8), bad])
     with pytest.raises(TypeError, match='uint8'):
         c(np.zeros((8, 8, 3)))
-
-
-def test_predict_video(tmp_path):
-    "A video made here, frame k showing (k mod 4) + 1 white squares: counts per frame, CSV, plot, annotated video."
-    import av  # noqa: F401  (the dev extra installs PyAV: a missing one fails here)
-    with VideoWriter(tmp_path / 'squares.mp4', 10) as vw:
-        for f in square_frames(12): vw.write(f)
-    res = predict_video(str(tmp_path / 'squares.mp4'), Counter(SquareCounter(), device='cpu'), out=str(tmp_path / 'out'),
-                        every=2, annotate=True, quiet=True)
-    expected = [k % 4 + 1 for k in range(0, 12, 2)]
-    assert [r['frame'] for r in res['rows']] == list(range(0, 12, 2))
-    np.testing.assert_allclose([r['count'] for r in res['rows']], expected, atol=0.03)
-    assert [r['n_points'] for r in res['rows']] == expected
-    assert res['csv'].read_text().splitlines()[0] == 'frame,time_s,count,n_points'
-    assert Image.open(res['plot']).size == (700, 300)
-    assert len(list(read_video(res['video']))) == len(expected)
-

@@ -12,7 +12,7 @@ from uotcrowd.counter import Counter, as_rgb
 from uotcrowd.data import normalize
 from uotcrowd.deploy import OnnxDensity, export_onnx
 from uotcrowd.models import MODELS, get_model
-from uotcrowd.train import load_model, resolve_checkpoint
+from uotcrowd.checkpoints import load_model, resolve_checkpoint
 
 MODEL = 'shb-mcnn-gl'
 

@@ -48,10 +48,14 @@ def quiet(name, **kw):
 
 
 def test_param_counts_match_torchvision(tv_models):
+    "Against torchvision's models and the closed form 9 c_in c_out + c_out of each 3x3 convolution."
+    conv3 = lambda chans: sum(9 * a * b + b for a, b in zip([3] + chans[:-1], chans))
+    assert conv3([64, 64, 128, 128] + [256] * 4 + [512] * 8) == 20_024_384
+    assert conv3([64, 64, 128, 128] + [256] * 3 + [512] * 3) == 7_635_264
     m = quiet('vgg19')
     assert n_params(m.features) == n_params(tv_models['vgg19'].features[:-1]) == 20_024_384
     c = quiet('csrnet')
-    assert n_params(c.frontend) == n_params(tv_models['vgg16'].features[:23])
+    assert n_params(c.frontend) == n_params(tv_models['vgg16'].features[:23]) == 7_635_264
     assert n_params(c) == 16_263_489
     assert n_params(MCNN()) == 133_705
 
@@ -78,6 +82,25 @@ def test_torchvision_state_dict_reproduces_features(tmp_path, tv_models, name, t
     assert load_weights(again, tmp_path / 'features.pth') == 'backbone'
     with torch.no_grad():
         assert torch.equal(getattr(again.eval(), prefix)(x), ref)
+
+
+def test_torchvision_vgg19_state_dict_loads_as_it_is(tmp_path):
+    "torchvision's own vgg19() state dict, saved whole (classifier included): our backbone has its keys and shapes."
+    torch.manual_seed(3)
+    tv = torchvision.models.vgg19(weights=None).eval()
+    torch.save(tv.state_dict(), tmp_path / 'vgg19.pth')
+    model = get_model('vgg19', weights=tmp_path / 'vgg19.pth').eval()
+    theirs, ours = tv.features.state_dict(), model.features.state_dict()
+    assert list(ours) == list(theirs) and [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    model.features.load_state_dict(theirs)   # strict: no key renamed, none missing, none left over
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        assert torch.equal(model.features(x), tv.features[:-1](x))
+    # CSRNet's front-end is the beginning of vgg16's `features`: the same keys, shapes and order
+    front = quiet('csrnet').frontend.state_dict()
+    vgg16 = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs['D']).state_dict()
+    assert [(k, v.shape) for k, v in front.items()] == [(k, v.shape) for k, v in vgg16.items()][:len(front)] != []
 
 
 def test_wrong_torchvision_model_names_keys(tmp_path, tv_models):

@@ -7,7 +7,7 @@ import torch
 from uotcrowd.cli import main
 from uotcrowd.losses import GeneralizedLoss, unbalanced_dual_value
 from uotcrowd.registry import get_loss
-from uotcrowd.train import load_checkpoint
+from uotcrowd.checkpoints import load_checkpoint
 
 EPS, REACH, TAU = 0.01, 0.5, 0.1
 

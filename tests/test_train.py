@@ -9,7 +9,8 @@ from uotcrowd.core import seed_everything
 from uotcrowd.data import build_datasets, collate
 from uotcrowd.registry import get_loss
 from uotcrowd.models import get_model
-from uotcrowd.train import TrainConfig, fit, load_checkpoint, load_model
+from uotcrowd.checkpoints import load_checkpoint, load_model
+from uotcrowd.train import TrainConfig, fit
 from uotcrowd.evaluate import evaluate
 from uotcrowd.data import ShanghaiTech
 

@@ -25,6 +25,7 @@ def _cell_masses(centre:torch.Tensor, # `(N,)` coordinates along one axis
     cdf = 0.5*torch.special.erfc(-(edges[None] - centre[:, None])/(sigma[:, None]*math.sqrt(2)))
     return (cdf[:, 1:] - cdf[:, :-1]).clamp_min(0)
 
+# %% ../nbs/04a_baselines.ipynb #73181533
 def adaptive_sigma(points:torch.Tensor, # `(N, 2)` annotations in input pixels
                    k:int=3, # number of nearest neighbours
                    beta:float=0.3, # bandwidth per unit of mean neighbour distance
@@ -38,6 +39,7 @@ def adaptive_sigma(points:torch.Tensor, # `(N, 2)` annotations in input pixels
     knn = dist.topk(min(k, n - 1) + 1, dim=1, largest=False).values[:, 1:]  # drop the head itself
     return (beta*knn.mean(1)).clamp_min(min_sigma)
 
+# %% ../nbs/04a_baselines.ipynb #5034f008
 def density_map(points:torch.Tensor, # `(N, 2)` annotations `(x, y)` in input pixels
                 h:int, # rows of the density map
                 w:int, # columns of the density map
@@ -68,8 +70,10 @@ def density_maps(points:list, # B tensors `(N_b, 2)` in input pixels
         p = p.to(device=device, dtype=torch.float64)
         s = adaptive_sigma(p, k, beta, sigma, min_sigma) if adaptive else sigma
         maps.append(density_map(p, h, w, stride, s))
-    return torch.stack(maps)[:, None].to(dtype) if maps else torch.zeros(0, 1, h, w, device=device, dtype=dtype)
+    return torch.stack(maps)[:, None].to(dtype) if maps else torch.zeros(0, 1, h, w, device=device,
+                                                                         dtype=dtype)
 
+# %% ../nbs/04a_baselines.ipynb #06acebf2
 class L2DensityLoss(nn.Module):
     "Pixel-wise squared error to Gaussian density maps, summed over pixels and averaged over the batch."
     def __init__(self,
@@ -81,15 +85,17 @@ class L2DensityLoss(nn.Module):
                  min_sigma:float=1. # lower bound on adaptive bandwidths
                 ):
         super().__init__()
-        self.sigma, self.stride, self.adaptive, self.k, self.beta, self.min_sigma = sigma, stride, adaptive, k, beta, min_sigma
+        self.sigma, self.stride, self.adaptive = sigma, stride, adaptive
+        self.k, self.beta, self.min_sigma = k, beta, min_sigma
 
     def target(self, points, h:int, w:int, device=None, dtype=torch.float32) -> torch.Tensor:
         "The `(B, 1, h, w)` ground-truth density maps."
-        return density_maps(points, h, w, self.stride, self.sigma, self.adaptive, self.k, self.beta, self.min_sigma,
-                            device=device, dtype=dtype)
+        return density_maps(points, h, w, self.stride, self.sigma, self.adaptive, self.k, self.beta,
+                            self.min_sigma, device=device, dtype=dtype)
 
     def forward(self, density:torch.Tensor, points:list) -> torch.Tensor:
-        density = check_density(density); B, _, h, w = density.shape
+        density = check_density(density)
+        B, _, h, w = density.shape
         points = check_points(points, B)
         target = self.target(points, h, w, density.device, density.dtype)
         return (density - target).square().sum((1, 2, 3)).mean()
@@ -112,6 +118,7 @@ def bl_posteriors(points:torch.Tensor, # `(N, 2)` annotations in input pixels, N
         logits = torch.cat([logits, -bg[None]/(2*sigma**2)], 0)
     return torch.softmax(logits, dim=0)
 
+# %% ../nbs/04a_baselines.ipynb #ae41b375
 class BayesianLoss(nn.Module):
     "Bayesian loss (BL) and, with `background=True`, BL+ (Ma et al., ICCV 2019)."
     def __init__(self,
@@ -127,12 +134,15 @@ class BayesianLoss(nn.Module):
         self.sigma, self.stride, self.background, self.d, self.bg_size, self.bg_form = sigma, stride, background, d, bg_size, bg_form
 
     def expected_counts(self, density:torch.Tensor, points:list) -> list:
-        "Expected count of each head (and, last, of the background with BL+) per image; `None` for empty images."
-        density = check_density(density); B, _, h, w = density.shape
+        "Expected count of each head (and last, with BL+, of the background) per image; `None` if empty."
+        density = check_density(density)
+        B, _, h, w = density.shape
         size = self.bg_size if self.bg_size is not None else min(h, w)*self.stride
         out = []
         for a, p in zip(density[:, 0].flatten(1), check_points(points, B)):
-            if len(p) == 0: out.append(None); continue
+            if len(p) == 0:
+                out.append(None)
+                continue
             post = bl_posteriors(p.to(a.device, a.dtype), h, w, self.stride, self.sigma, self.background,
                                  self.d*size, self.bg_form)
             out.append(post @ a)
@@ -141,7 +151,9 @@ class BayesianLoss(nn.Module):
     def forward(self, density:torch.Tensor, points:list) -> torch.Tensor:
         losses = []
         for a, e in zip(density[:, 0].flatten(1), self.expected_counts(density, points)):
-            if e is None: losses.append(a.sum().abs()); continue
+            if e is None:
+                losses.append(a.sum().abs())
+                continue
             target = torch.ones_like(e)
             if self.background: target[-1] = 0
             losses.append((target - e).abs().sum())
@@ -155,20 +167,23 @@ def dmcount_ot(mu:torch.Tensor, # `(n,)` density-side weights (sum 1)
                n_iter:int=100, # Sinkhorn iterations (pairs of updates)
                floor:float=1e-16 # masses are floored at this value
               ) -> tuple: # `(beta (n,), alpha (m,), plan (n, m))`, plan = exp((beta_i + alpha_j - C_ij)/reg)
-    "DM-Count's balanced entropic OT, solved by `uotcrowd.sinkhorn`: potentials $\\varepsilon\\log v$, $\\varepsilon\\log u$ and the plan."
+    "DM-Count's balanced entropic OT, solved by `uotcrowd.sinkhorn`: the two potentials and the plan."
     mu, nu = mu.clamp_min(floor), nu.clamp_min(floor)
     start = torch.full_like(nu, -reg*math.log(len(nu)))                 # u = 1/m, as DM-Count starts
     pot = plain_sinkhorn(mu, nu, cost, reg, n_iter, g=start)
     return pot.f[0], pot.g[0], uot_plan(mu, nu, cost, reg, None, grad='none', potentials=pot)
 
+# %% ../nbs/04a_baselines.ipynb #d4ce6188
 def dot_map(points:torch.Tensor, # `(N, 2)` in input pixels
             h:int, w:int, stride:int=8) -> torch.Tensor:
     "Number of heads per cell of a stride-`stride` map (heads outside go to the nearest border cell)."
     m = points.new_zeros(h*w)
     if len(points) == 0: return m.reshape(h, w)
-    j = (points[:, 0]/stride).floor().long().clamp(0, w - 1); i = (points[:, 1]/stride).floor().long().clamp(0, h - 1)
+    j = (points[:, 0]/stride).floor().long().clamp(0, w - 1)
+    i = (points[:, 1]/stride).floor().long().clamp(0, h - 1)
     return m.index_add_(0, i*w + j, torch.ones_like(points[:, 0])).reshape(h, w)
 
+# %% ../nbs/04a_baselines.ipynb #7d2b38e9
 class DMCountLoss(nn.Module):
     "DM-Count (Wang et al., NeurIPS 2020): counting loss + `w_ot` * balanced OT loss + `w_tv` * TV loss."
     def __init__(self,
@@ -185,9 +200,10 @@ class DMCountLoss(nn.Module):
             stride, reg, n_iter, w_ot, w_tv, w_count, coord_scale
 
     def ot_gradient(self, a:torch.Tensor, points:torch.Tensor, h:int, w:int) -> tuple:
-        "OT transport cost and DM-Count's gradient `(wd, grad (n,))` for one flat density `a`, without autograd."
+        "OT transport cost and DM-Count's gradient `(wd, grad (n,))` of one flat density `a`, no autograd."
         with torch.no_grad():
-            a = a.detach().float(); S = a.sum()
+            a = a.detach().float()
+            S = a.sum()
             cost = cost_matrix(h, w, points.to(a.device)[None], 'sqdist', self.stride, self.coord_scale)[0]
             nu = torch.full((len(points),), 1/len(points), device=a.device)
             beta, _, plan = dmcount_ot(a/(S + 1e-6), nu, cost, self.reg, self.n_iter)
@@ -195,14 +211,17 @@ class DMCountLoss(nn.Module):
             return (cost*plan).sum(), grad
 
     def forward(self, density:torch.Tensor, points:list, return_terms:bool=False):
-        density = check_density(density); B, _, h, w = density.shape
+        density = check_density(density)
+        B, _, h, w = density.shape
         points = check_points(points, B)
         terms = {'count': [], 'ot': [], 'tv': []}
         for a, p in zip(density[:, 0].flatten(1), points):
             n, S = len(p), a.sum()
             terms['count'].append((S - n).abs())
             if n == 0:
-                terms['ot'].append(0*S); terms['tv'].append(0*S); continue
+                terms['ot'].append(0*S)
+                terms['tv'].append(0*S)
+                continue
             a_hat = a/(S + 1e-6)
             b_hat = dot_map(p.to(a.device, a.dtype), h, w, self.stride).flatten()/n
             terms['tv'].append(n*(a_hat - b_hat).abs().sum())

@@ -19,7 +19,8 @@ from .measure import has_module
 from .loss_bench import METHODS, BenchMethod, LOSS_SIZES_QUICK
 from .throughput import THROUGHPUT_MODELS, THROUGHPUT_QUICK
 from .bench import run_bench
-from .counter import predict, models_cmd
+from .checkpoints import models_cmd
+from .predict import predict
 from .serve import serve
 from .deploy import export
 

@@ -18,6 +18,7 @@ __all__ = ['COSTS', 'CostName', 'COST_BLOCK', 'BackgroundForm', 'pairwise_distan
 # %% ../nbs/02_costs.ipynb #1000f8c5
 def _needs_grad(*ts) -> bool: return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
+# %% ../nbs/02_costs.ipynb #f182bb4d
 def pairwise_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
                        y:torch.Tensor, # `(B, m, 2)` or `(m, 2)` second point set
                       ) -> torch.Tensor: # `(B, n, m)` (or `(n, m)`) Euclidean distances
@@ -41,14 +42,17 @@ def dist_cost(d:torch.Tensor, **kwargs) -> torch.Tensor:
     "Cost $L$: the (scaled) Euclidean distance itself."
     return d
 
+# %% ../nbs/02_costs.ipynb #2bda5267
 def sqdist_cost(d:torch.Tensor, **kwargs) -> torch.Tensor:
     "Cost $L^2$: the squared (scaled) Euclidean distance."
     return d * d
 
+# %% ../nbs/02_costs.ipynb #b681cfea
 def _shifted(c:torch.Tensor, shift:bool) -> torch.Tensor:
-    "`c - 1` if `shift` (in place unless autograd needs `c`: torch's CPU `expm1` is not vectorized, 5x slower than `exp`)."
+    "`c - 1` if `shift`, in place unless autograd needs `c`."
     return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
 
+# %% ../nbs/02_costs.ipynb #41491b5e
 def exp_cost(d:torch.Tensor, # scaled distances
              eta:float=0.6, # length scale of the exponential
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
@@ -56,6 +60,7 @@ def exp_cost(d:torch.Tensor, # scaled distances
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
     return _shifted((d / eta).exp_(), shift)
 
+# %% ../nbs/02_costs.ipynb #dcfa8684
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
                     eta_range:tuple=(0.6, 0.8) # `eta` at height 0 and at height 1
@@ -65,6 +70,7 @@ def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the 
     k = 0.5 * (hi - lo)       # lo + (hi - lo) * (hx + hy) / 2, with a single (B, n, m) allocation
     return torch.add((lo + k * height_x).unsqueeze(-1), (k * height_y).unsqueeze(-2))
 
+# %% ../nbs/02_costs.ipynb #95b09684
 def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels
                      height_y:torch.Tensor, # `(B, m)` normalized heights of the points
@@ -74,6 +80,7 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
     return _shifted(torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_(), shift)
 
+# %% ../nbs/02_costs.ipynb #1514de1c
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
 CostName = Literal['dist', 'sqdist', 'exp', 'perspective']   # the names of `COSTS`
 
@@ -88,6 +95,7 @@ def pixel_positions(h:int, # rows of the density map
     grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
     return grid if offset == 0.5 else grid + stride * (offset - 0.5)
 
+# %% ../nbs/02_costs.ipynb #7105fa2a
 COST_BLOCK = 2 ** 18  # cost entries per row block on the CPU: the temporaries of a block stay in cache
 
 def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
@@ -106,12 +114,14 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
     def rows_cost(rows=slice(None)):
         d = pairwise_distances(xs[..., rows, :], ys)
         if cost == 'perspective':
-            return perspective_cost(d, x[..., rows, 1] / image_height, y[..., 1] / image_height, eta_range=eta_range, shift=shift)
+            return perspective_cost(d, x[..., rows, 1] / image_height, y[..., 1] / image_height,
+                                    eta_range=eta_range, shift=shift)
         return COSTS[cost](d, eta=eta, shift=shift)
     n, m = x.shape[-2], y.shape[-2]
     batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     per_row = m * math.prod(batch)
-    if block is None or x.device.type != 'cpu' or _needs_grad(x, y) or n * per_row <= block: return rows_cost()
+    if block is None or x.device.type != 'cpu' or _needs_grad(x, y) or n * per_row <= block:
+        return rows_cost()
     out = xs.new_empty(*batch, n, m, dtype=torch.result_type(xs, ys))
     step = max(1, block // per_row)
     for r0 in range(0, n, step): out[..., r0:r0 + step, :] = rows_cost(slice(r0, r0 + step))
@@ -139,6 +149,7 @@ def cost_matrix(h:int, # rows of the density map
 # %% ../nbs/02_costs.ipynb #3c5f8e0d
 BackgroundForm = Literal['paper', 'code']   # BL's background distance: the paper's (Eq. 15) or the official code's
 
+# %% ../nbs/02_costs.ipynb #c5fadc0a
 def bl_background_cost(r2:torch.Tensor, # squared distance $r^2$ from each pixel to its nearest annotation
                        d:float, # background distance, in the units of $r$
                        form:BackgroundForm='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
@@ -157,5 +168,5 @@ def coordinate_cost(cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'p
                    ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
     "A geomloss-style batched cost function on scaled coordinates, matching `cost_matrix`."
     check_choice(cost, COSTS, 'cost')
-    return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta, eta_range=eta_range,
-                   shift=shift)
+    return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta,
+                   eta_range=eta_range, shift=shift)

@@ -28,9 +28,11 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTS', 'OutOfBounds', 'SHANGH
 class DatasetError(ValueError):
     "A dataset file or folder is missing or malformed; the message names it."
 
+# %% ../nbs/05a_data.ipynb #89e9aaac
 class DatasetWarning(UserWarning):
     "A recoverable problem in a dataset file (points outside the image, NaN coordinates, count mismatches)."
 
+# %% ../nbs/05a_data.ipynb #4230b55f
 def _warn(path, msg): warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
 
 # %% ../nbs/05a_data.ipynb #8e32d80b
@@ -45,6 +47,7 @@ def open_image(path:str|Path # image file
     try: return Image.open(path)
     except Exception as e: raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
+# %% ../nbs/05a_data.ipynb #ea1365fd
 def load_image(path:str|Path # image file (any mode: L, RGB, RGBA, P, CMYK)
               ) -> Image.Image: # decoded RGB image
     "Decode `path` fully to an RGB PIL image; corrupt or truncated files raise `DatasetError`."
@@ -52,8 +55,10 @@ def load_image(path:str|Path # image file (any mode: L, RGB, RGBA, P, CMYK)
     try:
         im.load()
         return im.convert('RGB')
-    except Exception as e: raise DatasetError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise DatasetError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
 
+# %% ../nbs/05a_data.ipynb #efe9c2dc
 def to_uint8_tensor(image:Image.Image|np.ndarray # PIL image or `(H, W)`/`(H, W, C)` uint8 array
                    ) -> torch.Tensor: # `(3, H, W)` uint8
     "Convert an image to a `(3, H, W)` uint8 tensor (grayscale repeated, alpha dropped)."
@@ -62,6 +67,7 @@ def to_uint8_tensor(image:Image.Image|np.ndarray # PIL image or `(H, W)`/`(H, W,
     if arr.shape[-1] == 1: arr = np.repeat(arr, 3, axis=-1)
     return torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1).contiguous()
 
+# %% ../nbs/05a_data.ipynb #39c47cdf
 def normalize(image:torch.Tensor # `(3, H, W)` or `(B, 3, H, W)` uint8 (0..255) or float in [0, 1]
              ) -> torch.Tensor: # ImageNet-normalized float32
     "Scale to [0, 1] (if uint8) and normalize with the ImageNet mean and standard deviation."
@@ -70,6 +76,7 @@ def normalize(image:torch.Tensor # `(3, H, W)` or `(B, 3, H, W)` uint8 (0..255) 
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
+# %% ../nbs/05a_data.ipynb #864e305c
 def denormalize(image:torch.Tensor # normalized `(3, H, W)` or `(B, 3, H, W)` tensor
                ) -> np.ndarray: # `(H, W, 3)` or `(B, H, W, 3)` float array in [0, 1], ready for `plt.imshow`
     "Undo `normalize` and return channels-last numpy image(s) clipped to [0, 1] for plotting."
@@ -90,9 +97,11 @@ def list_images(inputs:Sequence[str|Path], # image files or folders
         if item.is_dir(): files += sorted(p for p in item.iterdir() if p.suffix.lower() in exts)
         elif item.is_file(): files.append(item)
         else: raise FileNotFoundError(f"{item} is neither an {kind} file nor a folder")
-    if not files: raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) in {', '.join(map(str, inputs))}")
+    if not files: raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) in "
+                                          f"{', '.join(map(str, inputs))}")
     return files
 
+# %% ../nbs/05a_data.ipynb #55156c27
 def read_image(path:str|Path # image file
               ) -> torch.Tensor: # ImageNet-normalized `(3, H, W)` float32
     "An image file as the datasets return their images; a corrupt file raises `DatasetError` naming it."
@@ -104,15 +113,18 @@ def as_points(array, # anything `np.asarray` accepts: `(N, >=2)`, or empty
              ) -> np.ndarray: # `(N, 2)` float64 `(x, y)`
     "Turn an annotation array into `(N, 2)` float64 `(x, y)` points, raising `DatasetError` naming `path`."
     try: arr = np.asarray(array, dtype=np.float64)
-    except (TypeError, ValueError) as e: raise DatasetError(f"{path}: point coordinates are not numeric ({e})") from e
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: point coordinates are not numeric ({e})") from e
     if arr.size == 0: return np.zeros((0, 2))
     if arr.ndim == 1 and arr.shape[0] == 2: arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] < 2:
         raise DatasetError(f"{path}: expected an N×2 array of (x, y) points, got shape {arr.shape}")
     return arr[:, :2].copy()
 
+# %% ../nbs/05a_data.ipynb #f3a1cea0
 OutOfBounds = Literal['clip', 'drop', 'raise']   # what becomes of points outside the image
 
+# %% ../nbs/05a_data.ipynb #20cb9e1f
 def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
                  width:int, # image width W
                  height:int, # image height H
@@ -127,15 +139,19 @@ def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
     if not keep.all(): _warn(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
     x, y = points[:, 0], points[:, 1]
     with np.errstate(invalid='ignore'):
-        far = keep & ((x < -tolerance) | (x > width + tolerance) | (y < -tolerance) | (y > height + tolerance))
+        far = keep & ((x < -tolerance) | (x > width + tolerance)
+                      | (y < -tolerance) | (y > height + tolerance))
     if far.any():
         msg = f"{int(far.sum())} point(s) outside the {width}×{height} image"
         if out_of_bounds == 'raise': raise DatasetError(f"{path}: {msg}")
-        if out_of_bounds == 'drop': keep &= ~far; _warn(path, msg + ' dropped')
+        if out_of_bounds == 'drop':
+            keep &= ~far
+            _warn(path, msg + ' dropped')
         else: _warn(path, msg + ' clipped to the border')
     points = points[keep]
     eps = 1e-3
-    points = np.stack([points[:, 0].clip(0, width - eps), points[:, 1].clip(0, height - eps)], 1) if len(points) else np.zeros((0, 2))
+    points = (np.stack([points[:, 0].clip(0, width - eps), points[:, 1].clip(0, height - eps)], 1)
+              if len(points) else np.zeros((0, 2)))
     return points, keep
 
 # %% ../nbs/05a_data.ipynb #0f4bae79
@@ -150,21 +166,28 @@ def short_side_size(width:int, height:int, # original size
     if f == 1.: return width, height
     return max(1, round(width * f)), max(1, round(height * f))
 
+# %% ../nbs/05a_data.ipynb #e4ae0b0d
 _CACHE_VERSION = 1
 
 def _cache_key(path:Path, short_side) -> str:
     st = path.stat()
-    text = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{tuple(short_side) if short_side else None}|v{_CACHE_VERSION}"
+    text = (f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{tuple(short_side) if short_side else None}"
+            f"|v{_CACHE_VERSION}")
     return hashlib.sha1(text.encode()).hexdigest()
 
+# %% ../nbs/05a_data.ipynb #5bb7c46e
 def _atomic_write(target:Path, write:Callable[[Path], None]):
     "Write via a temporary file in the same folder and rename, so parallel workers never read half a file."
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=target.suffix + '.tmp'); os.close(fd)
-    try: write(Path(tmp)); os.replace(tmp, target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=target.suffix + '.tmp')
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
+# %% ../nbs/05a_data.ipynb #2d2249b0
 def load_resized(path:str|Path, # image file
                  short_side:tuple[int, int]|None=(512, 2048), # shorter-side range, None: original size
                  cache_dir:str|Path|None=None # folder for resized copies (created if needed); None: no cache
@@ -183,7 +206,8 @@ def load_resized(path:str|Path, # image file
                 if im.size == new: return im, size
             except DatasetError: pass   # a broken cache entry is rebuilt below
     im = load_image(path).resize(new, Image.BICUBIC)
-    if cached is not None:   # return the cached copy itself, so the first and later epochs see the same pixels
+    # return the cached copy itself, so the first and later epochs see the same pixels
+    if cached is not None:
         _atomic_write(cached, lambda p: im.save(p, format='JPEG', quality=95))
         im = load_image(cached)
     return im, size
@@ -192,23 +216,28 @@ def load_resized(path:str|Path, # image file
 def _select_heads(heads:dict, keep:torch.Tensor) -> dict:
     return {k: v[keep] for k, v in heads.items()}
 
+# %% ../nbs/05a_data.ipynb #3e95a9f2
 def _shift_heads(heads:dict, dx:float, dy:float) -> dict:
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] + torch.tensor([dx, dy, dx, dy], dtype=out['boxes'].dtype)
     return out
 
+# %% ../nbs/05a_data.ipynb #2684d421
 def _flip_heads(heads:dict, width:float) -> dict:
     out = dict(heads)
     if 'boxes' in out:
-        b = out['boxes']; out['boxes'] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+        b = out['boxes']
+        out['boxes'] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
     return out
 
+# %% ../nbs/05a_data.ipynb #54945621
 def _scale_heads(heads:dict, fx:float, fy:float) -> dict:
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] * torch.tensor([fx, fy, fx, fy], dtype=out['boxes'].dtype)
     if 'sizes' in out: out['sizes'] = out['sizes'] * torch.tensor([fx, fy], dtype=out['sizes'].dtype)
     return out
 
+# %% ../nbs/05a_data.ipynb #2259ced6
 def pad_to(image:torch.Tensor, # `(C, H, W)`
            height:int, width:int # target size (>= current)
           ) -> torch.Tensor:
@@ -217,6 +246,7 @@ def pad_to(image:torch.Tensor, # `(C, H, W)`
     if dh < 0 or dw < 0: raise ValueError(f"cannot pad {tuple(image.shape[-2:])} to smaller {(height, width)}")
     return F.pad(image, (0, dw, 0, dh)) if dh or dw else image
 
+# %% ../nbs/05a_data.ipynb #6c1eb620
 def crop_sample(image:torch.Tensor, # `(C, H, W)`
                 points:torch.Tensor, # `(N, 2)` `(x, y)`
                 meta:dict, # sample meta (its `heads` follow the points)
@@ -230,6 +260,7 @@ def crop_sample(image:torch.Tensor, # `(C, H, W)`
     if 'heads' in meta: meta['heads'] = _shift_heads(_select_heads(meta['heads'], keep), -left, -top)
     return img, points[keep] - torch.tensor([left, top], dtype=points.dtype), meta
 
+# %% ../nbs/05a_data.ipynb #27c1b6a7
 def hflip_sample(image:torch.Tensor, points:torch.Tensor, meta:dict):
     "Mirror image, points (`x -> W - x`) and head boxes horizontally."
     width = image.shape[-1]
@@ -238,10 +269,12 @@ def hflip_sample(image:torch.Tensor, points:torch.Tensor, meta:dict):
     if 'heads' in meta: meta['heads'] = _flip_heads(meta['heads'], width)
     return image.flip(-1), points, meta
 
+# %% ../nbs/05a_data.ipynb #a06b4196
 def _finish_meta(meta:dict, points:torch.Tensor) -> dict:
     if meta.get('count', -1) >= 0: meta['count'] = len(points)
     return meta
 
+# %% ../nbs/05a_data.ipynb #ae0ea40f
 def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
                   points:torch.Tensor, # `(N, 2)` `(x, y)`
                   meta:dict, # sample meta (its `heads` follow the points)
@@ -256,8 +289,9 @@ def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
     if 'heads' in meta: meta['heads'] = _scale_heads(meta['heads'], fx, fy)
     return out, points * torch.tensor([fx, fy], dtype=points.dtype), meta
 
+# %% ../nbs/05a_data.ipynb #9eb1f8a8
 class TrainTransform:
-    "Random crop (padded when the image is smaller), optionally rescaled, random horizontal flip, ImageNet normalization."
+    "Random crop (padded when the image is smaller), optionally rescaled, random h-flip, ImageNet normalization."
     def __init__(self,
                  crop_size:int|tuple[int, int]=256, # crop side, or `(height, width)`
                  flip:bool=True, # random horizontal flip with probability 1/2
@@ -284,15 +318,18 @@ class TrainTransform:
         meta['crop'] = (top, left, wh, ww)
         if (wh, ww) != (ch, cw):   # the clipped window scaled by crop/window, padded to the crop below
             h, w = image.shape[-2:]
-            image, points, meta = resize_sample(image, points, meta, max(1, round(h * ch / wh)), max(1, round(w * cw / ww)))
+            image, points, meta = resize_sample(image, points, meta, max(1, round(h * ch / wh)),
+                                                max(1, round(w * cw / ww)))
         image = pad_to(normalize(image), ch, cw)
         flipped = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
         if flipped: image, points, meta = hflip_sample(image, points, meta)
         meta['flipped'] = flipped
         meta['height'], meta['width'] = ch, cw
         return image, points, _finish_meta(meta, points)
-    def __repr__(self): return f"TrainTransform(crop_size={self.crop}, flip={self.flip}, scale_range={self.scale_range})"
+    def __repr__(self):
+        return f"TrainTransform(crop_size={self.crop}, flip={self.flip}, scale_range={self.scale_range})"
 
+# %% ../nbs/05a_data.ipynb #21b51926
 class EvalTransform:
     "Full image, normalized and zero-padded bottom/right to a multiple of `stride` (points unchanged)."
     def __init__(self, stride:int=8): self.stride = int(stride)
@@ -300,7 +337,8 @@ class EvalTransform:
         H, W = image.shape[-2:]
         s = self.stride
         image = pad_to(normalize(image), -(-H // s) * s, -(-W // s) * s)
-        meta = dict(meta); meta['height'], meta['width'] = H, W
+        meta = dict(meta)
+        meta['height'], meta['width'] = H, W
         return image, points, _finish_meta(meta, points)
     def __repr__(self): return f"EvalTransform(stride={self.stride})"
 
@@ -308,6 +346,7 @@ class EvalTransform:
 def _seed_from(*ints) -> int:
     return int(np.random.SeedSequence([int(i) % 2**63 for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
+# %% ../nbs/05a_data.ipynb #db4ccbbc
 class CrowdDataset(Dataset):
     "Base class: records -> `(image, points, meta)` with short-side resizing, point checks and a transform."
     name = 'crowd'
@@ -331,7 +370,7 @@ class CrowdDataset(Dataset):
         raise NotImplementedError
 
     def set_epoch(self, epoch:int):
-        "Select the augmentation stream of `epoch` (used when `aug_seed` is set; call before creating the iterator)."
+        "Select the augmentation stream of `epoch` (with `aug_seed`; call it before creating the iterator)."
         self.epoch = int(epoch)
 
     def subset(self, indices:Sequence[int], transform:Callable|None=None) -> 'CrowdDataset':
@@ -354,7 +393,8 @@ class CrowdDataset(Dataset):
             points, keep = clean_points(points, w0, h0, rec.get('ann', path), self.out_of_bounds)
             heads = {k: v[keep] for k, v in heads.items()}
             points = points * np.array([fx, fy])
-            points[:, 0] = points[:, 0].clip(0, w1 - 1e-3); points[:, 1] = points[:, 1].clip(0, h1 - 1e-3)
+            points[:, 0] = points[:, 0].clip(0, w1 - 1e-3)
+            points[:, 1] = points[:, 1].clip(0, h1 - 1e-3)
         else: points = np.zeros((0, 2))
         heads = _scale_heads({k: torch.as_tensor(v, dtype=torch.float32) for k, v in heads.items()}, fx, fy)
         meta = {'name': rec['id'], 'path': str(path), 'count': len(points) if labelled else -1,
@@ -368,24 +408,30 @@ class CrowdDataset(Dataset):
         if not 0 <= index < len(self): raise IndexError(f"index {index} out of range for {len(self)} images")
         image, points, meta = self.load(index)
         gen = None
-        if self.aug_seed is not None: gen = torch.Generator().manual_seed(_seed_from(self.aug_seed, self.epoch, index))
+        if self.aug_seed is not None:
+            gen = torch.Generator().manual_seed(_seed_from(self.aug_seed, self.epoch, index))
         return self.transform(image, points, meta, gen)
 
+# %% ../nbs/05a_data.ipynb #56e2af25
 def _find_root(root, marker:Callable[[Path], bool], below:Sequence[str], what:str, layout:str) -> Path:
     "`root` itself or one of the folders `below` it for which `marker` holds; else a `DatasetError`."
     if root is None: raise DatasetError(f"{what}: no data folder given; expected layout:\n{layout}")
     root = Path(root).expanduser()
-    if not root.is_dir(): raise DatasetError(f"{what}: data folder {root} does not exist; expected layout:\n{layout}")
+    if not root.is_dir(): raise DatasetError(f"{what}: data folder {root} does not exist; expected "
+                                             f"layout:\n{layout}")
     for cand in [root, *[root / b for b in below]]:
         if cand.is_dir() and marker(cand): return cand
     raise DatasetError(f"{what}: {root} does not have the expected layout:\n{layout}")
 
+# %% ../nbs/05a_data.ipynb #2ce48ed3
 def _loadmat(path:Path) -> dict:
     import scipy.io
     if not path.is_file(): raise DatasetError(f"{path}: annotation file not found")
     try: return scipy.io.loadmat(str(path))
-    except Exception as e: raise DatasetError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise DatasetError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
 
+# %% ../nbs/05a_data.ipynb #f52a17be
 def _natural_key(p:Path):
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.name)]
 
@@ -397,6 +443,7 @@ ShanghaiTechPart = Literal['A', 'B']
 TrainTest = Literal['train', 'test']        # the splits of ShanghaiTech and UCF-QNRF
 TrainValTest = Literal['train', 'val', 'test']   # the splits of JHU-Crowd++ and NWPU-Crowd
 
+# %% ../nbs/05a_data.ipynb #03a41987
 class ShanghaiTech(CrowdDataset):
     "ShanghaiTech part A or B, train or test split, in the official layout."
     def __init__(self, root:str|Path, # folder containing part_A/part_B (or ShanghaiTech/part_A ...)
@@ -410,11 +457,12 @@ class ShanghaiTech(CrowdDataset):
         self.part, self.split = part, split
         self.name = f'shanghaitech-{part.lower()}'
         sub = f'part_{part}'
-        base = _find_root(root, lambda p: (p / sub).is_dir(), ['ShanghaiTech', 'shanghaitech'], f'ShanghaiTech part {part}',
-                          SHANGHAITECH_LAYOUT)
+        base = _find_root(root, lambda p: (p / sub).is_dir(), ['ShanghaiTech', 'shanghaitech'],
+                          f'ShanghaiTech part {part}', SHANGHAITECH_LAYOUT)
         folder = base / sub / f'{split}_data'
         images = sorted((folder / 'images').glob('*.jpg'), key=_natural_key)
-        if not images: raise DatasetError(f"ShanghaiTech: no images in {folder / 'images'}; expected layout:\n{SHANGHAITECH_LAYOUT}")
+        if not images: raise DatasetError(f"ShanghaiTech: no images in {folder / 'images'}; expected "
+                                          f"layout:\n{SHANGHAITECH_LAYOUT}")
         records = []
         for im in images:
             ann = folder / 'ground-truth' / f'GT_{im.stem}.mat'
@@ -427,7 +475,8 @@ class ShanghaiTech(CrowdDataset):
         mat = _loadmat(path)
         try: loc = mat['image_info'][0, 0][0, 0][0]
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise DatasetError(f"{path}: expected image_info[0,0][0,0][0] to hold the N×2 (x, y) points ({type(e).__name__}: {e})") from e
+            raise DatasetError(f"{path}: expected image_info[0,0][0,0][0] to hold the N×2 (x, y) points "
+                               f"({type(e).__name__}: {e})") from e
         return as_points(loc, path), {}, {'part': self.part, 'split': self.split}
 
 # %% ../nbs/05a_data.ipynb #a089439f
@@ -458,7 +507,9 @@ class UCFQNRF(CrowdDataset):
     def read_annotation(self, record):
         path = record['ann']
         mat = _loadmat(path)
-        if 'annPoints' not in mat: raise DatasetError(f"{path}: no 'annPoints' variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+        if 'annPoints' not in mat:
+            found = sorted(k for k in mat if not k.startswith('__'))
+            raise DatasetError(f"{path}: no 'annPoints' variable (found {found})")
         return as_points(mat['annPoints'], path), {}, {'split': self.split}
 
 # %% ../nbs/05a_data.ipynb #b1b955b9
@@ -467,19 +518,23 @@ JHU_LAYOUT = """  ROOT/{train,val,test}/images/0001.jpg, ROOT/{train,val,test}/g
 
 def _read_table(path:Path, min_cols:int, sep=None) -> list[list[str]]:
     try: text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e: raise DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         cols = [c.strip() for c in line.split(sep)] if sep else line.split()
-        if len(cols) < min_cols: raise DatasetError(f"{path}, line {n}: expected at least {min_cols} fields, got {line!r}")
+        if len(cols) < min_cols: raise DatasetError(f"{path}, line {n}: expected at least {min_cols} fields, "
+                                                    f"got {line!r}")
         rows.append(cols)
     return rows
 
+# %% ../nbs/05a_data.ipynb #5c49a672
 def _floats(rows, path:Path) -> np.ndarray:
     try: return np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
     except ValueError as e: raise DatasetError(f"{path}: non-numeric value ({e})") from e
 
+# %% ../nbs/05a_data.ipynb #725e6cfd
 class JHUCrowd(CrowdDataset):
     "JHU-Crowd++ (v2.0), train/val/test split, in the official layout."
     name = 'jhu'
@@ -492,7 +547,8 @@ class JHUCrowd(CrowdDataset):
                           ['jhu_crowd_v2.0', 'jhu_crowd'], 'JHU-Crowd++', JHU_LAYOUT)
         folder = base / split
         images = sorted((folder / 'images').glob('*.jpg'), key=_natural_key)
-        if not images: raise DatasetError(f"JHU-Crowd++: no images in {folder / 'images'}; expected layout:\n{JHU_LAYOUT}")
+        if not images: raise DatasetError(f"JHU-Crowd++: no images in {folder / 'images'}; expected "
+                                          f"layout:\n{JHU_LAYOUT}")
         labels = {}
         if (folder / 'image_labels.txt').is_file():
             for r in _read_table(folder / 'image_labels.txt', 2, sep=','):
@@ -501,7 +557,8 @@ class JHUCrowd(CrowdDataset):
         for im in images:
             ann = folder / 'gt' / f'{im.stem}.txt'
             if not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
-            records.append({'image': im, 'ann': ann, 'id': f'{split}/{im.stem}', 'labels': labels.get(im.stem)})
+            records.append({'image': im, 'ann': ann, 'id': f'{split}/{im.stem}',
+                            'labels': labels.get(im.stem)})
         super().__init__(records, short_side=short_side, **kwargs)
 
     def read_annotation(self, record):
@@ -515,7 +572,8 @@ class JHUCrowd(CrowdDataset):
             keys = ['count', 'scene', 'weather', 'distractor']
             extra['labels'] = dict(zip(keys, lab[1:]))
             try:
-                if int(float(lab[1])) != len(arr): _warn(path, f"{len(arr)} heads but image_labels.txt says {lab[1]}")
+                if int(float(lab[1])) != len(arr):
+                    _warn(path, f"{len(arr)} heads but image_labels.txt says {lab[1]}")
             except ValueError: _warn(path, f"image_labels.txt count {lab[1]!r} is not a number")
         heads = {'sizes': arr[:, 2:4], 'occlusion': arr[:, 4], 'blur': arr[:, 5]}
         return arr[:, :2], heads, extra
@@ -530,6 +588,7 @@ def head_sigmas(sizes:torch.Tensor # `(N, 2)` head-box `(w, h)`
     sizes = torch.as_tensor(sizes, dtype=torch.float32).reshape(-1, 2)
     return sizes.min(1).values / 2, sizes.norm(dim=1) / 2
 
+# %% ../nbs/05a_data.ipynb #b389793f
 class NWPUCrowd(CrowdDataset):
     "NWPU-Crowd, train/val/test split (test: unlabelled), in the official layout."
     name = 'nwpu'
@@ -545,12 +604,16 @@ class NWPUCrowd(CrowdDataset):
         for r in _read_table(base / f'{split}.txt', 1):
             iid = r[0]
             im = next((f / f'{iid}.jpg' for f in folders if (f / f'{iid}.jpg').is_file()), None)
-            if im is None: raise DatasetError(f"{base / f'{split}.txt'}: image {iid}.jpg not found in {base / 'images'}")
+            if im is None: raise DatasetError(f"{base / f'{split}.txt'}: image {iid}.jpg not found in "
+                                              f"{base / 'images'}")
             try: lum, level = (int(r[1]) if len(r) > 1 else -1), (int(r[2]) if len(r) > 2 else -1)
-            except ValueError: raise DatasetError(f"{base / f'{split}.txt'}: malformed line {' '.join(r)!r} (expected 'id luminance level')") from None
+            except ValueError: raise DatasetError(f"{base / f'{split}.txt'}: malformed line {' '.join(r)!r} "
+                                                  "(expected 'id luminance level')") from None
             ann = base / 'jsons' / f'{iid}.json'
-            if split != 'test' and not ann.is_file(): raise DatasetError(f"{im}: its annotation {ann} is missing")
-            records.append({'image': im, 'ann': ann if ann.is_file() else None, 'id': iid, 'luminance': lum, 'level': level})
+            if split != 'test' and not ann.is_file():
+                raise DatasetError(f"{im}: its annotation {ann} is missing")
+            records.append({'image': im, 'ann': ann if ann.is_file() else None, 'id': iid, 'luminance': lum,
+                            'level': level})
         if not records: raise DatasetError(f"NWPU-Crowd: {base / f'{split}.txt'} lists no images")
         super().__init__(records, short_side=short_side, **kwargs)
 
@@ -570,7 +633,8 @@ class NWPUCrowd(CrowdDataset):
             except (TypeError, ValueError) as e: raise DatasetError(f"{path}: malformed 'boxes' ({e})") from e
             heads = {'boxes': b, 'sizes': np.abs(b[:, 2:] - b[:, :2])}
         elif boxes is not None: _warn(path, f"{len(boxes)} boxes for {len(points)} points; boxes ignored")
-        if 'human_num' in d and d['human_num'] != len(points): _warn(path, f"human_num={d['human_num']} but {len(points)} points")
+        if 'human_num' in d and d['human_num'] != len(points):
+            _warn(path, f"human_num={d['human_num']} but {len(points)} points")
         return points, heads, extra
 
 # %% ../nbs/05a_data.ipynb #a2e78778
@@ -591,12 +655,15 @@ class SyntheticCrowd(CrowdDataset):
                  **kwargs # other `CrowdDataset` options (aug_seed)
                 ):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.seed, self.max_count, self.min_count, self.empty_fraction = seed, max_count, min_count, empty_fraction
+        self.seed, self.max_count = seed, max_count
+        self.min_count, self.empty_fraction = min_count, empty_fraction
         self.split = split
         self._stream = _SPLIT_CODES.get(split, split) if isinstance(split, str) else int(split)
-        if not isinstance(self._stream, int): raise ValueError(f"split must be 'train', 'val', 'test' or an int, got {split!r}")
+        if not isinstance(self._stream, int): raise ValueError("split must be 'train', 'val', 'test' or an "
+                                                               f"int, got {split!r}")
         self.cache, self._memory = cache, {}
-        super().__init__([{'index': i, 'id': f'synthetic-{split}-{i:05d}'} for i in range(n)], transform=transform, **kwargs)
+        super().__init__([{'index': i, 'id': f'synthetic-{split}-{i:05d}'} for i in range(n)],
+                         transform=transform, **kwargs)
 
     def generate(self, index:int) -> tuple[np.ndarray, np.ndarray]:
         "Draw image `index`: `(H, W, 3)` uint8 and `(N, 2)` points, from its own random stream."
@@ -612,11 +679,13 @@ class SyntheticCrowd(CrowdDataset):
             image, points = self.generate(i)
             if self.cache: self._memory[i] = (image, points)
         meta = {'name': self.records[index]['id'], 'path': f'synthetic://seed={self.seed}/{self.split}/{i}',
-                'count': len(points), 'image_count': len(points), 'labelled': True, 'orig_size': self.size, 'scale': (1., 1.)}
+                'count': len(points), 'image_count': len(points), 'labelled': True, 'orig_size': self.size,
+                'scale': (1., 1.)}
         return to_uint8_tensor(image), torch.as_tensor(points, dtype=torch.float32), meta
 
     def subset(self, indices, transform=None):
-        out = super().subset(indices, transform); out._memory = self._memory   # share the drawn images
+        out = super().subset(indices, transform)
+        out._memory = self._memory  # share the drawn images
         return out
 
 # %% ../nbs/05a_data.ipynb #68e59b09
@@ -626,16 +695,19 @@ def collate(batch:Sequence[tuple[torch.Tensor, torch.Tensor, dict]] # `(image, p
     images, points, metas = zip(*batch)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"cannot batch images of different sizes {sorted(shapes)}: use batch_size=1 for full-image evaluation, or crops")
+        raise ValueError(f"cannot batch images of different sizes {sorted(shapes)}: use batch_size=1 for "
+                         "full-image evaluation, or crops")
     return torch.stack(images), list(points), list(metas)
 
 # %% ../nbs/05a_data.ipynb #243dca48
-DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512, 'synthetic': 128}
+DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512,
+                'synthetic': 128}
 DATASET_NAMES = tuple(DEFAULT_CROP)
 DatasetName = Literal['shanghaitech-a', 'shanghaitech-b', 'qnrf', 'jhu', 'nwpu', 'synthetic']   # `DATASET_NAMES`
-DATASET_LAYOUTS = {'shanghaitech-a': SHANGHAITECH_LAYOUT, 'shanghaitech-b': SHANGHAITECH_LAYOUT, 'qnrf': QNRF_LAYOUT,
-                   'jhu': JHU_LAYOUT, 'nwpu': NWPU_LAYOUT}
+DATASET_LAYOUTS = {'shanghaitech-a': SHANGHAITECH_LAYOUT, 'shanghaitech-b': SHANGHAITECH_LAYOUT,
+                   'qnrf': QNRF_LAYOUT, 'jhu': JHU_LAYOUT, 'nwpu': NWPU_LAYOUT}
 
+# %% ../nbs/05a_data.ipynb #ae8b4ced
 def check_data_dir(dataset:DatasetName, # one of `DATASET_NAMES`
                    data_dir:str|Path|None # the dataset's folder
                   ) -> Path|None:
@@ -646,24 +718,27 @@ def check_data_dir(dataset:DatasetName, # one of `DATASET_NAMES`
         raise DatasetError(f"{what} for dataset {dataset!r}; expected layout:\n{DATASET_LAYOUTS[dataset]}")
     return Path(data_dir).expanduser()
 
+# %% ../nbs/05a_data.ipynb #e265bc18
 def synthetic_kwargs(n:int|None=None, # training images (validation and test get a quarter each, at least 2)
                      size:int|None=None # image side in pixels
                     ) -> dict:
-    "The `build_datasets` arguments of a synthetic set of `n` training images of side `size` (unset: the defaults)."
+    "`build_datasets` arguments for `n` synthetic training images of side `size` (unset: the defaults)."
     kw = {} if n is None else dict(n_train=n, n_val=max(n // 4, 2), n_test=max(n // 4, 2))
     return kw if size is None else {**kw, 'size': size}
 
+# %% ../nbs/05a_data.ipynb #883774fe
 def holdout_split(n:int, # number of training images
                   val_fraction:float=0.1, # share held out for validation
                   seed:int=0 # seed of the permutation
                  ) -> tuple[list[int], list[int]]: # sorted train and validation indices
-    "A fixed, seeded split of `range(n)` into train and validation indices (at least one of each when n >= 2)."
+    "A fixed, seeded split of `range(n)` into train and validation indices (one of each at least, n >= 2)."
     if not 0 <= val_fraction < 1: raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(n * val_fraction))
     if val_fraction > 0 and n >= 2: n_val = min(max(n_val, 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
+# %% ../nbs/05a_data.ipynb #23753ae1
 def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha', 'ucf-qnrf', ...)
                    root:str|Path|None=None, # data folder (not needed for 'synthetic')
                    crop_size:int|None=None, # training crop (default per dataset, `DEFAULT_CROP`)
@@ -675,17 +750,20 @@ def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha
                   ) -> tuple[CrowdDataset, CrowdDataset, CrowdDataset]:
     "Build `(train, val, test)` datasets: augmented crops for training, padded full images for evaluation."
     key = str(name).lower().replace('_', '-')
-    key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu', 'nwpu-crowd': 'nwpu'}.get(key, key)
+    key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu',
+           'nwpu-crowd': 'nwpu'}.get(key, key)
     check_choice(key, DEFAULT_CROP, 'dataset', DatasetError)
     root = check_data_dir(key, root)
-    flip, aug_seed, scale_range = kwargs.pop('flip', True), kwargs.pop('aug_seed', None), kwargs.pop('scale_range', None)
+    flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
+    scale_range = kwargs.pop('scale_range', None)
     eval_tf = EvalTransform(stride)
     if key == 'synthetic':
         n_train, n_val, n_test = kwargs.pop('n_train', 200), kwargs.pop('n_val', 50), kwargs.pop('n_test', 50)
         size = kwargs.pop('size', 128)
         crop = crop_size or min(DEFAULT_CROP[key], *((size,) if isinstance(size, int) else size))
         common = dict(size=size, seed=seed, **kwargs)
-        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip, scale_range), aug_seed=aug_seed, **common),
+        return (SyntheticCrowd(n_train, split='train', transform=TrainTransform(crop, flip, scale_range),
+                               aug_seed=aug_seed, **common),
                 SyntheticCrowd(n_val, split='val', transform=eval_tf, **common),
                 SyntheticCrowd(n_test, split='test', transform=eval_tf, **common))
     crop = crop_size or DEFAULT_CROP[key]
@@ -701,6 +779,7 @@ def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha
     else:
         cls = JHUCrowd if key == 'jhu' else NWPUCrowd
         train = cls(root, 'train', transform=train_tf, **kwargs)
-        val, test = cls(root, 'val', transform=eval_tf, **kwargs), cls(root, 'test', transform=eval_tf, **kwargs)
+        val, test = (cls(root, 'val', transform=eval_tf, **kwargs),
+                     cls(root, 'test', transform=eval_tf, **kwargs))
     train.aug_seed = aug_seed
     return train, val, test

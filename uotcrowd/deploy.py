@@ -15,7 +15,7 @@ from . import __version__
 from .core import check_choice
 from .data import normalize, IMAGENET_MEAN, IMAGENET_STD
 from .models import _OUT_ACTS
-from .train import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
+from .checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
 
 # %% auto #0
 __all__ = ['INPUT_SPEC', 'CHECK_SIZES', 'ExportFormat', 'TraceableDensity', 'compare_onnx', 'export_onnx', 'OnnxDensity',

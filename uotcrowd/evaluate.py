@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from .core import get_device, reuse_host_memory, check_choice, HostMemory
 from .data import build_datasets, synthetic_kwargs, DatasetName
-from .train import (validate, write_csv, load_model, resolve_precision, checkpoint_precision,
-                            checkpoint_loc_threshold, Precision)
+from .checkpoints import load_model, checkpoint_precision, checkpoint_loc_threshold
+from .train import validate, write_csv, resolve_precision, Precision
 from .localize import localize
 from .metrics import localization_prf
 
@@ -32,7 +32,7 @@ def evaluate(model:nn.Module, # density model (its `stride` attribute is used fo
              quiet:bool=True, # no progress bar
              rank:int=0, world:int=1, # shard the images across DDP ranks; results are gathered on every rank
             ) -> dict:
-    "Count metrics (MAE, RMSE, NAE) over full images, optionally localization P/R/F1; the per-image rows are under `'per_image'`."
+    "Count metrics (MAE, RMSE, NAE) over full images, optionally localization P/R/F1; rows under `'per_image'`."
     stride = getattr(model, 'stride', 8)
     def locate(row, density, points):
         row['pred_points'] = localize(density, stride=stride, threshold=loc_threshold)[0].cpu()
@@ -49,7 +49,8 @@ def evaluate(model:nn.Module, # density model (its `stride` attribute is used fo
             for k in ('precision', 'recall', 'f1'): out[f'{k}@{t:g}'] = float(prf[k])
     out['per_image'] = rows
     if csv_path is not None and rank == 0:
-        write_csv(rows, csv_path, ['name', 'gt_count', 'pred_count', 'abs_err'] + (['pred_points'] if thresholds else []))
+        write_csv(rows, csv_path,
+                  ['name', 'gt_count', 'pred_count', 'abs_err'] + (['pred_points'] if thresholds else []))
     return out
 
 # %% ../nbs/09a_evaluate.ipynb #52c45a8d
@@ -62,11 +63,14 @@ def format_metrics(m:dict # metrics of `evaluate`, with `dataset`, `split` and `
     else: lines.append('  no ground-truth counts: predictions only')
     for k in sorted((k for k in m if k.startswith('f1@')), key=lambda k: float(k[3:])):
         t = k[3:]
-        lines.append(f"  F1@{t}px {m[k]:.3f}  (precision {m['precision@' + t]:.3f}, recall {m['recall@' + t]:.3f})")
+        lines.append(f"  F1@{t}px {m[k]:.3f}  "
+                     f"(precision {m['precision@' + t]:.3f}, recall {m['recall@' + t]:.3f})")
     return '\n'.join(lines)
 
+# %% ../nbs/09a_evaluate.ipynb #3dc3a47f
 EvalSplit = Literal['test', 'val']   # the test split, or the validation images held out of training
 
+# %% ../nbs/09a_evaluate.ipynb #d1434fa7
 def evaluate_checkpoint(checkpoint:str, # checkpoint written by `uotcrowd train` (best.pt)
                         dataset:DatasetName|None=None, # dataset name (default: the one recorded in the checkpoint)
                         data_dir:str|None=None, # dataset root folder (not needed for synthetic)
@@ -91,20 +95,22 @@ def evaluate_checkpoint(checkpoint:str, # checkpoint written by `uotcrowd train`
     if dataset is None: raise ValueError("the checkpoint does not record its dataset; pass --dataset")
     same = dataset == cfg.get('dataset')
     data_dir = data_dir or (cfg.get('data_dir') if same else None)
-    data_kw = {**(cfg.get('data_kwargs', {}) if same else {}), **synthetic_kwargs(synthetic_n, synthetic_size)}
+    data_kw = {**(cfg.get('data_kwargs', {}) if same else {}),
+               **synthetic_kwargs(synthetic_n, synthetic_size)}
     val_fraction = data_kw.pop('val_fraction', 0.1)
-    _, val_ds, test_ds = build_datasets(dataset, data_dir, cfg.get('crop_size', 512), int(model.stride), val_fraction,
-                                        cfg.get('seed', 0), **data_kw)
+    _, val_ds, test_ds = build_datasets(dataset, data_dir, cfg.get('crop_size', 512), int(model.stride),
+                                        val_fraction, cfg.get('seed', 0), **data_kw)
     out = Path(out or Path(checkpoint).parent / f'eval-{split}')
     kept = [f for f in ('metrics.json', 'per_image.csv') if (out / f).exists()]
     if kept and not overwrite:
-        raise FileExistsError(f"{out} already holds {' and '.join(kept)}: choose another --out, or pass --overwrite to replace them")
+        raise FileExistsError(f"{out} already holds {' and '.join(kept)}: choose another --out, or pass "
+                              "--overwrite to replace them")
     precision = resolve_precision(precision or checkpoint_precision(ckpt), device)
     loc_threshold = checkpoint_loc_threshold(ckpt) if loc_threshold is None else loc_threshold
     with reuse_host_memory(host_memory):
-        res = evaluate(model, test_ds if split == 'test' else val_ds, device, thresholds=tuple(thresholds) or None,
-                       loc_threshold=loc_threshold, precision=precision, csv_path=out / 'per_image.csv',
-                       quiet=quiet or not sys.stderr.isatty())
+        res = evaluate(model, test_ds if split == 'test' else val_ds, device,
+                       thresholds=tuple(thresholds) or None, loc_threshold=loc_threshold, precision=precision,
+                       csv_path=out / 'per_image.csv', quiet=quiet or not sys.stderr.isatty())
     metrics = {k: v for k, v in res.items() if k != 'per_image'}
     metrics.update(checkpoint=str(checkpoint), dataset=dataset, split=split, model=ckpt.get('model_name'),
                    precision=precision, loc_threshold=loc_threshold)

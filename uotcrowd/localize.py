@@ -11,11 +11,12 @@ from typing import Literal
 from .core import check_density, check_choice
 
 # %% auto #0
-__all__ = ['UpsampleMode', 'upsample_density', 'regional_maxima', 'localize', 'plot_points']
+__all__ = ['UpsampleMode', 'upsample_density', 'regional_maxima', 'localize']
 
 # %% ../nbs/08_localize.ipynb #3888588a
 UpsampleMode = Literal['bilinear', 'bicubic', 'nearest']   # how a density map is interpolated to image pixels
 
+# %% ../nbs/08_localize.ipynb #be7dc578
 def upsample_density(density:torch.Tensor, # `(B, 1, h, w)` density maps
                      stride:int=8, # input pixels per density pixel
                      mode:UpsampleMode='bilinear' # 'bilinear', 'bicubic' (both align_corners=False, zero outside) or 'nearest'
@@ -58,17 +59,20 @@ def regional_maxima(values:torch.Tensor, # `(B, H, W)` map
             for (dy, dx), e in zip(_NBRS, equal):
                 new = torch.minimum(new, torch.where(e, shifted(pl, dy, dx), big))
             flat = new.reshape(-1)
-            flat = flat[flat]; flat = flat[flat]     # pointer jumping
+            flat = flat[flat]
+            flat = flat[flat]  # pointer jumping
             new = flat.view(B, H, W)
             if torch.equal(new, label): break
             label = new
     lab, hh = label[mask], has_higher[mask]
     bad = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, lab, hh.long())
     ys, xs = (idx[mask] % (H * W)).div(W, rounding_mode='floor'), idx[mask] % W
-    sums = torch.zeros(n, 3, dtype=torch.long, device=dev).index_add_(0, lab, torch.stack([xs, ys, torch.ones_like(xs)], -1))
+    sums = torch.zeros(n, 3, dtype=torch.long, device=dev).index_add_(
+        0, lab, torch.stack([xs, ys, torch.ones_like(xs)], -1))
     roots = idx[mask][(lab == idx[mask]) & (bad[lab] == 0)]
     dt = values.dtype if values.is_floating_point() else torch.float32
-    xy = (sums[roots, :2] / sums[roots, 2:]).to(dt) + 0.5    # integer sums: exact centroids for any plateau size
+    # integer sums: exact centroids for any plateau size
+    xy = (sums[roots, :2] / sums[roots, 2:]).to(dt) + 0.5
     return roots.div(H * W, rounding_mode='floor'), xy, values.reshape(-1)[roots]
 
 # %% ../nbs/08_localize.ipynb #3fbeb182
@@ -87,40 +91,3 @@ def localize(density:torch.Tensor, # `(B, 1, h, w)` predicted density maps
     counts = torch.bincount(b, minlength=B).tolist()
     points, scores = list(xy.split(counts)), list(val.split(counts))
     return (points, scores) if return_scores else points
-
-# %% ../nbs/08_localize.ipynb #95b89527
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-def _as_display_image(image):
-    if isinstance(image, torch.Tensor):
-        img = image.detach().cpu().float()
-        if img.dim() == 3 and img.shape[0] in (1, 3):
-            if img.min() < 0 or img.max() > 1:
-                img = img * torch.tensor(_IMAGENET_STD)[:, None, None] + torch.tensor(_IMAGENET_MEAN)[:, None, None]
-            img = img.permute(1, 2, 0)
-        return img.clamp(0, 1).squeeze(-1).numpy()
-    return np.asarray(image)
-
-def plot_points(image, # `(H, W, 3)` array / PIL image, or `(3, H, W)` tensor (ImageNet-normalized or in [0, 1])
-                pred_points=None, # `(K, 2)` predicted `(x, y)` points
-                gt_points=None, # `(N, 2)` ground-truth `(x, y)` points
-                ax=None, # matplotlib axes to draw on (a new figure if None)
-                pred_color:str='red', gt_color:str='lime', # marker colours
-                size:float=30, # marker size (points²)
-                title:str|None=None, # axes title (default: the counts)
-                legend:bool=True):
-    "Show `image` with predicted points (crosses) and ground-truth points (circles); returns the axes."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4.5))
-    ax.imshow(_as_display_image(image))
-    parts = []
-    for pts, kw, name in [(gt_points, dict(facecolors='none', edgecolors=gt_color, marker='o', linewidths=1.2), 'ground truth'),
-                          (pred_points, dict(c=pred_color, marker='+', linewidths=1.2), 'predicted')]:
-        if pts is None: continue
-        pts = np.asarray(pts.detach().cpu() if isinstance(pts, torch.Tensor) else pts, dtype=float).reshape(-1, 2)
-        ax.scatter(pts[:, 0], pts[:, 1], s=size, label=f'{name} ({len(pts)})', **kw)
-        parts.append(f'{name}: {len(pts)}')
-    ax.set_title(', '.join(parts) if title is None else title)
-    if legend and parts: ax.legend(loc='upper right', fontsize=8)
-    ax.set_axis_off()
-    return ax

@@ -8,10 +8,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 import torch
+from fastcore.basics import patch
 from torch import nn
 from .core import check_points, pad_points, check_density, check_choice, literal_values
 from .costs import COSTS, CostName, pixel_positions, points_cost
-from .sinkhorn import uot_potentials, plan_stats, max_diameter, no_autocast, Potentials, generalized_kl
+from .sinkhorn import (uot_potentials, plan_stats, max_diameter, no_autocast, Potentials,
+                               generalized_kl)
 
 # %% auto #0
 __all__ = ['Term', 'Divergence', 'TERMS', 'DIVERGENCES', 'SolverMode', 'GradRecipe', 'Reference', 'TransportTerm', 'EntropyForm',
@@ -22,6 +24,7 @@ Term = Literal['transport', 'entropy', 'pixel', 'point']   # the terms of Eq. 1
 Divergence = Literal['l2', 'l1', 'kl']   # D1 and D2: squared L2, L1 or generalized KL
 TERMS, DIVERGENCES = literal_values(Term), literal_values(Divergence)
 
+# %% ../nbs/04_losses.ipynb #67c1f372
 def divergence(p:torch.Tensor, # `(B, k)` reconstructed marginal
                q:torch.Tensor, # `(B, k)` reference marginal
                kind:Divergence='l2', # 'l2' (squared L2), 'l1' or 'kl' (generalized KL)
@@ -44,15 +47,17 @@ def unbalanced_dual_value(a:torch.Tensor, # `(B, n)` source masses (may require 
                           eps:float, # entropic temperature
                           tau:float # strength ρ of the KL marginal penalties (geomloss `reach**p`)
                          ) -> torch.Tensor: # `(B,)`
-    "geomloss's `debias=False` unbalanced value $\\langle a,\\varphi(f)\\rangle+\\langle b,\\varphi(g)\\rangle$, $\\varphi(x)=(\\rho+\\varepsilon/2)(1-e^{-x/\\rho})$."
-    phi = lambda x: (tau + eps / 2) * -torch.expm1((-x.detach().to(a.dtype) / tau).clamp(max=40.))   # see the note above
-    bg = torch.where(b > 0, b.to(a.dtype) * phi(g), torch.zeros_like(g, dtype=a.dtype))   # padded g may be huge
+    "geomloss's `debias=False` unbalanced value $\\langle a,\\varphi(f)\\rangle+\\langle b,\\varphi(g)\\rangle$."
+    # see the note above
+    phi = lambda x: (tau + eps / 2) * -torch.expm1((-x.detach().to(a.dtype) / tau).clamp(max=40.))
+    # padded g may be huge
+    bg = torch.where(b > 0, b.to(a.dtype) * phi(g), torch.zeros_like(g, dtype=a.dtype))
     return (a * phi(f)).sum(-1) + bg.sum(-1)
 
 # %% ../nbs/04_losses.ipynb #a3f2db33
 @dataclass
 class Transport:
-    "A batch of the generalized loss's transport problems: masses, positions, cost and, once solved, potentials."
+    "The generalized loss's problems of a batch: masses, positions, cost and, once solved, potentials."
     a: torch.Tensor # `(B, n)` density (differentiable)
     b: torch.Tensor # `(B, m)` 1 per real head, 0 on padding
     C: torch.Tensor # `(B, n, m)` cost
@@ -62,6 +67,7 @@ class Transport:
     image_height: float # perspective heights are y / image_height
     pot: Potentials|None = None # potentials, set by `GeneralizedLoss.solve`
 
+# %% ../nbs/04_losses.ipynb #73545f1b
 SolverMode = Literal['official', 'converged']   # the annealed schedule of the official code, or run to tolerance
 GradRecipe = Literal['paper', 'official']       # the paper's gradient or the official code's
 Reference = Literal['product', 'uniform']       # entropic reference of the solve
@@ -69,6 +75,7 @@ TransportTerm = Literal['primal', 'dual']       # <C,P> (Eq. 1) or geomloss's du
 EntropyForm = Literal['sum', 'mean']            # the entropy term summed (Eq. 1) or averaged (official)
 EmptyImage = Literal['pixel', 'official']       # the loss of an image without heads
 
+# %% ../nbs/04_losses.ipynb #2d584745
 class GeneralizedLoss(nn.Module):
     "The generalized UOT loss of Wan, Liu & Chan (CVPR 2021), Eq. 1, batched; `forward(density, points)`."
     def __init__(self,
@@ -118,86 +125,106 @@ class GeneralizedLoss(nn.Module):
         self.transport, self.entropy, self.empty, self.grid_offset = transport, entropy, empty, grid_offset
         self.last_solve = {}
 
-    @classmethod
-    def official(cls, **overrides):
-        "The objective the published models were trained with (the official trainer's), any argument overridden."
-        kw = dict(cost='perspective', eps=0.01, tau=0.1, tau_solve=0.5, scale=512., stride=8, d_pixel='l2', d_point='l1',
-                  mode='official', grad='official', reference='product', eta_range=(0.5, 0.7), shift=True, scaling=0.5,
-                  transport='dual', entropy='mean', empty='official', grid_offset=1.0)
-        kw.update(overrides)
-        kw.setdefault('image_height', kw['scale'])     # the official heights are y / crop size
-        return cls(**kw)
-
     def extra_repr(self):
-        return (f"cost={self.cost!r}, eps={self.eps}, tau={self.tau}, tau_solve={self.tau_solve}, scale={self.scale}, "
-                f"stride={self.stride}, d_pixel={self.d_pixel!r}, d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}, "
-                f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, grid_offset={self.grid_offset}")
+        return (f"cost={self.cost!r}, eps={self.eps}, tau={self.tau}, tau_solve={self.tau_solve}, "
+                f"scale={self.scale}, stride={self.stride}, d_pixel={self.d_pixel!r}, "
+                f"d_point={self.d_point!r}, mode={self.mode!r}, grad={self.grad!r}, "
+                f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, "
+                f"grid_offset={self.grid_offset}")
 
-    def problem(self, density:torch.Tensor, # `(B, 1, h, w)` predicted density
-                points # list of B `(N_b, 2)` head positions in input pixels
-               ) -> Transport:
-        "The batch as transport problems: masses, pixel and head positions, cost (not yet solved)."
-        density = check_density(density)
-        if not torch.isfinite(density).all():
-            raise ValueError("density contains NaN or infinite values; check the model output (learning rate, AMP overflow)")
-        B, _, h, w = density.shape
-        points = check_points(points, batch_size=B)
-        dt = torch.float64 if density.dtype == torch.float64 else torch.float32
-        coords, mask = pad_points(points, device=density.device, dtype=dt)
-        a = density.reshape(B, h * w).to(dt)
-        grid = pixel_positions(h, w, self.stride, self.grid_offset, device=density.device, dtype=dt)
-        H = float(self.image_height) if self.image_height is not None else float(h * self.stride)
-        C = points_cost(grid.expand(B, -1, -1), coords, self.cost, self.scale, H, self.eta, self.eta_range, self.shift)
-        return Transport(a, mask.to(dt), C, mask, grid, coords, H)
+# %% ../nbs/04_losses.ipynb #97d557f0
+@patch(cls_method=True)
+def official(cls:GeneralizedLoss, **overrides):
+    "The objective the published models were trained with (the official trainer's), any argument overridden."
+    kw = dict(cost='perspective', eps=0.01, tau=0.1, tau_solve=0.5, scale=512., stride=8, d_pixel='l2',
+              d_point='l1', mode='official', grad='official', reference='product', eta_range=(0.5, 0.7),
+              shift=True, scaling=0.5, transport='dual', entropy='mean', empty='official', grid_offset=1.0)
+    kw.update(overrides)
+    kw.setdefault('image_height', kw['scale'])     # the official heights are y / crop size
+    return cls(**kw)
 
-    def solve(self, density:torch.Tensor, points) -> Transport:
-        "`problem` with its potentials filled in (no autograd through the iterations)."
-        t = self.problem(density, points)
-        x = t.x.expand(len(t.a), -1, -1)
-        diam = max_diameter(x / self.scale, t.y / self.scale, mask_y=t.mask) if self.mode == 'official' else None
-        t.pot = uot_potentials(t.a.detach(), t.b, t.C, self.eps, self.tau_solve, self.tau_solve, mask_b=t.mask,
-                               mode=self.mode, reference=self.reference, diameter=diam, scaling=self.scaling, tol=self.tol,
-                               max_iter=self.max_iter, compute_error=self.report_error)
-        self.last_solve = dict(iterations=t.pot.iterations, marginal_error=t.pot.marginal_error)
-        return t
+# %% ../nbs/04_losses.ipynb #61226372
+@patch
+def problem(self:GeneralizedLoss, density:torch.Tensor, # `(B, 1, h, w)` predicted density
+            points # list of B `(N_b, 2)` head positions in input pixels
+           ) -> Transport:
+    "The batch as transport problems: masses, pixel and head positions, cost (not yet solved)."
+    density = check_density(density)
+    if not torch.isfinite(density).all():
+        raise ValueError("density contains NaN or infinite values; check the model output (learning rate, "
+                         "AMP overflow)")
+    B, _, h, w = density.shape
+    points = check_points(points, batch_size=B)
+    dt = torch.float64 if density.dtype == torch.float64 else torch.float32
+    coords, mask = pad_points(points, device=density.device, dtype=dt)
+    a = density.reshape(B, h * w).to(dt)
+    grid = pixel_positions(h, w, self.stride, self.grid_offset, device=density.device, dtype=dt)
+    H = float(self.image_height) if self.image_height is not None else float(h * self.stride)
+    C = points_cost(grid.expand(B, -1, -1), coords, self.cost, self.scale, H, self.eta, self.eta_range,
+                    self.shift)
+    return Transport(a, mask.to(dt), C, mask, grid, coords, H)
 
-    def terms_from(self, t:Transport, # a solved batch (`solve`)
-                   all_terms:bool=True # every term; False: only those of `terms` (the others may be 0)
-                  ) -> dict:
-        "Per-image `(B,)` loss terms from the solved problem; differentiable in `t.a`."
-        a, b, C, mask, pot = t.a, t.b, t.C, t.mask, t.pot
-        entropy = all_terms or 'entropy' in self.terms                    # else its reduction is skipped
-        st = plan_stats(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad, entropy=entropy)  # the plan is never stored
-        r, e, ce, elog = st.r, st.rows, st.cost, st.xlogx  # r; E 1; sum_j C_ij E_ij; sum_j E_ij log E_ij
-        P1 = r * e
-        Pt1 = st.cols                                      # r^T E, differentiable through r
-        tiny = 1e-20
-        plogp = (e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1) if entropy else torch.zeros_like(e[:, 0])  # sum P log P, 0 log 0 = 0
-        if self.entropy == 'mean':   # official: eps * mean over the n*m entries, added per image without the 1/B
-            m = (mask.sum(1) if mask is not None else torch.full_like(plogp, b.shape[1])).clamp_min(1)
-            plogp = plogp / (a.shape[1] * m) * a.shape[0]      # x B: the batch mean of these is the official sum
-        out = dict(transport=(r * ce).sum(1) if self.transport == 'primal' else
-                             unbalanced_dual_value(a, b if mask is None else b * mask, pot.f, pot.g, self.eps, self.tau_solve),
-                   entropy=self.eps * plogp,
-                   pixel=self.tau * divergence(P1.detach() if self.grad == 'official' else P1, a, self.d_pixel),
-                   point=self.tau * divergence(Pt1, b, self.d_point, mask=mask))
-        if self.empty == 'official' and mask is not None:   # |sum a| added to transport, pixel and point (before tau)
-            has, mass = mask.any(1), a.sum(1).abs()
-            for name, wgt in (('transport', 1.), ('pixel', self.tau), ('point', self.tau), ('entropy', 0.)):
-                out[name] = torch.where(has, out[name], wgt * mass)
-        out['total'] = sum(out[t] for t in self.terms)
-        return out
+# %% ../nbs/04_losses.ipynb #791f57ba
+@patch
+def solve(self:GeneralizedLoss, density:torch.Tensor, points) -> Transport:
+    "`problem` with its potentials filled in (no autograd through the iterations)."
+    t = self.problem(density, points)
+    x = t.x.expand(len(t.a), -1, -1)
+    diam = max_diameter(x / self.scale, t.y / self.scale, mask_y=t.mask) if self.mode == 'official' else None
+    t.pot = uot_potentials(t.a.detach(), t.b, t.C, self.eps, self.tau_solve, self.tau_solve, mask_b=t.mask,
+                           mode=self.mode, reference=self.reference, diameter=diam, scaling=self.scaling,
+                           tol=self.tol, max_iter=self.max_iter, compute_error=self.report_error)
+    self.last_solve = dict(iterations=t.pot.iterations, marginal_error=t.pot.marginal_error)
+    return t
 
-    def forward(self, density:torch.Tensor, # `(B, 1, h, w)` predicted density (per-pixel counts)
-                points, # list of B `(N_b, 2)` tensors of `(x, y)` head positions in input pixels
-                return_terms:bool=False # also return a dict of the batch-mean terms
-               ):
-        "Batch mean of Eq. 1 (and, with `return_terms`, the dict transport/entropy/pixel/point/total)."
-        with no_autocast(density.device):
-            t = self.terms_from(self.solve(density, points), all_terms=return_terms)
-        loss = t['total'].mean()
-        if return_terms: return loss, {k: v.mean() for k, v in t.items()}
-        return loss
+# %% ../nbs/04_losses.ipynb #da97e583
+@patch
+def terms_from(self:GeneralizedLoss, t:Transport, # a solved batch (`solve`)
+               all_terms:bool=True # every term; False: only those of `terms` (the others may be 0)
+              ) -> dict:
+    "Per-image `(B,)` loss terms from the solved problem; differentiable in `t.a`."
+    a, b, C, mask, pot = t.a, t.b, t.C, t.mask, t.pot
+    entropy = all_terms or 'entropy' in self.terms                    # else its reduction is skipped
+    # the plan is never stored
+    st = plan_stats(a, b, C, pot, self.tau_solve, mask_b=mask, grad=self.grad, entropy=entropy)
+    r, e, ce, elog = st.r, st.rows, st.cost, st.xlogx  # r; E 1; sum_j C_ij E_ij; sum_j E_ij log E_ij
+    P1 = r * e
+    Pt1 = st.cols                                      # r^T E, differentiable through r
+    tiny = 1e-20
+    # sum P log P, 0 log 0 = 0
+    plogp = ((e * r * torch.log(r.clamp_min(tiny)) + r * elog).sum(1) if entropy
+             else torch.zeros_like(e[:, 0]))
+    # official: eps * mean over the n*m entries, added per image without the 1/B
+    if self.entropy == 'mean':
+        m = (mask.sum(1) if mask is not None else torch.full_like(plogp, b.shape[1])).clamp_min(1)
+        # x B: the batch mean of these is the official sum
+        plogp = plogp / (a.shape[1] * m) * a.shape[0]
+    out = dict(transport=(r * ce).sum(1) if self.transport == 'primal' else
+                         unbalanced_dual_value(a, b if mask is None else b * mask, pot.f, pot.g, self.eps,
+                                               self.tau_solve),
+               entropy=self.eps * plogp,
+               pixel=self.tau * divergence(P1.detach() if self.grad == 'official' else P1, a, self.d_pixel),
+               point=self.tau * divergence(Pt1, b, self.d_point, mask=mask))
+    # |sum a| added to transport, pixel and point (before tau)
+    if self.empty == 'official' and mask is not None:
+        has, mass = mask.any(1), a.sum(1).abs()
+        for name, wgt in (('transport', 1.), ('pixel', self.tau), ('point', self.tau), ('entropy', 0.)):
+            out[name] = torch.where(has, out[name], wgt * mass)
+    out['total'] = sum(out[t] for t in self.terms)
+    return out
+
+# %% ../nbs/04_losses.ipynb #f8deb22e
+@patch
+def forward(self:GeneralizedLoss, density:torch.Tensor, # `(B, 1, h, w)` predicted density (per-pixel counts)
+            points, # list of B `(N_b, 2)` tensors of `(x, y)` head positions in input pixels
+            return_terms:bool=False # also return a dict of the batch-mean terms
+           ):
+    "Batch mean of Eq. 1 (and, with `return_terms`, the dict transport/entropy/pixel/point/total)."
+    with no_autocast(density.device):
+        t = self.terms_from(self.solve(density, points), all_terms=return_terms)
+    loss = t['total'].mean()
+    if return_terms: return loss, {k: v.mean() for k, v in t.items()}
+    return loss
 
 # %% ../nbs/04_losses.ipynb #cd850640
 def loss_per_image(loss:nn.Module, # a loss with the `loss(density, points)` contract

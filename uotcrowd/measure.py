@@ -11,9 +11,9 @@ import torch.utils.benchmark as benchmark
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['PeakMethod', 'torch_threads', 'has_module', 'synchronize', 'time_call', 'peak_memory', 'cpu_counters', 'other_load',
-           'load_sentence', 'exp_throughput', 'machine_info', 'versions', 'target', 'strict_json', 'markdown_table',
-           'fixed']
+__all__ = ['PeakMethod', 'torch_threads', 'has_module', 'synchronize', 'time_call', 'status_bytes', 'peak_memory', 'cpu_counters',
+           'other_load', 'load_sentence', 'exp_throughput', 'machine_info', 'versions', 'target', 'strict_json',
+           'markdown_table', 'fixed']
 
 # %% ../nbs/10b_measure.ipynb #9be7dc6d
 @contextlib.contextmanager
@@ -57,7 +57,7 @@ def time_call(fn:Callable, # function of no arguments to time
     return dict(median=m.median, min=min(m.times), repeats=len(m.raw_times) * m.number_per_run, first=first)
 
 # %% ../nbs/10b_measure.ipynb #4c7fa442
-def _status_bytes(field:str # a size field of `/proc/self/status`: 'VmRSS', 'VmHWM', ...
+def status_bytes(field:str # a size field of `/proc/self/status`: 'VmRSS', 'VmHWM', ...
                  ) -> int:
     "A size field of `/proc/self/status` in bytes."
     with open('/proc/self/status') as fh:
@@ -74,10 +74,10 @@ def _rss_peak(fn:Callable # function of no arguments
         if hasattr(libc, 'malloc_trim'): libc.malloc_trim(0)   # freed heap goes back (and counts when reused)
         with open('/proc/self/clear_refs', 'w') as fh:
             fh.write('5')                                    # the high-water mark restarts at the size now
-        base = _status_bytes('VmRSS')
+        base = status_bytes('VmRSS')
     except (OSError, AttributeError): return None
     fn()
-    return float(max(0, _status_bytes('VmHWM') - base))
+    return float(max(0, status_bytes('VmHWM') - base))
 
 # %% ../nbs/10b_measure.ipynb #8c7c3fad
 def _profiler_peak(fn:Callable # function of no arguments

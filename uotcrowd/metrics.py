@@ -15,8 +15,7 @@ from .core import to_numpy, count_metrics, check_choice
 
 # %% auto #0
 __all__ = ['Matching', 'within_sigma', 'match_points', 'localization_prf', 'read_nwpu_gt', 'read_nwpu_pred',
-           'write_nwpu_predictions', 'read_nwpu_list', 'nwpu_scene_level', 'nwpu_localization', 'qnrf_localization',
-           'plot_matches']
+           'write_nwpu_predictions', 'read_nwpu_list', 'nwpu_scene_level', 'nwpu_localization', 'qnrf_localization']
 
 # %% ../nbs/09_metrics.ipynb #99c5b01a
 def _points(x) -> np.ndarray:
@@ -26,6 +25,7 @@ def _points(x) -> np.ndarray:
     if a.ndim != 2 or a.shape[1] != 2: raise ValueError(f"points must have shape (N, 2), got {a.shape}")
     return a
 
+# %% ../nbs/09_metrics.ipynb #e7b53364
 def _sigmas(sigma, n:int) -> np.ndarray:
     "A per-head radius array of length `n` from a scalar or an `(n,)` array."
     s = to_numpy(sigma).reshape(-1)
@@ -33,6 +33,7 @@ def _sigmas(sigma, n:int) -> np.ndarray:
     if s.size != n: raise ValueError(f"sigma must be a scalar or have one value per head ({n}), got {s.size}")
     return s
 
+# %% ../nbs/09_metrics.ipynb #beb7c500
 def within_sigma(pred, # `(K, 2)` predicted points
                  gt, # `(N, 2)` ground-truth points
                  sigma, # scalar or `(N,)` matching radius per head
@@ -69,44 +70,53 @@ def _kuhn_matching(adj:sp.csr_matrix # `(K, N)` adjacency, rows = predictions, s
             u, i, end = stack[-1], pos[-1], indptr[stack[-1] + 1]
             descended = False
             while i < end:
-                v = indices[i]; i += 1
+                v = indices[i]
+                i += 1
                 if seen[v]: continue
                 seen[v] = 1
                 pos[-1] = i
                 via.append(v)
                 if owner[v] == -1: found = True
-                else: stack.append(owner[v]); pos.append(indptr[owner[v]]); descended = True
+                else:
+                    stack.append(owner[v])
+                    pos.append(indptr[owner[v]])
+                    descended = True
                 break
             if found: break
             if not descended:  # u has no augmenting path left: back up
-                stack.pop(); pos.pop()
+                stack.pop()
+                pos.pop()
                 if via: via.pop()
         if found:
             for u, v in zip(stack, via): owner[v] = u
     return np.asarray(owner, dtype=np.int64)
 
+# %% ../nbs/09_metrics.ipynb #dffc5ffa
 Matching = Literal['scipy', 'kuhn']   # SciPy's Hopcroft–Karp, or the official NWPU script's augmenting paths
 
+# %% ../nbs/09_metrics.ipynb #35fb13cd
 def _match_heads(adj:sp.csr_matrix, matching:Matching='scipy') -> np.ndarray:
     "For each head (column of `adj`), the matched prediction or -1."
     check_choice(matching, Matching, 'matching')
     K, N = adj.shape
     if K == 0 or N == 0 or adj.nnz == 0: return np.full(N, -1, dtype=np.int64)
-    if matching == 'scipy': return np.asarray(maximum_bipartite_matching(adj, perm_type='row'), dtype=np.int64)
+    if matching == 'scipy': return np.asarray(maximum_bipartite_matching(adj, perm_type='row'),
+                                              dtype=np.int64)
     return _kuhn_matching(adj)
 
-# %% ../nbs/09_metrics.ipynb #59110db4
+# %% ../nbs/09_metrics.ipynb #aa31b6b5
 def match_points(pred, # `(K, 2)` predicted `(x, y)` (NumPy array or torch tensor)
                  gt, # `(N, 2)` ground-truth `(x, y)`
                  sigma, # matching radius: a float or one value per head `(N,)`
                  matching:Matching='scipy', # 'scipy' (Hopcroft–Karp) or 'kuhn' (the official NWPU order)
                  return_matches:bool=False, # also return the `(T, 2)` array of matched (pred, gt) indices
                 ):
-    "`(tp, fp, fn)` of a maximum-cardinality one-to-one matching of predictions to heads within σ (distance ≤ σ)."
+    "`(tp, fp, fn)` of a maximum one-to-one matching of predictions to heads within σ (distance ≤ σ)."
     pred, gt = _points(pred), _points(gt)
     owner = _match_heads(within_sigma(pred, gt, sigma), matching)
     hit = np.flatnonzero(owner >= 0)
-    tp = int(len(hit)); fp, fn = len(pred) - tp, len(gt) - tp
+    tp = int(len(hit))
+    fp, fn = len(pred) - tp, len(gt) - tp
     if return_matches: return tp, fp, fn, np.stack([owner[hit], hit], axis=1).reshape(-1, 2)
     return tp, fp, fn
 
@@ -117,6 +127,7 @@ def _prf(tp:int, fp:int, fn:int) -> tuple[float, float, float]:
     r = tp / (tp + fn) if tp + fn else 0.
     return p, r, (2 * p * r / (p + r) if p + r else 0.)
 
+# %% ../nbs/09_metrics.ipynb #3a77511f
 def localization_prf(pred_list:Sequence, # per image, `(K_b, 2)` predicted points
                      gt_list:Sequence, # per image, `(N_b, 2)` ground-truth points
                      threshold_px, # radius in pixels: a float, or per image a float or `(N_b,)` array
@@ -131,7 +142,9 @@ def localization_prf(pred_list:Sequence, # per image, `(K_b, 2)` predicted point
     tp = fp = fn = 0
     for b, (pred, gt) in enumerate(zip(pred_list, gt_list)):
         t, f, n = match_points(pred, gt, threshold_px[b] if per_image else threshold_px, matching)
-        tp += t; fp += f; fn += n
+        tp += t
+        fp += f
+        fn += n
     p, r, f1 = _prf(tp, fp, fn)
     return dict(precision=p, recall=r, f1=f1, tp=tp, fp=fp, fn=fn)
 
@@ -143,10 +156,13 @@ def _nwpu_lines(path):
             toks = line.split()
             if not toks: continue
             try: vals = [float(t) for t in toks]
-            except ValueError: raise ValueError(f"{path}, line {i}: non-numeric value in {line.strip()[:60]!r}") from None
-            if len(vals) < 2: raise ValueError(f"{path}, line {i}: expected 'id num ...', got {line.strip()[:60]!r}")
+            except ValueError: raise ValueError(f"{path}, line {i}: non-numeric value in "
+                                                f"{line.strip()[:60]!r}") from None
+            if len(vals) < 2: raise ValueError(f"{path}, line {i}: expected 'id num ...', got "
+                                               f"{line.strip()[:60]!r}")
             yield i, vals
 
+# %% ../nbs/09_metrics.ipynb #441cdc0f
 def read_nwpu_gt(path # NWPU localization ground truth, e.g. `val_gt_loc.txt`
                 ) -> dict: # id -> {'points' (N,2), 'sigma_s' (N,), 'sigma_l' (N,), 'level' (N,) int}
     "Read NWPU-Crowd's localization ground-truth file (`id num x y σs σl level ...` per line)."
@@ -154,11 +170,13 @@ def read_nwpu_gt(path # NWPU localization ground truth, e.g. `val_gt_loc.txt`
     for i, vals in _nwpu_lines(path):
         idx, num = int(vals[0]), int(vals[1])
         if len(vals) - 2 != 5 * num:
-            raise ValueError(f"{path}, line {i}: id {idx} says {num} heads but has {len(vals) - 2} values (5 per head)")
+            raise ValueError(f"{path}, line {i}: id {idx} says {num} heads but has {len(vals) - 2} values "
+                             "(5 per head)")
         a = np.asarray(vals[2:], dtype=np.float64).reshape(num, 5)
         out[idx] = dict(points=a[:, :2], sigma_s=a[:, 2], sigma_l=a[:, 3], level=a[:, 4].astype(np.int64))
     return out
 
+# %% ../nbs/09_metrics.ipynb #7428dfd2
 def read_nwpu_pred(path # NWPU localization predictions (submission format)
                   ) -> dict: # id -> `(K, 2)` float64 points
     "Read an NWPU-Crowd localization prediction file (`id num x y ...` per line)."
@@ -166,14 +184,16 @@ def read_nwpu_pred(path # NWPU localization predictions (submission format)
     for i, vals in _nwpu_lines(path):
         idx, num = int(vals[0]), int(vals[1])
         if len(vals) - 2 != 2 * num:
-            raise ValueError(f"{path}, line {i}: id {idx} says {num} points but has {len(vals) - 2} values (2 per point)")
+            raise ValueError(f"{path}, line {i}: id {idx} says {num} points but has {len(vals) - 2} values "
+                             "(2 per point)")
         out[idx] = np.asarray(vals[2:], dtype=np.float64).reshape(num, 2)
     return out
 
+# %% ../nbs/09_metrics.ipynb #8b6b08ae
 def write_nwpu_predictions(path, # file to write
                            predictions:Mapping, # id -> `(K, 2)` points (array or tensor)
                           ) -> Path:
-    "Write predictions in NWPU's submission format, coordinates rounded to integers (the official reader wants ints)."
+    "Write predictions in NWPU's submission format, coordinates rounded to integers (for the official reader)."
     path = Path(path)
     lines = []
     for idx, pts in predictions.items():
@@ -182,15 +202,18 @@ def write_nwpu_predictions(path, # file to write
     path.write_text('\n'.join(lines) + '\n')
     return path
 
+# %% ../nbs/09_metrics.ipynb #c22329ba
 def read_nwpu_list(path # NWPU split list (`train.txt`, `val.txt`, `test.txt`)
                   ) -> dict: # id -> {'luminance': int, 'level': int}
     "Read an NWPU-Crowd split list, lines `id luminance scene_level`."
     out = {}
     for i, vals in _nwpu_lines(path):
-        if len(vals) != 3: raise ValueError(f"{path}, line {i}: expected 'id luminance level', got {len(vals)} values")
+        if len(vals) != 3: raise ValueError(f"{path}, line {i}: expected 'id luminance level', got "
+                                            f"{len(vals)} values")
         out[int(vals[0])] = dict(luminance=int(vals[1]), level=int(vals[2]))
     return out
 
+# %% ../nbs/09_metrics.ipynb #151c16f9
 def nwpu_scene_level(count:int) -> int:
     "NWPU's count-based scene level: 0 (no people), 1 (1-100), 2 (101-500), 3 (501-5000), 4 (more)."
     return 0 if count <= 0 else 1 if count <= 100 else 2 if count <= 500 else 3 if count <= 5000 else 4
@@ -205,6 +228,7 @@ def _nwpu_gt_entry(g) -> dict:
     level = to_numpy(g.get('level', np.zeros(n)), np.int64).reshape(-1) if n else np.zeros(0, np.int64)
     return dict(points=pts, sigma_s=sig_s, sigma_l=sig_l, level=level)
 
+# %% ../nbs/09_metrics.ipynb #ebc48d66
 def _summary(acc:dict, num_classes:int) -> dict:
     "Figures from accumulated counts (see `nwpu_localization`)."
     out = {}
@@ -215,11 +239,13 @@ def _summary(acc:dict, num_classes:int) -> dict:
         den = tpc + fnc
         arc = np.where(den > 0, tpc / np.maximum(den, 1), 0.)
         out.update({f'ap_{r}': p, f'ar_{r}': rec, f'f1_{r}': f1, f'tp_{r}': tp, f'fp_{r}': fp, f'fn_{r}': fn,
-                    f'ar_level_{r}': arc.tolist(), f'ar_level_avg_{r}': float(arc.mean()) if num_classes else 0.})
+                    f'ar_level_{r}': arc.tolist(),
+                    f'ar_level_avg_{r}': float(arc.mean()) if num_classes else 0.})
     c = count_metrics(acc['pred_n'], acc['gt_n'])
     out.update(mae=c['mae'], mse=c['rmse'], nae=c['nae'], n=c['n'])
     return out
 
+# %% ../nbs/09_metrics.ipynb #ce28f72e
 def nwpu_localization(pred, # prediction file path, or dict id -> `(K, 2)` points
                       gt, # ground-truth file path, or dict from `read_nwpu_gt`
                       split_list=None, # optional NWPU list path or dict id -> (luminance, level) for per-group figures
@@ -230,7 +256,8 @@ def nwpu_localization(pred, # prediction file path, or dict id -> `(K, 2)` point
     pred = read_nwpu_pred(pred) if isinstance(pred, (str, os.PathLike)) else pred
     gt = read_nwpu_gt(gt) if isinstance(gt, (str, os.PathLike)) else gt
     missing = [i for i in gt if i not in pred]
-    if missing: raise ValueError(f"no prediction for {len(missing)} ground-truth image(s), e.g. ids {missing[:5]}")
+    if missing: raise ValueError(f"no prediction for {len(missing)} ground-truth image(s), e.g. ids "
+                                 f"{missing[:5]}")
     if isinstance(split_list, (str, os.PathLike)): split_list = read_nwpu_list(split_list)
     groups = {}
     if split_list is not None:
@@ -255,13 +282,19 @@ def nwpu_localization(pred, # prediction file path, or dict id -> `(K, 2)` point
             tpc = np.bincount(g['level'][hit], minlength=num_classes)[:num_classes]
             fnc = np.bincount(g['level'][~hit], minlength=num_classes)[:num_classes]
             for a in accs:
-                a['tp_' + r] += tp; a['fp_' + r] += len(p) - tp; a['fn_' + r] += len(g['points']) - tp
-                a['tpc_' + r] += tpc; a['fnc_' + r] += fnc
-        for a in accs: a['pred_n'].append(len(p)); a['gt_n'].append(len(g['points']))
+                a['tp_' + r] += tp
+                a['fp_' + r] += len(p) - tp
+                a['fn_' + r] += len(g['points']) - tp
+                a['tpc_' + r] += tpc
+                a['fnc_' + r] += fnc
+        for a in accs:
+            a['pred_n'].append(len(p))
+            a['gt_n'].append(len(g['points']))
     out = _summary(total, num_classes)
     if groups:
         for kind in ('scene_level', 'luminance'):
-            out[kind] = {k: _summary(per[(kind, k)], num_classes) for kind_, k in sorted(per) if kind_ == kind}
+            out[kind] = {k: _summary(per[(kind, k)], num_classes)
+                         for kind_, k in sorted(per) if kind_ == kind}
         out['scene_level_avg_mae'] = float(np.mean([v['mae'] for v in out['scene_level'].values()]))
     return out
 
@@ -280,24 +313,37 @@ def _grow_matching(indptr, # CSR row pointers of the candidate (prediction -> he
             if mate[root] != -1 or limit[root] == 0: continue
             stack, pos, via, found = [root], [indptr[root]], [], False
             while stack:
-                u = stack[-1]; end = indptr[u] + limit[u]
+                u = stack[-1]
+                end = indptr[u] + limit[u]
                 if pos[-1] == indptr[u]:  # first visit of u: take a free head if one is next to it
                     for i in range(indptr[u], end):
                         v = indices[i]
-                        if owner[v] == -1 and not seen[v]: seen[v] = 1; via.append(v); found = True; break
+                        if owner[v] == -1 and not seen[v]:
+                            seen[v] = 1
+                            via.append(v)
+                            found = True
+                            break
                     if found: break
                 i, descended = pos[-1], False
                 while i < end:
-                    v = indices[i]; i += 1
+                    v = indices[i]
+                    i += 1
                     if seen[v]: continue
-                    seen[v] = 1; pos[-1] = i
-                    via.append(v); stack.append(owner[v]); pos.append(indptr[owner[v]]); descended = True
+                    seen[v] = 1
+                    pos[-1] = i
+                    via.append(v)
+                    stack.append(owner[v])
+                    pos.append(indptr[owner[v]])
+                    descended = True
                     break
                 if not descended:
-                    stack.pop(); pos.pop()
+                    stack.pop()
+                    pos.pop()
                     if via: via.pop()
             if found:
-                for u, v in zip(stack, via): owner[v] = u; mate[u] = v
+                for u, v in zip(stack, via):
+                    owner[v] = u
+                    mate[u] = v
                 grew = True
         if not grew: return
 
@@ -316,7 +362,8 @@ def qnrf_localization(pred_list:Sequence, # per image, `(K_b, 2)` predicted poin
     for pred, gt in zip(pred_list, gt_list):
         pred, gt = _points(pred), _points(gt)
         K, N = len(pred), len(gt)
-        fp += K; fn += N
+        fp += K
+        fn += N
         if K == 0 or N == 0: continue
         base = within_sigma(pred, gt, ts.max()).tocoo()
         rows, cols = base.row.astype(np.int64), base.col.astype(np.int64)
@@ -330,7 +377,9 @@ def qnrf_localization(pred_list:Sequence, # per image, `(K_b, 2)` predicted poin
             limit = np.bincount(rows[d2 <= ts[k] * ts[k]], minlength=K).tolist()
             _grow_matching(indptr, indices, limit, owner, mate)
             m = K - mate.count(-1)
-            tp[k] += m; fp[k] -= m; fn[k] -= m
+            tp[k] += m
+            fp[k] -= m
+            fn[k] -= m
     prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.)
     rec = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.)
     order = np.lexsort((prec, rec))
@@ -338,37 +387,3 @@ def qnrf_localization(pred_list:Sequence, # per image, `(K_b, 2)` predicted poin
     auc = float(np.sum(np.diff(r_sorted) * (p_sorted[1:] + p_sorted[:-1]) / 2))
     curves = dict(threshold=ts, precision=prec, recall=rec, tp=tp, fp=fp, fn=fn)
     return dict(precision=float(prec.mean()), recall=float(rec.mean()), auc=auc, curves=curves)
-
-# %% ../nbs/09_metrics.ipynb #d323f8f3
-def _image_array(image) -> np.ndarray:
-    "An `(H, W, 3)` or `(H, W)` float array in [0, 1] for `imshow` from a CHW tensor or HWC array."
-    a = to_numpy(image, np.float32)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3): a = a.transpose(1, 2, 0)
-    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
-    lo, hi = float(a.min()), float(a.max())
-    if lo < 0 or hi > 1: a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)  # e.g. normalized or 0..255
-    return a
-
-def plot_matches(image, # image: `(3, H, W)` tensor or `(H, W[, 3])` array (rescaled to [0, 1] when outside it)
-                 pred, # `(K, 2)` predicted `(x, y)`
-                 gt, # `(N, 2)` ground-truth `(x, y)`
-                 sigma, # matching radius (float or `(N,)`)
-                 ax=None, # matplotlib axes (a new figure if None)
-                 markersize:float=4., # marker size
-                ):
-    "Plot predictions and heads over `image`, coloured TP (green), FP (red ×) and FN (yellow ○); returns the axes."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(5, 4), dpi=72)
-    pred, gt = _points(pred), _points(gt)
-    tp, fp, fn, pairs = match_points(pred, gt, sigma, return_matches=True)
-    ax.imshow(_image_array(image), cmap='gray')
-    is_tp = np.zeros(len(pred), bool); is_tp[pairs[:, 0]] = True
-    found = np.zeros(len(gt), bool); found[pairs[:, 1]] = True
-    ax.plot(*pred[is_tp].T, 'o', color='lime', ms=markersize, ls='none', label=f'TP {tp}')
-    ax.plot(*pred[~is_tp].T, 'x', color='red', ms=markersize + 1, ls='none', label=f'FP {fp}')
-    ax.plot(*gt[~found].T, 'o', mfc='none', mec='yellow', ms=markersize + 2, ls='none', label=f'FN {fn}')
-    p, r, f1 = _prf(tp, fp, fn)
-    ax.set_title(f'P {p:.2f}  R {r:.2f}  F1 {f1:.2f}', fontsize=9)
-    ax.legend(loc='lower right', fontsize=7, framealpha=0.7)
-    ax.set_axis_off()
-    return ax

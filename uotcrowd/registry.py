@@ -21,12 +21,14 @@ LossName = Literal['gl', 'gl-official', 'l2', 'bl', 'dmcount']   # the names of 
 LOSS_ARGS = {'gl': ('eps', 'tau', 'cost', 'mode', 'tol'), 'gl-official': ('eps', 'tau', 'cost'), 'l2': ('sigma',),
              'bl': ('sigma',), 'dmcount': ('coord_scale',)}
 
+# %% ../nbs/04b_registry.ipynb #77f12d52
 def get_loss(name:LossName, # one of `LOSS_NAMES` (any case)
              **kwargs # passed to the loss constructor (e.g. `stride=8`, `eps=0.01`)
             ) -> nn.Module:
     "Build a loss by name."
     return LOSSES[check_choice(str(name).lower(), LOSSES, 'loss')](**kwargs)
 
+# %% ../nbs/04b_registry.ipynb #f813a268
 def loss_class(name:LossName # one of `LOSS_NAMES`
               ) -> type:
     "The class of a loss (`GeneralizedLoss` for its official preset), whose constructor documents its arguments."

@@ -17,26 +17,31 @@ def _smooth_field(rng, h, w, cells, channels) -> np.ndarray:
     grid = torch.from_numpy(rng.uniform(-1, 1, (1, channels, cells, cells)).astype(np.float32))
     return F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)[0].permute(1, 2, 0).numpy()
 
+# %% ../nbs/05_synthetic.ipynb #e7781432
 def _ellipse_alpha(dx, dy, ax, ay):
-    "Anti-aliased coverage of an axis-aligned ellipse with semi-axes `ax`, `ay` at offsets `dx`, `dy` (broadcast)."
+    "Anti-aliased coverage of an axis-aligned ellipse, semi-axes `ax`, `ay`, at offsets `dx`, `dy`."
     d = np.sqrt((dx / ax) ** 2 + (dy / ay) ** 2)
     return np.clip((1 - d) * np.minimum(ax, ay) + 0.5, 0, 1)
 
+# %% ../nbs/05_synthetic.ipynb #c7597ad5
 def _place_heads(rng, h, w, count, radius_at, min_gap=1.1):
-    "Sample up to `count` head centres with perspective density, clusters, empty regions and a minimal spacing."
+    "Up to `count` head centres with perspective density, clusters, empty regions and a minimal spacing."
     if count == 0: return np.zeros((0, 2))
     ys_grid = np.linspace(0, h, 257)
     pdf = 1 / radius_at(ys_grid) ** 2
-    cdf = np.concatenate([[0], np.cumsum((pdf[1:] + pdf[:-1]) / 2)]); cdf /= cdf[-1]
+    cdf = np.concatenate([[0], np.cumsum((pdf[1:] + pdf[:-1]) / 2)])
+    cdf /= cdf[-1]
     def sample_y(n): return np.interp(rng.uniform(0, 1, n), cdf, ys_grid)
     n_cand = 5 * count + 40
     n_clusters = int(rng.integers(1, 5))
     centres = np.stack([rng.uniform(0, w, n_clusters), sample_y(n_clusters)], 1)
-    spread = rng.uniform(2.5, 7, n_clusters) * radius_at(centres[:, 1]) * np.sqrt(max(count, 1) / n_clusters) / 2
+    spread = (rng.uniform(2.5, 7, n_clusters) * radius_at(centres[:, 1]) * np.sqrt(max(count, 1) / n_clusters)
+              / 2)
     from_cluster = rng.uniform(0, 1, n_cand) < rng.uniform(0.4, 0.85)
     which = rng.integers(0, n_clusters, n_cand)
     cand = np.stack([rng.uniform(0, w, n_cand), sample_y(n_cand)], 1)
-    cand[from_cluster] = centres[which[from_cluster]] + rng.normal(0, 1, (int(from_cluster.sum()), 2)) * spread[which[from_cluster], None]
+    cand[from_cluster] = (centres[which[from_cluster]]
+                          + rng.normal(0, 1, (int(from_cluster.sum()), 2)) * spread[which[from_cluster], None])
     inside = (cand[:, 0] >= 0.5) & (cand[:, 0] < w - 0.5) & (cand[:, 1] >= 0.5) & (cand[:, 1] < h - 0.5)
     for _ in range(int(rng.integers(0, 3))):            # empty regions
         ex, ey = rng.uniform(0, w), rng.uniform(0, h)
@@ -44,13 +49,17 @@ def _place_heads(rng, h, w, count, radius_at, min_gap=1.1):
         inside &= ((cand[:, 0] - ex) / ax) ** 2 + ((cand[:, 1] - ey) / ay) ** 2 > 1
     cand = cand[inside]
     r = radius_at(cand[:, 1])
-    chosen = np.zeros((count, 2)); rad = np.zeros(count); k = 0
+    chosen = np.zeros((count, 2))
+    rad = np.zeros(count)
+    k = 0
     for p, rp in zip(cand, r):                          # greedy rejection: heads overlap at most partly
         if k and (((chosen[:k] - p) ** 2).sum(1) < (min_gap * np.maximum(rad[:k], rp)) ** 2).any(): continue
-        chosen[k], rad[k] = p, rp; k += 1
+        chosen[k], rad[k] = p, rp
+        k += 1
         if k == count: break
     return chosen[:k]
 
+# %% ../nbs/05_synthetic.ipynb #5d262e00
 def render_crowd(rng:np.random.Generator, # random source (one per image)
                  height:int=128, width:int=128, # image size
                  count:int=50, # heads to place (fewer if they do not fit)
@@ -62,24 +71,31 @@ def render_crowd(rng:np.random.Generator, # random source (one per image)
     def radius_at(y): return r_top + (r_bottom - r_top) * np.clip(y / h, 0, 1)
     # background: smooth colour field + texture + vertical gradient
     base = rng.uniform(0.25, 0.75, 3)
-    img = (base + 0.18 * _smooth_field(rng, h, w, int(rng.integers(2, 5)), 3) + 0.07 * _smooth_field(rng, h, w, max(4, h // 6), 1)
-           + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, h, dtype=np.float32)[:, None, None]).astype(np.float32)
+    img = (base + 0.18 * _smooth_field(rng, h, w, int(rng.integers(2, 5)), 3)
+           + 0.07 * _smooth_field(rng, h, w, max(4, h // 6), 1)
+           + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, h, dtype=np.float32)[:, None, None]
+           ).astype(np.float32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     # distractors: coloured rectangles, dark squares, light disks, dark poles
     for _ in range(int(rng.integers(0, 5))):
-        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); rw, rh = rng.uniform(0.05, 0.3, 2) * s
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        rw, rh = rng.uniform(0.05, 0.3, 2) * s
         m = (xx >= x0) & (xx < x0 + rw) & (yy >= y0) & (yy < y0 + rh)
         img[m] = img[m] * 0.3 + 0.7 * rng.uniform(0.1, 0.9, 3)
     for _ in range(int(rng.integers(0, 5))):
-        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); side = 2 * radius_at(y0) * rng.uniform(0.8, 1.4)
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        side = 2 * radius_at(y0) * rng.uniform(0.8, 1.4)
         m = (np.abs(xx - x0) < side / 2) & (np.abs(yy - y0) < side / 2)
         img[m] = rng.uniform(0.02, 0.2)
     for _ in range(int(rng.integers(0, 4))):
-        x0, y0 = rng.uniform(0, w), rng.uniform(0, h); rd = radius_at(y0) * rng.uniform(1, 2.5)
-        a = _ellipse_alpha(xx - np.float32(x0), yy - np.float32(y0), np.float32(rd), np.float32(rd))[..., None]
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        rd = radius_at(y0) * rng.uniform(1, 2.5)
+        a = _ellipse_alpha(xx - np.float32(x0), yy - np.float32(y0), np.float32(rd),
+                           np.float32(rd))[..., None]
         img = img * (1 - a) + a * rng.uniform(0.7, 1.0, 3).astype(np.float32)
     for _ in range(int(rng.integers(0, 3))):
-        x0 = rng.uniform(0, w); m = (np.abs(xx - x0) < rng.uniform(0.5, 1.5)) & (yy > rng.uniform(0, h))
+        x0 = rng.uniform(0, w)
+        m = (np.abs(xx - x0) < rng.uniform(0.5, 1.5)) & (yy > rng.uniform(0, h))
         img[m] = rng.uniform(0.05, 0.25)
     # people, vectorized per layer on a shared patch grid, composited back to front
     points = _place_heads(rng, h, w, count, radius_at)
@@ -88,10 +104,14 @@ def render_crowd(rng:np.random.Generator, # random source (one per image)
         points = points[np.argsort(points[:, 1])]
         r = (radius_at(points[:, 1]) * rng.uniform(0.85, 1.15, n)).astype(np.float32)
         rm = float(r.max())
-        top, bottom, side = int(np.ceil(1.1 * rm)) + 2, int(np.ceil(3.4 * rm)) + 2, int(np.ceil(1.6 * rm)) + 2   # patch extent
-        ox = np.floor(points[:, 0]).astype(int); oy = np.floor(points[:, 1]).astype(int)
-        fx = (points[:, 0] - ox).astype(np.float32)[:, None, None]; fy = (points[:, 1] - oy).astype(np.float32)[:, None, None]
-        dx = (np.arange(-side, side, dtype=np.float32) + 0.5)[None, None, :] - fx   # (n, 1, 2*side) offsets from each head centre
+        # patch extent
+        top, bottom, side = int(np.ceil(1.1 * rm)) + 2, int(np.ceil(3.4 * rm)) + 2, int(np.ceil(1.6 * rm)) + 2
+        ox = np.floor(points[:, 0]).astype(int)
+        oy = np.floor(points[:, 1]).astype(int)
+        fx = (points[:, 0] - ox).astype(np.float32)[:, None, None]
+        fy = (points[:, 1] - oy).astype(np.float32)[:, None, None]
+        # (n, 1, 2*side) offsets from each head centre
+        dx = (np.arange(-side, side, dtype=np.float32) + 0.5)[None, None, :] - fx
         dy = (np.arange(-top, bottom, dtype=np.float32) + 0.5)[None, :, None] - fy  # (n, top+bottom, 1)
         rr = r[:, None, None]
         body = _ellipse_alpha(dx, dy - 2.0 * rr, 1.55 * rr, 1.35 * rr)
@@ -101,16 +121,19 @@ def render_crowd(rng:np.random.Generator, # random source (one per image)
         c_body = rng.uniform(0.15, 0.95, (n, 1, 1, 3)).astype(np.float32)
         c_head = (rng.uniform(0.0, 0.18, (n, 1, 1, 1)) * np.array([1.0, 0.9, 0.8])).astype(np.float32)
         c_face = (rng.uniform(0.55, 0.9, (n, 1, 1, 1)) * np.array([1.0, 0.8, 0.65])).astype(np.float32)
-        colour = c_body * body[..., None]; alpha = body
+        colour = c_body * body[..., None]
+        alpha = body
         for a, c in ((head, c_head), (face, c_face)):
-            colour = colour * (1 - a[..., None]) + c * a[..., None]; alpha = alpha * (1 - a) + a
+            colour = colour * (1 - a[..., None]) + c * a[..., None]
+            alpha = alpha * (1 - a) + a
         transparency = (1 - alpha)[..., None]
         P = max(top, bottom, side)
         canvas = np.pad(img, ((P, P), (P, P), (0, 0)))
         for k in range(n):                                               # premultiplied "over", back to front
             y0, x0 = oy[k] + P - top, ox[k] + P - side
             patch = canvas[y0:y0 + top + bottom, x0:x0 + 2 * side]
-            patch *= transparency[k]; patch += colour[k]
+            patch *= transparency[k]
+            patch += colour[k]
         img = canvas[P:P + h, P:P + w]
     img = (img - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.08, 0.08)
     img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.01, 0.035))

@@ -18,6 +18,7 @@ def entropy(plan:torch.Tensor # non-negative transport plan
     "The entropy $H(P)=-\\sum P\\log P$ of the paper, with $0\\log 0=0$."
     return -torch.special.xlogy(plan, plan).sum()
 
+# %% ../nbs/03a_theory.ipynb #8ec6eba6
 def uot_objective(plan:torch.Tensor, # `(n, m)` transport plan
                   cost:torch.Tensor, # `(n, m)` cost matrix
                   a:torch.Tensor, # `(n,)` predicted density
@@ -40,11 +41,12 @@ def plan_u_update(cost:torch.Tensor, # `(n, m)` cost between pixels and annotati
     "$\\hat P=\\mathrm{diag}(a/Kv)Kdiag(v)$ with $v=1$: one u-update (Eq. 10), the Bayesian-loss plan."
     return torch.softmax(-cost/eps, dim=1)*a[:, None]
 
+# %% ../nbs/03a_theory.ipynb #a78f055a
 def plan_v_update(cost:torch.Tensor, # `(n, m)` cost between pixels and annotations
                   eps:float, # entropic regularization
                   b:torch.Tensor|None=None # `(m,)` annotation weights (default ones)
                  ) -> torch.Tensor: # `(n, m)` plan $\tilde P$
-    "$\\tilde P=\\mathrm{diag}(u)K\\mathrm{diag}(b/K^\\top u)$ with $u=1$: one v-update (Eq. 10), the L2-loss plan."
+    "$\\tilde P=\\mathrm{diag}(u)K\\mathrm{diag}(b/K^\\top u)$, $u=1$: one v-update (Eq. 10), the L2-loss plan."
     P = torch.softmax(-cost/eps, dim=0)
     return P if b is None else P*b[None]
 
@@ -53,7 +55,7 @@ def gaussian_density_from_plan(points:torch.Tensor, # `(m, 2)` annotations
                                centres:torch.Tensor, # `(n, 2)` pixel centres, same units
                                eps:float # entropic regularization, in squared units of the coordinates
                               ) -> torch.Tensor: # `(n,)` density $\tilde P1$
-    "Pixel marginal of $\\tilde P$ for the squared-distance cost: Gaussians of variance $\\varepsilon/2$, each summing to 1."
+    "Pixel marginal of $\\tilde P$ for the squared distance: Gaussians of variance $\\varepsilon/2$, summing to 1."
     if len(points) == 0: return centres.new_zeros(len(centres))
     return plan_v_update(sq_distances(centres, points), eps).sum(1)
 
@@ -63,7 +65,7 @@ def bl_expected_counts_from_plan(density:torch.Tensor, # `(n,)` predicted densit
                                  centres:torch.Tensor, # `(n, 2)` pixel centres, same units
                                  eps:float # entropic regularization ($2\sigma^2$)
                                 ) -> torch.Tensor: # `(m,)` expected counts $\hat P^\top 1$
-    "Point marginal of $\\hat P$ for the squared-distance cost: the Bayesian-loss expected count per annotation."
+    "Point marginal of $\\hat P$ for the squared distance: the Bayesian-loss expected count per annotation."
     return plan_u_update(sq_distances(centres, points), density, eps).sum(0)
 
 # %% ../nbs/03a_theory.ipynb #cf7af8dd
@@ -71,10 +73,11 @@ def bl_omega(centres:torch.Tensor, # `(n, 2)` pixel centres
              points:torch.Tensor, # `(m, 2)` annotations
              eps:float # entropic regularization ($2\sigma^2$)
             ) -> torch.Tensor: # `(n,)` weights $\omega_i=\sum_j C_{ij}\hat\pi_{ij}$
-    "Background weight of the approximate UOT loss (Eq. 14): the posterior mean squared distance to the annotations."
+    "Background weight of the approximate UOT loss (Eq. 14): posterior mean squared distance to the annotations."
     cost = sq_distances(centres, points)
     return (torch.softmax(-cost/eps, dim=1)*cost).sum(1)
 
+# %% ../nbs/03a_theory.ipynb #78969385
 def bl_background_logit(centres:torch.Tensor, # `(n, 2)` pixel centres
                         points:torch.Tensor, # `(m, 2)` annotations (m >= 1)
                         eps:float, # entropic regularization ($2\sigma^2$)
@@ -84,7 +87,9 @@ def bl_background_logit(centres:torch.Tensor, # `(n, 2)` pixel centres
     "Log-likelihood of BL's background point for each pixel, from the distance $r$ to the nearest annotation."
     return -bl_background_cost(sq_distances(centres, points).min(1).values, d, form)/eps
 
+# %% ../nbs/03a_theory.ipynb #08e299ba
 def bl_omega_bar(centres, points, eps:float, d:float, form:BackgroundForm='paper') -> torch.Tensor:
-    "BL's background weight $\\bar\\omega_i=\\bar k_i/(\\bar k_i+\\sum_j K_{ij})$ (Eq. 15), computed with a softmax."
-    logits = torch.cat([-sq_distances(centres, points)/eps, bl_background_logit(centres, points, eps, d, form)[:, None]], 1)
+    "BL's background weight $\\bar\\omega_i=\\bar k_i/(\\bar k_i+\\sum_j K_{ij})$ (Eq. 15), by a softmax."
+    logits = torch.cat([-sq_distances(centres, points)/eps,
+                        bl_background_logit(centres, points, eps, d, form)[:, None]], 1)
     return torch.softmax(logits, dim=1)[:, -1]

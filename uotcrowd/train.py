@@ -19,16 +19,17 @@ from .core import (get_device, seed_everything, count_metrics, reuse_host_memory
                            literal_values)
 from .data import collate
 from .models import get_model
+from .plots import plot_curves
+from .checkpoints import save_checkpoint, load_checkpoint, config_precision
+from .checkpoints import load_model  # temporary: `uotcrowd.train.load_model` for study runs started before it moved
 
 # %% auto #0
-__all__ = ['Precision', 'ResolvedPrecision', 'PRECISIONS', 'DEFAULT_LR', 'Schedule', 'MODELS_ENV', 'SLIM_KEYS',
-           'DEFAULT_LOC_THRESHOLD', 'LOG_COLUMNS', 'is_native', 'resolve_precision', 'autocast', 'memory_format',
-           'default_lr', 'TrainConfig', 'rng_state', 'set_rng_state', 'models_dir', 'model_names', 'resolve_checkpoint',
-           'save_checkpoint', 'load_checkpoint', 'load_model', 'checkpoint_precision', 'slim_checkpoint',
-           'checkpoint_loc_threshold', 'epoch_seed', 'setup_distributed', 'predict_counts', 'write_csv', 'validate',
-           'plot_curves', 'step_loss', 'step_flags', 'nonfinite_message', 'load_weights', 'plateau_schedule',
-           'warmup_factor', 'scheduled_lr', 'epoch_lr', 'WeightAverage', 'training_state', 'param_groups', 'set_lr',
-           'resume_state', 'train_epoch', 'validation_due', 'write_epoch', 'epoch_message', 'fit']
+__all__ = ['Precision', 'ResolvedPrecision', 'PRECISIONS', 'DEFAULT_LR', 'Schedule', 'LOG_COLUMNS', 'is_native',
+           'resolve_precision', 'autocast', 'memory_format', 'default_lr', 'TrainConfig', 'rng_state', 'set_rng_state',
+           'epoch_seed', 'setup_distributed', 'predict_counts', 'write_csv', 'validate', 'step_loss', 'step_flags',
+           'nonfinite_message', 'load_weights', 'plateau_schedule', 'warmup_factor', 'scheduled_lr', 'epoch_lr',
+           'WeightAverage', 'training_state', 'param_groups', 'set_lr', 'resume_state', 'train_epoch', 'validation_due',
+           'write_epoch', 'epoch_message', 'fit']
 
 # %% ../nbs/07_train.ipynb #0ea50f05
 Precision = Literal['auto', 'fp32', 'bf16', 'fp16']   # 'auto': bf16 where native, else fp32
@@ -161,7 +162,7 @@ class TrainConfig:
         "Rebuild a config from `to_dict()`, ignoring unknown keys (configs from newer versions)."
         names = {f.name for f in fields(cls)}
         d = dict(d)
-        if 'precision' not in d: d['precision'] = 'fp16' if d.get('amp') else 'fp32'  # older configs: `amp` flag
+        d['precision'] = config_precision(d)  # older configs: the `amp` flag
         return cls(**{k: v for k, v in d.items() if k in names})
 
 # %% ../nbs/07_train.ipynb #1e208db9
@@ -186,107 +187,6 @@ def set_rng_state(state:dict # from `rng_state`
     torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
-
-# %% ../nbs/07_train.ipynb #1138ce57
-MODELS_ENV = 'UOTCROWD_MODELS'
-
-def models_dir(folder:str|Path|None=None # a folder of `NAME.pt` model files (default: `$UOTCROWD_MODELS`, else the checkout's `models/`)
-              ) -> Path:
-    "The folder of named models: `folder`, else `$UOTCROWD_MODELS`, else `models/` of the repository checkout holding this package."
-    if folder is None: folder = os.environ.get(MODELS_ENV) or None
-    if folder is None:
-        import uotcrowd
-        folder = Path(uotcrowd.__file__).resolve().parent.parent / 'models'
-    return Path(folder)
-
-def model_names(folder:str|Path|None=None # see `models_dir`
-               ) -> list[str]:
-    "Names of the models in `models_dir(folder)`; a clear error when that folder is absent."
-    d = models_dir(folder)
-    if not d.is_dir():
-        raise FileNotFoundError(f"no models folder at {d}: named models are committed in the repository's models/ folder, "
-                                f"found when uotcrowd is installed from a checkout (pip install -e .); set {MODELS_ENV} to "
-                                f"such a folder, or pass the path of a checkpoint file")
-    return sorted(p.stem for p in d.glob('*.pt'))
-
-def resolve_checkpoint(checkpoint:str|Path, # a checkpoint file, or the name of a model in `models_dir(folder)`
-                       folder:str|Path|None=None # see `models_dir`
-                      ) -> Path:
-    "The checkpoint file that `checkpoint` names: a path (with a folder or a suffix), else a named model."
-    p = Path(checkpoint)
-    if p.is_file() or len(p.parts) != 1 or p.suffix: return p  # a path: `load_checkpoint` reports it if missing
-    d = models_dir(folder)
-    if len(p.parts) == 1 and (d / f'{p.name}.pt').is_file(): return d / f'{p.name}.pt'
-    names = ', '.join(model_names(folder)) if d.is_dir() else f'none, {d} is absent'
-    raise FileNotFoundError(f"{checkpoint} is neither a checkpoint file nor a named model (named models: {names})")
-
-# %% ../nbs/07_train.ipynb #0df13fda
-def save_checkpoint(state:dict, # plain dict of tensors, numbers, strings, lists and dicts
-                    path:str|Path # destination file
-                   ) -> Path:
-    "Write `state` to `path` atomically (temporary file in the same folder, fsync, `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
-def load_checkpoint(path:str|Path, # a checkpoint written by `fit`
-                    map_location='cpu' # where to put its tensors
-                   ) -> dict:
-    "Load a checkpoint (a file or a named model) with `weights_only=True`; the error names the file when it is missing or not a checkpoint."
-    path = resolve_checkpoint(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise ValueError(f"{path} is not a readable uotcrowd checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or 'model' not in ckpt:
-        raise ValueError(f"{path} is not a uotcrowd checkpoint (no 'model' entry)")
-    return ckpt
-
-# %% ../nbs/07_train.ipynb #6f851b74
-def load_model(path:str|Path, # checkpoint written by `fit` (`best.pt` or `last.pt`)
-               device='cpu' # device of the returned model
-              ) -> tuple[nn.Module, dict]:
-    "Rebuild the model stored in a checkpoint; returns `(model in eval mode, checkpoint dict)`."
-    ckpt = load_checkpoint(path)
-    name = ckpt.get('model_name') or ckpt.get('config', {}).get('model')
-    if not name: raise ValueError(f"{path} does not record its model name; it was not written by uotcrowd's `fit`")
-    weights = ckpt['ema'] if 'ema' in ckpt else ckpt['model']  # the weight average is what was validated
-    model = get_model(name, weights=weights, **ckpt.get('model_kwargs', {}))
-    return model.to(get_device(device)).eval(), ckpt
-
-# %% ../nbs/07_train.ipynb #573bc37d
-def checkpoint_precision(ckpt:dict # a checkpoint dict (`load_checkpoint`)
-                        ) -> str: # one of `PRECISIONS`
-    "The precision a checkpoint was trained in (what `eval` and `predict` use unless told otherwise)."
-    if ckpt.get('precision') in PRECISIONS: return ckpt['precision']
-    return TrainConfig.from_dict(ckpt.get('config', {})).precision
-
-# %% ../nbs/07_train.ipynb #ed8e370b
-SLIM_KEYS = ('model', 'model_name', 'model_kwargs', 'loss_name', 'loss_kwargs', 'stride', 'dataset', 'precision',
-             'config', 'epoch', 'best_mae', 'best_epoch', 'history', 'train_time_s', 'world_size', 'torch_version',
-             'loc_threshold', 'weights')
-DEFAULT_LOC_THRESHOLD = 0.05
-
-def slim_checkpoint(src:str|Path, # a checkpoint written by `fit`
-                    dst:str|Path|None=None, # where to write the slim copy (default: over `src`)
-                    loc_threshold:float|None=None # localization threshold chosen on validation, stored with it
-                   ) -> Path:
-    "A copy of `src` without optimizer, scaler and RNG state, optionally recording its localization threshold."
-    ckpt = load_checkpoint(src)
-    slim = {k: ckpt[k] for k in SLIM_KEYS if k in ckpt}
-    if 'ema' in ckpt: slim.update(model=ckpt['ema'], weights='ema')  # the scored weights: the average
-    if loc_threshold is not None: slim['loc_threshold'] = float(loc_threshold)
-    return save_checkpoint(slim, dst or src)
-
-def checkpoint_loc_threshold(ckpt:dict # a checkpoint dict (`load_checkpoint`)
-                            ) -> float:
-    "The localization threshold stored in a checkpoint, or the library default."
-    return float(ckpt.get('loc_threshold', DEFAULT_LOC_THRESHOLD))
 
 # %% ../nbs/07_train.ipynb #076f59ac
 def epoch_seed(seed:int, # run seed
@@ -383,29 +283,6 @@ def validate(model:nn.Module, # density model
 
 # %% ../nbs/07_train.ipynb #d8061386
 LOG_COLUMNS = ['epoch', 'train_loss', 'train_mae', 'lr', 'time_s', 'val_mae', 'val_rmse', 'val_nae', 'val_mae_raw']
-
-def plot_curves(history:Sequence[dict], # rows of `log.csv`
-                path:str|Path|None=None, # write a PNG here
-                dpi:int=80 # resolution of the PNG
-               ):
-    "Training loss and train/validation MAE against the epoch; returns the matplotlib `Figure`."
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    fig = Figure(figsize=(8, 3)); FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ep = [h['epoch'] + 1 for h in history]
-    ax1.plot(ep, [h['train_loss'] for h in history], marker='.', color='C0')
-    ax1.set(xlabel='epoch', ylabel='training loss', title='loss')
-    ax2.plot(ep, [h['train_mae'] for h in history], marker='.', color='C0', label='train (crops)')
-    val = [(h['epoch'] + 1, h['val_mae']) for h in history if h.get('val_mae') is not None]
-    if val: ax2.plot(*zip(*val), marker='o', color='C3', label='validation')
-    raw = [(h['epoch'] + 1, h['val_mae_raw']) for h in history if h.get('val_mae_raw') not in (None, '')]
-    if raw: ax2.plot(*zip(*raw), marker='.', color='C1', alpha=0.6, label='validation (raw weights)')
-    ax2.set(xlabel='epoch', ylabel='MAE', title='count MAE'); ax2.legend()
-    for ax in (ax1, ax2): ax.grid(alpha=0.3)
-    fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=dpi)
-    return fig
 
 # %% ../nbs/07_train.ipynb #57507932
 def step_loss(loss:nn.Module, # `loss(density, points) -> scalar`

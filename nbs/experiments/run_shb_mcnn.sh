@@ -76,7 +76,7 @@ for seed in $SEEDS; do
       python nbs/experiments/study_steps.py threshold "$run" "$run/best.pt" "$DATA" "$seed" 0.1
     fi
     # best.pt becomes a slim checkpoint (weights, config, names) that records the threshold chosen on validation
-    python -c "import json,sys; from uotcrowd.train import slim_checkpoint as s; s(sys.argv[1], loc_threshold=json.load(open(sys.argv[2]))['threshold'])" \
+    python -c "import json,sys; from uotcrowd.checkpoints import slim_checkpoint as s; s(sys.argv[1], loc_threshold=json.load(open(sys.argv[2]))['threshold'])" \
       "$run/best.pt" "$run/loc_threshold.json"
     echo "$(date -u +%T) ${loss} seed ${seed}: evaluating $run/best.pt on the test split (its stored localization threshold)"
     t0=$(date +%s)

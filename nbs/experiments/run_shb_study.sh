@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."                     # repo root: the package of this checkout (python -m)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # every step (study_steps.py too) imports this checkout's package
 DATA=../shared/datasets/ShanghaiTech
 RES=nbs/experiments/results
 MODEL=${MODEL:-effnet-lite0}
@@ -61,7 +62,7 @@ for seed in $SEEDS; do
   # the result: the weight average after the last epoch (load_model reads it from last.pt), slimmed once with its
   # threshold into final.pt (weights, config, names, threshold)
   [ -f "$run/loc_threshold.json" ] || python nbs/experiments/study_steps.py threshold "$run" "$run/last.pt" "$DATA" "$VAL_SEED" "$VAL_FRACTION"
-  python -c "import json,sys; from uotcrowd.train import slim_checkpoint as s; s(sys.argv[1], sys.argv[2], loc_threshold=json.load(open(sys.argv[3]))['threshold'])" \
+  python -c "import json,sys; from uotcrowd.checkpoints import slim_checkpoint as s; s(sys.argv[1], sys.argv[2], loc_threshold=json.load(open(sys.argv[3]))['threshold'])" \
     "$run/last.pt" "$run/final.pt" "$run/loc_threshold.json"
   echo "$(date -u +%T) ${run}: evaluating final.pt once on the test split"
   python -m uotcrowd eval --checkpoint "$run/final.pt" --dataset shanghaitech-b --data-dir "$DATA" --quiet --out "$run/eval-test" --overwrite

@@ -41,8 +41,9 @@ class SmallVGG(nn.Module):
     stride = 4
     def __init__(self):
         super().__init__()
-        from uotcrowd.models import make_vgg_layers, init_weights
-        self.features = make_vgg_layers([32, 'M', 64, 64, 'M', 128, 128])
+        from torchvision.models.vgg import make_layers
+        from uotcrowd.models import init_weights
+        self.features = make_layers([32, 'M', 64, 64, 'M', 128, 128])   # torchvision's VGG blocks
         self.head = nn.Sequential(nn.Conv2d(128, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1))
         init_weights(self, last=self.head[-1])
     def forward(self, x):

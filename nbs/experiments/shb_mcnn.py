@@ -68,9 +68,11 @@ import pandas as pd
 import torch
 import matplotlib.pyplot as plt
 from IPython.display import display
+from fastcore.test import test_close
 from uotcrowd.data import ShanghaiTech, denormalize
-from uotcrowd.train import load_model
+from uotcrowd.checkpoints import load_model
 from uotcrowd.localize import localize
+import study_figures as sf   # beside this notebook: the seaborn figures of the studies
 
 torch.set_num_threads(1)
 plt.rcParams.update({'figure.dpi': 70, 'savefig.dpi': 70})
@@ -166,7 +168,7 @@ def per_image(loss, seed):
     return pd.read_csv(run / 'eval-test' / 'per_image.csv').set_index('name')
 
 rng = np.random.default_rng(0)
-rows = []
+rows, replicates = [], []
 for seed in sorted(done.seed.unique()):
     losses_done = set(res[res.seed == seed].loss)
     if 'gl' not in losses_done: continue
@@ -176,10 +178,43 @@ for seed in sorted(done.seed.unique()):
         other = per_image(loss, seed).loc[gl.index]
         diff = (other.abs_err - gl.abs_err).to_numpy()  # > 0: GL is better on that image
         boot = diff[idx].mean(1)
+        replicates.append(pd.DataFrame(dict(arm=NAMES[loss], seed=seed, difference=boot)))
         rows.append(dict(seed=seed, comparison=f'{NAMES[loss]} - GL', mae_difference=diff.mean(),
                          ci_low=np.quantile(boot, 0.025), ci_high=np.quantile(boot, 0.975),
                          gl_better_on=f'{(diff > 0).mean():.0%} of images'))
 pd.DataFrame(rows).round(2)
+
+# %% [markdown]
+# The same in figures (seaborn, `study_figures.py` beside this notebook). Left: each run's test MAE, one
+# point per seed, with the mean over seeds and its 95 % t-interval (black), and the floor of predicting the
+# mean count. Right: each loss against GL seed by seed, with the 95 % range of the paired bootstrap over the
+# test images for each seed (coloured), and the mean of the seeds' differences with its t-interval (black,
+# none where one seed ran). The bootstrap intervals are narrow and the seeds far apart: the run, not the test
+# images, is what decides GL against L2, and two seeds put the t-interval of the mean far on both sides of 0.
+
+# %%
+arms = [NAMES[l] for l in LOSSES + VARIANTS if l in set(res.loss)]
+runs_by_arm = res.assign(arm=res.loss.map(NAMES))
+diffs = sf.seed_differences(runs_by_arm, 'GL')
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw=dict(width_ratios=[1, 1.25]))
+sf.plot_seeds(runs_by_arm, x='arm', y='mae', order=arms, ax=ax1)
+ax1.axhline(floor['mae'], color='grey', ls='--', lw=1)
+ax1.set(yscale='log', xlabel='', ylabel='test MAE (316 images, log scale)')
+ax1.tick_params(axis='x', labelsize=7, labelrotation=20)
+sf.plot_differences(diffs, 'GL', replicates=pd.concat(replicates), ax=ax2)
+ax2.set_xscale('symlog', linthresh=30)
+fig.tight_layout()
+plt.show()
+
+# %%
+# the figure's numbers are those of the tables: each seed's MAE difference, and the bootstrap range
+boot_table = pd.DataFrame(rows).set_index(['seed', 'comparison'])
+all_replicates = pd.concat(replicates)
+for r in diffs.itertuples():
+    row = boot_table.loc[(r.seed, f'{r.arm} - GL')]
+    test_close(r.difference, row.mae_difference, eps=2e-3)   # shb_mcnn.csv rounds the MAEs to 3 decimals
+    reps = all_replicates[(all_replicates.arm == r.arm) & (all_replicates.seed == r.seed)].difference
+    test_close(np.percentile(reps, [2.5, 97.5]), [row.ci_low, row.ci_high], eps=1e-9)
 
 # %% [markdown]
 # Where the errors come from: the mean predicted count over the test images (the annotated mean is 123.8) and the

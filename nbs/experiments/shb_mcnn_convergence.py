@@ -357,7 +357,7 @@ if len(transport):
 # test photos, at each model's validation-chosen threshold (white crosses), beside the annotations (green):
 
 # %%
-from uotcrowd.train import load_model
+from uotcrowd.checkpoints import load_model
 from uotcrowd.localize import localize
 from uotcrowd.data import ShanghaiTech, EvalTransform, denormalize
 DATA = ROOT / '..' / 'shared' / 'datasets' / 'ShanghaiTech'
@@ -386,7 +386,7 @@ if len(done0):
 # ## The committed model
 #
 # `models/shb-mcnn-gl.pt` (the name `shb-mcnn-gl` for `uotcrowd predict`, `Counter` and `uotcrowd serve`) is the
-# part B run with the lowest validation MAE so far, written by `uotcrowd.counter.publish_model` with its card: today
+# part B run with the lowest validation MAE so far, written by `uotcrowd.checkpoints.publish_model` with its card: today
 # the study's GL-converged seed 0 (validation MAE 15.9 at its best epoch; GL seed 0: 18.7; the pilot at $10^{-3}$:
 # 27.5). As more runs finish, the one with the lowest validation MAE takes its place. Its prediction on the first test photo, the figure of the home page (`../images/shb_model_prediction.png`):
 

@@ -13,7 +13,7 @@ import torch
 
 def threshold(run, checkpoint, data, val_seed, val_fraction):
     from uotcrowd.data import build_datasets
-    from uotcrowd.train import load_model
+    from uotcrowd.checkpoints import load_model
     from uotcrowd.localize import localize
     from uotcrowd.metrics import localization_prf
     run = Path(run)
