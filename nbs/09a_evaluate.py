@@ -11,14 +11,14 @@
 from __future__ import annotations
 import json, sys
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from uotcrowd.core import get_device, reuse_host_memory
-from uotcrowd.data import build_datasets, synthetic_kwargs
+from uotcrowd.core import get_device, reuse_host_memory, check_choice, HostMemory
+from uotcrowd.data import build_datasets, synthetic_kwargs, DatasetName
 from uotcrowd.checkpoints import load_model, checkpoint_precision, checkpoint_loc_threshold
-from uotcrowd.train import validate, write_csv, resolve_precision
+from uotcrowd.train import validate, write_csv, resolve_precision, Precision
 from uotcrowd.localize import localize
 from uotcrowd.metrics import localization_prf
 
@@ -47,7 +47,7 @@ def evaluate(model:nn.Module, # density model (its `stride` attribute is used fo
              thresholds:Sequence[float]|None=None, # localization distances in px, e.g. (4, 8); None: counts only
              loc_threshold:float=0.05, # density threshold of `localize`
              csv_path:str|Path|None=None, # write the per-image CSV here
-             precision:str='fp32', # one of `uotcrowd.train.PRECISIONS` ('auto': bf16 where native)
+             precision:Precision='fp32', # one of `uotcrowd.train.PRECISIONS` ('auto': bf16 where native)
              quiet:bool=True, # no progress bar
              rank:int=0, world:int=1, # shard the images across DDP ranks; results are gathered on every rank
             ) -> dict:
@@ -146,23 +146,28 @@ assert lines[2].startswith('  F1@4px 0.250') and lines[3].startswith('  F1@8px 0
 
 # %%
 #| export
+EvalSplit = Literal['test', 'val']   # the test split, or the validation images held out of training
+
+
+# %%
+#| export
 def evaluate_checkpoint(checkpoint:str, # checkpoint written by `uotcrowd train` (best.pt)
-                        dataset:str|None=None, # dataset name (default: the one recorded in the checkpoint)
+                        dataset:DatasetName|None=None, # dataset name (default: the one recorded in the checkpoint)
                         data_dir:str|None=None, # dataset root folder (not needed for synthetic)
                         synthetic_n:int|None=None, # synthetic: number of training images (validation and test get a quarter each)
                         synthetic_size:int|None=None, # synthetic: image side in pixels
-                        split:str='test', # which split to evaluate: 'test' or 'val'
+                        split:EvalSplit='test', # which split to evaluate: 'test' or 'val'
                         out:str|None=None, # output folder (default: CHECKPOINT_DIR/eval-SPLIT)
                         overwrite:bool=False, # replace the results already in the output folder
                         thresholds:Sequence[float]=(4., 8.), # localization distances in px (none: skip)
                         loc_threshold:float|None=None, # density threshold of the localization (default: the checkpoint's, chosen on validation, else 0.05)
-                        precision:str|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the precision the checkpoint was trained in)
+                        precision:Precision|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the precision the checkpoint was trained in)
                         device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-                        host_memory:str='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
+                        host_memory:HostMemory='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
                         quiet:bool=False, # no progress bars
                        ) -> dict: # the metrics, without the per-image rows
     "Evaluate a checkpoint on a split of its dataset; writes `metrics.json` and `per_image.csv`."
-    if split not in ('test', 'val'): raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    check_choice(split, EvalSplit, 'split')
     device = get_device(device)
     model, ckpt = load_model(checkpoint, device)
     cfg = ckpt.get('config', {})

@@ -11,11 +11,13 @@
 from __future__ import annotations
 import copy, inspect, json, warnings
 from pathlib import Path
+from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from uotcrowd import __version__
+from uotcrowd.core import check_choice
 from uotcrowd.data import normalize, IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.models import _OUT_ACTS
 from uotcrowd.checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
@@ -253,17 +255,17 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| export
-EXPORT_FORMATS = ('onnx',)
+ExportFormat = Literal['onnx']   # the formats `export` writes
 
 def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
-           format:str='onnx', # what to write (ONNX)
+           format:ExportFormat='onnx', # what to write (ONNX)
            out:str|None=None, # the file to write (default: NAME.onnx in the current folder)
            opset:int=17, # ONNX opset
            force:bool=False, # overwrite an existing file
            quiet:bool=False # print nothing
           ) -> Path: # the file written
     "Export a trained model for deployment: an ONNX graph for any image size, its card in the metadata, checked against PyTorch."
-    if format not in EXPORT_FORMATS: raise ValueError(f"unknown format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    check_choice(format, ExportFormat, 'format')
     src = resolve_checkpoint(checkpoint)
     model, ckpt = load_model(src, 'cpu')
     card = ckpt.get('card')
@@ -293,7 +295,7 @@ with tempfile.TemporaryDirectory() as d:
     ck = load_model(resolve_checkpoint('shb-mcnn-gl'))[1]
     test_eq((meta['card'], meta['loc_threshold'], meta['trained_precision'], meta['model_name']), (ck['card'], ck['loc_threshold'], ck['precision'], 'mcnn'))
     test_fail(lambda: export('shb-mcnn-gl', out=str(path)), contains='exists: pass --force')
-    test_fail(lambda: export('shb-mcnn-gl', format='tflite'), contains="unknown format 'tflite'")
+    test_fail(lambda: export('shb-mcnn-gl', format='tflite'), contains="format must be one of onnx, got 'tflite'")
 
 # %%
 #| hide

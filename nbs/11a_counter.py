@@ -12,21 +12,21 @@ from __future__ import annotations
 import math, multiprocessing, time, traceback, warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 import numpy as np
 import torch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
-from uotcrowd.core import get_device
+from uotcrowd.core import get_device, check_choice
 from uotcrowd.data import load_image, normalize
 from uotcrowd.plots import colour_table
 from uotcrowd.models import get_model
 from uotcrowd.checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from uotcrowd.train import resolve_precision, autocast, memory_format
+from uotcrowd.train import resolve_precision, autocast, memory_format, Precision
 from uotcrowd.localize import localize
 from uotcrowd.deploy import load_onnx
-from uotcrowd.bench import peak_memory, status_bytes
+from uotcrowd.measure import peak_memory, status_bytes
 
 # %%
 #| hide
@@ -276,7 +276,7 @@ class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
     def __init__(self, checkpoint:str|Path|nn.Module=DEFAULT_MODEL, # checkpoint, named model, `.onnx` or network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
-                 precision:str|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
+                 precision:Precision|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (validation)
                  tile:int|None=None, # tile side in pixels; None: tile images above `tile_above` pixels; 0: never
                  overlap:int=DEFAULT_OVERLAP, # context pixels around each tile (rounded up to the size multiple)
@@ -449,17 +449,21 @@ def _font(size:int):
 
 # %%
 #| export
+Shown = Literal['density', 'points', 'both']   # what `render_result` draws over the image
+
+
+# %%
+#| export
 def render_result(image, # the image the result was computed on (path, PIL image or uint8 array)
                   result:CountResult, # what `Counter` found in it
-                  show:str='both', # 'density' (heat-map overlay), 'points' (located heads) or 'both'
+                  show:Shown='both', # 'density' (heat-map overlay), 'points' (located heads) or 'both'
                   max_side:int|None=1280, # downscale so that the longer side is at most this many pixels
                   label:bool=False, # write the count in the top-left corner
                   alpha:float=0.7, # opacity of the heat map from half its maximum up (it fades as √density to 0)
                   cmap:str='jet' # matplotlib colour map of the heat map
                  ) -> Image.Image:
     "The image with the density overlaid and/or the located heads marked, as a PIL RGB image."
-    if show not in ('density', 'points', 'both'):
-        raise ValueError(f"show must be 'density', 'points' or 'both', got {show!r}")
+    check_choice(show, Shown, 'show')
     im = Image.fromarray(as_rgb(image))
     if im.size != result.size:
         raise ValueError(f"the image is {im.size[0]}×{im.size[1]} but the result is for "
@@ -521,7 +525,7 @@ as_jpeg(render_result(shb_image, r_whole, max_side=640, label=True))
 # process (started with `multiprocessing`'s `spawn`, so it shares nothing with the caller) and reports that
 # process's peak resident memory, with the memory it held before counting (the interpreter, torch, the model
 # and the photo). The peak is the kernel's own high-water mark, reset just before counting
-# (`uotcrowd.bench.peak_memory`), so nothing is sampled or missed. Memory does not depend on the machine's
+# (`uotcrowd.measure.peak_memory`), so nothing is sampled or missed. Memory does not depend on the machine's
 # load; time does.
 
 # %%
@@ -594,8 +598,9 @@ here = Counter(_same, device='cpu', tile=0)(_photo)
 test_close(small_run['count'], here.count, eps=1e-5 * here.count)
 assert 50 < small_run['before_mb'] < small_run['peak_mb'], small_run
 test_eq((small_run['tiles'], small_run['model'], small_run['height']), (1, 'mcnn', 240))
+# the child's error, with its traceback
 test_fail(lambda: uotcrowd.counter.measure_peak_memory('no-such-net', 8, 8),
-          contains="ValueError: unknown model 'no-such-net'")        # the child's error, with its traceback
+          contains="ValueError: model must be one of vgg19, csrnet, mcnn, effnet-lite0, got 'no-such-net'")
 
 # %% [markdown]
 # The 4000×3000 measurement through VGG19 is the `#| slow` cell below (a few minutes on one CPU thread); it

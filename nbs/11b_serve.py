@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from uotcrowd import __version__
 from uotcrowd.counter import Counter, as_rgb, render_result, DEFAULT_MODEL
+from uotcrowd.train import Precision
 
 # %%
 #| hide
@@ -585,7 +586,7 @@ def serve(checkpoint:str=DEFAULT_MODEL, # checkpoint file, named model (`uotcrow
           max_megapixels:float=50, # largest image accepted, in megapixels
           upload_timeout:float=30, # seconds an upload may take to arrive
           device:str='auto', # 'auto', 'cpu', 'cuda', 'mps'
-          precision:str|None=None, # default: the checkpoint's
+          precision:Precision|None=None, # default: the checkpoint's
           loc_threshold:float|None=None, # default: the checkpoint's
           tile:int|None=None, # tile side for large photos (None automatic, 0 never)
           open_browser:bool=False, # open the page in the default browser

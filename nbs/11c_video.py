@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
-from uotcrowd.train import write_csv
+from uotcrowd.train import write_csv, Precision
 from uotcrowd.plots import plot_counts
 from uotcrowd.counter import Counter, render_result
 
@@ -228,7 +228,7 @@ def predict_video(video:str, # video file (whatever FFmpeg reads: mp4, mov, avi,
                   annotate:bool=False, # also write NAME_annotated.mp4: counted frames with density, heads, count
                   max_frames:int|None=None, # stop after this many counted frames
                   device:str='auto', # 'auto', 'cpu', 'cuda', 'mps'
-                  precision:str|None=None, # default: the checkpoint's
+                  precision:Precision|None=None, # default: the checkpoint's
                   loc_threshold:float|None=None, # default: the checkpoint's
                   tile:int|None=None, # tile side for large frames (None automatic, 0 never)
                   batch_size:int=4, # frames counted together

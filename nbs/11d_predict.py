@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
-from uotcrowd.core import reuse_host_memory
+from uotcrowd.core import reuse_host_memory, HostMemory
 from uotcrowd.data import normalize, list_images, IMAGE_EXTS
-from uotcrowd.train import write_csv
+from uotcrowd.train import write_csv, Precision
 from uotcrowd.metrics import write_nwpu_predictions
 from uotcrowd.plots import plot_prediction
 from uotcrowd.counter import Counter, as_rgb
@@ -95,9 +95,9 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
             nwpu:bool=False, # also write the NWPU-Crowd counting and localization submission files
             no_plots:bool=False, # skip the PNGs
             dpi:int=80, # resolution of the PNGs
-            precision:str|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the checkpoint's)
+            precision:Precision|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the checkpoint's)
             device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-            host_memory:str='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
+            host_memory:HostMemory='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
             quiet:bool=False # no per-file lines
            ) -> list[dict]: # a dict per image (name, path, count, points, ...) and per video (frames, csv)
     "Count the people in images and videos; writes CSV, JSON and a PNG per image, counts per frame per video."

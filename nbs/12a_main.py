@@ -8,9 +8,9 @@
 
 # %% [markdown]
 # The console script `uotcrowd` (declared in `settings.ini`) and `python -m uotcrowd` both call
-# `uotcrowd.cli.main`; the second form works without the script on the `PATH`, e.g. inside a virtual environment
-# that was not activated. For `torchrun`, which needs a module, use `torchrun ... -m uotcrowd.cli train ...`
-# or `torchrun ... -m uotcrowd train ...`.
+# `uotcrowd.cli.main`; the second form works without the script on the `PATH`, e.g. inside a virtual
+# environment that was not activated. For `torchrun`, which needs a module, use
+# `torchrun ... -m uotcrowd.cli train ...` or `torchrun ... -m uotcrowd train ...`.
 
 # %%
 #| export
@@ -29,4 +29,5 @@ for cmd in ('train', 'eval', 'predict', 'demo'): assert cmd in out.stdout
 
 # %%
 #| hide
-import nbdev; nbdev.nbdev_export()
+import nbdev
+nbdev.nbdev_export()

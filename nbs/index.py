@@ -227,7 +227,7 @@ Markdown('\n'.join(f'- {model_summary(f"../models/{name}.pt")}' for name in ('sh
 # | [Localization](08_localize.ipynb), [Metrics](09_metrics.ipynb), [Evaluation](09a_evaluate.ipynb) | density map → head positions; NWPU P/R/F1 (σs, σl), UCF-QNRF P/R over 1..100 px; counting and localization of a model or checkpoint |
 # | [Commands](10_commands.ipynb), [Command line](12_cli.ipynb) | `train`, `predict`, `demo` as functions, and `uotcrowd train / eval / predict / demo / bench` wired from their signatures |
 # | [Counter](11a_counter.ipynb), [Video](11c_video.ipynb) and [Predict](11d_predict.ipynb) | `Counter`: photos of any size in bounded memory; counts per video frame; `uotcrowd predict` over photos, folders and videos |
-# | [Benchmarks](11_bench.ipynb) | the loss against the official geomloss recipe and POT, and its share of a VGG19 step |
+# | [Measurements](10b_measure.ipynb), [Reference losses](10c_references.ipynb), [Loss benchmark](10d_loss_bench.ipynb), [Training throughput](10e_throughput.ipynb), [ONNX Runtime](10f_onnx_bench.ipynb), [Benchmarks](11_bench.ipynb) | timings with `torch.utils.benchmark`; the loss against the official geomloss recipe and POT, its share of a VGG19 step and at training sizes; training speed per precision; `uotcrowd bench` |
 # | [Experiments](experiments/synthetic_ablations.ipynb) | the paper's Tables 1-2 and ablations on synthetic crowds, [MCNN on ShanghaiTech B](experiments/shb_mcnn.ipynb), and [the commands for the paper's tables](experiments/real_data.ipynb) |
 
 # %% [markdown]
@@ -250,14 +250,14 @@ print(f'loss = {loss.item():.4f}')
 
 
 # %% [markdown]
-# How fast, from the committed benchmark (`nbs/bench_results/loss_sizes_cpu.json`, written by `uotcrowd.bench.loss_sizes`,
+# How fast, from the committed benchmark (`nbs/bench_results/loss_sizes_cpu.json`, written by `uotcrowd.loss_bench.loss_sizes`,
 # else `nbs/bench_results/bench_cpu.json`, written by `uotcrowd bench`; forward and backward of the loss against the
 # official trainer's recipe, each ratio measured side by side in one run):
 
 # %%
 #| echo: false
 def sizes_summary(d:dict) -> str:
-    "The ratios of `uotcrowd.bench.loss_sizes` (the loss at training sizes against the official trainer's recipe) as one sentence."
+    "The ratios of `uotcrowd.loss_bench.loss_sizes` (the loss at training sizes against the official trainer's recipe) as one sentence."
     rows, m = d['rows'], d['machine']
     so, sc = [r['official_speedup'] for r in rows], [r['converged_speedup'] for r in rows]
     sizes = ' and '.join(dict.fromkeys(f"{r['size']}×{r['size']} maps with {r['n_points']} heads" for r in rows))

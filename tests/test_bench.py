@@ -8,8 +8,12 @@ import json
 import pytest
 import torch
 
-from uotcrowd.bench import (METHODS, CASE_KEYS, run_bench, reference_loss, make_problem, gl_diagnostics,
-                            geomloss_potentials, coordinate_cost, uot_marginal_error)
+from uotcrowd.bench import run_bench
+from uotcrowd.costs import coordinate_cost
+from uotcrowd.loss_bench import METHODS, CASE_KEYS
+from uotcrowd.references import (reference_loss, make_problem, gl_diagnostics, geomloss_potentials,
+                                 official_recipe_loss, RECIPE_KWARGS)
+from uotcrowd.sinkhorn import uot_marginal_error
 from uotcrowd.losses import GeneralizedLoss
 
 # The targets of the benchmark, written out from its documentation: name -> (op, goal)
@@ -268,7 +272,6 @@ def test_pot_reference_converges_to_converged_mode():
 def test_official_recipe_is_the_trainers():
     "The bench's geomloss baseline equals the official trainer's lines written out literally (value and gradient), and GL's official mode."
     import geomloss
-    from uotcrowd.bench import official_recipe_loss, RECIPE_KWARGS
     crop, stride = 256., 8
     density, points = make_problem(3, 40, size=32, stride=stride, seed=7)
 

@@ -310,6 +310,24 @@ def test_bench_throughput_only(tmp_path, capsys):
     assert code == 2 and 'exclude each other' in err
 
 
+def test_bench_loss_sizes_only(tmp_path, capsys):
+    "`--loss-sizes-only`: only the loss at training sizes against the official recipe, here one tiny size and round."
+    out = tmp_path / 'ls'
+    code, _, _ = call(['bench', '--loss-sizes-only', '--quick', '--batch-sizes', '2', '--points', '10', '--size', '8',
+                       '--out', str(out), '--quiet'], capsys)
+    assert code == 0
+    res = json.loads((out / 'bench.json').read_text())
+    assert res['cases'] == [] and not {'vgg19', 'throughput', 'onnx'} & set(res)
+    (row,) = res['loss_sizes']['rows']
+    assert (row['batch_size'], row['n_points'], row['size'], row['threads'], row['runs']) == (2, 10, 8, 1, 1)
+    assert row['official_ms'] > 0 and row['recipe_ms'] > 0 and row['loss_difference'] <= 1e-4
+    assert row['official_speedup'] == pytest.approx(row['recipe_ms'] / row['official_ms'], rel=1e-9)
+    md = (out / 'bench.md').read_text()
+    assert '**The loss at training sizes**' in md and '| 2 | 10 | 8×8 | 1 |' in md
+    code, _, err = call(['bench', '--loss-sizes-only', '--throughput-only', '--out', str(out)], capsys)
+    assert code == 2 and 'exclude each other' in err
+
+
 def test_train_flags_default_to_train_config():
     "Every `TrainConfig` field that `uotcrowd train` exposes defaults to the dataclass's own value (no drift)."
     import dataclasses

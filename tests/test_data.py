@@ -337,7 +337,7 @@ def test_missing_folders_explain_the_layout(tmp_path):
     with pytest.raises(DatasetError, match='expected layout'): UCFQNRF(tmp_path, 'train')
     with pytest.raises(DatasetError, match='expected layout'): JHUCrowd(tmp_path, 'val')
     with pytest.raises(DatasetError, match='expected layout'): NWPUCrowd(tmp_path, 'val')
-    with pytest.raises(DatasetError, match="'train' or 'test'"): UCFQNRF(tmp_path, 'val')
+    with pytest.raises(DatasetError, match="UCF-QNRF split must be one of train, test, got 'val'"): UCFQNRF(tmp_path, 'val')
 
 
 def test_collate_shapes_and_errors():

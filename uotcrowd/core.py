@@ -4,17 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #25ef1144
 from __future__ import annotations
-import contextlib, ctypes, os, random, sys, warnings
-from typing import Sequence
+import contextlib, ctypes, os, random, sys, typing, warnings
+from collections.abc import Collection
+from typing import Literal, Sequence
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['HOST_MEMORY', 'get_device', 'reuse_host_memory', 'seed_everything', 'pixel_centres', 'check_points', 'pad_points',
-           'check_density', 'to_numpy', 'count_metrics']
+__all__ = ['HostMemory', 'get_device', 'literal_values', 'check_choice', 'reuse_host_memory', 'seed_everything', 'pixel_centres',
+           'check_points', 'pad_points', 'check_density', 'to_numpy', 'count_metrics']
 
 # %% ../nbs/00_core.ipynb #fe96145e
-def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda', 'cuda:1', 'mps' or a `torch.device`
+def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda', 'cuda:1', 'mps' or a device
               ) -> torch.device:
     "Resolve `device` to a `torch.device`; `'auto'`/`None` picks CUDA, then MPS, then CPU."
     if isinstance(device, torch.device): return device
@@ -28,11 +29,25 @@ def get_device(device:str|torch.device|None='auto' # 'auto', None, 'cpu', 'cuda'
         raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
     return dev
 
-# %% ../nbs/00_core.ipynb #f5ff61b2
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4   # mallopt parameter numbers (glibc <malloc.h>)
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
-HOST_MEMORY = ('reuse', 'release')
+# %% ../nbs/00_core.ipynb #ae9f6e6e
+def literal_values(hint # a `Literal[...]` alias, or a type holding some (`Literal[...]|None`, `list[...]`)
+                  ) -> tuple: # the allowed values in their declared order (none without a `Literal`)
+    "The values a `Literal` type hint allows."
+    if typing.get_origin(hint) is Literal: return typing.get_args(hint)
+    return tuple(v for arg in typing.get_args(hint) for v in literal_values(arg))
 
+# %% ../nbs/00_core.ipynb #181d57a0
+def check_choice(value, # the value given
+                 allowed, # a `Literal` alias, or a collection of the allowed values (a registry's names)
+                 name:str, # the parameter, named in the message
+                 error:type[ValueError]=ValueError # the exception raised (`ValueError` or a subclass)
+                ):
+    "`value` when `allowed` holds it, else an `error` naming the parameter, the value and the allowed values."
+    values = tuple(allowed) if isinstance(allowed, Collection) else literal_values(allowed)
+    if value not in values: raise error(f"{name} must be one of {', '.join(map(str, values))}, got {value!r}")
+    return value
+
+# %% ../nbs/00_core.ipynb #f5ff61b2
 def _glibc():
     "The C library as a `ctypes` handle when it is glibc (has `mallopt` and `malloc_trim`), else None."
     if not sys.platform.startswith('linux'): return None
@@ -40,14 +55,22 @@ def _glibc():
     except OSError: return None
     return libc if all(hasattr(libc, f) for f in ('gnu_get_libc_version', 'mallopt', 'malloc_trim')) else None
 
+# %% ../nbs/00_core.ipynb #d52708fd
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4   # mallopt parameter numbers (glibc <malloc.h>)
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+HostMemory = Literal['reuse', 'release']   # the host-memory policies of `reuse_host_memory`
+
 @contextlib.contextmanager
-def reuse_host_memory(policy:str='reuse' # 'reuse': keep freed memory for the next allocation; 'release': glibc's defaults
+def reuse_host_memory(policy:HostMemory='reuse' # 'reuse': freed memory serves the next allocation; 'release'
                      ):
     "Within the block, freed host memory stays in the process (glibc); yields whether the policy was applied."
-    if policy not in HOST_MEMORY: raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY)}, got {policy!r}")
+    check_choice(policy, HostMemory, 'host_memory')
     libc = _glibc() if policy == 'reuse' else None
-    if libc is None: yield False; return
-    libc.mallopt(_M_MMAP_MAX, 0); libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # no mmap blocks, no trimming
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)                  # no mmap blocks
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)    # no trimming
     try: yield True
     finally:
         for param, value in _GLIBC_DEFAULTS.items(): libc.mallopt(param, value)
@@ -148,4 +171,5 @@ def count_metrics(pred_counts, # predicted count per image (sequence, array or t
     err = pred - gt
     people = gt > 0
     nae = float(np.mean(np.abs(err[people]) / gt[people])) if people.any() else float('nan')
-    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae, n=int(pred.size))
+    return dict(mae=float(np.mean(np.abs(err))), rmse=float(np.sqrt(np.mean(err**2))), nae=nae,
+                n=int(pred.size))

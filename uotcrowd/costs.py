@@ -6,18 +6,19 @@
 from __future__ import annotations
 import math
 from functools import partial
-from typing import Callable
+from typing import Callable, Literal
 import torch
-from .core import pixel_centres
+from .core import pixel_centres, check_choice
 
 # %% auto #0
-__all__ = ['COSTS', 'COST_BLOCK', 'pairwise_distances', 'sq_distances', 'dist_cost', 'sqdist_cost', 'exp_cost', 'perspective_eta',
-           'perspective_cost', 'pixel_positions', 'points_cost', 'cost_matrix', 'bl_background_cost', 'coordinate_cost']
+__all__ = ['COSTS', 'CostName', 'COST_BLOCK', 'BackgroundForm', 'pairwise_distances', 'sq_distances', 'dist_cost', 'sqdist_cost',
+           'exp_cost', 'perspective_eta', 'perspective_cost', 'pixel_positions', 'points_cost', 'cost_matrix',
+           'bl_background_cost', 'coordinate_cost']
 
 # %% ../nbs/02_costs.ipynb #1000f8c5
 def _needs_grad(*ts) -> bool: return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
-# %% ../nbs/02_costs.ipynb #684e9ba3
+# %% ../nbs/02_costs.ipynb #f182bb4d
 def pairwise_distances(x:torch.Tensor, # `(B, n, 2)` or `(n, 2)` first point set
                        y:torch.Tensor, # `(B, m, 2)` or `(m, 2)` second point set
                       ) -> torch.Tensor: # `(B, n, m)` (or `(n, m)`) Euclidean distances
@@ -41,17 +42,17 @@ def dist_cost(d:torch.Tensor, **kwargs) -> torch.Tensor:
     "Cost $L$: the (scaled) Euclidean distance itself."
     return d
 
-# %% ../nbs/02_costs.ipynb #d33b18e5
+# %% ../nbs/02_costs.ipynb #2bda5267
 def sqdist_cost(d:torch.Tensor, **kwargs) -> torch.Tensor:
     "Cost $L^2$: the squared (scaled) Euclidean distance."
     return d * d
 
-# %% ../nbs/02_costs.ipynb #66bfd0ab
+# %% ../nbs/02_costs.ipynb #b681cfea
 def _shifted(c:torch.Tensor, shift:bool) -> torch.Tensor:
     "`c - 1` if `shift`, in place unless autograd needs `c`."
     return (c - 1 if c.requires_grad else c.sub_(1)) if shift else c
 
-# %% ../nbs/02_costs.ipynb #ee89c0f5
+# %% ../nbs/02_costs.ipynb #41491b5e
 def exp_cost(d:torch.Tensor, # scaled distances
              eta:float=0.6, # length scale of the exponential
              shift:bool=True, # subtract 1 so the cost is 0 at distance 0 (official code)
@@ -59,7 +60,7 @@ def exp_cost(d:torch.Tensor, # scaled distances
     "Cost $e^{L/\\eta}-1$ (or $e^{L/\\eta}$ with `shift=False`)."
     return _shifted((d / eta).exp_(), shift)
 
-# %% ../nbs/02_costs.ipynb #c331b221
+# %% ../nbs/02_costs.ipynb #dcfa8684
 def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels, in [0, 1]
                     height_y:torch.Tensor, # `(B, m)` normalized heights of the points, in [0, 1]
                     eta_range:tuple=(0.6, 0.8) # `eta` at height 0 and at height 1
@@ -69,7 +70,7 @@ def perspective_eta(height_x:torch.Tensor, # `(B, n)` normalized heights of the 
     k = 0.5 * (hi - lo)       # lo + (hi - lo) * (hx + hy) / 2, with a single (B, n, m) allocation
     return torch.add((lo + k * height_x).unsqueeze(-1), (k * height_y).unsqueeze(-2))
 
-# %% ../nbs/02_costs.ipynb #a4ce6a69
+# %% ../nbs/02_costs.ipynb #95b09684
 def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
                      height_x:torch.Tensor, # `(B, n)` normalized heights of the pixels
                      height_y:torch.Tensor, # `(B, m)` normalized heights of the points
@@ -79,8 +80,9 @@ def perspective_cost(d:torch.Tensor, # `(B, n, m)` scaled distances
     "Perspective-guided cost $e^{L/\\eta(x,y)}-1$ (Eq. 4, shifted as in the official code)."
     return _shifted(torch.div(d, perspective_eta(height_x, height_y, eta_range)).exp_(), shift)
 
-# %% ../nbs/02_costs.ipynb #f06b2980
+# %% ../nbs/02_costs.ipynb #1514de1c
 COSTS = dict(dist=dist_cost, sqdist=sqdist_cost, exp=exp_cost, perspective=perspective_cost)
+CostName = Literal['dist', 'sqdist', 'exp', 'perspective']   # the names of `COSTS`
 
 # %% ../nbs/02_costs.ipynb #9d6a8e31
 def pixel_positions(h:int, # rows of the density map
@@ -93,12 +95,12 @@ def pixel_positions(h:int, # rows of the density map
     grid = pixel_centres(h, w, stride, device=device, dtype=dtype)
     return grid if offset == 0.5 else grid + stride * (offset - 0.5)
 
-# %% ../nbs/02_costs.ipynb #116bdb84
+# %% ../nbs/02_costs.ipynb #7105fa2a
 COST_BLOCK = 2 ** 18  # cost entries per row block on the CPU: the temporaries of a block stay in cache
 
 def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input pixels
                 y:torch.Tensor, # `(B, m, 2)` second point set (heads), in input pixels
-                cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                 scale:float=512., # coordinates are divided by this
                 image_height:float=512., # heights are y / image_height (perspective cost)
                 eta:float=0.6, # length scale of the 'exp' cost
@@ -107,7 +109,7 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
                 block:int|None=COST_BLOCK # CPU without autograd: entries per row block; None: all rows at once
                ) -> torch.Tensor: # `(B, n, m)` in the dtype of the inputs
     "The transport cost `cost` between every pair of `x` and `y`."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    check_choice(cost, COSTS, 'cost')
     xs, ys = x / scale, y / scale
     def rows_cost(rows=slice(None)):
         d = pairwise_distances(xs[..., rows, :], ys)
@@ -129,7 +131,7 @@ def points_cost(x:torch.Tensor, # `(B, n, 2)` first point set (pixels), in input
 def cost_matrix(h:int, # rows of the density map
                 w:int, # columns of the density map
                 points:torch.Tensor, # `(B, M, 2)` padded `(x, y)` head positions in input pixels
-                cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+                cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                 stride:int=8, # input pixels per density pixel
                 scale:float=512., # coordinates are divided by this before computing costs
                 image_height:float|None=None, # height used to normalize y for `perspective` (default `h*stride`)
@@ -145,17 +147,19 @@ def cost_matrix(h:int, # rows of the density map
     return points_cost(grid.expand(points.shape[0], -1, -1), points, cost, scale, H, eta, eta_range, shift)
 
 # %% ../nbs/02_costs.ipynb #3c5f8e0d
+BackgroundForm = Literal['paper', 'code']   # BL's background distance: the paper's (Eq. 15) or the official code's
+
+# %% ../nbs/02_costs.ipynb #c5fadc0a
 def bl_background_cost(r2:torch.Tensor, # squared distance $r^2$ from each pixel to its nearest annotation
                        d:float, # background distance, in the units of $r$
-                       form:str='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
+                       form:BackgroundForm='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
                       ) -> torch.Tensor: # same shape as `r2`
     "Squared distance of BL's background point for each pixel."
-    if form == 'paper': return (d - r2.sqrt()).square()
-    if form == 'code': return d * d / (r2 + 1e-5)
-    raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
+    if check_choice(form, BackgroundForm, 'form') == 'paper': return (d - r2.sqrt()).square()
+    return d * d / (r2 + 1e-5)
 
 # %% ../nbs/02_costs.ipynb #fc341be6
-def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
+def coordinate_cost(cost:CostName='perspective', # 'dist', 'sqdist', 'exp' or 'perspective'
                     scale:float=512., # coordinates were divided by this
                     image_height:float=512., # image height in input pixels (perspective heights are y/H)
                     eta:float=0.6, # length scale of the `exp` cost
@@ -163,6 +167,6 @@ def coordinate_cost(cost:str='perspective', # 'dist', 'sqdist', 'exp' or 'perspe
                     shift:bool=True, # exponential costs minus 1
                    ) -> Callable: # `cost(x (B,n,2), y (B,m,2)) -> (B,n,m)` on scaled coordinates
     "A geomloss-style batched cost function on scaled coordinates, matching `cost_matrix`."
-    if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
+    check_choice(cost, COSTS, 'cost')
     return partial(points_cost, cost=cost, scale=1., image_height=image_height / scale, eta=eta,
                    eta_range=eta_range, shift=shift)

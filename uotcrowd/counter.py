@@ -7,24 +7,24 @@ from __future__ import annotations
 import math, multiprocessing, time, traceback, warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 import numpy as np
 import torch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
-from .core import get_device
+from .core import get_device, check_choice
 from .data import load_image, normalize
 from .plots import colour_table
 from .models import get_model
 from .checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from .train import resolve_precision, autocast, memory_format
+from .train import resolve_precision, autocast, memory_format, Precision
 from .localize import localize
 from .deploy import load_onnx
-from .bench import peak_memory, status_bytes
+from .measure import peak_memory, status_bytes
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'DEFAULT_TILE', 'DEFAULT_OVERLAP', 'TILE_ABOVE', 'as_rgb', 'tile_spans', 'tiled_density',
+__all__ = ['DEFAULT_MODEL', 'DEFAULT_TILE', 'DEFAULT_OVERLAP', 'TILE_ABOVE', 'Shown', 'as_rgb', 'tile_spans', 'tiled_density',
            'localize_in_bands', 'CountResult', 'Counter', 'render_result', 'measure_peak_memory']
 
 # %% ../nbs/11a_counter.ipynb #77a61ba0
@@ -53,13 +53,13 @@ def as_rgb(image # a path, a PIL image, or a `(H, W)` / `(H, W, 3)` / `(H, W, 4)
 # %% ../nbs/11a_counter.ipynb #20eb787d
 DEFAULT_TILE = 1024          # tile side (core) when tiling is automatic
 
-# %% ../nbs/11a_counter.ipynb #c097b587
+# %% ../nbs/11a_counter.ipynb #fbf69e90
 DEFAULT_OVERLAP = 128        # context pixels read around each core
 
-# %% ../nbs/11a_counter.ipynb #3cb2a606
+# %% ../nbs/11a_counter.ipynb #85d42fe6
 TILE_ABOVE = 2_500_000       # images with more pixels than this are tiled when `tile=None`
 
-# %% ../nbs/11a_counter.ipynb #379c5369
+# %% ../nbs/11a_counter.ipynb #3ddfbc5e
 def tile_spans(length:int, # image side in pixels
                tile:int, # core length
                overlap:int # context read on each side of a core
@@ -68,7 +68,7 @@ def tile_spans(length:int, # image side in pixels
     return [(max(0, c0 - overlap), min(length, c0 + tile + overlap), c0, min(length, c0 + tile))
             for c0 in range(0, length, tile)]
 
-# %% ../nbs/11a_counter.ipynb #69e4da07
+# %% ../nbs/11a_counter.ipynb #ad4d0644
 def tiled_density(forward:Callable[[torch.Tensor], torch.Tensor], # `(1, 3, h, w)` uint8 tile → its density
                   image:torch.Tensor, # `(3, H, W)` uint8 image
                   stride:int, # input pixels per density pixel
@@ -147,7 +147,7 @@ class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
     def __init__(self, checkpoint:str|Path|nn.Module=DEFAULT_MODEL, # checkpoint, named model, `.onnx` or network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
-                 precision:str|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
+                 precision:Precision|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (validation)
                  tile:int|None=None, # tile side in pixels; None: tile images above `tile_above` pixels; 0: never
                  overlap:int=DEFAULT_OVERLAP, # context pixels around each tile (rounded up to the size multiple)
@@ -240,17 +240,19 @@ def _font(size:int):
     except TypeError: return ImageFont.load_default()   # Pillow < 10.1: one fixed size
 
 # %% ../nbs/11a_counter.ipynb #ad7fde67
+Shown = Literal['density', 'points', 'both']   # what `render_result` draws over the image
+
+# %% ../nbs/11a_counter.ipynb #57829ce5
 def render_result(image, # the image the result was computed on (path, PIL image or uint8 array)
                   result:CountResult, # what `Counter` found in it
-                  show:str='both', # 'density' (heat-map overlay), 'points' (located heads) or 'both'
+                  show:Shown='both', # 'density' (heat-map overlay), 'points' (located heads) or 'both'
                   max_side:int|None=1280, # downscale so that the longer side is at most this many pixels
                   label:bool=False, # write the count in the top-left corner
                   alpha:float=0.7, # opacity of the heat map from half its maximum up (it fades as √density to 0)
                   cmap:str='jet' # matplotlib colour map of the heat map
                  ) -> Image.Image:
     "The image with the density overlaid and/or the located heads marked, as a PIL RGB image."
-    if show not in ('density', 'points', 'both'):
-        raise ValueError(f"show must be 'density', 'points' or 'both', got {show!r}")
+    check_choice(show, Shown, 'show')
     im = Image.fromarray(as_rgb(image))
     if im.size != result.size:
         raise ValueError(f"the image is {im.size[0]}×{im.size[1]} but the result is for "
@@ -306,7 +308,7 @@ def _count_random_photo(args:dict, # the arguments of `measure_peak_memory`
     except BaseException: results.send({'error': traceback.format_exc()})
     finally: results.close()
 
-# %% ../nbs/11a_counter.ipynb #bc9e7ab3
+# %% ../nbs/11a_counter.ipynb #5565a565
 def measure_peak_memory(model:str='vgg19', # 'vgg19', 'csrnet' or 'mcnn' (random weights: nothing is downloaded)
                         height:int=3000, width:int=4000, # photo size
                         tile:int|None=None, # as in `Counter`: None automatic, 0 whole image, N tile side

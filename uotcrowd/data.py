@@ -6,32 +6,33 @@
 from __future__ import annotations
 import copy, hashlib, json, os, re, tempfile, warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from PIL import Image
+from .core import check_choice
 from .synthetic import render_crowd
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTS', 'SHANGHAITECH_LAYOUT', 'QNRF_LAYOUT', 'JHU_LAYOUT', 'NWPU_LAYOUT',
-           'DEFAULT_CROP', 'DATASET_NAMES', 'DATASET_LAYOUTS', 'DatasetError', 'DatasetWarning', 'open_image',
-           'load_image', 'to_uint8_tensor', 'normalize', 'denormalize', 'list_images', 'read_image', 'as_points',
-           'clean_points', 'short_side_size', 'load_resized', 'pad_to', 'crop_sample', 'hflip_sample', 'resize_sample',
-           'TrainTransform', 'EvalTransform', 'CrowdDataset', 'ShanghaiTech', 'UCFQNRF', 'JHUCrowd', 'head_sigmas',
-           'NWPUCrowd', 'SyntheticCrowd', 'collate', 'check_data_dir', 'synthetic_kwargs', 'holdout_split',
-           'build_datasets']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTS', 'OutOfBounds', 'SHANGHAITECH_LAYOUT', 'ShanghaiTechPart', 'TrainTest',
+           'TrainValTest', 'QNRF_LAYOUT', 'JHU_LAYOUT', 'NWPU_LAYOUT', 'DEFAULT_CROP', 'DATASET_NAMES', 'DatasetName',
+           'DATASET_LAYOUTS', 'DatasetError', 'DatasetWarning', 'open_image', 'load_image', 'to_uint8_tensor',
+           'normalize', 'denormalize', 'list_images', 'read_image', 'as_points', 'clean_points', 'short_side_size',
+           'load_resized', 'pad_to', 'crop_sample', 'hflip_sample', 'resize_sample', 'TrainTransform', 'EvalTransform',
+           'CrowdDataset', 'ShanghaiTech', 'UCFQNRF', 'JHUCrowd', 'head_sigmas', 'NWPUCrowd', 'SyntheticCrowd',
+           'collate', 'check_data_dir', 'synthetic_kwargs', 'holdout_split', 'build_datasets']
 
 # %% ../nbs/05a_data.ipynb #3852430f
 class DatasetError(ValueError):
     "A dataset file or folder is missing or malformed; the message names it."
 
-# %% ../nbs/05a_data.ipynb #6e410a9e
+# %% ../nbs/05a_data.ipynb #89e9aaac
 class DatasetWarning(UserWarning):
     "A recoverable problem in a dataset file (points outside the image, NaN coordinates, count mismatches)."
 
-# %% ../nbs/05a_data.ipynb #80c5d3e3
+# %% ../nbs/05a_data.ipynb #4230b55f
 def _warn(path, msg): warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
 
 # %% ../nbs/05a_data.ipynb #8e32d80b
@@ -46,7 +47,7 @@ def open_image(path:str|Path # image file
     try: return Image.open(path)
     except Exception as e: raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/05a_data.ipynb #43c8e004
+# %% ../nbs/05a_data.ipynb #ea1365fd
 def load_image(path:str|Path # image file (any mode: L, RGB, RGBA, P, CMYK)
               ) -> Image.Image: # decoded RGB image
     "Decode `path` fully to an RGB PIL image; corrupt or truncated files raise `DatasetError`."
@@ -57,7 +58,7 @@ def load_image(path:str|Path # image file (any mode: L, RGB, RGBA, P, CMYK)
     except Exception as e:
         raise DatasetError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/05a_data.ipynb #da7830c6
+# %% ../nbs/05a_data.ipynb #efe9c2dc
 def to_uint8_tensor(image:Image.Image|np.ndarray # PIL image or `(H, W)`/`(H, W, C)` uint8 array
                    ) -> torch.Tensor: # `(3, H, W)` uint8
     "Convert an image to a `(3, H, W)` uint8 tensor (grayscale repeated, alpha dropped)."
@@ -66,7 +67,7 @@ def to_uint8_tensor(image:Image.Image|np.ndarray # PIL image or `(H, W)`/`(H, W,
     if arr.shape[-1] == 1: arr = np.repeat(arr, 3, axis=-1)
     return torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1).contiguous()
 
-# %% ../nbs/05a_data.ipynb #2ec7b6b9
+# %% ../nbs/05a_data.ipynb #39c47cdf
 def normalize(image:torch.Tensor # `(3, H, W)` or `(B, 3, H, W)` uint8 (0..255) or float in [0, 1]
              ) -> torch.Tensor: # ImageNet-normalized float32
     "Scale to [0, 1] (if uint8) and normalize with the ImageNet mean and standard deviation."
@@ -75,7 +76,7 @@ def normalize(image:torch.Tensor # `(3, H, W)` or `(B, 3, H, W)` uint8 (0..255) 
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
-# %% ../nbs/05a_data.ipynb #5d5742c6
+# %% ../nbs/05a_data.ipynb #864e305c
 def denormalize(image:torch.Tensor # normalized `(3, H, W)` or `(B, 3, H, W)` tensor
                ) -> np.ndarray: # `(H, W, 3)` or `(B, H, W, 3)` float array in [0, 1], ready for `plt.imshow`
     "Undo `normalize` and return channels-last numpy image(s) clipped to [0, 1] for plotting."
@@ -100,7 +101,7 @@ def list_images(inputs:Sequence[str|Path], # image files or folders
                                           f"{', '.join(map(str, inputs))}")
     return files
 
-# %% ../nbs/05a_data.ipynb #600ca7ec
+# %% ../nbs/05a_data.ipynb #55156c27
 def read_image(path:str|Path # image file
               ) -> torch.Tensor: # ImageNet-normalized `(3, H, W)` float32
     "An image file as the datasets return their images; a corrupt file raises `DatasetError` naming it."
@@ -120,16 +121,19 @@ def as_points(array, # anything `np.asarray` accepts: `(N, >=2)`, or empty
         raise DatasetError(f"{path}: expected an N×2 array of (x, y) points, got shape {arr.shape}")
     return arr[:, :2].copy()
 
-# %% ../nbs/05a_data.ipynb #fd138354
+# %% ../nbs/05a_data.ipynb #f3a1cea0
+OutOfBounds = Literal['clip', 'drop', 'raise']   # what becomes of points outside the image
+
+# %% ../nbs/05a_data.ipynb #20cb9e1f
 def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
                  width:int, # image width W
                  height:int, # image height H
                  path:str|Path='<array>', # file, for warnings and errors
-                 out_of_bounds:str='clip', # 'clip', 'drop' or 'raise' points outside the image
+                 out_of_bounds:OutOfBounds='clip', # 'clip', 'drop' or 'raise' points outside the image
                  tolerance:float=1.0 # points this close outside the border are clipped without a warning
                 ) -> tuple[np.ndarray, np.ndarray]: # cleaned points and the boolean mask of kept input rows
     "Drop NaN points and clip/drop points outside `[0, W]×[0, H]`, warning with the file name."
-    if out_of_bounds not in ('clip', 'drop', 'raise'): raise ValueError(f"out_of_bounds must be 'clip', 'drop' or 'raise', got {out_of_bounds!r}")
+    check_choice(out_of_bounds, OutOfBounds, 'out_of_bounds')
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     keep = np.isfinite(points).all(1)
     if not keep.all(): _warn(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
@@ -162,7 +166,7 @@ def short_side_size(width:int, height:int, # original size
     if f == 1.: return width, height
     return max(1, round(width * f)), max(1, round(height * f))
 
-# %% ../nbs/05a_data.ipynb #c2519dee
+# %% ../nbs/05a_data.ipynb #e4ae0b0d
 _CACHE_VERSION = 1
 
 def _cache_key(path:Path, short_side) -> str:
@@ -171,7 +175,7 @@ def _cache_key(path:Path, short_side) -> str:
             f"|v{_CACHE_VERSION}")
     return hashlib.sha1(text.encode()).hexdigest()
 
-# %% ../nbs/05a_data.ipynb #74e7b817
+# %% ../nbs/05a_data.ipynb #5bb7c46e
 def _atomic_write(target:Path, write:Callable[[Path], None]):
     "Write via a temporary file in the same folder and rename, so parallel workers never read half a file."
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +187,7 @@ def _atomic_write(target:Path, write:Callable[[Path], None]):
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-# %% ../nbs/05a_data.ipynb #a3c9da19
+# %% ../nbs/05a_data.ipynb #2d2249b0
 def load_resized(path:str|Path, # image file
                  short_side:tuple[int, int]|None=(512, 2048), # shorter-side range, None: original size
                  cache_dir:str|Path|None=None # folder for resized copies (created if needed); None: no cache
@@ -212,13 +216,13 @@ def load_resized(path:str|Path, # image file
 def _select_heads(heads:dict, keep:torch.Tensor) -> dict:
     return {k: v[keep] for k, v in heads.items()}
 
-# %% ../nbs/05a_data.ipynb #ba720927
+# %% ../nbs/05a_data.ipynb #3e95a9f2
 def _shift_heads(heads:dict, dx:float, dy:float) -> dict:
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] + torch.tensor([dx, dy, dx, dy], dtype=out['boxes'].dtype)
     return out
 
-# %% ../nbs/05a_data.ipynb #4aad5548
+# %% ../nbs/05a_data.ipynb #2684d421
 def _flip_heads(heads:dict, width:float) -> dict:
     out = dict(heads)
     if 'boxes' in out:
@@ -226,14 +230,14 @@ def _flip_heads(heads:dict, width:float) -> dict:
         out['boxes'] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
     return out
 
-# %% ../nbs/05a_data.ipynb #32d63290
+# %% ../nbs/05a_data.ipynb #54945621
 def _scale_heads(heads:dict, fx:float, fy:float) -> dict:
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] * torch.tensor([fx, fy, fx, fy], dtype=out['boxes'].dtype)
     if 'sizes' in out: out['sizes'] = out['sizes'] * torch.tensor([fx, fy], dtype=out['sizes'].dtype)
     return out
 
-# %% ../nbs/05a_data.ipynb #d307219f
+# %% ../nbs/05a_data.ipynb #2259ced6
 def pad_to(image:torch.Tensor, # `(C, H, W)`
            height:int, width:int # target size (>= current)
           ) -> torch.Tensor:
@@ -242,7 +246,7 @@ def pad_to(image:torch.Tensor, # `(C, H, W)`
     if dh < 0 or dw < 0: raise ValueError(f"cannot pad {tuple(image.shape[-2:])} to smaller {(height, width)}")
     return F.pad(image, (0, dw, 0, dh)) if dh or dw else image
 
-# %% ../nbs/05a_data.ipynb #73a3510b
+# %% ../nbs/05a_data.ipynb #6c1eb620
 def crop_sample(image:torch.Tensor, # `(C, H, W)`
                 points:torch.Tensor, # `(N, 2)` `(x, y)`
                 meta:dict, # sample meta (its `heads` follow the points)
@@ -256,7 +260,7 @@ def crop_sample(image:torch.Tensor, # `(C, H, W)`
     if 'heads' in meta: meta['heads'] = _shift_heads(_select_heads(meta['heads'], keep), -left, -top)
     return img, points[keep] - torch.tensor([left, top], dtype=points.dtype), meta
 
-# %% ../nbs/05a_data.ipynb #7eb4819f
+# %% ../nbs/05a_data.ipynb #27c1b6a7
 def hflip_sample(image:torch.Tensor, points:torch.Tensor, meta:dict):
     "Mirror image, points (`x -> W - x`) and head boxes horizontally."
     width = image.shape[-1]
@@ -265,12 +269,12 @@ def hflip_sample(image:torch.Tensor, points:torch.Tensor, meta:dict):
     if 'heads' in meta: meta['heads'] = _flip_heads(meta['heads'], width)
     return image.flip(-1), points, meta
 
-# %% ../nbs/05a_data.ipynb #293389dd
+# %% ../nbs/05a_data.ipynb #a06b4196
 def _finish_meta(meta:dict, points:torch.Tensor) -> dict:
     if meta.get('count', -1) >= 0: meta['count'] = len(points)
     return meta
 
-# %% ../nbs/05a_data.ipynb #a4118168
+# %% ../nbs/05a_data.ipynb #ae0ea40f
 def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
                   points:torch.Tensor, # `(N, 2)` `(x, y)`
                   meta:dict, # sample meta (its `heads` follow the points)
@@ -285,7 +289,7 @@ def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
     if 'heads' in meta: meta['heads'] = _scale_heads(meta['heads'], fx, fy)
     return out, points * torch.tensor([fx, fy], dtype=points.dtype), meta
 
-# %% ../nbs/05a_data.ipynb #686ae374
+# %% ../nbs/05a_data.ipynb #9eb1f8a8
 class TrainTransform:
     "Random crop (padded when the image is smaller), optionally rescaled, random h-flip, ImageNet normalization."
     def __init__(self,
@@ -325,7 +329,7 @@ class TrainTransform:
     def __repr__(self):
         return f"TrainTransform(crop_size={self.crop}, flip={self.flip}, scale_range={self.scale_range})"
 
-# %% ../nbs/05a_data.ipynb #6b78f990
+# %% ../nbs/05a_data.ipynb #21b51926
 class EvalTransform:
     "Full image, normalized and zero-padded bottom/right to a multiple of `stride` (points unchanged)."
     def __init__(self, stride:int=8): self.stride = int(stride)
@@ -342,7 +346,7 @@ class EvalTransform:
 def _seed_from(*ints) -> int:
     return int(np.random.SeedSequence([int(i) % 2**63 for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
-# %% ../nbs/05a_data.ipynb #19e899ea
+# %% ../nbs/05a_data.ipynb #db4ccbbc
 class CrowdDataset(Dataset):
     "Base class: records -> `(image, points, meta)` with short-side resizing, point checks and a transform."
     name = 'crowd'
@@ -351,7 +355,7 @@ class CrowdDataset(Dataset):
                  transform:Callable|None=None, # `TrainTransform`, `EvalTransform` (default: `EvalTransform(1)`)
                  short_side:tuple[int, int]|None=None, # resize so the shorter side lies in this range
                  cache_dir:str|Path|None=None, # cache for resized images
-                 out_of_bounds:str='clip', # what to do with points outside the image: 'clip', 'drop', 'raise'
+                 out_of_bounds:OutOfBounds='clip', # what to do with points outside the image: 'clip', 'drop', 'raise'
                  aug_seed:int|None=None # seed augmentations from (aug_seed, epoch, index) instead of torch's global RNG
                 ):
         self.records, self.transform = list(records), transform if transform is not None else EvalTransform(1)
@@ -408,7 +412,7 @@ class CrowdDataset(Dataset):
             gen = torch.Generator().manual_seed(_seed_from(self.aug_seed, self.epoch, index))
         return self.transform(image, points, meta, gen)
 
-# %% ../nbs/05a_data.ipynb #9dbc0fa8
+# %% ../nbs/05a_data.ipynb #56e2af25
 def _find_root(root, marker:Callable[[Path], bool], below:Sequence[str], what:str, layout:str) -> Path:
     "`root` itself or one of the folders `below` it for which `marker` holds; else a `DatasetError`."
     if root is None: raise DatasetError(f"{what}: no data folder given; expected layout:\n{layout}")
@@ -419,7 +423,7 @@ def _find_root(root, marker:Callable[[Path], bool], below:Sequence[str], what:st
         if cand.is_dir() and marker(cand): return cand
     raise DatasetError(f"{what}: {root} does not have the expected layout:\n{layout}")
 
-# %% ../nbs/05a_data.ipynb #378471df
+# %% ../nbs/05a_data.ipynb #2ce48ed3
 def _loadmat(path:Path) -> dict:
     import scipy.io
     if not path.is_file(): raise DatasetError(f"{path}: annotation file not found")
@@ -427,7 +431,7 @@ def _loadmat(path:Path) -> dict:
     except Exception as e:
         raise DatasetError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/05a_data.ipynb #ceae1f39
+# %% ../nbs/05a_data.ipynb #f52a17be
 def _natural_key(p:Path):
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.name)]
 
@@ -435,17 +439,21 @@ def _natural_key(p:Path):
 SHANGHAITECH_LAYOUT = """  ROOT/part_A/train_data/images/IMG_1.jpg
   ROOT/part_A/train_data/ground-truth/GT_IMG_1.mat   (image_info[0,0][0,0][0]: N×2 x, y)
   ROOT/part_A/test_data/...   and the same for part_B  (ROOT may also contain ShanghaiTech/part_A ...)"""
+ShanghaiTechPart = Literal['A', 'B']
+TrainTest = Literal['train', 'test']        # the splits of ShanghaiTech and UCF-QNRF
+TrainValTest = Literal['train', 'val', 'test']   # the splits of JHU-Crowd++ and NWPU-Crowd
 
+# %% ../nbs/05a_data.ipynb #03a41987
 class ShanghaiTech(CrowdDataset):
     "ShanghaiTech part A or B, train or test split, in the official layout."
     def __init__(self, root:str|Path, # folder containing part_A/part_B (or ShanghaiTech/part_A ...)
-                 part:str='A', # 'A' or 'B'
-                 split:str='train', # 'train' or 'test'
+                 part:ShanghaiTechPart='A', # 'A' or 'B' (any case, 'part_A' too)
+                 split:TrainTest='train', # 'train' or 'test'
                  **kwargs # `CrowdDataset` options: transform, short_side, cache_dir, out_of_bounds, aug_seed
                 ):
         part = str(part).upper().replace('PART_', '')
-        if part not in ('A', 'B'): raise DatasetError(f"ShanghaiTech part must be 'A' or 'B', got {part!r}")
-        if split not in ('train', 'test'): raise DatasetError(f"ShanghaiTech split must be 'train' or 'test', got {split!r}")
+        check_choice(part, ShanghaiTechPart, 'ShanghaiTech part', DatasetError)
+        check_choice(split, TrainTest, 'ShanghaiTech split', DatasetError)
         self.part, self.split = part, split
         self.name = f'shanghaitech-{part.lower()}'
         sub = f'part_{part}'
@@ -479,10 +487,10 @@ class UCFQNRF(CrowdDataset):
     "UCF-QNRF (ECCV 2018), train or test split, in the official layout."
     name = 'qnrf'
     def __init__(self, root:str|Path, # folder holding Train/Test, or its parent holding UCF-QNRF_ECCV18
-                 split:str='train', # 'train' or 'test'
+                 split:TrainTest='train', # 'train' or 'test'
                  short_side:tuple[int, int]|None=(512, 2048), # shorter-side range
                  **kwargs):
-        if split not in ('train', 'test'): raise DatasetError(f"UCF-QNRF split must be 'train' or 'test', got {split!r}")
+        check_choice(split, TrainTest, 'UCF-QNRF split', DatasetError)
         self.split = split
         base = _find_root(root, lambda p: (p / 'Train').is_dir() or (p / 'Test').is_dir(),
                           ['UCF-QNRF_ECCV18', 'UCF-QNRF'], 'UCF-QNRF', QNRF_LAYOUT)
@@ -521,19 +529,19 @@ def _read_table(path:Path, min_cols:int, sep=None) -> list[list[str]]:
         rows.append(cols)
     return rows
 
-# %% ../nbs/05a_data.ipynb #37f5adb8
+# %% ../nbs/05a_data.ipynb #5c49a672
 def _floats(rows, path:Path) -> np.ndarray:
     try: return np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
     except ValueError as e: raise DatasetError(f"{path}: non-numeric value ({e})") from e
 
-# %% ../nbs/05a_data.ipynb #f410dc8e
+# %% ../nbs/05a_data.ipynb #725e6cfd
 class JHUCrowd(CrowdDataset):
     "JHU-Crowd++ (v2.0), train/val/test split, in the official layout."
     name = 'jhu'
     def __init__(self, root:str|Path, # folder holding train/val/test, or its parent holding jhu_crowd_v2.0
-                 split:str='train', # 'train', 'val' or 'test'
+                 split:TrainValTest='train', # 'train', 'val' or 'test'
                  short_side:tuple[int, int]|None=(512, 2048), **kwargs):
-        if split not in ('train', 'val', 'test'): raise DatasetError(f"JHU-Crowd split must be 'train', 'val' or 'test', got {split!r}")
+        check_choice(split, TrainValTest, 'JHU-Crowd split', DatasetError)
         self.split = split
         base = _find_root(root, lambda p: any((p / s / 'images').is_dir() for s in ('train', 'val', 'test')),
                           ['jhu_crowd_v2.0', 'jhu_crowd'], 'JHU-Crowd++', JHU_LAYOUT)
@@ -580,14 +588,14 @@ def head_sigmas(sizes:torch.Tensor # `(N, 2)` head-box `(w, h)`
     sizes = torch.as_tensor(sizes, dtype=torch.float32).reshape(-1, 2)
     return sizes.min(1).values / 2, sizes.norm(dim=1) / 2
 
-# %% ../nbs/05a_data.ipynb #c855f302
+# %% ../nbs/05a_data.ipynb #b389793f
 class NWPUCrowd(CrowdDataset):
     "NWPU-Crowd, train/val/test split (test: unlabelled), in the official layout."
     name = 'nwpu'
     def __init__(self, root:str|Path, # folder holding images/, jsons/ and the split lists (or NWPU-Crowd/ inside)
-                 split:str='train', # 'train', 'val' or 'test'
+                 split:TrainValTest='train', # 'train', 'val' or 'test'
                  short_side:tuple[int, int]|None=(512, 2048), **kwargs):
-        if split not in ('train', 'val', 'test'): raise DatasetError(f"NWPU-Crowd split must be 'train', 'val' or 'test', got {split!r}")
+        check_choice(split, TrainValTest, 'NWPU-Crowd split', DatasetError)
         self.split = split
         base = _find_root(root, lambda p: (p / f'{split}.txt').is_file() and any(p.glob('images*')),
                           ['NWPU-Crowd', 'NWPU_Crowd', 'nwpu'], 'NWPU-Crowd', NWPU_LAYOUT)
@@ -695,10 +703,12 @@ def collate(batch:Sequence[tuple[torch.Tensor, torch.Tensor, dict]] # `(image, p
 DEFAULT_CROP = {'shanghaitech-a': 256, 'shanghaitech-b': 512, 'qnrf': 512, 'jhu': 512, 'nwpu': 512,
                 'synthetic': 128}
 DATASET_NAMES = tuple(DEFAULT_CROP)
+DatasetName = Literal['shanghaitech-a', 'shanghaitech-b', 'qnrf', 'jhu', 'nwpu', 'synthetic']   # `DATASET_NAMES`
 DATASET_LAYOUTS = {'shanghaitech-a': SHANGHAITECH_LAYOUT, 'shanghaitech-b': SHANGHAITECH_LAYOUT,
                    'qnrf': QNRF_LAYOUT, 'jhu': JHU_LAYOUT, 'nwpu': NWPU_LAYOUT}
 
-def check_data_dir(dataset:str, # one of `DATASET_NAMES`
+# %% ../nbs/05a_data.ipynb #ae8b4ced
+def check_data_dir(dataset:DatasetName, # one of `DATASET_NAMES`
                    data_dir:str|Path|None # the dataset's folder
                   ) -> Path|None:
     "`data_dir` as a `Path` once it exists (synthetic data needs none); the error shows the expected layout."
@@ -708,7 +718,7 @@ def check_data_dir(dataset:str, # one of `DATASET_NAMES`
         raise DatasetError(f"{what} for dataset {dataset!r}; expected layout:\n{DATASET_LAYOUTS[dataset]}")
     return Path(data_dir).expanduser()
 
-# %% ../nbs/05a_data.ipynb #4b1307b0
+# %% ../nbs/05a_data.ipynb #e265bc18
 def synthetic_kwargs(n:int|None=None, # training images (validation and test get a quarter each, at least 2)
                      size:int|None=None # image side in pixels
                     ) -> dict:
@@ -716,7 +726,7 @@ def synthetic_kwargs(n:int|None=None, # training images (validation and test get
     kw = {} if n is None else dict(n_train=n, n_val=max(n // 4, 2), n_test=max(n // 4, 2))
     return kw if size is None else {**kw, 'size': size}
 
-# %% ../nbs/05a_data.ipynb #e99bcdce
+# %% ../nbs/05a_data.ipynb #883774fe
 def holdout_split(n:int, # number of training images
                   val_fraction:float=0.1, # share held out for validation
                   seed:int=0 # seed of the permutation
@@ -728,8 +738,8 @@ def holdout_split(n:int, # number of training images
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
-# %% ../nbs/05a_data.ipynb #fc87ae51
-def build_datasets(name:str, # one of `DATASET_NAMES`
+# %% ../nbs/05a_data.ipynb #23753ae1
+def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha', 'ucf-qnrf', ...)
                    root:str|Path|None=None, # data folder (not needed for 'synthetic')
                    crop_size:int|None=None, # training crop (default per dataset, `DEFAULT_CROP`)
                    stride:int=8, # evaluation images are padded to a multiple of this
@@ -742,7 +752,7 @@ def build_datasets(name:str, # one of `DATASET_NAMES`
     key = str(name).lower().replace('_', '-')
     key = {'sha': 'shanghaitech-a', 'shb': 'shanghaitech-b', 'ucf-qnrf': 'qnrf', 'jhu-crowd': 'jhu',
            'nwpu-crowd': 'nwpu'}.get(key, key)
-    if key not in DEFAULT_CROP: raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    check_choice(key, DEFAULT_CROP, 'dataset', DatasetError)
     root = check_data_dir(key, root)
     flip, aug_seed = kwargs.pop('flip', True), kwargs.pop('aug_seed', None)
     scale_range = kwargs.pop('scale_range', None)

@@ -6,17 +6,19 @@
 from __future__ import annotations
 import copy, inspect, json, warnings
 from pathlib import Path
+from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from . import __version__
+from .core import check_choice
 from .data import normalize, IMAGENET_MEAN, IMAGENET_STD
 from .models import _OUT_ACTS
 from .checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
 
 # %% auto #0
-__all__ = ['INPUT_SPEC', 'CHECK_SIZES', 'EXPORT_FORMATS', 'TraceableDensity', 'compare_onnx', 'export_onnx', 'OnnxDensity',
+__all__ = ['INPUT_SPEC', 'CHECK_SIZES', 'ExportFormat', 'TraceableDensity', 'compare_onnx', 'export_onnx', 'OnnxDensity',
            'load_onnx', 'export']
 
 # %% ../nbs/10a_deploy.ipynb #c6bd7592
@@ -144,17 +146,17 @@ def load_onnx(path:str|Path, # a file written by `export_onnx`
     return model, info
 
 # %% ../nbs/10a_deploy.ipynb #aa943375
-EXPORT_FORMATS = ('onnx',)
+ExportFormat = Literal['onnx']   # the formats `export` writes
 
 def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
-           format:str='onnx', # what to write (ONNX)
+           format:ExportFormat='onnx', # what to write (ONNX)
            out:str|None=None, # the file to write (default: NAME.onnx in the current folder)
            opset:int=17, # ONNX opset
            force:bool=False, # overwrite an existing file
            quiet:bool=False # print nothing
           ) -> Path: # the file written
     "Export a trained model for deployment: an ONNX graph for any image size, its card in the metadata, checked against PyTorch."
-    if format not in EXPORT_FORMATS: raise ValueError(f"unknown format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    check_choice(format, ExportFormat, 'format')
     src = resolve_checkpoint(checkpoint)
     model, ckpt = load_model(src, 'cpu')
     card = ckpt.get('card')

@@ -6,33 +6,36 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+from typing import Literal
 import torch
 from fastcore.basics import patch
 from torch import nn
-from .core import check_points, pad_points, check_density
-from .costs import COSTS, pixel_positions, points_cost
+from .core import check_points, pad_points, check_density, check_choice, literal_values
+from .costs import COSTS, CostName, pixel_positions, points_cost
 from .sinkhorn import (uot_potentials, plan_stats, max_diameter, no_autocast, Potentials,
                                generalized_kl)
 
 # %% auto #0
-__all__ = ['TERMS', 'DIVERGENCES', 'divergence', 'unbalanced_dual_value', 'Transport', 'GeneralizedLoss', 'loss_per_image']
+__all__ = ['Term', 'Divergence', 'TERMS', 'DIVERGENCES', 'SolverMode', 'GradRecipe', 'Reference', 'TransportTerm', 'EntropyForm',
+           'EmptyImage', 'divergence', 'unbalanced_dual_value', 'Transport', 'GeneralizedLoss', 'loss_per_image']
 
 # %% ../nbs/04_losses.ipynb #6557828e
-TERMS = ('transport', 'entropy', 'pixel', 'point')
-DIVERGENCES = ('l2', 'l1', 'kl')
+Term = Literal['transport', 'entropy', 'pixel', 'point']   # the terms of Eq. 1
+Divergence = Literal['l2', 'l1', 'kl']   # D1 and D2: squared L2, L1 or generalized KL
+TERMS, DIVERGENCES = literal_values(Term), literal_values(Divergence)
 
+# %% ../nbs/04_losses.ipynb #67c1f372
 def divergence(p:torch.Tensor, # `(B, k)` reconstructed marginal
                q:torch.Tensor, # `(B, k)` reference marginal
-               kind:str='l2', # 'l2' (squared L2), 'l1' or 'kl' (generalized KL)
+               kind:Divergence='l2', # 'l2' (squared L2), 'l1' or 'kl' (generalized KL)
                mask:torch.Tensor|None=None # `(B, k)` bool, entries that count
               ) -> torch.Tensor: # `(B,)`
     "Per-image divergence $D(p|q)$ summed over entries."
-    if kind == 'l2': d = (p - q) ** 2
+    if check_choice(kind, Divergence, 'kind') == 'l2': d = (p - q) ** 2
     elif kind == 'l1': d = (p - q).abs()
-    elif kind == 'kl':
+    else:
         tiny = 1e-20      # keeps the gradient finite where p = 0
         d = generalized_kl(p + tiny, q + tiny)
-    else: raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
     if mask is not None: d = d * mask
     return d.sum(-1)
 
@@ -65,21 +68,29 @@ class Transport:
     pot: Potentials|None = None # potentials, set by `GeneralizedLoss.solve`
 
 # %% ../nbs/04_losses.ipynb #73545f1b
+SolverMode = Literal['official', 'converged']   # the annealed schedule of the official code, or run to tolerance
+GradRecipe = Literal['paper', 'official']       # the paper's gradient or the official code's
+Reference = Literal['product', 'uniform']       # entropic reference of the solve
+TransportTerm = Literal['primal', 'dual']       # <C,P> (Eq. 1) or geomloss's dual value
+EntropyForm = Literal['sum', 'mean']            # the entropy term summed (Eq. 1) or averaged (official)
+EmptyImage = Literal['pixel', 'official']       # the loss of an image without heads
+
+# %% ../nbs/04_losses.ipynb #2d584745
 class GeneralizedLoss(nn.Module):
     "The generalized UOT loss of Wan, Liu & Chan (CVPR 2021), Eq. 1, batched; `forward(density, points)`."
     def __init__(self,
-                 cost:str='perspective', # transport cost: 'perspective', 'exp', 'dist' or 'sqdist' (`uotcrowd.costs`)
+                 cost:CostName='perspective', # transport cost: 'perspective', 'exp', 'dist' or 'sqdist' (`uotcrowd.costs`)
                  eps:float=0.01, # entropic regularization ε (official blur 0.01; the paper's text says 0.005)
                  tau:float=0.1, # weight of the pixel and point terms D1, D2 in the loss
                  tau_solve:float=0.5, # strength of the KL marginal penalties used to solve for the plan (geomloss reach)
                  scale:float=512., # coordinates are divided by this before computing costs
                  stride:int=8, # input pixels per density pixel
-                 d_pixel:str='l2', # D1: 'l2' (squared, Eq. 2), 'l1' or 'kl'
-                 d_point:str='l1', # D2: 'l1' (Eq. 3), 'l2' or 'kl'
+                 d_pixel:Divergence='l2', # D1: 'l2' (squared, Eq. 2), 'l1' or 'kl'
+                 d_point:Divergence='l1', # D2: 'l1' (Eq. 3), 'l2' or 'kl'
                  terms:tuple=TERMS, # which terms enter the total (Table 2 ablation)
-                 mode:str='official', # solver: 'official' (12 annealed pairs) or 'converged'
-                 grad:str='paper', # 'paper' (v* fixed, u*(a)) or 'official' (density factor only, P1 detached in D1)
-                 reference:str='product', # entropic reference of the solve: 'product' (geomloss) or 'uniform' (Eq. 6)
+                 mode:SolverMode='official', # solver: 'official' (12 annealed pairs) or 'converged'
+                 grad:GradRecipe='paper', # 'paper' (v* fixed, u*(a)) or 'official' (density factor only, P1 detached in D1)
+                 reference:Reference='product', # entropic reference of the solve: 'product' (geomloss) or 'uniform' (Eq. 6)
                  eta:float=0.6, # length scale of the 'exp' cost
                  eta_range:tuple=(0.6, 0.8), # perspective factor at the top / bottom of the image (official: (0.5, 0.7))
                  image_height:float|None=None, # image height for the perspective cost (default h*stride)
@@ -88,25 +99,25 @@ class GeneralizedLoss(nn.Module):
                  max_iter:int=1000, # converged mode: iteration cap
                  report_error:bool=False, # record the marginal error of each solve in `last_solve` (2 extra soft-mins)
                  shift:bool=True, # exponential costs as exp(.)-1 (zero at distance 0), as the official code
-                 transport:str='primal', # transport term: 'primal' <C,P> (Eq. 1) or 'dual' (geomloss's value, official)
-                 entropy:str='sum', # 'sum' eps*sum P log P (Eq. 1) or 'mean' (official: eps*mean P log P, summed over the batch)
-                 empty:str='pixel', # image without points: 'pixel' (tau*D1(0|a)) or 'official' (|sum a| in transport, pixel and point)
+                 transport:TransportTerm='primal', # transport term: 'primal' <C,P> (Eq. 1) or 'dual' (geomloss's value, official)
+                 entropy:EntropyForm='sum', # 'sum' eps*sum P log P (Eq. 1) or 'mean' (official: eps*mean P log P, summed over the batch)
+                 empty:EmptyImage='pixel', # image without points: 'pixel' (tau*D1(0|a)) or 'official' (|sum a| in transport, pixel and point)
                  grid_offset:float=0.5, # pixel (i, j) sits at stride*(j+offset, i+offset): 0.5 centres, 1.0 official (8j+8)
                 ):
         super().__init__()
-        if cost not in COSTS: raise ValueError(f"unknown cost {cost!r}; choose one of {sorted(COSTS)}")
-        for nm, d in (('d_pixel', d_pixel), ('d_point', d_point)):
-            if d not in DIVERGENCES: raise ValueError(f"{nm} must be one of {DIVERGENCES}, got {d!r}")
-        bad = [t for t in terms if t not in TERMS]
-        if bad or not terms: raise ValueError(f"unknown terms {bad or terms}; choose one or more among {TERMS}")
-        if reference not in ('product', 'uniform'): raise ValueError(f"reference must be 'product' or 'uniform', got {reference!r}")
-        if mode not in ('official', 'converged'): raise ValueError(f"mode must be 'official' or 'converged', got {mode!r}")
-        if grad not in ('paper', 'official'): raise ValueError(f"grad must be 'paper' or 'official', got {grad!r}")
-        if transport not in ('primal', 'dual'): raise ValueError(f"transport must be 'primal' or 'dual', got {transport!r}")
+        check_choice(cost, COSTS, 'cost')
+        check_choice(d_pixel, Divergence, 'd_pixel')
+        check_choice(d_point, Divergence, 'd_point')
+        for t in terms: check_choice(t, Term, 'terms')
+        if not terms: raise ValueError(f"terms is empty; choose one or more among {', '.join(TERMS)}")
+        check_choice(reference, Reference, 'reference')
+        check_choice(mode, SolverMode, 'mode')
+        check_choice(grad, GradRecipe, 'grad')
+        check_choice(transport, TransportTerm, 'transport')
         if transport == 'dual' and reference != 'product':
             raise ValueError("transport='dual' is geomloss's value, defined for reference='product'")
-        if entropy not in ('sum', 'mean'): raise ValueError(f"entropy must be 'sum' or 'mean', got {entropy!r}")
-        if empty not in ('pixel', 'official'): raise ValueError(f"empty must be 'pixel' or 'official', got {empty!r}")
+        check_choice(entropy, EntropyForm, 'entropy')
+        check_choice(empty, EmptyImage, 'empty')
         self.cost, self.eps, self.tau, self.tau_solve, self.scale, self.stride = cost, eps, tau, tau_solve, scale, stride
         self.d_pixel, self.d_point, self.terms, self.mode, self.grad, self.reference = d_pixel, d_point, tuple(terms), mode, grad, reference
         self.eta, self.eta_range, self.image_height = eta, eta_range, image_height
@@ -121,7 +132,7 @@ class GeneralizedLoss(nn.Module):
                 f"transport={self.transport!r}, entropy={self.entropy!r}, empty={self.empty!r}, "
                 f"grid_offset={self.grid_offset}")
 
-# %% ../nbs/04_losses.ipynb #7b4672c5
+# %% ../nbs/04_losses.ipynb #97d557f0
 @patch(cls_method=True)
 def official(cls:GeneralizedLoss, **overrides):
     "The objective the published models were trained with (the official trainer's), any argument overridden."
@@ -132,7 +143,7 @@ def official(cls:GeneralizedLoss, **overrides):
     kw.setdefault('image_height', kw['scale'])     # the official heights are y / crop size
     return cls(**kw)
 
-# %% ../nbs/04_losses.ipynb #1229d82b
+# %% ../nbs/04_losses.ipynb #61226372
 @patch
 def problem(self:GeneralizedLoss, density:torch.Tensor, # `(B, 1, h, w)` predicted density
             points # list of B `(N_b, 2)` head positions in input pixels
@@ -153,7 +164,7 @@ def problem(self:GeneralizedLoss, density:torch.Tensor, # `(B, 1, h, w)` predict
                     self.shift)
     return Transport(a, mask.to(dt), C, mask, grid, coords, H)
 
-# %% ../nbs/04_losses.ipynb #a0375b9d
+# %% ../nbs/04_losses.ipynb #791f57ba
 @patch
 def solve(self:GeneralizedLoss, density:torch.Tensor, points) -> Transport:
     "`problem` with its potentials filled in (no autograd through the iterations)."
@@ -166,7 +177,7 @@ def solve(self:GeneralizedLoss, density:torch.Tensor, points) -> Transport:
     self.last_solve = dict(iterations=t.pot.iterations, marginal_error=t.pot.marginal_error)
     return t
 
-# %% ../nbs/04_losses.ipynb #ef1ca1b0
+# %% ../nbs/04_losses.ipynb #da97e583
 @patch
 def terms_from(self:GeneralizedLoss, t:Transport, # a solved batch (`solve`)
                all_terms:bool=True # every term; False: only those of `terms` (the others may be 0)
@@ -202,7 +213,7 @@ def terms_from(self:GeneralizedLoss, t:Transport, # a solved batch (`solve`)
     out['total'] = sum(out[t] for t in self.terms)
     return out
 
-# %% ../nbs/04_losses.ipynb #854f0140
+# %% ../nbs/04_losses.ipynb #f8deb22e
 @patch
 def forward(self:GeneralizedLoss, density:torch.Tensor, # `(B, 1, h, w)` predicted density (per-pixel counts)
             points, # list of B `(N_b, 2)` tensors of `(x, y)` head positions in input pixels

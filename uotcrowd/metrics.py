@@ -6,16 +6,16 @@
 from __future__ import annotations
 import math, os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
-from .core import to_numpy, count_metrics
+from .core import to_numpy, count_metrics, check_choice
 
 # %% auto #0
-__all__ = ['within_sigma', 'match_points', 'localization_prf', 'read_nwpu_gt', 'read_nwpu_pred', 'write_nwpu_predictions',
-           'read_nwpu_list', 'nwpu_scene_level', 'nwpu_localization', 'qnrf_localization']
+__all__ = ['Matching', 'within_sigma', 'match_points', 'localization_prf', 'read_nwpu_gt', 'read_nwpu_pred',
+           'write_nwpu_predictions', 'read_nwpu_list', 'nwpu_scene_level', 'nwpu_localization', 'qnrf_localization']
 
 # %% ../nbs/09_metrics.ipynb #99c5b01a
 def _points(x) -> np.ndarray:
@@ -25,7 +25,7 @@ def _points(x) -> np.ndarray:
     if a.ndim != 2 or a.shape[1] != 2: raise ValueError(f"points must have shape (N, 2), got {a.shape}")
     return a
 
-# %% ../nbs/09_metrics.ipynb #6c3599d8
+# %% ../nbs/09_metrics.ipynb #e7b53364
 def _sigmas(sigma, n:int) -> np.ndarray:
     "A per-head radius array of length `n` from a scalar or an `(n,)` array."
     s = to_numpy(sigma).reshape(-1)
@@ -33,7 +33,7 @@ def _sigmas(sigma, n:int) -> np.ndarray:
     if s.size != n: raise ValueError(f"sigma must be a scalar or have one value per head ({n}), got {s.size}")
     return s
 
-# %% ../nbs/09_metrics.ipynb #2f6aee6a
+# %% ../nbs/09_metrics.ipynb #beb7c500
 def within_sigma(pred, # `(K, 2)` predicted points
                  gt, # `(N, 2)` ground-truth points
                  sigma, # scalar or `(N,)` matching radius per head
@@ -91,21 +91,24 @@ def _kuhn_matching(adj:sp.csr_matrix # `(K, N)` adjacency, rows = predictions, s
             for u, v in zip(stack, via): owner[v] = u
     return np.asarray(owner, dtype=np.int64)
 
-# %% ../nbs/09_metrics.ipynb #f54b52f5
-def _match_heads(adj:sp.csr_matrix, matching:str='scipy') -> np.ndarray:
+# %% ../nbs/09_metrics.ipynb #dffc5ffa
+Matching = Literal['scipy', 'kuhn']   # SciPy's Hopcroft–Karp, or the official NWPU script's augmenting paths
+
+# %% ../nbs/09_metrics.ipynb #35fb13cd
+def _match_heads(adj:sp.csr_matrix, matching:Matching='scipy') -> np.ndarray:
     "For each head (column of `adj`), the matched prediction or -1."
+    check_choice(matching, Matching, 'matching')
     K, N = adj.shape
     if K == 0 or N == 0 or adj.nnz == 0: return np.full(N, -1, dtype=np.int64)
     if matching == 'scipy': return np.asarray(maximum_bipartite_matching(adj, perm_type='row'),
                                               dtype=np.int64)
-    if matching == 'kuhn': return _kuhn_matching(adj)
-    raise ValueError(f"matching must be 'scipy' or 'kuhn', got {matching!r}")
+    return _kuhn_matching(adj)
 
-# %% ../nbs/09_metrics.ipynb #4c6f92aa
+# %% ../nbs/09_metrics.ipynb #aa31b6b5
 def match_points(pred, # `(K, 2)` predicted `(x, y)` (NumPy array or torch tensor)
                  gt, # `(N, 2)` ground-truth `(x, y)`
                  sigma, # matching radius: a float or one value per head `(N,)`
-                 matching:str='scipy', # 'scipy' (Hopcroft–Karp) or 'kuhn' (the official NWPU order)
+                 matching:Matching='scipy', # 'scipy' (Hopcroft–Karp) or 'kuhn' (the official NWPU order)
                  return_matches:bool=False, # also return the `(T, 2)` array of matched (pred, gt) indices
                 ):
     "`(tp, fp, fn)` of a maximum one-to-one matching of predictions to heads within σ (distance ≤ σ)."
@@ -124,11 +127,11 @@ def _prf(tp:int, fp:int, fn:int) -> tuple[float, float, float]:
     r = tp / (tp + fn) if tp + fn else 0.
     return p, r, (2 * p * r / (p + r) if p + r else 0.)
 
-# %% ../nbs/09_metrics.ipynb #21868fcf
+# %% ../nbs/09_metrics.ipynb #3a77511f
 def localization_prf(pred_list:Sequence, # per image, `(K_b, 2)` predicted points
                      gt_list:Sequence, # per image, `(N_b, 2)` ground-truth points
                      threshold_px, # radius in pixels: a float, or per image a float or `(N_b,)` array
-                     matching:str='scipy', # matcher, see `match_points`
+                     matching:Matching='scipy', # matcher, see `match_points`
                     ) -> dict: # `precision`, `recall`, `f1`, `tp`, `fp`, `fn`
     "Micro-averaged localization precision/recall/F1 at a fixed matching radius."
     if len(pred_list) != len(gt_list):
@@ -159,7 +162,7 @@ def _nwpu_lines(path):
                                                f"{line.strip()[:60]!r}")
             yield i, vals
 
-# %% ../nbs/09_metrics.ipynb #8bdf9423
+# %% ../nbs/09_metrics.ipynb #441cdc0f
 def read_nwpu_gt(path # NWPU localization ground truth, e.g. `val_gt_loc.txt`
                 ) -> dict: # id -> {'points' (N,2), 'sigma_s' (N,), 'sigma_l' (N,), 'level' (N,) int}
     "Read NWPU-Crowd's localization ground-truth file (`id num x y σs σl level ...` per line)."
@@ -173,7 +176,7 @@ def read_nwpu_gt(path # NWPU localization ground truth, e.g. `val_gt_loc.txt`
         out[idx] = dict(points=a[:, :2], sigma_s=a[:, 2], sigma_l=a[:, 3], level=a[:, 4].astype(np.int64))
     return out
 
-# %% ../nbs/09_metrics.ipynb #8f975c3a
+# %% ../nbs/09_metrics.ipynb #7428dfd2
 def read_nwpu_pred(path # NWPU localization predictions (submission format)
                   ) -> dict: # id -> `(K, 2)` float64 points
     "Read an NWPU-Crowd localization prediction file (`id num x y ...` per line)."
@@ -186,7 +189,7 @@ def read_nwpu_pred(path # NWPU localization predictions (submission format)
         out[idx] = np.asarray(vals[2:], dtype=np.float64).reshape(num, 2)
     return out
 
-# %% ../nbs/09_metrics.ipynb #95b57a44
+# %% ../nbs/09_metrics.ipynb #8b6b08ae
 def write_nwpu_predictions(path, # file to write
                            predictions:Mapping, # id -> `(K, 2)` points (array or tensor)
                           ) -> Path:
@@ -199,7 +202,7 @@ def write_nwpu_predictions(path, # file to write
     path.write_text('\n'.join(lines) + '\n')
     return path
 
-# %% ../nbs/09_metrics.ipynb #edbf93f7
+# %% ../nbs/09_metrics.ipynb #c22329ba
 def read_nwpu_list(path # NWPU split list (`train.txt`, `val.txt`, `test.txt`)
                   ) -> dict: # id -> {'luminance': int, 'level': int}
     "Read an NWPU-Crowd split list, lines `id luminance scene_level`."
@@ -210,7 +213,7 @@ def read_nwpu_list(path # NWPU split list (`train.txt`, `val.txt`, `test.txt`)
         out[int(vals[0])] = dict(luminance=int(vals[1]), level=int(vals[2]))
     return out
 
-# %% ../nbs/09_metrics.ipynb #e0816bc7
+# %% ../nbs/09_metrics.ipynb #151c16f9
 def nwpu_scene_level(count:int) -> int:
     "NWPU's count-based scene level: 0 (no people), 1 (1-100), 2 (101-500), 3 (501-5000), 4 (more)."
     return 0 if count <= 0 else 1 if count <= 100 else 2 if count <= 500 else 3 if count <= 5000 else 4
@@ -225,7 +228,7 @@ def _nwpu_gt_entry(g) -> dict:
     level = to_numpy(g.get('level', np.zeros(n)), np.int64).reshape(-1) if n else np.zeros(0, np.int64)
     return dict(points=pts, sigma_s=sig_s, sigma_l=sig_l, level=level)
 
-# %% ../nbs/09_metrics.ipynb #6ed3b629
+# %% ../nbs/09_metrics.ipynb #ebc48d66
 def _summary(acc:dict, num_classes:int) -> dict:
     "Figures from accumulated counts (see `nwpu_localization`)."
     out = {}
@@ -242,11 +245,11 @@ def _summary(acc:dict, num_classes:int) -> dict:
     out.update(mae=c['mae'], mse=c['rmse'], nae=c['nae'], n=c['n'])
     return out
 
-# %% ../nbs/09_metrics.ipynb #b4de0700
+# %% ../nbs/09_metrics.ipynb #ce28f72e
 def nwpu_localization(pred, # prediction file path, or dict id -> `(K, 2)` points
                       gt, # ground-truth file path, or dict from `read_nwpu_gt`
                       split_list=None, # optional NWPU list path or dict id -> (luminance, level) for per-group figures
-                      matching:str='scipy', # 'scipy', or 'kuhn' for the official script's matched set (per-level AR)
+                      matching:Matching='scipy', # 'scipy', or 'kuhn' for the official script's matched set (per-level AR)
                       num_classes:int=6, # head-size levels in the ground truth
                      ) -> dict:
     "NWPU-Crowd localization evaluation: AP/AR/F1 at σs and σl, per-level AR, MAE/MSE/NAE (and per group)."

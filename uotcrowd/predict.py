@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
-from .core import reuse_host_memory
+from .core import reuse_host_memory, HostMemory
 from .data import normalize, list_images, IMAGE_EXTS
-from .train import write_csv
+from .train import write_csv, Precision
 from .metrics import write_nwpu_predictions
 from .plots import plot_prediction
 from .counter import Counter, as_rgb
@@ -49,9 +49,9 @@ def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
             nwpu:bool=False, # also write the NWPU-Crowd counting and localization submission files
             no_plots:bool=False, # skip the PNGs
             dpi:int=80, # resolution of the PNGs
-            precision:str|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the checkpoint's)
+            precision:Precision|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the checkpoint's)
             device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-            host_memory:str='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
+            host_memory:HostMemory='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
             quiet:bool=False # no per-file lines
            ) -> list[dict]: # a dict per image (name, path, count, points, ...) and per video (frames, csv)
     "Count the people in images and videos; writes CSV, JSON and a PNG per image, counts per frame per video."

@@ -4,31 +4,32 @@
 
 # %% ../nbs/04b_registry.ipynb #4c9d5ff8
 from __future__ import annotations
+from typing import Literal
 from torch import nn
+from .core import check_choice
 from .losses import GeneralizedLoss
 from .baselines import L2DensityLoss, BayesianLoss, DMCountLoss
 
 # %% auto #0
-__all__ = ['LOSSES', 'LOSS_NAMES', 'LOSS_ARGS', 'get_loss', 'loss_class']
+__all__ = ['LOSSES', 'LOSS_NAMES', 'LossName', 'LOSS_ARGS', 'get_loss', 'loss_class']
 
 # %% ../nbs/04b_registry.ipynb #128c4a55
 LOSSES = {'gl': GeneralizedLoss, 'gl-official': GeneralizedLoss.official, 'l2': L2DensityLoss, 'bl': BayesianLoss,
           'dmcount': DMCountLoss}
 LOSS_NAMES = tuple(LOSSES)
+LossName = Literal['gl', 'gl-official', 'l2', 'bl', 'dmcount']   # the names of `LOSSES`
 LOSS_ARGS = {'gl': ('eps', 'tau', 'cost', 'mode', 'tol'), 'gl-official': ('eps', 'tau', 'cost'), 'l2': ('sigma',),
              'bl': ('sigma',), 'dmcount': ('coord_scale',)}
 
 # %% ../nbs/04b_registry.ipynb #77f12d52
-def get_loss(name:str, # one of `LOSS_NAMES` (any case)
+def get_loss(name:LossName, # one of `LOSS_NAMES` (any case)
              **kwargs # passed to the loss constructor (e.g. `stride=8`, `eps=0.01`)
             ) -> nn.Module:
     "Build a loss by name."
-    key = str(name).lower()
-    if key not in LOSSES: raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    return LOSSES[key](**kwargs)
+    return LOSSES[check_choice(str(name).lower(), LOSSES, 'loss')](**kwargs)
 
-# %% ../nbs/04b_registry.ipynb #db5b74a6
-def loss_class(name:str # one of `LOSS_NAMES`
+# %% ../nbs/04b_registry.ipynb #f813a268
+def loss_class(name:LossName # one of `LOSS_NAMES`
               ) -> type:
     "The class of a loss (`GeneralizedLoss` for its official preset), whose constructor documents its arguments."
     return GeneralizedLoss if name == 'gl-official' else LOSSES[name]

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from . import __version__
 from .counter import Counter, as_rgb, render_result, DEFAULT_MODEL
+from .train import Precision
 
 # %% ../nbs/11b_serve.ipynb #3ce5bb3c
 class UploadError(ValueError):
@@ -464,7 +465,7 @@ def serve(checkpoint:str=DEFAULT_MODEL, # checkpoint file, named model (`uotcrow
           max_megapixels:float=50, # largest image accepted, in megapixels
           upload_timeout:float=30, # seconds an upload may take to arrive
           device:str='auto', # 'auto', 'cpu', 'cuda', 'mps'
-          precision:str|None=None, # default: the checkpoint's
+          precision:Precision|None=None, # default: the checkpoint's
           loc_threshold:float|None=None, # default: the checkpoint's
           tile:int|None=None, # tile side for large photos (None automatic, 0 never)
           open_browser:bool=False, # open the page in the default browser

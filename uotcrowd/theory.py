@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 import torch
-from .costs import sq_distances, bl_background_cost
+from .costs import sq_distances, bl_background_cost, BackgroundForm
 
 # %% auto #0
 __all__ = ['entropy', 'uot_objective', 'plan_u_update', 'plan_v_update', 'gaussian_density_from_plan',
@@ -18,7 +18,7 @@ def entropy(plan:torch.Tensor # non-negative transport plan
     "The entropy $H(P)=-\\sum P\\log P$ of the paper, with $0\\log 0=0$."
     return -torch.special.xlogy(plan, plan).sum()
 
-# %% ../nbs/03a_theory.ipynb #b71d30ba
+# %% ../nbs/03a_theory.ipynb #8ec6eba6
 def uot_objective(plan:torch.Tensor, # `(n, m)` transport plan
                   cost:torch.Tensor, # `(n, m)` cost matrix
                   a:torch.Tensor, # `(n,)` predicted density
@@ -41,7 +41,7 @@ def plan_u_update(cost:torch.Tensor, # `(n, m)` cost between pixels and annotati
     "$\\hat P=\\mathrm{diag}(a/Kv)Kdiag(v)$ with $v=1$: one u-update (Eq. 10), the Bayesian-loss plan."
     return torch.softmax(-cost/eps, dim=1)*a[:, None]
 
-# %% ../nbs/03a_theory.ipynb #9fbc6b7c
+# %% ../nbs/03a_theory.ipynb #a78f055a
 def plan_v_update(cost:torch.Tensor, # `(n, m)` cost between pixels and annotations
                   eps:float, # entropic regularization
                   b:torch.Tensor|None=None # `(m,)` annotation weights (default ones)
@@ -77,18 +77,18 @@ def bl_omega(centres:torch.Tensor, # `(n, 2)` pixel centres
     cost = sq_distances(centres, points)
     return (torch.softmax(-cost/eps, dim=1)*cost).sum(1)
 
-# %% ../nbs/03a_theory.ipynb #ff2ce96f
+# %% ../nbs/03a_theory.ipynb #78969385
 def bl_background_logit(centres:torch.Tensor, # `(n, 2)` pixel centres
                         points:torch.Tensor, # `(m, 2)` annotations (m >= 1)
                         eps:float, # entropic regularization ($2\sigma^2$)
                         d:float, # background distance, same units as the coordinates
-                        form:str='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
+                        form:BackgroundForm='paper' # 'paper': $(d-r)^2$ (Eq. 15); 'code': $d^2/r^2$ (official BL code)
                        ) -> torch.Tensor: # `(n,)` log-likelihood $\log\bar k_i$
     "Log-likelihood of BL's background point for each pixel, from the distance $r$ to the nearest annotation."
     return -bl_background_cost(sq_distances(centres, points).min(1).values, d, form)/eps
 
-# %% ../nbs/03a_theory.ipynb #1ab11492
-def bl_omega_bar(centres, points, eps:float, d:float, form:str='paper') -> torch.Tensor:
+# %% ../nbs/03a_theory.ipynb #08e299ba
+def bl_omega_bar(centres, points, eps:float, d:float, form:BackgroundForm='paper') -> torch.Tensor:
     "BL's background weight $\\bar\\omega_i=\\bar k_i/(\\bar k_i+\\sum_j K_{ij})$ (Eq. 15), by a softmax."
     logits = torch.cat([-sq_distances(centres, points)/eps,
                         bl_background_logit(centres, points, eps, d, form)[:, None]], 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, csv, json, math, os, platform, random, sys, time, warnings
 from dataclasses import dataclass, field, asdict, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
-from .core import get_device, seed_everything, count_metrics, reuse_host_memory, HOST_MEMORY
+from .core import (get_device, seed_everything, count_metrics, reuse_host_memory, HostMemory, check_choice,
+                           literal_values)
 from .data import collate
 from .models import get_model
 from .plots import plot_curves
@@ -23,15 +24,17 @@ from .checkpoints import save_checkpoint, load_checkpoint, config_precision
 from .checkpoints import load_model  # temporary: `uotcrowd.train.load_model` for study runs started before it moved
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'DEFAULT_LR', 'SCHEDULES', 'LOG_COLUMNS', 'is_native', 'resolve_precision', 'autocast', 'memory_format',
-           'default_lr', 'TrainConfig', 'rng_state', 'set_rng_state', 'epoch_seed', 'setup_distributed',
-           'predict_counts', 'write_csv', 'validate', 'step_loss', 'step_flags', 'nonfinite_message', 'load_weights',
-           'plateau_schedule', 'warmup_factor', 'scheduled_lr', 'epoch_lr', 'WeightAverage', 'training_state',
-           'param_groups', 'set_lr', 'resume_state', 'train_epoch', 'validation_due', 'write_epoch', 'epoch_message',
-           'fit']
+__all__ = ['Precision', 'ResolvedPrecision', 'PRECISIONS', 'DEFAULT_LR', 'Schedule', 'LOG_COLUMNS', 'is_native',
+           'resolve_precision', 'autocast', 'memory_format', 'default_lr', 'TrainConfig', 'rng_state', 'set_rng_state',
+           'epoch_seed', 'setup_distributed', 'predict_counts', 'write_csv', 'validate', 'step_loss', 'step_flags',
+           'nonfinite_message', 'load_weights', 'plateau_schedule', 'warmup_factor', 'scheduled_lr', 'epoch_lr',
+           'WeightAverage', 'training_state', 'param_groups', 'set_lr', 'resume_state', 'train_epoch', 'validation_due',
+           'write_epoch', 'epoch_message', 'fit']
 
 # %% ../nbs/07_train.ipynb #0ea50f05
-PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+Precision = Literal['auto', 'fp32', 'bf16', 'fp16']   # 'auto': bf16 where native, else fp32
+ResolvedPrecision = Literal['fp32', 'bf16', 'fp16']   # what runs once 'auto' is resolved
+PRECISIONS = literal_values(Precision)
 _AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def _cpu_flags() -> set[str]:
@@ -43,7 +46,7 @@ def _cpu_flags() -> set[str]:
     except OSError: pass
     return set()
 
-def is_native(precision:str, # 'fp32', 'bf16' or 'fp16'
+def is_native(precision:ResolvedPrecision, # 'fp32', 'bf16' or 'fp16'
               device:str|torch.device # the device that computes
              ) -> bool:
     "Whether `device` runs convolutions in `precision` in hardware (not emulated, hence faster than fp32)."
@@ -61,22 +64,21 @@ def is_native(precision:str, # 'fp32', 'bf16' or 'fp16'
         return bool(_cpu_flags() & {'avx512_bf16', 'amx_bf16'})
     return True  # Arm: oneDNN says yes only with the BF16 extension
 
-def resolve_precision(precision:str, # one of `PRECISIONS`
+def resolve_precision(precision:Precision, # one of `PRECISIONS`
                       device:str|torch.device # the device that computes
-                     ) -> str: # 'fp32', 'bf16' or 'fp16'
+                     ) -> ResolvedPrecision: # 'fp32', 'bf16' or 'fp16'
     "The precision to run: `auto` becomes `bf16` where `device` runs it natively, `fp32` elsewhere."
-    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == 'auto': return 'bf16' if is_native('bf16', device) else 'fp32'
+    if check_choice(precision, Precision, 'precision') == 'auto': return 'bf16' if is_native('bf16', device) else 'fp32'
     return precision
 
 def autocast(device:str|torch.device, # the device that computes
-             precision:str # 'fp32', 'bf16' or 'fp16' (resolved)
+             precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
             ):
     "`torch.autocast` context for `precision` on `device`; a no-op for fp32."
     if precision == 'fp32': return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
 
-def memory_format(precision:str # 'fp32', 'bf16' or 'fp16' (resolved)
+def memory_format(precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
                  ) -> torch.memory_format:
     "channels_last for the reduced precisions, the contiguous layout for fp32."
     return torch.contiguous_format if precision == 'fp32' else torch.channels_last
@@ -91,7 +93,7 @@ def default_lr(model:str|nn.Module|None # a model name ('vgg19', 'mcnn', 'effnet
     key = _MODEL_KEYS.get(type(model).__name__) if isinstance(model, nn.Module) else str(model or '').lower().replace('-', '').replace('_', '')
     return DEFAULT_LR.get(key, 1e-5)
 
-SCHEDULES = ('cosine', 'constant', 'plateau')
+Schedule = Literal['cosine', 'constant', 'plateau']   # the learning-rate schedules of `fit`
 
 @dataclass
 class TrainConfig:
@@ -102,7 +104,7 @@ class TrainConfig:
     crop_size:int=512 # training crop side, recorded for the data pipeline
     lr:float|None=None # Adam learning rate (the peak of the schedule); None: `default_lr` of the model
     backbone_lr_scale:float=1.0 # the parameters under `model.backbone` (a pretrained front-end) train at `lr` times this
-    schedule:str='cosine' # 'cosine': warm-up, then cosine decay to `lr * min_lr_ratio` at the last epoch; 'constant'; 'plateau': decays on validation plateaus (`lr_patience`, `patience`)
+    schedule:Schedule='cosine' # 'cosine': warm-up, then cosine decay to `lr * min_lr_ratio` at the last epoch; 'constant'; 'plateau': decays on validation plateaus (`lr_patience`, `patience`)
     warmup_epochs:int=0 # linear warm-up to `lr` over this many epochs
     min_lr_ratio:float=0.01 # `cosine`: the learning rate of the last epoch, as a share of `lr`
     ema_decay:float|None=0.998 # exponential moving average of the weights per step (validated, saved as `ema`, what evaluation loads); None: off
@@ -111,11 +113,11 @@ class TrainConfig:
     val_epoch:int=1 # validate every `val_epoch` epochs (and after the last one)
     val_start:int=0 # first epoch at which validation may run
     clip_grad:float|None=None # clip the global gradient norm to this value
-    precision:str='auto' # 'auto' (bf16 where native, else fp32), 'fp32' (bit-reproducible), 'bf16' or 'fp16'; see Precision
+    precision:Precision='auto' # 'auto' (bf16 where native, else fp32), 'fp32' (bit-reproducible), 'bf16' or 'fp16'; see Precision
     seed:int=0 # seed of initialisation, data order and augmentation
     deterministic:bool=False # request deterministic torch kernels
     num_workers:int=0 # DataLoader worker processes
-    host_memory:str='reuse' # 'reuse': freed host memory stays in the process for the next step (glibc; see `reuse_host_memory`); 'release'
+    host_memory:HostMemory='reuse' # 'reuse': freed host memory stays in the process for the next step (glibc; see `reuse_host_memory`); 'release'
     device:str='auto' # 'auto', 'cpu', 'cuda', 'cuda:1', ...; under torchrun each process uses its LOCAL_RANK GPU
     resume:str|None=None # checkpoint (`last.pt`) to continue from
     quiet:bool=False # no progress bars and no per-epoch lines
@@ -136,8 +138,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.lr is None and self.model is not None: self.lr = default_lr(self.model)  # otherwise `fit` asks the network
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_choice(self.schedule, Schedule, 'schedule')
         if self.schedule != 'plateau' and (self.patience is not None or self.lr_patience is not None):
             raise ValueError(f"patience and lr_patience need schedule='plateau' (got schedule={self.schedule!r})")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
@@ -147,10 +148,8 @@ class TrainConfig:
         if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.val_epoch < 1: raise ValueError(f"val_epoch must be >= 1, got {self.val_epoch}")
         if self.plateau_start < 0: raise ValueError(f"plateau_start must be >= 0, got {self.plateau_start}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.host_memory not in HOST_MEMORY:
-            raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY)}, got {self.host_memory!r}")
+        check_choice(self.precision, Precision, 'precision')
+        check_choice(self.host_memory, HostMemory, 'host_memory')
         self.out_dir = str(self.out_dir)
         if self.resume is not None: self.resume = str(self.resume)
 
@@ -225,7 +224,7 @@ def predict_counts(model:nn.Module, # density model
                    ds:Dataset, # full-image `(image, points, meta)` items
                    device:torch.device, # where the model runs
                    indices:Sequence[int], # which items
-                   precision:str='fp32', # resolved precision
+                   precision:ResolvedPrecision='fp32', # resolved precision
                    quiet:bool=True, # no progress bar
                    each:Callable|None=None # `each(row, density, points)` may add to each row
                   ) -> list[dict]: # `index`, `name`, `gt_count`, `pred_count`, `abs_err` per image
@@ -262,7 +261,7 @@ def write_csv(rows:Sequence[dict], # one dict per line
 def validate(model:nn.Module, # density model
              ds:Dataset, # dataset of full `(image, points, meta)` items
              device:str|torch.device|None=None, # default: the model's device
-             precision:str='fp32', # one of `PRECISIONS` ('auto': bf16 where native); see Precision
+             precision:Precision='fp32', # one of `PRECISIONS` ('auto': bf16 where native); see Precision
              quiet:bool=True, # no progress bar
              rank:int=0, world:int=1, # shard the images across DDP ranks; results are gathered on every rank
              each:Callable|None=None # `each(row, density, points)` may add to the row of each image
@@ -470,7 +469,7 @@ def train_epoch(net:nn.Module, # the model (DDP-wrapped under torchrun)
                 train_ds:Dataset, # the training crops
                 cfg:TrainConfig, # batch size, seed, clipping, `max_steps`, `time_budget_s`
                 epoch:int, # epoch index
-                precision:str, # resolved precision
+                precision:ResolvedPrecision, # resolved precision
                 device:torch.device, rank:int=0, world:int=1,
                 elapsed:Callable[[], float]=lambda: 0., # training seconds spent so far (the time budget's clock)
                 out:Path|None=None, # the run's folder, named in the error message of a non-finite loss

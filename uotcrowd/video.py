@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .train import write_csv
+from .train import write_csv, Precision
 from .plots import plot_counts
 from .counter import Counter, render_result
 
@@ -140,7 +140,7 @@ def predict_video(video:str, # video file (whatever FFmpeg reads: mp4, mov, avi,
                   annotate:bool=False, # also write NAME_annotated.mp4: counted frames with density, heads, count
                   max_frames:int|None=None, # stop after this many counted frames
                   device:str='auto', # 'auto', 'cpu', 'cuda', 'mps'
-                  precision:str|None=None, # default: the checkpoint's
+                  precision:Precision|None=None, # default: the checkpoint's
                   loc_threshold:float|None=None, # default: the checkpoint's
                   tile:int|None=None, # tile side for large frames (None automatic, 0 never)
                   batch_size:int=4, # frames counted together
