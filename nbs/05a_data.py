@@ -834,11 +834,13 @@ test_eq((image.shape, meta['count'], meta['height'], meta['width'], meta['name']
 test_eq(len(w), 1)   # the point beyond the border is clipped with a warning
 test_close(points[2, 0].item(), 30 - 1e-3, eps=1e-5)
 ds = PointsInRecords(recs, transform=TrainTransform(8), aug_seed=0)
-test_eq(ds[0][0], ds[0][0])               # seeded augmentations: the same crop for the same epoch
-crops = set()
-for e in range(4):
-    ds.set_epoch(e)
-    crops.add(ds[0][2]['crop'])
+with warnings.catch_warnings():            # the point beyond the border warns at every read, as above
+    warnings.simplefilter('ignore', DatasetWarning)
+    test_eq(ds[0][0], ds[0][0])            # seeded augmentations: the same crop for the same epoch
+    crops = set()
+    for e in range(4):
+        ds.set_epoch(e)
+        crops.add(ds[0][2]['crop'])
 assert len(crops) > 1                      # and other crops in other epochs
 test_eq((len(ds.subset([0, 0])), ds.subset([0], EvalTransform(4)).transform.stride), (2, 4))
 test_fail(lambda: ds[1], contains='index 1 out of range for 1 images')

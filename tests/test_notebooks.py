@@ -1,5 +1,5 @@
 """Run every notebook's test cells through nbdev's own test machinery (cells flagged `slow`/`notest` are skipped)."""
-import configparser, os
+import configparser, os, warnings
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,13 @@ def _notebooks():
 def test_notebook(name):
     from nbdev.test import test_nb
     os.environ.setdefault('MPLBACKEND', 'Agg')
-    ok, secs = test_nb(NBS / name, skip_flags=_skip_flags(), force_flags=[], basepath=ROOT, showerr=True)
+    with warnings.catch_warnings(record=True) as escaped:
+        ok, secs = test_nb(NBS / name, skip_flags=_skip_flags(), force_flags=[], basepath=ROOT, showerr=True)
+    # a warning class defined in a notebook lives in its `__main__`, which pytest-xdist cannot rebuild in the
+    # controller (the worker dies): such warnings that escaped a test cell are raised again as UserWarning
+    for w in escaped:
+        local = w.category.__module__ == '__main__'
+        warnings.warn(f"{name}: {w.category.__name__}: {w.message}", UserWarning if local else w.category)
     assert ok, f'{name}: a test cell failed (see the captured stderr above)'
 
 
