@@ -19,7 +19,7 @@ from uotcrowd.data import normalize, list_images, IMAGE_EXTS
 from uotcrowd.train import write_csv, Precision
 from uotcrowd.metrics import write_nwpu_predictions
 from uotcrowd.plots import plot_prediction
-from uotcrowd.counter import Counter, as_rgb
+from uotcrowd.counter import Counter, as_rgb, DEFAULT_MODEL
 from uotcrowd.video import VIDEO_EXTS, is_video, predict_video
 
 # %%
@@ -85,9 +85,9 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| export
-def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
-            inputs:Sequence[str], # image or video files, or folders of them
+def predict(inputs:Sequence[str], # image or video files, or folders of them
             out:str, # output folder
+            checkpoint:str=DEFAULT_MODEL, # checkpoint file or named model (`uotcrowd models`)
             loc_threshold:float|None=None, # localization threshold (default: the checkpoint's, else 0.05)
             tile:int|None=None, # tile side in pixels for large images (default: above 2.5 megapixels; 0: never)
             every:int=1, # videos: count every N-th frame
@@ -161,7 +161,7 @@ with tempfile.TemporaryDirectory() as d:
     (d / 'in' / 'broken.jpg').write_bytes(b'not a photo')
     sq = Counter(SquareCounter(), device='cpu', tile_above=1_000_000)
     with contextlib.redirect_stderr(io.StringIO()) as err:
-        test_fail(lambda: predict(sq, [str(d / 'in')], str(d / 'out'), nwpu=True, quiet=True),
+        test_fail(lambda: predict([str(d / 'in')], str(d / 'out'), sq, nwpu=True, quiet=True),
                   contains='1 of 7 files could not be read')
     assert 'broken.jpg' in err.getvalue()
     with open(d / 'out' / 'predictions.csv') as fh: rows = {r['name']: r for r in csv.DictReader(fh)}
@@ -173,7 +173,17 @@ with tempfile.TemporaryDirectory() as d:
     test_eq((d / 'out' / 'nwpu_count.txt').read_text().splitlines()[:2], ['1 1.0000', '2 2.0000'])
     with open(d / 'out' / 'clip_counts.csv') as fh:
         test_close([float(r['count']) for r in csv.DictReader(fh)], [1, 2, 3, 4] * 2, eps=0.03)
-    test_fail(lambda: predict(sq, [str(d / 'missing.jpg')], str(d / 'out2')), contains='missing.jpg is neither')
+    test_fail(lambda: predict([str(d / 'missing.jpg')], str(d / 'out2'), sq), contains='missing.jpg is neither')
+
+# %% [markdown]
+# Without a checkpoint, `predict` counts with the published default model (`DEFAULT_MODEL`, the one `Counter()`
+# and `uotcrowd serve` use): its count of a ShanghaiTech B photo is the count of that model loaded by name.
+
+# %%
+photo = Path('../tests/fixtures/ShanghaiTech/part_B/train_data/images/IMG_9.jpg')   # 1024×768, 167 heads
+with tempfile.TemporaryDirectory() as d:
+    row, = predict([str(photo)], d, no_plots=True, quiet=True, device='cpu')
+    test_close(row['count'], Counter(DEFAULT_MODEL, device='cpu')(photo).count, eps=1e-4)
 
 # %%
 #| hide

@@ -14,7 +14,7 @@ from .data import normalize, list_images, IMAGE_EXTS
 from .train import write_csv, Precision
 from .metrics import write_nwpu_predictions
 from .plots import plot_prediction
-from .counter import Counter, as_rgb
+from .counter import Counter, as_rgb, DEFAULT_MODEL
 from .video import VIDEO_EXTS, is_video, predict_video
 
 # %% auto #0
@@ -39,9 +39,9 @@ def _write_photo_files(results:list[dict], # a row per photo: `name`, `path`, `c
     return written
 
 # %% ../nbs/11d_predict.ipynb #a5453acd
-def predict(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
-            inputs:Sequence[str], # image or video files, or folders of them
+def predict(inputs:Sequence[str], # image or video files, or folders of them
             out:str, # output folder
+            checkpoint:str=DEFAULT_MODEL, # checkpoint file or named model (`uotcrowd models`)
             loc_threshold:float|None=None, # localization threshold (default: the checkpoint's, else 0.05)
             tile:int|None=None, # tile side in pixels for large images (default: above 2.5 megapixels; 0: never)
             every:int=1, # videos: count every N-th frame
