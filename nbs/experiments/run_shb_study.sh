@@ -9,7 +9,7 @@
 # result: slimmed to final.pt, its localization threshold chosen on the hold-out, evaluated once on the 316 test photos.
 # Arms: gl-converged (transport solved to 1e-3), gl (official 12 soft-min pairs), l2, bl, dmcount-norm.
 # Rows: results/shb_study.csv (+ _loc.csv). Run folders: results/shb_study/MODEL/ARM_lrLR_sSEED (+ _eEPOCHS unless 40,
-# + _scLOW-HIGH with SCALE="LOW HIGH").
+# + _cCROP unless 256, + _scLOW-HIGH with SCALE="LOW HIGH").
 set -euo pipefail
 cd "$(dirname "$0")/../.."                     # repo root: the package of this checkout (python -m)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -31,6 +31,7 @@ VAL_SEED=0
 PROTOCOL=cosine-ema-e${EPOCHS}
 SCALE=${SCALE:-}                               # e.g. "0.7 1.3": rescale each training crop by a factor in this range
 RUN_SUFFIX=""; [ "$EPOCHS" = 40 ] || RUN_SUFFIX=_e${EPOCHS}   # the study's 40 epochs unnamed; other lengths named
+[ "$CROP" = 256 ] || { RUN_SUFFIX=${RUN_SUFFIX}_c${CROP}; PROTOCOL=${PROTOCOL}-c${CROP}; }   # likewise the crop
 scale_args=()
 if [ -n "$SCALE" ]; then scale_args=(--scale-range $SCALE); RUN_SUFFIX=${RUN_SUFFIX}_sc${SCALE// /-}; PROTOCOL=${PROTOCOL}-sc${SCALE// /-}; fi
 CSV=$RES/shb_study.csv

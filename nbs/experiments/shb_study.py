@@ -75,17 +75,19 @@ print(f"{len(mcnn_runs)} MCNN runs, {len(d)} validations: a single validation st
 # average and the raw weights, adds about a third.
 
 # %%
-RUN_NAME = re.compile(r'(?P<arm>.+)_lr(?P<lr>[^_]+)_s(?P<seed>\d+)(?:_e(?P<schedule>\d+))?(?:_sc(?P<scale>[\d.]+-[\d.]+))?')
+RUN_NAME = re.compile(r'(?P<arm>.+)_lr(?P<lr>[^_]+)_s(?P<seed>\d+)(?:_e(?P<schedule>\d+))?(?:_c(?P<crop>\d+))?(?:_sc(?P<scale>[\d.]+-[\d.]+))?')
 
 def parse_run(name:str) -> dict:
-    "Arm, learning rate, seed, schedule length (40 unless `_eN`) and crop rescaling (`_scLOW-HIGH`) of a run folder."
+    "Arm, learning rate, seed, schedule length (40 unless `_eN`), crop (256 unless `_cN`), rescaling (`_scLOW-HIGH`) of a run."
     m = RUN_NAME.fullmatch(name)
-    if m is None: raise ValueError(f"{name}: not a study run folder (ARM_lrLR_sSEED[_eEPOCHS][_scLOW-HIGH])")
+    if m is None: raise ValueError(f"{name}: not a study run folder (ARM_lrLR_sSEED[_eEPOCHS][_cCROP][_scLOW-HIGH])")
     return dict(arm=m['arm'], lr=float(m['lr']), seed=int(m['seed']), schedule=int(m['schedule'] or 40),
-                scale=m['scale'] or 'none')
+                crop=int(m['crop'] or 256), scale=m['scale'] or 'none')
 
-test_eq(parse_run('gl-converged_lr1e-4_s1'), dict(arm='gl-converged', lr=1e-4, seed=1, schedule=40, scale='none'))
-test_eq(parse_run('gl_lr3e-5_s0_e80_sc0.7-1.3'), dict(arm='gl', lr=3e-5, seed=0, schedule=80, scale='0.7-1.3'))
+test_eq(parse_run('gl-converged_lr1e-4_s1'), dict(arm='gl-converged', lr=1e-4, seed=1, schedule=40, crop=256,
+                                                     scale='none'))
+test_eq(parse_run('gl_lr3e-5_s0_e80_sc0.7-1.3'), dict(arm='gl', lr=3e-5, seed=0, schedule=80, crop=256, scale='0.7-1.3'))
+test_eq(parse_run('gl_lr1e-4_s2_c512')['crop'], 512)
 
 def runs(model:str='effnet-lite0') -> pd.DataFrame:
     "One row per run folder of the study: arm, learning rate, seed, schedule, epochs done, seconds per epoch, validation of the average."
@@ -140,7 +142,8 @@ jumpiness(cv).round(2)
 # chosen by the mean of the average's last three validations (the end of the schedule, where the result is read).
 
 # %%
-sweep = study[(study.arm == 'gl-converged') & (study.seed == 0) & (study.schedule == 40) & (study.scale == 'none')]
+sweep = study[(study.arm == 'gl-converged') & (study.seed == 0) & (study.schedule == 40) & (study.crop == 256)
+              & (study.scale == 'none')]
 sweep = sweep.sort_values('lr')
 sweep[['lr', 'epochs', 's_per_epoch', 'last_val_mae', 'last3_val_mae', 'finished']]
 
