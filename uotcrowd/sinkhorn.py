@@ -390,9 +390,13 @@ def trusted(self:DenseKernels, problem:Problem,
             col_floor # `(B, 1)` least trusted column sums: `trust` × the sum of the weights w
            ) -> torch.Tensor: # `(B,)` bool
     "Per image: its sums finite and above what the clamped entries can add (`exponent_floor`), or no points."
-    rows = (row_sums >= self.row_floor) & (row_sums < math.inf)
-    cols = (col_sums >= col_floor) & (col_sums > 0) & (col_sums < math.inf) | problem.padded
-    return rows.all(1) & cols.all(1) | problem.no_points[:, 0]
+    row_low, row_high = torch.aminmax(row_sums, dim=1, keepdim=True)   # (B, 1); a NaN propagates: not trusted
+    if problem.any_padding:                                       # padded columns do not count
+        col_low = col_sums.masked_fill(problem.padded, math.inf).amin(1, keepdim=True)
+        col_high = col_sums.masked_fill(problem.padded, 0.).amax(1, keepdim=True)
+    else: col_low, col_high = torch.aminmax(col_sums, dim=1, keepdim=True)
+    ok = (row_low >= self.row_floor) & (col_low >= col_floor) & (col_low > 0)
+    return (ok & (torch.maximum(row_high, col_high) < math.inf))[:, 0] | problem.no_points[:, 0]
 
 # %% ../nbs/03_sinkhorn.ipynb #291831b4
 @patch
