@@ -26,7 +26,6 @@ from uotcrowd.data import collate
 from uotcrowd.models import get_model
 from uotcrowd.plots import plot_curves
 from uotcrowd.checkpoints import save_checkpoint, load_checkpoint, config_precision
-from uotcrowd.checkpoints import load_model  # temporary: `uotcrowd.train.load_model` for study runs started before it moved
 
 # %%
 #| hide

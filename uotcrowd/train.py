@@ -21,7 +21,6 @@ from .data import collate
 from .models import get_model
 from .plots import plot_curves
 from .checkpoints import save_checkpoint, load_checkpoint, config_precision
-from .checkpoints import load_model  # temporary: `uotcrowd.train.load_model` for study runs started before it moved
 
 # %% auto #0
 __all__ = ['Precision', 'ResolvedPrecision', 'PRECISIONS', 'DEFAULT_LR', 'Schedule', 'LOG_COLUMNS', 'is_native',
