@@ -216,8 +216,8 @@ Markdown('\n'.join(f'- {model_summary(f"../models/{name}.pt")}' for name in ('sh
 # |---|---|
 # | [Core](00_core.ipynb) | devices, seeding, pixel centres, padded point batches, counting errors |
 # | [Transport costs](02_costs.ipynb) | L, L², e^L and the perspective-guided cost, zero at distance zero; every distance of the package |
-# | [Unbalanced Sinkhorn](03_sinkhorn.ipynb) | the one solver: batched, log-domain, balanced or unbalanced, ε-scaling, official and converged modes, the paper's gradient, checked against POT and geomloss |
-# | [Theory](03a_theory.ipynb) | Eq. 1, the generalized Sinkhorn, and the L2 and Bayesian losses as half-iteration plans, shown numerically (Figs. 2-3 of the paper) |
+# | [Unbalanced Sinkhorn](03_sinkhorn.ipynb), [Transport plans](03a_plans.ipynb) | the one solver: batched, log-domain, balanced or unbalanced, ε-scaling, official and converged modes, checked against geomloss; the plans rebuilt from its potentials with the paper's gradient, and the objective of Eq. 1, checked against POT |
+# | [Theory](03b_theory.ipynb) | Eq. 1, the generalized Sinkhorn, and the L2 and Bayesian losses as half-iteration plans, shown numerically (Figs. 2-3 of the paper) |
 # | [Losses](04_losses.ipynb) | `GeneralizedLoss`, the official objective, what the cost and ε do to the training signal |
 # | [Baseline losses](04a_baselines.ipynb), [Loss registry](04b_registry.ipynb) | L2 density maps, Bayesian loss (+ background), DM-Count on the same costs and solver; `get_loss` by name |
 # | [Synthetic crowds](05_synthetic.ipynb), [Data](05a_data.ipynb) and [Models](06_models.ipynb) | procedurally drawn crowds, the datasets in their official layouts, VGG19 / CSRNet / MCNN and the ImageNet-pretrained EfficientNet-Lite0 |
@@ -290,8 +290,8 @@ Markdown(speed_summary())
 #
 # The documentation site is built from the notebooks in `nbs/` with [nbdev](https://nbdev.fast.ai) and
 # [Quarto](https://quarto.org). Each notebook is a page: the library code is exported from it, its cells are the
-# tests, and its figures explain the paper. Start with [the costs](02_costs.ipynb) and [the solver](03_sinkhorn.ipynb),
-# then [the theory](03a_theory.ipynb) that runs on them and [the loss](04_losses.ipynb).
+# tests, and its figures explain the paper. Start with [the costs](02_costs.ipynb), [the solver](03_sinkhorn.ipynb)
+# and [its plans](03a_plans.ipynb), then [the theory](03b_theory.ipynb) that runs on them and [the loss](04_losses.ipynb).
 #
 # - **Publishing** (a host with Quarto, e.g. GitHub Actions): `nbdev_docs` renders `_docs/`; the workflow in
 #   `.github/workflows/deploy.yaml` does it on every push to the main branch and publishes to GitHub Pages.
