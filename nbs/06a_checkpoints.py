@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from uotcrowd.core import get_device
-from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.images import IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.models import get_model
 
 # %%

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
 from uotcrowd.core import get_device, check_choice
-from uotcrowd.data import load_image, normalize
+from uotcrowd.images import load_image, normalize
 from uotcrowd.plots import colour_table
 from uotcrowd.models import get_model
 from uotcrowd.checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,

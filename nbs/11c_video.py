@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.images import IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.train import write_csv, Precision
 from uotcrowd.plots import plot_counts
 from uotcrowd.counter import Counter, render_result

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from uotcrowd.core import reuse_host_memory, HostMemory
-from uotcrowd.data import normalize, list_images, IMAGE_EXTS
+from uotcrowd.images import normalize, list_images, IMAGE_EXTS
 from uotcrowd.train import write_csv, Precision
 from uotcrowd.metrics import write_nwpu_predictions
 from uotcrowd.plots import plot_prediction

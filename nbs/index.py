@@ -220,7 +220,7 @@ Markdown('\n'.join(f'- {model_summary(f"../models/{name}.pt")}' for name in ('sh
 # | [Theory](03b_theory.ipynb) | Eq. 1, the generalized Sinkhorn, and the L2 and Bayesian losses as half-iteration plans, shown numerically (Figs. 2-3 of the paper) |
 # | [Losses](04_losses.ipynb) | `GeneralizedLoss`, the official objective, what the cost and ε do to the training signal |
 # | [Baseline losses](04a_baselines.ipynb), [Loss registry](04b_registry.ipynb) | L2 density maps, Bayesian loss (+ background), DM-Count on the same costs and solver; `get_loss` by name |
-# | [Synthetic crowds](05_synthetic.ipynb), [Data](05a_data.ipynb) and [Models](06_models.ipynb) | procedurally drawn crowds, the datasets in their official layouts, VGG19 / CSRNet / MCNN and the ImageNet-pretrained EfficientNet-Lite0 |
+# | [Synthetic crowds](05_synthetic.ipynb), [Images and transforms](05a_images.ipynb), [Data](05c_data.ipynb) and [Models](06_models.ipynb) | procedurally drawn crowds, photos and head points read and checked, training crops, the datasets in their official layouts, VGG19 / CSRNet / MCNN and the ImageNet-pretrained EfficientNet-Lite0 |
 # | [Plots](05b_plots.ipynb) | every figure of the package: points and matches over a photo, a prediction with its density map, examples of a model, training curves, counts over time |
 # | [Checkpoints and model cards](06a_checkpoints.ipynb) | checkpoint files, named models, slim model files and the cards they carry (`uotcrowd models`) |
 # | [Training](07_train.ipynb) | `fit`: the fixed cosine schedule and weight average, validation, checkpoints and exact resume, DDP under `torchrun` |

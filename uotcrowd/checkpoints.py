@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from .core import get_device
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD
 from .models import get_model
 
 # %% auto #0

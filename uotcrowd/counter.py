@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
 from .core import get_device, check_choice
-from .data import load_image, normalize
+from .images import load_image, normalize
 from .plots import colour_table
 from .models import get_model
 from .checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,

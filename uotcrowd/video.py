@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD
 from .train import write_csv, Precision
 from .plots import plot_counts
 from .counter import Counter, render_result
