@@ -23,7 +23,7 @@ from uotcrowd.plots import colour_table
 from uotcrowd.models import get_model
 from uotcrowd.checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from uotcrowd.train import resolve_precision, autocast, memory_format, Precision
+from uotcrowd.precision import resolve_precision, autocast, memory_format, Precision
 from uotcrowd.localize import localize
 from uotcrowd.deploy import load_onnx
 from uotcrowd.measure import peak_memory, status_bytes

@@ -12,7 +12,7 @@
 import importlib
 
 _EXPORTS = {'GeneralizedLoss': 'losses', 'get_loss': 'registry', 'get_model': 'models', 'build_datasets': 'data',
-            'TrainConfig': 'train', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize', 'Counter': 'counter'}
+            'TrainConfig': 'config', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize', 'Counter': 'counter'}
 _all_ = ['GeneralizedLoss', 'get_loss', 'get_model', 'build_datasets', 'TrainConfig', 'fit', 'evaluate', 'localize', 'Counter']
 
 def __getattr__(name:str):
@@ -223,7 +223,7 @@ Markdown('\n'.join(f'- {model_summary(f"../models/{name}.pt")}' for name in ('sh
 # | [Synthetic crowds](05_synthetic.ipynb), [Images and transforms](05a_images.ipynb), [Data](05c_data.ipynb) and [Models](06_models.ipynb) | procedurally drawn crowds, photos and head points read and checked, training crops, the datasets in their official layouts, VGG19 / CSRNet / MCNN and the ImageNet-pretrained EfficientNet-Lite0 |
 # | [Plots](05b_plots.ipynb) | every figure of the package: points and matches over a photo, a prediction with its density map, examples of a model, training curves, counts over time |
 # | [Checkpoints and model cards](06a_checkpoints.ipynb) | checkpoint files, named models, slim model files and the cards they carry (`uotcrowd models`) |
-# | [Training](07_train.ipynb) | `fit`: the fixed cosine schedule and weight average, validation, checkpoints and exact resume, DDP under `torchrun` |
+# | [Precision](07_precision.ipynb), [Training configuration](07a_config.ipynb), [Training](07b_train.ipynb) | fp32, bf16 or fp16 and `auto`; `TrainConfig`, the fixed cosine schedule and weight average; `fit`: validation, checkpoints and exact resume, DDP under `torchrun` |
 # | [Localization](08_localize.ipynb), [Metrics](09_metrics.ipynb), [Evaluation](09a_evaluate.ipynb) | density map → head positions; NWPU P/R/F1 (σs, σl), UCF-QNRF P/R over 1..100 px; counting and localization of a model or checkpoint |
 # | [Commands](10_commands.ipynb), [Command line](12_cli.ipynb) | `train`, `predict`, `demo` as functions, and `uotcrowd train / eval / predict / demo / bench` wired from their signatures |
 # | [Counter](11a_counter.ipynb), [Video](11c_video.ipynb) and [Predict](11d_predict.ipynb) | `Counter`: photos of any size in bounded memory; counts per video frame; `uotcrowd predict` over photos, folders and videos |

@@ -333,7 +333,7 @@ def test_train_flags_default_to_train_config():
     "Every `TrainConfig` field that `uotcrowd train` exposes defaults to the dataclass's own value (no drift)."
     import dataclasses
     from uotcrowd.cli import build_parser
-    from uotcrowd.train import TrainConfig
+    from uotcrowd.config import TrainConfig
     args = build_parser().parse_args(['train', '--dataset', 'synthetic'])
     fresh = TrainConfig()
     record = {'model', 'loss', 'dataset', 'data_dir'}   # what the run is, not how it trains: set by `train` itself

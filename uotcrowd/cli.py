@@ -12,7 +12,7 @@ from fastcore.docments import docments
 from . import __version__
 from .core import literal_values
 from .registry import LOSS_ARGS, loss_class
-from .train import TrainConfig
+from .config import TrainConfig
 from .evaluate import evaluate_checkpoint
 from .commands import train, demo
 from .measure import has_module

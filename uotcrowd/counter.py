@@ -18,7 +18,7 @@ from .plots import colour_table
 from .models import get_model
 from .checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from .train import resolve_precision, autocast, memory_format, Precision
+from .precision import resolve_precision, autocast, memory_format, Precision
 from .localize import localize
 from .deploy import load_onnx
 from .measure import peak_memory, status_bytes

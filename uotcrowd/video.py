@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 from .images import IMAGENET_MEAN, IMAGENET_STD
-from .train import write_csv, Precision
+from .train import write_csv
+from .precision import Precision
 from .plots import plot_counts
 from .counter import Counter, render_result
 
