@@ -71,7 +71,7 @@ test_eq(pairwise_distances(x, torch.zeros(3, 0, 2)).shape, (3, 7, 0))
 
 # %% [markdown]
 # Squared distances are the cost under which the L2 and Bayesian losses are half-iterations of the generalized
-# loss (see [the theory](03a_theory.ipynb)), and DM-Count's transport cost. Squaring the exact distance keeps
+# loss (see [the theory](03b_theory.ipynb)), and DM-Count's transport cost. Squaring the exact distance keeps
 # them exactly zero on the diagonal too.
 
 # %%

@@ -17,15 +17,15 @@ from fastcore.basics import patch
 from torch import nn
 from uotcrowd.core import check_points, pad_points, check_density, check_choice, literal_values
 from uotcrowd.costs import COSTS, CostName, pixel_positions, points_cost
-from uotcrowd.sinkhorn import (uot_potentials, plan_stats, max_diameter, no_autocast, Potentials,
-                               generalized_kl)
+from uotcrowd.sinkhorn import uot_potentials, max_diameter, no_autocast, Potentials
+from uotcrowd.plans import plan_stats, generalized_kl
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
 from uotcrowd.core import pixel_centres
 from uotcrowd.costs import cost_matrix
-from uotcrowd.sinkhorn import uot_plan, uot_value
+from uotcrowd.plans import uot_plan, uot_value
 import time
 
 # %% [markdown]
@@ -41,12 +41,12 @@ import time
 # $\boldsymbol v^*$ fixed, $\boldsymbol u^*(\boldsymbol a)$ differentiable).
 #
 # Because the plan factors as $P_{ij}=r_i(\boldsymbol a)E_{ij}$ with only the row factor $r$ depending on
-# $\boldsymbol a$ (`uotcrowd.sinkhorn.plan_factors`), every term is a function of $r$ and a few row/column
+# $\boldsymbol a$ (`uotcrowd.plans.plan_factors`), every term is a function of $r$ and a few row/column
 # statistics of the constant $\mathbf E$: $\mathbf P\mathbf 1=r\odot\mathbf E\mathbf 1$,
 # $\mathbf P^\top\mathbf 1=\mathbf E^\top r$,
 # $\langle\mathbf C,\mathbf P\rangle=\sum_i r_i\sum_j C_{ij}E_{ij}$,
 # $\sum P\log P=\sum_i r_i\log r_i\,(\mathbf E\mathbf 1)_i+\sum_i r_i\sum_j E_{ij}\log E_{ij}$.
-# `uotcrowd.sinkhorn.plan_stats` computes these reductions in one pass over the cost without storing
+# `uotcrowd.plans.plan_stats` computes these reductions in one pass over the cost without storing
 # $\mathbf E$ (its backward recomputes it block by block), so the autograd graph holds nothing bigger than the
 # cost, whatever the number of Sinkhorn iterations.
 #
@@ -839,7 +839,7 @@ test_close(loss_per_image(gl, d.detach()[:, :, :8, :8], pts3),
 # - With $L^2$ at the same ε (coordinates divided by 512, so squared distances are tiny) the pull is one wide
 #   blob: the transport cost cannot separate neighbouring heads, which is why the cost must be paired with a
 #   much smaller ε (the L2 and BL losses use a fixed Gaussian bandwidth instead, see
-#   [the theory](03a_theory.ipynb)).
+#   [the theory](03b_theory.ipynb)).
 # - Raising ε to 0.05 blurs every cost.
 # - The head in the middle of the lower rows gets no pull: it is the nearest head to a large empty area whose
 #   (wrong) density the plan already assigns to it, so its point term is satisfied, and the pixel term pushes

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from uotcrowd.core import pixel_centres, check_points, check_density, check_choice
 from uotcrowd.costs import pairwise_distances, sq_distances, cost_matrix, bl_background_cost, BackgroundForm
-from uotcrowd.sinkhorn import plain_sinkhorn, uot_plan
+from uotcrowd.sinkhorn import plain_sinkhorn
+from uotcrowd.plans import uot_plan
 
 # %%
 #| hide
@@ -29,7 +30,7 @@ from fastcore.test import test_eq, test_close, test_fail
 # $(s(j+\frac12), s(i+\frac12))$ of `uotcrowd.core.pixel_centres`, by the functions of `uotcrowd.costs` (exact
 # at zero), and DM-Count's transport plan comes from the package's solver, `uotcrowd.sinkhorn`.
 #
-# The [theory notebook](03a_theory.ipynb) shows that the targets of the first two are the marginals of the two
+# The [theory notebook](03b_theory.ipynb) shows that the targets of the first two are the marginals of the two
 # half-iteration transport plans of the generalized loss under the squared-distance cost, with
 # $\varepsilon=2\sigma^2$: the L2 target is the pixel marginal of $\tilde{\mathbf P}$ (one v-update), BL's
 # expected counts are the point marginal of $\hat{\mathbf P}$ (one u-update). In the generalized loss,
@@ -609,7 +610,7 @@ for name, loss in losses.items():
 # ## The baselines as half-iteration plans of the generalized loss
 #
 # Finally we check the claims of Sec. 4 on the losses themselves, using the half-iteration plans of the
-# [theory notebook](03a_theory.ipynb) with the squared-distance cost and $\varepsilon=2\sigma^2$ (pixel units
+# [theory notebook](03b_theory.ipynb) with the squared-distance cost and $\varepsilon=2\sigma^2$ (pixel units
 # here):
 #
 # * the L2 target on a fine stride-1 grid equals the pixel marginal $\tilde{\mathbf P}\mathbf 1$ for heads

@@ -33,7 +33,7 @@ from fastcore.test import test_eq
 #   share one trait with heads but not all: dark squares and poles, light disks, coloured rectangles.
 #
 # `render_crowd` draws one image from a NumPy generator; the dataset built on it, `SyntheticCrowd`, is in
-# [data](05a_data.ipynb).
+# [data](05c_data.ipynb).
 
 # %%
 #| export

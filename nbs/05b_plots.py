@@ -17,7 +17,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from uotcrowd.core import to_numpy
-from uotcrowd.data import denormalize, IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.images import denormalize, IMAGENET_MEAN, IMAGENET_STD
 
 # %%
 #| hide

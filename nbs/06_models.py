@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from uotcrowd.core import check_choice
 from fastcore.basics import patch
-from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.images import IMAGENET_MEAN, IMAGENET_STD
 
 # %%
 #| hide

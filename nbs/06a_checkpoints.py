@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from uotcrowd.core import get_device
-from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.images import IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.models import get_model
 
 # %%
@@ -202,7 +202,7 @@ with tempfile.TemporaryDirectory() as d:
 # A checkpoint records the precision it was trained in (`'precision'`, resolved: `fp32`, `bf16` or `fp16`),
 # what `uotcrowd eval` and `uotcrowd predict` use unless told otherwise. Checkpoints written before that field
 # existed say it in their config; configs written before the config had a `precision` trained in float32, or
-# float16 when they set `amp` (`uotcrowd.train.TrainConfig.from_dict` reads old configs with the same rule).
+# float16 when they set `amp` (`uotcrowd.config.TrainConfig.from_dict` reads old configs with the same rule).
 
 # %%
 #| export
@@ -216,7 +216,7 @@ def config_precision(config:dict # a training config as a dict (`TrainConfig.to_
 # %%
 #| export
 def checkpoint_precision(ckpt:dict # a checkpoint dict (`load_checkpoint`)
-                        ) -> str: # one of `uotcrowd.train.PRECISIONS`
+                        ) -> str: # one of `uotcrowd.precision.PRECISIONS`
     "The precision a checkpoint was trained in (what `eval` and `predict` use unless told otherwise)."
     return ckpt.get('precision') or config_precision(ckpt.get('config', {}))
 

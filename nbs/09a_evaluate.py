@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from uotcrowd.core import get_device, reuse_host_memory, check_choice, HostMemory
 from uotcrowd.data import build_datasets, synthetic_kwargs, DatasetName
 from uotcrowd.checkpoints import load_model, checkpoint_precision, checkpoint_loc_threshold
-from uotcrowd.train import validate, write_csv, resolve_precision, Precision
+from uotcrowd.train import validate, write_csv
+from uotcrowd.precision import resolve_precision, Precision
 from uotcrowd.localize import localize
 from uotcrowd.metrics import localization_prf
 
@@ -47,7 +48,7 @@ def evaluate(model:nn.Module, # density model (its `stride` attribute is used fo
              thresholds:Sequence[float]|None=None, # localization distances in px, e.g. (4, 8); None: counts only
              loc_threshold:float=0.05, # density threshold of `localize`
              csv_path:str|Path|None=None, # write the per-image CSV here
-             precision:Precision='fp32', # one of `uotcrowd.train.PRECISIONS` ('auto': bf16 where native)
+             precision:Precision='fp32', # one of `uotcrowd.precision.PRECISIONS` ('auto': bf16 where native)
              quiet:bool=True, # no progress bar
              rank:int=0, world:int=1, # shard the images across DDP ranks; results are gathered on every rank
             ) -> dict:
@@ -206,7 +207,8 @@ def evaluate_checkpoint(checkpoint:str, # checkpoint written by `uotcrowd train`
 from uotcrowd.core import seed_everything
 from uotcrowd.models import get_model
 from uotcrowd.registry import get_loss
-from uotcrowd.train import TrainConfig, fit
+from uotcrowd.config import TrainConfig
+from uotcrowd.train import fit
 
 # %%
 tmp = Path(tempfile.mkdtemp())

@@ -20,7 +20,8 @@ from uotcrowd.data import build_datasets, check_data_dir, synthetic_kwargs, Data
 from uotcrowd.models import get_model, ModelName, OutAct
 from uotcrowd.registry import get_loss, LossName
 from uotcrowd.checkpoints import load_model
-from uotcrowd.train import TrainConfig, fit
+from uotcrowd.config import TrainConfig
+from uotcrowd.train import fit
 from uotcrowd.localize import localize
 from uotcrowd.evaluate import evaluate, format_metrics
 from uotcrowd.plots import plot_examples

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from uotcrowd import __version__
 from uotcrowd.core import check_choice
-from uotcrowd.data import normalize, IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.images import normalize, IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.models import _OUT_ACTS
 from uotcrowd.checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
 

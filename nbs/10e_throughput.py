@@ -16,7 +16,7 @@ import torch
 from uotcrowd.core import get_device, seed_everything, reuse_host_memory, literal_values
 from uotcrowd.models import get_model, ModelName
 from uotcrowd.registry import get_loss
-from uotcrowd.train import autocast, is_native, ResolvedPrecision
+from uotcrowd.precision import autocast, is_native, ResolvedPrecision
 from uotcrowd.measure import time_call, torch_threads, target, markdown_table, fixed
 
 # %%
@@ -25,7 +25,7 @@ from fastcore.test import test_eq, test_close, test_fail
 
 # %% [markdown]
 # How fast the models train and count in each precision (see Precision in the
-# [training notebook](07_train.ipynb)). One **training step** is what `fit` does per batch: forward (under
+# [training notebook](07b_train.ipynb)). One **training step** is what `fit` does per batch: forward (under
 # autocast for bf16/fp16), the generalized loss on the float32 density, backward, Adam; on random images of
 # `crop`² px with `n_points` random heads each (20 by default; a 256-px crop of ShanghaiTech B holds about 10
 # on average) and randomly initialized networks (speed does not depend on the weights; nothing is downloaded).

@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Callable, Literal
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
 from uotcrowd.core import get_device, check_choice
-from uotcrowd.data import load_image, normalize
+from uotcrowd.images import load_image, normalize
 from uotcrowd.plots import colour_table
 from uotcrowd.models import get_model
 from uotcrowd.checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from uotcrowd.train import resolve_precision, autocast, memory_format, Precision
+from uotcrowd.precision import resolve_precision, autocast, memory_format, Precision
 from uotcrowd.localize import localize
 from uotcrowd.deploy import load_onnx
 from uotcrowd.measure import peak_memory, status_bytes
@@ -308,60 +309,125 @@ class Counter:
 
     def _round(self, n:int) -> int: return -(-n // self.multiple) * self.multiple
 
-    def __repr__(self):
-        return (f"Counter({self.name}: {type(self.model).__name__}, stride {self.stride}, {self.device}, "
-                f"{self.precision}, threshold {self.loc_threshold:g})")
 
-    def tile_for(self, height:int, width:int, tile:int|None=None) -> int:
-        "Tile side used for an image of this size (0: the whole image at once)."
-        tile = self.tile if tile is None else tile
-        if tile is None: tile = DEFAULT_TILE if height * width > self.tile_above else 0
-        if not tile or (tile >= height and tile >= width): return 0
-        return self._round(int(tile))
+# %% [markdown]
+# A counter keeps the model's stride and size multiple and the settings it counts with. A network passed as
+# such has no file and no card: the default threshold and float32, and the overlap rounded up to the multiple.
 
-    def density(self, images:torch.Tensor # `(B, 3, H, W)` uint8 images (any device)
-               ) -> torch.Tensor: # `(B, 1, ceil(H/s), ceil(W/s))` float32 density on the model's device
-        "The model's density maps for a batch of whole images, in the counter's precision."
-        x = normalize(images.to(self.device)).contiguous(memory_format=memory_format(self.precision))
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            return self.model(x).float()
+# %%
+counter = Counter(mcnn_random, device='cpu')
+test_eq((counter.name, counter.path, counter.card, counter.stride, counter.multiple), ('MCNN', None, None, 4, 4))
+test_eq((counter.loc_threshold, counter.precision, counter.overlap, counter.batch_size), (0.05, 'fp32', 128, 4))
+test_eq((counter._round(250), counter._round(252)), (252, 252))
+other = Counter(mcnn_random, device='cpu', overlap=130, batch_size=0, loc_threshold=0.2, tile=500)
+test_eq((other.overlap, other.batch_size, other.loc_threshold, other.tile), (132, 1, 0.2, 500))
+test_fail(lambda: Counter(nn.Sequential(nn.Conv2d(3, 1, 1)), device='cpu'), contains='has no `stride` attribute')
 
-    def _results(self, density:torch.Tensor, sizes, sources, tiles, band_rows:int=0) -> list[CountResult]:
-        if band_rows:
-            pts, scs = [[x] for x in localize_in_bands(density, self.stride, self.loc_threshold, band_rows)]
-        else: pts, scs = localize(density, stride=self.stride, threshold=self.loc_threshold, return_scores=True)
-        dens = density[:, 0].cpu().numpy()
-        return [CountResult(count=float(density[b].sum()), density=dens[b],
-                            points=pts[b].cpu().numpy().astype(np.float32),
-                            scores=scs[b].cpu().numpy().astype(np.float32), height=h, width=w,
-                            stride=self.stride, tiles=tiles, source=src)
-                for b, ((h, w), src) in enumerate(zip(sizes, sources))]
 
-    def __call__(self, images, # one image (path, PIL image, uint8 array) or a list of them
-                 tile:int|None=None # tile side for this call (default: the counter's `tile`); 0: never tile
-                ) -> CountResult|list[CountResult]:
-        "Count the people in one image, or in each image of a list."
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        arrays = [as_rgb(im) for im in items]
-        sources = [str(im) if isinstance(im, (str, Path)) else None for im in items]
-        out:list[CountResult|None] = [None] * len(items)
-        groups:dict[tuple[int, int], list[int]] = {}
-        for i, a in enumerate(arrays): groups.setdefault(a.shape[:2], []).append(i)
-        for (h, w), idx in groups.items():
-            t = self.tile_for(h, w, tile)
-            if t:
-                for i in idx:
-                    u8 = torch.from_numpy(arrays[i]).permute(2, 0, 1)
-                    dens, n = tiled_density(self.density, u8, self.stride, t, self.overlap)
-                    out[i] = self._results(dens, [(h, w)], [sources[i]], n, band_rows=t // self.stride)[0]
-                continue
-            for k in range(0, len(idx), self.batch_size):
-                chunk = idx[k:k + self.batch_size]
-                u8 = torch.from_numpy(np.stack([arrays[i] for i in chunk])).permute(0, 3, 1, 2)
-                found = self._results(self.density(u8), [(h, w)] * len(chunk), [sources[i] for i in chunk], 1)
-                for i, r in zip(chunk, found): out[i] = r
-        return out[0] if single else out
+# %%
+#| export
+@patch
+def __repr__(self:Counter):
+    return (f"Counter({self.name}: {type(self.model).__name__}, stride {self.stride}, {self.device}, "
+            f"{self.precision}, threshold {self.loc_threshold:g})")
+
+
+# %%
+test_eq(repr(counter), 'Counter(MCNN: MCNN, stride 4, cpu, fp32, threshold 0.05)')
+
+
+# %%
+#| export
+@patch
+def tile_for(self:Counter, height:int, width:int, tile:int|None=None) -> int:
+    "Tile side used for an image of this size (0: the whole image at once)."
+    tile = self.tile if tile is None else tile
+    if tile is None: tile = DEFAULT_TILE if height * width > self.tile_above else 0
+    if not tile or (tile >= height and tile >= width): return 0
+    return self._round(int(tile))
+
+
+# %%
+test_eq(counter.tile_for(3000, 4000), 1024)        # more than `TILE_ABOVE` pixels: `DEFAULT_TILE`
+test_eq(counter.tile_for(768, 1024), 0)
+test_eq(counter.tile_for(768, 1024, 250), 252)     # MCNN: multiples of 4
+test_eq(counter.tile_for(768, 1024, 1024), 0)      # a tile that holds the whole image: no tiling
+test_eq(other.tile_for(768, 1024), 500)            # the counter's own `tile`
+
+
+# %%
+#| export
+@patch
+def density(self:Counter, images:torch.Tensor # `(B, 3, H, W)` uint8 images (any device)
+           ) -> torch.Tensor: # `(B, 1, ceil(H/s), ceil(W/s))` float32 density on the model's device
+    "The model's density maps for a batch of whole images, in the counter's precision."
+    x = normalize(images.to(self.device)).contiguous(memory_format=memory_format(self.precision))
+    with torch.inference_mode(), autocast(self.device, self.precision):
+        return self.model(x).float()
+
+
+# %%
+small = rgb[:240, :320]
+small_u8 = torch.from_numpy(small).permute(2, 0, 1)
+with torch.no_grad(): ref = mcnn_random(normalize(small_u8)[None])
+d_ = counter.density(small_u8[None])
+test_eq((d_.shape, d_.dtype), ((1, 1, 60, 80), torch.float32))
+test_close(d_, ref, eps=1e-6)
+
+
+# %%
+#| export
+@patch
+def _results(self:Counter, density:torch.Tensor, sizes, sources, tiles,
+             band_rows:int=0) -> list[CountResult]:
+    if band_rows:
+        pts, scs = [[x] for x in localize_in_bands(density, self.stride, self.loc_threshold, band_rows)]
+    else: pts, scs = localize(density, stride=self.stride, threshold=self.loc_threshold, return_scores=True)
+    dens = density[:, 0].cpu().numpy()
+    return [CountResult(count=float(density[b].sum()), density=dens[b],
+                        points=pts[b].cpu().numpy().astype(np.float32),
+                        scores=scs[b].cpu().numpy().astype(np.float32), height=h, width=w,
+                        stride=self.stride, tiles=tiles, source=src)
+            for b, ((h, w), src) in enumerate(zip(sizes, sources))]
+
+
+# %%
+ref_pts, ref_sc = localize(ref, 4, threshold=counter.loc_threshold, return_scores=True)
+res = counter._results(ref, [(240, 320)], ['small.jpg'], 1)[0]
+test_close(res.count, float(ref.sum()), eps=1e-6 * float(ref.sum()))
+test_close(res.points, ref_pts[0].numpy(), eps=1e-6); test_close(res.scores, ref_sc[0].numpy(), eps=1e-6)
+test_eq((res.source, res.size, res.stride, res.tiles), ('small.jpg', (320, 240), 4, 1))
+test_eq(res.density.shape, (60, 80))
+
+
+# %%
+#| export
+@patch
+def __call__(self:Counter, images, # one image (path, PIL image, uint8 array) or a list of them
+             tile:int|None=None # tile side for this call (default: the counter's `tile`); 0: never tile
+            ) -> CountResult|list[CountResult]:
+    "Count the people in one image, or in each image of a list."
+    single = not isinstance(images, (list, tuple))
+    items = [images] if single else list(images)
+    arrays = [as_rgb(im) for im in items]
+    sources = [str(im) if isinstance(im, (str, Path)) else None for im in items]
+    out:list[CountResult|None] = [None] * len(items)
+    groups:dict[tuple[int, int], list[int]] = {}
+    for i, a in enumerate(arrays): groups.setdefault(a.shape[:2], []).append(i)
+    for (h, w), idx in groups.items():
+        t = self.tile_for(h, w, tile)
+        if t:
+            for i in idx:
+                u8 = torch.from_numpy(arrays[i]).permute(2, 0, 1)
+                dens, n = tiled_density(self.density, u8, self.stride, t, self.overlap)
+                out[i] = self._results(dens, [(h, w)], [sources[i]], n, band_rows=t // self.stride)[0]
+            continue
+        for k in range(0, len(idx), self.batch_size):
+            chunk = idx[k:k + self.batch_size]
+            u8 = torch.from_numpy(np.stack([arrays[i] for i in chunk])).permute(0, 3, 1, 2)
+            found = self._results(self.density(u8), [(h, w)] * len(chunk), [sources[i] for i in chunk], 1)
+            for i, r in zip(chunk, found): out[i] = r
+    return out[0] if single else out
 
 
 # %% [markdown]
@@ -370,16 +436,11 @@ class Counter:
 # the overlap), at tiles that split the image in 4×3.
 
 # %%
-counter = Counter(mcnn_random, device='cpu')
-small = rgb[:240, :320]
 r = counter(small)
-with torch.no_grad(): ref = mcnn_random(normalize(torch.from_numpy(small).permute(2, 0, 1))[None])
 test_close(r.count, float(ref.sum()), eps=1e-4 * float(ref.sum()))
 test_eq(r.density.shape, (60, 80)); test_eq((r.height, r.width, r.size, r.tiles), (240, 320, (320, 240), 1))
-ref_pts, ref_sc = localize(ref, 4, threshold=counter.loc_threshold, return_scores=True)
 test_close(r.points, ref_pts[0].numpy(), eps=1e-4); test_close(r.scores, ref_sc[0].numpy(), eps=1e-5)
 assert len(r.points) > 0
-test_eq(counter.loc_threshold, 0.05); test_eq(counter.precision, 'fp32')
 # batches: a list with two sizes gives each image's own result, in order
 imgs = [small, rgb[:160, :200], small[::-1].copy(), Image.fromarray(small)]
 rs = counter(imgs)
@@ -392,8 +453,6 @@ test_eq((whole.tiles, tiled.tiles), (1, 12))
 test_close(tiled.density, whole.density, eps=1e-4)
 test_close(tiled.count, whole.count, eps=1e-5 * whole.count)
 test_eq(len(tiled.points), len(whole.points)); test_close(tiled.points, whole.points, eps=1e-3)   # in bands
-test_eq(counter.tile_for(3000, 4000), 1024); test_eq(counter.tile_for(768, 1024), 0)
-test_eq(counter.tile_for(768, 1024, 250), 252)   # MCNN: multiples of 4
 whole
 
 # %% [markdown]

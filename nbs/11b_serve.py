@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from uotcrowd import __version__
 from uotcrowd.counter import Counter, as_rgb, render_result, DEFAULT_MODEL
-from uotcrowd.train import Precision
+from uotcrowd.precision import Precision
 
 # %%
 #| hide

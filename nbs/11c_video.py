@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from uotcrowd.data import IMAGENET_MEAN, IMAGENET_STD
-from uotcrowd.train import write_csv, Precision
+from uotcrowd.images import IMAGENET_MEAN, IMAGENET_STD
+from uotcrowd.train import write_csv
+from uotcrowd.precision import Precision
 from uotcrowd.plots import plot_counts
 from uotcrowd.counter import Counter, render_result
 

@@ -15,8 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from uotcrowd.core import reuse_host_memory, HostMemory
-from uotcrowd.data import normalize, list_images, IMAGE_EXTS
-from uotcrowd.train import write_csv, Precision
+from uotcrowd.images import normalize, list_images, IMAGE_EXTS
+from uotcrowd.train import write_csv
+from uotcrowd.precision import Precision
 from uotcrowd.metrics import write_nwpu_predictions
 from uotcrowd.plots import plot_prediction
 from uotcrowd.counter import Counter, as_rgb, DEFAULT_MODEL

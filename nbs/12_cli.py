@@ -17,7 +17,7 @@ from fastcore.docments import docments
 from uotcrowd import __version__
 from uotcrowd.core import literal_values
 from uotcrowd.registry import LOSS_ARGS, loss_class
-from uotcrowd.train import TrainConfig
+from uotcrowd.config import TrainConfig
 from uotcrowd.evaluate import evaluate_checkpoint
 from uotcrowd.commands import train, demo
 from uotcrowd.measure import has_module
@@ -71,7 +71,7 @@ from pathlib import Path
 # `uotcrowd.serve.serve`, `uotcrowd.deploy.export`, `uotcrowd.commands.demo`, and `bench` below over
 # `uotcrowd.bench.run_bench`), and its flags are generated from that function's signature: the name
 # (`data_dir` → `--data-dir`), the type, the default and, as help, the comment after the parameter. The
-# training flags come the same way from the fields of `uotcrowd.train.TrainConfig`, so a default can only be
+# training flags come the same way from the fields of `uotcrowd.config.TrainConfig`, so a default can only be
 # set in one place.
 
 # %% [markdown]
@@ -419,7 +419,7 @@ from uotcrowd.costs import COSTS
 from uotcrowd.data import DATASET_NAMES
 from uotcrowd.models import MODELS
 from uotcrowd.registry import LOSS_NAMES
-from uotcrowd.train import PRECISIONS
+from uotcrowd.precision import PRECISIONS
 
 
 # %%
@@ -499,7 +499,7 @@ def main(argv:Sequence[str]|None=None # arguments (default: `sys.argv[1:]`)
     except FloatingPointError as e:
         print(f"uotcrowd {args.command}: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # includes uotcrowd.data.DatasetError
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # includes uotcrowd.images.DatasetError
         print(f"uotcrowd {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@
 import importlib
 
 _EXPORTS = {'GeneralizedLoss': 'losses', 'get_loss': 'registry', 'get_model': 'models', 'build_datasets': 'data',
-            'TrainConfig': 'train', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize', 'Counter': 'counter'}
+            'TrainConfig': 'config', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize', 'Counter': 'counter'}
 _all_ = ['GeneralizedLoss', 'get_loss', 'get_model', 'build_datasets', 'TrainConfig', 'fit', 'evaluate', 'localize', 'Counter']
 
 def __getattr__(name:str):
@@ -216,14 +216,14 @@ Markdown('\n'.join(f'- {model_summary(f"../models/{name}.pt")}' for name in ('sh
 # |---|---|
 # | [Core](00_core.ipynb) | devices, seeding, pixel centres, padded point batches, counting errors |
 # | [Transport costs](02_costs.ipynb) | L, L², e^L and the perspective-guided cost, zero at distance zero; every distance of the package |
-# | [Unbalanced Sinkhorn](03_sinkhorn.ipynb) | the one solver: batched, log-domain, balanced or unbalanced, ε-scaling, official and converged modes, the paper's gradient, checked against POT and geomloss |
-# | [Theory](03a_theory.ipynb) | Eq. 1, the generalized Sinkhorn, and the L2 and Bayesian losses as half-iteration plans, shown numerically (Figs. 2-3 of the paper) |
+# | [Unbalanced Sinkhorn](03_sinkhorn.ipynb), [Transport plans](03a_plans.ipynb) | the one solver: batched, log-domain, balanced or unbalanced, ε-scaling, official and converged modes, checked against geomloss; the plans rebuilt from its potentials with the paper's gradient, and the objective of Eq. 1, checked against POT |
+# | [Theory](03b_theory.ipynb) | Eq. 1, the generalized Sinkhorn, and the L2 and Bayesian losses as half-iteration plans, shown numerically (Figs. 2-3 of the paper) |
 # | [Losses](04_losses.ipynb) | `GeneralizedLoss`, the official objective, what the cost and ε do to the training signal |
 # | [Baseline losses](04a_baselines.ipynb), [Loss registry](04b_registry.ipynb) | L2 density maps, Bayesian loss (+ background), DM-Count on the same costs and solver; `get_loss` by name |
-# | [Synthetic crowds](05_synthetic.ipynb), [Data](05a_data.ipynb) and [Models](06_models.ipynb) | procedurally drawn crowds, the datasets in their official layouts, VGG19 / CSRNet / MCNN and the ImageNet-pretrained EfficientNet-Lite0 |
+# | [Synthetic crowds](05_synthetic.ipynb), [Images and transforms](05a_images.ipynb), [Data](05c_data.ipynb) and [Models](06_models.ipynb) | procedurally drawn crowds, photos and head points read and checked, training crops, the datasets in their official layouts, VGG19 / CSRNet / MCNN and the ImageNet-pretrained EfficientNet-Lite0 |
 # | [Plots](05b_plots.ipynb) | every figure of the package: points and matches over a photo, a prediction with its density map, examples of a model, training curves, counts over time |
 # | [Checkpoints and model cards](06a_checkpoints.ipynb) | checkpoint files, named models, slim model files and the cards they carry (`uotcrowd models`) |
-# | [Training](07_train.ipynb) | `fit`: the fixed cosine schedule and weight average, validation, checkpoints and exact resume, DDP under `torchrun` |
+# | [Precision](07_precision.ipynb), [Training configuration](07a_config.ipynb), [Training](07b_train.ipynb) | fp32, bf16 or fp16 and `auto`; `TrainConfig`, the fixed cosine schedule and weight average; `fit`: validation, checkpoints and exact resume, DDP under `torchrun` |
 # | [Localization](08_localize.ipynb), [Metrics](09_metrics.ipynb), [Evaluation](09a_evaluate.ipynb) | density map → head positions; NWPU P/R/F1 (σs, σl), UCF-QNRF P/R over 1..100 px; counting and localization of a model or checkpoint |
 # | [Commands](10_commands.ipynb), [Command line](12_cli.ipynb) | `train`, `predict`, `demo` as functions, and `uotcrowd train / eval / predict / demo / bench` wired from their signatures |
 # | [Counter](11a_counter.ipynb), [Video](11c_video.ipynb) and [Predict](11d_predict.ipynb) | `Counter`: photos of any size in bounded memory; counts per video frame; `uotcrowd predict` over photos, folders and videos |
@@ -290,8 +290,8 @@ Markdown(speed_summary())
 #
 # The documentation site is built from the notebooks in `nbs/` with [nbdev](https://nbdev.fast.ai) and
 # [Quarto](https://quarto.org). Each notebook is a page: the library code is exported from it, its cells are the
-# tests, and its figures explain the paper. Start with [the costs](02_costs.ipynb) and [the solver](03_sinkhorn.ipynb),
-# then [the theory](03a_theory.ipynb) that runs on them and [the loss](04_losses.ipynb).
+# tests, and its figures explain the paper. Start with [the costs](02_costs.ipynb), [the solver](03_sinkhorn.ipynb)
+# and [its plans](03a_plans.ipynb), then [the theory](03b_theory.ipynb) that runs on them and [the loss](04_losses.ipynb).
 #
 # - **Publishing** (a host with Quarto, e.g. GitHub Actions): `nbdev_docs` renders `_docs/`; the workflow in
 #   `.github/workflows/deploy.yaml` does it on every push to the main branch and publishes to GitHub Pages.

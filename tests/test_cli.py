@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from uotcrowd.cli import main
-from uotcrowd.data import build_datasets, denormalize
+from uotcrowd.data import build_datasets
+from uotcrowd.images import denormalize
 from uotcrowd.checkpoints import load_checkpoint, load_model
 
 TINY = ['--dataset', 'synthetic', '--synthetic-n', '16', '--synthetic-size', '48']
@@ -103,7 +104,7 @@ def test_predict_on_png_files(trained, tmp_path, capsys):
     assert [r['name'] for r in rows] == ['0001', '0002']
     points = json.loads((out / 'points.json').read_text())
     model, _ = load_model(trained / 'best.pt')
-    from uotcrowd.data import load_image, to_uint8_tensor, normalize
+    from uotcrowd.images import load_image, to_uint8_tensor, normalize
     with torch.no_grad():
         d = model(normalize(to_uint8_tensor(load_image(folder / '0001.png')))[None])
     assert float(rows[0]['count']) == pytest.approx(d.sum().item(), rel=1e-5)
@@ -133,7 +134,7 @@ def test_predict_skips_a_corrupt_image_and_reports_it(trained, tmp_path, capsys)
     assert set(rows) == {'bad', 'good0', 'good1'}
     assert rows['bad']['count'] == '' and 'bad.jpg: cannot read image' in rows['bad']['error']
     model, _ = load_model(trained / 'best.pt')
-    from uotcrowd.data import normalize   # the count of the PNG's own pixels, recomputed without `predict`
+    from uotcrowd.images import normalize   # the count of the PNG's own pixels, recomputed without `predict`
     png = torch.from_numpy(np.array(Image.open(folder / 'good0.png').convert('RGB'))).permute(2, 0, 1)
     with torch.no_grad(): expected = model(normalize(png)[None]).sum().item()
     # measured: equal (the same float32 forward); 1e-6 leaves room for another summation order
@@ -210,7 +211,7 @@ def test_precision_is_recorded_and_reused(trained, tmp_path, capsys):
     # predict: the same counts as eval for the same image, in each precision
     folder = tmp_path / 'imgs'; folder.mkdir()
     Image.fromarray((denormalize(test_ds[0][0]) * 255 + 0.5).astype(np.uint8)).save(folder / '0001.png')
-    from uotcrowd.data import read_image
+    from uotcrowd.images import read_image
     x = read_image(folder / '0001.png')[None]
     with torch.no_grad():
         want32 = model(x).sum().item()
@@ -226,7 +227,7 @@ def test_slim_checkpoint_threshold_is_used_by_eval_and_predict(trained, tmp_path
     "A slim checkpoint carries the threshold chosen on validation; eval and predict use it unless told otherwise."
     from uotcrowd.checkpoints import slim_checkpoint
     from uotcrowd.localize import localize
-    from uotcrowd.data import load_image, to_uint8_tensor, normalize
+    from uotcrowd.images import load_image, to_uint8_tensor, normalize
     _, _, test_ds = build_datasets('synthetic', crop_size=32, stride=4, n_train=16, n_val=4, n_test=4, size=48)
     folder = tmp_path / 'imgs'; folder.mkdir()
     Image.fromarray((denormalize(test_ds[0][0]) * 255 + 0.5).astype(np.uint8)).save(folder / 'a.png')
@@ -332,7 +333,7 @@ def test_train_flags_default_to_train_config():
     "Every `TrainConfig` field that `uotcrowd train` exposes defaults to the dataclass's own value (no drift)."
     import dataclasses
     from uotcrowd.cli import build_parser
-    from uotcrowd.train import TrainConfig
+    from uotcrowd.config import TrainConfig
     args = build_parser().parse_args(['train', '--dataset', 'synthetic'])
     fresh = TrainConfig()
     record = {'model', 'loss', 'dataset', 'data_dir'}   # what the run is, not how it trains: set by `train` itself

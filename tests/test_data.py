@@ -12,9 +12,9 @@ import scipy.io
 import torch
 from PIL import Image
 
-from uotcrowd.data import (CrowdDataset, DatasetError, DatasetWarning, EvalTransform, JHUCrowd, NWPUCrowd,
-                           ShanghaiTech, SyntheticCrowd, TrainTransform, UCFQNRF, build_datasets, collate,
-                           denormalize, head_sigmas, holdout_split, normalize)
+from uotcrowd.data import (CrowdDataset, JHUCrowd, NWPUCrowd, ShanghaiTech, SyntheticCrowd, UCFQNRF, build_datasets,
+                           collate, head_sigmas, holdout_split)
+from uotcrowd.images import DatasetError, DatasetWarning, EvalTransform, TrainTransform, denormalize, normalize
 
 LOCAL = Path(__file__).parent / 'fixtures'
 FORMATS = LOCAL / 'formats'
@@ -236,7 +236,7 @@ def test_global_torch_seed_reproduces_augmentation(local):
 
 # ---------------------------------------------------------------- synthetic data
 
-def test_synthetic_deterministic_and_varied():  # speed is not asserted: it depends on the load (05a_data prints it)
+def test_synthetic_deterministic_and_varied():  # speed is not asserted: it depends on the load (05c_data prints it)
     ds = SyntheticCrowd(200, size=128, seed=0, cache=False)
     draws = [ds.generate(i) for i in range(200)]
     counts = np.array([len(p) for _, p in draws])

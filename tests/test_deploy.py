@@ -9,7 +9,7 @@ from PIL import Image
 
 from uotcrowd.cli import main
 from uotcrowd.counter import Counter, as_rgb
-from uotcrowd.data import normalize
+from uotcrowd.images import normalize
 from uotcrowd.deploy import OnnxDensity, export_onnx
 from uotcrowd.models import MODELS, get_model
 from uotcrowd.checkpoints import load_model, resolve_checkpoint

@@ -1,6 +1,7 @@
-"""Repository invariants: the library is exported from the notebooks, notebooks and their jupytext scripts agree,
-the Quarto config has one source of truth, README and .ci/run agree on the test command."""
-import filecmp, re, shutil, subprocess, sys
+"""Repository invariants: the library is exported from the notebooks, each module imports only modules of
+lower-numbered notebooks, notebooks and their jupytext scripts agree, the Quarto config has one source of truth,
+README and .ci/run agree on the test command."""
+import ast, filecmp, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,29 @@ def test_export_in_sync(tmp_path):
     assert before == after, f'nbdev_export creates or removes modules: {set(before) ^ set(after)}'
     stale = [f for f in before if not filecmp.cmp(ROOT / 'uotcrowd' / f, work / 'uotcrowd' / f, shallow=False)]
     assert not stale, f'uotcrowd/ is out of sync with nbs/ (run nbdev_export): {stale}'
+
+
+def _module_notebooks() -> dict:
+    "Generated module name -> the notebook it is exported from (`03a_plans` for `uotcrowd/plans.py`)."
+    out = {}
+    for py in (ROOT / 'uotcrowd').glob('*.py'):
+        head = py.read_text(encoding='utf-8')[:400]
+        if 'File to edit: ../nbs/' in head: out[py.stem] = head.split('File to edit: ../nbs/')[1].split('.ipynb')[0]
+    return out
+
+
+def test_modules_import_only_lower_numbered_ones():
+    "Every import of a package module, deferred ones included, names a module of a lower-numbered notebook."
+    nbs = _module_notebooks()
+    assert {'sinkhorn', 'plans', 'images', 'data', 'train'} <= set(nbs)
+    bad = []
+    for mod, nb in nbs.items():
+        for node in ast.walk(ast.parse((ROOT / 'uotcrowd' / f'{mod}.py').read_text(encoding='utf-8'))):
+            if not isinstance(node, ast.ImportFrom) or not node.module: continue
+            parts = node.module.split('.')
+            dep = parts[0] if node.level == 1 else parts[1] if parts[0] == 'uotcrowd' and len(parts) > 1 else None
+            if dep in nbs and nbs[dep] >= nb: bad.append(f'{mod} ({nb}) imports {dep} ({nbs[dep]})')
+    assert not bad, bad
 
 
 def _cells(nb):

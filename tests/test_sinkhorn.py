@@ -1,13 +1,13 @@
-"""Checks of uotcrowd.sinkhorn / uotcrowd.losses that do not fit a notebook: import isolation, no global state, the
-official recipe on geomloss (a dev dependency) and autocast (the CUDA check needs a GPU)."""
+"""Checks of uotcrowd.sinkhorn / uotcrowd.plans / uotcrowd.losses that do not fit a notebook: import isolation, no
+global state, the official recipe on geomloss (a dev dependency) and autocast (the CUDA check needs a GPU)."""
 import math, subprocess, sys
 import pytest
 import torch
 
 
 def test_sinkhorn_knows_nothing_of_images_or_losses():
-    "`costs` and `sinkhorn` import neither the losses nor the data/model modules (one-way data flow)."
-    code = ("import sys, uotcrowd.sinkhorn, uotcrowd.costs; "
+    "`costs`, `sinkhorn` and `plans` import neither the losses nor the data/model modules (one-way data flow)."
+    code = ("import sys, uotcrowd.sinkhorn, uotcrowd.plans, uotcrowd.costs; "
             "bad = [m for m in ('uotcrowd.losses', 'uotcrowd.data', 'uotcrowd.models', 'uotcrowd.train') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
@@ -16,7 +16,8 @@ def test_sinkhorn_knows_nothing_of_images_or_losses():
 
 def test_solver_leaves_global_state_alone():
     "The solver does not change torch's thread count, grad mode or autocast state."
-    from uotcrowd.sinkhorn import uot_potentials, uot_plan
+    from uotcrowd.sinkhorn import uot_potentials
+    from uotcrowd.plans import uot_plan
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     a = torch.rand(2, 30) * 0.1
     C = torch.rand(2, 30, 4)
@@ -28,7 +29,7 @@ def test_solver_leaves_global_state_alone():
 
 def test_float32_matches_float64():
     "The float32 solve agrees with the float64 one (the stabilised soft-min loses no accuracy)."
-    from uotcrowd.sinkhorn import uot_plan
+    from uotcrowd.plans import uot_plan
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 200, generator=g, dtype=torch.float64) * 0.05
     C = torch.exp(torch.rand(3, 200, 12, generator=g, dtype=torch.float64) / 0.6) - 1
@@ -44,7 +45,8 @@ def test_official_mode_matches_geomloss():
     "`mode='official'` reproduces the official recipe (geomloss's potentials and the plan rebuilt from them)."
     import geomloss  # noqa: F401  (a dev dependency: a missing one fails the test)
     from geomloss import SamplesLoss
-    from uotcrowd.sinkhorn import uot_potentials, uot_plan, max_diameter
+    from uotcrowd.sinkhorn import uot_potentials, max_diameter
+    from uotcrowd.plans import uot_plan
     g = torch.Generator().manual_seed(4)
     side, crop = 16, 128.
     ys, xs = torch.meshgrid(torch.arange(side) * 8 + 4., torch.arange(side) * 8 + 4., indexing='ij')
@@ -92,7 +94,8 @@ def test_cpu_autocast_leaves_the_loss_in_float32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (CPU autocast leaves the solver alone)')
 def test_cuda_autocast_keeps_float32():
     "Under CUDA float16 autocast the solver, the plan and the loss give the float32 results (same device, no autocast)."
-    from uotcrowd.sinkhorn import uot_potentials, uot_plan
+    from uotcrowd.sinkhorn import uot_potentials
+    from uotcrowd.plans import uot_plan
     from uotcrowd.losses import GeneralizedLoss
     g = torch.Generator().manual_seed(5)
     A = (torch.rand(2, 1024, generator=g) * 60 / 1024).cuda()
@@ -147,7 +150,8 @@ def _plain_sinkhorn(a, b, C, eps, tau, iters):
 
 def test_converged_mode_equals_plain_float64_solver():
     "The over-relaxed converged solve (float32, padded batch, an image without points) gives the plans of textbook Sinkhorn in float64."
-    from uotcrowd.sinkhorn import uot_potentials, uot_plan
+    from uotcrowd.sinkhorn import uot_potentials
+    from uotcrowd.plans import uot_plan
     a, b, C, mask, _, _, counts = _padded_problem()
     eps, tau = 0.05, 0.5
     pot = uot_potentials(a, b, C, eps, tau, mask_b=mask, mode='converged', tol=1e-5)
@@ -164,7 +168,8 @@ def test_converged_mode_equals_plain_float64_solver():
 
 def test_adaptive_over_relaxation_needs_fewer_pairs():
     "From the official start, adaptive over-relaxation reaches 1e-3 in well under half the plain pairs, to the same plan."
-    from uotcrowd.sinkhorn import uot_potentials, uot_plan
+    from uotcrowd.sinkhorn import uot_potentials
+    from uotcrowd.plans import uot_plan
     a, b, C, mask, _, _, _ = _padded_problem()
     kw = dict(eps=0.01, tau_a=0.5, mask_b=mask, mode='converged', tol=1e-4)
     plain, fast = uot_potentials(a, b, C, omega=1., **kw), uot_potentials(a, b, C, **kw)
@@ -176,7 +181,8 @@ def test_adaptive_over_relaxation_needs_fewer_pairs():
 
 def test_whole_tensor_path_equals_row_blocks():
     "`block=None` (the path of GPUs, one tensor for the batch) and CPU row blocks give the same potentials and statistics."
-    from uotcrowd.sinkhorn import uot_potentials, plan_stats
+    from uotcrowd.sinkhorn import uot_potentials
+    from uotcrowd.plans import plan_stats
     a, b, C, mask, _, _, _ = _padded_problem()
     for mode in ('official', 'converged'):
         p1 = uot_potentials(a, b, C, 0.01, 0.5, mask_b=mask, mode=mode)
@@ -192,7 +198,8 @@ def test_whole_tensor_path_equals_row_blocks():
 
 def test_plan_stats_match_the_plan_written_out():
     "The reductions of `plan_stats` (official gradient, product reference) equal those of $P=a_ib_je^{(f_i+g_j-C_{ij})/\\varepsilon}$ in float64, value and gradient."
-    from uotcrowd.sinkhorn import uot_potentials, plan_stats
+    from uotcrowd.sinkhorn import uot_potentials
+    from uotcrowd.plans import plan_stats
     a, b, C, mask, _, _, _ = _padded_problem()
     pot = uot_potentials(a, b, C, 0.01, 0.5, mask_b=mask)
     a1, a2 = a.double().requires_grad_(), a.clone().requires_grad_()
@@ -242,7 +249,8 @@ def test_loss_keeps_no_plan_for_backward():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_solver_matches_cpu():
     "On CUDA (one tensor per batch): official and converged potentials, and the plan statistics with their gradient, equal the CPU's."
-    from uotcrowd.sinkhorn import uot_potentials, plan_stats
+    from uotcrowd.sinkhorn import uot_potentials
+    from uotcrowd.plans import plan_stats
     a, b, C, mask, _, _, _ = _padded_problem()
     real = mask.bool()
     for mode in ('official', 'converged'):

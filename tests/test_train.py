@@ -10,7 +10,8 @@ from uotcrowd.data import build_datasets, collate
 from uotcrowd.registry import get_loss
 from uotcrowd.models import get_model
 from uotcrowd.checkpoints import load_checkpoint, load_model
-from uotcrowd.train import TrainConfig, fit
+from uotcrowd.config import TrainConfig
+from uotcrowd.train import fit
 from uotcrowd.evaluate import evaluate
 from uotcrowd.data import ShanghaiTech
 

@@ -10,7 +10,7 @@ __all__ = ['GeneralizedLoss', 'get_loss', 'get_model', 'build_datasets', 'TrainC
 import importlib
 
 _EXPORTS = {'GeneralizedLoss': 'losses', 'get_loss': 'registry', 'get_model': 'models', 'build_datasets': 'data',
-            'TrainConfig': 'train', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize', 'Counter': 'counter'}
+            'TrainConfig': 'config', 'fit': 'train', 'evaluate': 'evaluate', 'localize': 'localize', 'Counter': 'counter'}
 _all_ = ['GeneralizedLoss', 'get_loss', 'get_model', 'build_datasets', 'TrainConfig', 'fit', 'evaluate', 'localize', 'Counter']
 
 def __getattr__(name:str):

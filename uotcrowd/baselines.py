@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from .core import pixel_centres, check_points, check_density, check_choice
 from .costs import pairwise_distances, sq_distances, cost_matrix, bl_background_cost, BackgroundForm
-from .sinkhorn import plain_sinkhorn, uot_plan
+from .sinkhorn import plain_sinkhorn
+from .plans import uot_plan
 
 # %% auto #0
 __all__ = ['adaptive_sigma', 'density_map', 'density_maps', 'L2DensityLoss', 'bl_posteriors', 'BayesianLoss', 'dmcount_ot',

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from .core import get_device
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD
 from .models import get_model
 
 # %% auto #0
@@ -106,7 +106,7 @@ def config_precision(config:dict # a training config as a dict (`TrainConfig.to_
 
 # %% ../nbs/06a_checkpoints.ipynb #eec25aee
 def checkpoint_precision(ckpt:dict # a checkpoint dict (`load_checkpoint`)
-                        ) -> str: # one of `uotcrowd.train.PRECISIONS`
+                        ) -> str: # one of `uotcrowd.precision.PRECISIONS`
     "The precision a checkpoint was trained in (what `eval` and `predict` use unless told otherwise)."
     return ckpt.get('precision') or config_precision(ckpt.get('config', {}))
 

@@ -12,7 +12,7 @@ from fastcore.docments import docments
 from . import __version__
 from .core import literal_values
 from .registry import LOSS_ARGS, loss_class
-from .train import TrainConfig
+from .config import TrainConfig
 from .evaluate import evaluate_checkpoint
 from .commands import train, demo
 from .measure import has_module
@@ -187,7 +187,7 @@ def main(argv:Sequence[str]|None=None # arguments (default: `sys.argv[1:]`)
     except FloatingPointError as e:
         print(f"uotcrowd {args.command}: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # includes uotcrowd.data.DatasetError
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # includes uotcrowd.images.DatasetError
         print(f"uotcrowd {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,8 @@ from .data import build_datasets, check_data_dir, synthetic_kwargs, DatasetName
 from .models import get_model, ModelName, OutAct
 from .registry import get_loss, LossName
 from .checkpoints import load_model
-from .train import TrainConfig, fit
+from .config import TrainConfig
+from .train import fit
 from .localize import localize
 from .evaluate import evaluate, format_metrics
 from .plots import plot_examples

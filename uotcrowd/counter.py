@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Callable, Literal
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import nn
 from PIL import Image, ImageDraw, ImageFont
 from .core import get_device, check_choice
-from .data import load_image, normalize
+from .images import load_image, normalize
 from .plots import colour_table
 from .models import get_model
 from .checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from .train import resolve_precision, autocast, memory_format, Precision
+from .precision import resolve_precision, autocast, memory_format, Precision
 from .localize import localize
 from .deploy import load_onnx
 from .measure import peak_memory, status_bytes
@@ -179,60 +180,71 @@ class Counter:
 
     def _round(self, n:int) -> int: return -(-n // self.multiple) * self.multiple
 
-    def __repr__(self):
-        return (f"Counter({self.name}: {type(self.model).__name__}, stride {self.stride}, {self.device}, "
-                f"{self.precision}, threshold {self.loc_threshold:g})")
+# %% ../nbs/11a_counter.ipynb #a88f02ef
+@patch
+def __repr__(self:Counter):
+    return (f"Counter({self.name}: {type(self.model).__name__}, stride {self.stride}, {self.device}, "
+            f"{self.precision}, threshold {self.loc_threshold:g})")
 
-    def tile_for(self, height:int, width:int, tile:int|None=None) -> int:
-        "Tile side used for an image of this size (0: the whole image at once)."
-        tile = self.tile if tile is None else tile
-        if tile is None: tile = DEFAULT_TILE if height * width > self.tile_above else 0
-        if not tile or (tile >= height and tile >= width): return 0
-        return self._round(int(tile))
+# %% ../nbs/11a_counter.ipynb #807ad1ba
+@patch
+def tile_for(self:Counter, height:int, width:int, tile:int|None=None) -> int:
+    "Tile side used for an image of this size (0: the whole image at once)."
+    tile = self.tile if tile is None else tile
+    if tile is None: tile = DEFAULT_TILE if height * width > self.tile_above else 0
+    if not tile or (tile >= height and tile >= width): return 0
+    return self._round(int(tile))
 
-    def density(self, images:torch.Tensor # `(B, 3, H, W)` uint8 images (any device)
-               ) -> torch.Tensor: # `(B, 1, ceil(H/s), ceil(W/s))` float32 density on the model's device
-        "The model's density maps for a batch of whole images, in the counter's precision."
-        x = normalize(images.to(self.device)).contiguous(memory_format=memory_format(self.precision))
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            return self.model(x).float()
+# %% ../nbs/11a_counter.ipynb #61e337c6
+@patch
+def density(self:Counter, images:torch.Tensor # `(B, 3, H, W)` uint8 images (any device)
+           ) -> torch.Tensor: # `(B, 1, ceil(H/s), ceil(W/s))` float32 density on the model's device
+    "The model's density maps for a batch of whole images, in the counter's precision."
+    x = normalize(images.to(self.device)).contiguous(memory_format=memory_format(self.precision))
+    with torch.inference_mode(), autocast(self.device, self.precision):
+        return self.model(x).float()
 
-    def _results(self, density:torch.Tensor, sizes, sources, tiles, band_rows:int=0) -> list[CountResult]:
-        if band_rows:
-            pts, scs = [[x] for x in localize_in_bands(density, self.stride, self.loc_threshold, band_rows)]
-        else: pts, scs = localize(density, stride=self.stride, threshold=self.loc_threshold, return_scores=True)
-        dens = density[:, 0].cpu().numpy()
-        return [CountResult(count=float(density[b].sum()), density=dens[b],
-                            points=pts[b].cpu().numpy().astype(np.float32),
-                            scores=scs[b].cpu().numpy().astype(np.float32), height=h, width=w,
-                            stride=self.stride, tiles=tiles, source=src)
-                for b, ((h, w), src) in enumerate(zip(sizes, sources))]
+# %% ../nbs/11a_counter.ipynb #c7e3eabd
+@patch
+def _results(self:Counter, density:torch.Tensor, sizes, sources, tiles,
+             band_rows:int=0) -> list[CountResult]:
+    if band_rows:
+        pts, scs = [[x] for x in localize_in_bands(density, self.stride, self.loc_threshold, band_rows)]
+    else: pts, scs = localize(density, stride=self.stride, threshold=self.loc_threshold, return_scores=True)
+    dens = density[:, 0].cpu().numpy()
+    return [CountResult(count=float(density[b].sum()), density=dens[b],
+                        points=pts[b].cpu().numpy().astype(np.float32),
+                        scores=scs[b].cpu().numpy().astype(np.float32), height=h, width=w,
+                        stride=self.stride, tiles=tiles, source=src)
+            for b, ((h, w), src) in enumerate(zip(sizes, sources))]
 
-    def __call__(self, images, # one image (path, PIL image, uint8 array) or a list of them
-                 tile:int|None=None # tile side for this call (default: the counter's `tile`); 0: never tile
-                ) -> CountResult|list[CountResult]:
-        "Count the people in one image, or in each image of a list."
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        arrays = [as_rgb(im) for im in items]
-        sources = [str(im) if isinstance(im, (str, Path)) else None for im in items]
-        out:list[CountResult|None] = [None] * len(items)
-        groups:dict[tuple[int, int], list[int]] = {}
-        for i, a in enumerate(arrays): groups.setdefault(a.shape[:2], []).append(i)
-        for (h, w), idx in groups.items():
-            t = self.tile_for(h, w, tile)
-            if t:
-                for i in idx:
-                    u8 = torch.from_numpy(arrays[i]).permute(2, 0, 1)
-                    dens, n = tiled_density(self.density, u8, self.stride, t, self.overlap)
-                    out[i] = self._results(dens, [(h, w)], [sources[i]], n, band_rows=t // self.stride)[0]
-                continue
-            for k in range(0, len(idx), self.batch_size):
-                chunk = idx[k:k + self.batch_size]
-                u8 = torch.from_numpy(np.stack([arrays[i] for i in chunk])).permute(0, 3, 1, 2)
-                found = self._results(self.density(u8), [(h, w)] * len(chunk), [sources[i] for i in chunk], 1)
-                for i, r in zip(chunk, found): out[i] = r
-        return out[0] if single else out
+# %% ../nbs/11a_counter.ipynb #4acd69a6
+@patch
+def __call__(self:Counter, images, # one image (path, PIL image, uint8 array) or a list of them
+             tile:int|None=None # tile side for this call (default: the counter's `tile`); 0: never tile
+            ) -> CountResult|list[CountResult]:
+    "Count the people in one image, or in each image of a list."
+    single = not isinstance(images, (list, tuple))
+    items = [images] if single else list(images)
+    arrays = [as_rgb(im) for im in items]
+    sources = [str(im) if isinstance(im, (str, Path)) else None for im in items]
+    out:list[CountResult|None] = [None] * len(items)
+    groups:dict[tuple[int, int], list[int]] = {}
+    for i, a in enumerate(arrays): groups.setdefault(a.shape[:2], []).append(i)
+    for (h, w), idx in groups.items():
+        t = self.tile_for(h, w, tile)
+        if t:
+            for i in idx:
+                u8 = torch.from_numpy(arrays[i]).permute(2, 0, 1)
+                dens, n = tiled_density(self.density, u8, self.stride, t, self.overlap)
+                out[i] = self._results(dens, [(h, w)], [sources[i]], n, band_rows=t // self.stride)[0]
+            continue
+        for k in range(0, len(idx), self.batch_size):
+            chunk = idx[k:k + self.batch_size]
+            u8 = torch.from_numpy(np.stack([arrays[i] for i in chunk])).permute(0, 3, 1, 2)
+            found = self._results(self.density(u8), [(h, w)] * len(chunk), [sources[i] for i in chunk], 1)
+            for i, r in zip(chunk, found): out[i] = r
+    return out[0] if single else out
 
 # %% ../nbs/11a_counter.ipynb #52d8de3b
 def _font(size:int):

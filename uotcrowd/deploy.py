@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from . import __version__
 from .core import check_choice
-from .data import normalize, IMAGENET_MEAN, IMAGENET_STD
+from .images import normalize, IMAGENET_MEAN, IMAGENET_STD
 from .models import _OUT_ACTS
 from .checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
 

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from .core import get_device, reuse_host_memory, check_choice, HostMemory
 from .data import build_datasets, synthetic_kwargs, DatasetName
 from .checkpoints import load_model, checkpoint_precision, checkpoint_loc_threshold
-from .train import validate, write_csv, resolve_precision, Precision
+from .train import validate, write_csv
+from .precision import resolve_precision, Precision
 from .localize import localize
 from .metrics import localization_prf
 
@@ -28,7 +29,7 @@ def evaluate(model:nn.Module, # density model (its `stride` attribute is used fo
              thresholds:Sequence[float]|None=None, # localization distances in px, e.g. (4, 8); None: counts only
              loc_threshold:float=0.05, # density threshold of `localize`
              csv_path:str|Path|None=None, # write the per-image CSV here
-             precision:Precision='fp32', # one of `uotcrowd.train.PRECISIONS` ('auto': bf16 where native)
+             precision:Precision='fp32', # one of `uotcrowd.precision.PRECISIONS` ('auto': bf16 where native)
              quiet:bool=True, # no progress bar
              rank:int=0, world:int=1, # shard the images across DDP ranks; results are gathered on every rank
             ) -> dict:

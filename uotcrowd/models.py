@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .core import check_choice
 from fastcore.basics import patch
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['OutAct', 'TORCHVISION_VGG', 'Upsample', 'CSRNET_BACK_CFG', 'EFFNET_LITE', 'MODELS', 'ModelName', 'DensityModel',

@@ -12,7 +12,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from .core import to_numpy
-from .data import denormalize, IMAGENET_MEAN, IMAGENET_STD
+from .images import denormalize, IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['plot_points', 'plot_matches', 'plot_prediction', 'colour_table', 'plot_examples', 'plot_curves', 'plot_counts']

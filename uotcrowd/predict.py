@@ -10,8 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from .core import reuse_host_memory, HostMemory
-from .data import normalize, list_images, IMAGE_EXTS
-from .train import write_csv, Precision
+from .images import normalize, list_images, IMAGE_EXTS
+from .train import write_csv
+from .precision import Precision
 from .metrics import write_nwpu_predictions
 from .plots import plot_prediction
 from .counter import Counter, as_rgb, DEFAULT_MODEL

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from . import __version__
 from .counter import Counter, as_rgb, render_result, DEFAULT_MODEL
-from .train import Precision
+from .precision import Precision
 
 # %% ../nbs/11b_serve.ipynb #3ce5bb3c
 class UploadError(ValueError):

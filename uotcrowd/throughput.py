@@ -11,7 +11,7 @@ import torch
 from .core import get_device, seed_everything, reuse_host_memory, literal_values
 from .models import get_model, ModelName
 from .registry import get_loss
-from .train import autocast, is_native, ResolvedPrecision
+from .precision import autocast, is_native, ResolvedPrecision
 from .measure import time_call, torch_threads, target, markdown_table, fixed
 
 # %% auto #0

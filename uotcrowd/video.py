@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .train import write_csv, Precision
+from .images import IMAGENET_MEAN, IMAGENET_STD
+from .train import write_csv
+from .precision import Precision
 from .plots import plot_counts
 from .counter import Counter, render_result
 

@@ -5,7 +5,7 @@
 
 # %% [markdown]
 # These runs need the public datasets (downloaded by the user into `DATA/`, in their official layouts, see
-# [the data page](../05a_data.ipynb)) and a GPU host: the paper trains 500 epochs with batch size 1. Each row is
+# [the data page](../05c_data.ipynb)) and a GPU host: the paper trains 500 epochs with batch size 1. Each row is
 # a `uotcrowd train` command followed by `uotcrowd eval` on the test split; the model is chosen on a validation
 # hold-out from the training split (ShanghaiTech, UCF-QNRF) or on the official validation split (JHU-Crowd++,
 # NWPU-Crowd), never on the test split. VGG19 and CSRNet start from ImageNet weights, which cannot be downloaded

@@ -119,7 +119,8 @@ def density_stats(model, ds):
 def run_one(cfg:dict, quiet:bool=True) -> dict:
     "Train one config with the fixed budget, evaluate the best-by-validation model on the test split; returns its CSV row."
     from uotcrowd.registry import get_loss
-    from uotcrowd.train import TrainConfig, fit
+    from uotcrowd.config import TrainConfig
+    from uotcrowd.train import fit
     from uotcrowd.evaluate import evaluate
     from uotcrowd.core import seed_everything
     train_ds, val_ds, test_ds = datasets()

@@ -69,7 +69,8 @@ import torch
 import matplotlib.pyplot as plt
 from IPython.display import display
 from fastcore.test import test_close
-from uotcrowd.data import ShanghaiTech, denormalize
+from uotcrowd.data import ShanghaiTech
+from uotcrowd.images import denormalize
 from uotcrowd.checkpoints import load_model
 from uotcrowd.localize import localize
 import study_figures as sf   # beside this notebook: the seaborn figures of the studies
@@ -343,7 +344,7 @@ fig.tight_layout(); plt.show()
 
 # %%
 test_ds = ShanghaiTech(DATA, 'B', 'test')
-from uotcrowd.data import EvalTransform
+from uotcrowd.images import EvalTransform
 test_ds.transform = EvalTransform(4)
 first = test_counts[:10]
 picks = [int(np.argmin(first)), int(np.argmax(first))]
@@ -384,7 +385,7 @@ fig.tight_layout(); plt.show()
 
 # %%
 from uotcrowd.plots import plot_prediction
-from uotcrowd.data import read_image
+from uotcrowd.images import read_image
 gl_model = models['gl']  # seed 0, loaded for the figure above
 image = read_image(DATA / 'part_B/test_data/images/IMG_1.jpg')
 with torch.no_grad(): density = gl_model(image[None])

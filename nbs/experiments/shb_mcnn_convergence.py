@@ -359,7 +359,8 @@ if len(transport):
 # %%
 from uotcrowd.checkpoints import load_model
 from uotcrowd.localize import localize
-from uotcrowd.data import ShanghaiTech, EvalTransform, denormalize
+from uotcrowd.data import ShanghaiTech
+from uotcrowd.images import EvalTransform, denormalize
 DATA = ROOT / '..' / 'shared' / 'datasets' / 'ShanghaiTech'
 done0 = study[study.seed == 0].drop_duplicates('loss')
 if len(done0):
@@ -392,7 +393,7 @@ if len(done0):
 
 # %%
 from uotcrowd.counter import Counter
-from uotcrowd.data import read_image
+from uotcrowd.images import read_image
 from uotcrowd.plots import plot_prediction
 counter = Counter(ROOT / 'models' / 'shb-mcnn-gl.pt', device='cpu')
 photo = DATA / 'part_B' / 'test_data' / 'images' / 'IMG_1.jpg'

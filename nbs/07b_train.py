@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Training
 #
-# > `TrainConfig`, `fit` and `validate`: Adam training with best-by-validation checkpoints, exact resume, bf16/fp16 autocast, DDP under `torchrun`, CSV/PNG logs.
+# > `fit` and `validate`: Adam training with best-by-validation checkpoints, exact resume, bf16/fp16 autocast, DDP under `torchrun`, CSV/PNG logs; its settings are a `TrainConfig`.
 
 # %%
 #| default_exp train
@@ -9,10 +9,10 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, csv, json, math, os, platform, random, sys, time, warnings
-from dataclasses import dataclass, field, asdict, fields, replace
+import csv, math, os, random, sys, time, warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,13 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
-from uotcrowd.core import (get_device, seed_everything, count_metrics, reuse_host_memory, HostMemory, check_choice,
-                           literal_values)
+from uotcrowd.core import get_device, seed_everything, count_metrics, reuse_host_memory
 from uotcrowd.data import collate
 from uotcrowd.models import get_model
 from uotcrowd.plots import plot_curves
-from uotcrowd.checkpoints import save_checkpoint, load_checkpoint, config_precision
-from uotcrowd.checkpoints import load_model  # temporary: `uotcrowd.train.load_model` for study runs started before it moved
+from uotcrowd.checkpoints import save_checkpoint, load_checkpoint
+from uotcrowd.precision import (Precision, ResolvedPrecision, is_native, resolve_precision, autocast,
+                                memory_format)
+from uotcrowd.config import TrainConfig, default_lr, plateau_schedule, epoch_lr, WeightAverage
 
 # %%
 #| hide
@@ -47,224 +48,9 @@ from uotcrowd.checkpoints import load_model
 # Everything the test cells below use is defined in them: a two-layer convolutional net and a plain count loss
 # $\frac1B\sum_b(\sum_{ij} D_b - N_b)^2$ on a small in-memory dataset, so the mechanics (seeding, resume, NaN
 # handling, logging) are checked without the real models.
-
-# %% [markdown]
-# ## Precision
 #
-# Convolutions take most of a training step, and their arithmetic is chosen by `precision`:
-#
-# | precision | the model runs in | memory format | gradients |
-# |---|---|---|---|
-# | `fp32` | float32 | contiguous (NCHW) | plain |
-# | `bf16` | bfloat16 autocast (float32's exponent range, 8-bit mantissa) | channels_last (NHWC) | plain |
-# | `fp16` | float16 autocast | channels_last | through a `GradScaler` (float16 underflows on small gradients) |
-# | `auto` | `bf16` where the device computes it in hardware, `fp32` elsewhere | | |
-#
-# "In hardware" means CUDA GPUs that support bfloat16 natively (Ampere and later), CPUs with AVX512-BF16 or AMX
-# (x86) or the BF16 extension (Arm); elsewhere bfloat16 is emulated and slower than float32. channels_last is the
-# layout oneDNN's CPU kernels and cuDNN's tensor-core kernels prefer; it changes no value, only speed.
-#
-# Whatever the precision, the density map is cast to float32 before the loss and before any count is summed: the
-# losses (Sinkhorn iterations, Gaussian smoothing) always compute in float32. Checkpoints record the precision used,
-# and `uotcrowd eval` / `predict` use it unless `--precision` says otherwise.
-#
-# **Bit-reproducible runs: `--precision fp32`** (`TrainConfig(precision='fp32')`). It runs exactly the float32
-# kernels of earlier versions, so a run repeats bit for bit on a CPU and matches runs trained before
-# `precision` existed. bf16 runs repeat bit for bit on one machine too (exact resume holds), but their weights
-# differ from fp32 ones and from machine to machine.
-#
-# On this project's CPU (Xeon with AVX512-BF16, no AMX), one MCNN step on 4 crops of 256² px with one thread
-# (forward, generalized loss on 50 heads per crop, backward, Adam) took 0.91 s in fp32, 0.56 s in fp32 with
-# channels_last and 0.32 s in bf16 with channels_last (2.8× faster; one measurement on a lightly loaded machine);
-# `uotcrowd bench` measures it on any machine.
-
-# %%
-#| export
-Precision = Literal['auto', 'fp32', 'bf16', 'fp16']   # 'auto': bf16 where native, else fp32
-ResolvedPrecision = Literal['fp32', 'bf16', 'fp16']   # what runs once 'auto' is resolved
-PRECISIONS = literal_values(Precision)
-_AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-def _cpu_flags() -> set[str]:
-    "Feature flags of the first CPU listed in `/proc/cpuinfo` (empty where that file does not exist)."
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith(('flags', 'Features')): return set(line.split(':', 1)[1].split())
-    except OSError: pass
-    return set()
-
-def is_native(precision:ResolvedPrecision, # 'fp32', 'bf16' or 'fp16'
-              device:str|torch.device # the device that computes
-             ) -> bool:
-    "Whether `device` runs convolutions in `precision` in hardware (not emulated, hence faster than fp32)."
-    device = torch.device(device)
-    if precision == 'fp32': return True
-    if device.type == 'cuda':
-        if not torch.cuda.is_available(): return False
-        if precision == 'fp16': return True
-        with torch.cuda.device(device): return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == 'mps': return precision == 'fp16'
-    if device.type != 'cpu' or not torch.backends.mkldnn.is_available(): return False
-    if precision == 'fp16': return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported(): return False
-    if platform.machine().lower() in ('x86_64', 'amd64', 'x86', 'i686'):  # oneDNN also says yes to plain AVX512 (emulated)
-        return bool(_cpu_flags() & {'avx512_bf16', 'amx_bf16'})
-    return True  # Arm: oneDNN says yes only with the BF16 extension
-
-def resolve_precision(precision:Precision, # one of `PRECISIONS`
-                      device:str|torch.device # the device that computes
-                     ) -> ResolvedPrecision: # 'fp32', 'bf16' or 'fp16'
-    "The precision to run: `auto` becomes `bf16` where `device` runs it natively, `fp32` elsewhere."
-    if check_choice(precision, Precision, 'precision') == 'auto': return 'bf16' if is_native('bf16', device) else 'fp32'
-    return precision
-
-def autocast(device:str|torch.device, # the device that computes
-             precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
-            ):
-    "`torch.autocast` context for `precision` on `device`; a no-op for fp32."
-    if precision == 'fp32': return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
-
-def memory_format(precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
-                 ) -> torch.memory_format:
-    "channels_last for the reduced precisions, the contiguous layout for fp32."
-    return torch.contiguous_format if precision == 'fp32' else torch.channels_last
-
-
-# %% [markdown]
-# `auto` agrees with the hardware check; under autocast a convolution computes in the reduced precision while the
-# float32 cast of its output, as the loss receives it, is unchanged in layout and dtype:
-
-# %%
-test_eq(resolve_precision('auto', 'cpu'), 'bf16' if is_native('bf16', 'cpu') else 'fp32')
-test_eq([resolve_precision(p, 'cpu') for p in ('fp32', 'bf16', 'fp16')], ['fp32', 'bf16', 'fp16'])
-test_fail(lambda: resolve_precision('float16', 'cpu'), contains='auto, fp32, bf16, fp16')
-_conv, _x = nn.Conv2d(3, 2, 3), torch.randn(1, 3, 8, 8)
-for p in ('fp32', 'bf16'):
-    with torch.no_grad(), autocast('cpu', p):
-        _y = _conv.to(memory_format=memory_format(p))(_x.to(memory_format=memory_format(p)))
-    test_eq(_y.dtype, {'fp32': torch.float32, 'bf16': torch.bfloat16}[p])
-    test_eq(_x.to(memory_format=memory_format(p)).is_contiguous(memory_format=torch.channels_last), p != 'fp32')
-    test_close(_y.float(), _conv(_x), eps=0.05)  # bfloat16 keeps about 3 significant digits
-    test_eq(_y.float().dtype, torch.float32)
-_conv.to(memory_format=torch.contiguous_format)
-
-
-# %% [markdown]
-# ## Configuration
-#
-# One dataclass holds every knob. Fields that only describe the run (`model`, `loss`, `dataset`, their keyword
-# arguments) are stored in the checkpoint, so `uotcrowd eval` and `uotcrowd predict` can rebuild the model
-# from the checkpoint alone. `lr=None` picks the learning rate of the paper for the model family.
-
-# %%
-#| export
-DEFAULT_LR = {'mcnn': 1e-4, 'effnetlite0': 1e-4}  # others (VGG19, CSRNet): 1e-5
-_MODEL_KEYS = {'MCNN': 'mcnn', 'EffNetLiteDensity': 'effnetlite0'}
-
-def default_lr(model:str|nn.Module|None # a model name ('vgg19', 'mcnn', 'effnet-lite0', ...), a network, or None
-              ) -> float:
-    "Adam learning rate by model family: 1e-4 for MCNN (the paper's code, DM-Count) and EfficientNet-Lite0, 1e-5 otherwise (VGG19, CSRNet)."
-    key = _MODEL_KEYS.get(type(model).__name__) if isinstance(model, nn.Module) else str(model or '').lower().replace('-', '').replace('_', '')
-    return DEFAULT_LR.get(key, 1e-5)
-
-Schedule = Literal['cosine', 'constant', 'plateau']   # the learning-rate schedules of `fit`
-
-@dataclass
-class TrainConfig:
-    "Everything `fit` needs besides the model, the loss and the datasets."
-    out_dir:str='runs/exp' # folder for checkpoints, logs and plots
-    max_epoch:int=100 # number of epochs (the last epoch index is `max_epoch-1`)
-    batch_size:int=1 # images per step (per process under DDP)
-    crop_size:int=512 # training crop side, recorded for the data pipeline
-    lr:float|None=None # Adam learning rate (the peak of the schedule); None: `default_lr` of the model
-    backbone_lr_scale:float=1.0 # the parameters under `model.backbone` (a pretrained front-end) train at `lr` times this
-    schedule:Schedule='cosine' # 'cosine': warm-up, then cosine decay to `lr * min_lr_ratio` at the last epoch; 'constant'; 'plateau': decays on validation plateaus (`lr_patience`, `patience`)
-    warmup_epochs:int=0 # linear warm-up to `lr` over this many epochs
-    min_lr_ratio:float=0.01 # `cosine`: the learning rate of the last epoch, as a share of `lr`
-    ema_decay:float|None=0.998 # exponential moving average of the weights per step (validated, saved as `ema`, what evaluation loads); None: off
-    val_raw:bool=False # with `ema_decay`: also validate the raw weights (logged as `val_mae_raw`)
-    weight_decay:float=1e-5 # Adam weight decay
-    val_epoch:int=1 # validate every `val_epoch` epochs (and after the last one)
-    val_start:int=0 # first epoch at which validation may run
-    clip_grad:float|None=None # clip the global gradient norm to this value
-    precision:Precision='auto' # 'auto' (bf16 where native, else fp32), 'fp32' (bit-reproducible), 'bf16' or 'fp16'; see Precision
-    seed:int=0 # seed of initialisation, data order and augmentation
-    deterministic:bool=False # request deterministic torch kernels
-    num_workers:int=0 # DataLoader worker processes
-    host_memory:HostMemory='reuse' # 'reuse': freed host memory stays in the process for the next step (glibc; see `reuse_host_memory`); 'release'
-    device:str='auto' # 'auto', 'cpu', 'cuda', 'cuda:1', ...; under torchrun each process uses its LOCAL_RANK GPU
-    resume:str|None=None # checkpoint (`last.pt`) to continue from
-    quiet:bool=False # no progress bars and no per-epoch lines
-    time_budget_s:float|None=None # stop (validate + checkpoint) once this many seconds of training are spent
-    patience:int|None=None # `plateau`: stop once the validation MAE has not improved for this many epochs (None: never)
-    lr_patience:int|None=None # `plateau`: multiply the learning rate by `lr_decay` after this many epochs without improvement
-    lr_decay:float=0.1 # factor of each learning-rate decay (see `lr_patience`)
-    val_window:int=1 # `patience` and `lr_patience` compare the mean of the last this-many validation MAEs
-    plateau_start:int=0 # `patience` and `lr_patience` ignore the first this-many epochs (a warm-up at `lr`)
-    max_steps:int|None=None # at most this many steps per epoch (smoke tests)
-    model:str|None=None # model name for `uotcrowd.models.get_model`
-    model_kwargs:dict=field(default_factory=dict) # its keyword arguments
-    loss:str|None=None # loss name for `uotcrowd.registry.get_loss`
-    loss_kwargs:dict=field(default_factory=dict) # its keyword arguments
-    dataset:str|None=None # dataset name, for the record
-    data_dir:str|None=None # dataset folder, for the record
-    data_kwargs:dict=field(default_factory=dict) # dataset arguments (e.g. synthetic `n`, `size`), for the record
-
-    def __post_init__(self):
-        if self.lr is None and self.model is not None: self.lr = default_lr(self.model)  # otherwise `fit` asks the network
-        check_choice(self.schedule, Schedule, 'schedule')
-        if self.schedule != 'plateau' and (self.patience is not None or self.lr_patience is not None):
-            raise ValueError(f"patience and lr_patience need schedule='plateau' (got schedule={self.schedule!r})")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
-        if self.warmup_epochs < 0: raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.max_epoch < 1: raise ValueError(f"max_epoch must be >= 1, got {self.max_epoch}")
-        if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.val_epoch < 1: raise ValueError(f"val_epoch must be >= 1, got {self.val_epoch}")
-        if self.plateau_start < 0: raise ValueError(f"plateau_start must be >= 0, got {self.plateau_start}")
-        check_choice(self.precision, Precision, 'precision')
-        check_choice(self.host_memory, HostMemory, 'host_memory')
-        self.out_dir = str(self.out_dir)
-        if self.resume is not None: self.resume = str(self.resume)
-
-    def to_dict(self) -> dict:
-        "The config as a plain dict (safe for `torch.load(weights_only=True)` and JSON)."
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d:dict) -> 'TrainConfig':
-        "Rebuild a config from `to_dict()`, ignoring unknown keys (configs from newer versions)."
-        names = {f.name for f in fields(cls)}
-        d = dict(d)
-        d['precision'] = config_precision(d)  # older configs: the `amp` flag
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# %%
-test_eq(TrainConfig(model='mcnn').lr, 1e-4)
-test_eq(TrainConfig(model='vgg19').lr, 1e-5)
-test_eq(TrainConfig(model='csrnet', lr=3e-4).lr, 3e-4)
-test_eq(TrainConfig(model='effnet-lite0').lr, 1e-4)
-test_eq(TrainConfig().lr, None)   # resolved by `fit` from the network: MCNN gets 1e-4 there too
-test_eq([default_lr(m) for m in (nn.Conv2d(3, 1, 1), get_model('mcnn'))], [1e-5, 1e-4])
-test_fail(lambda: TrainConfig(patience=5), contains="patience and lr_patience need schedule='plateau'")
-test_fail(lambda: TrainConfig(schedule='step'), contains='schedule must be one of cosine, constant, plateau')
-test_fail(lambda: TrainConfig(ema_decay=1.0), contains='ema_decay must be in [0, 1)')
-test_eq(TrainConfig().weight_decay, 1e-5)
-cfg = TrainConfig(out_dir=Path('x'), model='mcnn', loss_kwargs={'eps': 0.01})
-test_eq(TrainConfig.from_dict(cfg.to_dict()), cfg)
-test_eq(TrainConfig.from_dict({**cfg.to_dict(), 'unknown_key': 1}), cfg)
-test_fail(lambda: TrainConfig(val_epoch=0), contains='val_epoch')
-test_fail(lambda: TrainConfig(plateau_start=-1), contains='plateau_start must be >= 0, got -1')
-test_fail(lambda: TrainConfig(precision='half'), contains='precision must be one of auto, fp32')
-# configs written before `precision` existed trained in float32, or float16 with `amp`
-test_eq([TrainConfig.from_dict({'amp': a}).precision for a in (False, True)], ['fp32', 'fp16'])
-test_eq(TrainConfig().precision, 'auto')
-test_eq(TrainConfig().host_memory, 'reuse')
-test_fail(lambda: TrainConfig(host_memory='cache'), contains='host_memory must be one of reuse, release')
-
+# The settings of a run (`TrainConfig`), its learning-rate schedules and the weight average are in
+# [Training configuration](07a_config.ipynb), the arithmetic (`precision`) in [Precision](07_precision.ipynb).
 
 # %% [markdown]
 # ## Checkpoints
@@ -377,10 +163,11 @@ test_eq(setup_distributed('cpu')[:3], (0, 1, torch.device('cpu')))
 # Counting is validated on full images (padded to a multiple of the stride by the dataset), one image at a time
 # because their sizes differ: the count MAE, RMSE and NAE of `uotcrowd.core.count_metrics`, the MAE choosing the best
 # checkpoint. Images whose count is unknown (`meta['count'] == -1`, e.g. NWPU's test set) get predictions but no
-# metrics. `precision` runs the model as in training (autocast and channels_last for `bf16`/`fp16`, see Precision;
-# the density is cast to float32 before anything is summed); `validate` defaults to `fp32`. Under DDP each rank
-# predicts a share of the images and every rank gets all the rows. `each(row, density, points)` may add to the row of
-# every image: `uotcrowd.evaluate.evaluate` adds the located points that way.
+# metrics. `precision` runs the model as in training (autocast and channels_last for `bf16`/`fp16`, see
+# [Precision](07_precision.ipynb); the density is cast to float32 before anything is summed); `validate` defaults to
+# `fp32`. Under DDP each rank predicts a share of the images and every rank gets all the rows.
+# `each(row, density, points)` may add to the row of every image: `uotcrowd.evaluate.evaluate` adds the located
+# points that way.
 
 # %%
 #| export
@@ -614,162 +401,10 @@ test_fail(lambda: load_weights(_small, {'model': {'x.weight': torch.zeros(1)}}, 
 
 
 # %% [markdown]
-# ## Plateaus: learning-rate decay and early stopping
-#
-# "Train until the validation MAE stops improving" needs two numbers: after `lr_patience` epochs without a better
-# validation MAE the learning rate is multiplied by `lr_decay` (and the count starts again), and after `patience`
-# epochs without one the run stops. On a small validation set the MAE jumps from one validation to the next, and one
-# lucky value would stop a run that is still improving: `val_window` compares the mean of the last few validations
-# instead. Early in training from scratch the validation MAE can swing by tens of people between validations, and
-# the counts would run out inside that swing: `plateau_start` lets the rules watch only the epochs after a warm-up
-# at the first learning rate. All of it is read off the log (`history`) alone, so a resumed run continues with
-# exactly the learning rate and counters it had, and nothing but the log needs to be stored.
-
-# %%
-#| export
-def plateau_schedule(history:Sequence[dict], # rows of `log.csv` so far (`val_mae` None where not validated)
-                     cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`, `val_window`, `plateau_start`
-                    ) -> tuple[float, bool]: # learning rate of the next epoch, whether to stop
-    "The learning rate for the next epoch and whether the patience is spent, from the log alone."
-    lr, best, since_best, since_decay, maes = cfg.lr, math.inf, 0, 0, []
-    for row in history[cfg.plateau_start:]:
-        since_best += 1; since_decay += 1
-        if row.get('val_mae') is not None:
-            maes.append(row['val_mae'])
-            if len(maes) >= cfg.val_window:  # only full windows: a first lucky validation is no plateau's reference
-                smooth = sum(maes[-cfg.val_window:]) / cfg.val_window
-                if smooth < best: best, since_best = smooth, 0
-        if cfg.lr_patience is not None and min(since_best, since_decay) >= cfg.lr_patience:
-            lr, since_decay = lr * cfg.lr_decay, 0
-    return lr, cfg.patience is not None and since_best >= cfg.patience
-
-
-# %%
-_rows = lambda maes: [{'epoch': e, 'val_mae': m} for e, m in enumerate(maes)]
-_cfg = TrainConfig(schedule='plateau', lr=1.0, lr_patience=2, lr_decay=0.5, patience=4)
-test_eq(plateau_schedule([], _cfg), (1.0, False))
-test_eq(plateau_schedule(_rows([5, 4, 3]), _cfg), (1.0, False))            # improving
-test_eq(plateau_schedule(_rows([5, 4, 4, 4]), _cfg), (0.5, False))         # 2 epochs without improvement: halve
-test_eq(plateau_schedule(_rows([5, 4, 4, 4, 4, 4]), _cfg), (0.25, True))   # 2 more: halve again; 4 in all: stop
-test_eq(plateau_schedule(_rows([5, 4, 4, 4, 3, 3]), _cfg), (0.5, False))   # an improvement restarts both counts
-test_eq(plateau_schedule(_rows([5, None, None, 4]), _cfg), (0.5, False))   # epochs without validation count too
-test_eq(plateau_schedule(_rows([5, 4, 4, 4]), TrainConfig(lr=1.0)), (1.0, False))  # defaults: constant, no stop
-# a noisy validation MAE: one lucky epoch (2) would end the run with a window of 1; means over 3 keep improving
-_noisy = [9, 8, 2, 7, 6, 5.5, 5, 4.5]
-test_eq(plateau_schedule(_rows(_noisy), TrainConfig(schedule='plateau', lr=1.0, patience=5))[1], True)
-test_eq(plateau_schedule(_rows(_noisy), TrainConfig(schedule='plateau', lr=1.0, patience=5, val_window=3)), (1.0, False))
-# only full windows count: with a window of 3 the lucky first value (2) is never a "best" on its own
-# (a partial window would make mean([2]) = 2 the best and stop the run; full windows: 5.33, 6.33, 5, 5, best 5 at epoch 4)
-test_eq(plateau_schedule(_rows([2, 9, 5, 5, 5, 5]), TrainConfig(schedule='plateau', lr=1.0, patience=4, val_window=3)), (1.0, False))
-test_eq(plateau_schedule(_rows([2, 9, 5, 5, 5, 5]), TrainConfig(schedule='plateau', lr=1.0, patience=4, val_window=1)), (1.0, True))
-# a warm-up: the lucky 2 at epoch 2 is not watched, so the later 7, 6, 5.5, ... are improvements, not a plateau
-test_eq(plateau_schedule(_rows(_noisy), TrainConfig(schedule='plateau', lr=1.0, patience=5, plateau_start=3)), (1.0, False))
-test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7, 7, 7]), TrainConfig(schedule='plateau', lr=1.0, lr_patience=2, lr_decay=0.5, plateau_start=3)),
-        (0.5, False))  # watched from epoch 3: best 7, two epochs without a better one, then a halving
-test_eq(plateau_schedule(_rows([9, 8, 2, 7, 7]), TrainConfig(schedule='plateau', lr=1.0, lr_patience=2, plateau_start=10)), (1.0, False))  # still warming up
-
-
-# %% [markdown]
-# ## Fixed schedules and the weight average
-#
-# On a 40- to 60-image validation set the MAE has a standard error of 5-10 people, and the ShanghaiTech B study
-# showed what follows when single validations steer a run: the first validation counted as the best of a window,
-# learning rates were cut inside the early swing, and `best.pt` was the luckiest of a hundred draws, up to 11 people
-# below its neighbours. The default protocol lets no validation decide anything:
-#
-# - **a fixed schedule** (`schedule='cosine'`): a linear warm-up over `warmup_epochs`, then a cosine decay from `lr`
-#   to `lr * min_lr_ratio` at the last epoch, a function of the epoch alone, so a resumed run continues it exactly;
-# - **an exponential moving average of the weights** (`ema_decay`, per step, with the usual short-run correction
-#   $d_t = \min(d, \frac{1+t}{10+t})$): $\bar\theta \leftarrow d_t\,\bar\theta + (1-d_t)\,\theta$ after every
-#   Adam step. The average is what is validated, saved (`ema` in the checkpoints) and loaded for evaluation;
-# - **the final weights scored**: the run's result is the average after its last epoch (`last.pt`), whatever the
-#   validations along the way said. The validations are a learning curve, not a selector.
-#
-# `schedule='plateau'` keeps the older rules (decay and stop on plateaus of the mean of `val_window` validations,
-# full windows only, after `plateau_start` epochs), and `constant` a fixed learning rate.
-
-# %%
-#| export
-def warmup_factor(cfg:TrainConfig, # `warmup_epochs`
-                  epoch:int # epoch index
-                 ) -> float:
-    "Share of the learning rate reached at `epoch` by the linear warm-up (1 after it)."
-    return (epoch + 1) / cfg.warmup_epochs if epoch < cfg.warmup_epochs else 1.
-
-def scheduled_lr(cfg:TrainConfig, # `lr`, `schedule`, `warmup_epochs`, `min_lr_ratio`, `max_epoch`
-                 epoch:int # epoch index
-                ) -> float:
-    "Learning rate of `epoch` under the fixed part of the schedule (warm-up, then cosine or constant)."
-    if epoch < cfg.warmup_epochs or cfg.schedule != 'cosine': return cfg.lr * warmup_factor(cfg, epoch)
-    t = (epoch - cfg.warmup_epochs) / max(1, cfg.max_epoch - 1 - cfg.warmup_epochs)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.))))
-
-def epoch_lr(history:Sequence[dict], # rows of `log.csv` so far: the next epoch is `len(history)`
-             cfg:TrainConfig # the schedule
-            ) -> float:
-    "Learning rate of the next epoch: the fixed schedule, or the plateau rules' decays."
-    epoch = len(history)
-    if cfg.schedule != 'plateau': return scheduled_lr(cfg, epoch)
-    return plateau_schedule(history, cfg)[0] * warmup_factor(cfg, epoch)
-
-# %%
-_c = TrainConfig(lr=1.0, max_epoch=12, warmup_epochs=1, min_lr_ratio=0.0)
-test_close([scheduled_lr(_c, e) for e in (0, 1, 6, 11)], [1.0, 1.0, 0.5, 0.0])   # cos(0), cos(pi/2), cos(pi)
-test_close([scheduled_lr(TrainConfig(lr=2.0, warmup_epochs=4), e) for e in range(5)], [0.5, 1.0, 1.5, 2.0, 2.0])
-test_close(scheduled_lr(TrainConfig(lr=1.0, max_epoch=5, min_lr_ratio=0.1), 4), 0.1)
-test_eq([scheduled_lr(TrainConfig(lr=0.3, schedule='constant'), e) for e in (0, 50)], [0.3, 0.3])
-test_eq(epoch_lr(_rows([5, 4, 4, 4]), TrainConfig(schedule='plateau', lr=1.0, lr_patience=2, lr_decay=0.5)), 0.5)
-test_close(epoch_lr([{}] * 6, _c), 0.5)
-
-# %% [markdown]
-# `WeightAverage` keeps the average as a copy of the network (so it can be validated like one) and updates every
-# floating-point tensor of its state in place; integer buffers (batch-norm counters) are copied.
-
-# %%
-#| export
-class WeightAverage:
-    "Exponential moving average of a network's weights and buffers, updated after each optimizer step."
-    def __init__(self, model:nn.Module, # the network being trained
-                 decay:float # per-step decay `d` (0.998: a horizon of about 500 steps)
-                ):
-        import copy
-        self.decay, self.updates = decay, 0
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters(): p.requires_grad_(False)
-        self._pairs = None  # (average tensor, network tensor) of each state entry, paired at the first update
-
-    @torch.no_grad()
-    def update(self, model:nn.Module):
-        "One step: average <- d_t * average + (1 - d_t) * weights, with d_t = min(d, (1+t)/(10+t))."
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        if self._pairs is None or self._pairs[0] is not model:  # state tensors are updated in place: pair them once
-            self._pairs = (model, list(zip(self.module.state_dict().values(), model.state_dict().values())))
-        for avg, new in self._pairs[1]:
-            if avg.is_floating_point(): avg.lerp_(new.detach().to(avg.dtype), 1 - d)
-            else: avg.copy_(new)
-
-    def state_dict(self) -> dict: return self.module.state_dict()
-    def load_state_dict(self, state:dict, updates:int):
-        self.module.load_state_dict(state); self.updates = int(updates)
-
-# %%
-_w = nn.Linear(1, 1, bias=False); nn.init.constant_(_w.weight, 0.)
-_avg = WeightAverage(_w, decay=0.5)
-_want = 0.
-for t in range(1, 6):
-    nn.init.constant_(_w.weight, float(t))
-    _avg.update(_w)
-    d = min(0.5, (1 + t) / (10 + t)); _want = d * _want + (1 - d) * t   # the recursion written out
-    test_close(_avg.module.weight.item(), _want, eps=1e-6)
-test_eq((_avg.updates, _avg.module.weight.requires_grad), (5, False))
-test_close(_avg.module.weight.item(), 4.40020, eps=1e-4)  # by hand: d = 2/11, 3/12, 4/13, 5/14, 6/15
-
-# %% [markdown]
 # ## The training loop
 #
 # `fit` runs epochs `start .. max_epoch-1`. Each step computes the density in the configured precision (autocast
-# and channels_last for bf16/fp16, see Precision), the loss in float32, checks that the loss is finite,
+# and channels_last for bf16/fp16, see [Precision](07_precision.ipynb)), the loss in float32, checks that the loss is finite,
 # back-propagates (through the `GradScaler` in fp16), optionally clips the gradient norm and takes an Adam step. A non-finite loss stops the run with a
 # `FloatingPointError` naming the epoch, the step and the images of the batch; the checkpoints of the last
 # finished epoch stay untouched. After each epoch (rank 0):

@@ -19,7 +19,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_close, test_fail
 from uotcrowd.core import pixel_centres
-from uotcrowd.sinkhorn import uot_plan, uot_value
+from uotcrowd.plans import uot_plan, uot_value
 
 # %%
 #| hide
@@ -103,7 +103,7 @@ test_eq(entropy(torch.zeros(2, 2)), 0.)
 # $\langle\mathbf C,\mathbf P\rangle+\varepsilon\,\mathrm{KL}(\mathbf P|\mathbf 1)+\tau\,\mathrm{KL}(\mathbf
 # P\mathbf 1|\boldsymbol a)
 #  +\tau\,\mathrm{KL}(\mathbf P^\top\mathbf 1|\boldsymbol b)$ with $\mathrm{KL}(p|q)=\sum p\log\frac pq-p+q$
-# (`uotcrowd.sinkhorn.uot_value` with `reference='uniform'`). With $\tau\to\infty$ the exponent is 1 and we
+# (`uotcrowd.plans.uot_value` with `reference='uniform'`). With $\tau\to\infty$ the exponent is 1 and we
 # recover the balanced Sinkhorn of Eq. 9.
 #
 # The textbook version below multiplies kernels; it is a teaching cell, not part of the library. For small
@@ -131,7 +131,7 @@ def uot_sinkhorn_naive(a, b, cost, eps:float, tau:float=1., n_iter:int=1000) -> 
     return u[:, None]*K*v[None]
 
 def eq6_plan(a, b, cost, eps:float, tau:float|None=1., max_iter:int=20000) -> torch.Tensor:
-    "The plan of Eq. 5-6 for one image by `uotcrowd.sinkhorn` (`tau=None`: balanced), iterated to convergence."
+    "The plan of Eq. 5-6 for one image by `uotcrowd.plans` (`tau=None`: balanced), iterated to convergence."
     return uot_plan(a, b, cost, eps, tau, grad='none', reference='uniform', mode='converged', tol=1e-12,
                     max_iter=max_iter)
 
