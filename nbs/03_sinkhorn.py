@@ -904,6 +904,25 @@ test_eq(sums2_, torch.full((2, 1, 3), 8.))                              # 4 chun
 
 # %%
 #| export
+def sum_extremes(sums:torch.Tensor, # `(B, k)` non-negative sums of a pass
+                 padded:torch.Tensor|None=None # `(B, k)` bool, entries that do not count
+                ) -> tuple[torch.Tensor, torch.Tensor]: # `(B, 1)` least and largest
+    "Per image, the least and largest of its sums that count (`inf` and 0 where none does); NaN propagates."
+    if sums.shape[1] == 0: return sums.new_full((len(sums), 1), math.inf), sums.new_zeros(len(sums), 1)
+    if padded is None: return torch.aminmax(sums, dim=1, keepdim=True)
+    return (sums.masked_fill(padded, math.inf).amin(1, keepdim=True),
+            sums.masked_fill(padded, 0.).amax(1, keepdim=True))
+
+# %%
+_s = torch.tensor([[3., 1., 2.], [5., math.nan, 4.]])
+test_eq(sum_extremes(_s)[0][0], torch.tensor([1.]))
+assert sum_extremes(_s)[0][1].isnan().all() and sum_extremes(_s)[1][1].isnan().all()
+test_eq(sum_extremes(_s, torch.tensor([[True, False, False], [False, True, False]])),
+        (torch.tensor([[1.], [4.]]), torch.tensor([[2.], [5.]])))
+test_eq(sum_extremes(torch.ones(2, 0)), (torch.full((2, 1), math.inf), torch.zeros(2, 1)))
+
+# %%
+#| export
 @patch
 def trusted(self:DenseKernels, problem:Problem,
             row_sums:torch.Tensor, # `(B, n)` row sums of K
@@ -911,11 +930,8 @@ def trusted(self:DenseKernels, problem:Problem,
             col_floor # `(B, 1)` least trusted column sums: `trust` × the sum of the weights w
            ) -> torch.Tensor: # `(B,)` bool
     "Per image: its sums finite and above what the clamped entries can add (`exponent_floor`), or no points."
-    row_low, row_high = torch.aminmax(row_sums, dim=1, keepdim=True)   # (B, 1); a NaN propagates: not trusted
-    if problem.any_padding:                                       # padded columns do not count
-        col_low = col_sums.masked_fill(problem.padded, math.inf).amin(1, keepdim=True)
-        col_high = col_sums.masked_fill(problem.padded, 0.).amax(1, keepdim=True)
-    else: col_low, col_high = torch.aminmax(col_sums, dim=1, keepdim=True)
+    row_low, row_high = sum_extremes(row_sums)                  # a NaN propagates: an image with one is not trusted
+    col_low, col_high = sum_extremes(col_sums, problem.padded if problem.any_padding else None)
     ok = (row_low >= self.row_floor) & (col_low >= col_floor) & (col_low > 0)
     return (ok & (torch.maximum(row_high, col_high) < math.inf))[:, 0] | problem.no_points[:, 0]
 

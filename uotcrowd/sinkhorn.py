@@ -15,7 +15,7 @@ __all__ = ['NEG', 'LOG2E', 'LN2', 'BLOCK', 'ROW_CHUNKS', 'OMEGA', 'log_weights',
            'max_diameter', 'per_image', 'softmin', 'damping', 'half_step', 'relaxed_step', 'reference_weights',
            'Problem', 'setup_problem', 'masked_cost', 'ExactKernels', 'exponent_floor', 'row_chunks', 'chunk_rows',
            'block_col_sums', 'block_row_dots', 'Block', 'PassBuffers', 'DenseKernels', 'softmin_from_sums',
-           'zero_cost_softmin', 'add_col_sums', 'BlockedKernels', 'choose_kernels', 'relative_error',
+           'zero_cost_softmin', 'add_col_sums', 'sum_extremes', 'BlockedKernels', 'choose_kernels', 'relative_error',
            'errors_from_softmins', 'marginal_error', 'uot_marginal_error', 'annealing_table', 'adapt_omega',
            'sinkhorn_loop', 'Potentials', 'largest_cost', 'uot_potentials', 'plain_sinkhorn']
 
@@ -381,6 +381,16 @@ def add_col_sums(col_sums:torch.Tensor, # `(b, k, c)` view of the column sums of
     else: col_sums.add_(share)
 
 # %% ../nbs/03_sinkhorn.ipynb #7f0c152e
+def sum_extremes(sums:torch.Tensor, # `(B, k)` non-negative sums of a pass
+                 padded:torch.Tensor|None=None # `(B, k)` bool, entries that do not count
+                ) -> tuple[torch.Tensor, torch.Tensor]: # `(B, 1)` least and largest
+    "Per image, the least and largest of its sums that count (`inf` and 0 where none does); NaN propagates."
+    if sums.shape[1] == 0: return sums.new_full((len(sums), 1), math.inf), sums.new_zeros(len(sums), 1)
+    if padded is None: return torch.aminmax(sums, dim=1, keepdim=True)
+    return (sums.masked_fill(padded, math.inf).amin(1, keepdim=True),
+            sums.masked_fill(padded, 0.).amax(1, keepdim=True))
+
+# %% ../nbs/03_sinkhorn.ipynb #f46d9e7d
 @patch
 def trusted(self:DenseKernels, problem:Problem,
             row_sums:torch.Tensor, # `(B, n)` row sums of K
@@ -388,11 +398,8 @@ def trusted(self:DenseKernels, problem:Problem,
             col_floor # `(B, 1)` least trusted column sums: `trust` × the sum of the weights w
            ) -> torch.Tensor: # `(B,)` bool
     "Per image: its sums finite and above what the clamped entries can add (`exponent_floor`), or no points."
-    row_low, row_high = torch.aminmax(row_sums, dim=1, keepdim=True)   # (B, 1); a NaN propagates: not trusted
-    if problem.any_padding:                                       # padded columns do not count
-        col_low = col_sums.masked_fill(problem.padded, math.inf).amin(1, keepdim=True)
-        col_high = col_sums.masked_fill(problem.padded, 0.).amax(1, keepdim=True)
-    else: col_low, col_high = torch.aminmax(col_sums, dim=1, keepdim=True)
+    row_low, row_high = sum_extremes(row_sums)                  # a NaN propagates: an image with one is not trusted
+    col_low, col_high = sum_extremes(col_sums, problem.padded if problem.any_padding else None)
     ok = (row_low >= self.row_floor) & (col_low >= col_floor) & (col_low > 0)
     return (ok & (torch.maximum(row_high, col_high) < math.inf))[:, 0] | problem.no_points[:, 0]
 
