@@ -63,13 +63,15 @@ assert issubclass(DatasetWarning, UserWarning)
 
 # %%
 #| export
-def _warn(path, msg): warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
+def warn_data(path, msg): # the file (or name) and what is wrong with it
+    "Warn with a `DatasetWarning` naming the file."
+    warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
 
 
 # %%
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
-    _warn('a.mat', '3 points outside the image')
+    warn_data('a.mat', '3 points outside the image')
 test_eq((w[0].category, str(w[0].message)), (DatasetWarning, 'a.mat: 3 points outside the image'))
 
 
@@ -283,7 +285,7 @@ def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
     check_choice(out_of_bounds, OutOfBounds, 'out_of_bounds')
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     keep = np.isfinite(points).all(1)
-    if not keep.all(): _warn(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
+    if not keep.all(): warn_data(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
     x, y = points[:, 0], points[:, 1]
     with np.errstate(invalid='ignore'):
         far = keep & ((x < -tolerance) | (x > width + tolerance)
@@ -293,8 +295,8 @@ def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
         if out_of_bounds == 'raise': raise DatasetError(f"{path}: {msg}")
         if out_of_bounds == 'drop':
             keep &= ~far
-            _warn(path, msg + ' dropped')
-        else: _warn(path, msg + ' clipped to the border')
+            warn_data(path, msg + ' dropped')
+        else: warn_data(path, msg + ' clipped to the border')
     points = points[keep]
     eps = 1e-3
     points = (np.stack([points[:, 0].clip(0, width - eps), points[:, 1].clip(0, height - eps)], 1)
@@ -504,7 +506,8 @@ test_eq(_flip_heads(heads, 10.)['boxes'].tolist(), [[8., 0, 10, 2], [4, 4, 6, 8]
 
 # %%
 #| export
-def _scale_heads(heads:dict, fx:float, fy:float) -> dict:
+def scale_heads(heads:dict, fx:float, fy:float) -> dict:
+    "Head boxes and sizes of `heads` scaled by `fx` horizontally and `fy` vertically (points are scaled elsewhere)."
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] * torch.tensor([fx, fy, fx, fy], dtype=out['boxes'].dtype)
     if 'sizes' in out: out['sizes'] = out['sizes'] * torch.tensor([fx, fy], dtype=out['sizes'].dtype)
@@ -512,7 +515,7 @@ def _scale_heads(heads:dict, fx:float, fy:float) -> dict:
 
 
 # %%
-scaled = _scale_heads(heads, 2., 0.5)
+scaled = scale_heads(heads, 2., 0.5)
 test_eq((scaled['boxes'][1].tolist(), scaled['sizes'][1].tolist()), ([8., 2, 12, 4], [4., 2.]))
 
 
@@ -608,7 +611,7 @@ def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
     out = F.interpolate(image[None].float() / 255, size=(height, width), mode='bilinear', align_corners=False,
                         antialias=True)[0].clamp_(0, 1)
     meta = dict(meta)
-    if 'heads' in meta: meta['heads'] = _scale_heads(meta['heads'], fx, fy)
+    if 'heads' in meta: meta['heads'] = scale_heads(meta['heads'], fx, fy)
     return out, points * torch.tensor([fx, fy], dtype=points.dtype), meta
 
 

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 from uotcrowd.core import check_choice
 from uotcrowd.synthetic import render_crowd
-from uotcrowd.images import (DatasetError, _warn, as_points, clean_points, OutOfBounds, load_resized, to_uint8_tensor,
-                             _scale_heads, TrainTransform, EvalTransform)
+from uotcrowd.images import (DatasetError, warn_data, as_points, clean_points, OutOfBounds, load_resized, to_uint8_tensor,
+                             scale_heads, TrainTransform, EvalTransform)
 
 # %%
 #| hide
@@ -121,7 +121,7 @@ class CrowdDataset(Dataset):
             points[:, 0] = points[:, 0].clip(0, w1 - 1e-3)
             points[:, 1] = points[:, 1].clip(0, h1 - 1e-3)
         else: points = np.zeros((0, 2))
-        heads = _scale_heads({k: torch.as_tensor(v, dtype=torch.float32) for k, v in heads.items()}, fx, fy)
+        heads = scale_heads({k: torch.as_tensor(v, dtype=torch.float32) for k, v in heads.items()}, fx, fy)
         meta = {'name': rec['id'], 'path': str(path), 'count': len(points) if labelled else -1,
                 'image_count': len(points) if labelled else -1, 'labelled': labelled,
                 'orig_size': (h0, w0), 'scale': (fy, fx), **extra}
@@ -425,8 +425,8 @@ class JHUCrowd(CrowdDataset):
             extra['labels'] = dict(zip(keys, lab[1:]))
             try:
                 if int(float(lab[1])) != len(arr):
-                    _warn(path, f"{len(arr)} heads but image_labels.txt says {lab[1]}")
-            except ValueError: _warn(path, f"image_labels.txt count {lab[1]!r} is not a number")
+                    warn_data(path, f"{len(arr)} heads but image_labels.txt says {lab[1]}")
+            except ValueError: warn_data(path, f"image_labels.txt count {lab[1]!r} is not a number")
         heads = {'sizes': arr[:, 2:4], 'occlusion': arr[:, 4], 'blur': arr[:, 5]}
         return arr[:, :2], heads, extra
 
@@ -514,9 +514,9 @@ class NWPUCrowd(CrowdDataset):
             try: b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
             except (TypeError, ValueError) as e: raise DatasetError(f"{path}: malformed 'boxes' ({e})") from e
             heads = {'boxes': b, 'sizes': np.abs(b[:, 2:] - b[:, :2])}
-        elif boxes is not None: _warn(path, f"{len(boxes)} boxes for {len(points)} points; boxes ignored")
+        elif boxes is not None: warn_data(path, f"{len(boxes)} boxes for {len(points)} points; boxes ignored")
         if 'human_num' in d and d['human_num'] != len(points):
-            _warn(path, f"human_num={d['human_num']} but {len(points)} points")
+            warn_data(path, f"human_num={d['human_num']} but {len(points)} points")
         return points, heads, extra
 
 
@@ -782,7 +782,7 @@ def build_datasets(name:DatasetName, # one of `DATASET_NAMES` (or an alias: 'sha
                 SyntheticCrowd(n_val, split='val', transform=eval_tf, **common),
                 SyntheticCrowd(n_test, split='test', transform=eval_tf, **common))
     crop = crop_size or DEFAULT_CROP[key]
-    if crop % stride: _warn(name, f"crop size {crop} is not a multiple of the stride {stride}")
+    if crop % stride: warn_data(name, f"crop size {crop} is not a multiple of the stride {stride}")
     train_tf = TrainTransform(crop, flip, scale_range)
     if key.startswith('shanghaitech') or key == 'qnrf':
         if key == 'qnrf': make = lambda split, **kw: UCFQNRF(root, split, **kw)

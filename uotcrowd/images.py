@@ -14,10 +14,10 @@ from PIL import Image
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTS', 'OutOfBounds', 'DatasetError', 'DatasetWarning', 'open_image',
-           'load_image', 'to_uint8_tensor', 'normalize', 'denormalize', 'list_images', 'read_image', 'as_points',
-           'clean_points', 'short_side_size', 'load_resized', 'pad_to', 'crop_sample', 'hflip_sample', 'resize_sample',
-           'TrainTransform', 'EvalTransform']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTS', 'OutOfBounds', 'DatasetError', 'DatasetWarning', 'warn_data',
+           'open_image', 'load_image', 'to_uint8_tensor', 'normalize', 'denormalize', 'list_images', 'read_image',
+           'as_points', 'clean_points', 'short_side_size', 'load_resized', 'scale_heads', 'pad_to', 'crop_sample',
+           'hflip_sample', 'resize_sample', 'TrainTransform', 'EvalTransform']
 
 # %% ../nbs/05a_images.ipynb #3852430f
 class DatasetError(ValueError):
@@ -28,7 +28,9 @@ class DatasetWarning(UserWarning):
     "A recoverable problem in a dataset file (points outside the image, NaN coordinates, count mismatches)."
 
 # %% ../nbs/05a_images.ipynb #4230b55f
-def _warn(path, msg): warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
+def warn_data(path, msg): # the file (or name) and what is wrong with it
+    "Warn with a `DatasetWarning` naming the file."
+    warnings.warn(f"{path}: {msg}", DatasetWarning, stacklevel=3)
 
 # %% ../nbs/05a_images.ipynb #8e32d80b
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,7 +133,7 @@ def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
     check_choice(out_of_bounds, OutOfBounds, 'out_of_bounds')
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     keep = np.isfinite(points).all(1)
-    if not keep.all(): _warn(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
+    if not keep.all(): warn_data(path, f"dropped {int((~keep).sum())} point(s) with NaN or infinite coordinates")
     x, y = points[:, 0], points[:, 1]
     with np.errstate(invalid='ignore'):
         far = keep & ((x < -tolerance) | (x > width + tolerance)
@@ -141,8 +143,8 @@ def clean_points(points:np.ndarray, # `(N, 2)` `(x, y)`
         if out_of_bounds == 'raise': raise DatasetError(f"{path}: {msg}")
         if out_of_bounds == 'drop':
             keep &= ~far
-            _warn(path, msg + ' dropped')
-        else: _warn(path, msg + ' clipped to the border')
+            warn_data(path, msg + ' dropped')
+        else: warn_data(path, msg + ' clipped to the border')
     points = points[keep]
     eps = 1e-3
     points = (np.stack([points[:, 0].clip(0, width - eps), points[:, 1].clip(0, height - eps)], 1)
@@ -226,7 +228,8 @@ def _flip_heads(heads:dict, width:float) -> dict:
     return out
 
 # %% ../nbs/05a_images.ipynb #54945621
-def _scale_heads(heads:dict, fx:float, fy:float) -> dict:
+def scale_heads(heads:dict, fx:float, fy:float) -> dict:
+    "Head boxes and sizes of `heads` scaled by `fx` horizontally and `fy` vertically (points are scaled elsewhere)."
     out = dict(heads)
     if 'boxes' in out: out['boxes'] = out['boxes'] * torch.tensor([fx, fy, fx, fy], dtype=out['boxes'].dtype)
     if 'sizes' in out: out['sizes'] = out['sizes'] * torch.tensor([fx, fy], dtype=out['sizes'].dtype)
@@ -281,7 +284,7 @@ def resize_sample(image:torch.Tensor, # `(3, H, W)` uint8
     out = F.interpolate(image[None].float() / 255, size=(height, width), mode='bilinear', align_corners=False,
                         antialias=True)[0].clamp_(0, 1)
     meta = dict(meta)
-    if 'heads' in meta: meta['heads'] = _scale_heads(meta['heads'], fx, fy)
+    if 'heads' in meta: meta['heads'] = scale_heads(meta['heads'], fx, fy)
     return out, points * torch.tensor([fx, fy], dtype=points.dtype), meta
 
 # %% ../nbs/05a_images.ipynb #9eb1f8a8
