@@ -7,8 +7,8 @@
 # The repository ships trained models, each with a **card** that says what it is and how well it did. Any of them,
 # or any checkpoint you trained with `uotcrowd train`, counts people in a photo in one line. The examples below
 # use a ShanghaiTech part B test photo (a street scene, 1024×768) and the default committed model, `shb-effnet-gl`:
-# EfficientNet-Lite0 from ImageNet weights, trained on part B with the generalized loss (test MAE 13.0, half
-# MCNN's). `shb-mcnn-gl`, MCNN from scratch, is there too.
+# EfficientNet-Lite0 from ImageNet weights, trained on part B with the generalized loss (test MAE 10.7, 40 %
+# of MCNN's). `shb-mcnn-gl`, MCNN from scratch, is there too.
 
 # %%
 #| hide
@@ -80,10 +80,10 @@ fig.tight_layout()
 
 # %% [markdown]
 # The photo has 23 annotated people and the model counts about 22. This EfficientNet-Lite0 started from ImageNet
-# weights and was trained for 40 epochs on one CPU core (about an hour, with the transport of the generalized loss
-# solved at every step); its mean absolute error over the 316 part B test photos is 13 people (its card above),
-# half that of MCNN trained from scratch (26). Its errors are largest on dense crowds, which it still under-counts
-# (by 15 people on average in the densest quarter of the test photos, against 48 for MCNN; see
+# weights and was trained for 40 epochs of 512-px crops on one CPU core (about two hours, with the transport of the
+# generalized loss solved at every step); its mean absolute error over the 316 part B test photos is 10.7 people
+# (its card above), 40 % of that of MCNN trained from scratch (26). Its errors are largest on dense crowds, which it
+# still under-counts (by 7 people on average in the densest quarter of the test photos, against 48 for MCNN; see
 # [the fixed-protocol study](experiments/shb_study.ipynb)). Any
 # better checkpoint is used the same way.
 #

@@ -288,7 +288,7 @@ def models_cmd(folder:str|None=None, # folder of named models (default: `$UOTCRO
 
 # %% ../nbs/06a_checkpoints.ipynb #04d1a130
 PUBLISHED = {'shb-effnet-gl': ('nbs/experiments/results/shb_study.csv', 'nbs/experiments/results/shb_study/'
-                               'effnet-lite0/gl-converged_lr1e-4_s0/final.pt'),
+                               'effnet-lite0/gl-converged_lr1e-4_s0_c512/final.pt'),
              'shb-mcnn-gl': ('nbs/experiments/results/shb_mcnn.csv',
                              'nbs/experiments/results/shb_mcnn/plateau5/gl-converged_s0/best.pt')
             }   # name: (results table, checkpoint), relative to the repository

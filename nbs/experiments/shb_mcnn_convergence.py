@@ -389,7 +389,7 @@ if len(done0):
 # `models/shb-mcnn-gl.pt` (the name `shb-mcnn-gl` for `uotcrowd predict`, `Counter` and `uotcrowd serve`) is the
 # part B run with the lowest validation MAE so far, written by `uotcrowd.checkpoints.publish_model` with its card: today
 # the study's GL-converged seed 0 (validation MAE 15.9 at its best epoch; GL seed 0: 18.7; the pilot at $10^{-3}$:
-# 27.5). As more runs finish, the one with the lowest validation MAE takes its place. Its prediction on the first test photo, the figure of the home page (`../images/shb_model_prediction.png`):
+# 27.5). As more runs finish, the one with the lowest validation MAE takes its place. Its prediction on the first test photo (`../images/shb_mcnn_prediction.png`; the home page shows the default model, `shb-effnet-gl`):
 
 # %%
 from uotcrowd.counter import Counter
@@ -399,7 +399,7 @@ counter = Counter(ROOT / 'models' / 'shb-mcnn-gl.pt', device='cpu')
 photo = DATA / 'part_B' / 'test_data' / 'images' / 'IMG_1.jpg'
 found = counter(photo)
 heads = ShanghaiTech(DATA, 'B', 'test').load(0)[1]
-out = ROOT / 'nbs' / 'images' / 'shb_model_prediction.png'
+out = ROOT / 'nbs' / 'images' / 'shb_mcnn_prediction.png'
 card = torch.load(ROOT / 'models' / 'shb-mcnn-gl.pt', weights_only=True)['card']
 plot_prediction(read_image(photo), torch.from_numpy(found.density), torch.from_numpy(found.points), gt_points=heads,
                 title=f"ShanghaiTech B IMG_1, shb-mcnn-gl (MCNN + GL, {card['training']['epochs']} epochs on a CPU): "
@@ -407,4 +407,4 @@ plot_prediction(read_image(photo), torch.from_numpy(found.density), torch.from_n
 print(f"{out.name}: {out.stat().st_size / 1024:.0f} KB; count {found.count:.1f}, {len(found.points)} heads located, {len(heads)} annotated")
 
 # %% [markdown]
-# ![](../images/shb_model_prediction.png)
+# ![](../images/shb_mcnn_prediction.png)
