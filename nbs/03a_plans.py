@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import torch
-from uotcrowd.sinkhorn import (LN2, BLOCK, log_weights, work_dtype, no_autocast, per_image, softmin, damping,
-                               reference_weights, Problem, setup_problem, masked_cost, block_col_sums,
-                               block_row_dots, Potentials, uot_potentials)
+from uotcrowd.kernels import (LN2, BLOCK, log_weights, work_dtype, no_autocast, per_image, softmin, damping,
+                              reference_weights, Problem, setup_problem, masked_cost, block_col_sums,
+                              block_row_dots)
+from uotcrowd.sinkhorn import Potentials, uot_potentials
 
 # %%
 #| hide

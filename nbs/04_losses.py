@@ -17,7 +17,8 @@ from fastcore.basics import patch
 from torch import nn
 from uotcrowd.core import check_points, pad_points, check_density, check_choice, literal_values
 from uotcrowd.costs import COSTS, CostName, pixel_positions, points_cost
-from uotcrowd.sinkhorn import uot_potentials, max_diameter, no_autocast, Potentials
+from uotcrowd.kernels import no_autocast
+from uotcrowd.sinkhorn import uot_potentials, max_diameter, Potentials
 from uotcrowd.plans import plan_stats, generalized_kl
 
 # %%

@@ -235,7 +235,7 @@ if first_photo.is_file():
 # |---|---|
 # | [Core](00_core.ipynb) | devices, seeding, pixel centres, padded point batches, counting errors |
 # | [Transport costs](02_costs.ipynb) | L, L², e^L and the perspective-guided cost, zero at distance zero; every distance of the package |
-# | [Unbalanced Sinkhorn](03_sinkhorn.ipynb), [Transport plans](03a_plans.ipynb) | the one solver: batched, log-domain, balanced or unbalanced, ε-scaling, official and converged modes, checked against geomloss; the plans rebuilt from its potentials with the paper's gradient, and the objective of Eq. 1, checked against POT |
+# | [Soft-min kernels](02a_kernels.ipynb), [Unbalanced Sinkhorn](03_sinkhorn.ipynb), [Transport plans](03a_plans.ipynb) | the one solver: batched, log-domain, balanced or unbalanced, its soft-min passes exact or with one exponential per cost entry, ε-scaling, official and converged modes, checked against geomloss; the plans rebuilt from its potentials with the paper's gradient, and the objective of Eq. 1, checked against POT |
 # | [Theory](03b_theory.ipynb) | Eq. 1, the generalized Sinkhorn, and the L2 and Bayesian losses as half-iteration plans, shown numerically (Figs. 2-3 of the paper) |
 # | [Losses](04_losses.ipynb) | `GeneralizedLoss`, the official objective, what the cost and ε do to the training signal |
 # | [Baseline losses](04a_baselines.ipynb), [Loss registry](04b_registry.ipynb) | L2 density maps, Bayesian loss (+ background), DM-Count on the same costs and solver; `get_loss` by name |

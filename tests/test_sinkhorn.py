@@ -1,13 +1,14 @@
-"""Checks of uotcrowd.sinkhorn / uotcrowd.plans / uotcrowd.losses that do not fit a notebook: import isolation, no
-global state, the official recipe on geomloss (a dev dependency) and autocast (the CUDA check needs a GPU)."""
+"""Checks of uotcrowd.kernels / uotcrowd.sinkhorn / uotcrowd.plans / uotcrowd.losses that do not fit a notebook: import
+isolation, no global state, the official recipe on geomloss (a dev dependency) and autocast (the CUDA check needs a
+GPU)."""
 import math, subprocess, sys
 import pytest
 import torch
 
 
 def test_sinkhorn_knows_nothing_of_images_or_losses():
-    "`costs`, `sinkhorn` and `plans` import neither the losses nor the data/model modules (one-way data flow)."
-    code = ("import sys, uotcrowd.sinkhorn, uotcrowd.plans, uotcrowd.costs; "
+    "`costs`, `kernels`, `sinkhorn` and `plans` import neither the losses nor the data/model modules (one-way flow)."
+    code = ("import sys, uotcrowd.kernels, uotcrowd.sinkhorn, uotcrowd.plans, uotcrowd.costs; "
             "bad = [m for m in ('uotcrowd.losses', 'uotcrowd.data', 'uotcrowd.models', 'uotcrowd.train') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
@@ -292,8 +293,8 @@ def test_cuda_vgg19_amp_step_with_the_loss(dtype):
 def test_one_loop_with_each_strategy():
     """`sinkhorn_loop` gives the same potentials with the dense, the blocked and the exact soft-min kernels (official
     and converged), and the CPU picks the dense strategy only for one unpadded block."""
-    from uotcrowd.sinkhorn import (setup_problem, sinkhorn_loop, epsilon_schedule, DenseKernels, BlockedKernels,
-                                   ExactKernels, max_diameter)
+    from uotcrowd.kernels import setup_problem, DenseKernels, BlockedKernels, ExactKernels
+    from uotcrowd.sinkhorn import sinkhorn_loop, epsilon_schedule, max_diameter
     a, b, C, mask, X, Y, _ = _padded_problem()
     real = mask.bool()
     schedules = [epsilon_schedule(float(d), 0.01) for d in max_diameter(X[None].expand(4, -1, -1), Y, mask_y=real)]

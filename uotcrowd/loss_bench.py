@@ -88,7 +88,7 @@ def _measure_case(row:dict, # the case's row (`CASE_KEYS`), filled here
     t = time_call(call, repeats, budget, long_call)
     row.update(time_s=t['median'], time_min_s=t['min'], repeats=t['repeats'], first_call_s=t['first'])
     # No target concerns the converged mode's memory on the CPU: its working set is the official mode's (the
-    # same buffers every pass, see 03_sinkhorn), and the profiler fallback of `peak_memory` would keep one event
+    # same buffers every pass, see 02a_kernels), and the profiler fallback of `peak_memory` would keep one event
     # per allocation of hundreds of passes. It is measured on CUDA.
     skip_mem = device.type == 'cpu' and method == 'gl_converged'
     row['peak_mem_mib'] = peak_memory(call, device) / 2**20 if memory and not skip_mem else float('nan')

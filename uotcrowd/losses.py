@@ -12,7 +12,8 @@ from fastcore.basics import patch
 from torch import nn
 from .core import check_points, pad_points, check_density, check_choice, literal_values
 from .costs import COSTS, CostName, pixel_positions, points_cost
-from .sinkhorn import uot_potentials, max_diameter, no_autocast, Potentials
+from .kernels import no_autocast
+from .sinkhorn import uot_potentials, max_diameter, Potentials
 from .plans import plan_stats, generalized_kl
 
 # %% auto #0

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import torch
-from .sinkhorn import (LN2, BLOCK, log_weights, work_dtype, no_autocast, per_image, softmin, damping,
-                               reference_weights, Problem, setup_problem, masked_cost, block_col_sums,
-                               block_row_dots, Potentials, uot_potentials)
+from .kernels import (LN2, BLOCK, log_weights, work_dtype, no_autocast, per_image, softmin, damping,
+                              reference_weights, Problem, setup_problem, masked_cost, block_col_sums,
+                              block_row_dots)
+from .sinkhorn import Potentials, uot_potentials
 
 # %% auto #0
 __all__ = ['PLAN_CAP', 'plan_row_factor', 'plan_problem', 'plan_factors', 'uot_plan', 'generalized_kl', 'kl_sum', 'uot_value',
