@@ -24,7 +24,7 @@ from uotcrowd.plots import colour_table
 from uotcrowd.models import get_model
 from uotcrowd.checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from uotcrowd.precision import resolve_precision, autocast, memory_format, Precision
+from uotcrowd.precision import resolve_precision, autocast, memory_format, is_native, Precision
 from uotcrowd.localize import localize
 from uotcrowd.deploy import load_onnx
 from uotcrowd.measure import peak_memory, status_bytes
@@ -228,10 +228,30 @@ for rows in (1, 7, 50, 200):
 
 
 # %% [markdown]
+# ## The precision a model counts in
+#
+# A model trained in bf16 counts in bf16 where the device computes it in hardware; elsewhere (most laptop CPUs, which
+# emulate it several times slower than float32) it counts in float32, which gives the same count to bf16's rounding.
+
+# %%
+#| export
+def default_precision(trained_in:str, # the checkpoint's precision: 'fp32', 'bf16' or 'fp16'
+                      device:str|torch.device # where the model runs
+                     ) -> str:
+    "The checkpoint's precision where `device` runs it natively (`is_native`), float32 elsewhere."
+    return trained_in if is_native(trained_in, device) else 'fp32'
+
+# %%
+test_eq(default_precision('fp32', 'cpu'), 'fp32')
+test_eq(default_precision('bf16', 'mps'), 'fp32')    # MPS computes fp16, not bf16
+test_eq(default_precision('fp16', 'mps'), 'fp16')
+test_eq(default_precision('bf16', 'cpu'), 'bf16' if is_native('bf16', 'cpu') else 'fp32')
+
+# %% [markdown]
 # ## `Counter`
 #
-# `Counter` loads the model once and keeps its settings: the precision it was trained in (`bf16`/`fp16` run
-# under autocast with channels-last tensors, the density is summed in float32), the localization threshold
+# `Counter` loads the model once and keeps its settings: the precision it was trained in where the device runs it
+# natively (`default_precision`; `bf16`/`fp16` run under autocast with channels-last tensors, the density is summed in float32), the localization threshold
 # chosen on validation, and the tiling. Calling it on one image returns a `CountResult`; on a list, a list,
 # with images of the same size stacked into batches of `batch_size`. `count` is the sum of the density map;
 # `points` are the local maxima of the upsampled map above the threshold (`uotcrowd.localize`), in input
@@ -277,7 +297,7 @@ class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
     def __init__(self, checkpoint:str|Path|nn.Module=DEFAULT_MODEL, # checkpoint, named model, `.onnx` or network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
-                 precision:Precision|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
+                 precision:Precision|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: `default_precision`
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (validation)
                  tile:int|None=None, # tile side in pixels; None: tile images above `tile_above` pixels; 0: never
                  overlap:int=DEFAULT_OVERLAP, # context pixels around each tile (rounded up to the size multiple)
@@ -302,7 +322,7 @@ class Counter:
         self.stride = int(self.model.stride)
         self.multiple = math.lcm(self.stride, int(getattr(self.model, 'multiple', self.stride)))
         trained_in = checkpoint_precision(ckpt) if ckpt else 'fp32'
-        self.precision = resolve_precision(precision or trained_in, self.device)
+        self.precision = resolve_precision(precision or default_precision(trained_in, self.device), self.device)
         self.loc_threshold = float(checkpoint_loc_threshold(ckpt) if loc_threshold is None else loc_threshold)
         self.tile, self.tile_above, self.batch_size = tile, int(tile_above), max(1, int(batch_size))
         self.overlap = self._round(max(0, int(overlap)))
@@ -462,7 +482,8 @@ whole
 # %%
 shb = Counter('shb-mcnn-gl', device='cpu')
 test_eq((shb.name, shb.loc_threshold, shb.precision, shb.stride),
-        ('shb-mcnn-gl', committed['loc_threshold'], committed['precision'], 4))
+        ('shb-mcnn-gl', committed['loc_threshold'], default_precision(committed['precision'], 'cpu'), 4))
+test_eq(Counter('shb-mcnn-gl', device='cpu', precision=committed['precision']).precision, committed['precision'])
 r_whole, r_tiled = shb(shb_image, tile=0), shb(shb_image, tile=256)
 test_close(r_tiled.count, r_whole.count, eps=1e-5 * r_whole.count)   # bf16 rounds each tile: measured 2.3e-6
 test_eq(r_whole.source, str(shb_image))

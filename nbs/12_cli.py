@@ -221,7 +221,8 @@ test_eq(a.run(a), 3)
 # `--precision` defaults to `auto`: bfloat16 autocast with channels_last tensors where the device runs
 # bfloat16 in hardware (recent GPUs, CPUs with AVX512-BF16 or AMX), float32 elsewhere; the losses always
 # compute in float32. **`--precision fp32` gives bit-reproducible float32 runs** (see Precision in the
-# training notebook). `eval` and `predict` default to the precision the checkpoint was trained in.
+# training notebook). `eval` defaults to the precision the checkpoint was trained in; `predict` and `serve` to that
+# precision where the device runs it natively, float32 elsewhere (`Counter`'s default).
 
 # %%
 #| export

@@ -50,7 +50,8 @@ cards['shb-effnet-gl']
 #
 # `Counter` loads a model once: a name from the list above (`Counter()` is `Counter('shb-effnet-gl')`), or the path
 # of a checkpoint. It runs on the GPU when
-# there is one (`device='auto'`), in the precision the model was trained in, and locates heads with the threshold
+# there is one (`device='auto'`), in the precision the model was trained in where the hardware computes it natively
+# (float32 elsewhere), and locates heads with the threshold
 # stored in the model file.
 
 # %%

@@ -19,14 +19,14 @@ from .plots import colour_table
 from .models import get_model
 from .checkpoints import (resolve_checkpoint, load_model, load_checkpoint, model_card,
                                   checkpoint_precision, checkpoint_loc_threshold)
-from .precision import resolve_precision, autocast, memory_format, Precision
+from .precision import resolve_precision, autocast, memory_format, is_native, Precision
 from .localize import localize
 from .deploy import load_onnx
 from .measure import peak_memory, status_bytes
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'DEFAULT_TILE', 'DEFAULT_OVERLAP', 'TILE_ABOVE', 'Shown', 'as_rgb', 'tile_spans', 'tiled_density',
-           'localize_in_bands', 'CountResult', 'Counter', 'render_result', 'measure_peak_memory']
+           'localize_in_bands', 'default_precision', 'CountResult', 'Counter', 'render_result', 'measure_peak_memory']
 
 # %% ../nbs/11a_counter.ipynb #77a61ba0
 DEFAULT_MODEL = 'shb-effnet-gl'  # what `Counter()`, `uotcrowd predict` and `uotcrowd serve` count with
@@ -111,6 +111,13 @@ def localize_in_bands(density:torch.Tensor, # `(1, 1, h, w)` density map
         pts.append(p[keep]); scs.append(sc[keep])
     return torch.cat(pts), torch.cat(scs)
 
+# %% ../nbs/11a_counter.ipynb #159ae854
+def default_precision(trained_in:str, # the checkpoint's precision: 'fp32', 'bf16' or 'fp16'
+                      device:str|torch.device # where the model runs
+                     ) -> str:
+    "The checkpoint's precision where `device` runs it natively (`is_native`), float32 elsewhere."
+    return trained_in if is_native(trained_in, device) else 'fp32'
+
 # %% ../nbs/11a_counter.ipynb #abf6854a
 @dataclass(repr=False)
 class CountResult:
@@ -148,7 +155,7 @@ class Counter:
     "Count people in images with one trained model, loaded once: `Counter(checkpoint)(image)`."
     def __init__(self, checkpoint:str|Path|nn.Module=DEFAULT_MODEL, # checkpoint, named model, `.onnx` or network
                  device:str|torch.device='auto', # where the model runs ('auto': CUDA, then MPS, then CPU)
-                 precision:Precision|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: the checkpoint's
+                 precision:Precision|None=None, # 'fp32', 'bf16', 'fp16' or 'auto'; default: `default_precision`
                  loc_threshold:float|None=None, # localization threshold; default: the checkpoint's (validation)
                  tile:int|None=None, # tile side in pixels; None: tile images above `tile_above` pixels; 0: never
                  overlap:int=DEFAULT_OVERLAP, # context pixels around each tile (rounded up to the size multiple)
@@ -173,7 +180,7 @@ class Counter:
         self.stride = int(self.model.stride)
         self.multiple = math.lcm(self.stride, int(getattr(self.model, 'multiple', self.stride)))
         trained_in = checkpoint_precision(ckpt) if ckpt else 'fp32'
-        self.precision = resolve_precision(precision or trained_in, self.device)
+        self.precision = resolve_precision(precision or default_precision(trained_in, self.device), self.device)
         self.loc_threshold = float(checkpoint_loc_threshold(ckpt) if loc_threshold is None else loc_threshold)
         self.tile, self.tile_above, self.batch_size = tile, int(tile_above), max(1, int(batch_size))
         self.overlap = self._round(max(0, int(overlap)))
