@@ -52,10 +52,32 @@ from torch import nn
 # %%
 #| export
 Precision = Literal['auto', 'fp32', 'bf16', 'fp16']   # 'auto': bf16 where native, else fp32
+
+# %%
+#| export
 ResolvedPrecision = Literal['fp32', 'bf16', 'fp16']   # what runs once 'auto' is resolved
+
+# %%
+#| export
 PRECISIONS = literal_values(Precision)
+
+# %%
+#| export
 _AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
+# %%
+test_eq(PRECISIONS, ('auto', 'fp32', 'bf16', 'fp16'))
+test_eq(set(_AUTOCAST_DTYPES), set(literal_values(ResolvedPrecision)) - {'fp32'})
+
+
+# %% [markdown]
+# ## Which precisions run in hardware
+#
+# On a CPU, oneDNN says whether it can compute bfloat16; on x86 it also says yes to plain AVX512, where bfloat16 is
+# emulated, so the CPU's own feature flags decide there.
+
+# %%
+#| export
 def _cpu_flags() -> set[str]:
     "Feature flags of the first CPU listed in `/proc/cpuinfo` (empty where that file does not exist)."
     try:
@@ -65,6 +87,9 @@ def _cpu_flags() -> set[str]:
     except OSError: pass
     return set()
 
+
+# %%
+#| export
 def is_native(precision:ResolvedPrecision, # 'fp32', 'bf16' or 'fp16'
               device:str|torch.device # the device that computes
              ) -> bool:
@@ -79,17 +104,45 @@ def is_native(precision:ResolvedPrecision, # 'fp32', 'bf16' or 'fp16'
     if device.type != 'cpu' or not torch.backends.mkldnn.is_available(): return False
     if precision == 'fp16': return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported(): return False
-    if platform.machine().lower() in ('x86_64', 'amd64', 'x86', 'i686'):  # oneDNN also says yes to plain AVX512 (emulated)
+    # oneDNN also says yes to plain AVX512 (emulated)
+    if platform.machine().lower() in ('x86_64', 'amd64', 'x86', 'i686'):
         return bool(_cpu_flags() & {'avx512_bf16', 'amx_bf16'})
     return True  # Arm: oneDNN says yes only with the BF16 extension
 
+
+# %%
+test_eq(is_native('fp32', 'cpu'), True)
+test_eq(is_native('bf16', 'meta'), False)   # neither a CPU nor a GPU
+
+
+# %% [markdown]
+# ## Resolving `auto`
+
+# %%
+#| export
 def resolve_precision(precision:Precision, # one of `PRECISIONS`
                       device:str|torch.device # the device that computes
                      ) -> ResolvedPrecision: # 'fp32', 'bf16' or 'fp16'
     "The precision to run: `auto` becomes `bf16` where `device` runs it natively, `fp32` elsewhere."
-    if check_choice(precision, Precision, 'precision') == 'auto': return 'bf16' if is_native('bf16', device) else 'fp32'
+    if check_choice(precision, Precision, 'precision') == 'auto':
+        return 'bf16' if is_native('bf16', device) else 'fp32'
     return precision
 
+
+# %% [markdown]
+# `auto` agrees with the hardware check:
+
+# %%
+test_eq(resolve_precision('auto', 'cpu'), 'bf16' if is_native('bf16', 'cpu') else 'fp32')
+test_eq([resolve_precision(p, 'cpu') for p in ('fp32', 'bf16', 'fp16')], ['fp32', 'bf16', 'fp16'])
+test_fail(lambda: resolve_precision('float16', 'cpu'), contains='auto, fp32, bf16, fp16')
+
+
+# %% [markdown]
+# ## Running in a precision
+
+# %%
+#| export
 def autocast(device:str|torch.device, # the device that computes
              precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
             ):
@@ -97,6 +150,14 @@ def autocast(device:str|torch.device, # the device that computes
     if precision == 'fp32': return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
 
+
+# %%
+test_eq(type(autocast('cpu', 'fp32')), contextlib.nullcontext)
+test_eq(type(autocast('cpu', 'bf16')), torch.autocast)
+
+
+# %%
+#| export
 def memory_format(precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
                  ) -> torch.memory_format:
     "channels_last for the reduced precisions, the contiguous layout for fp32."
@@ -104,19 +165,17 @@ def memory_format(precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolv
 
 
 # %% [markdown]
-# `auto` agrees with the hardware check; under autocast a convolution computes in the reduced precision while the
-# float32 cast of its output, as the loss receives it, is unchanged in layout and dtype:
+# Under autocast a convolution computes in the reduced precision while the float32 cast of its output, as the loss
+# receives it, is unchanged in layout and dtype:
 
 # %%
-test_eq(resolve_precision('auto', 'cpu'), 'bf16' if is_native('bf16', 'cpu') else 'fp32')
-test_eq([resolve_precision(p, 'cpu') for p in ('fp32', 'bf16', 'fp16')], ['fp32', 'bf16', 'fp16'])
-test_fail(lambda: resolve_precision('float16', 'cpu'), contains='auto, fp32, bf16, fp16')
 _conv, _x = nn.Conv2d(3, 2, 3), torch.randn(1, 3, 8, 8)
 for p in ('fp32', 'bf16'):
     with torch.no_grad(), autocast('cpu', p):
         _y = _conv.to(memory_format=memory_format(p))(_x.to(memory_format=memory_format(p)))
     test_eq(_y.dtype, {'fp32': torch.float32, 'bf16': torch.bfloat16}[p])
-    test_eq(_x.to(memory_format=memory_format(p)).is_contiguous(memory_format=torch.channels_last), p != 'fp32')
+    _last = _x.to(memory_format=memory_format(p)).is_contiguous(memory_format=torch.channels_last)
+    test_eq(_last, p != 'fp32')
     test_close(_y.float(), _conv(_x), eps=0.05)  # bfloat16 keeps about 3 significant digits
     test_eq(_y.float().dtype, torch.float32)
 _conv.to(memory_format=torch.contiguous_format)
@@ -124,4 +183,5 @@ _conv.to(memory_format=torch.contiguous_format)
 
 # %%
 #| hide
-import nbdev; nbdev.nbdev_export()
+import nbdev
+nbdev.nbdev_export()

@@ -20,7 +20,8 @@ from uotcrowd import __version__
 from uotcrowd.core import check_choice
 from uotcrowd.images import normalize, IMAGENET_MEAN, IMAGENET_STD
 from uotcrowd.models import _OUT_ACTS
-from uotcrowd.checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
+from uotcrowd.checkpoints import (resolve_checkpoint, load_model, checkpoint_precision,
+                                  checkpoint_loc_threshold)
 
 # %%
 #| hide
@@ -66,12 +67,14 @@ from uotcrowd.models import get_model
 # %%
 #| export
 class TraceableDensity(nn.Module):
-    "`model`'s forward (pad to the size multiple, density head, crop, non-negative) as arithmetic on the input's shape, which a trace keeps."
+    """`model`'s forward (pad to the size multiple, density head, crop, non-negative) as arithmetic on the
+    input's shape, which a trace keeps."""
     def __init__(self, model:nn.Module # a `DensityModel`: `stride`, `multiple`, `density_head`, `out_act`
                 ):
         super().__init__()
         missing = [a for a in ('stride', 'multiple', 'density_head', 'out_act') if not hasattr(model, a)]
-        if missing: raise ValueError(f"{type(model).__name__} is not a DensityModel (no {', '.join(missing)})")
+        if missing:
+            raise ValueError(f"{type(model).__name__} is not a DensityModel (no {', '.join(missing)})")
         self.model = model
 
     def forward(self, image:torch.Tensor # normalized `(B, 3, H, W)`
@@ -89,7 +92,9 @@ mcnn = get_model('mcnn').eval()
 for size in ((96, 128), (97, 131), (33, 50)):
     x = torch.randn(2, 3, *size)
     with torch.no_grad(): test_eq(TraceableDensity(mcnn)(x), mcnn(x))
-test_fail(lambda: TraceableDensity(nn.Conv2d(3, 1, 3)), contains='Conv2d is not a DensityModel (no multiple, density_head, out_act)')   # a convolution has a stride, nothing else
+# a convolution has a stride, nothing else
+test_fail(lambda: TraceableDensity(nn.Conv2d(3, 1, 3)),
+          contains='Conv2d is not a DensityModel (no multiple, density_head, out_act)')
 
 # %% [markdown]
 # ## Writing the file
@@ -102,22 +107,42 @@ test_fail(lambda: TraceableDensity(nn.Conv2d(3, 1, 3)), contains='Conv2d is not 
 
 # %%
 #| export
-INPUT_SPEC = {'name': 'image', 'shape': ['batch', 3, 'height', 'width'], 'dtype': 'float32', 'channels': 'RGB',
-              'scale': 1 / 255, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD)}
+INPUT_SPEC = {'name': 'image', 'shape': ['batch', 3, 'height', 'width'], 'dtype': 'float32',
+              'channels': 'RGB', 'scale': 1 / 255, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD)}
+
+# %%
+#| export
 CHECK_SIZES = ((240, 320), (301, 457))    # (H, W) of the comparison with PyTorch: neither is the example's
 
+
+# %%
+#| export
 def _onnx_modules():
     try:
         import onnx, onnxruntime
         return onnx, onnxruntime
     except ImportError as e:
-        raise ImportError(f"ONNX export and inference need the onnx extra: pip install -e \".[onnx]\" (or uotcrowd[onnx]); {e}") from None
+        raise ImportError(f"ONNX export and inference need the onnx extra: pip install -e \".[onnx]\" "
+                          f"(or uotcrowd[onnx]); {e}") from None
 
+
+# %%
+test_eq([m.__name__ for m in _onnx_modules()], ['onnx', 'onnxruntime'])
+
+
+# %% [markdown]
+# `compare_onnx` runs the file with `OnnxDensity` (below) and PyTorch on the same random photos; it and
+# `export_onnx` are tested once `OnnxDensity` is defined.
+
+# %%
+#| export
 def compare_onnx(model:nn.Module, # the PyTorch density network
                  path:str|Path, # its ONNX export
                  sizes=CHECK_SIZES, # (H, W) of the random photos compared
                  seed:int=0
-                ) -> list[dict]: # per size: `size`, `max_rel_diff` (max |difference| / max |PyTorch|), `count_torch`, `count_onnx`
+                 # per size: `size`, `max_rel_diff` (max |difference| / max |PyTorch|), `count_torch`,
+                 # `count_onnx`
+                ) -> list[dict]:
     "onnxruntime's density against PyTorch's (float32, CPU) on random photos of each size."
     ort_model = OnnxDensity(path)
     model = copy.deepcopy(model).cpu().float().eval()
@@ -126,27 +151,40 @@ def compare_onnx(model:nn.Module, # the PyTorch density network
         x = normalize(torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g))
         with torch.no_grad(): ref = model(x)
         got = ort_model(x)
-        if got.shape != ref.shape: raise ValueError(f"{path}: the ONNX density of a {w}×{h} image is {tuple(got.shape)}, PyTorch's {tuple(ref.shape)}")
-        rows.append({'size': [h, w], 'max_rel_diff': float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)),
+        if got.shape != ref.shape:
+            raise ValueError(f"{path}: the ONNX density of a {w}×{h} image is {tuple(got.shape)}, "
+                             f"PyTorch's {tuple(ref.shape)}")
+        rows.append({'size': [h, w],
+                     'max_rel_diff': float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)),
                      'count_torch': float(ref.sum()), 'count_onnx': float(got.sum())})
     return rows
 
+
+# %%
+#| export
 def export_onnx(model:nn.Module, # a `DensityModel` (any device, any mode)
                 path:str|Path, # the `.onnx` file to write
-                metadata:dict|None=None, # more metadata, each value JSON-encoded under `uotcrowd.KEY` (e.g. `card`)
+                # more metadata, each value JSON-encoded under `uotcrowd.KEY` (e.g. `card`)
+                metadata:dict|None=None,
                 opset:int=17, # ONNX opset
-                example_size:tuple[int, int]=(100, 132), # (H, W) of the traced example (not multiples of the stride)
-                rtol:float=1e-4 # largest accepted difference from PyTorch, relative to the density map's maximum
+                # (H, W) of the traced example (not multiples of the stride)
+                example_size:tuple[int, int]=(100, 132),
+                # largest accepted difference from PyTorch, relative to the density map's maximum
+                rtol:float=1e-4
                ) -> Path:
-    "Write `model` as ONNX (normalized `image` of any batch and size → `density`) with its metadata; checked against PyTorch."
+    """Write `model` as ONNX (normalized `image` of any batch and size → `density`) with its metadata; checked
+    against PyTorch."""
     onnx, _ = _onnx_modules()
     net = TraceableDensity(copy.deepcopy(model).cpu().float().eval())
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, *example_size, generator=torch.Generator().manual_seed(0))
     kw = {'dynamo': False} if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter('ignore')       # tracer warnings about the shape arithmetic (kept dynamic) and the exporter's deprecation note
-        torch.onnx.export(net, (example,), str(path), input_names=['image'], output_names=['density'], opset_version=opset,
+        # tracer warnings about the shape arithmetic (kept dynamic) and the exporter's deprecation note
+        warnings.simplefilter('ignore')
+        torch.onnx.export(net, (example,), str(path), input_names=['image'], output_names=['density'],
+                          opset_version=opset,
                           dynamic_axes={'image': {0: 'batch', 2: 'height', 3: 'width'},
                                         'density': {0: 'batch', 2: 'density_height', 3: 'density_width'}},
                           do_constant_folding=True, **kw)
@@ -154,15 +192,18 @@ def export_onnx(model:nn.Module, # a `DensityModel` (any device, any mode)
     props = {'stride': int(net.model.stride), 'multiple': int(net.model.multiple), 'input': INPUT_SPEC,
              'uotcrowd_version': __version__, 'torch_version': torch.__version__, **(metadata or {})}
     onnx.helper.set_model_props(proto, {f'uotcrowd.{k}': json.dumps(v) for k, v in props.items()})
-    proto.doc_string = f"uotcrowd density network {type(net.model).__name__} (stride {net.model.stride}): image -> density; count = sum"
+    proto.doc_string = (f"uotcrowd density network {type(net.model).__name__} (stride {net.model.stride}): "
+                        f"image -> density; count = sum")
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     rows = compare_onnx(net.model, path)
     worst = max(rows, key=lambda r: r['max_rel_diff'])
     if not worst['max_rel_diff'] <= rtol:
         path.unlink()
-        raise ValueError(f"the ONNX export of {type(net.model).__name__} differs from PyTorch by {worst['max_rel_diff']:.1e} of the "
-                         f"map's maximum on a {worst['size'][1]}×{worst['size'][0]} image (more than {rtol:g}); nothing was written")
+        raise ValueError(f"the ONNX export of {type(net.model).__name__} differs from PyTorch by "
+                         f"{worst['max_rel_diff']:.1e} of the map's maximum on a "
+                         f"{worst['size'][1]}×{worst['size'][0]} image (more than {rtol:g}); "
+                         f"nothing was written")
     props['check'] = rows                      # the comparison travels with the file
     onnx.helper.set_model_props(proto, {f'uotcrowd.{k}': json.dumps(v) for k, v in props.items()})
     onnx.save(proto, str(path))
@@ -185,8 +226,17 @@ def _decode(props:dict[str, str]) -> dict:
     "The `uotcrowd.*` metadata of an ONNX file, decoded from JSON."
     return {k[len('uotcrowd.'):]: json.loads(v) for k, v in props.items() if k.startswith('uotcrowd.')}
 
+
+# %%
+test_eq(_decode({'uotcrowd.stride': '4', 'uotcrowd.card': '{"name": "a"}', 'producer': 'x'}),
+        {'stride': 4, 'card': {'name': 'a'}})
+
+
+# %%
+#| export
 class OnnxDensity(nn.Module):
-    "An exported density network run by onnxruntime on the CPU, called like the PyTorch one: normalized `(B, 3, H, W)` → density."
+    """An exported density network run by onnxruntime on the CPU, called like the PyTorch one: normalized
+    `(B, 3, H, W)` → density."""
     def __init__(self, path:str|Path, # a file written by `export_onnx`
                  threads:int|None=None # intra-op threads (default: `torch.get_num_threads()`)
                 ):
@@ -199,7 +249,9 @@ class OnnxDensity(nn.Module):
         try: self.session = ort.InferenceSession(str(self.path), opts, providers=['CPUExecutionProvider'])
         except Exception as e: raise ValueError(f"{self.path} is not a readable ONNX model: {e}") from None
         self.metadata = _decode(self.session.get_modelmeta().custom_metadata_map)
-        if 'stride' not in self.metadata: raise ValueError(f"{self.path} was not written by uotcrowd's export (no uotcrowd.stride metadata)")
+        if 'stride' not in self.metadata:
+            raise ValueError(f"{self.path} was not written by uotcrowd's export "
+                             f"(no uotcrowd.stride metadata)")
         self.stride, self.multiple = int(self.metadata['stride']), int(self.metadata['multiple'])
 
     def forward(self, x:torch.Tensor # normalized `(B, 3, H, W)`
@@ -209,13 +261,28 @@ class OnnxDensity(nn.Module):
 
     def extra_repr(self) -> str: return f"{self.path.name}, stride {self.stride}"
 
+
+# %% [markdown]
+# A file that is missing or not an ONNX model is refused with its name:
+
+# %%
+_d = Path(tempfile.mkdtemp())
+(_d / 'notes.onnx').write_text('not a model')
+test_fail(lambda: OnnxDensity(_d / 'notes.onnx'), contains='notes.onnx is not a readable ONNX model')
+test_fail(lambda: OnnxDensity(_d / 'missing.onnx'), contains='missing.onnx does not exist')
+
+
+# %%
+#| export
 def load_onnx(path:str|Path, # a file written by `export_onnx`
               threads:int|None=None # onnxruntime intra-op threads
              ) -> tuple[OnnxDensity, dict]:
-    "The network of an ONNX export and a checkpoint-like dict (`card`, `loc_threshold`, `precision`='fp32') for `Counter`."
+    """The network of an ONNX export and a checkpoint-like dict (`card`, `loc_threshold`, `precision`='fp32')
+    for `Counter`."""
     model = OnnxDensity(path, threads)
     m = model.metadata
-    info = {'card': m.get('card'), 'precision': 'fp32', 'model_name': m.get('model_name'), 'stride': model.stride}
+    info = {'card': m.get('card'), 'precision': 'fp32', 'model_name': m.get('model_name'),
+            'stride': model.stride}
     if m.get('loc_threshold') is not None: info['loc_threshold'] = float(m['loc_threshold'])
     return model, info
 
@@ -225,25 +292,33 @@ def load_onnx(path:str|Path, # a file written by `export_onnx`
 # density equals PyTorch's at sizes the trace never saw, for batches of one and three.
 
 # %%
-with tempfile.TemporaryDirectory() as d:
-    path = export_onnx(mcnn, Path(d) / 'mcnn.onnx', metadata={'card': {'name': 'test'}, 'loc_threshold': 0.07})
-    ort_mcnn = OnnxDensity(path)
-    test_eq((ort_mcnn.stride, ort_mcnn.multiple, ort_mcnn.metadata['card'], ort_mcnn.metadata['input']['mean']), (4, 4, {'name': 'test'}, list(IMAGENET_MEAN)))
-    test_eq([i.shape for i in ort_mcnn.session.get_inputs()], [['batch', 3, 'height', 'width']])
-    for B, h, w in ((1, 64, 64), (3, 77, 203), (1, 430, 251)):
-        x = torch.randn(B, 3, h, w)
-        with torch.no_grad(): ref = mcnn(x)
-        got = ort_mcnn(x)
-        test_eq(got.shape, (B, 1, -(-h // 4), -(-w // 4)))
-        test_close(got, ref, eps=1e-4 * float(ref.abs().max()))
-    rows = compare_onnx(mcnn, path)
-    test_eq([r['size'] for r in rows], [list(s) for s in CHECK_SIZES]); assert all(r['max_rel_diff'] < 1e-5 for r in rows), rows
-    test_eq([r['size'] for r in ort_mcnn.metadata['check']], [list(s) for s in CHECK_SIZES])
-    net, info = load_onnx(path)
-    test_eq((info['card'], info['loc_threshold'], info['precision']), ({'name': 'test'}, 0.07, 'fp32'))
-    (Path(d) / 'notes.onnx').write_text('not a model')
-    test_fail(lambda: OnnxDensity(Path(d) / 'notes.onnx'), contains='notes.onnx is not a readable ONNX model')
-    test_fail(lambda: OnnxDensity(Path(d) / 'missing.onnx'), contains='missing.onnx does not exist')
+path = export_onnx(mcnn, _d / 'mcnn.onnx', metadata={'card': {'name': 'test'}, 'loc_threshold': 0.07})
+ort_mcnn = OnnxDensity(path)
+test_eq((ort_mcnn.stride, ort_mcnn.multiple, ort_mcnn.metadata['card'], ort_mcnn.metadata['input']['mean']),
+        (4, 4, {'name': 'test'}, list(IMAGENET_MEAN)))
+test_eq([i.shape for i in ort_mcnn.session.get_inputs()], [['batch', 3, 'height', 'width']])
+for B, h, w in ((1, 64, 64), (3, 77, 203), (1, 430, 251)):
+    x = torch.randn(B, 3, h, w)
+    with torch.no_grad(): ref = mcnn(x)
+    got = ort_mcnn(x)
+    test_eq(got.shape, (B, 1, -(-h // 4), -(-w // 4)))
+    test_close(got, ref, eps=1e-4 * float(ref.abs().max()))
+
+# %% [markdown]
+# The comparison `export_onnx` made is in the file, and `compare_onnx` repeats it:
+
+# %%
+rows = compare_onnx(mcnn, path)
+test_eq([r['size'] for r in rows], [list(s) for s in CHECK_SIZES])
+assert all(r['max_rel_diff'] < 1e-5 for r in rows), rows
+test_eq([r['size'] for r in ort_mcnn.metadata['check']], [list(s) for s in CHECK_SIZES])
+
+# %% [markdown]
+# `load_onnx` gives `Counter` the card and the threshold:
+
+# %%
+net, info = load_onnx(path)
+test_eq((info['card'], info['loc_threshold'], info['precision']), ({'name': 'test'}, 0.07, 'fp32'))
 
 
 # %% [markdown]
@@ -257,6 +332,9 @@ with tempfile.TemporaryDirectory() as d:
 #| export
 ExportFormat = Literal['onnx']   # the formats `export` writes
 
+
+# %%
+#| export
 def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
            format:ExportFormat='onnx', # what to write (ONNX)
            out:str|None=None, # the file to write (default: NAME.onnx in the current folder)
@@ -264,7 +342,8 @@ def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
            force:bool=False, # overwrite an existing file
            quiet:bool=False # print nothing
           ) -> Path: # the file written
-    "Export a trained model for deployment: an ONNX graph for any image size, its card in the metadata, checked against PyTorch."
+    ("Export a trained model for deployment: an ONNX graph for any image size, its card in the metadata, "
+     "checked against PyTorch.")
     check_choice(format, ExportFormat, 'format')
     src = resolve_checkpoint(checkpoint)
     model, ckpt = load_model(src, 'cpu')
@@ -273,13 +352,15 @@ def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
     dst = Path(out or f'{name}.onnx')
     if dst.exists() and not force: raise FileExistsError(f"{dst} exists: pass --force to overwrite it")
     metadata = {'name': name, 'model_name': ckpt.get('model_name') or ckpt.get('config', {}).get('model'),
-                'model_kwargs': dict(ckpt.get('model_kwargs', {})), 'trained_precision': checkpoint_precision(ckpt),
+                'model_kwargs': dict(ckpt.get('model_kwargs', {})),
+                'trained_precision': checkpoint_precision(ckpt),
                 'loc_threshold': checkpoint_loc_threshold(ckpt), 'card': card, 'source': src.name}
     export_onnx(model, dst, metadata, opset)
     if not quiet:
         rows = OnnxDensity(dst).metadata['check']
         worst = max(r['max_rel_diff'] for r in rows)
-        print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MB): {name}, {metadata['model_name']}, stride {model.stride}, any image size; "
+        print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MB): {name}, {metadata['model_name']}, "
+              f"stride {model.stride}, any image size; "
               f"onnxruntime's density equals PyTorch's (float32) within {worst:.1e} of the map's maximum on "
               + ' and '.join(f"{w}×{h}" for h, w in (r['size'] for r in rows)) + ' images')
     return dst
@@ -293,10 +374,13 @@ with tempfile.TemporaryDirectory() as d:
     path = export('shb-mcnn-gl', out=str(Path(d) / 'shb.onnx'), quiet=True)
     meta = OnnxDensity(path).metadata
     ck = load_model(resolve_checkpoint('shb-mcnn-gl'))[1]
-    test_eq((meta['card'], meta['loc_threshold'], meta['trained_precision'], meta['model_name']), (ck['card'], ck['loc_threshold'], ck['precision'], 'mcnn'))
+    test_eq((meta['card'], meta['loc_threshold'], meta['trained_precision'], meta['model_name']),
+            (ck['card'], ck['loc_threshold'], ck['precision'], 'mcnn'))
     test_fail(lambda: export('shb-mcnn-gl', out=str(path)), contains='exists: pass --force')
-    test_fail(lambda: export('shb-mcnn-gl', format='tflite'), contains="format must be one of onnx, got 'tflite'")
+    test_fail(lambda: export('shb-mcnn-gl', format='tflite'),
+              contains="format must be one of onnx, got 'tflite'")
 
 # %%
 #| hide
-import nbdev; nbdev.nbdev_export()
+import nbdev
+nbdev.nbdev_export()

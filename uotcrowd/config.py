@@ -19,16 +19,23 @@ __all__ = ['DEFAULT_LR', 'Schedule', 'default_lr', 'TrainConfig', 'plateau_sched
 
 # %% ../nbs/07a_config.ipynb #0c2110a8
 DEFAULT_LR = {'mcnn': 1e-4, 'effnetlite0': 1e-4}  # others (VGG19, CSRNet): 1e-5
+
+# %% ../nbs/07a_config.ipynb #74dfe144
 _MODEL_KEYS = {'MCNN': 'mcnn', 'EffNetLiteDensity': 'effnetlite0'}
 
-def default_lr(model:str|nn.Module|None # a model name ('vgg19', 'mcnn', 'effnet-lite0', ...), a network, or None
+# %% ../nbs/07a_config.ipynb #e1b395cd
+def default_lr(model:str|nn.Module|None # a name ('vgg19', 'mcnn', 'effnet-lite0', ...), a network, or None
               ) -> float:
-    "Adam learning rate by model family: 1e-4 for MCNN (the paper's code, DM-Count) and EfficientNet-Lite0, 1e-5 otherwise (VGG19, CSRNet)."
-    key = _MODEL_KEYS.get(type(model).__name__) if isinstance(model, nn.Module) else str(model or '').lower().replace('-', '').replace('_', '')
+    """Adam learning rate by model family: 1e-4 for MCNN (the paper's code, DM-Count) and EfficientNet-Lite0,
+    1e-5 otherwise (VGG19, CSRNet)."""
+    key = (_MODEL_KEYS.get(type(model).__name__) if isinstance(model, nn.Module)
+           else str(model or '').lower().replace('-', '').replace('_', ''))
     return DEFAULT_LR.get(key, 1e-5)
 
+# %% ../nbs/07a_config.ipynb #9c86349c
 Schedule = Literal['cosine', 'constant', 'plateau']   # the learning-rate schedules of `fit`
 
+# %% ../nbs/07a_config.ipynb #3b7bcc7c
 @dataclass
 class TrainConfig:
     "Everything `fit` needs besides the model, the loss and the datasets."
@@ -37,27 +44,38 @@ class TrainConfig:
     batch_size:int=1 # images per step (per process under DDP)
     crop_size:int=512 # training crop side, recorded for the data pipeline
     lr:float|None=None # Adam learning rate (the peak of the schedule); None: `default_lr` of the model
-    backbone_lr_scale:float=1.0 # the parameters under `model.backbone` (a pretrained front-end) train at `lr` times this
-    schedule:Schedule='cosine' # 'cosine': warm-up, then cosine decay to `lr * min_lr_ratio` at the last epoch; 'constant'; 'plateau': decays on validation plateaus (`lr_patience`, `patience`)
+    # the parameters under `model.backbone` (a pretrained front-end) train at `lr` times this
+    backbone_lr_scale:float=1.0
+    # 'cosine': warm-up, then cosine decay to `lr * min_lr_ratio` at the last epoch; 'constant';
+    # 'plateau': decays on validation plateaus (`lr_patience`, `patience`)
+    schedule:Schedule='cosine'
     warmup_epochs:int=0 # linear warm-up to `lr` over this many epochs
     min_lr_ratio:float=0.01 # `cosine`: the learning rate of the last epoch, as a share of `lr`
-    ema_decay:float|None=0.998 # exponential moving average of the weights per step (validated, saved as `ema`, what evaluation loads); None: off
+    # exponential moving average of the weights per step (validated, saved as `ema`, what evaluation loads);
+    # None: off
+    ema_decay:float|None=0.998
     val_raw:bool=False # with `ema_decay`: also validate the raw weights (logged as `val_mae_raw`)
     weight_decay:float=1e-5 # Adam weight decay
     val_epoch:int=1 # validate every `val_epoch` epochs (and after the last one)
     val_start:int=0 # first epoch at which validation may run
     clip_grad:float|None=None # clip the global gradient norm to this value
-    precision:Precision='auto' # 'auto' (bf16 where native, else fp32), 'fp32' (bit-reproducible), 'bf16' or 'fp16'; see Precision
+    # 'auto' (bf16 where native, else fp32), 'fp32' (bit-reproducible), 'bf16' or 'fp16'; see Precision
+    precision:Precision='auto'
     seed:int=0 # seed of initialisation, data order and augmentation
     deterministic:bool=False # request deterministic torch kernels
     num_workers:int=0 # DataLoader worker processes
-    host_memory:HostMemory='reuse' # 'reuse': freed host memory stays in the process for the next step (glibc; see `reuse_host_memory`); 'release'
-    device:str='auto' # 'auto', 'cpu', 'cuda', 'cuda:1', ...; under torchrun each process uses its LOCAL_RANK GPU
+    # 'reuse': freed host memory stays in the process for the next step (glibc; see `reuse_host_memory`);
+    # 'release'
+    host_memory:HostMemory='reuse'
+    # 'auto', 'cpu', 'cuda', 'cuda:1', ...; under torchrun each process uses its LOCAL_RANK GPU
+    device:str='auto'
     resume:str|None=None # checkpoint (`last.pt`) to continue from
     quiet:bool=False # no progress bars and no per-epoch lines
     time_budget_s:float|None=None # stop (validate + checkpoint) once this many seconds of training are spent
-    patience:int|None=None # `plateau`: stop once the validation MAE has not improved for this many epochs (None: never)
-    lr_patience:int|None=None # `plateau`: multiply the learning rate by `lr_decay` after this many epochs without improvement
+    # `plateau`: stop once the validation MAE has not improved for this many epochs (None: never)
+    patience:int|None=None
+    # `plateau`: multiply the learning rate by `lr_decay` after this many epochs without improvement
+    lr_patience:int|None=None
     lr_decay:float=0.1 # factor of each learning-rate decay (see `lr_patience`)
     val_window:int=1 # `patience` and `lr_patience` compare the mean of the last this-many validation MAEs
     plateau_start:int=0 # `patience` and `lr_patience` ignore the first this-many epochs (a warm-up at `lr`)
@@ -68,13 +86,16 @@ class TrainConfig:
     loss_kwargs:dict=field(default_factory=dict) # its keyword arguments
     dataset:str|None=None # dataset name, for the record
     data_dir:str|None=None # dataset folder, for the record
-    data_kwargs:dict=field(default_factory=dict) # dataset arguments (e.g. synthetic `n`, `size`), for the record
+    # dataset arguments (e.g. synthetic `n`, `size`), for the record
+    data_kwargs:dict=field(default_factory=dict)
 
     def __post_init__(self):
-        if self.lr is None and self.model is not None: self.lr = default_lr(self.model)  # otherwise `fit` asks the network
+        if self.lr is None and self.model is not None:
+            self.lr = default_lr(self.model)  # otherwise `fit` asks the network
         check_choice(self.schedule, Schedule, 'schedule')
         if self.schedule != 'plateau' and (self.patience is not None or self.lr_patience is not None):
-            raise ValueError(f"patience and lr_patience need schedule='plateau' (got schedule={self.schedule!r})")
+            raise ValueError(f"patience and lr_patience need schedule='plateau' "
+                             f"(got schedule={self.schedule!r})")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
         if self.warmup_epochs < 0: raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
@@ -101,15 +122,18 @@ class TrainConfig:
 
 # %% ../nbs/07a_config.ipynb #8d34a279
 def plateau_schedule(history:Sequence[dict], # rows of `log.csv` so far (`val_mae` None where not validated)
-                     cfg:TrainConfig # `lr`, `lr_patience`, `lr_decay`, `patience`, `val_window`, `plateau_start`
+                     # `lr`, `lr_patience`, `lr_decay`, `patience`, `val_window`, `plateau_start`
+                     cfg:TrainConfig
                     ) -> tuple[float, bool]: # learning rate of the next epoch, whether to stop
     "The learning rate for the next epoch and whether the patience is spent, from the log alone."
     lr, best, since_best, since_decay, maes = cfg.lr, math.inf, 0, 0, []
     for row in history[cfg.plateau_start:]:
-        since_best += 1; since_decay += 1
+        since_best += 1
+        since_decay += 1
         if row.get('val_mae') is not None:
             maes.append(row['val_mae'])
-            if len(maes) >= cfg.val_window:  # only full windows: a first lucky validation is no plateau's reference
+            # only full windows: a first lucky validation is no plateau's reference
+            if len(maes) >= cfg.val_window:
                 smooth = sum(maes[-cfg.val_window:]) / cfg.val_window
                 if smooth < best: best, since_best = smooth, 0
         if cfg.lr_patience is not None and min(since_best, since_decay) >= cfg.lr_patience:
@@ -123,6 +147,7 @@ def warmup_factor(cfg:TrainConfig, # `warmup_epochs`
     "Share of the learning rate reached at `epoch` by the linear warm-up (1 after it)."
     return (epoch + 1) / cfg.warmup_epochs if epoch < cfg.warmup_epochs else 1.
 
+# %% ../nbs/07a_config.ipynb #80ee6f68
 def scheduled_lr(cfg:TrainConfig, # `lr`, `schedule`, `warmup_epochs`, `min_lr_ratio`, `max_epoch`
                  epoch:int # epoch index
                 ) -> float:
@@ -131,6 +156,7 @@ def scheduled_lr(cfg:TrainConfig, # `lr`, `schedule`, `warmup_epochs`, `min_lr_r
     t = (epoch - cfg.warmup_epochs) / max(1, cfg.max_epoch - 1 - cfg.warmup_epochs)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.))))
 
+# %% ../nbs/07a_config.ipynb #8cc7b84a
 def epoch_lr(history:Sequence[dict], # rows of `log.csv` so far: the next epoch is `len(history)`
              cfg:TrainConfig # the schedule
             ) -> float:
@@ -156,7 +182,8 @@ class WeightAverage:
         "One step: average <- d_t * average + (1 - d_t) * weights, with d_t = min(d, (1+t)/(10+t))."
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        if self._pairs is None or self._pairs[0] is not model:  # state tensors are updated in place: pair them once
+        # state tensors are updated in place: pair them once
+        if self._pairs is None or self._pairs[0] is not model:
             self._pairs = (model, list(zip(self.module.state_dict().values(), model.state_dict().values())))
         for avg, new in self._pairs[1]:
             if avg.is_floating_point(): avg.lerp_(new.detach().to(avg.dtype), 1 - d)
@@ -164,4 +191,5 @@ class WeightAverage:
 
     def state_dict(self) -> dict: return self.module.state_dict()
     def load_state_dict(self, state:dict, updates:int):
-        self.module.load_state_dict(state); self.updates = int(updates)
+        self.module.load_state_dict(state)
+        self.updates = int(updates)

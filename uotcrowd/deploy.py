@@ -15,7 +15,8 @@ from . import __version__
 from .core import check_choice
 from .images import normalize, IMAGENET_MEAN, IMAGENET_STD
 from .models import _OUT_ACTS
-from .checkpoints import resolve_checkpoint, load_model, checkpoint_precision, checkpoint_loc_threshold
+from .checkpoints import (resolve_checkpoint, load_model, checkpoint_precision,
+                                  checkpoint_loc_threshold)
 
 # %% auto #0
 __all__ = ['INPUT_SPEC', 'CHECK_SIZES', 'ExportFormat', 'TraceableDensity', 'compare_onnx', 'export_onnx', 'OnnxDensity',
@@ -23,12 +24,14 @@ __all__ = ['INPUT_SPEC', 'CHECK_SIZES', 'ExportFormat', 'TraceableDensity', 'com
 
 # %% ../nbs/10a_deploy.ipynb #c6bd7592
 class TraceableDensity(nn.Module):
-    "`model`'s forward (pad to the size multiple, density head, crop, non-negative) as arithmetic on the input's shape, which a trace keeps."
+    """`model`'s forward (pad to the size multiple, density head, crop, non-negative) as arithmetic on the
+    input's shape, which a trace keeps."""
     def __init__(self, model:nn.Module # a `DensityModel`: `stride`, `multiple`, `density_head`, `out_act`
                 ):
         super().__init__()
         missing = [a for a in ('stride', 'multiple', 'density_head', 'out_act') if not hasattr(model, a)]
-        if missing: raise ValueError(f"{type(model).__name__} is not a DensityModel (no {', '.join(missing)})")
+        if missing:
+            raise ValueError(f"{type(model).__name__} is not a DensityModel (no {', '.join(missing)})")
         self.model = model
 
     def forward(self, image:torch.Tensor # normalized `(B, 3, H, W)`
@@ -40,22 +43,29 @@ class TraceableDensity(nn.Module):
         return _OUT_ACTS[self.model.out_act](out[..., :(H + s - 1) // s, :(W + s - 1) // s])
 
 # %% ../nbs/10a_deploy.ipynb #b3575a3e
-INPUT_SPEC = {'name': 'image', 'shape': ['batch', 3, 'height', 'width'], 'dtype': 'float32', 'channels': 'RGB',
-              'scale': 1 / 255, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD)}
+INPUT_SPEC = {'name': 'image', 'shape': ['batch', 3, 'height', 'width'], 'dtype': 'float32',
+              'channels': 'RGB', 'scale': 1 / 255, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD)}
+
+# %% ../nbs/10a_deploy.ipynb #a7a3cce1
 CHECK_SIZES = ((240, 320), (301, 457))    # (H, W) of the comparison with PyTorch: neither is the example's
 
+# %% ../nbs/10a_deploy.ipynb #0e594879
 def _onnx_modules():
     try:
         import onnx, onnxruntime
         return onnx, onnxruntime
     except ImportError as e:
-        raise ImportError(f"ONNX export and inference need the onnx extra: pip install -e \".[onnx]\" (or uotcrowd[onnx]); {e}") from None
+        raise ImportError(f"ONNX export and inference need the onnx extra: pip install -e \".[onnx]\" "
+                          f"(or uotcrowd[onnx]); {e}") from None
 
+# %% ../nbs/10a_deploy.ipynb #62233756
 def compare_onnx(model:nn.Module, # the PyTorch density network
                  path:str|Path, # its ONNX export
                  sizes=CHECK_SIZES, # (H, W) of the random photos compared
                  seed:int=0
-                ) -> list[dict]: # per size: `size`, `max_rel_diff` (max |difference| / max |PyTorch|), `count_torch`, `count_onnx`
+                 # per size: `size`, `max_rel_diff` (max |difference| / max |PyTorch|), `count_torch`,
+                 # `count_onnx`
+                ) -> list[dict]:
     "onnxruntime's density against PyTorch's (float32, CPU) on random photos of each size."
     ort_model = OnnxDensity(path)
     model = copy.deepcopy(model).cpu().float().eval()
@@ -64,27 +74,38 @@ def compare_onnx(model:nn.Module, # the PyTorch density network
         x = normalize(torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g))
         with torch.no_grad(): ref = model(x)
         got = ort_model(x)
-        if got.shape != ref.shape: raise ValueError(f"{path}: the ONNX density of a {w}×{h} image is {tuple(got.shape)}, PyTorch's {tuple(ref.shape)}")
-        rows.append({'size': [h, w], 'max_rel_diff': float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)),
+        if got.shape != ref.shape:
+            raise ValueError(f"{path}: the ONNX density of a {w}×{h} image is {tuple(got.shape)}, "
+                             f"PyTorch's {tuple(ref.shape)}")
+        rows.append({'size': [h, w],
+                     'max_rel_diff': float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)),
                      'count_torch': float(ref.sum()), 'count_onnx': float(got.sum())})
     return rows
 
+# %% ../nbs/10a_deploy.ipynb #1bc0c65c
 def export_onnx(model:nn.Module, # a `DensityModel` (any device, any mode)
                 path:str|Path, # the `.onnx` file to write
-                metadata:dict|None=None, # more metadata, each value JSON-encoded under `uotcrowd.KEY` (e.g. `card`)
+                # more metadata, each value JSON-encoded under `uotcrowd.KEY` (e.g. `card`)
+                metadata:dict|None=None,
                 opset:int=17, # ONNX opset
-                example_size:tuple[int, int]=(100, 132), # (H, W) of the traced example (not multiples of the stride)
-                rtol:float=1e-4 # largest accepted difference from PyTorch, relative to the density map's maximum
+                # (H, W) of the traced example (not multiples of the stride)
+                example_size:tuple[int, int]=(100, 132),
+                # largest accepted difference from PyTorch, relative to the density map's maximum
+                rtol:float=1e-4
                ) -> Path:
-    "Write `model` as ONNX (normalized `image` of any batch and size → `density`) with its metadata; checked against PyTorch."
+    """Write `model` as ONNX (normalized `image` of any batch and size → `density`) with its metadata; checked
+    against PyTorch."""
     onnx, _ = _onnx_modules()
     net = TraceableDensity(copy.deepcopy(model).cpu().float().eval())
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, *example_size, generator=torch.Generator().manual_seed(0))
     kw = {'dynamo': False} if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter('ignore')       # tracer warnings about the shape arithmetic (kept dynamic) and the exporter's deprecation note
-        torch.onnx.export(net, (example,), str(path), input_names=['image'], output_names=['density'], opset_version=opset,
+        # tracer warnings about the shape arithmetic (kept dynamic) and the exporter's deprecation note
+        warnings.simplefilter('ignore')
+        torch.onnx.export(net, (example,), str(path), input_names=['image'], output_names=['density'],
+                          opset_version=opset,
                           dynamic_axes={'image': {0: 'batch', 2: 'height', 3: 'width'},
                                         'density': {0: 'batch', 2: 'density_height', 3: 'density_width'}},
                           do_constant_folding=True, **kw)
@@ -92,15 +113,18 @@ def export_onnx(model:nn.Module, # a `DensityModel` (any device, any mode)
     props = {'stride': int(net.model.stride), 'multiple': int(net.model.multiple), 'input': INPUT_SPEC,
              'uotcrowd_version': __version__, 'torch_version': torch.__version__, **(metadata or {})}
     onnx.helper.set_model_props(proto, {f'uotcrowd.{k}': json.dumps(v) for k, v in props.items()})
-    proto.doc_string = f"uotcrowd density network {type(net.model).__name__} (stride {net.model.stride}): image -> density; count = sum"
+    proto.doc_string = (f"uotcrowd density network {type(net.model).__name__} (stride {net.model.stride}): "
+                        f"image -> density; count = sum")
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     rows = compare_onnx(net.model, path)
     worst = max(rows, key=lambda r: r['max_rel_diff'])
     if not worst['max_rel_diff'] <= rtol:
         path.unlink()
-        raise ValueError(f"the ONNX export of {type(net.model).__name__} differs from PyTorch by {worst['max_rel_diff']:.1e} of the "
-                         f"map's maximum on a {worst['size'][1]}×{worst['size'][0]} image (more than {rtol:g}); nothing was written")
+        raise ValueError(f"the ONNX export of {type(net.model).__name__} differs from PyTorch by "
+                         f"{worst['max_rel_diff']:.1e} of the map's maximum on a "
+                         f"{worst['size'][1]}×{worst['size'][0]} image (more than {rtol:g}); "
+                         f"nothing was written")
     props['check'] = rows                      # the comparison travels with the file
     onnx.helper.set_model_props(proto, {f'uotcrowd.{k}': json.dumps(v) for k, v in props.items()})
     onnx.save(proto, str(path))
@@ -111,8 +135,10 @@ def _decode(props:dict[str, str]) -> dict:
     "The `uotcrowd.*` metadata of an ONNX file, decoded from JSON."
     return {k[len('uotcrowd.'):]: json.loads(v) for k, v in props.items() if k.startswith('uotcrowd.')}
 
+# %% ../nbs/10a_deploy.ipynb #599f27b9
 class OnnxDensity(nn.Module):
-    "An exported density network run by onnxruntime on the CPU, called like the PyTorch one: normalized `(B, 3, H, W)` → density."
+    """An exported density network run by onnxruntime on the CPU, called like the PyTorch one: normalized
+    `(B, 3, H, W)` → density."""
     def __init__(self, path:str|Path, # a file written by `export_onnx`
                  threads:int|None=None # intra-op threads (default: `torch.get_num_threads()`)
                 ):
@@ -125,7 +151,9 @@ class OnnxDensity(nn.Module):
         try: self.session = ort.InferenceSession(str(self.path), opts, providers=['CPUExecutionProvider'])
         except Exception as e: raise ValueError(f"{self.path} is not a readable ONNX model: {e}") from None
         self.metadata = _decode(self.session.get_modelmeta().custom_metadata_map)
-        if 'stride' not in self.metadata: raise ValueError(f"{self.path} was not written by uotcrowd's export (no uotcrowd.stride metadata)")
+        if 'stride' not in self.metadata:
+            raise ValueError(f"{self.path} was not written by uotcrowd's export "
+                             f"(no uotcrowd.stride metadata)")
         self.stride, self.multiple = int(self.metadata['stride']), int(self.metadata['multiple'])
 
     def forward(self, x:torch.Tensor # normalized `(B, 3, H, W)`
@@ -135,19 +163,23 @@ class OnnxDensity(nn.Module):
 
     def extra_repr(self) -> str: return f"{self.path.name}, stride {self.stride}"
 
+# %% ../nbs/10a_deploy.ipynb #cb211ef2
 def load_onnx(path:str|Path, # a file written by `export_onnx`
               threads:int|None=None # onnxruntime intra-op threads
              ) -> tuple[OnnxDensity, dict]:
-    "The network of an ONNX export and a checkpoint-like dict (`card`, `loc_threshold`, `precision`='fp32') for `Counter`."
+    """The network of an ONNX export and a checkpoint-like dict (`card`, `loc_threshold`, `precision`='fp32')
+    for `Counter`."""
     model = OnnxDensity(path, threads)
     m = model.metadata
-    info = {'card': m.get('card'), 'precision': 'fp32', 'model_name': m.get('model_name'), 'stride': model.stride}
+    info = {'card': m.get('card'), 'precision': 'fp32', 'model_name': m.get('model_name'),
+            'stride': model.stride}
     if m.get('loc_threshold') is not None: info['loc_threshold'] = float(m['loc_threshold'])
     return model, info
 
 # %% ../nbs/10a_deploy.ipynb #aa943375
 ExportFormat = Literal['onnx']   # the formats `export` writes
 
+# %% ../nbs/10a_deploy.ipynb #05cef52c
 def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
            format:ExportFormat='onnx', # what to write (ONNX)
            out:str|None=None, # the file to write (default: NAME.onnx in the current folder)
@@ -155,7 +187,8 @@ def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
            force:bool=False, # overwrite an existing file
            quiet:bool=False # print nothing
           ) -> Path: # the file written
-    "Export a trained model for deployment: an ONNX graph for any image size, its card in the metadata, checked against PyTorch."
+    ("Export a trained model for deployment: an ONNX graph for any image size, its card in the metadata, "
+     "checked against PyTorch.")
     check_choice(format, ExportFormat, 'format')
     src = resolve_checkpoint(checkpoint)
     model, ckpt = load_model(src, 'cpu')
@@ -164,13 +197,15 @@ def export(checkpoint:str, # checkpoint file or named model (`uotcrowd models`)
     dst = Path(out or f'{name}.onnx')
     if dst.exists() and not force: raise FileExistsError(f"{dst} exists: pass --force to overwrite it")
     metadata = {'name': name, 'model_name': ckpt.get('model_name') or ckpt.get('config', {}).get('model'),
-                'model_kwargs': dict(ckpt.get('model_kwargs', {})), 'trained_precision': checkpoint_precision(ckpt),
+                'model_kwargs': dict(ckpt.get('model_kwargs', {})),
+                'trained_precision': checkpoint_precision(ckpt),
                 'loc_threshold': checkpoint_loc_threshold(ckpt), 'card': card, 'source': src.name}
     export_onnx(model, dst, metadata, opset)
     if not quiet:
         rows = OnnxDensity(dst).metadata['check']
         worst = max(r['max_rel_diff'] for r in rows)
-        print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MB): {name}, {metadata['model_name']}, stride {model.stride}, any image size; "
+        print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MB): {name}, {metadata['model_name']}, "
+              f"stride {model.stride}, any image size; "
               f"onnxruntime's density equals PyTorch's (float32) within {worst:.1e} of the map's maximum on "
               + ' and '.join(f"{w}×{h}" for h, w in (r['size'] for r in rows)) + ' images')
     return dst

@@ -14,10 +14,17 @@ __all__ = ['Precision', 'ResolvedPrecision', 'PRECISIONS', 'is_native', 'resolve
 
 # %% ../nbs/07_precision.ipynb #0ea50f05
 Precision = Literal['auto', 'fp32', 'bf16', 'fp16']   # 'auto': bf16 where native, else fp32
+
+# %% ../nbs/07_precision.ipynb #c5b84cdf
 ResolvedPrecision = Literal['fp32', 'bf16', 'fp16']   # what runs once 'auto' is resolved
+
+# %% ../nbs/07_precision.ipynb #77678507
 PRECISIONS = literal_values(Precision)
+
+# %% ../nbs/07_precision.ipynb #bbeef267
 _AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
+# %% ../nbs/07_precision.ipynb #98215e45
 def _cpu_flags() -> set[str]:
     "Feature flags of the first CPU listed in `/proc/cpuinfo` (empty where that file does not exist)."
     try:
@@ -27,6 +34,7 @@ def _cpu_flags() -> set[str]:
     except OSError: pass
     return set()
 
+# %% ../nbs/07_precision.ipynb #18a87c59
 def is_native(precision:ResolvedPrecision, # 'fp32', 'bf16' or 'fp16'
               device:str|torch.device # the device that computes
              ) -> bool:
@@ -41,17 +49,21 @@ def is_native(precision:ResolvedPrecision, # 'fp32', 'bf16' or 'fp16'
     if device.type != 'cpu' or not torch.backends.mkldnn.is_available(): return False
     if precision == 'fp16': return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported(): return False
-    if platform.machine().lower() in ('x86_64', 'amd64', 'x86', 'i686'):  # oneDNN also says yes to plain AVX512 (emulated)
+    # oneDNN also says yes to plain AVX512 (emulated)
+    if platform.machine().lower() in ('x86_64', 'amd64', 'x86', 'i686'):
         return bool(_cpu_flags() & {'avx512_bf16', 'amx_bf16'})
     return True  # Arm: oneDNN says yes only with the BF16 extension
 
+# %% ../nbs/07_precision.ipynb #b5cdc4eb
 def resolve_precision(precision:Precision, # one of `PRECISIONS`
                       device:str|torch.device # the device that computes
                      ) -> ResolvedPrecision: # 'fp32', 'bf16' or 'fp16'
     "The precision to run: `auto` becomes `bf16` where `device` runs it natively, `fp32` elsewhere."
-    if check_choice(precision, Precision, 'precision') == 'auto': return 'bf16' if is_native('bf16', device) else 'fp32'
+    if check_choice(precision, Precision, 'precision') == 'auto':
+        return 'bf16' if is_native('bf16', device) else 'fp32'
     return precision
 
+# %% ../nbs/07_precision.ipynb #0e3b7d37
 def autocast(device:str|torch.device, # the device that computes
              precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
             ):
@@ -59,6 +71,7 @@ def autocast(device:str|torch.device, # the device that computes
     if precision == 'fp32': return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
 
+# %% ../nbs/07_precision.ipynb #6fe597d5
 def memory_format(precision:ResolvedPrecision # 'fp32', 'bf16' or 'fp16' (resolved)
                  ) -> torch.memory_format:
     "channels_last for the reduced precisions, the contiguous layout for fp32."

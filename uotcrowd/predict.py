@@ -22,7 +22,7 @@ from .video import VIDEO_EXTS, is_video, predict_video
 __all__ = ['predict']
 
 # %% ../nbs/11d_predict.ipynb #1e063430
-def _write_photo_files(results:list[dict], # a row per photo: `name`, `path`, `count`, `n_points`, `points`, ...
+def _write_photo_files(results:list[dict], # a row per photo: `name`, `path`, `count`, `n_points`, `points`...
                        out:Path, # the output folder
                        nwpu:bool # also write the NWPU-Crowd submission files
                       ) -> list[Path]: # the files written
@@ -44,15 +44,18 @@ def predict(inputs:Sequence[str], # image or video files, or folders of them
             out:str, # output folder
             checkpoint:str=DEFAULT_MODEL, # checkpoint file or named model (`uotcrowd models`)
             loc_threshold:float|None=None, # localization threshold (default: the checkpoint's, else 0.05)
-            tile:int|None=None, # tile side in pixels for large images (default: above 2.5 megapixels; 0: never)
+            # tile side in pixels for large images (default: above 2.5 megapixels; 0: never)
+            tile:int|None=None,
             every:int=1, # videos: count every N-th frame
-            annotate:bool=False, # videos: also write NAME_annotated.mp4 (density, heads and count of each frame)
+            # videos: also write NAME_annotated.mp4 (density, heads and count of each frame)
+            annotate:bool=False,
             nwpu:bool=False, # also write the NWPU-Crowd counting and localization submission files
             no_plots:bool=False, # skip the PNGs
             dpi:int=80, # resolution of the PNGs
             precision:Precision|None=None, # 'auto', 'fp32', 'bf16' or 'fp16' (default: the checkpoint's)
             device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-            host_memory:HostMemory='reuse', # 'reuse': freed host memory stays for the next image (glibc); 'release'
+            # 'reuse': freed host memory stays for the next image (glibc); 'release'
+            host_memory:HostMemory='reuse',
             quiet:bool=False # no per-file lines
            ) -> list[dict]: # a dict per image (name, path, count, points, ...) and per video (frames, csv)
     "Count the people in images and videos; writes CSV, JSON and a PNG per image, counts per frame per video."
@@ -60,7 +63,8 @@ def predict(inputs:Sequence[str], # image or video files, or folders of them
         counter = checkpoint if isinstance(checkpoint, Counter) else Counter(
             checkpoint, device=device, precision=precision, loc_threshold=loc_threshold, tile=tile)
         files = list_images(inputs, IMAGE_EXTS + VIDEO_EXTS, 'image or video')  # folders: images and videos
-        out = Path(out); out.mkdir(parents=True, exist_ok=True)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
         images, videos = [f for f in files if not is_video(f)], [f for f in files if is_video(f)]
         stems = [f.stem for f in images]
         if len(set(stems)) < len(stems): stems = [f"{f.parent.name}_{f.stem}" for f in images]
@@ -77,15 +81,17 @@ def predict(inputs:Sequence[str], # image or video files, or folders of them
             results.append({'name': stem, 'path': str(f), 'count': r.count, 'n_points': len(r.points),
                             'tiles': r.tiles, 'points': np.round(r.points.astype(np.float64), 2).tolist()})
             if not no_plots:
-                plot_prediction(normalize(torch.from_numpy(rgb).permute(2, 0, 1)), torch.from_numpy(r.density),
-                                torch.from_numpy(r.points), title=f'{f.name}: {r.count:.1f} people',
-                                path=out / f'{stem}_pred.png', dpi=dpi)
+                plot_prediction(normalize(torch.from_numpy(rgb).permute(2, 0, 1)),
+                                torch.from_numpy(r.density), torch.from_numpy(r.points),
+                                title=f'{f.name}: {r.count:.1f} people', path=out / f'{stem}_pred.png',
+                                dpi=dpi)
             tiles = f" ({r.tiles} tiles)" if r.tiles > 1 else ''
             if not quiet: print(f"{f}: count {r.count:.1f}, {len(r.points)} points{tiles}", flush=True)
         written = _write_photo_files(results, out, nwpu) if images else []
         for v in videos:
             res = predict_video(str(v), counter, out=str(out), every=every, annotate=annotate, quiet=True)
-            results.append({'name': v.stem, 'path': str(v), 'frames': len(res['rows']), 'csv': str(res['csv'])})
+            results.append({'name': v.stem, 'path': str(v), 'frames': len(res['rows']),
+                            'csv': str(res['csv'])})
             written += [res['csv'], res['plot']] + ([res['video']] if res['video'] else [])
             mean = np.mean([r['count'] for r in res['rows']])
             if not quiet: print(f"{v}: {len(res['rows'])} frames counted, mean count {mean:.1f}", flush=True)

@@ -18,8 +18,11 @@ from .precision import Precision
 # %% ../nbs/11b_serve.ipynb #3ce5bb3c
 class UploadError(ValueError):
     "An upload the server refuses; `status` is the HTTP status to answer with."
-    def __init__(self, status:int, message:str): super().__init__(message); self.status = status
+    def __init__(self, status:int, message:str):
+        super().__init__(message)
+        self.status = status
 
+# %% ../nbs/11b_serve.ipynb #7f67c596
 def decode_upload(data:bytes, # the uploaded file
                   filename:str|None=None, # its name, for messages
                   max_pixels:int=50_000_000 # refuse larger images (checked from the header, before decoding)
@@ -31,13 +34,17 @@ def decode_upload(data:bytes, # the uploaded file
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # the pixel limit below decides
             im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError: raise UploadError(400, f"{name} has too many pixels (more than PIL ever decodes)") from None
-    except Exception: raise UploadError(400, f"{name} is not an image: upload a photo (JPEG, PNG, WebP, BMP, TIFF or GIF)") from None
+    except Image.DecompressionBombError:
+        raise UploadError(400, f"{name} has too many pixels (more than PIL ever decodes)") from None
+    except Exception:
+        raise UploadError(400, f"{name} is not an image: upload a photo "
+                               f"(JPEG, PNG, WebP, BMP, TIFF or GIF)") from None
     if im.width * im.height > max_pixels:
-        raise UploadError(400, f"{name} is {im.width}×{im.height} = {im.width * im.height / 1e6:.1f} megapixels; "
-                               f"the limit is {max_pixels / 1e6:g} megapixels")
+        raise UploadError(400, f"{name} is {im.width}×{im.height} = {im.width * im.height / 1e6:.1f} "
+                               f"megapixels; the limit is {max_pixels / 1e6:g} megapixels")
     try: im.load()
-    except Exception as e: raise UploadError(400, f"{name} is a corrupt or truncated {im.format} image ({e})") from None
+    except Exception as e:
+        raise UploadError(400, f"{name} is a corrupt or truncated {im.format} image ({e})") from None
     return as_rgb(im)
 
 # %% ../nbs/11b_serve.ipynb #e9422f82
@@ -58,39 +65,59 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
 main{max-width:1100px;margin:0 auto;padding:24px}
 h1{font-size:1.6rem;margin:0 0 4px} .model{color:#555;margin:0 0 16px}
-#drop{display:block;border:3px dashed #8a94a6;border-radius:12px;padding:36px;text-align:center;background:#fff;cursor:pointer;font-size:1.1rem}
-#drop.over{border-color:#1f6feb;background:#eef4ff} #image{margin-top:8px} button{font-size:1rem;padding:6px 16px;margin-left:8px}
-.error{background:#fde8e8;border:2px solid #c81e1e;color:#7f1d1d;border-radius:8px;padding:12px 16px;margin:16px 0;font-size:1.05rem}
-#count{display:inline-block;background:#c81e5b;color:#fff;font-size:2.6rem;font-weight:700;border-radius:12px;padding:10px 24px;margin:20px 0 6px}
+#drop{display:block;border:3px dashed #8a94a6;border-radius:12px;padding:36px;text-align:center;
+  background:#fff;cursor:pointer;font-size:1.1rem}
+#drop.over{border-color:#1f6feb;background:#eef4ff} #image{margin-top:8px}
+button{font-size:1rem;padding:6px 16px;margin-left:8px}
+.error{background:#fde8e8;border:2px solid #c81e1e;color:#7f1d1d;border-radius:8px;padding:12px 16px;
+  margin:16px 0;font-size:1.05rem}
+#count{display:inline-block;background:#c81e5b;color:#fff;font-size:2.6rem;font-weight:700;border-radius:12px;
+  padding:10px 24px;margin:20px 0 6px}
 .facts{color:#333;margin:4px 0 16px} .pics{display:flex;flex-wrap:wrap;gap:16px}
-figure{margin:0;flex:1 1 420px} figure img{width:100%;border-radius:6px;display:block} figcaption{color:#555;margin-top:4px}
+figure{margin:0;flex:1 1 420px} figure img{width:100%;border-radius:6px;display:block}
+figcaption{color:#555;margin-top:4px}
 footer{color:#777;margin-top:24px;font-size:.9rem}
 """
 
+# %% ../nbs/11b_serve.ipynb #cfd87a7a
 _JS = """
-const form = document.getElementById('upload'), input = document.getElementById('image'), drop = document.getElementById('drop');
+const form = document.getElementById('upload'), input = document.getElementById('image'),
+  drop = document.getElementById('drop');
 const limit = Number(form.dataset.maxBytes), status = document.getElementById('status');
 function send() {
   if (!input.files.length) { status.textContent = 'choose a photo first'; return; }
   const photo = input.files[0];
-  if (photo.size > limit) { status.textContent = photo.name + ' is larger than the ' + form.dataset.maxMb + ' MB limit'; return; }
+  if (photo.size > limit) {
+    status.textContent = photo.name + ' is larger than the ' + form.dataset.maxMb + ' MB limit'; return;
+  }
   status.textContent = 'counting ' + photo.name + '...'; form.submit();
 }
-input.addEventListener('change', () => { if (input.files.length) status.textContent = input.files[0].name + ': press Count'; });
+input.addEventListener('change', () => {
+  if (input.files.length) status.textContent = input.files[0].name + ': press Count';
+});
 form.addEventListener('submit', ev => { ev.preventDefault(); send(); });
-['dragenter', 'dragover'].forEach(t => drop.addEventListener(t, ev => { ev.preventDefault(); drop.classList.add('over'); }));
-['dragleave', 'drop'].forEach(t => drop.addEventListener(t, ev => { ev.preventDefault(); drop.classList.remove('over'); }));
-drop.addEventListener('drop', ev => { if (ev.dataTransfer.files.length) { input.files = ev.dataTransfer.files; send(); } });
+['dragenter', 'dragover'].forEach(t => drop.addEventListener(t, ev => {
+  ev.preventDefault(); drop.classList.add('over');
+}));
+['dragleave', 'drop'].forEach(t => drop.addEventListener(t, ev => {
+  ev.preventDefault(); drop.classList.remove('over');
+}));
+drop.addEventListener('drop', ev => {
+  if (ev.dataTransfer.files.length) { input.files = ev.dataTransfer.files; send(); }
+});
 """
 
+# %% ../nbs/11b_serve.ipynb #d982af99
 def _model_line(counter:Counter) -> str:
     c = counter.card or {}
-    arch, loss, data = (c.get('architecture') or {}).get('model'), (c.get('loss') or {}).get('name'), c.get('dataset')
+    arch, loss, data = ((c.get('architecture') or {}).get('model'), (c.get('loss') or {}).get('name'),
+                        c.get('dataset'))
     test = c.get('test') or {}
     what = f": {arch} trained with the {loss} loss on {data}" if arch and loss and data else ''
     mae = f"; test MAE {test['mae']:.1f}, RMSE {test['rmse']:.1f}" if 'mae' in test and 'rmse' in test else ''
     return f"Model <b>{html.escape(counter.name)}</b>{html.escape(what)}{mae}. Photos stay on this computer."
 
+# %% ../nbs/11b_serve.ipynb #b3dcfcf4
 def render_page(counter:Counter, # the server's counter (its name and card are shown)
                 max_upload_mb:float=20, # shown, and checked in the browser
                 result:dict|None=None, # a stored result (`CountingService.results` value) to show
@@ -99,30 +126,39 @@ def render_page(counter:Counter, # the server's counter (its name and card are s
     "The HTML of the upload page, with a result or an error."
     max_bytes = int(max_upload_mb * 2**20)
     parts = [f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-             f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>uotcrowd: count people in a photo</title>'
-             f'<style>{_CSS}</style></head><body><main><h1>Count people in a photo</h1><p class="model">{_model_line(counter)}</p>'
-             f'<form id="upload" method="post" action="/count" enctype="multipart/form-data" data-max-bytes="{max_bytes}" data-max-mb="{max_upload_mb:g}">'
-             f'<label id="drop" for="image">Drop a photo here, or click to choose one<br><small>JPEG, PNG, WebP, BMP, TIFF; '
-             f'up to {max_upload_mb:g} MB</small></label><input id="image" type="file" name="image" accept="image/*">'
+             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+             f'<title>uotcrowd: count people in a photo</title>'
+             f'<style>{_CSS}</style></head><body><main><h1>Count people in a photo</h1>'
+             f'<p class="model">{_model_line(counter)}</p>'
+             f'<form id="upload" method="post" action="/count" enctype="multipart/form-data" '
+             f'data-max-bytes="{max_bytes}" data-max-mb="{max_upload_mb:g}">'
+             f'<label id="drop" for="image">Drop a photo here, or click to choose one<br>'
+             f'<small>JPEG, PNG, WebP, BMP, TIFF; up to {max_upload_mb:g} MB</small></label>'
+             f'<input id="image" type="file" name="image" accept="image/*">'
              f'<button type="submit">Count</button> <span id="status"></span></form>']
     if error: parts.append(f'<p class="error" id="error">{html.escape(error)}</p>')
     if result:
         rid, r = result['id'], result['result']
         name = html.escape(result['name'] or 'photo')
         tiles = f" · counted in {r.tiles} tiles" if r.tiles > 1 else ''
-        parts.append(f'<section id="result"><div id="count" data-count="{r.count:.2f}">{r.count:.0f} people</div>'
-                     f'<p class="facts">{name}: {r.width}×{r.height} px · density sum {r.count:.2f} · {len(r.points)} located heads'
-                     f'{tiles} · {result["seconds"]:.1f} s</p><div class="pics">'
-                     f'<figure><img src="/result/{rid}/density.png" alt="density map of {name}"><figcaption>density map '
-                     f'(sum = count)</figcaption></figure><figure><img src="/result/{rid}/points.png" alt="located heads in {name}">'
-                     f'<figcaption>{len(r.points)} located heads (density peaks above {counter.loc_threshold:g})</figcaption></figure></div></section>')
-    parts.append(f'<footer>Programs can post photos to <code>/api/count</code>; its schema is <a href="/openapi.json">/openapi.json</a>.</footer>'
+        parts.append(f'<section id="result">'
+                     f'<div id="count" data-count="{r.count:.2f}">{r.count:.0f} people</div>'
+                     f'<p class="facts">{name}: {r.width}×{r.height} px · density sum {r.count:.2f} · '
+                     f'{len(r.points)} located heads{tiles} · {result["seconds"]:.1f} s</p><div class="pics">'
+                     f'<figure><img src="/result/{rid}/density.png" alt="density map of {name}">'
+                     f'<figcaption>density map (sum = count)</figcaption></figure>'
+                     f'<figure><img src="/result/{rid}/points.png" alt="located heads in {name}">'
+                     f'<figcaption>{len(r.points)} located heads '
+                     f'(density peaks above {counter.loc_threshold:g})</figcaption></figure></div></section>')
+    parts.append(f'<footer>Programs can post photos to <code>/api/count</code>; its schema is '
+                 f'<a href="/openapi.json">/openapi.json</a>.</footer>'
                  f'<script>{_JS}</script></main></body></html>')
     return ''.join(parts)
 
 # %% ../nbs/11b_serve.ipynb #2b6d620c
 class CountingService:
-    "One `Counter`, the upload limits and the results of the last `keep` photos: what the web app serves with."
+    """One `Counter`, the upload limits and the results of the last `keep` photos: what the web app serves
+    with."""
     def __init__(self, counter:Counter, # the model, loaded once
                  max_upload_mb:float=20, # larger uploads are refused (413)
                  max_megapixels:float=50, # larger images are refused (400) before they are decoded
@@ -133,8 +169,10 @@ class CountingService:
         if max_upload_mb <= 0: raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
         if max_megapixels <= 0: raise ValueError(f"max_megapixels must be positive, got {max_megapixels}")
         if upload_timeout <= 0: raise ValueError(f"upload_timeout must be positive, got {upload_timeout}")
-        self.counter, self.max_upload_mb, self.keep, self.upload_timeout = counter, max_upload_mb, max(1, keep), upload_timeout
-        self.max_uploads, self.uploads = max(1, int(max_uploads)), 0    # `uploads` in progress: counted by the event loop only
+        self.counter, self.max_upload_mb = counter, max_upload_mb
+        self.keep, self.upload_timeout = max(1, keep), upload_timeout
+        # `uploads` in progress: counted by the event loop only
+        self.max_uploads, self.uploads = max(1, int(max_uploads)), 0
         self.max_upload_bytes, self.max_pixels = int(max_upload_mb * 2**20), int(max_megapixels * 1e6)
         self.results:OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()   # results are written by the worker thread and read by the event loop
@@ -149,14 +187,17 @@ class CountingService:
     def count(self, data:bytes, # the uploaded file
               name:str|None=None # its name
              ) -> dict:
-        "Decode (`UploadError` if refused), count and draw one upload, and keep the result; returns the stored result."
+        """Decode (`UploadError` if refused), count and draw one upload, and keep the result; returns the
+        stored result."""
         rgb = decode_upload(data, name, self.max_pixels)
         t = time.perf_counter()
         r = self.counter(rgb)
         secs = time.perf_counter() - t
         pngs = {}
         for show in ('density', 'points'):
-            buf = io.BytesIO(); render_result(rgb, r, show=show, max_side=1280).save(buf, 'PNG'); pngs[show] = buf.getvalue()
+            buf = io.BytesIO()
+            render_result(rgb, r, show=show, max_side=1280).save(buf, 'PNG')
+            pngs[show] = buf.getvalue()
         stored = {'id': secrets.token_hex(8), 'name': name, 'result': r, 'seconds': secs, 'png': pngs}
         with self._lock:
             self.results[stored['id']] = stored
@@ -170,14 +211,17 @@ class CountingService:
     def answer(stored:dict) -> dict:
         "The JSON answer of `/api/count` for a stored result."
         rid = stored['id']
-        return {'id': rid, 'name': stored['name'], **stored['result'].to_dict(), 'seconds': round(stored['seconds'], 3),
-                'page': f'/result/{rid}', 'density_png': f'/result/{rid}/density.png', 'points_png': f'/result/{rid}/points.png'}
+        return {'id': rid, 'name': stored['name'], **stored['result'].to_dict(),
+                'seconds': round(stored['seconds'], 3), 'page': f'/result/{rid}',
+                'density_png': f'/result/{rid}/density.png', 'points_png': f'/result/{rid}/points.png'}
 
 # %% ../nbs/11b_serve.ipynb #ddb17a46
 _HEADERS = [(b'cache-control', b'no-store'), (b'x-content-type-options', b'nosniff')]
 
+# %% ../nbs/11b_serve.ipynb #a2956cea
 class UploadLimits:
-    "ASGI middleware: each request's body is read in full before the app runs, within a size limit (413) and a time limit (408)."
+    """ASGI middleware: each request's body is read in full before the app runs, within a size limit (413) and
+    a time limit (408)."""
     def __init__(self, app, # the ASGI application
                  service:CountingService # its limits, and the page errors are shown in
                 ): self.app, self.service = app, service
@@ -191,7 +235,8 @@ class UploadLimits:
         import anyio
         ctype, body = self._error(scope['path'], status, message)
         await send({'type': 'http.response.start', 'status': status, 'headers': [
-            (b'content-type', ctype), (b'content-length', str(len(body)).encode()), (b'connection', b'close')]})
+            (b'content-type', ctype), (b'content-length', str(len(body)).encode()),
+            (b'connection', b'close')]})
         await send({'type': 'http.response.body', 'body': body, 'more_body': drain})
         if not drain: return
         with anyio.move_on_after(self.service.upload_timeout):   # read and drop the rest of the body
@@ -206,14 +251,17 @@ class UploadLimits:
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
         async def send_with_headers(message):
-            if message['type'] == 'http.response.start': message = {**message, 'headers': [*message.get('headers', []), *_HEADERS]}
+            if message['type'] == 'http.response.start':
+                message = {**message, 'headers': [*message.get('headers', []), *_HEADERS]}
             await send(message)
         s, headers = self.service, {k.lower(): v for k, v in scope['headers']}
         length = headers.get(b'content-length', b'')
-        if not ((length.isdigit() and int(length) > 0) or b'transfer-encoding' in headers):      # no body to wait for
+        # no body to wait for
+        if not ((length.isdigit() and int(length) > 0) or b'transfer-encoding' in headers):
             return await self._run(scope, receive, send_with_headers, headers, length)
         if s.uploads >= s.max_uploads:
-            return await self._refuse(scope, receive, send_with_headers, 503, f"the server is busy with {s.uploads} uploads "
+            return await self._refuse(scope, receive, send_with_headers, 503,
+                                      f"the server is busy with {s.uploads} uploads "
                                       f"(at most {s.max_uploads} at once): try again in a moment")
         s.uploads += 1
         try: return await self._run(scope, receive, send_with_headers, headers, length)
@@ -223,27 +271,32 @@ class UploadLimits:
         "Read the body within the limits, then run the app on it."
         import anyio
         s = self.service
-        may_drain = b'100-continue' not in headers.get(b'expect', b'').lower()    # the client waits for our go before sending
+        # the client waits for our go before sending
+        may_drain = b'100-continue' not in headers.get(b'expect', b'').lower()
         if length.isdigit() and int(length) > s.max_upload_bytes:
-            return await self._refuse(scope, receive, send_with_headers, 413, s.too_large(int(length)), drain=may_drain)
+            return await self._refuse(scope, receive, send_with_headers, 413, s.too_large(int(length)),
+                                      drain=may_drain)
         chunks, size, complete = [], 0, False
         with anyio.move_on_after(s.upload_timeout):
             while not complete:
                 message = await receive()
-                if message['type'] == 'http.disconnect': return           # the client went away: nobody to answer
+                if message['type'] == 'http.disconnect': return   # the client went away: nobody to answer
                 chunk = message.get('body', b'')
                 size += len(chunk)
                 if size > s.max_upload_bytes:
-                    return await self._refuse(scope, receive, send_with_headers, 413, s.too_large(), drain=may_drain)
+                    return await self._refuse(scope, receive, send_with_headers, 413, s.too_large(),
+                                              drain=may_drain)
                 chunks.append(chunk)
                 complete = not message.get('more_body', False)
         if not complete:
-            return await self._refuse(scope, receive, send_with_headers, 408, f"the upload did not arrive within {s.upload_timeout:g} s "
-                                      f"({size / 2**20:.2f} MB received): the connection was too slow or stalled; try again")
+            return await self._refuse(scope, receive, send_with_headers, 408,
+                                      f"the upload did not arrive within {s.upload_timeout:g} s "
+                                      f"({size / 2**20:.2f} MB received): the connection was too slow "
+                                      f"or stalled; try again")
         body, replayed = b''.join(chunks), False
         async def replay():
             nonlocal replayed
-            if replayed: return await receive()                            # after the body: the client's disconnect
+            if replayed: return await receive()   # after the body: the client's disconnect
             replayed = True
             return {'type': 'http.request', 'body': body, 'more_body': False}
         await self.app(scope, replay, send_with_headers)
@@ -255,8 +308,10 @@ def _serve_extra():
         import anyio, fastapi, pydantic, python_multipart, uvicorn
         return anyio, fastapi, pydantic
     except ImportError as e:
-        raise ImportError(f"uotcrowd serve needs the serve extra: pip install -e \".[serve]\" (or uotcrowd[serve]); {e}") from None
+        raise ImportError(f"uotcrowd serve needs the serve extra: pip install -e \".[serve]\" "
+                          f"(or uotcrowd[serve]); {e}") from None
 
+# %% ../nbs/11b_serve.ipynb #01875607
 def make_app(service:CountingService # the counter, limits and results
             ):
     "The ASGI application of the page and the API (FastAPI), wrapped in `UploadLimits`."
@@ -286,16 +341,20 @@ def make_app(service:CountingService # the counter, limits and results
         points_png:str                         # the located heads picture
 
     limits = f"at most {service.max_upload_mb:g} MB and {service.max_pixels / 1e6:g} megapixels"
-    refusals = {400: {'model': Error, 'description': 'not an image, a corrupt image, too many pixels, or no `image` field'},
-                408: {'model': Error, 'description': f'the upload did not arrive within {service.upload_timeout:g} s'},
+    refusals = {400: {'model': Error,
+                      'description': 'not an image, a corrupt image, too many pixels, or no `image` field'},
+                408: {'model': Error,
+                      'description': f'the upload did not arrive within {service.upload_timeout:g} s'},
                 413: {'model': Error, 'description': f'larger than {service.max_upload_mb:g} MB'}}
     app = fastapi.FastAPI(title='uotcrowd serve', version=__version__, docs_url=None, redoc_url=None,
-                          description=f"Count the people in a photo with the model {service.counter.name}. Photos {limits}.")
+                          description=f"Count the people in a photo with the model {service.counter.name}. "
+                                      f"Photos {limits}.")
     model_limiter = None
 
     async def count(data:bytes, name:str|None) -> dict:
         nonlocal model_limiter
-        if model_limiter is None: model_limiter = anyio.CapacityLimiter(1)   # made in the event loop that uses it
+        # made in the event loop that uses it
+        if model_limiter is None: model_limiter = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(service.count, data, name, limiter=model_limiter)
 
     def refusal(request:Request, status:int, message:str):
@@ -318,34 +377,43 @@ def make_app(service:CountingService # the counter, limits and results
     async def invalid(request:Request, exc:RequestValidationError):
         errors = exc.errors()
         if any(tuple(e.get('loc', ()))[:1] == ('path',) for e in errors):
-            return refusal(request, 404, f"{request.url.path}: no such result (result ids are 16 hexadecimal digits)")
+            return refusal(request, 404,
+                           f"{request.url.path}: no such result (result ids are 16 hexadecimal digits)")
         return refusal(request, 400, 'the request is not what this page takes: '
                        + '; '.join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors))
 
     async def upload(request:Request, raw:bool, name:str|None=None) -> tuple[bytes, str|None]:
-        "The photo's bytes and name: the file field `image` of a form, or (where `raw`) the whole body, named `name`."
-        if request.headers.get('content-type', '').lower().startswith(('multipart/form-data', 'application/x-www-form-urlencoded')):
+        """The photo's bytes and name: the file field `image` of a form, or (where `raw`) the whole body,
+        named `name`."""
+        ctype = request.headers.get('content-type', '').lower()
+        if ctype.startswith(('multipart/form-data', 'application/x-www-form-urlencoded')):
             try: form = await request.form(max_files=4, max_fields=16)
             except Exception as e:       # python-multipart's own message, as the framework passes it on
-                raise UploadError(400, f"the request body could not be read as a form with a file field named 'image' "
-                                       f"({str(getattr(e, 'detail', e)).rstrip('.')})") from None
+                detail = str(getattr(e, 'detail', e)).rstrip('.')
+                raise UploadError(400, f"the request body could not be read as a form with a file field "
+                                       f"named 'image' ({detail})") from None
             try:
                 image = form.get('image')
                 if image is None: raise UploadError(400, "the form has no file field named 'image'")
-                if isinstance(image, str): raise UploadError(400, "the form field 'image' must be a file: upload a photo")
+                if isinstance(image, str):
+                    raise UploadError(400, "the form field 'image' must be a file: upload a photo")
                 return await image.read(), image.filename
             finally: await form.close()
-        if not raw: raise UploadError(400, "send the photo as a form (multipart/form-data) with a file field named 'image'")
+        if not raw:
+            raise UploadError(400, "send the photo as a form (multipart/form-data) with a file field named "
+                                   "'image'")
         return await request.body(), name
 
     photo_field = {'type': 'string', 'format': 'binary', 'description': f'the photo, {limits}'}
-    form_body = {'multipart/form-data': {'schema': {'type': 'object', 'required': ['image'], 'properties': {'image': photo_field}}}}
+    form_body = {'multipart/form-data': {'schema': {'type': 'object', 'required': ['image'],
+                                                    'properties': {'image': photo_field}}}}
     raw_body = {'application/octet-stream': {'schema': photo_field}}
 
     @app.get('/', response_class=HTMLResponse, summary='The upload page')
     async def upload_page(): return HTMLResponse(service.page())
 
-    page_refusals = {k: {'description': f"the page with the message: {v['description']}", 'content': {'text/html': {}}}
+    page_refusals = {k: {'description': f"the page with the message: {v['description']}",
+                         'content': {'text/html': {}}}
                      for k, v in refusals.items()}
     @app.post('/count', response_class=RedirectResponse, status_code=303, responses=page_refusals,
               openapi_extra={'requestBody': {'required': True, 'content': form_body}},
@@ -357,28 +425,38 @@ def make_app(service:CountingService # the counter, limits and results
 
     @app.post('/api/count', response_model=Counted, responses=refusals,
               openapi_extra={'requestBody': {'required': True, 'content': {**form_body, **raw_body}}},
-              summary='Count a photo: a form with the file field `image`, or the raw image bytes (name in `X-Filename`)')
-    async def api_count(request:Request, x_filename:str|None=Header(None, description='the name of a photo sent as raw bytes')):
+              summary='Count a photo: a form with the file field `image`, or the raw image bytes '
+                      '(name in `X-Filename`)')
+    async def api_count(request:Request, x_filename:str|None=Header(
+                            None, description='the name of a photo sent as raw bytes')):
         try: stored = await count(*await upload(request, raw=True, name=x_filename))
         except UploadError as e: return JSONResponse({'error': str(e)}, e.status)
         return service.answer(stored)
 
-    not_found = {404: {'description': 'the page with the message: no such result', 'content': {'text/html': {}}}}
+    not_found = {404: {'description': 'the page with the message: no such result',
+                       'content': {'text/html': {}}}}
     RID = Path(pattern='^[0-9a-f]{16}$', description='the result id (16 hexadecimal digits)')
     def stored_or_404(rid:str) -> dict:
         stored = service.result(rid)
-        if stored is None: raise HTTPException(404, f"/result/{rid}: no such result (results are kept for the last {service.keep} photos)")
+        if stored is None:
+            raise HTTPException(404, f"/result/{rid}: no such result "
+                                     f"(results are kept for the last {service.keep} photos)")
         return stored
 
-    @app.get('/result/{rid}', response_class=HTMLResponse, summary='The result page of a counted photo', responses=not_found)
+    @app.get('/result/{rid}', response_class=HTMLResponse, summary='The result page of a counted photo',
+             responses=not_found)
     async def result_page(rid:str=RID): return HTMLResponse(service.page(result=stored_or_404(rid)))
 
     png = {200: {'content': {'image/png': {}}, 'description': 'a PNG'}, **not_found}
-    @app.get('/result/{rid}/density.png', response_class=Response, responses=png, summary='The density map over the photo')
-    async def density_png(rid:str=RID): return Response(stored_or_404(rid)['png']['density'], media_type='image/png')
+    @app.get('/result/{rid}/density.png', response_class=Response, responses=png,
+             summary='The density map over the photo')
+    async def density_png(rid:str=RID):
+        return Response(stored_or_404(rid)['png']['density'], media_type='image/png')
 
-    @app.get('/result/{rid}/points.png', response_class=Response, responses=png, summary='The located heads on the photo')
-    async def points_png(rid:str=RID): return Response(stored_or_404(rid)['png']['points'], media_type='image/png')
+    @app.get('/result/{rid}/points.png', response_class=Response, responses=png,
+             summary='The located heads on the photo')
+    async def points_png(rid:str=RID):
+        return Response(stored_or_404(rid)['png']['points'], media_type='image/png')
 
     return UploadLimits(app, service)
 
@@ -389,14 +467,19 @@ def listen_address(host:str, # an IP address, or 'localhost'
     "The address to bind for `host`; a non-loopback one only with `allow_remote`."
     addr = '127.0.0.1' if host == 'localhost' else host
     try: ip = ipaddress.ip_address(addr)
-    except ValueError: raise ValueError(f"{host!r} is not an IP address of this computer (127.0.0.1 serves this computer only)") from None
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address of this computer "
+                         f"(127.0.0.1 serves this computer only)") from None
     if not (ip.is_loopback or allow_remote):
-        raise ValueError(f"the server listens on this computer only (127.0.0.1, another 127.x address or ::1); {host!r} is not one. "
+        raise ValueError(f"the server listens on this computer only (127.0.0.1, another 127.x address or "
+                         f"::1); {host!r} is not one. "
                          f"To serve other computers too, pass allow_remote=True (`--allow-remote`)")
     return addr
 
+# %% ../nbs/11b_serve.ipynb #891ff150
 class CountingServer:
-    "The web app served by uvicorn on a socket bound at once: `serve_forever()`, or `start()`/`stop()` in a thread (`with`)."
+    """The web app served by uvicorn on a socket bound at once: `serve_forever()`, or `start()`/`stop()` in a
+    thread (`with`)."""
     def __init__(self, service:CountingService, # the counter, limits and results
                  host:str='127.0.0.1', # a loopback address, unless `allow_remote`
                  port:int=8000, # 0 picks a free port
@@ -408,11 +491,15 @@ class CountingServer:
         import uvicorn
         addr = listen_address(host, allow_remote)
         self.service, self.counter = service, service.counter
-        self.socket = socket.create_server((addr, port), family=socket.AF_INET6 if ':' in addr else socket.AF_INET)
+        self.socket = socket.create_server((addr, port),
+                                           family=socket.AF_INET6 if ':' in addr else socket.AF_INET)
         self.app = make_app(service)
-        log = {'log_config': None, 'log_level': 'warning', 'access_log': False} if quiet else {'log_level': 'info'}
-        self.server = uvicorn.Server(uvicorn.Config(self.app, lifespan='off', timeout_keep_alive=5, timeout_graceful_shutdown=5,
-                                                    limit_concurrency=max_connections, server_header=False, **log))
+        log = ({'log_config': None, 'log_level': 'warning', 'access_log': False} if quiet
+               else {'log_level': 'info'})
+        self.server = uvicorn.Server(uvicorn.Config(self.app, lifespan='off', timeout_keep_alive=5,
+                                                    timeout_graceful_shutdown=5,
+                                                    limit_concurrency=max_connections, server_header=False,
+                                                    **log))
         self._thread = None
 
     @property
@@ -431,8 +518,10 @@ class CountingServer:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
-            if not self._thread.is_alive(): raise RuntimeError(f"the server at {self.url} stopped while starting")
-            if time.monotonic() > deadline: raise TimeoutError(f"the server at {self.url} did not start within {timeout:g} s")
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the server at {self.url} stopped while starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server at {self.url} did not start within {timeout:g} s")
             time.sleep(0.01)
         return self
 
@@ -440,15 +529,19 @@ class CountingServer:
             ):
         "Stop serving (the requests in progress are finished first) and close the socket."
         self.server.should_exit = True
-        if self._thread is not None: self._thread.join(timeout); self._thread = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
         self.socket.close()
 
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
 
+# %% ../nbs/11b_serve.ipynb #bfc84230
 def make_server(checkpoint:str|Counter, # checkpoint file, named model, ONNX file, or a `Counter`
-                host:str='127.0.0.1', port:int=8000, max_upload_mb:float=20, max_megapixels:float=50, keep:int=16,
-                upload_timeout:float=30, max_uploads:int=16, allow_remote:bool=False, max_connections:int=64, quiet:bool=False,
+                host:str='127.0.0.1', port:int=8000, max_upload_mb:float=20, max_megapixels:float=50,
+                keep:int=16, upload_timeout:float=30, max_uploads:int=16, allow_remote:bool=False,
+                max_connections:int=64, quiet:bool=False,
                 **counter_kwargs # passed to `Counter` (`device`, `precision`, `loc_threshold`, `tile`)
                ) -> CountingServer:
     "A `CountingServer` for `checkpoint`, bound but not yet serving."
@@ -456,9 +549,12 @@ def make_server(checkpoint:str|Counter, # checkpoint file, named model, ONNX fil
     service = CountingService(counter, max_upload_mb, max_megapixels, keep, upload_timeout, max_uploads)
     return CountingServer(service, host, port, allow_remote, max_connections, quiet)
 
-# %% ../nbs/11b_serve.ipynb #b1c477f5
-def serve(checkpoint:str=DEFAULT_MODEL, # checkpoint file, named model (`uotcrowd models`) or ONNX file (`uotcrowd export`)
-          host:str='127.0.0.1', # address to listen on (loopback: the page is reachable from this computer only)
+# %% ../nbs/11b_serve.ipynb #0279baca
+def serve(
+          # checkpoint file, named model (`uotcrowd models`) or ONNX file (`uotcrowd export`)
+          checkpoint:str=DEFAULT_MODEL,
+          # address to listen on (loopback: the page is reachable from this computer only)
+          host:str='127.0.0.1',
           port:int=8000, # port (0: any free port)
           allow_remote:bool=False, # allow a --host that other computers reach (the page is then theirs too)
           max_upload_mb:float=20, # largest upload accepted, in MB
@@ -471,11 +567,15 @@ def serve(checkpoint:str=DEFAULT_MODEL, # checkpoint file, named model (`uotcrow
           open_browser:bool=False, # open the page in the default browser
           quiet:bool=False # no request log
          ):
-    "Serve a local web page where a person drops a photo and sees the count, the density overlay and the located heads."
+    ("Serve a local web page where a person drops a photo and sees the count, the density overlay and the "
+     "located heads.")
     srv = make_server(checkpoint, host, port, max_upload_mb, max_megapixels, upload_timeout=upload_timeout,
-                      allow_remote=allow_remote, quiet=quiet, device=device, precision=precision, loc_threshold=loc_threshold, tile=tile)
-    print(f"uotcrowd serve: counting with {srv.counter.name} ({srv.counter.device}) at {srv.url}  (Ctrl-C stops)", flush=True)
+                      allow_remote=allow_remote, quiet=quiet, device=device, precision=precision,
+                      loc_threshold=loc_threshold, tile=tile)
+    print(f"uotcrowd serve: counting with {srv.counter.name} ({srv.counter.device}) at {srv.url}  "
+          f"(Ctrl-C stops)", flush=True)
     if open_browser:
-        import webbrowser; threading.Timer(1.0, webbrowser.open, [srv.url]).start()
+        import webbrowser
+        threading.Timer(1.0, webbrowser.open, [srv.url]).start()
     try: srv.serve_forever()
     finally: srv.socket.close()

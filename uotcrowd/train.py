@@ -34,20 +34,23 @@ def rng_state() -> dict:
     "The states of Python's, NumPy's and torch's (CPU and CUDA) generators as `weights_only`-safe objects."
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {'python': {'version': version, 'state': torch.tensor(internal, dtype=torch.int64), 'gauss': gauss},
+    state = {'python': {'version': version, 'state': torch.tensor(internal, dtype=torch.int64),
+                        'gauss': gauss},
              'numpy': {'name': name, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
                        'has_gauss': int(has_gauss), 'cached': float(cached)},
              'torch': torch.get_rng_state()}
     if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
+# %% ../nbs/07b_train.ipynb #97e8685a
 def set_rng_state(state:dict # from `rng_state`
                  ):
     "Restore the generator states saved by `rng_state`."
     p = state['python']
     random.setstate((p['version'], tuple(int(v) for v in p['state'].tolist()), p['gauss']))
     n = state['numpy']
-    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
+    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached']))
     torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
@@ -57,12 +60,13 @@ def epoch_seed(seed:int, # run seed
                epoch:int, # epoch index
                rank:int=0 # process rank under DDP
               ) -> int:
-    "A 31-bit seed derived from `(seed, epoch, rank)` with NumPy's `SeedSequence` (well mixed, order-sensitive)."
+    "A 31-bit seed from `(seed, epoch, rank)` by NumPy's `SeedSequence` (well mixed, order-sensitive)."
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
 
 # %% ../nbs/07b_train.ipynb #3e63e0e5
 def setup_distributed(device:str|torch.device='auto' # requested device
-                     ) -> tuple[int, int, torch.device, bool]: # (rank, world size, device, whether we created the group)
+                     # (rank, world size, device, whether we created the group)
+                     ) -> tuple[int, int, torch.device, bool]:
     "Join the process group when launched by `torchrun` (`WORLD_SIZE` > 1); otherwise return rank 0 of 1."
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if dist.is_available() and dist.is_initialized():
@@ -72,10 +76,12 @@ def setup_distributed(device:str|torch.device='auto' # requested device
     if world <= 1: return 0, 1, get_device(device), False
     dev = get_device(device)
     if dev.type == 'cuda':
-        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))); torch.cuda.set_device(dev)
+        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(dev)
     dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return dist.get_rank(), dist.get_world_size(), dev, True
 
+# %% ../nbs/07b_train.ipynb #6bffcb69
 def _gather(obj, world:int) -> list:
     "Every rank's `obj`, in rank order (just `[obj]` without DDP)."
     if world == 1: return [obj]
@@ -83,7 +89,7 @@ def _gather(obj, world:int) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-# %% ../nbs/07b_train.ipynb #85e2e07d
+# %% ../nbs/07b_train.ipynb #96991d40
 def predict_counts(model:nn.Module, # density model
                    ds:Dataset, # full-image `(image, points, meta)` items
                    device:torch.device, # where the model runs
@@ -105,12 +111,14 @@ def predict_counts(model:nn.Module, # density model
         if each is not None: each(rows[-1], density, points)
     return rows
 
+# %% ../nbs/07b_train.ipynb #9bbd4e3d
 def write_csv(rows:Sequence[dict], # one dict per line
               path:str|Path, # destination (written atomically)
               columns:Sequence[str]|None=None # column order; default: keys of the first row
              ) -> Path:
     "Write dicts as a CSV file with a header (missing values left empty)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(columns or (rows[0].keys() if rows else []))
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     with open(tmp, 'w', newline='') as f:
@@ -120,7 +128,7 @@ def write_csv(rows:Sequence[dict], # one dict per line
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/07b_train.ipynb #ae5c725e
+# %% ../nbs/07b_train.ipynb #e4c511b0
 @torch.no_grad()
 def validate(model:nn.Module, # density model
              ds:Dataset, # dataset of full `(image, points, meta)` items
@@ -133,8 +141,10 @@ def validate(model:nn.Module, # density model
     "Count metrics (MAE, RMSE, NAE) over full images; the per-image rows are under `'per_image'`."
     device = get_device(device) if device is not None else next(model.parameters()).device
     precision = resolve_precision(precision, device)
-    was_training = model.training; model.eval()
-    try: rows = predict_counts(model, ds, device, range(rank, len(ds), world), precision, quiet or rank != 0, each)
+    was_training = model.training
+    model.eval()
+    try: rows = predict_counts(model, ds, device, range(rank, len(ds), world), precision, quiet or rank != 0,
+                               each)
     finally: model.train(was_training)
     rows = sorted((r for part in _gather(rows, world) for r in part), key=lambda r: r['index'])
     out = {'n': len(rows)}
@@ -146,7 +156,8 @@ def validate(model:nn.Module, # density model
     return out
 
 # %% ../nbs/07b_train.ipynb #d8061386
-LOG_COLUMNS = ['epoch', 'train_loss', 'train_mae', 'lr', 'time_s', 'val_mae', 'val_rmse', 'val_nae', 'val_mae_raw']
+LOG_COLUMNS = ['epoch', 'train_loss', 'train_mae', 'lr', 'time_s', 'val_mae', 'val_rmse', 'val_nae',
+               'val_mae_raw']
 
 # %% ../nbs/07b_train.ipynb #57507932
 def step_loss(loss:nn.Module, # `loss(density, points) -> scalar`
@@ -154,7 +165,8 @@ def step_loss(loss:nn.Module, # `loss(density, points) -> scalar`
               points:Sequence[torch.Tensor] # head points per image
              ) -> torch.Tensor:
     "The loss of a batch in float32, or a NaN scalar when the density itself is not finite."
-    if not bool(torch.isfinite(density).all()): return density.new_full((), float('nan'), dtype=torch.float32)
+    if not bool(torch.isfinite(density).all()):
+        return density.new_full((), float('nan'), dtype=torch.float32)
     return loss(density.float(), points)
 
 # %% ../nbs/07b_train.ipynb #fe62dd38
@@ -163,7 +175,8 @@ def step_flags(value:torch.Tensor, # this rank's loss value
                world:int=1 # number of processes
               ) -> tuple[bool, bool]:
     "`(bad, over_budget)` agreed by every rank: any non-finite loss, or rank 0's budget spent."
-    flags = torch.tensor([float(not bool(torch.isfinite(value.detach()))), float(over_budget)], dtype=torch.float64)
+    flags = torch.tensor([float(not bool(torch.isfinite(value.detach()))), float(over_budget)],
+                         dtype=torch.float64)
     if world > 1: dist.all_reduce(flags)
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
@@ -171,39 +184,46 @@ def step_flags(value:torch.Tensor, # this rank's loss value
 def nonfinite_message(value, epoch:int, step:int, rank:int, metas:Sequence[dict], last:Path) -> str:
     "What stopped the run, where, and which checkpoint is kept."
     names = [m.get('name', '?') for m in metas]
-    kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished, so no checkpoint was written"
-    return (f"non-finite loss ({float(value)}) at epoch {epoch + 1}, step {step} on rank {rank}, images {names}; "
-            f"training stopped, {kept} (lower --lr, or use --clip-grad)")
+    kept = (f"the last good checkpoint is {last}" if last.exists()
+            else "no epoch had finished, so no checkpoint was written")
+    return (f"non-finite loss ({float(value)}) at epoch {epoch + 1}, step {step} on rank {rank}, "
+            f"images {names}; training stopped, {kept} (lower --lr, or use --clip-grad)")
 
 # %% ../nbs/07b_train.ipynb #9719b7a3
 def load_weights(model:nn.Module, # the network to fill
                  ckpt:dict, # a checkpoint dict (`load_checkpoint`)
                  path:str|Path # the file it came from, for the message
                 ):
-    "Load `ckpt['model']` into `model`; a mismatch is one `ValueError` line naming the file and the difference."
+    "Load `ckpt['model']` into `model`; a mismatch is one `ValueError` line naming the file and what differs."
     try: model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
         own, theirs = model.state_dict(), ckpt['model']
         missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
         shapes = [k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape]
         what = ckpt.get('model_name') or ckpt.get('config', {}).get('model') or 'another model'
-        detail = '; '.join(x for x in (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else '',
-                                       f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else '',
-                                       f"{len(shapes)} shape mismatches (e.g. {sorted(shapes)[0]})" if shapes else '') if x)
-        raise ValueError(f"{path} holds weights of {what} that do not fit this {type(model).__name__}: {detail or e}") from None
+        detail = '; '.join(x for x in (
+            f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else '',
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else '',
+            f"{len(shapes)} shape mismatches (e.g. {sorted(shapes)[0]})" if shapes else '') if x)
+        raise ValueError(f"{path} holds weights of {what} that do not fit this {type(model).__name__}: "
+                         f"{detail or e}") from None
 
 # %% ../nbs/07b_train.ipynb #5c2b8d65
 def _train_loader(ds, cfg:TrainConfig, epoch:int, rank:int, world:int, device) -> DataLoader:
-    if hasattr(ds, 'set_epoch'): ds.set_epoch(epoch)  # datasets with their own augmentation streams (`aug_seed`)
-    g = torch.Generator(); g.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+    # datasets with their own augmentation streams (`aug_seed`)
+    if hasattr(ds, 'set_epoch'): ds.set_epoch(epoch)
+    g = torch.Generator()
+    g.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     sampler = None
     if world > 1:
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=False)
         sampler.set_epoch(epoch)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
                       num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == 'cuda',
                       drop_last=False, persistent_workers=False)
 
+# %% ../nbs/07b_train.ipynb #7a79aa85
 def _log(msg:str, cfg:TrainConfig, rank:int):
     if rank == 0 and not cfg.quiet: print(msg, flush=True)
 
@@ -216,23 +236,29 @@ def training_state(model:nn.Module, # the network
     "Model and loss on `device` in the run's precision, with Adam and the fp16 `GradScaler`."
     precision = resolve_precision(cfg.precision, device)
     if not is_native(precision, device):
-        warnings.warn(f"{device} has no native {precision}: it is emulated and slower than fp32 (--precision auto picks the fast one)")
-    model = model.to(device, memory_format=memory_format(precision)); loss = loss.to(device)
-    optimizer = torch.optim.Adam(param_groups(model, cfg.backbone_lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warnings.warn(f"{device} has no native {precision}: it is emulated and slower than fp32 "
+                      f"(--precision auto picks the fast one)")
+    model = model.to(device, memory_format=memory_format(precision))
+    loss = loss.to(device)
+    optimizer = torch.optim.Adam(param_groups(model, cfg.backbone_lr_scale), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
     set_lr(optimizer, cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
     return model, loss, optimizer, scaler, precision
 
+# %% ../nbs/07b_train.ipynb #6d5aa7d7
 def param_groups(model:nn.Module, # the network
                  backbone_lr_scale:float=1.0 # learning-rate factor of the parameters under `model.backbone`
                 ) -> list[dict]:
-    "Adam parameter groups, each with its `lr_scale`: the pretrained backbone's apart where its factor is not 1."
+    "Adam parameter groups with their `lr_scale`: the pretrained backbone's apart where its factor is not 1."
     backbone = getattr(model, 'backbone', None)
-    if backbone_lr_scale == 1 or not isinstance(backbone, nn.Module): return [{'params': list(model.parameters()), 'lr_scale': 1.}]
+    if backbone_lr_scale == 1 or not isinstance(backbone, nn.Module):
+        return [{'params': list(model.parameters()), 'lr_scale': 1.}]
     ids = {id(p) for p in backbone.parameters()}
     return [{'params': [p for p in model.parameters() if id(p) not in ids], 'lr_scale': 1.},
             {'params': list(backbone.parameters()), 'lr_scale': float(backbone_lr_scale)}]
 
+# %% ../nbs/07b_train.ipynb #afdee24e
 def set_lr(optimizer, # Adam from `training_state`
            lr:float # the schedule's learning rate
           ):
@@ -249,13 +275,16 @@ def resume_state(cfg:TrainConfig, # `resume`: the checkpoint to continue from (N
     state = dict(start=0, best_mae=math.inf, best_epoch=-1, history=[], spent=0.)
     if not cfg.resume: return state
     ckpt = load_checkpoint(cfg.resume)
-    load_weights(model, ckpt, cfg.resume); optimizer.load_state_dict(ckpt['optimizer'])
+    load_weights(model, ckpt, cfg.resume)
+    optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'): scaler.load_state_dict(ckpt['scaler'])
     if average is not None:
         if 'ema' in ckpt: average.load_state_dict(ckpt['ema'], ckpt.get('ema_updates', 0))
-        else: average.module.load_state_dict(model.state_dict())  # a run saved without an average starts one here
-    state.update(start=int(ckpt['epoch']), best_mae=float(ckpt['best_mae']), best_epoch=int(ckpt['best_epoch']),
-                 history=list(ckpt.get('history', [])), spent=float(ckpt.get('train_time_s', 0.)))
+        # a run saved without an average starts one here
+        else: average.module.load_state_dict(model.state_dict())
+    state.update(start=int(ckpt['epoch']), best_mae=float(ckpt['best_mae']),
+                 best_epoch=int(ckpt['best_epoch']), history=list(ckpt.get('history', [])),
+                 spent=float(ckpt.get('train_time_s', 0.)))
     if rank == 0 and 'rng' in ckpt: set_rng_state(ckpt['rng'])
     set_lr(optimizer, epoch_lr(state['history'], cfg))
     return state
@@ -268,10 +297,12 @@ def train_epoch(net:nn.Module, # the model (DDP-wrapped under torchrun)
                 epoch:int, # epoch index
                 precision:ResolvedPrecision, # resolved precision
                 device:torch.device, rank:int=0, world:int=1,
-                elapsed:Callable[[], float]=lambda: 0., # training seconds spent so far (the time budget's clock)
+                # training seconds spent so far (the time budget's clock)
+                elapsed:Callable[[], float]=lambda: 0.,
                 out:Path|None=None, # the run's folder, named in the error message of a non-finite loss
                 average:WeightAverage|None=None # updated after every step
-               ) -> tuple[dict, bool]: # log row (epoch, train_loss, train_mae, lr, time_s), whether the budget stopped it
+                # log row (epoch, train_loss, train_mae, lr, time_s), whether the budget stopped it
+               ) -> tuple[dict, bool]:
     "Train one epoch; returns its log row and whether the time budget stopped it."
     t0 = time.perf_counter()
     seed_everything(epoch_seed(cfg.seed, epoch, rank))
@@ -279,24 +310,31 @@ def train_epoch(net:nn.Module, # the model (DDP-wrapped under torchrun)
     fmt, show = memory_format(precision), rank == 0 and not cfg.quiet and sys.stderr.isatty()
     net.train()
     loss_sum, abs_sum, n_img, stopped = torch.zeros((), dtype=torch.float64), 0., 0, False
-    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', disable=not show, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', disable=not show, leave=False,
+               dynamic_ncols=True)
     for step, (images, points, metas) in enumerate(bar):
         if cfg.max_steps is not None and step >= cfg.max_steps: break
-        images = images.to(device, non_blocking=True, memory_format=fmt); points = [p.to(device) for p in points]
+        images = images.to(device, non_blocking=True, memory_format=fmt)
+        points = [p.to(device) for p in points]
         with autocast(device, precision):
             density = net(images)  # the loss and the counts below get it as float32
         value = step_loss(loss, density, points)
-        bad, stopped = step_flags(value, rank == 0 and cfg.time_budget_s is not None and elapsed() > cfg.time_budget_s, world)
-        if bad: raise FloatingPointError(nonfinite_message(value.detach(), epoch, step, rank, metas, Path(out or cfg.out_dir) / 'last.pt'))
+        bad, stopped = step_flags(value, rank == 0 and cfg.time_budget_s is not None
+                                  and elapsed() > cfg.time_budget_s, world)
+        if bad: raise FloatingPointError(nonfinite_message(value.detach(), epoch, step, rank, metas,
+                                                           Path(out or cfg.out_dir) / 'last.pt'))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(value).backward()
         if cfg.clip_grad is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-        scaler.step(optimizer); scaler.update()
-        if average is not None: average.update(net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net)
+        scaler.step(optimizer)
+        scaler.update()
+        if average is not None:
+            average.update(net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net)
         with torch.no_grad():
-            loss_sum += value.detach().double().cpu() * len(points); n_img += len(points)
+            loss_sum += value.detach().double().cpu() * len(points)
+            n_img += len(points)
             abs_sum += float((density.detach().float().sum((1, 2, 3)).cpu()
                               - torch.tensor([float(len(p)) for p in points])).abs().sum())
         if show: bar.set_postfix(loss=f'{value.item():.4g}')
@@ -317,6 +355,7 @@ def validation_due(cfg:TrainConfig, # `val_start`, `val_epoch`, `max_epoch`
     last = epoch == cfg.max_epoch - 1 or stopped
     return epoch >= cfg.val_start and ((epoch + 1) % cfg.val_epoch == 0 or last)
 
+# %% ../nbs/07b_train.ipynb #8b02d508
 def write_epoch(out:Path, # the run's folder
                 state:dict, # checkpoint contents
                 history:Sequence[dict], # rows of `log.csv`
@@ -328,16 +367,19 @@ def write_epoch(out:Path, # the run's folder
     write_csv(history, out / 'log.csv', LOG_COLUMNS)
     plot_curves(history, out / 'curves.png')
 
+# %% ../nbs/07b_train.ipynb #180a3901
 def epoch_message(row:dict, # the epoch's log row
                   cfg:TrainConfig, # `max_epoch`, `time_budget_s`
                   improved:bool, # a new best validation MAE
                   elapsed:float # training seconds so far
                  ) -> str:
     "The line printed after an epoch."
-    val = '' if row['val_mae'] is None else f"  val MAE {row['val_mae']:.3f} RMSE {row['val_rmse']:.3f}" + (' *' if improved else '')
+    val = ('' if row['val_mae'] is None
+           else f"  val MAE {row['val_mae']:.3f} RMSE {row['val_rmse']:.3f}" + (' *' if improved else ''))
     when = f"epoch {row['epoch'] + 1}/{cfg.max_epoch}" if cfg.time_budget_s is None else \
            f"epoch {row['epoch'] + 1} ({elapsed:.0f}/{cfg.time_budget_s:g}s)"
-    return f"{when}  loss {row['train_loss']:.4g}  train MAE {row['train_mae']:.3f}{val}  ({row['time_s']:.1f}s)"
+    return (f"{when}  loss {row['train_loss']:.4g}  train MAE {row['train_mae']:.3f}{val}  "
+            f"({row['time_s']:.1f}s)")
 
 # %% ../nbs/07b_train.ipynb #1fa5b738
 def fit(model:nn.Module, # density model; `model.stride` is recorded in the checkpoint
@@ -346,65 +388,83 @@ def fit(model:nn.Module, # density model; `model.stride` is recorded in the chec
         val_ds:Dataset|None, # validation dataset of full images (never the test split); None: no validation
         cfg:TrainConfig|None=None, # training configuration
        ) -> dict:
-    "Train `model` with Adam; writes `last.pt`, `best.pt`, `log.csv`, `curves.png` to `cfg.out_dir`; returns a summary dict."
+    """Train `model` with Adam; writes `last.pt`, `best.pt`, `log.csv`, `curves.png` to `cfg.out_dir`;
+    returns a summary dict."""
     cfg = cfg or TrainConfig()
     rank, world, device, own_group = setup_distributed(cfg.device)
     try:
-        with reuse_host_memory(cfg.host_memory): summary = _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
+        with reuse_host_memory(cfg.host_memory):
+            summary = _fit(model, loss, train_ds, val_ds, cfg, rank, world, device)
         if own_group and world > 1: dist.barrier()  # no rank tears gloo down while another still talks to it
         return summary
     finally:
         if own_group: dist.destroy_process_group()
 
+# %% ../nbs/07b_train.ipynb #f0fee3af
 def _fit(model, loss, train_ds, val_ds, cfg, rank, world, device):
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
     if cfg.deterministic: seed_everything(cfg.seed, deterministic=True)
-    if cfg.lr is None: cfg = replace(cfg, lr=default_lr(model))  # the network's family decides, as on the command line
+    # the network's family decides, as on the command line
+    if cfg.lr is None: cfg = replace(cfg, lr=default_lr(model))
     model, loss, optimizer, scaler, precision = training_state(model, loss, cfg, device)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     st = resume_state(cfg, model, optimizer, scaler, rank, average)
     if not cfg.resume and cfg.seed is not None and not cfg.deterministic: seed_everything(cfg.seed)
-    if cfg.resume: _log(f"resumed from {cfg.resume} after epoch {st['start']} (best val MAE {st['best_mae']:.3f})", cfg, rank)
+    if cfg.resume:
+        _log(f"resumed from {cfg.resume} after epoch {st['start']} (best val MAE {st['best_mae']:.3f})", cfg,
+             rank)
     best_mae, best_epoch, history = st['best_mae'], st['best_epoch'], st['history']
     elapsed = lambda: st['spent'] + time.perf_counter() - t_start  # resumed segments included
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) \
-          if world > 1 else model
+    net = (nn.parallel.DistributedDataParallel(model,
+                                               device_ids=[device.index] if device.type == 'cuda' else None)
+           if world > 1 else model)
     meta = {'model_name': cfg.model, 'model_kwargs': dict(cfg.model_kwargs), 'loss_name': cfg.loss,
-            'loss_kwargs': dict(cfg.loss_kwargs), 'stride': int(getattr(model, 'stride', 8)), 'dataset': cfg.dataset,
-            'world_size': world, 'torch_version': str(torch.__version__), 'precision': precision}
+            'loss_kwargs': dict(cfg.loss_kwargs), 'stride': int(getattr(model, 'stride', 8)),
+            'dataset': cfg.dataset, 'world_size': world, 'torch_version': str(torch.__version__),
+            'precision': precision}
     show, stopped, epoch = rank == 0 and not cfg.quiet and sys.stderr.isatty(), False, st['start'] - 1
     for epoch in range(st['start'], cfg.max_epoch):
-        if cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1]: epoch -= 1; break  # patience already spent
+        if cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1]:  # patience already spent
+            epoch -= 1
+            break
         set_lr(optimizer, epoch_lr(history, cfg))
-        row, stopped = train_epoch(net, loss, optimizer, scaler, train_ds, cfg, epoch, precision, device, rank, world,
-                                   elapsed, out, average)
+        row, stopped = train_epoch(net, loss, optimizer, scaler, train_ds, cfg, epoch, precision, device,
+                                   rank, world, elapsed, out, average)
         row.update(val_mae=None, val_rmse=None, val_nae=None, val_mae_raw=None)
-        scored = average.module if average is not None else model  # the weights that are validated and evaluated
+        # the weights that are validated and evaluated
+        scored = average.module if average is not None else model
         if val_ds is not None and len(val_ds) and validation_due(cfg, epoch, stopped):
-            res = validate(scored, val_ds, device, precision=precision, quiet=not show, rank=rank, world=world)
+            res = validate(scored, val_ds, device, precision=precision, quiet=not show, rank=rank,
+                           world=world)
             row.update(val_mae=res.get('mae'), val_rmse=res.get('rmse'), val_nae=res.get('nae'))
             if average is not None and cfg.val_raw:
-                row['val_mae_raw'] = validate(model, val_ds, device, precision=precision, quiet=True, rank=rank, world=world).get('mae')
+                row['val_mae_raw'] = validate(model, val_ds, device, precision=precision, quiet=True,
+                                              rank=rank, world=world).get('mae')
         history.append(row)
         improved = row['val_mae'] is not None and row['val_mae'] < best_mae
         if improved: best_mae, best_epoch = row['val_mae'], epoch
         patience_spent = cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1]
         if rank == 0:
-            state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                     'epoch': epoch + 1, 'best_mae': best_mae, 'best_epoch': best_epoch, 'history': history,
-                     'config': cfg.to_dict(), 'rng': rng_state(), 'train_time_s': elapsed(), **meta}
+            state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scaler': scaler.state_dict(), 'epoch': epoch + 1, 'best_mae': best_mae,
+                     'best_epoch': best_epoch, 'history': history, 'config': cfg.to_dict(),
+                     'rng': rng_state(), 'train_time_s': elapsed(), **meta}
             if average is not None: state.update(ema=average.state_dict(), ema_updates=average.updates)
             write_epoch(out, state, history, improved or (val_ds is None and not math.isfinite(best_mae)))
             _log(epoch_message(row, cfg, improved, elapsed()), cfg, rank)
         if world > 1: dist.barrier()
         if stopped:
-            _log(f"time budget of {cfg.time_budget_s:g}s spent: stopped during epoch {epoch + 1}", cfg, rank); break
+            _log(f"time budget of {cfg.time_budget_s:g}s spent: stopped during epoch {epoch + 1}", cfg, rank)
+            break
         if patience_spent:
-            _log(f"no validation improvement for {cfg.patience} epochs: stopped after epoch {epoch + 1}", cfg, rank); break
+            _log(f"no validation improvement for {cfg.patience} epochs: stopped after epoch {epoch + 1}", cfg,
+                 rank)
+            break
     return {'out_dir': str(out), 'last': str(out / 'last.pt'),
             'best': str(out / 'best.pt') if (out / 'best.pt').exists() else None,
             'best_mae': best_mae, 'best_epoch': best_epoch, 'epochs': epoch + 1, 'history': history,
-            'stopped_early': stopped, 'converged': cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1], 'time_s': elapsed(),
-            'rank': rank, 'world': world}
+            'stopped_early': stopped,
+            'converged': cfg.schedule == 'plateau' and plateau_schedule(history, cfg)[1],
+            'time_s': elapsed(), 'rank': rank, 'world': world}
