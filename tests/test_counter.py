@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from uotcrowd.checkpoints import PUBLISHED, load_checkpoint, model_card, models_cmd, resolve_checkpoint, results_card
-from uotcrowd.counter import Counter, as_rgb, measure_peak_memory
+from uotcrowd.counter import Counter, as_rgb, default_precision, measure_peak_memory
 from uotcrowd.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,11 @@ def test_published_model_card_is_what_the_model_does(shanghaitech_dir, model_fil
     assert part, f"{model_file}: no test data here for its dataset {card['dataset']!r}"
     ds = ShanghaiTech(shanghaitech_dir, part, 'test')
     assert len(ds) == {'A': 182, 'B': 316}[part]
-    res = evaluate(model, ds, 'cpu', thresholds=(4., 8.), loc_threshold=ck['loc_threshold'], precision=ck['precision'])
+    # in the card's precision where this CPU computes it natively: the card's numbers to their rounding; elsewhere
+    # (emulated bf16 is several times slower) in float32, which moves each count by bf16's rounding: measured on
+    # shb-effnet-gl, counts 0.55 % lower on average, MAE 10.684 -> 10.807, RMSE 19.224 -> 19.363, F1@8 0.527 -> 0.528
+    precision = default_precision(ck['precision'], 'cpu')
+    res = evaluate(model, ds, 'cpu', thresholds=(4., 8.), loc_threshold=ck['loc_threshold'], precision=precision)
     rows = res['per_image']
     # annotated counts straight from the .mat files, then the count metrics written out
     mats = sorted((shanghaitech_dir / f'part_{part}' / 'test_data' / 'ground-truth').glob('GT_IMG_*.mat'))
@@ -105,9 +109,15 @@ def test_published_model_card_is_what_the_model_does(shanghaitech_dir, model_fil
     ours = {'mae': np.abs(pred - gt).mean(), 'rmse': np.sqrt(((pred - gt) ** 2).mean()),
             'nae': (np.abs(pred - gt)[gt > 0] / gt[gt > 0]).mean(), 'f1_4': res['f1@4'], 'f1_8': res['f1@8']}
     for k in ('mae', 'rmse', 'nae'): assert ours[k] == pytest.approx(res[k], rel=1e-9), k
-    # the card rounds MAE and RMSE to 3 decimals, NAE and F1 to 4: agreement within twice that rounding
-    for k, tol in (('mae', 1e-3), ('rmse', 1e-3), ('nae', 1e-4), ('f1_4', 1e-4), ('f1_8', 1e-4)):
-        assert abs(ours[k] - card['test'][k]) <= tol, (model_file, k, ours[k], card['test'][k])
+    if precision == ck['precision']:
+        # the card rounds MAE and RMSE to 3 decimals, NAE and F1 to 4: agreement within twice that rounding
+        for k, tol in (('mae', 1e-3), ('rmse', 1e-3), ('nae', 1e-4), ('f1_4', 1e-4), ('f1_8', 1e-4)):
+            assert abs(ours[k] - card['test'][k]) <= tol, (model_file, k, ours[k], card['test'][k])
+    else:   # float32 in place of the card's bf16: within 3 % for the count errors, 0.01 for F1 (measured: 1.2 %, 0.001)
+        for k in ('mae', 'rmse', 'nae'):
+            assert abs(ours[k] - card['test'][k]) <= 0.03 * card['test'][k], (model_file, k, ours[k], card['test'][k])
+        for k in ('f1_4', 'f1_8'):
+            assert abs(ours[k] - card['test'][k]) <= 0.01, (model_file, k, ours[k], card['test'][k])
 
 
 def test_counter_errors_name_the_file(tmp_path):
