@@ -464,11 +464,17 @@ assert 'not used' in str(w[0].message)
 
 # %%
 def source_comment(obj, name):
-    "The comment after parameter (or field) `name` in the source of `obj`, read line by line."
+    "The comment of parameter (or field) `name` in the source of `obj`: after it, or the comment lines just above."
     plain_class = inspect.isclass(obj) and not dataclasses.is_dataclass(obj)
-    src = inspect.getsource(obj.__init__ if plain_class else obj)
-    line = next(l for l in src.splitlines() if re.match(rf'\s*(def \w+\(|\w+\()?{name}\s*:', l))
-    return line.split(' # ', 1)[1].strip()
+    lines = inspect.getsource(obj.__init__ if plain_class else obj).splitlines()
+    k = next(i for i, l in enumerate(lines) if re.match(rf'\s*(def \w+\(|\w+\()?{name}\s*:', l))
+    if ' # ' in lines[k]: return lines[k].split(' # ', 1)[1].strip()
+    above = []
+    while k > 0 and lines[k - 1].strip().startswith('#'):
+        k -= 1
+        above.insert(0, lines[k].strip().lstrip('#').strip())
+    return ' '.join(above)
+
 def flag_help(command, flag):
     "The entry of `flag` in the options of `uotcrowd COMMAND --help`, its lines joined."
     text = ' '.join(parse([command, '--help'])[1].split())

@@ -11,6 +11,7 @@ from uotcrowd.cli import main
 from uotcrowd.data import build_datasets
 from uotcrowd.images import denormalize
 from uotcrowd.checkpoints import load_checkpoint, load_model
+from uotcrowd.counter import default_precision
 
 TINY = ['--dataset', 'synthetic', '--synthetic-n', '16', '--synthetic-size', '48']
 
@@ -216,7 +217,10 @@ def test_precision_is_recorded_and_reused(trained, tmp_path, capsys):
     with torch.no_grad():
         want32 = model(x).sum().item()
         with torch.autocast('cpu', dtype=torch.bfloat16): want16 = model(x.contiguous(memory_format=torch.channels_last)).float().sum().item()
-    for flag, name, count in (([], 'p16', want16), (['--precision', 'fp32'], 'p32', want32)):
+    # predict's default: the checkpoint's bf16 where this CPU computes it natively, float32 elsewhere
+    want_default = want16 if default_precision('bf16', 'cpu') == 'bf16' else want32
+    for flag, name, count in (([], 'p16', want_default), (['--precision', 'fp32'], 'p32', want32),
+                              (['--precision', 'bf16'], 'p16b', want16)):
         code, _, _ = call(['predict', '--checkpoint', str(out / 'last.pt'), str(folder), '--out', str(tmp_path / name),
                            '--no-plots', '--quiet', *flag], capsys)
         assert code == 0
