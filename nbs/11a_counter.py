@@ -251,8 +251,8 @@ test_eq(default_precision('bf16', 'cpu'), 'bf16' if is_native('bf16', 'cpu') els
 # ## `Counter`
 #
 # `Counter` loads the model once and keeps its settings: the precision it was trained in where the device runs it
-# natively (`default_precision`; `bf16`/`fp16` run under autocast with channels-last tensors, the density is summed in float32), the localization threshold
-# chosen on validation, and the tiling. Calling it on one image returns a `CountResult`; on a list, a list,
+# natively (`default_precision`; `bf16`/`fp16` run under autocast with channels-last tensors, the density is
+# summed in float32), the localization threshold chosen on validation, and the tiling. Calling it on one image returns a `CountResult`; on a list, a list,
 # with images of the same size stacked into batches of `batch_size`. `count` is the sum of the density map;
 # `points` are the local maxima of the upsampled map above the threshold (`uotcrowd.localize`), in input
 # pixels, and `scores` the density at each.

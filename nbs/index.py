@@ -175,8 +175,8 @@ Markdown(shb_table())
 # TF-padded architecture, logits equal to the reference implementation's), so a pretrained counter trains here like
 # any other model: `uotcrowd train --model effnet-lite0`. Under the [fixed protocol](experiments/shb_study.ipynb)
 # (40-epoch cosine schedule, weight average, the same 60 validation photos for every run, the final average scored),
-# with the learning rate and the crop size chosen on those photos, it is the default model, `shb-effnet-gl`; MCNN from scratch stays as
-# `shb-mcnn-gl`. Their cards say:
+# with the learning rate and the crop size chosen on those photos, it is the default model, `shb-effnet-gl`; MCNN
+# from scratch stays as `shb-mcnn-gl`. Their cards say:
 
 # %%
 #| echo: false
